@@ -1,0 +1,29 @@
+"""RepVGG: train a multi-branch VGG-style ConvNet, deploy it as a plain stack of 3x3 convs and ReLUs.
+
+Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021.
+"""
+
+from repvgg.block import RepVGGBlock, SEBlock
+from repvgg.convert import reparameterize_model
+from repvgg.model import RepVGG, RepVGGSpec
+from repvgg.registry import create_model, get_spec, list_models, register_model
+from repvgg.weights import load_model, load_weights, read_checkpoint, save_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RepVGG",
+    "RepVGGBlock",
+    "RepVGGSpec",
+    "SEBlock",
+    "create_model",
+    "get_spec",
+    "list_models",
+    "load_model",
+    "load_weights",
+    "read_checkpoint",
+    "register_model",
+    "reparameterize_model",
+    "save_weights",
+    "__version__",
+]

@@ -1,0 +1,245 @@
+"""The RepVGG building block and its exact conversion to a single 3x3 convolution.
+
+Training time (Ding et al., RepVGG, CVPR 2021, Fig. 4)::
+
+    y = ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)))
+
+Inference time, after :meth:`RepVGGBlock.reparameterize`::
+
+    y = ReLU(SE(conv3x3_with_bias(x)))
+
+Submodule names are those of the official release, because they are the checkpoint format:
+
+==================  ==========================================================
+``rbr_dense``       3x3 conv + BN branch (``.conv``, ``.bn``)
+``rbr_1x1``         1x1 conv + BN branch, or ``None`` when switched off
+``rbr_identity``    identity branch (a BN, or ``nn.Identity`` without BN), or ``None``
+``rbr_reparam``     the fused 3x3 conv; present if and only if the block is fused
+``se``              squeeze-and-excitation (RepVGG-D2se), ``nn.Identity`` otherwise
+``post_bn``         one BN after the branch sum (ablation variant), or ``None``
+==================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from repvgg.fusion import fold_batchnorm, identity_kernel, pad_kernel_to
+
+__all__ = ["RepVGGBlock", "SEBlock", "ConvBN"]
+
+
+class ConvBN(nn.Sequential):
+    """A bias-free convolution followed by BatchNorm (keys ``conv.*`` and ``bn.*``).
+
+    With ``norm=False`` the BN is replaced by ``nn.Identity`` (used by the post-addition-BN variant).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        norm: bool = True,
+    ) -> None:
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, bias=False,
+        )
+        bn: nn.Module = nn.BatchNorm2d(out_channels) if norm else nn.Identity()
+        super().__init__(OrderedDict(conv=conv, bn=bn))
+
+    def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """Kernel and bias (float64) of one conv equal to this conv + BN at inference time."""
+        conv: nn.Conv2d = self.conv
+        if isinstance(self.bn, nn.BatchNorm2d):
+            return fold_batchnorm(conv.weight, self.bn)
+        kernel = conv.weight.to(torch.float64)
+        return kernel, kernel.new_zeros(conv.out_channels)
+
+
+class SEBlock(nn.Module):
+    """Squeeze-and-excitation as in the official RepVGG-D2se (keys ``down.*``, ``up.*``).
+
+    Average-pool, 1x1 conv down to ``channels // reduction``, ReLU, 1x1 conv up, sigmoid, scale.
+    It acts after the branch sum and before the ReLU, so it is kept as is at conversion.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.down = nn.Conv2d(channels, hidden, 1, bias=True)
+        self.up = nn.Conv2d(hidden, channels, 1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = F.adaptive_avg_pool2d(x, 1)
+        scale = torch.sigmoid(self.up(F.relu(self.down(scale))))
+        return x * scale
+
+
+class RepVGGBlock(nn.Module):
+    """A RepVGG block: three parallel branches at training time, one 3x3 conv after fusion.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        stride: stride of the 3x3 and 1x1 convs (the 1x1 conv stays aligned with the 3x3 centre).
+        groups: groups of the 3x3 and 1x1 convs (RepVGG's g2/g4 variants).
+        dilation: dilation of the 3x3 conv; padding follows it so the spatial size is that of a
+            plain ``padding=1`` conv at ``dilation=1``.
+        use_se: squeeze-and-excitation before the ReLU (RepVGG-D2se).
+        use_identity: keep the identity branch (it exists only when ``in_channels == out_channels``
+            and ``stride == 1``).
+        use_1x1: keep the 1x1 branch.
+        identity_bn: the identity branch has its own BN (the paper's block); ``False`` gives the
+            "identity w/o BN" variant of the paper's Table 7.
+        post_bn: no BN inside the branches, one BN after their sum (Table 7's "post-addition BN");
+            it still folds into the fused conv.
+        deploy: build the inference-time form directly (``rbr_reparam`` only), e.g. to load a
+            fused state dict.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        dilation: int = 1,
+        use_se: bool = False,
+        use_identity: bool = True,
+        use_1x1: bool = True,
+        identity_bn: bool = True,
+        post_bn: bool = False,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("stride", stride), ("groups", groups), ("dilation", dilation)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups={groups} must divide both in_channels={in_channels} and out_channels={out_channels}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.stride = stride
+        self.groups = groups
+        self.dilation = dilation
+        self.has_identity = use_identity and in_channels == out_channels and stride == 1
+
+        self.se: nn.Module = SEBlock(out_channels) if use_se else nn.Identity()
+        self.nonlinearity = nn.ReLU()
+
+        self.rbr_reparam: nn.Conv2d | None = None
+        self.rbr_dense: ConvBN | None = None
+        self.rbr_1x1: ConvBN | None = None
+        self.rbr_identity: nn.Module | None = None
+        self.post_bn: nn.BatchNorm2d | None = None
+        if deploy:
+            self.rbr_reparam = self._make_fused_conv()
+            return
+        branch_norm = not post_bn
+        self.rbr_dense = ConvBN(
+            in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation,
+            groups=groups, norm=branch_norm,
+        )
+        if use_1x1:
+            self.rbr_1x1 = ConvBN(in_channels, out_channels, 1, stride=stride, groups=groups, norm=branch_norm)
+        if self.has_identity:
+            with_bn = identity_bn and branch_norm
+            self.rbr_identity = nn.BatchNorm2d(out_channels) if with_bn else nn.Identity()
+        if post_bn:
+            self.post_bn = nn.BatchNorm2d(out_channels)
+
+    @property
+    def deploy(self) -> bool:
+        """True once the block is a single fused conv (built with ``deploy=True`` or reparameterized)."""
+        return self.rbr_reparam is not None
+
+    def _make_fused_conv(self) -> nn.Conv2d:
+        return nn.Conv2d(
+            self.in_channels, self.out_channels, 3, stride=self.stride, padding=self.dilation,
+            dilation=self.dilation, groups=self.groups, bias=True,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rbr_reparam is not None:
+            return self.nonlinearity(self.se(self.rbr_reparam(x)))
+        assert self.rbr_dense is not None
+        out = self.rbr_dense(x)
+        if self.rbr_1x1 is not None:
+            out = out + self.rbr_1x1(x)
+        if self.rbr_identity is not None:
+            out = out + self.rbr_identity(x)
+        if self.post_bn is not None:
+            out = self.post_bn(out)
+        return self.nonlinearity(self.se(out))
+
+    def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """The 3x3 kernel and bias of the single conv equal to this block's branches at inference time.
+
+        Differentiable (usable in a training loss, e.g. the official "custom L2" that decays the
+        equivalent kernel, or for quantization-aware training). Uses BN running statistics. The sum
+        is formed in float64 and returned in the block's parameter dtype.
+        """
+        if self.rbr_reparam is not None:
+            return self.rbr_reparam.weight, self.rbr_reparam.bias
+        assert self.rbr_dense is not None
+        dtype = self.rbr_dense.conv.weight.dtype
+        kernel, bias = self.rbr_dense.equivalent_kernel_bias()
+        if self.rbr_1x1 is not None:
+            k1, b1 = self.rbr_1x1.equivalent_kernel_bias()
+            kernel = kernel + pad_kernel_to(k1, 3)
+            bias = bias + b1
+        if self.rbr_identity is not None:
+            eye = identity_kernel(self.out_channels, self.groups, 3, device=kernel.device)
+            if isinstance(self.rbr_identity, nn.BatchNorm2d):
+                scale, shift = fold_batchnorm(None, self.rbr_identity)
+                eye = eye * scale.reshape(-1, 1, 1, 1)
+                bias = bias + shift
+            kernel = kernel + eye
+        if self.post_bn is not None:
+            scale, shift = fold_batchnorm(None, self.post_bn)
+            kernel = kernel * scale.reshape(-1, 1, 1, 1)
+            bias = bias * scale + shift
+        return kernel.to(dtype), bias.to(dtype)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Replace the branches by one biased 3x3 conv computing the same function (inference-time BN).
+
+        Idempotent: a fused block is left as it is. The new conv lives on the block's device and
+        dtype; the branch modules are dropped.
+        """
+        if self.rbr_reparam is not None:
+            return
+        kernel, bias = self.equivalent_kernel_bias()
+        fused = self._make_fused_conv().to(device=kernel.device, dtype=kernel.dtype)
+        fused.weight.copy_(kernel)
+        fused.bias.copy_(bias)
+        self.rbr_reparam = fused
+        self.rbr_dense = None
+        self.rbr_1x1 = None
+        self.rbr_identity = None
+        self.post_bn = None
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.in_channels}, {self.out_channels}", f"stride={self.stride}"]
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.dilation != 1:
+            parts.append(f"dilation={self.dilation}")
+        parts.append(f"deploy={self.deploy}")
+        return ", ".join(parts)

@@ -1,0 +1,108 @@
+"""Exact re-parameterization arithmetic: folding BatchNorm into convolutions and merging kernels.
+
+All arithmetic happens in float64 on the tensors' own device and is cast back by the caller, so deep
+models stay exact (Ding et al., RepVGG, CVPR 2021, Sec. 3.3):
+
+* a BN following a conv folds into it: ``W' = W * gamma / std`` and ``b' = beta - mean * gamma / std``;
+* an identity branch is a 1x1 conv whose kernel is the identity (per group);
+* 1x1 kernels are zero-padded to 3x3 (the centre tap) and the kernels and biases of all branches add.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["fold_batchnorm", "identity_kernel", "pad_kernel_to", "fuse_conv_bn_modules"]
+
+_FUSION_DTYPE = torch.float64
+
+
+def _running_stats(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"{bn} has no running statistics (track_running_stats=False), so it cannot be folded into a "
+            "convolution; build the model with track_running_stats=True."
+        )
+    return bn.running_mean, bn.running_var
+
+
+def fold_batchnorm(kernel: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Fold an inference-time BatchNorm into the preceding convolution kernel.
+
+    ``kernel`` is the conv weight (``None`` means the BN stands alone, as in the identity branch,
+    and only the per-channel scale is returned in place of a kernel: shape ``(C,)``).
+    Returns ``(kernel * gamma / std, beta - mean * gamma / std)`` in float64. Differentiable with
+    respect to the conv weight and the BN affine parameters; always uses the running statistics.
+    """
+    mean, var = _running_stats(bn)
+    mean = mean.to(_FUSION_DTYPE)
+    std = (var.to(_FUSION_DTYPE) + bn.eps).sqrt()
+    gamma = bn.weight.to(_FUSION_DTYPE) if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.to(_FUSION_DTYPE) if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma / std
+    bias = beta - mean * scale
+    if kernel is None:
+        return scale, bias
+    return kernel.to(_FUSION_DTYPE) * scale.reshape(-1, 1, 1, 1), bias
+
+
+def identity_kernel(
+    channels: int,
+    groups: int,
+    kernel_size: int = 3,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = _FUSION_DTYPE,
+) -> Tensor:
+    """The ``kernel_size`` x ``kernel_size`` grouped-conv kernel that computes the identity.
+
+    Output channel ``c`` sees only the inputs of its own group, so its single non-zero tap sits at
+    input index ``c % (channels // groups)``, in the centre of the kernel.
+    """
+    if channels % groups:
+        raise ValueError(f"channels ({channels}) must be divisible by groups ({groups})")
+    per_group = channels // groups
+    kernel = torch.zeros(channels, per_group, kernel_size, kernel_size, device=device, dtype=dtype)
+    centre = kernel_size // 2
+    out_index = torch.arange(channels, device=device)
+    kernel[out_index, out_index % per_group, centre, centre] = 1
+    return kernel
+
+
+def pad_kernel_to(kernel: Tensor, kernel_size: int) -> Tensor:
+    """Zero-pad a square kernel symmetrically to ``kernel_size`` (e.g. 1x1 to 3x3, tap in the centre)."""
+    pad = (kernel_size - kernel.shape[-1]) // 2
+    if pad < 0 or kernel.shape[-1] + 2 * pad != kernel_size:
+        raise ValueError(f"cannot centre a {kernel.shape[-1]}x{kernel.shape[-1]} kernel in {kernel_size}x{kernel_size}")
+    return F.pad(kernel, [pad, pad, pad, pad]) if pad else kernel
+
+
+@torch.no_grad()
+def fuse_conv_bn_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """Return a new biased ``nn.Conv2d`` equal to ``bn(conv(x))`` at inference time.
+
+    Used for fair baselines (the paper fuses the conv-BN pairs of ResNets and VGG too).
+    The conv's own bias, if any, is folded in as well.
+    """
+    kernel, bias = fold_batchnorm(conv.weight, bn)
+    if conv.bias is not None:
+        scale, _ = fold_batchnorm(None, bn)
+        bias = bias + conv.bias.to(_FUSION_DTYPE) * scale
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    fused.weight.copy_(kernel.to(conv.weight.dtype))
+    fused.bias.copy_(bias.to(conv.weight.dtype))
+    return fused

@@ -1,0 +1,246 @@
+"""The RepVGG network: an architecture description (:class:`RepVGGSpec`) and the one module that builds it.
+
+Five stages of :class:`~repvgg.block.RepVGGBlock` (the first stage is the single-layer stem); the
+first layer of each stage has stride 2; widths ``min(64, 64a), 64a, 128a, 256a, 512b``; global average
+pooling and a linear head (Ding et al., RepVGG, CVPR 2021, Sec. 3.4, Table 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from repvgg.block import RepVGGBlock
+
+__all__ = ["RepVGGSpec", "RepVGG"]
+
+NUM_STAGES = 5
+
+
+@dataclass(frozen=True)
+class RepVGGSpec:
+    """Everything that defines a RepVGG architecture, as plain data.
+
+    Attributes:
+        depths: layers per stage; stage 0 is the stem (A: 1, 2, 4, 14, 1; B: 1, 4, 6, 16, 1).
+        width_multipliers: ``(a, b)``; ``a`` scales stages 0-3, ``b`` the last stage.
+        groups: groups of the groupwise layers (1 = dense everywhere).
+        groupwise_start: 1-based index of the first groupwise layer, counting the stem as layer 1;
+            every second layer after it is groupwise too (the paper's 3rd, 5th, 7th, ...).
+        use_se: squeeze-and-excitation in every block (RepVGG-D2se).
+        base_widths: widths before scaling (the paper's 64, 64, 128, 256, 512).
+        strides: stride of the first layer of each stage.
+        dilations: dilation of the 3x3 convs of each stage (used for dense prediction).
+        dilated_layers: if set, only the last ``dilated_layers`` layers of the network use their
+            stage's dilation (the paper's "fast" segmentation backbones); ``None`` = all of them.
+        use_identity, use_1x1, identity_bn, post_bn: training-time branch switches of every
+            block (see :class:`~repvgg.block.RepVGGBlock`); the fused network is the same for all.
+    """
+
+    depths: tuple[int, ...]
+    width_multipliers: tuple[float, float]
+    groups: int = 1
+    groupwise_start: int = 3
+    use_se: bool = False
+    base_widths: tuple[int, ...] = (64, 64, 128, 256, 512)
+    strides: tuple[int, ...] = (2, 2, 2, 2, 2)
+    dilations: tuple[int, ...] = (1, 1, 1, 1, 1)
+    dilated_layers: int | None = None
+    use_identity: bool = True
+    use_1x1: bool = True
+    identity_bn: bool = True
+    post_bn: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("depths", "base_widths", "strides", "dilations", "width_multipliers"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("depths", "base_widths", "strides", "dilations"):
+            values = getattr(self, name)
+            if len(values) != NUM_STAGES or not all(isinstance(v, int) and v >= 1 for v in values):
+                raise ValueError(f"{name} must be {NUM_STAGES} positive ints (one per stage), got {values!r}")
+        if len(self.width_multipliers) != 2 or not all(m > 0 for m in self.width_multipliers):
+            raise ValueError(f"width_multipliers must be two positive numbers (a, b), got {self.width_multipliers!r}")
+        if not isinstance(self.groups, int) or self.groups < 1:
+            raise ValueError(f"groups must be a positive int, got {self.groups!r}")
+        if self.dilated_layers is not None and self.dilated_layers < 0:
+            raise ValueError(f"dilated_layers must be >= 0 or None, got {self.dilated_layers!r}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Output channels of each stage."""
+        a, b = self.width_multipliers
+        stem = min(self.base_widths[0], int(self.base_widths[0] * a))
+        body = [int(w * a) for w in self.base_widths[1:-1]]
+        return (stem, *body, int(self.base_widths[-1] * b))
+
+    @property
+    def num_layers(self) -> int:
+        return sum(self.depths)
+
+    def layer_configs(self) -> list[dict[str, int]]:
+        """Per-layer ``stage``, ``in_channels``, ``out_channels``, ``stride``, ``groups``, ``dilation``."""
+        layers: list[dict[str, int]] = []
+        in_ch = -1  # filled with in_chans by the network
+        first_dilated = self.num_layers - self.dilated_layers if self.dilated_layers is not None else 0
+        for stage, (depth, width) in enumerate(zip(self.depths, self.widths)):
+            for i in range(depth):
+                index = len(layers)
+                one_based = index + 1
+                groupwise = (
+                    self.groups > 1 and one_based >= self.groupwise_start
+                    and (one_based - self.groupwise_start) % 2 == 0
+                )
+                layers.append(dict(
+                    stage=stage,
+                    in_channels=in_ch,
+                    out_channels=width,
+                    stride=self.strides[stage] if i == 0 else 1,
+                    groups=self.groups if groupwise else 1,
+                    dilation=self.dilations[stage] if index >= first_dilated else 1,
+                ))
+                in_ch = width
+        return layers
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description (stored in checkpoints so a model can be rebuilt from the file)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RepVGGSpec:
+        """Rebuild a spec from :meth:`to_dict` output; unknown keys are an error, nothing is evaluated."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown RepVGGSpec fields {sorted(unknown)}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
+class RepVGG(nn.Module):
+    """A RepVGG network built from a :class:`RepVGGSpec`.
+
+    Attribute and state-dict names follow the official release: ``stage0`` (the stem, one block),
+    ``stage1`` .. ``stage4`` (``nn.Sequential`` of blocks), ``gap`` and ``linear``.
+
+    Args:
+        spec: the architecture.
+        num_classes: classifier outputs.
+        in_chans: input image channels.
+        deploy: build the fused, inference-time form directly.
+        features_only: drop the head; ``forward`` returns the feature maps of ``out_indices``.
+        out_indices: stage indices (0-4) returned by ``forward`` when ``features_only``
+            (strides 2, 4, 8, 16, 32 with the default spec).
+        name: registry name (kept for checkpoints and summaries).
+    """
+
+    def __init__(
+        self,
+        spec: RepVGGSpec,
+        *,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        deploy: bool = False,
+        features_only: bool = False,
+        out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        name: str = "repvgg_custom",
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+        out_indices = tuple(out_indices)
+        if not out_indices or any(i not in range(NUM_STAGES) for i in out_indices):
+            raise ValueError(f"out_indices must be stage indices in 0..{NUM_STAGES - 1}, got {out_indices!r}")
+        self.spec = spec
+        self.name = name
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.features_only = features_only
+        self.out_indices = out_indices
+        self.grad_checkpointing = False
+
+        layers = spec.layer_configs()
+        layers[0]["in_channels"] = in_chans
+        stages: list[list[RepVGGBlock]] = [[] for _ in range(NUM_STAGES)]
+        for cfg in layers:
+            stage = cfg.pop("stage")
+            stages[stage].append(RepVGGBlock(
+                **cfg, use_se=spec.use_se, use_identity=spec.use_identity, use_1x1=spec.use_1x1,
+                identity_bn=spec.identity_bn, post_bn=spec.post_bn, deploy=deploy,
+            ))
+        if len(stages[0]) != 1:
+            # The official format stores the stem as a bare block, not a Sequential.
+            raise ValueError(f"the stem (stage 0) must have exactly one layer, got depths={spec.depths}")
+        self.stage0 = stages[0][0]
+        self.stage1 = nn.Sequential(*stages[1])
+        self.stage2 = nn.Sequential(*stages[2])
+        self.stage3 = nn.Sequential(*stages[3])
+        self.stage4 = nn.Sequential(*stages[4])
+
+        reduction = 1
+        self.feature_info: list[dict[str, Any]] = []
+        for i, (stride, width) in enumerate(zip(spec.strides, spec.widths)):
+            reduction *= stride
+            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stage{i}"))
+        self.num_features = spec.widths[-1]
+
+        if features_only:
+            self.gap = None
+            self.linear = None
+        else:
+            self.gap = nn.AdaptiveAvgPool2d(1)
+            self.linear = nn.Linear(self.num_features, num_classes)
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return [self.stage0, self.stage1, self.stage2, self.stage3, self.stage4]
+
+    @property
+    def deploy(self) -> bool:
+        """True when every block is fused."""
+        return all(b.deploy for b in self.modules() if isinstance(b, RepVGGBlock))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass to save memory while training."""
+        self.grad_checkpointing = enable
+
+    def _run_stage(self, stage: nn.Module, x: Tensor) -> Tensor:
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            return stage(x)
+        blocks = stage if isinstance(stage, nn.Sequential) else [stage]
+        for block in blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+
+    def forward_stages(self, x: Tensor, out_indices: Sequence[int] | None = None) -> list[Tensor]:
+        """Feature maps after the stages in ``out_indices`` (default: this model's ``out_indices``)."""
+        wanted = tuple(self.out_indices if out_indices is None else out_indices)
+        outputs = []
+        for i, stage in enumerate(self.stages):
+            if i > max(wanted):
+                break
+            x = self._run_stage(stage, x)
+            if i in wanted:
+                outputs.append(x)
+        return outputs
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's feature map, before pooling."""
+        for stage in self.stages:
+            x = self._run_stage(stage, x)
+        return x
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        if self.linear is None:
+            raise RuntimeError("this model was built with features_only=True and has no classifier head")
+        return self.linear(torch.flatten(self.gap(x), 1))
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.features_only:
+            return self.forward_stages(x)
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,133 @@
+"""The model zoo: one table of named :class:`~repvgg.model.RepVGGSpec` entries and ``create_model``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any, Sequence
+
+from repvgg.model import RepVGG, RepVGGSpec
+
+__all__ = ["MODEL_SPECS", "list_models", "get_spec", "register_model", "create_model"]
+
+_A = (1, 2, 4, 14, 1)
+_B = (1, 4, 6, 16, 1)
+_D = (1, 8, 14, 24, 1)
+
+#: Paper Table 2 multipliers; g2/g4 make every second layer from the 3rd groupwise; D2se is the
+#: official release's SE variant.
+MODEL_SPECS: dict[str, RepVGGSpec] = {
+    "repvgg_a0": RepVGGSpec(_A, (0.75, 2.5)),
+    "repvgg_a1": RepVGGSpec(_A, (1.0, 2.5)),
+    "repvgg_a2": RepVGGSpec(_A, (1.5, 2.75)),
+    "repvgg_b0": RepVGGSpec(_B, (1.0, 2.5)),
+    "repvgg_b1": RepVGGSpec(_B, (2.0, 4.0)),
+    "repvgg_b1g2": RepVGGSpec(_B, (2.0, 4.0), groups=2),
+    "repvgg_b1g4": RepVGGSpec(_B, (2.0, 4.0), groups=4),
+    "repvgg_b2": RepVGGSpec(_B, (2.5, 5.0)),
+    "repvgg_b2g2": RepVGGSpec(_B, (2.5, 5.0), groups=2),
+    "repvgg_b2g4": RepVGGSpec(_B, (2.5, 5.0), groups=4),
+    "repvgg_b3": RepVGGSpec(_B, (3.0, 5.0)),
+    "repvgg_b3g2": RepVGGSpec(_B, (3.0, 5.0), groups=2),
+    "repvgg_b3g4": RepVGGSpec(_B, (3.0, 5.0), groups=4),
+    "repvgg_d2se": RepVGGSpec(_D, (2.5, 5.0), use_se=True),
+    # Small members for CPU-sized data (the default training job and the tests).
+    "repvgg_tiny": RepVGGSpec((1, 2, 2, 4, 1), (0.5, 1.0)),
+    "repvgg_tiny_b": RepVGGSpec((1, 4, 6, 16, 1), (0.25, 0.5)),
+}
+
+
+def _normalise(name: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    return key if key.startswith("repvgg_") else f"repvgg_{key.removeprefix('repvgg')}"
+
+
+def list_models() -> list[str]:
+    """Every registered model name, sorted."""
+    return sorted(MODEL_SPECS)
+
+
+def get_spec(name: str) -> RepVGGSpec:
+    """The spec registered under ``name`` (``"repvgg_a0"``, ``"RepVGG-A0"`` and ``"a0"`` all work).
+
+    Raises:
+        ValueError: for an unknown name, listing the closest registered names.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    key = _normalise(name)
+    if key in MODEL_SPECS:
+        return MODEL_SPECS[key]
+    close = difflib.get_close_matches(key, MODEL_SPECS, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model {name!r}.{hint} Registered models: {', '.join(list_models())}.")
+
+
+def register_model(name: str, spec: RepVGGSpec, *, overwrite: bool = False) -> None:
+    """Add a custom architecture to the registry so ``create_model(name)`` and the CLI can build it."""
+    key = _normalise(name)
+    if key in MODEL_SPECS and not overwrite:
+        raise ValueError(f"model {key!r} is already registered; pass overwrite=True to replace it")
+    MODEL_SPECS[key] = spec
+
+
+def create_model(
+    name: str | RepVGGSpec,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    deploy: bool = False,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+    **overrides: Any,
+) -> RepVGG:
+    """Build a RepVGG by name (or from a spec), optionally loading weights.
+
+    Args:
+        name: a registered name (see :func:`list_models`) or a :class:`RepVGGSpec`.
+        weights: a checkpoint file in the official, timm or this package's format
+            (``.pth``/``.pt`` read with ``weights_only=True``, or ``.safetensors``).
+        num_classes: classifier outputs; defaults to the checkpoint's when ``weights`` is given,
+            else 1000.
+        in_chans: input image channels.
+        deploy: build the fused inference-time network (load ``-deploy`` files into this).
+        features_only: no head; ``forward`` returns the stage feature maps in ``out_indices``.
+        out_indices: which stages (0-4) ``features_only`` returns.
+        **overrides: any :class:`RepVGGSpec` field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
+            ``use_identity=False``, for a custom architecture in one call.
+    """
+    if isinstance(name, RepVGGSpec):
+        spec, arch_name = name, "repvgg_custom"
+    else:
+        spec, arch_name = get_spec(name), _normalise(name)
+    if overrides:
+        known = {f.name for f in dataclasses.fields(RepVGGSpec)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown argument(s) {unknown} for create_model; RepVGGSpec fields are {sorted(known)}")
+        spec = dataclasses.replace(spec, **overrides)
+
+    state_dict = None
+    if weights is not None:
+        from repvgg.weights import read_checkpoint, checkpoint_num_classes
+
+        state_dict, _ = read_checkpoint(weights)
+        file_classes = checkpoint_num_classes(state_dict)
+        if num_classes is None:
+            num_classes = file_classes if file_classes is not None else 1000
+    model = RepVGG(
+        spec,
+        num_classes=1000 if num_classes is None else num_classes,
+        in_chans=in_chans,
+        deploy=deploy,
+        features_only=features_only,
+        out_indices=out_indices,
+        name=arch_name,
+    )
+    if state_dict is not None:
+        from repvgg.weights import load_state_dict_into
+
+        load_state_dict_into(model, state_dict, source=str(weights))
+    return model

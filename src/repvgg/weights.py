@@ -1,0 +1,361 @@
+"""Reading, checking, loading and saving weights: the official, timm and this package's formats.
+
+The model's own state-dict keys are those of the official RepVGG release (``stage0.rbr_dense.conv.weight``,
+``stage1.0.rbr_1x1.bn.running_mean``, ``stage1.0.rbr_reparam.weight``, ``linear.weight``, ...), so official
+``RepVGG-*-train.pth`` / ``-deploy.pth`` files load unchanged. timm's RepVGG naming (``stem``, ``stages``,
+``conv_kxk``, ``conv_1x1``, ``identity``, ``reparam_conv``, ``attn.fc1``, ``head.fc``) is translated here.
+
+Files are never unpickled with code execution: ``torch.load(weights_only=True)`` or safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from repvgg.model import RepVGG, RepVGGSpec
+
+__all__ = [
+    "read_checkpoint",
+    "checkpoint_num_classes",
+    "is_deploy_state_dict",
+    "load_state_dict_into",
+    "load_weights",
+    "save_weights",
+    "load_model",
+    "infer_architecture",
+    "timm_to_official",
+    "official_to_timm",
+]
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, Tensor]
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+_HEAD_PREFIX = "linear."
+
+_TIMM_TO_OFFICIAL: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
+    (r"^stem\.", "stage0."),
+    (r"^stages\.(\d+)\.", lambda m: f"stage{int(m[1]) + 1}."),
+    (r"\.conv_kxk\.", ".rbr_dense."),
+    (r"\.conv_1x1\.", ".rbr_1x1."),
+    (r"\.identity\.", ".rbr_identity."),
+    (r"\.reparam_conv\.", ".rbr_reparam."),
+    (r"\.attn\.fc1\.", ".se.down."),
+    (r"\.attn\.fc2\.", ".se.up."),
+    (r"^head\.fc\.", "linear."),
+]
+_OFFICIAL_TO_TIMM: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
+    (r"^stage0\.", "stem."),
+    (r"^stage(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}."),
+    (r"\.rbr_dense\.", ".conv_kxk."),
+    (r"\.rbr_1x1\.", ".conv_1x1."),
+    (r"\.rbr_identity\.", ".identity."),
+    (r"\.rbr_reparam\.", ".reparam_conv."),
+    (r"\.se\.down\.", ".attn.fc1."),
+    (r"\.se\.up\.", ".attn.fc2."),
+    (r"^linear\.", "head.fc."),
+]
+
+
+def _rename(state_dict: Mapping[str, Tensor], rules: list[tuple[str, Any]]) -> StateDict:
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def timm_to_official(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Rename a timm RepVGG state dict to the official (and this package's) key names."""
+    return _rename(state_dict, _TIMM_TO_OFFICIAL)
+
+
+def official_to_timm(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Rename official-format keys to timm's RepVGG names (e.g. to load our weights into timm)."""
+    return _rename(state_dict, _OFFICIAL_TO_TIMM)
+
+
+def _is_timm_format(keys: list[str]) -> bool:
+    return any(k.startswith(("stem.", "stages.")) for k in keys)
+
+
+def _unwrap(obj: Any, source: str) -> tuple[StateDict, dict[str, Any]]:
+    """Find the tensor mapping inside a checkpoint dict; everything else is metadata."""
+    metadata: dict[str, Any] = {}
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            return dict(obj), metadata
+        inner = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        metadata.update({k: v for k, v in obj.items() if k != inner and not isinstance(v, (Tensor, Mapping))})
+        for key in ("arch", "spec", "deploy", "num_classes", "in_chans"):
+            if key in obj and key not in metadata:
+                metadata[key] = obj[key]
+        obj = obj[inner]
+    raise ValueError(
+        f"{source} does not hold a state dict: expected a mapping of parameter names to tensors, "
+        f"optionally wrapped under one of {list(_WRAPPER_KEYS)}."
+    )
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, Any]]:
+    """Read a weights file into an official-format state dict and its metadata.
+
+    Accepts ``.safetensors`` and torch files (read with ``weights_only=True``); unwraps
+    ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints, strips a DDP ``module.`` prefix and
+    translates timm key names.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is truncated, not a checkpoint, or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    metadata: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            state_dict = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as handle:
+                raw_meta = handle.metadata() or {}
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise ValueError(f"could not read {path} as safetensors (truncated or corrupt?): {err}") from err
+        metadata = _decode_metadata(raw_meta)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for truncated or foreign files
+            raise ValueError(
+                f"could not read {path} as a PyTorch weights file (truncated, corrupt, or it needs "
+                f"arbitrary code to unpickle, which is refused): {err}"
+            ) from err
+        state_dict, metadata = _unwrap(obj, str(path))
+    if any(k.startswith("module.") for k in state_dict):
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if _is_timm_format(list(state_dict)):
+        state_dict = timm_to_official(state_dict)
+    return state_dict, metadata
+
+
+def _decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = dict(raw)
+    if "spec" in out:
+        out["spec"] = json.loads(out["spec"])
+    if "deploy" in out:
+        out["deploy"] = out["deploy"] == "true"
+    for key in ("num_classes", "in_chans"):
+        if key in out:
+            out[key] = int(out[key])
+    return out
+
+
+def checkpoint_num_classes(state_dict: Mapping[str, Tensor]) -> int | None:
+    """Classifier outputs stored in a state dict (``None`` when it has no head)."""
+    weight = state_dict.get(_HEAD_PREFIX + "weight")
+    return None if weight is None else int(weight.shape[0])
+
+
+def is_deploy_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
+    """True when the state dict holds fused (``rbr_reparam``) blocks only."""
+    keys = list(state_dict)
+    return any(".rbr_reparam." in k for k in keys) and not any(".rbr_dense." in k for k in keys)
+
+
+def _deploy_mismatch(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> str | None:
+    model_keys = model.state_dict().keys()
+    file_fused = any(".rbr_reparam." in k for k in state_dict)
+    file_branches = any(".rbr_dense." in k for k in state_dict)
+    model_fused = any(".rbr_reparam." in k for k in model_keys)
+    model_branches = any(".rbr_dense." in k for k in model_keys)
+    if file_fused and not file_branches and model_branches and not model_fused:
+        return (
+            f"{source} holds fused (deploy) weights but the model is the training-time, multi-branch form. "
+            "Build it with create_model(..., deploy=True) to load these weights."
+        )
+    if file_branches and not file_fused and model_fused and not model_branches:
+        return (
+            f"{source} holds training-time (multi-branch) weights but the model is fused (deploy=True). "
+            "Load them into a training-time model (deploy=False) and call repvgg.reparameterize_model, "
+            "or convert the file with `repvgg convert`."
+        )
+    return None
+
+
+def load_state_dict_into(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    source: str = "state dict",
+    skip_head: bool = False,
+) -> None:
+    """Check a state dict against ``model`` completely, then load it; on any mismatch nothing changes.
+
+    ``skip_head`` keeps the model's own classifier (fine-tuning on a new number of classes). A model
+    built with ``features_only`` ignores the file's head. A missing ``num_batches_tracked`` is allowed.
+
+    Raises:
+        ValueError: deploy/training-time mismatch, wrong number of classes, missing or unexpected
+            keys, or shape mismatches; the message says what to do.
+    """
+    mismatch = _deploy_mismatch(model, state_dict, source)
+    if mismatch:
+        raise ValueError(mismatch)
+    target = model.state_dict()
+    has_head = any(k.startswith(_HEAD_PREFIX) for k in target)
+    incoming = {k: v for k, v in state_dict.items()
+                if not (k.startswith(_HEAD_PREFIX) and (skip_head or not has_head))}
+    if skip_head:
+        target_check = {k: v for k, v in target.items() if not k.startswith(_HEAD_PREFIX)}
+    else:
+        target_check = target
+
+    file_classes = checkpoint_num_classes(incoming)
+    model_classes = checkpoint_num_classes(target_check)
+    if file_classes is not None and model_classes is not None and file_classes != model_classes:
+        raise ValueError(
+            f"{source} has a {file_classes}-class head but the model has {model_classes} classes. "
+            f"Pass num_classes={file_classes}, or skip_head=True to keep a fresh head for fine-tuning."
+        )
+    missing = [k for k in target_check if k not in incoming and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in incoming if k not in target_check]
+    wrong_shape = [
+        f"{k}: file {tuple(incoming[k].shape)} vs model {tuple(target_check[k].shape)}"
+        for k in target_check if k in incoming and incoming[k].shape != target_check[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        if wrong_shape:
+            problems.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {wrong_shape[:3]}")
+        name = getattr(model, "name", type(model).__name__)
+        raise ValueError(
+            f"{source} does not match the architecture of {name}: {'; '.join(problems)}. "
+            "Check that the model name (and groups/SE options) match the file."
+        )
+    model.load_state_dict(incoming, strict=False)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], *, skip_head: bool = False) -> dict[str, Any]:
+    """Load a weights file (any supported format) into ``model``; returns the file's metadata."""
+    state_dict, metadata = read_checkpoint(path)
+    load_state_dict_into(model, state_dict, source=str(path), skip_head=skip_head)
+    return metadata
+
+
+def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[str, str] | None = None) -> Path:
+    """Write the model's weights as safetensors with metadata to rebuild it from the file alone.
+
+    Metadata: ``format``, ``arch`` (registry name), ``deploy`` (``"true"``/``"false"``), ``spec`` (JSON),
+    ``num_classes``, ``in_chans``, plus ``extra``. The file is written atomically (temp file + rename).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": "repvgg",
+        "arch": model.name,
+        "deploy": "true" if model.deploy else "false",
+        "spec": json.dumps(model.spec.to_dict()),
+        "num_classes": str(model.num_classes),
+        "in_chans": str(model.in_chans),
+        **(dict(extra) if extra else {}),
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:
+    """Find the registered model whose parameter names and shapes match ``state_dict``.
+
+    Used for official files, which carry no architecture name. Models are built on the ``meta``
+    device, so this allocates no weight memory.
+    """
+    from repvgg.registry import create_model, list_models
+
+    deploy = is_deploy_state_dict(state_dict)
+    in_chans = _stem_in_chans(state_dict)
+    wanted = {k: tuple(v.shape) for k, v in state_dict.items()
+              if not k.endswith("num_batches_tracked") and not k.startswith(_HEAD_PREFIX)}
+    for name in list_models():
+        with torch.device("meta"):
+            candidate = create_model(name, deploy=deploy, num_classes=1, in_chans=in_chans)
+        have = {k: tuple(v.shape) for k, v in candidate.state_dict().items()
+                if not k.endswith("num_batches_tracked") and not k.startswith(_HEAD_PREFIX)}
+        if have == wanted:
+            return name
+    raise ValueError(
+        "the state dict matches no registered architecture; pass the model name explicitly "
+        "(or register a custom spec with repvgg.register_model)."
+    )
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    deploy: bool | None = None,
+    num_classes: int | None = None,
+) -> RepVGG:
+    """Rebuild a model from a weights file alone.
+
+    The architecture comes from ``arch``, else the file's metadata (this package's files), else by
+    matching the parameter shapes against the registry (official and timm files). Training-time or
+    deploy form follows the file unless ``deploy`` says otherwise.
+    """
+    from repvgg.registry import create_model
+
+    state_dict, metadata = read_checkpoint(path)
+    file_deploy = is_deploy_state_dict(state_dict)
+    if deploy is False and file_deploy:
+        raise ValueError(f"{path} holds fused (deploy) weights; a fused model cannot be turned back into branches.")
+    in_chans = int(metadata.get("in_chans", _stem_in_chans(state_dict)))
+    if arch is not None:
+        spec_or_name: str | RepVGGSpec = arch
+    elif isinstance(metadata.get("spec"), Mapping):
+        spec_or_name = RepVGGSpec.from_dict(dict(metadata["spec"]))
+    elif "arch" in metadata:
+        spec_or_name = str(metadata["arch"])
+    else:
+        spec_or_name = infer_architecture(state_dict)
+        logger.info("%s: inferred architecture %s from parameter shapes", path, spec_or_name)
+    if num_classes is None:
+        num_classes = checkpoint_num_classes(state_dict) or 1000
+    model = create_model(spec_or_name, num_classes=num_classes, in_chans=in_chans, deploy=file_deploy)
+    if isinstance(spec_or_name, RepVGGSpec) and "arch" in metadata:
+        model.name = str(metadata["arch"])
+    load_state_dict_into(model, state_dict, source=str(path))
+    if deploy and not file_deploy:
+        from repvgg.convert import reparameterize_model
+
+        model = reparameterize_model(model, inplace=True)
+    return model
+
+
+def _stem_in_chans(state_dict: Mapping[str, Tensor]) -> int:
+    for key in ("stage0.rbr_dense.conv.weight", "stage0.rbr_reparam.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[1])
+    return 3

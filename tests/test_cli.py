@@ -1,0 +1,34 @@
+"""The command line: thin wrappers over library calls, clear errors, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from repvgg.cli import main
+from repvgg.complexity import model_complexity
+
+
+def test_info_prints_computed_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--models", "repvgg_a0,repvgg_b1g2"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| repvgg")}
+    assert set(rows) == {"repvgg_a0", "repvgg_b1g2"}
+    c = model_complexity("repvgg_a0")
+    cells = [cell.strip() for cell in rows["repvgg_a0"].split("|")[1:-1]]
+    assert cells[4:] == [f"{c.params_train / 1e6:.2f}", f"{c.params_deploy / 1e6:.2f}",
+                         f"{c.macs_train / 1e9:.2f}", f"{c.macs_deploy / 1e9:.2f}"]
+    assert cells[5] == "8.31" and cells[7] == "1.36"
+
+
+def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--models", "repvgg_a9"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'repvgg_a9'" in err and "repvgg_a0" in err
+
+
+def test_python_dash_m_entry_point() -> None:
+    result = subprocess.run([sys.executable, "-m", "repvgg", "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "info" in result.stdout

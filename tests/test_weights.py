@@ -1,0 +1,189 @@
+"""Weights: official and timm formats load as they are; bad files fail clearly and change nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from conftest import randomize_bn, relative_error
+from repvgg import create_model, load_model, read_checkpoint, reparameterize_model, save_weights
+from repvgg.weights import infer_architecture, load_weights, official_to_timm, timm_to_official
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_state_dict_keys_follow_the_official_release() -> None:
+    keys = set(create_model("repvgg_a0").state_dict())
+    for key in ("stage0.rbr_dense.conv.weight", "stage0.rbr_dense.bn.running_var", "stage0.rbr_1x1.conv.weight",
+                "stage1.0.rbr_1x1.bn.running_mean", "stage1.1.rbr_identity.weight", "stage4.0.rbr_dense.bn.bias",
+                "linear.weight", "linear.bias"):
+        assert key in keys
+    assert "stage1.0.rbr_identity.weight" not in keys  # stride-2 first layer has no identity
+    deploy_keys = set(create_model("repvgg_a0", deploy=True).state_dict())
+    assert "stage1.0.rbr_reparam.weight" in deploy_keys and "stage3.13.rbr_reparam.bias" in deploy_keys
+    assert not any("rbr_dense" in k for k in deploy_keys)
+    se_keys = set(create_model("repvgg_d2se").state_dict())
+    assert {"stage0.se.down.weight", "stage2.3.se.up.bias"} <= se_keys
+
+
+def test_official_train_and_deploy_files_load(tmp_path: Path) -> None:
+    source = randomize_bn(create_model("repvgg_a0", num_classes=1000)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    expected = source(x)
+    # Official train files are plain state dicts; deploy files come from the official convert script.
+    torch.save(source.state_dict(), tmp_path / "RepVGG-A0-train.pth")
+    torch.save(reparameterize_model(source).state_dict(), tmp_path / "RepVGG-A0-deploy.pth")
+    train = create_model("repvgg_a0", weights=tmp_path / "RepVGG-A0-train.pth").eval()
+    plain = create_model("repvgg_a0", deploy=True, weights=tmp_path / "RepVGG-A0-deploy.pth").eval()
+    torch.testing.assert_close(train(x), expected)
+    assert relative_error(plain(x), expected) <= 1e-5
+    assert plain.num_classes == 1000 and plain.deploy
+
+
+def test_wrapped_and_ddp_prefixed_checkpoints_are_unwrapped(tmp_path: Path) -> None:
+    source = randomize_bn(create_model("repvgg_tiny", num_classes=10)).eval()
+    sd = {f"module.{k}": v for k, v in source.state_dict().items()}
+    for wrapper in ("state_dict", "model"):
+        path = tmp_path / f"{wrapper}.pth"
+        torch.save({wrapper: sd, "epoch": 3, "arch": "repvgg_tiny"}, path)
+        model = create_model("repvgg_tiny", weights=path).eval()
+        x = torch.randn(1, 3, 32, 32)
+        torch.testing.assert_close(model(x), source(x))
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0", "repvgg_b1g4", "repvgg_d2se"])
+def test_timm_state_dicts_load_and_give_timm_outputs(name: str, tmp_path: Path) -> None:
+    reference = randomize_bn(timm.create_model(name, num_classes=10)).eval()
+    torch.save(reference.state_dict(), tmp_path / "timm.pth")
+    model = create_model(name, weights=tmp_path / "timm.pth").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+        # and the way back: our weights in timm's naming load into timm
+        back = timm.create_model(name, num_classes=10).eval()
+        back.load_state_dict(official_to_timm(model.state_dict()))
+        torch.testing.assert_close(back(x), model(x))
+
+
+def test_timm_fused_state_dict_loads_into_deploy_model(tmp_path: Path) -> None:
+    from timm.utils.model import reparameterize_model as timm_reparameterize
+
+    reference = randomize_bn(timm.create_model("repvgg_a0", num_classes=10)).eval()
+    fused = timm_reparameterize(reference)
+    torch.save(fused.state_dict(), tmp_path / "timm-deploy.pth")
+    model = create_model("repvgg_a0", deploy=True, weights=tmp_path / "timm-deploy.pth").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fused(x))
+
+
+def test_name_translation_round_trips() -> None:
+    sd = create_model("repvgg_d2se", num_classes=3).state_dict()
+    assert timm_to_official(official_to_timm(sd)).keys() == sd.keys()
+    assert "stem.conv_kxk.conv.weight" in official_to_timm(sd)
+    assert "stages.3.0.attn.fc2.bias" in official_to_timm(sd)
+
+
+def test_safetensors_round_trip_with_metadata(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    model = randomize_bn(create_model("repvgg_tiny", num_classes=10, use_se=True)).eval()
+    plain = reparameterize_model(model)
+    path = save_weights(plain, tmp_path / "deploy.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["arch"] == "repvgg_tiny" and meta["deploy"] == "true" and meta["num_classes"] == "10"
+    rebuilt = load_model(path)  # from the file alone: the spec (with SE) is in the metadata
+    assert rebuilt.deploy and rebuilt.spec.use_se and rebuilt.name == "repvgg_tiny"
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(x), plain(x))
+    _, metadata = read_checkpoint(path)
+    assert metadata["deploy"] is True and metadata["spec"]["use_se"] is True
+
+
+def test_official_file_without_metadata_is_recognised(tmp_path: Path) -> None:
+    source = randomize_bn(create_model("repvgg_b1g2", num_classes=10)).eval()
+    torch.save(source.state_dict(), tmp_path / "RepVGG-B1g2-train.pth")
+    sd, _ = read_checkpoint(tmp_path / "RepVGG-B1g2-train.pth")
+    assert infer_architecture(sd) == "repvgg_b1g2"
+    plain = load_model(tmp_path / "RepVGG-B1g2-train.pth", deploy=True)
+    assert plain.deploy and plain.name == "repvgg_b1g2"
+    x = torch.randn(1, 3, 64, 64)
+    assert relative_error(plain(x), source(x)) <= 1e-5
+
+
+def test_deploy_file_into_training_model_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    fused = reparameterize_model(create_model("repvgg_tiny", num_classes=10))
+    torch.save(fused.state_dict(), tmp_path / "deploy.pth")
+    model = create_model("repvgg_tiny", num_classes=10)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="deploy=True"):
+        load_weights(model, tmp_path / "deploy.pth")
+    assert _unchanged(model, before)
+
+
+def test_training_file_into_deploy_model_is_refused(tmp_path: Path) -> None:
+    torch.save(create_model("repvgg_tiny", num_classes=10).state_dict(), tmp_path / "train.pth")
+    with pytest.raises(ValueError, match="reparameterize_model"):
+        create_model("repvgg_tiny", deploy=True, weights=tmp_path / "train.pth")
+
+
+def test_wrong_number_of_classes_is_refused_and_skip_head_works(tmp_path: Path) -> None:
+    source = randomize_bn(create_model("repvgg_tiny", num_classes=10))
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="num_classes=10"):
+        create_model("repvgg_tiny", num_classes=5, weights=tmp_path / "w.pth")
+    model = create_model("repvgg_tiny", num_classes=5)
+    head = model.linear.weight.clone()
+    load_weights(model, tmp_path / "w.pth", skip_head=True)
+    assert torch.equal(model.linear.weight, head)
+    torch.testing.assert_close(model.stage0.rbr_dense.conv.weight, source.stage0.rbr_dense.conv.weight)
+
+
+def test_wrong_architecture_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    torch.save(create_model("repvgg_a0", num_classes=10).state_dict(), tmp_path / "a0.pth")
+    model = create_model("repvgg_a1", num_classes=10)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="does not match"):
+        load_weights(model, tmp_path / "a0.pth")
+    assert _unchanged(model, before)
+
+
+def test_missing_and_truncated_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        create_model("repvgg_tiny", weights=tmp_path / "nope.pth")
+    model = create_model("repvgg_tiny", num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "full.pth")
+    save_weights(model, tmp_path / "full.safetensors")
+    for name in ("full.pth", "full.safetensors"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match="truncated"):
+            create_model("repvgg_tiny", weights=tmp_path / f"cut-{name}")
+
+
+class _Payload:
+    def __reduce__(self):  # would run code on a plain pickle load
+        return (os.system, ("echo pwned",))
+
+
+def test_pickled_code_is_never_executed(tmp_path: Path) -> None:
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "evil": _Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="refused"):
+        read_checkpoint(tmp_path / "evil.pth")
+
+
+def test_file_without_state_dict_is_refused(tmp_path: Path) -> None:
+    torch.save({"epoch": 1}, tmp_path / "nothing.pth")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        read_checkpoint(tmp_path / "nothing.pth")
