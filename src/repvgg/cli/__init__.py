@@ -1,0 +1,48 @@
+"""The ``repvgg`` command line: one module per subcommand, each parsing arguments and calling the library.
+
+Each subcommand module defines ``add_parser(subparsers)``, which registers its parser and sets
+``func`` to a function ``(args) -> exit code``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+#: Subcommand modules under ``repvgg.cli``, in the order ``--help`` lists them.
+_COMMANDS = ["info"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="repvgg",
+        description="RepVGG: train multi-branch, deploy a plain stack of 3x3 convs.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMANDS:
+        importlib.import_module(f"repvgg.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"repvgg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"repvgg {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,38 @@
+"""``repvgg info``: parameters and multiply-adds of every registered model, before and after fusion."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="table of every registered model: parameters and multiply-adds")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution for multiply-adds (default 224)")
+    p.add_argument("--models", default=None, help="comma-separated model names (default: all registered)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from repvgg.complexity import model_complexity
+    from repvgg.registry import get_spec, list_models
+    from repvgg.report import markdown_table
+
+    names = args.models.split(",") if args.models else list_models()
+    specs = [get_spec(name) for name in names]  # unknown names fail with close matches before any work
+    rows = []
+    for name, spec in zip(names, specs):
+        c = model_complexity(name, img_size=args.img_size)
+        rows.append([
+            c.name,
+            "-".join(str(d) for d in spec.depths),
+            "/".join(f"{m:g}" for m in spec.width_multipliers),
+            spec.groups,
+            f"{c.params_train / 1e6:.2f}",
+            f"{c.params_deploy / 1e6:.2f}",
+            f"{c.macs_train / 1e9:.2f}",
+            f"{c.macs_deploy / 1e9:.2f}",
+        ])
+    header = ["model", "depths", "a/b", "groups", "params train (M)", "params deploy (M)",
+              f"GMACs train @{args.img_size}", f"GMACs deploy @{args.img_size}"]
+    print(markdown_table(header, rows))
+    return 0
