@@ -2,9 +2,32 @@
 
 Not imported by ``import repvgg``; use ``import repvgg.segmentation``. Data loading needs numpy and
 Pillow, the ResNet baselines torchvision (all installed with torchvision).
+
+=================  ============================================================================
+``backbones``      dilated RepVGG (normal and "fast") and ResNet-50/101 feature extractors
+``pspnet``         ``SegmenterConfig``, ``PSPNet``, ``create_segmenter``, ``segmentation_loss``
+``synthetic``      the embedded default data: generated shape scenes with per-pixel labels
+``data``           a folder of images and label PNGs, and ``build_segmentation_data``
+``transforms``     joint image/label augmentation (scale, crop with ignore padding, flip)
+``metrics``        confusion matrix, IoU, mean IoU, pixel accuracy, ``evaluate_segmenter``
+=================  ============================================================================
 """
 
 from repvgg.segmentation.backbones import FAST_DILATED_LAYERS, ResNetBackbone, create_repvgg_backbone
+from repvgg.segmentation.data import (
+    EXPECTED_LAYOUT,
+    SegmentationDataBundle,
+    SegmentationFolder,
+    build_segmentation_data,
+    load_label,
+)
+from repvgg.segmentation.metrics import (
+    ConfusionMatrix,
+    SegmentationMetrics,
+    confusion_matrix,
+    evaluate_segmenter,
+    metrics_from_confusion,
+)
 from repvgg.segmentation.pspnet import (
     AUX_LOSS_WEIGHT,
     IGNORE_INDEX,
@@ -18,20 +41,34 @@ from repvgg.segmentation.pspnet import (
     main_logits,
     segmentation_loss,
 )
+from repvgg.segmentation.synthetic import SHAPE_CLASSES, SyntheticConfig, SyntheticShapes
 
 __all__ = [
     "AUX_LOSS_WEIGHT",
+    "ConfusionMatrix",
+    "EXPECTED_LAYOUT",
     "FAST_DILATED_LAYERS",
     "IGNORE_INDEX",
     "PSPNet",
     "PyramidPooling",
     "ResNetBackbone",
+    "SHAPE_CLASSES",
+    "SegmentationDataBundle",
+    "SegmentationFolder",
+    "SegmentationMetrics",
     "SegmentationOutput",
     "SegmenterConfig",
+    "SyntheticConfig",
+    "SyntheticShapes",
+    "build_segmentation_data",
     "build_segmenter",
+    "confusion_matrix",
     "create_repvgg_backbone",
     "create_segmenter",
+    "evaluate_segmenter",
     "list_backbones",
+    "load_label",
     "main_logits",
+    "metrics_from_confusion",
     "segmentation_loss",
 ]
