@@ -84,7 +84,10 @@ def find_pairs(root: str | os.PathLike[str], split: str) -> list[tuple[Path, Pat
     for path in sorted(image_dir.iterdir()):
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             if path.stem in images:
-                raise ValueError(f"two images share the stem {path.stem!r} in {image_dir}: {images[path.stem].name}, {path.name}")
+                raise ValueError(
+                    f"two images share the stem {path.stem!r} in {image_dir}: {images[path.stem].name}, {path.name}; "
+                    "keep one of them"
+                )
             images[path.stem] = path
     if not images:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}; {EXPECTED_LAYOUT}")
