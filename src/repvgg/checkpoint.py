@@ -1,0 +1,81 @@
+"""Resumable training checkpoints: atomic writes and exact RNG state.
+
+A checkpoint is a plain dict of tensors and primitive values (loadable with ``weights_only=True``):
+``model`` (official-format state dict), ``arch``, ``spec``, ``num_classes``, ``in_chans``, ``config``,
+``optimizer``, ``ema``, ``epoch``, ``step_in_epoch``, ``global_step``, ``best_top1``, ``history`` and
+``rng``. The same file loads with ``repvgg.create_model(..., weights=...)`` / ``repvgg.load_model``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``payload`` atomically: a kill at any moment leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a training checkpoint (``weights_only=True``: no pickled code runs)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (pass a run folder or its last.pt)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt?): {err}") from err
+    required = {"model", "optimizer", "config", "epoch", "global_step"}
+    if not isinstance(payload, dict) or not required <= set(payload):
+        raise ValueError(
+            f"{path} is not a resumable training checkpoint (needs {sorted(required)}); "
+            "to start from its weights use --weights instead of --resume"
+        )
+    return payload
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states as tensors and primitives."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state((
+        "MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+        np_state["has_gauss"], np_state["cached_gaussian"],
+    ))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,33 @@
+"""``repvgg eval``: evaluate a saved training-time or deploy checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a saved checkpoint (training-time or deploy) on validation data")
+    p.add_argument("--weights", required=True, help="checkpoint: run folder file (best.pt, last.pt, "
+                   "deploy.safetensors) or an official/timm file")
+    p.add_argument("--model", default=None, help="model name, for files without architecture metadata "
+                   "(inferred from parameter shapes when omitted)")
+    p.add_argument("--data", default=None, help="ImageFolder root with val/ (default: the digits data)")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default 32 digits / 224 folders)")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading workers (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from repvgg.evaluate import evaluate_checkpoint
+    from repvgg.report import write_json
+
+    result = evaluate_checkpoint(args.weights, data=args.data, arch=args.model, img_size=args.img_size,
+                                 batch_size=args.batch_size, workers=args.workers, device=args.device)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        write_json(args.json, result)
+    return 0

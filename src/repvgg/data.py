@@ -1,0 +1,253 @@
+"""Datasets for training and evaluation: the embedded digits default and ImageNet-style folders.
+
+* Digits: the real handwritten-digit images shipped with scikit-learn (1,797 8x8 images, 10 classes),
+  split once with a fixed seed (stratified), upscaled to a small RGB resolution.
+* Folders: ``ROOT/train/<class>/<image>`` and ``ROOT/val/<class>/<image>`` (the ImageNet layout), with
+  the official preprocessing: RandomResizedCrop + horizontal flip for training, resize to 256/224 of
+  the crop and centre crop for validation, ImageNet normalisation; optional timm AutoAugment/RandAugment.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DIGITS_SPLIT_SEED",
+    "DatasetBundle",
+    "DigitsDataset",
+    "digits_split",
+    "build_datasets",
+    "check_image_folder",
+    "CheckedImageFolder",
+]
+
+logger = logging.getLogger(__name__)
+
+DIGITS_SPLIT_SEED = 0
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_EXPECTED_LAYOUT = (
+    "expected ROOT/train/<class_name>/<image files> and ROOT/val/<class_name>/<image files> "
+    "(the ImageNet layout), with the same class folders in train/ and val/"
+)
+
+
+@dataclass
+class DatasetBundle:
+    """A train/val pair and what the model needs to know about them."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    img_size: int
+    name: str
+    classes: list[str]
+
+
+def digits_split(val_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The digits images (float, 0..1, shape ``(N, 8, 8)``) split into train and val, stratified.
+
+    The split seed is fixed (:data:`DIGITS_SPLIT_SEED`), so every run sees the same validation set.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    idx_train, idx_val = train_test_split(
+        list(range(len(labels))), test_size=val_fraction, random_state=DIGITS_SPLIT_SEED,
+        stratify=labels.numpy(),
+    )
+    return images[idx_train], labels[idx_train], images[idx_val], labels[idx_val]
+
+
+class DigitsDataset(Dataset):
+    """Digits upscaled (bilinear) to ``img_size`` and repeated to 3 channels, normalised to mean 0 / std 1.
+
+    Training augmentation: a random shift of up to ``img_size // 16`` pixels (zero fill), drawn
+    from the global torch RNG, so it is reproducible under the training loop's seeding.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, img_size: int, *, train: bool) -> None:
+        big = F.interpolate(images[:, None], size=(img_size, img_size), mode="bilinear", align_corners=False)
+        big = (big - 0.5) / 0.5
+        self.images = big.expand(-1, 3, -1, -1).contiguous()
+        self.labels = labels
+        self.train = train
+        self.max_shift = max(1, img_size // 16)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.images[index]
+        if self.train:
+            pad = self.max_shift
+            dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+            padded = F.pad(image, (pad, pad, pad, pad), value=-1.0)
+            image = padded[:, dy:dy + image.shape[1], dx:dx + image.shape[2]]
+        return image, int(self.labels[index])
+
+
+def _digits_bundle(img_size: int, val_fraction: float) -> DatasetBundle:
+    x_train, y_train, x_val, y_val = digits_split(val_fraction)
+    return DatasetBundle(
+        train=DigitsDataset(x_train, y_train, img_size, train=True),
+        val=DigitsDataset(x_val, y_val, img_size, train=False),
+        num_classes=10,
+        img_size=img_size,
+        name="sklearn-digits",
+        classes=[str(i) for i in range(10)],
+    )
+
+
+def check_image_folder(root: str | Path) -> tuple[list[str], dict[str, int]]:
+    """Validate an ImageNet-style tree; returns the class names and image counts per split.
+
+    Raises:
+        FileNotFoundError: the root does not exist.
+        ValueError: missing ``train``/``val``, no class folders, classes that differ between the
+            splits, or a split without images; the message states the expected layout.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root} ({_EXPECTED_LAYOUT})")
+    classes_by_split: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    for split in ("train", "val"):
+        folder = root / split
+        if not folder.is_dir():
+            raise ValueError(f"{root} has no '{split}' folder; {_EXPECTED_LAYOUT}")
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not classes:
+            raise ValueError(f"{folder} has no class sub-folders; {_EXPECTED_LAYOUT}")
+        classes_by_split[split] = classes
+        counts[split] = sum(
+            1 for c in classes for f in (folder / c).rglob("*")
+            if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
+        )
+        if counts[split] == 0:
+            raise ValueError(f"{folder} contains no images ({', '.join(IMG_EXTENSIONS)}); {_EXPECTED_LAYOUT}")
+    if classes_by_split["train"] != classes_by_split["val"]:
+        only_train = sorted(set(classes_by_split["train"]) - set(classes_by_split["val"]))
+        only_val = sorted(set(classes_by_split["val"]) - set(classes_by_split["train"]))
+        raise ValueError(
+            f"class folders differ between train/ and val/ in {root}: only in train {only_train[:5]}, "
+            f"only in val {only_val[:5]}; {_EXPECTED_LAYOUT}"
+        )
+    return classes_by_split["train"], counts
+
+
+class CheckedImageFolder(Dataset):
+    """``torchvision.datasets.ImageFolder`` whose unreadable images are reported by file name.
+
+    ``bad_images="fail"`` raises a ``ValueError`` naming the file; ``"skip"`` logs a warning naming
+    it, counts it (:attr:`skipped`, shared across loader workers) and serves the next image instead.
+    """
+
+    def __init__(self, root: str | Path, transform: Callable[[Any], Tensor], bad_images: str = "fail") -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(str(root))
+        self.transform = transform
+        self.bad_images = bad_images
+        self._skipped = multiprocessing.Value("i", 0)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.folder.classes)
+
+    @property
+    def skipped(self) -> int:
+        return int(self._skipped.value)
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def _load(self, path: str) -> Any:
+        from PIL import Image
+
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        for attempt in range(len(self)):
+            path, target = self.folder.samples[(index + attempt) % len(self)]
+            try:
+                image = self._load(path)
+            except Exception as err:  # PIL raises several types for corrupt or truncated files
+                if self.bad_images == "fail":
+                    raise ValueError(
+                        f"cannot read image {path}: {err}. Remove or replace the file, or pass "
+                        "--bad-images skip to skip unreadable images."
+                    ) from err
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                logger.warning("skipping unreadable image %s (%s)", path, err)
+                continue
+            return self.transform(image), target
+        raise ValueError(f"no readable image in {self.folder.root}")
+
+
+def folder_transforms(img_size: int, *, auto_augment: str | None = None) -> tuple[Callable, Callable]:
+    """The official preprocessing (RandomResizedCrop + flip / resize + centre crop), ImageNet normalisation.
+
+    ``auto_augment`` adds a timm policy after the flip: ``"rand-..."`` for RandAugment, ``"original"``
+    / ``"v0"`` for AutoAugment (the paper's recipe for its longest schedules).
+    """
+    from torchvision import transforms as T
+
+    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train_steps: list[Callable] = [T.RandomResizedCrop(img_size), T.RandomHorizontalFlip()]
+    if auto_augment:
+        from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+
+        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN))
+        if auto_augment.startswith("rand"):
+            train_steps.append(rand_augment_transform(auto_augment, hparams))
+        else:
+            train_steps.append(auto_augment_transform(auto_augment, hparams))
+    resize = int(round(img_size * 256 / 224))
+    train = T.Compose(train_steps + normalize)
+    val = T.Compose([T.Resize(resize), T.CenterCrop(img_size)] + normalize)
+    return train, val
+
+
+def build_datasets(
+    data: str | None,
+    *,
+    img_size: int | None = None,
+    val_fraction: float = 0.2,
+    auto_augment: str | None = None,
+    bad_images: str = "fail",
+) -> DatasetBundle:
+    """Datasets for ``data`` (an ImageFolder root) or, when ``data`` is ``None``, the embedded digits."""
+    if data is None:
+        return _digits_bundle(img_size or 32, val_fraction)
+    classes, counts = check_image_folder(data)
+    size = img_size or 224
+    train_tf, val_tf = folder_transforms(size, auto_augment=auto_augment)
+    root = Path(data)
+    bundle = DatasetBundle(
+        train=CheckedImageFolder(root / "train", train_tf, bad_images),
+        val=CheckedImageFolder(root / "val", val_tf, bad_images),
+        num_classes=len(classes),
+        img_size=size,
+        name=str(root),
+        classes=classes,
+    )
+    logger.info("%s: %d classes, %d train / %d val images", root, len(classes), counts["train"], counts["val"])
+    return bundle

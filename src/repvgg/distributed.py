@@ -1,0 +1,114 @@
+"""Process-group set-up for ``torchrun`` and the small collective helpers the training loop needs.
+
+One process per device; NCCL on GPUs, gloo on CPU. Only rank 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+__all__ = ["DistContext", "init_distributed", "shutdown_distributed", "all_reduce", "EpochSampler", "ShardSampler"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` picks the local CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} was requested but CUDA is not available; use --device cpu")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Join the process group ``torchrun`` describes in the environment (or run as a single process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        dist.init_process_group(backend=backend)
+        logger.info("process group: %s, world size %d", backend, world_size)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum or max over processes in place (a no-op in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffled order that depends only on ``(seed, epoch)``, sharded over processes.
+
+    Every process gets the same number of indices (the tail is dropped so the global batch is
+    constant). ``skip`` drops the first indices of this process's shard, so a run resumed in the
+    middle of an epoch continues with exactly the samples it had not seen yet.
+    """
+
+    def __init__(self, length: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                 skip: int = 0) -> None:
+        self.length, self.seed, self.epoch = length, seed, epoch
+        self.rank, self.world_size, self.skip = rank, world_size, skip
+
+    def _indices(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.length, generator=gen).tolist()
+        per_rank = self.length // self.world_size
+        shard = order[self.rank: per_rank * self.world_size: self.world_size]
+        return shard[self.skip:]
+
+    def __iter__(self):
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return max(0, self.length // self.world_size - self.skip)
+
+
+class ShardSampler(Sampler[int]):
+    """In-order, non-overlapping evaluation shards (no padding, so counts summed over ranks are exact)."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -1,0 +1,198 @@
+"""The main job end to end on tiny budgets: digits and folder data, resume, signals, distributed, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from repvgg.checkpoint import load_checkpoint
+from repvgg.cli import main
+from repvgg.config import TrainConfig
+from repvgg.data import build_datasets, check_image_folder, digits_split
+from repvgg.train import train
+
+TINY = ["--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "32"]
+
+
+def _write_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 40) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                base = torch.full((size, size, 3), 60 * c, dtype=torch.uint8)
+                noise = torch.randint(0, 40, (size, size, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray((base + noise).numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_digits_split_is_fixed_and_stratified() -> None:
+    a = digits_split(0.2)
+    b = digits_split(0.2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    x_train, y_train, x_val, y_val = a
+    assert len(y_train) + len(y_val) == 1797 and len(y_val) == 360
+    assert torch.bincount(y_val).min() >= 35  # every class present in proportion
+    bundle = build_datasets(None, img_size=32)
+    image, label = bundle.val[0]
+    assert image.shape == (3, 32, 32) and 0 <= label < 10
+
+
+def test_train_cli_on_digits_writes_everything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--output", str(out)]) == 0
+    for name in ("summary.json", "metrics.jsonl", "last.pt", "best.pt", "deploy.safetensors", "config.yaml",
+                 "curves.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("model", "dataset", "epochs", "val_top1", "val_top1_deploy", "max_abs_diff", "train_images_per_s",
+                "prediction_agreement", "params_train", "params_deploy", "infer_images_per_s_deploy"):
+        assert key in summary, key
+    assert summary["model"] == "repvgg_tiny" and summary["epochs"] == 2 and summary["val_images"] == 360
+    assert summary["val_top1"] == summary["val_top1_deploy"]
+    assert summary["prediction_agreement"] == 1.0
+    assert summary["params_deploy"] < summary["params_train"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_loss", "val_loss", "val_top1", "lr", "epoch_time_s"} <= set(rows[0])
+    assert rows[1]["lr"] < rows[0]["lr"] or rows[0]["lr"] == rows[1]["lr"] == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["val_top1"] == summary["val_top1"]
+    # the saved files rebuild and evaluate from the file alone
+    assert main(["eval", "--weights", str(out / "deploy.safetensors"), "--device", "cpu"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["form"] == "deploy" and evaluated["val_top1"] == pytest.approx(summary["val_top1_deploy"])
+
+
+def test_train_on_an_image_folder(tmp_path: Path) -> None:
+    root = _write_folder(tmp_path / "data")
+    summary = train(TrainConfig(model="repvgg_tiny", data=str(root), img_size=32, epochs=1, batch_size=6,
+                                device="cpu", output=str(tmp_path / "run")))
+    assert summary["num_classes"] == 3 and summary["val_images"] == 18
+    assert summary["val_top1"] == summary["val_top1_deploy"]
+
+
+def _final_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.parametrize("stop_after", [5, 22])  # mid-epoch, and exactly at an epoch boundary
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, stop_after: int) -> None:
+    common = dict(model="repvgg_tiny", epochs=2, batch_size=64, device="cpu", ema_decay=0.9, mixup=0.2)
+    full = train(TrainConfig(**common, output=str(tmp_path / "full")))
+    part = train(TrainConfig(**common, output=str(tmp_path / "part"), stop_after_steps=stop_after))
+    assert part["interrupted"] is True
+    state = load_checkpoint(tmp_path / "part" / "last.pt")
+    assert state["global_step"] == stop_after
+    resumed = train(TrainConfig(**common, output=str(tmp_path / "part"), resume=str(tmp_path / "part")))
+    a, b = _final_weights(tmp_path / "full" / "last.pt"), _final_weights(tmp_path / "part" / "last.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["val_top1"] == full["val_top1"]
+    rows = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+
+
+def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "repvgg", "train", *TINY, "--epochs", "200", "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (out / "last.pt").exists(), proc.stderr.read() if proc.poll() is not None else "timed out"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    state = load_checkpoint(out)
+    assert 1 <= state["epoch"] < 200
+    assert not (out / "summary.json").exists()
+
+
+def test_two_process_gloo_run(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "repvgg", "train", *TINY, "--epochs", "1", "--output", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["val_images"] == 360  # evaluation shards add up exactly
+    assert summary["val_top1"] == summary["val_top1_deploy"]
+
+
+def test_config_file_and_flag_precedence(tmp_path: Path) -> None:
+    from repvgg.cli import build_parser
+    from repvgg.cli.train import resolve_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: repvgg_tiny\nepochs: 7\nbatch-size: 16\n")
+    args = build_parser().parse_args(["train", "--config", str(cfg), "--epochs", "3", "--spec", "depths=[1,1,1,1,1]"])
+    config = resolve_config(args)
+    assert (config.model, config.epochs, config.batch_size) == ("repvgg_tiny", 3, 16)
+    assert config.model_overrides == {"depths": [1, 1, 1, 1, 1]}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"epochz": 3}))
+    with pytest.raises(ValueError, match="epochz"):
+        resolve_config(build_parser().parse_args(["train", "--config", str(bad)]))
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [("missing_val", "no 'val' folder"), ("no_classes", "no class sub-folders"), ("empty", "contains no images"),
+     ("mismatch", "class folders differ")],
+)
+def test_bad_folder_layouts_are_explained(tmp_path: Path, layout: str, message: str) -> None:
+    root = _write_folder(tmp_path / "data", classes=2, per_class=2)
+    if layout == "missing_val":
+        for f in (root / "val").rglob("*.png"):
+            f.unlink()
+        for d in sorted((root / "val").glob("*")):
+            d.rmdir()
+        (root / "val").rmdir()
+    elif layout == "no_classes":
+        for f in (root / "train").rglob("*.png"):
+            f.unlink()
+        for d in (root / "train").glob("*"):
+            d.rmdir()
+    elif layout == "empty":
+        for f in (root / "val").rglob("*.png"):
+            f.unlink()
+    elif layout == "mismatch":
+        (root / "val" / "class_1").rename(root / "val" / "class_9")
+    with pytest.raises(ValueError, match=message) as info:
+        check_image_folder(root)
+    assert "ROOT/train/<class_name>" in str(info.value)
+
+
+def test_missing_data_folder_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", *TINY, "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "r")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+
+
+def test_corrupt_image_fails_naming_the_file_or_is_skipped(tmp_path: Path) -> None:
+    root = _write_folder(tmp_path / "data", classes=2, per_class=4)
+    bad = root / "train" / "class_0" / "2.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    bundle = build_datasets(str(root), img_size=32)
+    index = [i for i, (p, _) in enumerate(bundle.train.folder.samples) if p.endswith("class_0/2.png")][0]
+    with pytest.raises(ValueError, match="2.png"):
+        bundle.train[index]
+    skipping = build_datasets(str(root), img_size=32, bad_images="skip")
+    image, _ = skipping.train[index]
+    assert image.shape == (3, 32, 32) and skipping.train.skipped == 1
+    with pytest.raises(ValueError, match="class_0/2.png"):
+        train(TrainConfig(model="repvgg_tiny", data=str(root), img_size=32, epochs=1, batch_size=4, device="cpu",
+                          output=str(tmp_path / "run")))
