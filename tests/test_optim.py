@@ -48,7 +48,7 @@ def test_custom_l2_is_the_norm_of_the_fused_kernels_and_differentiable() -> None
     fused = reparameterize_model(model)
     expected = sum(float(m.rbr_reparam.weight.detach().double().square().sum()) for m in fused.modules()
                    if hasattr(m, "rbr_reparam") and m.rbr_reparam is not None)
-    assert float(value) == pytest.approx(expected, rel=1e-5)
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
     value.backward()
     assert model.stage1[1].rbr_1x1.conv.weight.grad.abs().sum() > 0
     assert float(custom_l2(fused)) == 0.0

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from repvgg.model import RepVGG, RepVGGSpec
 
-__all__ = ["MODEL_SPECS", "list_models", "get_spec", "register_model", "create_model"]
+__all__ = ["MODEL_SPECS", "canonical_name", "list_models", "get_spec", "register_model", "create_model"]
 
 _A = (1, 2, 4, 14, 1)
 _B = (1, 4, 6, 16, 1)
@@ -38,7 +38,8 @@ MODEL_SPECS: dict[str, RepVGGSpec] = {
 }
 
 
-def _normalise(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """The registry key for ``name``: lower case, ``-`` as ``_``, ``repvgg_`` prefix (``"RepVGG-A0"`` -> ``"repvgg_a0"``)."""
     key = name.strip().lower().replace("-", "_")
     return key if key.startswith("repvgg_") else f"repvgg_{key.removeprefix('repvgg')}"
 
@@ -56,7 +57,7 @@ def get_spec(name: str) -> RepVGGSpec:
     """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
-    key = _normalise(name)
+    key = canonical_name(name)
     if key in MODEL_SPECS:
         return MODEL_SPECS[key]
     close = difflib.get_close_matches(key, MODEL_SPECS, n=3, cutoff=0.5)
@@ -66,7 +67,7 @@ def get_spec(name: str) -> RepVGGSpec:
 
 def register_model(name: str, spec: RepVGGSpec, *, overwrite: bool = False) -> None:
     """Add a custom architecture to the registry so ``create_model(name)`` and the CLI can build it."""
-    key = _normalise(name)
+    key = canonical_name(name)
     if key in MODEL_SPECS and not overwrite:
         raise ValueError(f"model {key!r} is already registered; pass overwrite=True to replace it")
     MODEL_SPECS[key] = spec
@@ -101,7 +102,7 @@ def create_model(
     if isinstance(name, RepVGGSpec):
         spec, arch_name = name, "repvgg_custom"
     else:
-        spec, arch_name = get_spec(name), _normalise(name)
+        spec, arch_name = get_spec(name), canonical_name(name)
     if overrides:
         known = {f.name for f in dataclasses.fields(RepVGGSpec)}
         unknown = sorted(set(overrides) - known)

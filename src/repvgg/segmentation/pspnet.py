@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repvgg.convert import is_reparameterizable
-from repvgg.registry import _normalise as normalise_model_name
+from repvgg.registry import canonical_name as normalise_model_name
 from repvgg.registry import get_spec, list_models
 from repvgg.segmentation.backbones import (
     FAST_DILATED_LAYERS,
