@@ -38,7 +38,7 @@ from repvgg.registry import create_model
 from repvgg.report import write_json
 from repvgg.weights import checkpoint_num_classes, load_state_dict_into, read_checkpoint, save_weights
 
-__all__ = ["train", "default_output_dir"]
+__all__ = ["train", "default_output_dir", "seed_epoch", "progress_bar", "write_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ def default_output_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed Python, NumPy and torch from ``(seed, epoch, rank)`` (each epoch's augmentation is reproducible)."""
     value = (seed * 1_000_003 + epoch * 7919 + rank) % (2**31)
     random.seed(value)
     np.random.seed(value)
@@ -143,7 +144,8 @@ def _checkpoint_payload(config: TrainConfig, model: RepVGG, optimizer: torch.opt
     }
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on an interactive stderr, else ``None`` (the loop then logs every few steps)."""
     if enabled and sys.stderr.isatty():
         from tqdm import tqdm
 
@@ -183,7 +185,7 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     use_amp = config.amp and device.type == "cuda"
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
-    _seed_epoch(config.seed, 0, ctx.rank)
+    seed_epoch(config.seed, 0, ctx.rank)
     bundle = build_datasets(config.data, img_size=config.img_size, val_fraction=config.val_fraction,
                             auto_augment=config.auto_augment, bad_images=config.bad_images)
     model = _build_model(config, bundle).to(device=device, memory_format=memory_format)
@@ -234,7 +236,7 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         while state.epoch < config.epochs and not interrupted:
             epoch = state.epoch
             if state.step_in_epoch == 0:
-                _seed_epoch(config.seed, epoch + 1, ctx.rank)
+                seed_epoch(config.seed, epoch + 1, ctx.rank)
             sampler = EpochSampler(len(bundle.train), seed=config.seed, epoch=epoch, rank=ctx.rank,
                                    world_size=ctx.world_size, skip=state.step_in_epoch * local_batch)
             # The loader's own generator (worker seeds) keeps it from drawing on the global RNG, whose
@@ -245,7 +247,7 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
             net.train()
             stop_now = False
             sums = torch.zeros(3, dtype=torch.float64)  # loss*n, correct, n
-            bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", ctx.is_main)
+            bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", ctx.is_main)
             if bar is not None:
                 bar.update(state.step_in_epoch)
             start = time.perf_counter()
@@ -317,7 +319,7 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
             logger.info("epoch %d/%d: train loss %.4f, val top-1 %.2f%% top-5 %.2f%% (%.1fs)", state.epoch,
                         config.epochs, row["train_loss"], row["val_top1"], row["val_top5"], elapsed)
             if ctx.is_main:
-                _write_metrics(output, state.history)
+                write_metrics(output, state.history)
                 payload = _checkpoint_payload(config, model, optimizer, ema, state)
                 save_checkpoint(payload, output / "last.pt")
                 if improved:
@@ -342,7 +344,8 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     return summary
 
 
-def _write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
+def write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
+    """Write ``history`` as ``output/metrics.jsonl``, one JSON row per epoch, atomically."""
     import json
     import os
 
