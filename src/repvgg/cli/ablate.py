@@ -1,0 +1,70 @@
+"""``repvgg ablate``: the paper's branch ablation (Table 6, optionally Table 7 variants) on the same data."""
+
+from __future__ import annotations
+
+import argparse
+
+from repvgg.cli.train import resolve_config
+
+DEFAULT_MODEL = "repvgg_tiny_b"
+DEFAULT_EPOCHS = 15
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from repvgg.cli.train import _FLAGS
+
+    p = sub.add_parser(
+        "ablate",
+        help="train the same network with and without the 1x1/identity branches; compare",
+        description="Runs the configurations of the paper's Table 6 (plain, 1x1, identity, full) with "
+                    "several seeds through the `repvgg train` pipeline, checks the converted models are "
+                    "identical in size, and writes ablation.json, ablation.md and two PNGs. "
+                    f"Defaults: {DEFAULT_MODEL}, {DEFAULT_EPOCHS} epochs, digits data.",
+    )
+    p.add_argument("--configs", default="plain,1x1,identity,full",
+                   help="comma-separated configurations: plain, 1x1, identity, full, identity_no_bn, post_bn")
+    p.add_argument("--table7", action="store_true",
+                   help="also run the Table 7 variants identity_no_bn and post_bn")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    p.add_argument("--table", action="store_true",
+                   help="print the paper's Table 6 numbers next to the measured ones and whether the ranking agrees")
+    p.add_argument("--config", help="YAML or JSON file of training options")
+    p.add_argument("--spec", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a RepVGGSpec field of the ablated model, VALUE as JSON")
+    for flag, kwargs in _FLAGS:
+        if flag not in ("--resume", "--stop-after-steps", "--seed"):
+            p.add_argument(flag, default=None, **kwargs)
+    p.set_defaults(func=run, resume=None, stop_after_steps=None, seed=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from repvgg.ablation import PAPER_TOP1, ablation_table, ranking, ranking_agrees, run_ablation, write_ablation
+
+    if args.model is None:
+        args.model = DEFAULT_MODEL
+    if args.epochs is None:
+        args.epochs = DEFAULT_EPOCHS
+    config = resolve_config(args)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if args.table7:
+        configs += [c for c in ("identity_no_bn", "post_bn") if c not in configs]
+    if args.seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    output = Path(args.output) if args.output else Path("runs") / f"ablate-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = run_ablation(config, configs=configs, seeds=list(range(args.seeds)), output=output)
+    files = write_ablation(result, output)
+    print(ablation_table(result, with_paper=args.table))
+    print()
+    print(f"converted models identical in size: {result.same_inference_cost} "
+          f"({sorted(set(result.converted_params.values()))} params)")
+    if args.table:
+        order = ranking(result.rows)
+        paper_order = sorted(PAPER_TOP1, key=PAPER_TOP1.get)
+        agrees = ranking_agrees(result.rows)
+        print(f"ranking, worst to best: measured {' < '.join(order)}; paper {' < '.join(paper_order)}; "
+              f"agrees: {'n/a' if agrees is None else 'yes' if agrees else 'no'}")
+    print(f"results: {files['json']}, {files['markdown']}, {files['loss_plot']}, {files['accuracy_plot']}")
+    return 0 if result.same_inference_cost else 1

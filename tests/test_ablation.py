@@ -1,0 +1,65 @@
+"""`repvgg ablate` on a tiny budget: four configurations, identical converted models, complete JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from repvgg.ablation import BRANCH_CONFIGS, PAPER_TOP1, converted_cost, ranking, ranking_agrees
+from repvgg.cli import main
+from repvgg.registry import create_model
+
+
+def test_branch_configurations_switch_the_branches() -> None:
+    for name, switches in BRANCH_CONFIGS.items():
+        model = create_model("repvgg_tiny", num_classes=10, **switches)
+        block = model.stage1[1]  # stride 1, equal channels: every branch is possible here
+        assert (block.rbr_1x1 is not None) == switches["use_1x1"], name
+        assert (block.rbr_identity is not None) == switches["use_identity"], name
+        assert (block.post_bn is not None) == switches.get("post_bn", False), name
+    costs = {converted_cost("repvgg_tiny", s, 32, 10) for s in BRANCH_CONFIGS.values()}
+    assert len(costs) == 1
+
+
+def test_ranking_helpers() -> None:
+    rows = [{"config": c, "val_top1_mean": v} for c, v in PAPER_TOP1.items()]
+    assert ranking(rows) == ["plain", "1x1", "identity", "full"]
+    assert ranking_agrees(rows) is True
+    rows[2]["val_top1_mean"] = 99.0
+    assert ranking_agrees(rows) is False
+    assert ranking_agrees(rows[:2]) is None
+
+
+def test_ablate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ablate"
+    code = main(["ablate", "--model", "repvgg_tiny", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--val-fraction", "0.8",
+                 "--device", "cpu", "--table", "--output", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    table_rows = [line for line in printed.splitlines() if line.startswith("| ") and "config" not in line]
+    assert [r.split("|")[1].strip() for r in table_rows] == ["plain", "1x1", "identity", "full"]
+    assert "paper top-1" in printed and "agrees:" in printed
+    data = json.loads((out / "ablation.json").read_text())
+    assert [r["config"] for r in data["configs"]] == ["plain", "1x1", "identity", "full"]
+    assert data["same_inference_cost"] is True and len(set(data["converted_params"].values())) == 1
+    assert len(data["runs"]) == 4 and all(len(r["train_loss_curve"]) == 1 for r in data["runs"])
+    for row in data["configs"]:
+        for key in ("val_top1_mean", "val_top1_std", "final_train_loss_mean", "val_top1_deploy_mean",
+                    "converted_params", "converted_macs", "paper_top1"):
+            assert key in row
+        assert row["val_top1_mean"] == row["val_top1_deploy_mean"]
+    assert data["ranking_agrees_with_paper"] in (True, False)
+    for name in ("ablation.md", "ablation_loss.png", "ablation_accuracy.png"):
+        assert (out / name).is_file()
+    # a second invocation reuses the finished runs instead of training again
+    before = (out / "full-seed0" / "summary.json").stat().st_mtime_ns
+    assert main(["ablate", "--model", "repvgg_tiny", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--val-fraction", "0.8",
+                 "--device", "cpu", "--output", str(out)]) == 0
+    assert (out / "full-seed0" / "summary.json").stat().st_mtime_ns == before
+
+
+def test_unknown_configuration_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ablate", "--configs", "plain,bogus", "--output", str(tmp_path)]) == 2
+    assert "bogus" in capsys.readouterr().err
