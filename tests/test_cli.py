@@ -32,3 +32,26 @@ def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> N
 def test_python_dash_m_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "repvgg", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "info" in result.stdout
+
+
+def test_convert_official_file_to_deploy_safetensors(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import torch
+
+    from conftest import randomize_bn, relative_error
+    from repvgg import create_model, load_model
+
+    source = randomize_bn(create_model("repvgg_a0", num_classes=10)).eval()
+    torch.save(source.state_dict(), tmp_path / "RepVGG-A0-train.pth")  # official files carry no metadata
+    out = tmp_path / "a0-deploy.safetensors"
+    assert main(["convert", str(tmp_path / "RepVGG-A0-train.pth"), str(out), "--img-size", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "repvgg_a0" and report["relative_error"] <= 1e-5
+    assert report["params_deploy"] < report["params_train"]
+    plain = load_model(out)
+    x = torch.randn(2, 3, 64, 64)
+    assert plain.deploy and relative_error(plain(x), source(x)) <= 1e-5
+    # converting a fused file again is refused, with the reason
+    assert main(["convert", str(out), str(tmp_path / "again.safetensors")]) == 2
+    assert "already fused" in capsys.readouterr().err
