@@ -11,6 +11,9 @@ from repvgg.ablation import BRANCH_CONFIGS, PAPER_TOP1, converted_cost, ranking,
 from repvgg.cli import main
 from repvgg.registry import create_model
 
+SMOKE = ["--model", "repvgg_tiny", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--val-fraction", "0.8",
+         "--device", "cpu"]
+
 
 def test_branch_configurations_switch_the_branches() -> None:
     for name, switches in BRANCH_CONFIGS.items():
@@ -34,8 +37,7 @@ def test_ranking_helpers() -> None:
 
 def test_ablate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ablate"
-    code = main(["ablate", "--model", "repvgg_tiny", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--val-fraction", "0.8",
-                 "--device", "cpu", "--table", "--output", str(out)])
+    code = main(["ablate", *SMOKE, "--table", "--output", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     table_rows = [line for line in printed.splitlines() if line.startswith("| ") and "config" not in line]
@@ -55,8 +57,7 @@ def test_ablate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         assert (out / name).is_file()
     # a second invocation reuses the finished runs instead of training again
     before = (out / "full-seed0" / "summary.json").stat().st_mtime_ns
-    assert main(["ablate", "--model", "repvgg_tiny", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--val-fraction", "0.8",
-                 "--device", "cpu", "--output", str(out)]) == 0
+    assert main(["ablate", *SMOKE, "--output", str(out)]) == 0
     assert (out / "full-seed0" / "summary.json").stat().st_mtime_ns == before
 
 

@@ -39,7 +39,7 @@ MODEL_SPECS: dict[str, RepVGGSpec] = {
 
 
 def canonical_name(name: str) -> str:
-    """The registry key for ``name``: lower case, ``-`` as ``_``, ``repvgg_`` prefix (``"RepVGG-A0"`` -> ``"repvgg_a0"``)."""
+    """The registry key for ``name``: lower case, ``_`` for ``-``, ``repvgg_`` prefix ("RepVGG-A0" -> "repvgg_a0")."""
     key = name.strip().lower().replace("-", "_")
     return key if key.startswith("repvgg_") else f"repvgg_{key.removeprefix('repvgg')}"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import signal
 import sys
@@ -215,7 +214,8 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         raise ValueError(f"batch size {config.batch_size} must be a multiple of the {ctx.world_size} processes")
     steps_per_epoch = len(bundle.train) // config.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"the training set ({len(bundle.train)} images) is smaller than one batch ({config.batch_size})")
+        raise ValueError(f"the training set ({len(bundle.train)} images) is smaller than one batch "
+                         f"({config.batch_size}); lower --batch-size")
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(round(config.resolved_warmup_epochs * steps_per_epoch))
     criterion, mixer = _loss_function(config, bundle.num_classes)
@@ -271,8 +271,9 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 scaler.update()
                 if ema is not None:
                     ema.update(model, step=state.global_step)
-                sums += torch.tensor([float(loss.detach()) * labels.numel(), topk_correct(logits.detach(), labels, (1,))[0],
-                                      labels.numel()], dtype=torch.float64)
+                correct = topk_correct(logits.detach(), labels, (1,))[0]
+                sums += torch.tensor([float(loss.detach()) * labels.numel(), correct, labels.numel()],
+                                     dtype=torch.float64)
                 state.global_step += 1
                 state.step_in_epoch += 1
                 steps_this_run += 1

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         configs += [c for c in ("identity_no_bn", "post_bn") if c not in configs]
     if args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
-    output = Path(args.output) if args.output else Path("runs") / f"ablate-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    output = Path(args.output) if args.output else Path("runs") / f"ablate-{config.model}-{stamp}"
     result = run_ablation(config, configs=configs, seeds=list(range(args.seeds)), output=output)
     files = write_ablation(result, output)
     print(ablation_table(result, with_paper=args.table))

@@ -7,7 +7,8 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="convert a training-time checkpoint (official, timm or own) to deploy safetensors")
+    p = sub.add_parser("convert",
+                       help="convert a training-time checkpoint (official, timm or own) to deploy safetensors")
     p.add_argument("input", help="training-time weights file")
     p.add_argument("output", help="output .safetensors file")
     p.add_argument("--model", default=None, help="model name for files without metadata (else inferred)")
