@@ -221,6 +221,7 @@ class SegmentationDataBundle:
     crop_size: int
     name: str
     ignore_index: int = IGNORE_INDEX
+    uniform_val_size: bool = True  # False: validation images may differ in size (batch them one at a time)
 
 
 def build_segmentation_data(
@@ -279,4 +280,5 @@ def build_segmentation_data(
     logger.info("segmentation data %s: %d train, %d val images, %d classes", root, len(train), len(val), num_classes)
     return SegmentationDataBundle(
         train=train, val=val, num_classes=num_classes, classes=train.classes, crop_size=crop, name=root.name,
+        uniform_val_size=val_size is not None,
     )

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repvgg.segmentation.pspnet import IGNORE_INDEX, main_logits
 
-__all__ = ["confusion_matrix", "SegmentationMetrics", "metrics_from_confusion", "ConfusionMatrix", "evaluate_segmenter"]
+__all__ = [
+    "confusion_matrix",
+    "SegmentationMetrics",
+    "metrics_from_confusion",
+    "ConfusionMatrix",
+    "evaluate_segmenter",
+    "SegmenterComparison",
+    "compare_segmenters",
+]
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -77,6 +86,18 @@ def metrics_from_confusion(matrix: Tensor) -> SegmentationMetrics:
     )
 
 
+def _all_reduce(tensor: Tensor, op: str) -> Tensor:
+    """Sum or max over processes, on the device the backend needs (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = tensor.to(device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return total.cpu()
+
+
 def _nanmean(values: Tensor) -> float:
     valid = values[~values.isnan()]
     return valid.mean().item() if valid.numel() else math.nan
@@ -98,13 +119,7 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the matrices of all processes (no-op unless torch.distributed is initialised)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-            total = self.matrix.to(device)
-            dist.all_reduce(total)
-            self.matrix = total.cpu()
+        self.matrix = _all_reduce(self.matrix, "sum")
 
     def reset(self) -> None:
         self.matrix.zero_()
@@ -138,3 +153,76 @@ def evaluate_segmenter(
         model.train(was_training)
     meter.all_reduce()
     return meter.compute()
+
+
+@dataclass(frozen=True)
+class SegmenterComparison:
+    """Scores of several segmenters on the same pixels, and how each compares with the first.
+
+    ``loss`` is the main-head cross-entropy per labelled pixel; ``max_abs_diff`` and ``agreement``
+    (fraction of all pixels whose predicted class equals the first model's) have one entry per
+    model after the first.
+    """
+
+    metrics: list[SegmentationMetrics]
+    loss: list[float]
+    max_abs_diff: list[float]
+    agreement: list[float]
+    images: int
+    pixels: int
+
+
+@torch.no_grad()
+def compare_segmenters(
+    models: Sequence[nn.Module],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    num_classes: int,
+    *,
+    device: torch.device | str = "cpu",
+    ignore_index: int = IGNORE_INDEX,
+) -> SegmenterComparison:
+    """Run every model (eval mode) on every batch and score it; compare the others' logits with the first's.
+
+    Used to check that a converted segmenter computes what the training-time one does. In a
+    distributed run each process passes its own shard; counts are summed and the largest
+    difference is taken over processes, so every process gets the same result.
+    """
+    modes = [m.training for m in models]
+    for model in models:
+        model.eval()
+    n = len(models)
+    meters = [ConfusionMatrix(num_classes, ignore_index=ignore_index) for _ in models]
+    sums = torch.zeros(n + max(0, n - 1) + 3, dtype=torch.float64)  # loss per model, agreement, labelled, px, images
+    max_diff = torch.zeros(max(1, n - 1), dtype=torch.float64)
+    try:
+        for images, labels in batches:
+            images, labels = images.to(device), labels.to(device)
+            outputs = [main_logits(m(images)).float() for m in models]
+            labelled = int((labels != ignore_index).sum())
+            preds = [logits.argmax(dim=1) for logits in outputs]
+            for i, (logits, pred) in enumerate(zip(outputs, preds)):
+                meters[i].update(pred.cpu(), labels.cpu())
+                if labelled:
+                    sums[i] += float(F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum"))
+            for j in range(1, n):
+                max_diff[j - 1] = max(max_diff[j - 1], float((outputs[j] - outputs[0]).abs().max()))
+                sums[n + j - 1] += float((preds[j] == preds[0]).sum())
+            sums[-3] += labelled
+            sums[-2] += labels.numel()
+            sums[-1] += labels.shape[0]
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+    sums = _all_reduce(sums, "sum")
+    max_diff = _all_reduce(max_diff, "max")
+    for meter in meters:
+        meter.all_reduce()
+    labelled_total, pixel_total = max(1.0, float(sums[-3])), max(1.0, float(sums[-2]))
+    return SegmenterComparison(
+        metrics=[meter.compute() for meter in meters],
+        loss=[float(sums[i]) / labelled_total for i in range(n)],
+        max_abs_diff=[float(d) for d in max_diff[: n - 1]],
+        agreement=[float(sums[n + j]) / pixel_total for j in range(n - 1)],
+        images=int(sums[-1]),
+        pixels=int(sums[-2]),
+    )

@@ -1,0 +1,43 @@
+"""``repvgg seg-eval``: score a saved segmenter (deploy.safetensors, best.pt, last.pt) and time it."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("seg-eval", help="evaluate a saved segmenter: mIoU, per-class IoU, pixel accuracy, speed")
+    p.add_argument("--weights", required=True, help="a seg-train file: deploy.safetensors, best.pt or last.pt")
+    p.add_argument("--data", default=None, help="folder with images/val and labels/val "
+                   "(default: the data the model was trained on, as stored in the file)")
+    p.add_argument("--val-size", type=int, default=None, help="resize validation images to this square size "
+                   "(default: as stored in the file, else as they are)")
+    p.add_argument("--batch-size", type=int, default=8, help="evaluation batch size (default 8)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--baseline", default="resnet50", choices=["resnet50", "resnet101", "none"],
+                   help="ResNet PSPNet timed next to the model at the same input size (default resnet50)")
+    p.add_argument("--speed", default=True, action=argparse.BooleanOptionalAction,
+                   help="measure images/s (default on; --no-speed skips it)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from repvgg.report import write_json
+    from repvgg.segmentation.evaluate import evaluate_segmenter_file, iou_table, speed_table
+
+    result = evaluate_segmenter_file(args.weights, data=args.data, val_size=args.val_size,
+                                     batch_size=args.batch_size, workers=args.workers, device=args.device,
+                                     baseline=args.baseline, speed=args.speed)
+    print(f"## {result['model']} ({result['form']}) on {result['dataset']}, {result['val_images']} images\n")
+    print(iou_table(result))
+    if "max_abs_diff" in result:
+        print(f"\nconverted vs training-time: max |logit difference| {result['max_abs_diff']:.3g}, "
+              f"predicted classes agree on {100 * result['pixel_agreement']:.4f}% of pixels")
+    if "speed" in result:
+        print()
+        print(speed_table(result["speed"], result["speed_input"]))
+    if args.json:
+        write_json(args.json, result)
+    return 0

@@ -1,0 +1,113 @@
+"""Segmenter files: safetensors with the architecture in the metadata, and reading seg-train checkpoints.
+
+A file written by :func:`save_segmenter` rebuilds the segmenter from the file alone: its metadata
+holds ``format`` (``"repvgg-segmenter"``), ``arch``, ``deploy``, the :class:`SegmenterConfig` as
+JSON, the class names and a description of the data it was trained on (so ``repvgg seg-eval`` can
+rebuild the validation set). :func:`load_segmenter` reads those files and ``seg-train``'s
+``best.pt`` / ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from repvgg.segmentation.pspnet import PSPNet, SegmenterConfig, build_segmenter
+
+__all__ = ["SEGMENTER_FORMAT", "save_segmenter", "load_segmenter"]
+
+SEGMENTER_FORMAT = "repvgg-segmenter"
+
+
+def save_segmenter(
+    model: PSPNet,
+    path: str | os.PathLike[str],
+    *,
+    classes: Sequence[str] | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model``'s weights as safetensors, atomically, with the metadata to rebuild it.
+
+    Args:
+        model: a training-time or converted :class:`PSPNet`.
+        classes: class names, index = class id.
+        data: a JSON-serialisable description of the training data (see ``repvgg seg-eval``).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": SEGMENTER_FORMAT,
+        "arch": model.name,
+        "deploy": "true" if model.deploy else "false",
+        "segmenter": json.dumps(model.config.to_dict()),
+        "classes": json.dumps(list(classes) if classes is not None else None),
+        "data": json.dumps(dict(data) if data is not None else None),
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    not_ours = (f"{path} is not a segmenter file written by `repvgg seg-train` (no segmenter configuration "
+                "inside); pass its deploy.safetensors, best.pt or last.pt")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            state_dict = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as handle:
+                raw = handle.metadata() or {}
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise ValueError(f"could not read {path} as safetensors (truncated or corrupt?): {err}") from err
+        if raw.get("format") != SEGMENTER_FORMAT or "segmenter" not in raw:
+            raise ValueError(not_ours)
+        meta = {
+            "segmenter": json.loads(raw["segmenter"]),
+            "deploy": raw.get("deploy") == "true",
+            "classes": json.loads(raw.get("classes", "null")),
+            "data": json.loads(raw.get("data", "null")),
+        }
+        return state_dict, meta
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"could not read {path} as a PyTorch checkpoint (truncated or corrupt?): {err}") from err
+    if not isinstance(payload, dict) or "segmenter" not in payload or "model" not in payload:
+        raise ValueError(not_ours)
+    meta = {"segmenter": payload["segmenter"], "deploy": False, "classes": payload.get("classes"),
+            "data": payload.get("data")}
+    return payload["model"], meta
+
+
+def load_segmenter(path: str | os.PathLike[str]) -> tuple[PSPNet, dict[str, Any]]:
+    """Rebuild a segmenter from a :func:`save_segmenter` file or a ``seg-train`` checkpoint.
+
+    Returns the model (on the CPU, eval mode) and the file's metadata: ``segmenter`` (config dict),
+    ``deploy``, ``classes`` and ``data`` (``None`` where unknown).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is unreadable, not a segmenter file, or its weights do not fit its configuration.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"segmenter weights not found: {path}")
+    state_dict, meta = _read(path)
+    config = SegmenterConfig.from_dict(dict(meta["segmenter"]))
+    model = build_segmenter(config, deploy=bool(meta["deploy"]))
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise ValueError(f"the weights in {path} do not fit the segmenter configuration stored with them "
+                         f"(edited or mixed files?): {err}") from err
+    return model.eval(), meta
