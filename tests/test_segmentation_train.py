@@ -153,6 +153,18 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
     assert not (out / "summary.json").exists()
 
 
+def test_two_process_gloo_run(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "repvgg", "seg-train", *TINY, "--epochs", "1", "--baseline", "none", "--output", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["val_images"] == 8  # the two evaluation shards add up exactly
+    assert summary["val_miou"] == summary["val_miou_deploy"] and summary["pixel_agreement"] == 1.0
+
+
 def _write_folder(root: Path) -> Path:
     """4 train and 2 val image/label pairs of 3 classes, with ignore pixels; one val image of another size."""
     rng = np.random.default_rng(0)

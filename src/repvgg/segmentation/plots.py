@@ -124,8 +124,11 @@ def plot_segmentation_curves(history: Sequence[dict[str, Any]], path: str | os.P
     ax_score.set_xlabel("epoch")
     ax_score.set_ylabel("%")
     ax_score.legend()
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_score):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

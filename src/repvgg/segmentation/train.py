@@ -143,7 +143,10 @@ def _run(config: SegTrainConfig, ctx: DistContext) -> dict[str, Any]:
     model = build_segmenter(config.segmenter_config(bundle.num_classes),
                             backbone_weights=config.backbone_weights).to(device)
     if config.sync_bn and ctx.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            logger.info("--sync-bn needs CUDA (torch's SyncBatchNorm); each process keeps its own BN statistics")
     optimizer = build_optimizer(model, config.resolved_lr, config.momentum, config.weight_decay)
     state = SegRunState()
     if resume is not None:
