@@ -76,8 +76,10 @@ def test_train_cli_on_digits_writes_everything(tmp_path: Path, capsys: pytest.Ca
 
 def test_train_on_an_image_folder(tmp_path: Path) -> None:
     root = _write_folder(tmp_path / "data")
+    # the optional recipe pieces run too: RandAugment, cutmix, channels_last, gradient checkpointing
     summary = train(TrainConfig(model="repvgg_tiny", data=str(root), img_size=32, epochs=1, batch_size=6,
-                                device="cpu", output=str(tmp_path / "run")))
+                                device="cpu", output=str(tmp_path / "run"), auto_augment="rand-m9-mstd0.5",
+                                cutmix=1.0, channels_last=True, grad_checkpointing=True))
     assert summary["num_classes"] == 3 and summary["val_images"] == 18
     assert summary["val_top1"] == summary["val_top1_deploy"]
 
@@ -88,7 +90,8 @@ def _final_weights(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stop_after", [5, 22])  # mid-epoch, and exactly at an epoch boundary
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, stop_after: int) -> None:
-    common = dict(model="repvgg_tiny", epochs=2, batch_size=64, device="cpu", ema_decay=0.9, mixup=0.2)
+    common = dict(model="repvgg_tiny", epochs=2, batch_size=64, device="cpu", ema_decay=0.9, mixup=0.2,
+                  custom_l2=True)
     full = train(TrainConfig(**common, output=str(tmp_path / "full")))
     part = train(TrainConfig(**common, output=str(tmp_path / "part"), stop_after_steps=stop_after))
     assert part["interrupted"] is True
