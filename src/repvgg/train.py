@@ -177,7 +177,6 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         config = config.updated(output=str(output))
     if ctx.is_main:
         output.mkdir(parents=True, exist_ok=True)
-        config.save(output / "config.yaml")
     device = ctx.device
     if config.amp and device.type != "cuda":
         logger.info("--amp applies to CUDA only; training in float32 on %s", device)
@@ -187,6 +186,11 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     seed_epoch(config.seed, 0, ctx.rank)
     bundle = build_datasets(config.data, img_size=config.img_size, val_fraction=config.val_fraction,
                             auto_augment=config.auto_augment, bad_images=config.bad_images)
+    # Save the resolved values (learning rate, image size, warm-up), not the "derive it" placeholders.
+    config = config.updated(lr=config.resolved_lr, img_size=bundle.img_size,
+                            warmup_epochs=config.resolved_warmup_epochs)
+    if ctx.is_main:
+        config.save(output / "config.yaml")
     model = _build_model(config, bundle).to(device=device, memory_format=memory_format)
     if config.sync_bn and ctx.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
