@@ -193,7 +193,10 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
         config.save(output / "config.yaml")
     model = _build_model(config, bundle).to(device=device, memory_format=memory_format)
     if config.sync_bn and ctx.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            logger.warning("--sync-bn needs CUDA (SyncBatchNorm); using per-process BatchNorm on %s", device)
     optimizer = build_optimizer(model, config.resolved_lr, config.momentum, config.weight_decay,
                                 custom_l2=config.custom_l2)
     ema = None
