@@ -26,8 +26,8 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--val-size", dict(type=int, help="resize validation images to this square size (default: as they are)")),
     ("--synthetic-train", dict(type=int, help="generated training scenes (default 800)")),
     ("--synthetic-val", dict(type=int, help="generated validation scenes (default 100)")),
-    ("--synthetic-size", dict(type=int, help="generated scene size in pixels (default 64)")),
-    ("--epochs", dict(type=int, help="training epochs (default 20)")),
+    ("--synthetic-size", dict(type=int, help="generated scene size in pixels (default 96)")),
+    ("--epochs", dict(type=int, help="training epochs (default 30)")),
     ("--batch-size", dict(type=int, help="global batch size over all processes, >= 2 per process (default 16)")),
     ("--lr", dict(type=float, help="base learning rate of the poly schedule (default 0.05 generated data, "
                                    "0.01 x batch/16 folders)")),

@@ -50,9 +50,9 @@ class SegTrainConfig:
     val_size: int | None = None  # resize validation images (needed to batch images of mixed sizes)
     synthetic_train: int = 800
     synthetic_val: int = 100
-    synthetic_size: int = 64
+    synthetic_size: int = 96
     synthetic_seed: int = 0  # the data's seed, separate from the training seed
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 16  # global, over all processes
     lr: float | None = None
     poly_power: float = 0.9
