@@ -5,6 +5,8 @@ Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021.
 
 from repvgg.block import RepVGGBlock, SEBlock
 from repvgg.convert import reparameterize_model
+from repvgg.export import export_onnx
+from repvgg.fast import optimize_for_inference
 from repvgg.model import RepVGG, RepVGGSpec
 from repvgg.registry import create_model, get_spec, list_models, register_model
 from repvgg.weights import load_model, load_weights, read_checkpoint, save_weights
@@ -17,10 +19,12 @@ __all__ = [
     "RepVGGSpec",
     "SEBlock",
     "create_model",
+    "export_onnx",
     "get_spec",
     "list_models",
     "load_model",
     "load_weights",
+    "optimize_for_inference",
     "read_checkpoint",
     "register_model",
     "reparameterize_model",

@@ -15,7 +15,7 @@ from typing import Sequence
 __all__ = ["main", "build_parser"]
 
 #: Subcommand modules under ``repvgg.cli``, in the order ``--help`` lists them.
-_COMMANDS = ["train", "evaluate", "convert", "ablate", "info", "seg_train", "seg_eval"]
+_COMMANDS = ["train", "evaluate", "convert", "ablate", "info", "bench", "export", "seg_train", "seg_eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

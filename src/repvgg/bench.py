@@ -1,0 +1,521 @@
+"""``repvgg bench``: speed, memory and FLOP rate of RepVGG against the paper's baselines, side by side.
+
+For each requested RepVGG variant the benchmark times three forms (Ding et al., RepVGG, CVPR 2021):
+
+* ``train``: the training-time multi-branch network, in eval mode, run eagerly;
+* ``plain``: the converted network (one 3x3 conv + ReLU per layer), run eagerly;
+* ``fast``: the converted network through :func:`repvgg.fast.optimize_for_inference`;
+
+next to torchvision's ResNets / VGG-16 with their conv-BN pairs fused (the paper's fair baselines),
+eagerly (``fused``) and through the same fast path, and timm's re-parameterized RepVGG of the same
+name run eagerly (``timm``, the peer implementation). All of them run in one process, in interleaved
+rounds after warm-up, and the median is reported (see :mod:`repvgg.timing`).
+
+The FLOP rate puts each model's achieved GFLOP/s (2 x multiply-adds x images/s) next to that of one
+large 3x3 convolution run through the fast path in the same run: how close the model comes to the
+machine's practical limit. Peak memory of one forward pass comes from :mod:`repvgg.memory`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import platform
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from repvgg.complexity import count_macs, count_parameters
+from repvgg.memory import peak_forward_memory
+from repvgg.timing import make_timer, synchronize, time_interleaved
+
+__all__ = [
+    "BenchConfig",
+    "BenchRow",
+    "BenchResult",
+    "PAPER_PAIRS",
+    "TargetCheck",
+    "check_targets",
+    "parse_list",
+    "device_supports_dtype",
+    "plot_results",
+    "results_table",
+    "run_benchmark",
+]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: The paper's speed comparisons (Table 4, 1080Ti, batch 128, float32): RepVGG model -> (baseline,
+#: RepVGG speed / baseline speed as published).
+PAPER_PAIRS: dict[str, tuple[str, float]] = {
+    "repvgg_a0": ("resnet18", 3256 / 2442),
+    "repvgg_a1": ("resnet34", 2339 / 1419),
+    "repvgg_a2": ("resnet50", 1322 / 719),
+    "repvgg_b1g2": ("resnet152", 1131 / 425),
+}
+
+#: The CPU targets this package sets itself for RepVGG-A0 on a small CPU (README, benchmarks/).
+CPU_TARGETS = {"plain_vs_train": 1.4, "fast_vs_timm": 1.3, "fast_vs_baseline_fast": 1.3, "flop_rate": 0.7}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to benchmark and how hard to try; ``None`` fields take the device's default.
+
+    Defaults: batch 8 on the CPU and 128 on CUDA (the paper's), 2 warm-up + 10 timed rounds on the
+    CPU, 50 + 50 on CUDA (the paper's), float32 only; a 50 ms idle pause before each timed CPU call
+    lets runtimes' spinning worker threads settle so that they do not slow the next candidate.
+    """
+
+    models: tuple[str, ...] = ("repvgg_a0",)
+    baselines: tuple[str, ...] = ("resnet18",)
+    peer: bool = True
+    device: str = "cpu"
+    batch_size: int | None = None
+    img_size: int = 224
+    dtypes: tuple[str, ...] = ("float32",)
+    warmup: int | None = None
+    rounds: int | None = None
+    latency: bool = True
+    memory: bool = True
+    fast: bool = True
+    candidates: tuple[str, ...] | None = None
+    reference_conv: bool = True
+    tf32: bool = False
+    pause_s: float | None = None
+    num_classes: int = 1000
+
+    def resolved(self) -> BenchConfig:
+        """This config with every device default filled in (and the arguments checked)."""
+        device = torch.device(self.device)
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CUDA was requested but torch.cuda.is_available() is False")
+        from repvgg.baselines import TORCHVISION_BASELINES
+        from repvgg.registry import canonical_name, get_spec
+
+        for name in self.models:
+            get_spec(name)  # unknown names fail here, with close matches, before any work
+        models = tuple(canonical_name(name) for name in self.models)
+        bad = [b for b in self.baselines if b not in TORCHVISION_BASELINES]
+        if bad:
+            raise ValueError(f"unknown baseline(s) {bad}; choose from {', '.join(TORCHVISION_BASELINES)}")
+        unknown = [d for d in self.dtypes if d not in _DTYPES]
+        if unknown or not self.dtypes:
+            raise ValueError(f"dtypes must be among {', '.join(_DTYPES)}, got {list(self.dtypes)}")
+        cuda = device.type == "cuda"
+        resolved = replace(
+            self,
+            models=models,
+            device=str(device),
+            batch_size=self.batch_size or (128 if cuda else 8),
+            warmup=(50 if cuda else 2) if self.warmup is None else self.warmup,
+            rounds=(50 if cuda else 10) if self.rounds is None else self.rounds,
+            pause_s=(0.0 if cuda else 0.05) if self.pause_s is None else self.pause_s,
+        )
+        if resolved.batch_size < 1 or resolved.img_size < 32:
+            raise ValueError(f"batch size must be >= 1 and image size >= 32, got {resolved.batch_size}, "
+                             f"{resolved.img_size}")
+        return resolved
+
+
+@dataclass
+class BenchRow:
+    """One model in one form at one precision."""
+
+    model: str
+    form: str  # train | plain | fast | fused | timm | conv3x3
+    backend: str  # how it ran: eager or the fast path's choice
+    dtype: str
+    params: int
+    macs: int  # per image
+    batch_size: int
+    throughput: float | None = None  # images/s at batch_size
+    latency_ms: float | None = None  # batch 1
+    gflops: float | None = None  # achieved, at batch_size
+    flop_rate: float | None = None  # gflops / the reference conv's gflops
+    peak_memory_bytes: int | None = None
+    spread: float | None = None  # interquartile range / median of the throughput timings
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} ({self.form})"
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """One ratio the benchmark promises to report, with its threshold (``None``: information only)."""
+
+    name: str
+    dtype: str
+    value: float
+    threshold: float | None
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.threshold is None else self.value >= self.threshold
+
+
+@dataclass
+class BenchResult:
+    """Everything one run measured, plus where it ran."""
+
+    config: BenchConfig
+    environment: dict[str, Any]
+    rows: list[BenchRow] = field(default_factory=list)
+    fast_paths: dict[str, dict[str, Any]] = field(default_factory=dict)
+    targets: list[TargetCheck] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "environment": self.environment,
+            "rows": [asdict(r) | {"label": r.label} for r in self.rows],
+            "fast_paths": self.fast_paths,
+            "targets": [asdict(t) | {"met": t.met} for t in self.targets],
+        }
+
+    def row(self, model: str, form: str, dtype: str = "float32") -> BenchRow | None:
+        return next((r for r in self.rows if (r.model, r.form, r.dtype) == (model, form, dtype)), None)
+
+
+# --- environment ---------------------------------------------------------------------------------
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _environment(config: BenchConfig) -> dict[str, Any]:
+    device = torch.device(config.device)
+    env: dict[str, Any] = {
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+        env["tf32"] = config.tf32
+    for package in ("onnxruntime", "openvino", "torchvision", "timm"):
+        try:
+            env[package] = __import__(package).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            pass
+    return env
+
+
+def device_supports_dtype(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether convolutions in ``dtype`` are supported (and accelerated) on ``device``."""
+    device = torch.device(device)
+    if dtype == torch.float32:
+        return True
+    if device.type == "cuda":
+        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    try:
+        if dtype == torch.bfloat16:
+            return bool(mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return False
+
+
+def _set_tf32(enabled: bool) -> None:
+    """Allow or forbid TensorFloat-32 in cuDNN convs and cuBLAS matmuls (float32 means IEEE by default here)."""
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+# --- the entries ----------------------------------------------------------------------------------
+
+@dataclass
+class _Entry:
+    row: BenchRow
+    run: Callable[[Tensor], Any]
+    module: nn.Module | None  # for the memory measurement (None for foreign runtimes)
+
+
+def _complexity(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """Parameters and per-image multiply-adds, counted on a ``meta`` copy (no compute, no memory)."""
+    meta = copy.deepcopy(module).to("meta")
+    return count_parameters(module), count_macs(meta, (1, *input_shape[1:]))
+
+
+def _reference_conv(channels: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=True)).eval()
+
+
+def _build_entries(config: BenchConfig, dtype_name: str, example: Tensor, result: BenchResult) -> list[_Entry]:
+    from repvgg.convert import reparameterize_model
+    from repvgg.registry import create_model
+
+    dtype = _DTYPES[dtype_name]
+    device = torch.device(config.device)
+    batch = config.batch_size
+    assert batch is not None
+    entries: list[_Entry] = []
+
+    def add(model_name: str, form: str, module: nn.Module, fast: bool = False) -> None:
+        params, macs = _complexity(module, tuple(example.shape))
+        module = module.to(device=device, dtype=dtype).eval()
+        run: Callable[[Tensor], Any] = module
+        backend = "eager"
+        if fast:
+            from repvgg.fast import optimize_for_inference
+
+            log.info("  choosing the fast path for %s", model_name)
+            runner = optimize_for_inference(module, example, candidates=config.candidates, warmup=1, rounds=3)
+            run, backend, module = runner, runner.backend, None  # type: ignore[assignment]
+            result.fast_paths[f"{model_name}/{dtype_name}"] = {
+                "backend": runner.backend,
+                "reason": runner.reason,
+                "candidates": [asdict(r) for r in runner.reports],
+            }
+        row = BenchRow(model_name, form, backend, dtype_name, params, macs, batch)
+        entries.append(_Entry(row, run, module))
+
+    for name in config.models:
+        log.info("building %s (training-time, converted%s)", name, ", fast path" if config.fast else "")
+        train = create_model(name, num_classes=config.num_classes).eval()
+        plain = reparameterize_model(train)
+        add(name, "train", train)
+        add(name, "plain", plain)
+        if config.fast:
+            add(name, "fast", copy.deepcopy(plain), fast=True)
+        if config.peer:
+            from repvgg.baselines import timm_peer
+
+            try:
+                add(name, "timm", timm_peer(name, num_classes=config.num_classes))
+            except (ValueError, ImportError) as err:
+                log.warning("no timm peer for %s: %s", name, err)
+    for name in config.baselines:
+        from repvgg.baselines import torchvision_baseline
+
+        log.info("building %s (conv-BN fused%s)", name, ", fast path" if config.fast else "")
+        fused = torchvision_baseline(name, num_classes=config.num_classes)
+        add(name, "fused", fused)
+        if config.fast:
+            add(name, "fast", copy.deepcopy(fused), fast=True)
+    if config.reference_conv:
+        channels, size = 256, max(config.img_size // 4, 8)
+        conv_input = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+        conv = _reference_conv(channels)
+        from repvgg.fast import optimize_for_inference
+
+        log.info("building the reference conv (3x3, %d->%d channels, %dx%d)", channels, channels, size, size)
+        params, macs = _complexity(conv, tuple(conv_input.shape))
+        runner = optimize_for_inference(conv.to(device, dtype), conv_input, candidates=config.candidates,
+                                        warmup=1, rounds=3)
+        row = BenchRow(f"conv3x3 {channels}ch {size}x{size}", "conv3x3", runner.backend, dtype_name, params, macs,
+                       batch)
+        entries.append(_Entry(row, lambda _x, r=runner, i=conv_input: r(i), None))
+    return entries
+
+
+def _progress(phase: str) -> Callable[[int, int], None]:
+    def report(i: int, n: int) -> None:
+        if (i + 1) % max(1, n // 5) == 0 or i + 1 == n:
+            log.info("  %s: round %d/%d", phase, i + 1, n)
+
+    return report
+
+
+@torch.no_grad()
+def run_benchmark(config: BenchConfig | None = None) -> BenchResult:
+    """Run the benchmark described by ``config`` and return every measurement (nothing is printed)."""
+    config = (config or BenchConfig()).resolved()
+    device = torch.device(config.device)
+    result = BenchResult(config, _environment(config))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # let cuDNN pick the fastest algorithm per shape
+        _set_tf32(config.tf32)
+    timer = make_timer(device)
+    assert config.batch_size is not None and config.warmup is not None and config.rounds is not None
+    for dtype_name in config.dtypes:
+        dtype = _DTYPES[dtype_name]
+        if not device_supports_dtype(device, dtype):
+            log.warning("skipping %s: not supported on %s", dtype_name, device)
+            continue
+        example = torch.randn(config.batch_size, 3, config.img_size, config.img_size, device=device, dtype=dtype)
+        entries = _build_entries(config, dtype_name, example, result)
+
+        log.info("timing %d models at batch %d, %s, %s: %d warm-up + %d interleaved rounds",
+                 len(entries), config.batch_size, dtype_name, device, config.warmup, config.rounds)
+        timings = time_interleaved(
+            {e.row.label: (lambda e=e: e.run(example)) for e in entries},
+            warmup=config.warmup, rounds=config.rounds, timer=timer, pause_s=config.pause_s or 0.0,
+            on_round=_progress("throughput"),
+        )
+        for e in entries:
+            t = timings[e.row.label]
+            e.row.throughput = t.throughput(config.batch_size)
+            e.row.spread = t.spread()
+            e.row.gflops = 2 * e.row.macs * e.row.throughput / 1e9
+        if config.latency:
+            single = example[:1].clone()
+            log.info("timing latency at batch 1")
+            latency = time_interleaved(
+                {e.row.label: (lambda e=e: e.run(single)) for e in entries if e.row.form != "conv3x3"},
+                warmup=config.warmup, rounds=config.rounds, timer=timer, pause_s=config.pause_s or 0.0,
+                on_round=_progress("latency"),
+            )
+            for e in entries:
+                if e.row.label in latency:
+                    e.row.latency_ms = latency[e.row.label].median * 1e3
+        if config.memory:
+            log.info("measuring peak forward memory")
+            for e in entries:
+                if e.module is not None:
+                    e.row.peak_memory_bytes = peak_forward_memory(e.module, example)
+                    synchronize(device)
+        reference = next((e.row for e in entries if e.row.form == "conv3x3"), None)
+        if reference is not None and reference.gflops:
+            for e in entries:
+                e.row.flop_rate = e.row.gflops / reference.gflops if e.row.gflops is not None else None
+        result.rows.extend(e.row for e in entries)
+        del entries
+    result.targets = check_targets(result)
+    return result
+
+
+def check_targets(result: BenchResult) -> list[TargetCheck]:
+    """The ratios the paper and this package's CPU targets are about, from the measured rows.
+
+    For every RepVGG model and precision: converted / training-time throughput, fast path / timm's
+    eager model, fast path / the paper's baseline for that model through the same fast path, and the
+    fast path's FLOP rate. Thresholds are the CPU targets for RepVGG-A0 on the CPU; elsewhere the
+    ratios are information (the paper's GPU figure is quoted in the note).
+    """
+    checks: list[TargetCheck] = []
+    on_cpu = torch.device(result.config.device).type == "cpu"
+    for name in result.config.models:
+        for dtype in result.config.dtypes:
+            a0_cpu = on_cpu and name == "repvgg_a0"
+
+            def threshold(key: str) -> float | None:
+                return CPU_TARGETS[key] if a0_cpu else None
+
+            train, plain = result.row(name, "train", dtype), result.row(name, "plain", dtype)
+            fast, timm = result.row(name, "fast", dtype), result.row(name, "timm", dtype)
+            if train and plain and train.throughput and plain.throughput:
+                checks.append(TargetCheck(f"{name}: converted / training-time throughput", dtype,
+                                          plain.throughput / train.throughput, threshold("plain_vs_train")))
+            if fast and timm and fast.throughput and timm.throughput:
+                checks.append(TargetCheck(f"{name}: fast path / timm re-parameterized (eager)", dtype,
+                                          fast.throughput / timm.throughput, threshold("fast_vs_timm")))
+            if name in PAPER_PAIRS:
+                partner, paper = PAPER_PAIRS[name]
+                other = result.row(partner, "fast", dtype)
+                if fast and other and fast.throughput and other.throughput:
+                    checks.append(TargetCheck(
+                        f"{name} / {partner}, both through the fast path", dtype,
+                        fast.throughput / other.throughput, threshold("fast_vs_baseline_fast"),
+                        f"paper (1080Ti, batch 128, fp32): {paper:.2f}x",
+                    ))
+            if fast and fast.flop_rate is not None:
+                checks.append(TargetCheck(f"{name}: fast path GFLOP/s / single 3x3 conv GFLOP/s", dtype,
+                                          fast.flop_rate, threshold("flop_rate")))
+    return checks
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def results_table(result: BenchResult) -> str:
+    """The measurements as a markdown table, followed by the target ratios."""
+    from repvgg.report import markdown_table
+
+    cfg = result.config
+    header = ["model", "form", "runs on", "dtype", "params (M)", "GMACs", f"img/s @{cfg.batch_size}",
+              "latency @1 (ms)", "GFLOP/s", "FLOP rate", "peak mem (MiB)"]
+    rows = [[
+        r.model, r.form, r.backend, r.dtype, f"{r.params / 1e6:.2f}", f"{r.macs / 1e9:.2f}",
+        _fmt(r.throughput, ".1f"), _fmt(r.latency_ms, ".2f"), _fmt(r.gflops, ".0f"),
+        "-" if r.flop_rate is None else f"{100 * r.flop_rate:.0f}%",
+        "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.1f}",
+    ] for r in result.rows]
+    text = markdown_table(header, rows)
+    if result.targets:
+        target_rows = [[
+            t.name, t.dtype, f"{t.value:.2f}",
+            "-" if t.threshold is None else f">= {t.threshold:g}",
+            {True: "met", False: "missed", None: "-"}[t.met], t.note,
+        ] for t in result.targets]
+        text += "\n\n" + markdown_table(["ratio", "dtype", "measured", "target", "", "note"], target_rows)
+    return text
+
+
+def plot_results(result: BenchResult, path: str | os.PathLike[str], dtype: str = "float32") -> Path:
+    """Throughput against parameters, one point per model (its fastest form), like the paper's Fig. 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best: dict[tuple[str, str], BenchRow] = {}
+    for r in result.rows:
+        if r.dtype != dtype or r.form in ("conv3x3", "train") or r.throughput is None:
+            continue
+        family = "timm" if r.form == "timm" else ("repvgg" if r.model in result.config.models else "baseline")
+        key = (r.model, family)
+        if key not in best or r.throughput > (best[key].throughput or 0):
+            best[key] = r
+    if not best:
+        raise ValueError(f"no {dtype} throughput measurements to plot")
+    styles = {"repvgg": ("tab:red", "o", "RepVGG (converted, fastest form)"),
+              "baseline": ("tab:blue", "s", "baseline (conv-BN fused, fastest form)"),
+              "timm": ("tab:gray", "^", "timm RepVGG (re-parameterized, eager)")}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for family, (color, marker, label) in styles.items():
+        points = [r for (_, f), r in best.items() if f == family]
+        if points:
+            ax.scatter([p.params / 1e6 for p in points], [p.throughput for p in points], c=color, marker=marker,
+                       s=50, label=label, zorder=3)
+            for p in points:
+                ax.annotate(f"{p.model}\n{p.backend}", (p.params / 1e6, p.throughput), fontsize=7,
+                            xytext=(5, 3), textcoords="offset points")
+    env = result.environment
+    where = env.get("gpu") or f"{env.get('cpu')}, {env.get('torch_threads')} threads"
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel(f"images/s (batch {result.config.batch_size}, {dtype})")
+    ax.set_title(f"Throughput vs size: {where}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def parse_list(text: str | None) -> tuple[str, ...]:
+    """``"a,b, c"`` -> ``("a", "b", "c")``; empty or ``"none"`` -> ``()``."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+

@@ -1,0 +1,213 @@
+"""ONNX export of the converted (plain) model, checked with the ONNX checker and run with ONNX Runtime.
+
+The deployed RepVGG is a stack of 3x3 convs and ReLUs, which every inference runtime handles well; the
+exported graph has a dynamic batch dimension. ``onnx`` and ``onnxruntime`` are imported only here,
+inside the functions (``pip install 'repvgg[onnx]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from repvgg.convert import is_reparameterizable, reparameterize_model
+
+__all__ = ["ExportReport", "export_onnx", "export_onnx_file", "resolve_model", "needs_conversion"]
+
+log = logging.getLogger(__name__)
+
+#: Models larger than this keep their weights in a separate file (protobuf's 2 GiB limit).
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_onnx` wrote and how closely ONNX Runtime reproduced PyTorch."""
+
+    path: str
+    converted: bool
+    input_shape: tuple[int | str, ...]
+    check_batch_size: int
+    max_abs_diff: float
+    max_rel_diff: float
+    opset: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def needs_conversion(model: nn.Module) -> bool:
+    """True if ``model`` still has unfused blocks (a training-time model)."""
+    return any(is_reparameterizable(m) and not getattr(m, "deploy", False) for m in model.modules())
+
+
+def resolve_model(model_or_path: nn.Module | str | os.PathLike[str], *, num_classes: int | None = None) -> nn.Module:
+    """A model from a module, a checkpoint file, or a registered name (random weights, said in the log).
+
+    Raises:
+        ValueError: if ``model_or_path`` is neither an existing file nor a registered model name.
+    """
+    if isinstance(model_or_path, nn.Module):
+        return model_or_path
+    from repvgg.registry import create_model
+    from repvgg.weights import load_model
+
+    path = Path(model_or_path)
+    if path.is_file():
+        model = load_model(path)
+        if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
+            raise ValueError(f"{path} has {model.num_classes} classes, not the requested {num_classes}")
+        return model
+    name = str(model_or_path)
+    if any(sep in name for sep in (os.sep, ".pth", ".pt", ".safetensors")):
+        raise FileNotFoundError(f"checkpoint {name!r} does not exist")
+    model = create_model(name, num_classes=1000 if num_classes is None else num_classes)
+    log.info("%s: no checkpoint given, exporting randomly initialised weights", name)
+    return model
+
+
+def _input_channels(model: nn.Module) -> int:
+    in_chans = getattr(model, "in_chans", None)
+    if isinstance(in_chans, int):
+        return in_chans
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    raise ValueError(f"cannot tell the input channels of {type(model).__name__}; pass an example input")
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs(level: int = logging.WARNING) -> Iterator[None]:
+    """Hold the exporter's own INFO chatter (graph-pass statistics) back from the caller's log."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, saved):
+            lg.setLevel(lvl)
+
+
+def export_onnx_file(
+    model: nn.Module,
+    example: Tensor,
+    path: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Export ``model`` (as it is, in eval mode) to ``path`` with ``torch.onnx.export``.
+
+    The batch dimension is dynamic by default. ``torch.export`` specialises sizes 0 and 1, so a
+    batch-1 example is doubled for tracing. Uses the ``torch.export``-based exporter and falls back
+    to the TorchScript-based one if that fails. Models over ~1.8 GB keep weights in a side file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    if dynamic_batch and example.shape[0] < 2:
+        example = torch.cat([example, example])
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = nbytes > _EXTERNAL_DATA_BYTES
+    try:
+        from torch.export import Dim
+
+        dynamic_shapes = ({0: Dim("batch", min=1)},) if dynamic_batch else None
+        # The exporter reports progress on stdout even when quiet; stdout belongs to the caller's table.
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_exporter_logs(), torch.no_grad():
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, verbose=False, opset_version=opset,
+                dynamic_shapes=dynamic_shapes, input_names=["input"], output_names=["output"],
+            )
+        program.save(str(path), external_data=external)
+    except Exception as err:  # noqa: BLE001 - the exporter fails in many ways; the fallback is logged
+        log.warning("torch.export-based ONNX export failed (%s: %s); using the TorchScript-based exporter",
+                    type(err).__name__, err)
+        import warnings
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False, opset_version=opset or 17,
+                input_names=["input"], output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
+            )
+    return path
+
+
+@torch.no_grad()
+def export_onnx(
+    model_or_path: nn.Module | str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    img_size: int = 224,
+    opset: int | None = None,
+    check_batch_size: int = 3,
+    num_classes: int | None = None,
+) -> ExportReport:
+    """Export the converted model to ONNX, check the file, and compare ONNX Runtime with PyTorch.
+
+    A training-time model is converted first (:func:`repvgg.reparameterize_model`, a copy; the log
+    says so). The file has a dynamic batch dimension; it is validated with ``onnx.checker`` and run
+    with ONNX Runtime on a random batch of ``check_batch_size`` images (a size other than the one
+    traced), and the largest deviation from the PyTorch output is reported.
+
+    Args:
+        model_or_path: an ``nn.Module``, a checkpoint file (any format :func:`repvgg.load_model`
+            reads) or a registered model name (random weights).
+        path: the ``.onnx`` file to write.
+        img_size: input resolution.
+        opset: ONNX opset (default: the exporter's recommended one).
+        check_batch_size: batch size of the parity check.
+        num_classes: classes of a model built by name.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    if img_size < 1 or check_batch_size < 1:
+        raise ValueError(f"img_size and check_batch_size must be >= 1, got {img_size}, {check_batch_size}")
+    model = resolve_model(model_or_path, num_classes=num_classes)
+    converted = needs_conversion(model)
+    if converted:
+        log.info("the model is in training-time form: converting it to the plain form before export")
+        model = reparameterize_model(model)
+    model = model.eval().float().cpu()
+    channels = _input_channels(model)
+    example = torch.randn(2, channels, img_size, img_size)
+    out_path = export_onnx_file(model, example, path, opset=opset)
+
+    onnx.checker.check_model(str(out_path))
+    proto = onnx.load(str(out_path), load_external_data=False)
+    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+    batch = torch.randn(check_batch_size, channels, img_size, img_size)
+    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+    expected = model(batch)
+    expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+    if len(outputs) != len(expected):
+        raise RuntimeError(f"ONNX Runtime returned {len(outputs)} outputs, PyTorch {len(expected)}")
+    max_abs = max(float((torch.from_numpy(o) - e).abs().max()) for o, e in zip(outputs, expected))
+    scale = max(float(e.abs().max()) for e in expected)
+    report = ExportReport(
+        path=str(out_path),
+        converted=converted,
+        input_shape=("batch", channels, img_size, img_size),
+        check_batch_size=check_batch_size,
+        max_abs_diff=max_abs,
+        max_rel_diff=max_abs / max(scale, 1e-12),
+        opset=opset_used,
+    )
+    log.info("wrote %s (opset %d); ONNX Runtime vs PyTorch on a batch of %d: max |diff| %.3g",
+             out_path, opset_used, check_batch_size, report.max_abs_diff)
+    return report

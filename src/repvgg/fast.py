@@ -1,0 +1,463 @@
+"""The fastest way this package knows to run a model on a device, chosen by measuring.
+
+:func:`optimize_for_inference` prepares the model (RepVGG blocks fused into 3x3 convs, conv-BN pairs
+folded, eval mode), builds every candidate runtime that is available, checks that each computes the
+same function as the eager model on the example input, times them in interleaved rounds and returns
+the fastest as a plain callable (tensor in, tensor out).
+
+Candidates (the :data:`CANDIDATES` table):
+
+==================  =====  ====================================================================
+``eager``           both   PyTorch as it is
+``channels_last``   both   PyTorch with NHWC weights and activations (oneDNN / cuDNN prefer it)
+``torchscript``     both   traced, frozen and ``torch.jit.optimize_for_inference``-d graph
+``onnxruntime``     cpu    the model exported to ONNX and run by ONNX Runtime (float32)
+``openvino``        cpu    the ONNX graph compiled by OpenVINO, when ``openvino`` is installed
+``compile``         both   ``torch.compile`` (with weight freezing on the CPU; slow to build)
+``cuda_graph``      cuda   channels_last eager captured once per input shape and replayed
+``compile_cuda_graph`` cuda ``torch.compile(mode="reduce-overhead")`` (Inductor + CUDA graphs)
+==================  =====  ====================================================================
+
+By default the CPU tries eager, channels_last, torchscript, onnxruntime and openvino (compilation
+takes tens of seconds on a small CPU, so ``compile`` is tried only when asked for); CUDA tries
+eager, channels_last, cuda_graph and the two compiled forms. Reduced precision (``dtype=``) is used
+only when asked for. Candidates that are not installed, fail to build, or deviate from the eager
+output by more than ``rtol`` (relative L2 norm) are skipped, and the log says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from repvgg.convert import is_reparameterizable, reparameterize_model
+from repvgg.timing import make_timer, time_interleaved
+
+__all__ = [
+    "CANDIDATES",
+    "CandidateReport",
+    "InferenceRunner",
+    "default_candidates",
+    "default_rtol",
+    "optimize_for_inference",
+    "output_deviation",
+]
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[Tensor], Any]
+
+
+class _BuildContext:
+    """What a candidate builder gets: a fresh copy of the prepared model, the example input, and an
+    ONNX file exported once and shared by the ONNX-based runtimes."""
+
+    def __init__(self, prepared: nn.Module, example: Tensor, workdir: Path) -> None:
+        self._prepared = prepared
+        self.example = example
+        self._workdir = workdir
+        self._onnx: Path | None = None
+
+    def model(self) -> nn.Module:
+        return copy.deepcopy(self._prepared)
+
+    def onnx_path(self) -> Path:
+        if self._onnx is None:
+            from repvgg.export import export_onnx_file
+
+            self._onnx = export_onnx_file(self._prepared, self.example, self._workdir / "model.onnx")
+        return self._onnx
+
+
+Builder = Callable[[_BuildContext], Runner]
+
+
+# --- candidate builders: build context -> runner ---------------------------------------------------
+
+def _build_eager(ctx: _BuildContext) -> Runner:
+    return ctx.model()
+
+
+def _build_channels_last(ctx: _BuildContext) -> Runner:
+    if ctx.example.dim() != 4:
+        raise ValueError("channels_last needs 4-D (N, C, H, W) inputs")
+    model = ctx.model().to(memory_format=torch.channels_last)
+
+    def run(x: Tensor) -> Any:
+        return model(x.contiguous(memory_format=torch.channels_last))
+
+    return run
+
+
+def _build_torchscript(ctx: _BuildContext) -> Runner:
+    with warnings.catch_warnings():  # TorchScript is in maintenance mode and says so on every call
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(ctx.model(), ctx.example, check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
+def _build_onnxruntime(ctx: _BuildContext) -> Runner:
+    if ctx.example.device.type != "cpu" or ctx.example.dtype != torch.float32:
+        raise ValueError("the onnxruntime candidate runs float32 on the CPU")
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # One intra-op thread per core PyTorch uses (its default is the physical core count), no
+    # inter-op parallelism: a conv net is a chain, and oversubscribing a small CPU is slower.
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(ctx.onnx_path()), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+
+    def run(x: Tensor) -> Any:
+        outputs = session.run(None, {input_name: x.detach().contiguous().numpy()})
+        tensors = [torch.from_numpy(o) for o in outputs]
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    return run
+
+
+def _build_openvino(ctx: _BuildContext) -> Runner:
+    if ctx.example.device.type != "cpu" or ctx.example.dtype != torch.float32:
+        raise ValueError("the openvino candidate runs float32 on the CPU")
+    import openvino
+
+    core = openvino.Core()
+    config = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",  # CPUs with bf16 units would otherwise run in bf16
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+    }
+    compiled = core.compile_model(core.read_model(str(ctx.onnx_path())), "CPU", config)
+    request = compiled.create_infer_request()
+    outputs = compiled.outputs
+
+    def run(x: Tensor) -> Any:
+        result = request.infer({0: x.detach().contiguous().numpy()})
+        tensors = [torch.from_numpy(result[o].copy()) for o in outputs]
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    return run
+
+
+def _build_compile(ctx: _BuildContext) -> Runner:
+    model = ctx.model()
+    if ctx.example.device.type == "cpu":
+        # Freezing turns weights into constants so Inductor can pre-pack them for oneDNN.
+        compiled = torch.compile(model, dynamic=False, options={"freezing": True})
+    else:
+        model = model.to(memory_format=torch.channels_last)
+        compiled = torch.compile(model, dynamic=False, mode="max-autotune-no-cudagraphs")
+
+    def run(x: Tensor) -> Any:
+        return compiled(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+
+    return run
+
+
+def _build_compile_cuda_graph(ctx: _BuildContext) -> Runner:
+    if ctx.example.device.type != "cuda":
+        raise ValueError("compile_cuda_graph needs a CUDA device")
+    model = ctx.model().to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, dynamic=False, mode="reduce-overhead")
+
+    def run(x: Tensor) -> Any:
+        # Outputs of a CUDA-graph replay are overwritten by the next replay: hand out copies.
+        return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t,
+                        compiled(x.contiguous(memory_format=torch.channels_last)))
+
+    return run
+
+
+def _build_cuda_graph(ctx: _BuildContext) -> Runner:
+    """Capture the channels_last eager model once per input shape; each call copies in and replays.
+
+    Follows the capture recipe of the CUDA-graphs documentation: warm up on a side stream (cuDNN
+    picks its algorithms and the allocator settles), capture, then replay on static buffers.
+    """
+    if ctx.example.device.type != "cuda":
+        raise ValueError("cuda_graph needs a CUDA device")
+    model = ctx.model().to(memory_format=torch.channels_last)
+    graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Any]] = {}
+
+    def capture(x: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Any]:
+        static_in = torch.empty_like(x, memory_format=torch.channels_last)
+        static_in.copy_(x)
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_in)
+        return graph, static_in, static_out
+
+    def run(x: Tensor) -> Any:
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in graphs:
+            graphs[key] = capture(x)
+        graph, static_in, static_out = graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, static_out)
+
+    return run
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run a model: its builder and the devices it runs on."""
+
+    build: Builder
+    devices: tuple[str, ...]
+    default_on: tuple[str, ...]
+
+
+#: Every candidate runtime, in order of preference when timings tie or are not measured.
+CANDIDATES: dict[str, Candidate] = {
+    "onnxruntime": Candidate(_build_onnxruntime, ("cpu",), ("cpu",)),
+    "openvino": Candidate(_build_openvino, ("cpu",), ("cpu",)),
+    "cuda_graph": Candidate(_build_cuda_graph, ("cuda",), ("cuda",)),
+    "compile_cuda_graph": Candidate(_build_compile_cuda_graph, ("cuda",), ("cuda",)),
+    "compile": Candidate(_build_compile, ("cpu", "cuda"), ("cuda",)),
+    "torchscript": Candidate(_build_torchscript, ("cpu", "cuda"), ("cpu",)),
+    "channels_last": Candidate(_build_channels_last, ("cpu", "cuda"), ("cpu", "cuda")),
+    "eager": Candidate(_build_eager, ("cpu", "cuda"), ("cpu", "cuda")),
+}
+
+#: Largest relative L2 deviation from the eager float32 output accepted for each compute dtype.
+_DEFAULT_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def default_candidates(device: torch.device | str) -> list[str]:
+    """Candidate names tried on ``device`` when none are given (see the module docstring)."""
+    kind = torch.device(device).type
+    return [name for name, c in CANDIDATES.items() if kind in c.default_on]
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """The accepted relative deviation for a compute dtype (1e-4 for float32)."""
+    if dtype not in _DEFAULT_RTOL:
+        raise ValueError(f"unsupported dtype {dtype}; use one of {sorted(str(d) for d in _DEFAULT_RTOL)}")
+    return _DEFAULT_RTOL[dtype]
+
+
+def output_deviation(actual: Any, expected: Any) -> float:
+    """Largest relative L2 deviation ``|a - e| / |e|`` over the tensors of two (nested) outputs."""
+    got, _ = tree_flatten(actual)
+    want, _ = tree_flatten(expected)
+    if len(got) != len(want):
+        raise ValueError(f"outputs differ in structure: {len(got)} vs {len(want)} tensors")
+    worst = 0.0
+    for a, e in zip(got, want):
+        if tuple(a.shape) != tuple(e.shape):
+            raise ValueError(f"output shapes differ: {tuple(a.shape)} vs {tuple(e.shape)}")
+        a64, e64 = a.detach().to("cpu", torch.float64), e.detach().to("cpu", torch.float64)
+        worst = max(worst, float((a64 - e64).norm() / e64.norm().clamp_min(1e-30)))
+    return worst
+
+
+@dataclass
+class CandidateReport:
+    """What happened to one candidate: built or not, its deviation, and its median time."""
+
+    name: str
+    status: str  # "ok", "unavailable", "failed", "inaccurate"
+    detail: str = ""
+    deviation: float | None = None
+    median_s: float | None = None
+
+
+class InferenceRunner:
+    """A callable ``runner(x) -> output`` wrapping the chosen candidate.
+
+    Inputs are moved to the runner's device and compute dtype; outputs come back in the compute
+    dtype on the device (CPU runtimes return CPU tensors). Gradients are never recorded.
+
+    Attributes:
+        backend: name of the chosen candidate.
+        device, dtype: where and in which precision it computes.
+        reports: one :class:`CandidateReport` per candidate considered.
+        reason: one sentence on why this candidate was chosen.
+    """
+
+    def __init__(self, fn: Runner, *, backend: str, device: torch.device, dtype: torch.dtype,
+                 reports: list[CandidateReport], reason: str) -> None:
+        self._fn = fn
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype
+        self.reports = reports
+        self.reason = reason
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Any:
+        return self._fn(x.to(device=self.device, dtype=self.dtype))
+
+    def __repr__(self) -> str:
+        return f"InferenceRunner(backend={self.backend!r}, device={self.device}, dtype={self.dtype})"
+
+
+def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, fuse: bool) -> nn.Module:
+    """A fused eval-mode copy on ``device`` in ``dtype`` (the caller's model is never modified)."""
+    prepared = copy.deepcopy(model).eval()
+    if fuse:
+        if any(is_reparameterizable(m) for m in prepared.modules()):
+            prepared = reparameterize_model(prepared, inplace=True)
+        if any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules()):
+            from repvgg.baselines import fuse_conv_bn
+
+            prepared = fuse_conv_bn(prepared)
+    for p in prepared.parameters():
+        p.requires_grad_(False)
+    return prepared.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def _reference_output(model: nn.Module, example: Tensor) -> Any:
+    """The caller's eager model on ``example``, on its own device and dtype (its mode is restored)."""
+    param = next(model.parameters(), None)
+    x = example if param is None else example.to(device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was_training)
+
+
+def _build_candidates(
+    names: Sequence[str], prepared: nn.Module, example: Tensor, reference: Any, rtol: float, *, first_only: bool,
+) -> tuple[dict[str, Runner], list[CandidateReport]]:
+    """Build and verify each candidate in preference order; return the working ones and a report on all."""
+    reports: list[CandidateReport] = []
+    working: dict[str, Runner] = {}
+    with tempfile.TemporaryDirectory(prefix="repvgg-fast-") as tmp:
+        # The runtimes load what they need from the exported file before it is deleted.
+        ctx = _BuildContext(prepared, example, Path(tmp))
+        for name in sorted(names, key=list(CANDIDATES).index):
+            if example.device.type not in CANDIDATES[name].devices:
+                reports.append(CandidateReport(name, "unavailable", f"not for {example.device.type}"))
+                continue
+            try:
+                runner = CANDIDATES[name].build(ctx)
+                with torch.no_grad():
+                    deviation = output_deviation(runner(example), reference)
+            except ImportError as err:
+                reports.append(CandidateReport(name, "unavailable", f"not installed ({err.name or err})"))
+                log.info("candidate %s skipped: not installed (%s)", name, err.name or err)
+                continue
+            except Exception as err:  # noqa: BLE001 - any failure of an optional runtime just rules it out
+                reports.append(CandidateReport(name, "failed", f"{type(err).__name__}: {err}"))
+                log.info("candidate %s failed to build or run: %s: %s", name, type(err).__name__, err)
+                continue
+            if not deviation <= rtol:
+                reports.append(CandidateReport(name, "inaccurate", f"deviation {deviation:.2e} > {rtol:.0e}",
+                                               deviation))
+                log.info("candidate %s rejected: relative deviation %.2e exceeds %.0e", name, deviation, rtol)
+                continue
+            reports.append(CandidateReport(name, "ok", "", deviation))
+            working[name] = runner
+            if first_only:
+                break
+    return working, reports
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    candidates: Sequence[str] | None = None,
+    measure: bool = True,
+    rtol: float | None = None,
+    warmup: int | None = None,
+    rounds: int | None = None,
+    pause_s: float | None = None,
+    fuse: bool = True,
+) -> InferenceRunner:
+    """Return the fastest verified way to run ``model`` on ``example_input``'s device.
+
+    Works for any ``nn.Module`` taking one image tensor (RepVGG in either form, torchvision ResNets,
+    timm models), so comparisons through it are fair. The caller's model is not modified.
+
+    Args:
+        model: the network (training-time RepVGG blocks are fused on a copy when ``fuse``).
+        example_input: a representative batch on the target device; timing and the equivalence
+            check use it, so give it the batch size you will run.
+        dtype: compute precision (default: the input's float dtype); ``torch.float16`` or
+            ``torch.bfloat16`` for reduced precision where the device supports it.
+        candidates: names from :data:`CANDIDATES` to consider (default :func:`default_candidates`).
+        measure: time the candidates and pick the fastest; ``False`` takes the first that works,
+            in :data:`CANDIDATES` order.
+        rtol: accepted relative L2 deviation from the eager model (default 1e-4 for float32).
+        warmup, rounds: timing effort per candidate (default 2 and 5 on the CPU, 10 and 20 on CUDA).
+        pause_s: idle time before each timed call (default 50 ms on the CPU, where runtimes with
+            their own spinning thread pools would otherwise slow whichever candidate runs next).
+        fuse: fuse RepVGG blocks and conv-BN pairs on the copy first (exact, and faster eagerly).
+
+    Raises:
+        ValueError: for an unknown candidate name or dtype, or if no candidate reproduces the
+            eager output within ``rtol``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
+    device = example_input.device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"optimize_for_inference supports 'cpu' and 'cuda' inputs, got {device.type!r}")
+    dtype = dtype or (example_input.dtype if example_input.is_floating_point() else torch.float32)
+    rtol = default_rtol(dtype) if rtol is None else rtol
+    names = list(candidates) if candidates is not None else default_candidates(device)
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"unknown candidate(s) {unknown}; choose from {', '.join(CANDIDATES)}")
+    if not names:
+        raise ValueError("candidates is empty")
+    cuda = device.type == "cuda"
+    warmup = (10 if cuda else 2) if warmup is None else warmup
+    rounds = (20 if cuda else 5) if rounds is None else rounds
+    pause_s = (0.0 if cuda else 0.05) if pause_s is None else pause_s
+
+    reference = _reference_output(model, example_input)
+    prepared = _prepare(model, device, dtype, fuse)
+    example = example_input.to(device=device, dtype=dtype)
+
+    working, reports = _build_candidates(names, prepared, example, reference, rtol, first_only=not measure)
+    if not working:
+        details = "; ".join(f"{r.name}: {r.status} {r.detail}".strip() for r in reports)
+        raise ValueError(f"no candidate reproduces the eager model within rtol={rtol:g} ({details})")
+
+    if measure and len(working) > 1:
+        with torch.no_grad():
+            timings = time_interleaved(
+                {name: (lambda r=runner: r(example)) for name, runner in working.items()},
+                warmup=warmup, rounds=rounds, timer=make_timer(device), pause_s=pause_s,
+            )
+        for report in reports:
+            if report.name in timings:
+                report.median_s = timings[report.name].median
+        chosen = min(working, key=lambda n: timings[n].median)
+        ranking = ", ".join(f"{n} {timings[n].median * 1e3:.2f} ms"
+                            for n in sorted(working, key=lambda n: timings[n].median))
+        reason = f"fastest median over {rounds} interleaved rounds at batch {example.shape[0]}: {ranking}"
+    else:
+        chosen = next(iter(working))
+        reason = "the only candidate that works" if measure else "first working candidate (not measured)"
+    log.info("optimize_for_inference(%s, %s, %s): %s (%s)", type(model).__name__, device, str(dtype).removeprefix("torch."),
+             chosen, reason)
+    return InferenceRunner(working[chosen], backend=chosen, device=device, dtype=dtype, reports=reports, reason=reason)

@@ -1,0 +1,150 @@
+"""The fast inference path: same function as the eager model, whatever runtime it picks, on any nn.Module."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import randomize_bn, relative_error
+from repvgg import create_model
+from repvgg.fast import (
+    CANDIDATES,
+    Candidate,
+    default_candidates,
+    optimize_for_inference,
+    output_deviation,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_train() -> nn.Module:
+    return randomize_bn(create_model("repvgg_tiny", num_classes=10), seed=1)
+
+
+def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_default_candidates_are_equivalent_and_model_is_untouched(tiny_train: nn.Module) -> None:
+    tiny_train.train()
+    x = torch.randn(4, 3, 32, 32)
+    runner = optimize_for_inference(tiny_train, x, rounds=2, warmup=1, pause_s=0.0)
+    assert tiny_train.training and not tiny_train.deploy  # still the caller's training-time model
+    ok = [r for r in runner.reports if r.status == "ok"]
+    assert {r.name for r in ok} >= {"eager", "channels_last", "torchscript", "onnxruntime"}
+    assert all(r.deviation <= 1e-4 and r.median_s > 0 for r in ok)
+    assert runner.backend in {r.name for r in ok}
+    assert runner.backend == min(ok, key=lambda r: r.median_s).name
+    for batch in (1, 4, 7):  # other batch sizes than the example's
+        x = torch.randn(batch, 3, 32, 32)
+        assert relative_error(runner(x), _eager(tiny_train, x)) <= 1e-4
+    tiny_train.eval()
+
+
+@pytest.mark.parametrize("name", ["eager", "channels_last", "torchscript", "onnxruntime"])
+def test_each_cpu_candidate_reproduces_the_eager_model(tiny_train: nn.Module, name: str) -> None:
+    x = torch.randn(3, 3, 32, 32)
+    runner = optimize_for_inference(tiny_train, x, candidates=[name])
+    assert runner.backend == name
+    y = torch.randn(2, 3, 32, 32)
+    assert relative_error(runner(y), _eager(tiny_train, y)) <= 1e-4
+
+
+def test_works_for_a_torchvision_resnet() -> None:
+    import torchvision
+
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    runner = optimize_for_inference(model, x, candidates=["eager", "onnxruntime"], rounds=2, pause_s=0.0)
+    assert relative_error(runner(x), _eager(model, x)) <= 1e-4
+
+
+def _fake(build):
+    return Candidate(build, ("cpu",), ())
+
+
+def test_the_measured_fastest_candidate_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Conv2d(3, 4, 3)
+
+    def slow(ctx):
+        m = ctx.model()
+        return lambda x: (time.sleep(0.02), m(x))[1]
+
+    monkeypatch.setitem(CANDIDATES, "slow", _fake(slow))
+    monkeypatch.setitem(CANDIDATES, "fast", _fake(lambda ctx: ctx.model()))
+    runner = optimize_for_inference(model, torch.randn(1, 3, 8, 8), candidates=["slow", "fast"],
+                                    warmup=0, rounds=3, pause_s=0.0)
+    assert runner.backend == "fast"
+    assert "fastest median" in runner.reason
+
+
+def test_wrong_or_broken_candidates_are_ruled_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Conv2d(3, 4, 3)
+
+    def broken(ctx):
+        raise RuntimeError("no such runtime here")
+
+    def missing(ctx):
+        raise ImportError("nope", name="some_runtime")
+
+    monkeypatch.setitem(CANDIDATES, "wrong", _fake(lambda ctx: (lambda x: ctx.model()(x) * 1.01)))
+    monkeypatch.setitem(CANDIDATES, "broken", _fake(broken))
+    monkeypatch.setitem(CANDIDATES, "missing", _fake(missing))
+    runner = optimize_for_inference(model, torch.randn(2, 3, 8, 8),
+                                    candidates=["wrong", "broken", "missing", "cuda_graph", "eager"])
+    status = {r.name: r.status for r in runner.reports}
+    assert status == {"wrong": "inaccurate", "broken": "failed", "missing": "unavailable",
+                      "cuda_graph": "unavailable", "eager": "ok"}
+    assert runner.backend == "eager"
+    with pytest.raises(ValueError, match="no candidate reproduces"):
+        optimize_for_inference(model, torch.randn(2, 3, 8, 8), candidates=["wrong"])
+
+
+def test_measure_false_takes_the_first_working_candidate_in_preference_order(tiny_train: nn.Module) -> None:
+    runner = optimize_for_inference(tiny_train, torch.randn(2, 3, 32, 32), candidates=["eager", "torchscript"],
+                                    measure=False)
+    assert runner.backend == "torchscript"  # preferred over eager in CANDIDATES order
+    assert [r.name for r in runner.reports] == ["torchscript"]  # the rest was not even built
+
+
+def test_argument_errors(tiny_train: nn.Module) -> None:
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="unknown candidate"):
+        optimize_for_inference(tiny_train, x, candidates=["tensorrt9"])
+    with pytest.raises(TypeError, match="nn.Module"):
+        optimize_for_inference(lambda t: t, x)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        optimize_for_inference(tiny_train, x, dtype=torch.float64)
+    assert default_candidates("cpu")[-1] == "eager" and "cuda_graph" not in default_candidates("cpu")
+    assert "cuda_graph" in default_candidates("cuda") and "onnxruntime" not in default_candidates("cuda")
+
+
+def test_output_deviation_compares_nested_outputs() -> None:
+    a = [torch.ones(3), torch.full((2,), 2.0)]
+    assert output_deviation(a, a) == 0.0
+    assert output_deviation([torch.ones(3), torch.full((2,), 2.2)], a) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="shapes"):
+        output_deviation(torch.ones(2), torch.ones(3))
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 convolutions on this CPU")
+def test_reduced_precision_is_used_only_when_asked_and_checked_loosely(tiny_train: nn.Module) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    runner = optimize_for_inference(tiny_train, x, dtype=torch.bfloat16, candidates=["eager", "onnxruntime"])
+    assert runner.dtype == torch.bfloat16 and runner.backend == "eager"  # ONNX Runtime is float32 only
+    assert {r.name: r.status for r in runner.reports}["onnxruntime"] == "failed"
+    assert relative_error(runner(x).float(), _eager(tiny_train, x)) <= 5e-2
+
+
+def test_core_import_pulls_in_no_optional_runtime() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, repvgg; heavy = {'onnx', 'onnxruntime', 'onnxscript', 'timm', 'torchvision', 'matplotlib'};"
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
