@@ -27,6 +27,7 @@ from repvgg.segmentation.data import (
     build_segmentation_data,
     load_label,
 )
+from repvgg.segmentation.evaluate import evaluate_segmenter_file
 from repvgg.segmentation.metrics import (
     ConfusionMatrix,
     SegmentationMetrics,
@@ -50,7 +51,6 @@ from repvgg.segmentation.pspnet import (
     segmentation_loss,
 )
 from repvgg.segmentation.synthetic import SHAPE_CLASSES, SyntheticConfig, SyntheticShapes
-from repvgg.segmentation.evaluate import evaluate_segmenter_file
 from repvgg.segmentation.train import poly_learning_rate, train_segmenter
 from repvgg.segmentation.weights import load_segmenter, save_segmenter
 

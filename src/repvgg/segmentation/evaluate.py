@@ -136,7 +136,7 @@ def evaluate_segmenter_file(
     *,
     data: str | None = None,
     val_size: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = 16,
     workers: int = 0,
     device: str = "auto",
     baseline: str = "resnet50",
@@ -177,7 +177,8 @@ def evaluate_segmenter_file(
         if len(models) > 1:
             labelled.append(("converted", models[1]))
         if baseline != "none":
-            labelled.append((f"{baseline} PSPNet (BN fused)", baseline_segmenter(baseline, config).to(torch_device)))
+            reference = baseline_segmenter(baseline, config).to(torch_device)
+            labelled.append((f"{baseline} PSPNet (BN fused, random init)", reference))
         result["speed"] = segmenter_speed(labelled, images.to(torch_device))
         result["speed_input"] = list(images.shape)
     return result

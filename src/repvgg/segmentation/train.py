@@ -25,8 +25,14 @@ from torch.utils.data import DataLoader
 from repvgg.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from repvgg.complexity import count_parameters
 from repvgg.convert import reparameterize_model
-from repvgg.distributed import (DistContext, EpochSampler, ShardSampler, all_reduce, init_distributed,
-                                shutdown_distributed)
+from repvgg.distributed import (
+    DistContext,
+    EpochSampler,
+    ShardSampler,
+    all_reduce,
+    init_distributed,
+    shutdown_distributed,
+)
 from repvgg.optim import build_optimizer
 from repvgg.report import write_json
 from repvgg.segmentation.config import SegTrainConfig
