@@ -51,13 +51,13 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-#: The paper's speed comparisons (Table 4, 1080Ti, batch 128, float32): RepVGG model -> (baseline,
-#: RepVGG speed / baseline speed as published).
+#: The paper's speed comparisons (Ding et al., Sec. 4.1 and Table 4: 1080Ti, batch 128, float32):
+#: RepVGG model -> (its baseline, RepVGG speed / baseline speed as published).
 PAPER_PAIRS: dict[str, tuple[str, float]] = {
-    "repvgg_a0": ("resnet18", 3256 / 2442),
-    "repvgg_a1": ("resnet34", 2339 / 1419),
-    "repvgg_a2": ("resnet50", 1322 / 719),
-    "repvgg_b1g2": ("resnet152", 1131 / 425),
+    "repvgg_a0": ("resnet18", 1.33),
+    "repvgg_a1": ("resnet34", 1.64),
+    "repvgg_a2": ("resnet50", 1.83),
+    "repvgg_b1g2": ("resnet152", 2.66),
 }
 
 #: The CPU targets this package sets itself for RepVGG-A0 on a small CPU (README, benchmarks/).
@@ -265,6 +265,12 @@ def _reference_conv(channels: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=True)).eval()
 
 
+def _selection_effort(device: torch.device) -> dict[str, int | None]:
+    """Timing effort of the fast path's choice: brief on a small CPU (the budget is one minute),
+    longer on CUDA (cuDNN autotuning and graph capture happen in the warm-up)."""
+    return {"warmup": 1, "rounds": 3} if device.type == "cpu" else {"warmup": 5, "rounds": 10}
+
+
 def _build_entries(config: BenchConfig, dtype_name: str, example: Tensor, result: BenchResult) -> list[_Entry]:
     from repvgg.convert import reparameterize_model
     from repvgg.registry import create_model
@@ -284,7 +290,7 @@ def _build_entries(config: BenchConfig, dtype_name: str, example: Tensor, result
             from repvgg.fast import optimize_for_inference
 
             log.info("  choosing the fast path for %s", model_name)
-            runner = optimize_for_inference(module, example, candidates=config.candidates, warmup=1, rounds=3)
+            runner = optimize_for_inference(module, example, candidates=config.candidates, **_selection_effort(device))
             run, backend, module = runner, runner.backend, None  # type: ignore[assignment]
             result.fast_paths[f"{model_name}/{dtype_name}"] = {
                 "backend": runner.backend,
@@ -326,7 +332,7 @@ def _build_entries(config: BenchConfig, dtype_name: str, example: Tensor, result
         log.info("building the reference conv (3x3, %d->%d channels, %dx%d)", channels, channels, size, size)
         params, macs = _complexity(conv, tuple(conv_input.shape))
         runner = optimize_for_inference(conv.to(device, dtype), conv_input, candidates=config.candidates,
-                                        warmup=1, rounds=3)
+                                        **_selection_effort(device))
         row = BenchRow(f"conv3x3 {channels}ch {size}x{size}", "conv3x3", runner.backend, dtype_name, params, macs,
                        batch)
         entries.append(_Entry(row, lambda _x, r=runner, i=conv_input: r(i), None))
@@ -372,6 +378,9 @@ def run_benchmark(config: BenchConfig | None = None) -> BenchResult:
             e.row.throughput = t.throughput(config.batch_size)
             e.row.spread = t.spread()
             e.row.gflops = 2 * e.row.macs * e.row.throughput / 1e9
+            if e.row.spread > 0.2:
+                log.warning("%s: per-round times vary by %.0f%% (IQR/median); is something else running?",
+                            e.row.label, 100 * e.row.spread)
         if config.latency:
             single = example[:1].clone()
             log.info("timing latency at batch 1")
@@ -446,15 +455,20 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def results_table(result: BenchResult) -> str:
-    """The measurements as a markdown table, followed by the target ratios."""
+    """The measurements as a markdown table, followed by the target ratios.
+
+    ``IQR`` is the interquartile range of the per-round times relative to their median: a noise
+    figure (a few percent on a quiet machine; large values mean other work shared the CPU).
+    """
     from repvgg.report import markdown_table
 
     cfg = result.config
     header = ["model", "form", "runs on", "dtype", "params (M)", "GMACs", f"img/s @{cfg.batch_size}",
-              "latency @1 (ms)", "GFLOP/s", "FLOP rate", "peak mem (MiB)"]
+              "IQR", "latency @1 (ms)", "GFLOP/s", "FLOP rate", "peak mem (MiB)"]
     rows = [[
         r.model, r.form, r.backend, r.dtype, f"{r.params / 1e6:.2f}", f"{r.macs / 1e9:.2f}",
-        _fmt(r.throughput, ".1f"), _fmt(r.latency_ms, ".2f"), _fmt(r.gflops, ".0f"),
+        _fmt(r.throughput, ".1f"), "-" if r.spread is None else f"{100 * r.spread:.0f}%",
+        _fmt(r.latency_ms, ".2f"), _fmt(r.gflops, ".0f"),
         "-" if r.flop_rate is None else f"{100 * r.flop_rate:.0f}%",
         "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.1f}",
     ] for r in result.rows]

@@ -208,6 +208,6 @@ def export_onnx(
         max_rel_diff=max_abs / max(scale, 1e-12),
         opset=opset_used,
     )
-    log.info("wrote %s (opset %d); ONNX Runtime vs PyTorch on a batch of %d: max |diff| %.3g",
+    log.debug("wrote %s (opset %d); ONNX Runtime vs PyTorch on a batch of %d: max |diff| %.3g",
              out_path, opset_used, check_batch_size, report.max_abs_diff)
     return report

@@ -201,7 +201,9 @@ def _build_cuda_graph(ctx: _BuildContext) -> Runner:
                 model(static_in)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # Capture on the warm-up stream: library handles and workspaces (cuBLAS for the classifier)
+        # were created for that stream during warm-up, not in the middle of the capture.
+        with torch.cuda.graph(graph, stream=side):
             static_out = model(static_in)
         return graph, static_in, static_out
 

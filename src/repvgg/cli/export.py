@@ -31,5 +31,5 @@ def run(args: argparse.Namespace) -> int:
         print("converted the training-time model to its plain form before export")
     print(f"wrote {report.path}: input {tuple(report.input_shape)}, opset {report.opset}, onnx checker passed")
     print(f"ONNX Runtime vs PyTorch on a random batch of {report.check_batch_size}: "
-          f"max |diff| {report.max_abs_diff:.3g} (relative to max |output| {report.max_rel_diff:.3g})")
+          f"max |diff| {report.max_abs_diff:.3g} ({report.max_rel_diff:.2g} of the largest |output|)")
     return 0

@@ -1,0 +1,52 @@
+"""Regenerate the README's CPU results: table (markdown), numbers (JSON) and plot (PNG).
+
+    .venv/bin/python benchmarks/cpu_readme_table.py            # about two minutes on 2 cores
+
+Writes benchmarks/results/cpu.{md,json,png}. Run it on a quiet machine: other processes on a small
+CPU move every number (the interleaved rounds protect the ratios more than the absolute speeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from repvgg.bench import BenchConfig, plot_results, results_table, run_benchmark
+from repvgg.report import write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="repvgg_a0,repvgg_a1")
+    parser.add_argument("--baselines", default="resnet18,resnet34")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+    config = BenchConfig(models=tuple(args.models.split(",")), baselines=tuple(args.baselines.split(",")),
+                         device="cpu", batch_size=8, img_size=224, rounds=args.rounds)
+    result = run_benchmark(config)
+    env = result.environment
+    header = (
+        f"CPU, {env['cpu']}, {env['logical_cpus']} logical CPUs, {env['torch_threads']} PyTorch threads; "
+        f"torch {env['torch']}, onnxruntime {env.get('onnxruntime', '-')}; batch {config.batch_size}, "
+        f"224x224, float32, median of {args.rounds} interleaved rounds after {result.config.warmup} warm-up "
+        f"({datetime.now(timezone.utc):%Y-%m-%d})."
+    )
+    table = results_table(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cpu.md").write_text(header + "\n\n" + table + "\n")
+    write_json(args.out / "cpu.json", result.as_dict())
+    plot_results(result, args.out / "cpu.png")
+    print(header + "\n\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
