@@ -65,10 +65,10 @@ def test_median_and_throughput_come_from_the_timer_samples() -> None:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(warmup=-1, rounds=1), "warmup"),
-    (dict(warmup=0, rounds=0), "rounds"),
-    (dict(warmup=0, rounds=1, order=["A"]), "order"),
-    (dict(warmup=0, rounds=1, pause_s=-1.0), "pause_s"),
+    ({"warmup": -1, "rounds": 1}, "warmup"),
+    ({"warmup": 0, "rounds": 0}, "rounds"),
+    ({"warmup": 0, "rounds": 1, "order": ["A"]}, "order"),
+    ({"warmup": 0, "rounds": 1, "pause_s": -1.0}, "pause_s"),
 ])
 def test_harness_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -177,8 +177,8 @@ def test_config_validates_names_and_fills_device_defaults() -> None:
 
 
 def _tiny_config(**overrides) -> BenchConfig:
-    base = dict(models=("repvgg_tiny",), baselines=(), peer=False, batch_size=2, img_size=32, warmup=1,
-                rounds=2, candidates=("eager", "channels_last"), pause_s=0.0, num_classes=10)
+    base = {"models": ("repvgg_tiny",), "baselines": (), "peer": False, "batch_size": 2, "img_size": 32,
+            "warmup": 1, "rounds": 2, "candidates": ("eager", "channels_last"), "pause_s": 0.0, "num_classes": 10}
     return BenchConfig(**(base | overrides))
 
 

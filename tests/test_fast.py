@@ -136,7 +136,7 @@ def test_reduced_precision_is_used_only_when_asked_and_checked_loosely(tiny_trai
     x = torch.randn(2, 3, 32, 32)
     runner = optimize_for_inference(tiny_train, x, dtype=torch.bfloat16, candidates=["eager", "onnxruntime"])
     assert runner.dtype == torch.bfloat16 and runner.backend == "eager"  # ONNX Runtime is float32 only
-    assert {r.name: r.status for r in runner.reports}["onnxruntime"] == "failed"
+    assert {r.name: r.status for r in runner.reports}["onnxruntime"] == "unavailable"
     assert relative_error(runner(x).float(), _eager(tiny_train, x)) <= 5e-2
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from repvgg.fusion import fuse_conv_bn_modules
 
-__all__ = ["TORCHVISION_BASELINES", "fuse_conv_bn", "count_conv_bn_pairs", "torchvision_baseline", "timm_peer"]
+__all__ = ["TORCHVISION_BASELINES", "count_conv_bn_pairs", "fuse_conv_bn", "timm_peer", "torchvision_baseline"]
 
 log = logging.getLogger(__name__)
 

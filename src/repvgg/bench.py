@@ -22,9 +22,10 @@ import copy
 import logging
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,14 +35,14 @@ from repvgg.memory import peak_forward_memory
 from repvgg.timing import make_timer, synchronize, time_interleaved
 
 __all__ = [
-    "BenchConfig",
-    "BenchRow",
-    "BenchResult",
     "PAPER_PAIRS",
+    "BenchConfig",
+    "BenchResult",
+    "BenchRow",
     "TargetCheck",
     "check_targets",
-    "parse_list",
     "device_supports_dtype",
+    "parse_list",
     "plot_results",
     "results_table",
     "run_benchmark",
@@ -217,8 +218,8 @@ def _environment(config: BenchConfig) -> dict[str, Any]:
     for package in ("onnxruntime", "openvino", "torchvision", "timm"):
         try:
             env[package] = __import__(package).__version__
-        except Exception:  # noqa: BLE001 - optional packages
-            pass
+        except Exception as err:  # noqa: BLE001 - optional packages
+            log.debug("%s not reported: %s", package, err)
     return env
 
 
@@ -369,7 +370,7 @@ def run_benchmark(config: BenchConfig | None = None) -> BenchResult:
         log.info("timing %d models at batch %d, %s, %s: %d warm-up + %d interleaved rounds",
                  len(entries), config.batch_size, dtype_name, device, config.warmup, config.rounds)
         timings = time_interleaved(
-            {e.row.label: (lambda e=e: e.run(example)) for e in entries},
+            {e.row.label: (lambda e=e, x=example: e.run(x)) for e in entries},
             warmup=config.warmup, rounds=config.rounds, timer=timer, pause_s=config.pause_s or 0.0,
             on_round=_progress("throughput"),
         )
@@ -385,7 +386,7 @@ def run_benchmark(config: BenchConfig | None = None) -> BenchResult:
             single = example[:1].clone()
             log.info("timing latency at batch 1")
             latency = time_interleaved(
-                {e.row.label: (lambda e=e: e.run(single)) for e in entries if e.row.form != "conv3x3"},
+                {e.row.label: (lambda e=e, x=single: e.run(x)) for e in entries if e.row.form != "conv3x3"},
                 warmup=config.warmup, rounds=config.rounds, timer=timer, pause_s=config.pause_s or 0.0,
                 on_round=_progress("latency"),
             )
@@ -420,10 +421,8 @@ def check_targets(result: BenchResult) -> list[TargetCheck]:
     on_cpu = torch.device(result.config.device).type == "cpu"
     for name in result.config.models:
         for dtype in result.config.dtypes:
-            a0_cpu = on_cpu and name == "repvgg_a0"
-
-            def threshold(key: str) -> float | None:
-                return CPU_TARGETS[key] if a0_cpu else None
+            thresholds = CPU_TARGETS if on_cpu and name == "repvgg_a0" else {}
+            threshold = thresholds.get
 
             train, plain = result.row(name, "train", dtype), result.row(name, "plain", dtype)
             fast, timm = result.row(name, "fast", dtype), result.row(name, "timm", dtype)

@@ -11,16 +11,17 @@ import contextlib
 import io
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from repvgg.convert import is_reparameterizable, reparameterize_model
 
-__all__ = ["ExportReport", "export_onnx", "export_onnx_file", "resolve_model", "needs_conversion"]
+__all__ = ["ExportReport", "export_onnx", "export_onnx_file", "needs_conversion", "resolve_model"]
 
 log = logging.getLogger(__name__)
 

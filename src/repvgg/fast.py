@@ -31,9 +31,10 @@ import copy
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Runner = Callable[[Tensor], Any]
+
+
+class Unsupported(ValueError):
+    """A candidate does not apply to this device, dtype or input (reported as unavailable, not failed)."""
 
 
 class _BuildContext:
@@ -89,7 +94,7 @@ def _build_eager(ctx: _BuildContext) -> Runner:
 
 def _build_channels_last(ctx: _BuildContext) -> Runner:
     if ctx.example.dim() != 4:
-        raise ValueError("channels_last needs 4-D (N, C, H, W) inputs")
+        raise Unsupported("channels_last needs 4-D (N, C, H, W) inputs")
     model = ctx.model().to(memory_format=torch.channels_last)
 
     def run(x: Tensor) -> Any:
@@ -107,7 +112,7 @@ def _build_torchscript(ctx: _BuildContext) -> Runner:
 
 def _build_onnxruntime(ctx: _BuildContext) -> Runner:
     if ctx.example.device.type != "cpu" or ctx.example.dtype != torch.float32:
-        raise ValueError("the onnxruntime candidate runs float32 on the CPU")
+        raise Unsupported("the onnxruntime candidate runs float32 on the CPU")
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -130,7 +135,7 @@ def _build_onnxruntime(ctx: _BuildContext) -> Runner:
 
 def _build_openvino(ctx: _BuildContext) -> Runner:
     if ctx.example.device.type != "cpu" or ctx.example.dtype != torch.float32:
-        raise ValueError("the openvino candidate runs float32 on the CPU")
+        raise Unsupported("the openvino candidate runs float32 on the CPU")
     import openvino
 
     core = openvino.Core()
@@ -168,7 +173,7 @@ def _build_compile(ctx: _BuildContext) -> Runner:
 
 def _build_compile_cuda_graph(ctx: _BuildContext) -> Runner:
     if ctx.example.device.type != "cuda":
-        raise ValueError("compile_cuda_graph needs a CUDA device")
+        raise Unsupported("compile_cuda_graph needs a CUDA device")
     model = ctx.model().to(memory_format=torch.channels_last)
     compiled = torch.compile(model, dynamic=False, mode="reduce-overhead")
 
@@ -187,7 +192,7 @@ def _build_cuda_graph(ctx: _BuildContext) -> Runner:
     picks its algorithms and the allocator settles), capture, then replay on static buffers.
     """
     if ctx.example.device.type != "cuda":
-        raise ValueError("cuda_graph needs a CUDA device")
+        raise Unsupported("cuda_graph needs a CUDA device")
     model = ctx.model().to(memory_format=torch.channels_last)
     graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Any]] = {}
 
@@ -358,6 +363,10 @@ def _build_candidates(
                 runner = CANDIDATES[name].build(ctx)
                 with torch.no_grad():
                     deviation = output_deviation(runner(example), reference)
+            except Unsupported as err:
+                reports.append(CandidateReport(name, "unavailable", str(err)))
+                log.debug("candidate %s skipped: %s", name, err)
+                continue
             except ImportError as err:
                 reports.append(CandidateReport(name, "unavailable", f"not installed ({err.name or err})"))
                 log.info("candidate %s skipped: not installed (%s)", name, err.name or err)
@@ -442,7 +451,9 @@ def optimize_for_inference(
     working, reports = _build_candidates(names, prepared, example, reference, rtol, first_only=not measure)
     if not working:
         details = "; ".join(f"{r.name}: {r.status} {r.detail}".strip() for r in reports)
-        raise ValueError(f"no candidate reproduces the eager model within rtol={rtol:g} ({details})")
+        hint = (" On CUDA, TensorFloat-32 moves float32 results by ~1e-3: turn it off or pass a larger rtol."
+                if cuda and dtype == torch.float32 else "")
+        raise ValueError(f"no candidate reproduces the eager model within rtol={rtol:g} ({details}).{hint}")
 
     if measure and len(working) > 1:
         with torch.no_grad():
@@ -460,6 +471,6 @@ def optimize_for_inference(
     else:
         chosen = next(iter(working))
         reason = "the only candidate that works" if measure else "first working candidate (not measured)"
-    log.info("optimize_for_inference(%s, %s, %s): %s (%s)", type(model).__name__, device, str(dtype).removeprefix("torch."),
-             chosen, reason)
+    log.info("optimize_for_inference(%s, %s, %s): %s (%s)", type(model).__name__, device,
+             str(dtype).removeprefix("torch."), chosen, reason)
     return InferenceRunner(working[chosen], backend=chosen, device=device, dtype=dtype, reports=reports, reason=reason)
