@@ -148,3 +148,11 @@ def test_core_import_pulls_in_no_optional_runtime() -> None:
             "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_openvino_candidate_when_installed(tiny_train: nn.Module) -> None:
+    pytest.importorskip("openvino")
+    x = torch.randn(3, 3, 32, 32)
+    runner = optimize_for_inference(tiny_train, x, candidates=["openvino"])
+    assert runner.backend == "openvino"
+    assert relative_error(runner(x), _eager(tiny_train, x)) <= 1e-4

@@ -7,16 +7,16 @@ the fastest as a plain callable (tensor in, tensor out).
 
 Candidates (the :data:`CANDIDATES` table):
 
-==================  =====  ====================================================================
-``eager``           both   PyTorch as it is
-``channels_last``   both   PyTorch with NHWC weights and activations (oneDNN / cuDNN prefer it)
-``torchscript``     both   traced, frozen and ``torch.jit.optimize_for_inference``-d graph
-``onnxruntime``     cpu    the model exported to ONNX and run by ONNX Runtime (float32)
-``openvino``        cpu    the ONNX graph compiled by OpenVINO, when ``openvino`` is installed
-``compile``         both   ``torch.compile`` (with weight freezing on the CPU; slow to build)
-``cuda_graph``      cuda   channels_last eager captured once per input shape and replayed
-``compile_cuda_graph`` cuda ``torch.compile(mode="reduce-overhead")`` (Inductor + CUDA graphs)
-==================  =====  ====================================================================
+======================  =====  ====================================================================
+``eager``               both   PyTorch as it is
+``channels_last``       both   PyTorch with NHWC weights and activations (oneDNN / cuDNN prefer it)
+``torchscript``         both   traced, frozen and ``torch.jit.optimize_for_inference``-d graph
+``onnxruntime``         cpu    the model exported to ONNX and run by ONNX Runtime (float32)
+``openvino``            cpu    the ONNX graph compiled by OpenVINO, when ``openvino`` is installed
+``compile``             both   ``torch.compile`` (with weight freezing on the CPU; slow to build)
+``cuda_graph``          cuda   channels_last eager captured once per input shape and replayed
+``compile_cuda_graph``  cuda   ``torch.compile(mode="reduce-overhead")`` (Inductor + CUDA graphs)
+======================  =====  ====================================================================
 
 By default the CPU tries eager, channels_last, torchscript, onnxruntime and openvino (compilation
 takes tens of seconds on a small CPU, so ``compile`` is tried only when asked for); CUDA tries
@@ -163,7 +163,7 @@ def _build_compile(ctx: _BuildContext) -> Runner:
         compiled = torch.compile(model, dynamic=False, options={"freezing": True})
     else:
         model = model.to(memory_format=torch.channels_last)
-        compiled = torch.compile(model, dynamic=False, mode="max-autotune-no-cudagraphs")
+        compiled = torch.compile(model, dynamic=False)  # max-autotune would take minutes per model
 
     def run(x: Tensor) -> Any:
         return compiled(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
