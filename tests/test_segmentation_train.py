@@ -155,7 +155,7 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
 
 def test_two_process_gloo_run(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
            "-m", "repvgg", "seg-train", *TINY, "--epochs", "1", "--baseline", "none", "--output", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

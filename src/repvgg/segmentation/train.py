@@ -124,7 +124,12 @@ def train_segmenter(config: SegTrainConfig) -> dict[str, Any]:
     if not ctx.is_main:
         logging.getLogger("repvgg").setLevel(logging.WARNING)
     try:
-        return _run(config, ctx)
+        summary = _run(config, ctx)
+        if ctx.distributed:
+            # Rank 0 still writes files and times models; the others wait, since a process that tears
+            # down its process group while a peer is still in it can abort.
+            torch.distributed.barrier()
+        return summary
     finally:
         shutdown_distributed()
 
