@@ -62,8 +62,11 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, wait: bool = False) -> None:
+    """Leave the process group; ``wait`` first lets every process (rank 0 writing files) catch up."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

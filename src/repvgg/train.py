@@ -162,10 +162,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ctx = init_distributed(config.device)
     if not ctx.is_main:
         logging.getLogger("repvgg").setLevel(logging.WARNING)
+    finished = False
     try:
-        return _run(config, ctx)
+        summary = _run(config, ctx)
+        finished = True
+        return summary
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait=finished)
 
 
 def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:

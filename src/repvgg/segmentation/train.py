@@ -123,15 +123,13 @@ def train_segmenter(config: SegTrainConfig) -> dict[str, Any]:
     ctx = init_distributed(config.device)
     if not ctx.is_main:
         logging.getLogger("repvgg").setLevel(logging.WARNING)
+    finished = False
     try:
         summary = _run(config, ctx)
-        if ctx.distributed:
-            # Rank 0 still writes files and times models; the others wait, since a process that tears
-            # down its process group while a peer is still in it can abort.
-            torch.distributed.barrier()
+        finished = True
         return summary
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait=finished)
 
 
 def _run(config: SegTrainConfig, ctx: DistContext) -> dict[str, Any]:
