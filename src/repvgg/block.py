@@ -140,7 +140,7 @@ class RepVGGBlock(nn.Module):
         self.has_identity = use_identity and in_channels == out_channels and stride == 1
 
         self.se: nn.Module = SEBlock(out_channels) if use_se else nn.Identity()
-        self.nonlinearity = nn.ReLU()
+        self.nonlinearity = nn.ReLU(inplace=True)  # its input is always a fresh tensor: saves one activation
 
         self.rbr_reparam: nn.Conv2d | None = None
         self.rbr_dense: ConvBN | None = None
