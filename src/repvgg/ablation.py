@@ -193,11 +193,9 @@ def ablation_table(result: AblationResult, *, with_paper: bool = False) -> str:
 
 def plot_ablation(result: AblationResult, output: str | Path) -> tuple[Path, Path]:
     """``ablation_loss.png`` (mean training-loss curve per configuration) and ``ablation_accuracy.png``."""
-    import matplotlib
+    from repvgg.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     output = Path(output)
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in result.rows:

@@ -484,11 +484,9 @@ def results_table(result: BenchResult) -> str:
 
 def plot_results(result: BenchResult, path: str | os.PathLike[str], dtype: str = "float32") -> Path:
     """Throughput against parameters, one point per model (its fastest form), like the paper's Fig. 1."""
-    import matplotlib
+    from repvgg.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     best: dict[tuple[str, str], BenchRow] = {}
     for r in result.rows:
         if r.dtype != dtype or r.form in ("conv3x3", "train") or r.throughput is None:

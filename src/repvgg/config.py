@@ -12,13 +12,48 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
-__all__ = ["TrainConfig", "load_config_file"]
+__all__ = ["RunConfig", "TrainConfig", "load_config_file", "resolve_run_config"]
+
+C = TypeVar("C", bound="RunConfig")
+
+
+class RunConfig:
+    """Dict/YAML round trips shared by the run configurations (a base for dataclasses)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Build from a mapping (``-`` or ``_`` in keys); unknown keys are an error naming the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(normalised) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**normalised)
+
+    def updated(self: C, **changes: Any) -> C:
+        """A copy with ``changes`` applied (``None`` values are ignored, as for unset CLI flags)."""
+        merged = self.to_dict()
+        merged.update({k: v for k, v in changes.items() if v is not None})
+        return type(self).from_dict(merged)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the config as YAML, atomically."""
+        import yaml
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+        return path
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything a training run needs. Paper defaults for ImageNet, small defaults for the digits data.
 
     ``None`` in ``lr``, ``img_size`` and ``warmup_epochs`` means "derive it": the learning rate is
@@ -85,33 +120,6 @@ class TrainConfig:
             return self.warmup_epochs
         return 5.0 if self.epochs >= 100 else 1.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping; unknown keys are an error naming the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(normalised) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**normalised)
-
-    def updated(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes`` applied (``None`` values are ignored, as for unset CLI flags)."""
-        merged = self.to_dict()
-        merged.update({k: v for k, v in changes.items() if v is not None})
-        return TrainConfig.from_dict(merged)
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        import yaml
-
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
-        return path
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -129,3 +137,26 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values, got {type(data).__name__}")
     return data
+
+
+def resolve_run_config(
+    config_cls: type[C],
+    *,
+    resume: str | None = None,
+    config_file: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> C:
+    """Merge, in this order of precedence: defaults < a resumed run's config < a config file < flags.
+
+    ``flags`` holds command-line values, ``None`` for the ones not given.
+    """
+    from repvgg.checkpoint import load_checkpoint
+
+    base: dict[str, Any] = {}
+    if resume:
+        base.update(load_checkpoint(resume)["config"])
+        base.pop("stop_after_steps", None)  # a time slice applies to one invocation only
+    if config_file:
+        base.update({k.replace("-", "_"): v for k, v in load_config_file(config_file).items()})
+    config = config_cls.from_dict(base) if base else config_cls()
+    return config.updated(**(flags or {}))

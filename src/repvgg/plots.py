@@ -4,32 +4,45 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-__all__ = ["plot_training_curves"]
+__all__ = ["pyplot", "plot_curves", "plot_training_curves"]
 
 
-def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
-    """Loss (train/val) and accuracy (train/val top-1) per epoch, side by side."""
+def pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend (imported only when a figure is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(
+    history: Sequence[dict[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    losses: Mapping[str, str],
+    scores: Mapping[str, str],
+    loss_label: str,
+    score_label: str,
+    title: str = "",
+) -> Path:
+    """Per-epoch curves, losses on the left and scores on the right; the mappings are legend -> history key."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], label="val")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("cross-entropy")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [r["train_top1"] for r in history], label="train top-1")
-    ax_acc.plot(epochs, [r["val_top1"] for r in history], label="val top-1")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.legend()
-    for ax in (ax_loss, ax_acc):
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, series, ylabel in ((ax_loss, losses, loss_label), (ax_score, scores, score_label)):
+        for legend, key in series.items():
+            ax.plot(epochs, [row[key] for row in history], label=legend)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend()
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -37,3 +50,10 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathL
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Classification runs: loss (train/val) and top-1 accuracy (train/val) per epoch."""
+    return plot_curves(history, path, losses={"train": "train_loss", "val": "val_loss"},
+                       scores={"train top-1": "train_top1", "val top-1": "val_top1"},
+                       loss_label="cross-entropy", score_label="accuracy (%)", title=title)

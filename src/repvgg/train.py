@@ -7,29 +7,25 @@ data -> model -> optimizer -> (resume) -> epochs of SGD with per-epoch validatio
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from repvgg.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from repvgg.complexity import count_parameters
 from repvgg.config import TrainConfig
 from repvgg.convert import reparameterize_model
-from repvgg.complexity import count_parameters
 from repvgg.data import DatasetBundle, build_datasets
-from repvgg.distributed import (DistContext, EpochSampler, ShardSampler, all_reduce, init_distributed,
-                                shutdown_distributed)
+from repvgg.distributed import DistContext, ShardSampler, all_reduce
+from repvgg.engine import (StopRequest, epoch_loader, progress_bar, run_distributed, run_folder, seed_epoch,
+                           should_stop, write_metrics)
 from repvgg.evaluate import evaluate_models, measure_throughput, topk_correct
 from repvgg.model import RepVGG
 from repvgg.optim import build_optimizer, custom_l2, learning_rate
@@ -37,7 +33,7 @@ from repvgg.registry import create_model
 from repvgg.report import write_json
 from repvgg.weights import checkpoint_num_classes, load_state_dict_into, read_checkpoint, save_weights
 
-__all__ = ["train", "default_output_dir", "seed_epoch", "progress_bar", "write_metrics"]
+__all__ = ["train", "default_output_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,46 +52,9 @@ class RunState:
         self.history = self.history or []
 
 
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second signal aborts)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("received %s: saving a resumable checkpoint after this step", signal.Signals(signum).name)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopRequest]:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        try:
-            yield self
-        finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
-
-
 def default_output_dir(config: TrainConfig) -> Path:
     dataset = "digits" if config.data is None else Path(config.data).name
     return Path("runs") / f"{config.model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Seed Python, NumPy and torch from ``(seed, epoch, rank)`` (each epoch's augmentation is reproducible)."""
-    value = (seed * 1_000_003 + epoch * 7919 + rank) % (2**31)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
 
 
 def _build_model(config: TrainConfig, bundle: DatasetBundle) -> RepVGG:
@@ -143,15 +102,6 @@ def _checkpoint_payload(config: TrainConfig, model: RepVGG, optimizer: torch.opt
     }
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm bar on an interactive stderr, else ``None`` (the loop then logs every few steps)."""
-    if enabled and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-    return None
-
-
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the whole job described by ``config`` and return the summary (also written to ``summary.json``).
 
@@ -159,23 +109,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ``stop_after_steps`` ends the run early with a resumable ``last.pt``; the summary then has
     ``"interrupted": true``.
     """
-    ctx = init_distributed(config.device)
-    if not ctx.is_main:
-        logging.getLogger("repvgg").setLevel(logging.WARNING)
-    finished = False
-    try:
-        summary = _run(config, ctx)
-        finished = True
-        return summary
-    finally:
-        shutdown_distributed(wait=finished)
+    return run_distributed(lambda ctx: _run(config, ctx), config.device)
 
 
 def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     resume = load_checkpoint(config.resume) if config.resume else None
-    output = Path(config.output) if config.output else (
-        Path(config.resume).parent if config.resume and Path(config.resume).is_file()
-        else Path(config.resume) if config.resume else default_output_dir(config))
+    output = run_folder(config.output, config.resume, lambda: default_output_dir(config))
     if config.output is None:
         config = config.updated(output=str(output))
     if ctx.is_main:
@@ -247,13 +186,8 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
             epoch = state.epoch
             if state.step_in_epoch == 0:
                 seed_epoch(config.seed, epoch + 1, ctx.rank)
-            sampler = EpochSampler(len(bundle.train), seed=config.seed, epoch=epoch, rank=ctx.rank,
-                                   world_size=ctx.world_size, skip=state.step_in_epoch * local_batch)
-            # The loader's own generator (worker seeds) keeps it from drawing on the global RNG, whose
-            # state is what makes a mid-epoch resume exact.
-            loader = DataLoader(bundle.train, batch_size=local_batch, sampler=sampler, drop_last=True,
-                                num_workers=config.workers, pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
+            loader = epoch_loader(bundle.train, seed=config.seed, epoch=epoch, ctx=ctx, local_batch=local_batch,
+                                  skip_steps=state.step_in_epoch, workers=config.workers)
             net.train()
             stop_now = False
             sums = torch.zeros(3, dtype=torch.float64)  # loss*n, correct, n
@@ -295,9 +229,7 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                     logger.info("epoch %d step %d/%d loss %.4f acc %.1f%% lr %.4g", epoch + 1,
                                 state.step_in_epoch, steps_per_epoch, sums[0] / sums[2],
                                 100 * sums[1] / sums[2], lr)
-                stop = torch.tensor([float(stopper.requested or (
-                    config.stop_after_steps is not None and steps_this_run >= config.stop_after_steps))])
-                stop_now = float(all_reduce(stop, "max")) > 0
+                stop_now = should_stop(stopper, steps_this_run, config.stop_after_steps)
                 if stop_now and state.step_in_epoch < steps_per_epoch:
                     interrupted = True
                     break
@@ -353,16 +285,6 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     if ctx.is_main:
         write_json(output / "summary.json", summary)
     return summary
-
-
-def write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
-    """Write ``history`` as ``output/metrics.jsonl``, one JSON row per epoch, atomically."""
-    import json
-    import os
-
-    tmp = output / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, output / "metrics.jsonl")
 
 
 def _finish(config: TrainConfig, ctx: DistContext, bundle: DatasetBundle, model: RepVGG,

@@ -66,20 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """Merge defaults, a resumed run's config, a config file and the flags into a ``SegTrainConfig``."""
-    from repvgg.checkpoint import load_checkpoint
-    from repvgg.config import load_config_file
+    from repvgg.cli.train import flag_values
+    from repvgg.config import resolve_run_config
     from repvgg.segmentation.config import SegTrainConfig
 
-    base: dict[str, Any] = {}
-    if args.resume:
-        base.update(load_checkpoint(args.resume)["config"])
-        base.pop("stop_after_steps", None)
-    if args.config:
-        base.update({k.replace("-", "_"): v for k, v in load_config_file(args.config).items()})
-    config = SegTrainConfig.from_dict(base) if base else SegTrainConfig()
-    flags = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
-             for flag, _ in _FLAGS}
-    return config.updated(**flags)
+    return resolve_run_config(SegTrainConfig, resume=args.resume, config_file=args.config,
+                              flags=flag_values(args, _FLAGS))
 
 
 def run(args: argparse.Namespace) -> int:

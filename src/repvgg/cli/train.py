@@ -74,21 +74,18 @@ def _parse_spec(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def flag_values(args: argparse.Namespace, flags: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The parsed values of ``flags`` by config field name (``None`` where a flag was not given)."""
+    names = [flag.lstrip("-").replace("-", "_") for flag, _ in flags]
+    return {name: getattr(args, name) for name in names}
+
+
 def resolve_config(args: argparse.Namespace):
     """Merge defaults, a resumed run's config, a config file and the flags into a :class:`TrainConfig`."""
-    from repvgg.checkpoint import load_checkpoint
-    from repvgg.config import TrainConfig, load_config_file
+    from repvgg.config import TrainConfig, resolve_run_config
 
-    base: dict[str, Any] = {}
-    if args.resume:
-        base.update(load_checkpoint(args.resume)["config"])
-        base.pop("stop_after_steps", None)
-    if args.config:
-        base.update({k.replace("-", "_"): v for k, v in load_config_file(args.config).items()})
-    config = TrainConfig.from_dict(base) if base else TrainConfig()
-    flags = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_"))
-             for flag, _ in _FLAGS}
-    config = config.updated(**flags)
+    config = resolve_run_config(TrainConfig, resume=args.resume, config_file=args.config,
+                                flags=flag_values(args, _FLAGS))
     if args.spec:
         config = config.updated(model_overrides={**config.model_overrides, **_parse_spec(args.spec)})
     return config

@@ -9,12 +9,9 @@ in PSPNet) and the paper's ``lr`` 0.01 with batch 16 and an ImageNet-pretrained 
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping
 
+from repvgg.config import RunConfig
 from repvgg.segmentation.backbones import FAST_DILATED_LAYERS
 from repvgg.segmentation.pspnet import AUX_LOSS_WEIGHT, SegmenterConfig
 from repvgg.segmentation.synthetic import SyntheticConfig
@@ -26,7 +23,7 @@ BASELINES = ("resnet50", "resnet101", "none")
 
 
 @dataclass
-class SegTrainConfig:
+class SegTrainConfig(RunConfig):
     """Everything a segmentation run needs.
 
     ``lr=None`` means ``0.01 * batch_size / 16`` for folder data (the paper's 0.01 at batch 16, with a
@@ -119,32 +116,3 @@ class SegTrainConfig:
             aux_channels=self.aux_channels,
             dropout=self.dropout,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SegTrainConfig:
-        """Build from a mapping (``-`` or ``_`` in keys); unknown keys are an error naming the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(normalised) - known)
-        if unknown:
-            raise ValueError(f"unknown segmentation config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**normalised)
-
-    def updated(self, **changes: Any) -> SegTrainConfig:
-        """A copy with ``changes`` applied (``None`` values are ignored, as for unset CLI flags)."""
-        merged = self.to_dict()
-        merged.update({k: v for k, v in changes.items() if v is not None})
-        return SegTrainConfig.from_dict(merged)
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the resolved config as YAML, atomically."""
-        import yaml
-
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
-        return path

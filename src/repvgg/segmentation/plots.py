@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from repvgg.plots import plot_curves, pyplot
 from repvgg.segmentation.pspnet import IGNORE_INDEX
 from repvgg.segmentation.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -60,15 +61,6 @@ def denormalize(image: Tensor) -> np.ndarray:
     return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_predictions(
     samples: Sequence[tuple[Tensor, Tensor, Tensor]],
     path: str | os.PathLike[str],
@@ -83,7 +75,7 @@ def plot_predictions(
     """
     from matplotlib.patches import Patch
 
-    plt = _pyplot()
+    plt = pyplot()
     num_classes = len(class_names)
     rows = len(samples)
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows + 0.6), squeeze=False)
@@ -111,28 +103,6 @@ def plot_predictions(
 
 def plot_segmentation_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
     """Loss (train/val) and validation mIoU / pixel accuracy per epoch, side by side."""
-    plt = _pyplot()
-    epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train (main + aux)")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], label="val (main)")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("cross-entropy per pixel")
-    ax_loss.legend()
-    ax_score.plot(epochs, [r["val_miou"] for r in history], label="val mIoU")
-    ax_score.plot(epochs, [r["val_pixel_accuracy"] for r in history], label="val pixel accuracy")
-    ax_score.set_xlabel("epoch")
-    ax_score.set_ylabel("%")
-    ax_score.legend()
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (ax_loss, ax_score):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plot_curves(history, path, losses={"train (main + aux)": "train_loss", "val (main)": "val_loss"},
+                       scores={"val mIoU": "val_miou", "val pixel accuracy": "val_pixel_accuracy"},
+                       loss_label="cross-entropy per pixel", score_label="%", title=title)

@@ -4,7 +4,7 @@
 data -> segmenter -> optimizer -> (resume) -> epochs of SGD with poly learning rate, per-epoch
 validation and checkpoints -> final evaluation of the training-time segmenter and its converted
 copy, speed against a ResNet PSPNet -> files in the run folder. It shares its machinery with
-``repvgg train`` (:mod:`repvgg.train`): the stop request, checkpoints, epoch sampler and the
+``repvgg train`` (:mod:`repvgg.engine`): the stop request, checkpoints, epoch loader and the
 distributed helpers, so a run is resumable and ``torchrun``-ready in the same way.
 """
 
@@ -25,14 +25,9 @@ from torch.utils.data import DataLoader
 from repvgg.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from repvgg.complexity import count_parameters
 from repvgg.convert import reparameterize_model
-from repvgg.distributed import (
-    DistContext,
-    EpochSampler,
-    ShardSampler,
-    all_reduce,
-    init_distributed,
-    shutdown_distributed,
-)
+from repvgg.distributed import DistContext, ShardSampler, all_reduce
+from repvgg.engine import (StopRequest, epoch_loader, progress_bar, run_distributed, run_folder, seed_epoch,
+                           should_stop, write_metrics)
 from repvgg.optim import build_optimizer
 from repvgg.report import write_json
 from repvgg.segmentation.config import SegTrainConfig
@@ -42,7 +37,6 @@ from repvgg.segmentation.metrics import compare_segmenters
 from repvgg.segmentation.plots import plot_predictions, plot_segmentation_curves
 from repvgg.segmentation.pspnet import PSPNet, build_segmenter, main_logits, segmentation_loss
 from repvgg.segmentation.weights import save_segmenter
-from repvgg.train import StopRequest, progress_bar, seed_epoch, write_metrics
 
 __all__ = ["train_segmenter", "poly_learning_rate", "default_segmentation_output_dir"]
 
@@ -120,23 +114,12 @@ def train_segmenter(config: SegTrainConfig) -> dict[str, Any]:
     ``stop_after_steps`` ends the run early with a resumable ``last.pt``; the summary then has
     ``"interrupted": true``.
     """
-    ctx = init_distributed(config.device)
-    if not ctx.is_main:
-        logging.getLogger("repvgg").setLevel(logging.WARNING)
-    finished = False
-    try:
-        summary = _run(config, ctx)
-        finished = True
-        return summary
-    finally:
-        shutdown_distributed(wait=finished)
+    return run_distributed(lambda ctx: _run(config, ctx), config.device)
 
 
 def _run(config: SegTrainConfig, ctx: DistContext) -> dict[str, Any]:
     resume = load_checkpoint(config.resume) if config.resume else None
-    output = Path(config.output) if config.output else (
-        Path(config.resume).parent if config.resume and Path(config.resume).is_file()
-        else Path(config.resume) if config.resume else default_segmentation_output_dir(config))
+    output = run_folder(config.output, config.resume, lambda: default_segmentation_output_dir(config))
     if config.output is None:
         config = config.updated(output=str(output))
     if ctx.is_main:
@@ -196,12 +179,8 @@ def _run(config: SegTrainConfig, ctx: DistContext) -> dict[str, Any]:
             epoch = state.epoch
             if state.step_in_epoch == 0:
                 seed_epoch(config.seed, epoch + 1, ctx.rank)
-            sampler = EpochSampler(len(bundle.train), seed=config.seed, epoch=epoch, rank=ctx.rank,
-                                   world_size=ctx.world_size, skip=state.step_in_epoch * local_batch)
-            # The loader's own generator keeps it off the global RNG, whose state makes a mid-epoch resume exact.
-            loader = DataLoader(bundle.train, batch_size=local_batch, sampler=sampler, drop_last=True,
-                                num_workers=config.workers, pin_memory=device.type == "cuda",
-                                generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
+            loader = epoch_loader(bundle.train, seed=config.seed, epoch=epoch, ctx=ctx, local_batch=local_batch,
+                                  skip_steps=state.step_in_epoch, workers=config.workers)
             net.train()
             stop_now = False
             sums = torch.zeros(4, dtype=torch.float64)  # loss*images, images, correct pixels, labelled pixels
@@ -238,9 +217,7 @@ def _run(config: SegTrainConfig, ctx: DistContext) -> dict[str, Any]:
                     logger.info("epoch %d step %d/%d loss %.4f pixel acc %.1f%% lr %.4g", epoch + 1,
                                 state.step_in_epoch, steps_per_epoch, sums[0] / sums[1],
                                 100 * sums[2] / max(1, sums[3]), lr)
-                stop = torch.tensor([float(stopper.requested or (
-                    config.stop_after_steps is not None and steps_this_run >= config.stop_after_steps))])
-                stop_now = float(all_reduce(stop, "max")) > 0
+                stop_now = should_stop(stopper, steps_this_run, config.stop_after_steps)
                 if stop_now and state.step_in_epoch < steps_per_epoch:
                     interrupted = True
                     break
