@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/repvgg train $(ARGS)
 
-## make test: the whole test suite on CPU
+## make test: lint, then the whole test suite on CPU
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/python -m pytest -q $(ARGS)

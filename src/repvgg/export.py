@@ -2,7 +2,7 @@
 
 The deployed RepVGG is a stack of 3x3 convs and ReLUs, which every inference runtime handles well; the
 exported graph has a dynamic batch dimension. ``onnx`` and ``onnxruntime`` are imported only here,
-inside the functions (``pip install 'repvgg[onnx]'``).
+inside the functions, so ``import repvgg`` needs torch alone.
 """
 
 from __future__ import annotations
