@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -83,11 +81,6 @@ def evaluate_models(
     )
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def measure_throughput(
     models: Sequence[nn.Module],
@@ -96,26 +89,18 @@ def measure_throughput(
     warmup: int = 2,
     rounds: int = 7,
 ) -> list[float]:
-    """Images/s of each model on ``batch``: interleaved rounds (A B A B ...) after warm-up, median.
+    """Images/s of each model (eval mode) on ``batch``: interleaved rounds (A B A B ...) after warm-up, median.
 
     Interleaving makes the comparison fair on a noisy machine: background load hits every model
-    alike. CUDA work is synchronized before the clock is read.
+    alike. CUDA work is timed with CUDA events (:mod:`repvgg.timing`).
     """
-    device = batch.device
+    from repvgg.timing import make_timer, time_interleaved
+
     for model in models:
         model.eval()
-        for _ in range(warmup):
-            model(batch)
-    _synchronize(device)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for i, model in enumerate(models):
-            _synchronize(device)
-            start = time.perf_counter()
-            model(batch)
-            _synchronize(device)
-            times[i].append(time.perf_counter() - start)
-    return [batch.shape[0] / statistics.median(t) for t in times]
+    calls = {str(i): (lambda m=model: m(batch)) for i, model in enumerate(models)}
+    results = time_interleaved(calls, warmup=warmup, rounds=rounds, timer=make_timer(batch.device))
+    return [results[str(i)].throughput(batch.shape[0]) for i in range(len(models))]
 
 
 def evaluate_checkpoint(
