@@ -14,26 +14,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-__all__ = ["RunConfig", "TrainConfig", "load_config_file", "resolve_run_config"]
+__all__ = ["DictMixin", "RunConfig", "TrainConfig", "load_config_file", "resolve_run_config"]
 
+D = TypeVar("D", bound="DictMixin")
 C = TypeVar("C", bound="RunConfig")
 
 
-class RunConfig:
-    """Dict/YAML round trips shared by the run configurations (a base for dataclasses)."""
+class DictMixin:
+    """JSON-friendly dict round trips for dataclasses (specs and configs stored in checkpoints)."""
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-        """Build from a mapping (``-`` or ``_`` in keys); unknown keys are an error naming the known ones."""
+    def from_dict(cls: type[D], data: Mapping[str, Any]) -> D:
+        """Build from a mapping (``-`` or ``_`` in keys); unknown keys are an error naming the known ones.
+
+        Nothing is evaluated: values are passed to the dataclass as they are.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(normalised) - known)
         if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
         return cls(**normalised)
+
+
+class RunConfig(DictMixin):
+    """A run configuration: dict round trips plus overrides and a YAML copy in the run folder."""
 
     def updated(self: C, **changes: Any) -> C:
         """A copy with ``changes`` applied (``None`` values are ignored, as for unset CLI flags)."""

@@ -7,7 +7,6 @@ pooling and a linear head (Ding et al., RepVGG, CVPR 2021, Sec. 3.4, Table 2).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from repvgg.block import RepVGGBlock
+from repvgg.config import DictMixin
 
 __all__ = ["RepVGGSpec", "RepVGG"]
 
@@ -23,7 +23,7 @@ NUM_STAGES = 5
 
 
 @dataclass(frozen=True)
-class RepVGGSpec:
+class RepVGGSpec(DictMixin):
     """Everything that defines a RepVGG architecture, as plain data.
 
     Attributes:
@@ -106,18 +106,6 @@ class RepVGGSpec:
                 in_ch = width
         return layers
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable description (stored in checkpoints so a model can be rebuilt from the file)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RepVGGSpec:
-        """Rebuild a spec from :meth:`to_dict` output; unknown keys are an error, nothing is evaluated."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown RepVGGSpec fields {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**data)
 
 
 class RepVGG(nn.Module):

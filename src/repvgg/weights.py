@@ -24,6 +24,7 @@ from repvgg.model import RepVGG, RepVGGSpec
 
 __all__ = [
     "read_checkpoint",
+    "read_safetensors",
     "checkpoint_num_classes",
     "is_deploy_state_dict",
     "load_state_dict_into",
@@ -127,15 +128,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
         raise FileNotFoundError(f"weights file not found: {path}")
     metadata: dict[str, Any] = {}
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
-        try:
-            state_dict = load_file(str(path), device="cpu")
-            with safe_open(str(path), framework="pt") as handle:
-                raw_meta = handle.metadata() or {}
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise ValueError(f"could not read {path} as safetensors (truncated or corrupt?): {err}") from err
+        state_dict, raw_meta = read_safetensors(path)
         metadata = _decode_metadata(raw_meta)
     else:
         try:
@@ -151,6 +144,23 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
     if _is_timm_format(list(state_dict)):
         state_dict = timm_to_official(state_dict)
     return state_dict, metadata
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, str]]:
+    """Tensors (on the CPU) and the string metadata of a safetensors file.
+
+    Raises:
+        ValueError: the file is truncated or not safetensors.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        state_dict = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as handle:
+            return state_dict, dict(handle.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"could not read {path} as safetensors (truncated or corrupt?): {err}") from err
 
 
 def _decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:

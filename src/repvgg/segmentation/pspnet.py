@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from repvgg.config import DictMixin
 from repvgg.convert import is_reparameterizable
 from repvgg.registry import canonical_name as normalise_model_name
 from repvgg.registry import get_spec, list_models
@@ -60,7 +61,7 @@ class SegmentationOutput(NamedTuple):
 
 
 @dataclass(frozen=True)
-class SegmenterConfig:
+class SegmenterConfig(DictMixin):
     """Everything that defines a segmenter, as plain data (stored in checkpoints to rebuild it).
 
     Attributes:
@@ -112,18 +113,6 @@ class SegmenterConfig:
     def is_resnet(self) -> bool:
         return self.backbone in RESNET_DEPTHS
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable description."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SegmenterConfig:
-        """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown SegmenterConfig fields {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**data)
 
 
 def list_backbones() -> list[str]:

@@ -60,15 +60,9 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     not_ours = (f"{path} is not a segmenter file written by `repvgg seg-train` (no segmenter configuration "
                 "inside); pass its deploy.safetensors, best.pt or last.pt")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
+        from repvgg.weights import read_safetensors
 
-        try:
-            state_dict = load_file(str(path), device="cpu")
-            with safe_open(str(path), framework="pt") as handle:
-                raw = handle.metadata() or {}
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise ValueError(f"could not read {path} as safetensors (truncated or corrupt?): {err}") from err
+        state_dict, raw = read_safetensors(path)
         if raw.get("format") != SEGMENTER_FORMAT or "segmenter" not in raw:
             raise ValueError(not_ours)
         meta = {
