@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_process
 from PIL import Image
 
 from repvgg.checkpoint import load_checkpoint
 from repvgg.cli import main
 from repvgg.config import TrainConfig
 from repvgg.data import build_datasets, check_image_folder, digits_split
+from repvgg.engine import training_memory_format
 from repvgg.train import train
 
 TINY = ["--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "32"]
@@ -199,3 +201,22 @@ def test_corrupt_image_fails_naming_the_file_or_is_skipped(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="class_0/2.png"):
         train(TrainConfig(model="repvgg_tiny", data=str(root), img_size=32, epochs=1, batch_size=4, device="cpu",
                           output=str(tmp_path / "run")))
+
+
+def test_channels_last_training_on_cpu_avoids_the_avx2_hang(tmp_path: Path) -> None:
+    # oneDNN's AVX2 kernel for the channels-last backward of Conv2d(3, 32, 1, stride=2) (the stem's 1x1
+    # branch) can spin forever; ONEDNN_MAX_CPU_ISA=AVX2 selects that kernel on AVX-512 machines too.
+    # The limit is a hang detector, far above the few seconds this takes.
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    cmd = [sys.executable, "-m", "repvgg", "train", "--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "6",
+           "--channels-last", "--epochs", "1", "--stop-after-steps", "4", "--output", str(tmp_path / "run")]
+    result = run_process(cmd, timeout=600, env=env)
+    assert result.returncode == 130, result.stderr[-3000:]  # stopped after its step budget, resumable
+    assert "--channels-last applies to CUDA only" in result.stderr
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["global_step"] == 4
+
+
+def test_training_memory_format_is_channels_last_only_on_cuda() -> None:
+    assert training_memory_format(True, torch.device("cpu")) == torch.contiguous_format
+    assert training_memory_format(False, torch.device("cuda")) == torch.contiguous_format
+    assert training_memory_format(True, torch.device("cuda")) == torch.channels_last

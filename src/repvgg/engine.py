@@ -33,6 +33,7 @@ __all__ = [
     "run_folder",
     "seed_epoch",
     "should_stop",
+    "training_memory_format",
     "write_metrics",
 ]
 
@@ -119,6 +120,21 @@ def should_stop(stopper: StopRequest, steps_this_run: int, stop_after_steps: int
     """True on every process once any process got a signal or the step budget is spent."""
     local = stopper.requested or (stop_after_steps is not None and steps_this_run >= stop_after_steps)
     return float(all_reduce(torch.tensor([float(local)]), "max")) > 0
+
+
+def training_memory_format(channels_last: bool, device: torch.device) -> torch.memory_format:
+    """The memory format to train in: channels-last only where it was asked for and the device is CUDA.
+
+    On CPUs without AVX-512, oneDNN's channels-last backward of a 1x1 convolution with 3 input channels
+    (the stem's 1x1 branch) can spin forever and ignores signals; on CPU the contiguous format is also
+    as fast for training, so channels-last there is declined with a log line, as ``--sync-bn`` is.
+    """
+    if not channels_last:
+        return torch.contiguous_format
+    if device.type != "cuda":
+        logger.info("--channels-last applies to CUDA only; training in the contiguous format on %s", device)
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

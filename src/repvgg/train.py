@@ -25,7 +25,7 @@ from repvgg.convert import reparameterize_model
 from repvgg.data import DatasetBundle, build_datasets
 from repvgg.distributed import DistContext, ShardSampler, all_reduce
 from repvgg.engine import (StopRequest, epoch_loader, progress_bar, run_distributed, run_folder, seed_epoch,
-                           should_stop, write_metrics)
+                           should_stop, training_memory_format, write_metrics)
 from repvgg.evaluate import evaluate_models, measure_throughput, topk_correct
 from repvgg.model import RepVGG
 from repvgg.optim import build_optimizer, custom_l2, learning_rate
@@ -123,7 +123,8 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     if config.amp and device.type != "cuda":
         logger.info("--amp applies to CUDA only; training in float32 on %s", device)
     use_amp = config.amp and device.type == "cuda"
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    memory_format = training_memory_format(config.channels_last, device)
+    channels_last = memory_format == torch.channels_last
 
     seed_epoch(config.seed, 0, ctx.rank)
     bundle = build_datasets(config.data, img_size=config.img_size, val_fraction=config.val_fraction,
@@ -244,7 +245,7 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
             state.epoch += 1
             state.step_in_epoch = 0
             eval_model = ema.module if ema is not None else model
-            report = evaluate_models([eval_model], val_loader, device, channels_last=config.channels_last)
+            report = evaluate_models([eval_model], val_loader, device, channels_last=channels_last)
             row = {
                 "epoch": state.epoch,
                 "train_loss": float(sums[0] / sums[2]),
@@ -280,7 +281,7 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
                 "output": str(output)}
 
     final = ema.module if ema is not None else model
-    summary = _finish(config, ctx, bundle, final, val_loader, output, state)
+    summary = _finish(config, ctx, bundle, final, val_loader, output, state, channels_last)
     summary["train_images_per_s"] = train_images / train_seconds if train_seconds > 0 else None
     if ctx.is_main:
         write_json(output / "summary.json", summary)
@@ -288,11 +289,11 @@ def _run(config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
 
 
 def _finish(config: TrainConfig, ctx: DistContext, bundle: DatasetBundle, model: RepVGG,
-            val_loader: DataLoader, output: Path, state: RunState) -> dict[str, Any]:
+            val_loader: DataLoader, output: Path, state: RunState, channels_last: bool) -> dict[str, Any]:
     """Evaluate the trained model, convert it, evaluate the plain model on the same batches, save it."""
     model.eval()
     plain = reparameterize_model(model)
-    report = evaluate_models([model, plain], val_loader, ctx.device, channels_last=config.channels_last)
+    report = evaluate_models([model, plain], val_loader, ctx.device, channels_last=channels_last)
     images, _ = next(iter(val_loader))
     speed = measure_throughput([model, plain], images.to(ctx.device))
     summary = {

@@ -25,7 +25,8 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--auto-augment", dict(help="timm policy for folders: 'rand-m9-mstd0.5' (RandAugment) "
                                  "or 'original' (AutoAugment)")),
     ("--amp", dict(action=argparse.BooleanOptionalAction, help="mixed precision (CUDA only)")),
-    ("--channels-last", dict(action=argparse.BooleanOptionalAction, help="channels_last memory format")),
+    ("--channels-last", dict(action=argparse.BooleanOptionalAction,
+                             help="channels_last memory format (CUDA only; on CPU training stays contiguous)")),
     ("--grad-checkpointing", dict(action=argparse.BooleanOptionalAction,
                                   help="recompute activations to save memory")),
     ("--sync-bn", dict(action=argparse.BooleanOptionalAction, help="SyncBatchNorm across processes")),
