@@ -14,7 +14,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from repvgg.bench import BenchConfig, plot_results, results_table, run_benchmark
+from repvgg.perf.bench import BenchConfig, plot_results, results_table, run_benchmark
 from repvgg.report import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"

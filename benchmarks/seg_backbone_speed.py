@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/seg_backbone_speed.py [--img-size 96] [--batch-size 16]
 
 PSPNet heads at their full widths (512 / 256), 19 classes; RepVGG backbones converted, ResNet backbones
-with every conv-BN pair fused; interleaved rounds after warm-up, median (repvgg.evaluate.measure_throughput).
+with every conv-BN pair fused; interleaved rounds after warm-up, median (repvgg.training.evaluate.measure_throughput).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import platform
 
 import torch
 
-from repvgg.convert import reparameterize_model
+from repvgg.nn.convert import reparameterize_model
 from repvgg.report import markdown_table
 from repvgg.segmentation.evaluate import segmenter_speed
 from repvgg.segmentation.pspnet import create_segmenter

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from repvgg.ablation import BRANCH_CONFIGS, PAPER_TOP1, converted_cost, ranking, ranking_agrees
+from repvgg.training.ablation import BRANCH_CONFIGS, PAPER_TOP1, converted_cost, ranking, ranking_agrees
 from repvgg.cli import main
-from repvgg.registry import create_model
+from repvgg.nn.registry import create_model
 
 SMOKE = ["--model", "repvgg_tiny", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--val-fraction", "0.8",
          "--device", "cpu"]

@@ -14,8 +14,8 @@ from torch import nn
 
 from conftest import randomize_bn, relative_error
 from repvgg import create_model, reparameterize_model
-from repvgg.baselines import count_conv_bn_pairs, fuse_conv_bn
-from repvgg.bench import (
+from repvgg.nn.baselines import count_conv_bn_pairs, fuse_conv_bn
+from repvgg.perf.bench import (
     BenchConfig,
     BenchResult,
     BenchRow,
@@ -26,8 +26,8 @@ from repvgg.bench import (
     run_benchmark,
 )
 from repvgg.cli import main
-from repvgg.memory import LiveTensorTracker, peak_forward_memory
-from repvgg.timing import TimingResult, time_interleaved
+from repvgg.perf.memory import LiveTensorTracker, peak_forward_memory
+from repvgg.perf.timing import TimingResult, time_interleaved
 
 
 def _recorder(log: list[str], name: str):

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import randomize_bn, relative_error
 from repvgg import RepVGGBlock, reparameterize_model
-from repvgg.fusion import fold_batchnorm, fuse_conv_bn_modules, identity_kernel, pad_kernel_to
+from repvgg.nn.fusion import fold_batchnorm, fuse_conv_bn_modules, identity_kernel, pad_kernel_to
 
 
 def test_training_forward_is_sum_of_branches_through_relu() -> None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from repvgg.cli import main
-from repvgg.complexity import model_complexity
+from repvgg.nn.complexity import model_complexity
 
 
 def test_info_prints_computed_counts(capsys: pytest.CaptureFixture[str]) -> None:

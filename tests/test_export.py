@@ -10,7 +10,7 @@ import torch
 from conftest import randomize_bn, relative_error
 from repvgg import create_model, reparameterize_model, save_weights
 from repvgg.cli import main
-from repvgg.export import export_onnx, needs_conversion
+from repvgg.io.export import export_onnx, needs_conversion
 
 
 @pytest.fixture(scope="module")

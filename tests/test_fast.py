@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import randomize_bn, relative_error
 from repvgg import create_model
-from repvgg.fast import (
+from repvgg.perf.fast import (
     CANDIDATES,
     Candidate,
     default_candidates,

@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import randomize_bn, relative_error
 from repvgg import RepVGG, RepVGGBlock, RepVGGSpec, create_model, get_spec, list_models, reparameterize_model
-from repvgg.complexity import count_macs, count_parameters, model_complexity
+from repvgg.nn.complexity import count_macs, count_parameters, model_complexity
 
 PAPER_MODELS = ["repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b1g2", "repvgg_b1g4",
                 "repvgg_b2", "repvgg_b2g2", "repvgg_b2g4", "repvgg_b3", "repvgg_b3g2", "repvgg_b3g4", "repvgg_d2se"]

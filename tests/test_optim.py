@@ -9,7 +9,7 @@ import torch
 
 from conftest import randomize_bn
 from repvgg import create_model, reparameterize_model
-from repvgg.optim import build_optimizer, custom_l2, learning_rate, parameter_groups
+from repvgg.training.optim import build_optimizer, custom_l2, learning_rate, parameter_groups
 
 
 def _names(model: torch.nn.Module, group: dict) -> set[str]:

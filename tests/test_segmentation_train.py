@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from repvgg.checkpoint import load_checkpoint
+from repvgg.io.checkpoint import load_checkpoint
 from repvgg.cli import build_parser, main
 from repvgg.segmentation.config import SegTrainConfig
 from repvgg.segmentation.train import poly_learning_rate, train_segmenter

@@ -15,12 +15,12 @@ import torch
 from conftest import run_process
 from PIL import Image
 
-from repvgg.checkpoint import load_checkpoint
+from repvgg.io.checkpoint import load_checkpoint
 from repvgg.cli import main
-from repvgg.config import TrainConfig
-from repvgg.data import build_datasets, check_image_folder, digits_split
-from repvgg.engine import training_memory_format
-from repvgg.train import train
+from repvgg.training.config import TrainConfig
+from repvgg.training.data import build_datasets, check_image_folder, digits_split
+from repvgg.training.engine import training_memory_format
+from repvgg.training.classification import train
 
 TINY = ["--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "32"]
 

@@ -3,13 +3,13 @@
 Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021.
 """
 
-from repvgg.block import RepVGGBlock, SEBlock
-from repvgg.convert import reparameterize_model
-from repvgg.export import export_onnx
-from repvgg.fast import optimize_for_inference
-from repvgg.model import RepVGG, RepVGGSpec
-from repvgg.registry import create_model, get_spec, list_models, register_model
-from repvgg.weights import load_model, load_weights, read_checkpoint, save_weights
+from repvgg.nn.block import RepVGGBlock, SEBlock
+from repvgg.nn.convert import reparameterize_model
+from repvgg.io.export import export_onnx
+from repvgg.perf.fast import optimize_for_inference
+from repvgg.nn.model import RepVGG, RepVGGSpec
+from repvgg.nn.registry import create_model, get_spec, list_models, register_model
+from repvgg.io.weights import load_model, load_weights, read_checkpoint, save_weights
 
 __version__ = "0.1.0"
 

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from repvgg.ablation import PAPER_TOP1, ablation_table, ranking, ranking_agrees, run_ablation, write_ablation
+    from repvgg.training.ablation import (PAPER_TOP1, ablation_table, ranking, ranking_agrees, run_ablation,
+                                         write_ablation)
 
     if args.model is None:
         args.model = DEFAULT_MODEL

@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from repvgg.bench import BenchConfig, parse_list, plot_results, results_table, run_benchmark
+    from repvgg.perf.bench import BenchConfig, parse_list, plot_results, results_table, run_benchmark
     from repvgg.report import write_json
 
     config = BenchConfig(

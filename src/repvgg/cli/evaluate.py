@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.evaluate import evaluate_checkpoint
+    from repvgg.training.evaluate import evaluate_checkpoint
     from repvgg.report import write_json
 
     result = evaluate_checkpoint(args.weights, data=args.data, arch=args.model, img_size=args.img_size,

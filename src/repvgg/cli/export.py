@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.export import export_onnx
+    from repvgg.io.export import export_onnx
 
     report = export_onnx(args.model, args.output, img_size=args.img_size, opset=args.opset,
                          num_classes=args.num_classes)

@@ -13,8 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.complexity import model_complexity
-    from repvgg.registry import get_spec, list_models
+    from repvgg.nn.complexity import model_complexity
+    from repvgg.nn.registry import get_spec, list_models
     from repvgg.report import markdown_table
 
     names = args.models.split(",") if args.models else list_models()

@@ -67,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def resolve_config(args: argparse.Namespace):
     """Merge defaults, a resumed run's config, a config file and the flags into a ``SegTrainConfig``."""
     from repvgg.cli.train import flag_values
-    from repvgg.config import resolve_run_config
+    from repvgg.training.config import resolve_run_config
     from repvgg.segmentation.config import SegTrainConfig
 
     return resolve_run_config(SegTrainConfig, resume=args.resume, config_file=args.config,

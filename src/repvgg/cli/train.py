@@ -83,7 +83,7 @@ def flag_values(args: argparse.Namespace, flags: list[tuple[str, dict[str, Any]]
 
 def resolve_config(args: argparse.Namespace):
     """Merge defaults, a resumed run's config, a config file and the flags into a :class:`TrainConfig`."""
-    from repvgg.config import TrainConfig, resolve_run_config
+    from repvgg.training.config import TrainConfig, resolve_run_config
 
     config = resolve_run_config(TrainConfig, resume=args.resume, config_file=args.config,
                                 flags=flag_values(args, _FLAGS))
@@ -93,7 +93,7 @@ def resolve_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.train import train
+    from repvgg.training.classification import train
 
     summary = train(resolve_config(args))
     if summary.get("interrupted"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from repvgg.config import RunConfig
+from repvgg.training.config import RunConfig
 from repvgg.segmentation.backbones import FAST_DILATED_LAYERS
 from repvgg.segmentation.pspnet import AUX_LOSS_WEIGHT, SegmenterConfig
 from repvgg.segmentation.synthetic import SyntheticConfig

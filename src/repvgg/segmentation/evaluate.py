@@ -1,6 +1,6 @@
 """Judging a trained segmenter: its scores next to its converted copy's, speed against a ResNet PSPNet, tables.
 
-Speed follows the protocol of :func:`repvgg.evaluate.measure_throughput` (eval mode, interleaved
+Speed follows the protocol of :func:`repvgg.training.evaluate.measure_throughput` (eval mode, interleaved
 rounds after warm-up, median) on one batch at the validation input size. The ResNet baseline is a
 PSPNet with the same head widths, randomly initialised (speed does not depend on the weights),
 with every conv-BN pair fused, as the RepVGG paper does for its baselines.
@@ -15,9 +15,9 @@ from typing import Any, Mapping, Sequence
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from repvgg.complexity import count_parameters
-from repvgg.convert import reparameterize_model
-from repvgg.evaluate import measure_throughput
+from repvgg.nn.complexity import count_parameters
+from repvgg.nn.convert import reparameterize_model
+from repvgg.training.evaluate import measure_throughput
 from repvgg.report import markdown_table
 from repvgg.segmentation.metrics import SegmenterComparison, compare_segmenters
 from repvgg.segmentation.pspnet import PSPNet, SegmenterConfig, build_segmenter
@@ -149,7 +149,7 @@ def evaluate_segmenter_file(
     fraction of agreeing pixels. ``speed`` adds images/s of the model(s) and of the ``baseline``
     ResNet PSPNet (``"none"`` for no baseline) on one validation batch.
     """
-    from repvgg.distributed import resolve_device
+    from repvgg.training.distributed import resolve_device
     from repvgg.segmentation.weights import load_segmenter
 
     model, meta = load_segmenter(weights)

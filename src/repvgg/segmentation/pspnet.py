@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repvgg.config import DictMixin
-from repvgg.convert import is_reparameterizable
-from repvgg.registry import canonical_name as normalise_model_name
-from repvgg.registry import get_spec, list_models
+from repvgg.training.config import DictMixin
+from repvgg.nn.convert import is_reparameterizable
+from repvgg.nn.registry import canonical_name as normalise_model_name
+from repvgg.nn.registry import get_spec, list_models
 from repvgg.segmentation.backbones import (
     FAST_DILATED_LAYERS,
     RESNET_DEPTHS,

@@ -4,7 +4,7 @@
 data -> segmenter -> optimizer -> (resume) -> epochs of SGD with poly learning rate, per-epoch
 validation and checkpoints -> final evaluation of the training-time segmenter and its converted
 copy, speed against a ResNet PSPNet -> files in the run folder. It shares its machinery with
-``repvgg train`` (:mod:`repvgg.engine`): the stop request, checkpoints, epoch loader and the
+``repvgg train`` (:mod:`repvgg.training.engine`): the stop request, checkpoints, epoch loader and the
 distributed helpers, so a run is resumable and ``torchrun``-ready in the same way.
 """
 
@@ -22,13 +22,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from repvgg.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from repvgg.complexity import count_parameters
-from repvgg.convert import reparameterize_model
-from repvgg.distributed import DistContext, ShardSampler, all_reduce
-from repvgg.engine import (StopRequest, epoch_loader, progress_bar, run_distributed, run_folder, seed_epoch,
+from repvgg.io.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from repvgg.nn.complexity import count_parameters
+from repvgg.nn.convert import reparameterize_model
+from repvgg.training.distributed import DistContext, ShardSampler, all_reduce
+from repvgg.training.engine import (StopRequest, epoch_loader, progress_bar, run_distributed, run_folder, seed_epoch,
                            should_stop, write_metrics)
-from repvgg.optim import build_optimizer
+from repvgg.training.optim import build_optimizer
 from repvgg.report import write_json
 from repvgg.segmentation.config import SegTrainConfig
 from repvgg.segmentation.data import SegmentationDataBundle, build_segmentation_data

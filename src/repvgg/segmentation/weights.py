@@ -60,7 +60,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     not_ours = (f"{path} is not a segmenter file written by `repvgg seg-train` (no segmenter configuration "
                 "inside); pass its deploy.safetensors, best.pt or last.pt")
     if path.suffix == ".safetensors":
-        from repvgg.weights import read_safetensors
+        from repvgg.io.weights import read_safetensors
 
         state_dict, raw = read_safetensors(path)
         if raw.get("format") != SEGMENTER_FORMAT or "segmenter" not in raw:

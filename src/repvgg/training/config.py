@@ -159,7 +159,7 @@ def resolve_run_config(
 
     ``flags`` holds command-line values, ``None`` for the ones not given.
     """
-    from repvgg.checkpoint import load_checkpoint
+    from repvgg.io.checkpoint import load_checkpoint
 
     base: dict[str, Any] = {}
     if resume:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from repvgg.convert import reparameterize_model
+from repvgg.nn.convert import reparameterize_model
 
 __all__ = ["count_parameters", "count_macs", "ModelComplexity", "model_complexity"]
 
@@ -61,7 +61,7 @@ class ModelComplexity:
 
 def model_complexity(name: str, img_size: int = 224, num_classes: int = 1000) -> ModelComplexity:
     """Count parameters and multiply-adds of registered model ``name`` before and after fusion."""
-    from repvgg.registry import create_model
+    from repvgg.nn.registry import create_model
 
     with torch.device("meta"):
         model = create_model(name, num_classes=num_classes)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from repvgg.distributed import DistContext, EpochSampler, all_reduce, init_distributed, shutdown_distributed
+from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, init_distributed, shutdown_distributed
 
 __all__ = [
     "StopRequest",

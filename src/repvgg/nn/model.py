@@ -1,6 +1,6 @@
 """The RepVGG network: an architecture description (:class:`RepVGGSpec`) and the one module that builds it.
 
-Five stages of :class:`~repvgg.block.RepVGGBlock` (the first stage is the single-layer stem); the
+Five stages of :class:`~repvgg.nn.block.RepVGGBlock` (the first stage is the single-layer stem); the
 first layer of each stage has stride 2; widths ``min(64, 64a), 64a, 128a, 256a, 512b``; global average
 pooling and a linear head (Ding et al., RepVGG, CVPR 2021, Sec. 3.4, Table 2).
 """
@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from repvgg.block import RepVGGBlock
-from repvgg.config import DictMixin
+from repvgg.nn.block import RepVGGBlock
+from repvgg.training.config import DictMixin
 
 __all__ = ["RepVGGSpec", "RepVGG"]
 
@@ -39,7 +39,7 @@ class RepVGGSpec(DictMixin):
         dilated_layers: if set, only the last ``dilated_layers`` layers of the network use their
             stage's dilation (the paper's "fast" segmentation backbones); ``None`` = all of them.
         use_identity, use_1x1, identity_bn, post_bn: training-time branch switches of every
-            block (see :class:`~repvgg.block.RepVGGBlock`); the fused network is the same for all.
+            block (see :class:`~repvgg.nn.block.RepVGGBlock`); the fused network is the same for all.
     """
 
     depths: tuple[int, ...]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repvgg.fusion import fold_batchnorm, identity_kernel, pad_kernel_to
+from repvgg.nn.fusion import fold_batchnorm, identity_kernel, pad_kernel_to
 
 __all__ = ["RepVGGBlock", "SEBlock", "ConvBN"]
 

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from repvgg.convert import is_reparameterizable, reparameterize_model
-from repvgg.timing import make_timer, time_interleaved
+from repvgg.nn.convert import is_reparameterizable, reparameterize_model
+from repvgg.perf.timing import make_timer, time_interleaved
 
 __all__ = [
     "CANDIDATES",
@@ -77,7 +77,7 @@ class _BuildContext:
 
     def onnx_path(self) -> Path:
         if self._onnx is None:
-            from repvgg.export import export_onnx_file
+            from repvgg.io.export import export_onnx_file
 
             self._onnx = export_onnx_file(self._prepared, self.example, self._workdir / "model.onnx")
         return self._onnx
@@ -325,7 +325,7 @@ def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, fuse: b
         if any(is_reparameterizable(m) for m in prepared.modules()):
             prepared = reparameterize_model(prepared, inplace=True)
         if any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules()):
-            from repvgg.baselines import fuse_conv_bn
+            from repvgg.nn.baselines import fuse_conv_bn
 
             prepared = fuse_conv_bn(prepared)
     for p in prepared.parameters():

@@ -26,7 +26,7 @@ def reparameterize_model(model: M, inplace: bool = False) -> M:
 
     Works for a RepVGG and for any network that uses RepVGG blocks as parts (a backbone inside a
     segmenter, say): every submodule with ``reparameterize()`` is fused (e.g. all
-    :class:`~repvgg.block.RepVGGBlock`), the rest is left alone. Conversion always uses the BN running
+    :class:`~repvgg.nn.block.RepVGGBlock`), the rest is left alone. Conversion always uses the BN running
     statistics, so the result is the same whether or not the caller called ``.eval()`` first.
 
     Args:
@@ -57,7 +57,7 @@ def convert_checkpoint(
     The equivalence of the two models is checked on a random batch before anything is written;
     the report gives the largest absolute and the relative output difference.
     """
-    from repvgg.weights import load_model, save_weights
+    from repvgg.io.weights import load_model, save_weights
 
     destination = Path(destination)
     if destination.suffix != ".safetensors":

@@ -1,4 +1,4 @@
-"""The model zoo: one table of named :class:`~repvgg.model.RepVGGSpec` entries and ``create_model``."""
+"""The model zoo: one table of named :class:`~repvgg.nn.model.RepVGGSpec` entries and ``create_model``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import difflib
 import os
 from typing import Any, Sequence
 
-from repvgg.model import RepVGG, RepVGGSpec
+from repvgg.nn.model import RepVGG, RepVGGSpec
 
 __all__ = ["MODEL_SPECS", "canonical_name", "list_models", "get_spec", "register_model", "create_model"]
 
@@ -112,7 +112,7 @@ def create_model(
 
     state_dict = None
     if weights is not None:
-        from repvgg.weights import read_checkpoint, checkpoint_num_classes
+        from repvgg.io.weights import read_checkpoint, checkpoint_num_classes
 
         state_dict, _ = read_checkpoint(weights)
         file_classes = checkpoint_num_classes(state_dict)
@@ -128,7 +128,7 @@ def create_model(
         name=arch_name,
     )
     if state_dict is not None:
-        from repvgg.weights import load_state_dict_into
+        from repvgg.io.weights import load_state_dict_into
 
         load_state_dict_into(model, state_dict, source=str(weights))
     return model

@@ -17,10 +17,10 @@ from typing import Any, Sequence
 
 import torch
 
-from repvgg.complexity import count_macs, count_parameters
-from repvgg.config import TrainConfig
-from repvgg.convert import reparameterize_model
-from repvgg.registry import create_model
+from repvgg.nn.complexity import count_macs, count_parameters
+from repvgg.training.config import TrainConfig
+from repvgg.nn.convert import reparameterize_model
+from repvgg.nn.registry import create_model
 from repvgg.report import markdown_table, write_json
 
 __all__ = ["BRANCH_CONFIGS", "PAPER_TOP1", "AblationResult", "run_ablation", "converted_cost", "ranking"]
@@ -110,13 +110,13 @@ def run_ablation(
     seeds: Sequence[int] = (0, 1, 2),
     output: str | Path,
 ) -> AblationResult:
-    """Train every configuration with every seed through :func:`repvgg.train.train`; collect statistics.
+    """Train every configuration with every seed through ``repvgg train``; collect statistics.
 
     Runs go to ``output/<config>-seed<seed>/`` (each a complete ``repvgg train`` run folder); a
     finished run is reused when its ``summary.json`` exists, so an interrupted ablation continues
     where it stopped.
     """
-    from repvgg.train import train
+    from repvgg.training.classification import train
 
     unknown = [c for c in configs if c not in BRANCH_CONFIGS]
     if unknown:

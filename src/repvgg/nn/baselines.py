@@ -3,7 +3,7 @@
 For a fair speed comparison the paper folds every conv-BN pair of the baselines into one biased conv,
 as RepVGG's conversion does for its own blocks (Ding et al., RepVGG, CVPR 2021, Sec. 4.1).
 :func:`fuse_conv_bn` does that for any module that ``torch.fx`` can trace, with the package's float64
-fusion arithmetic (:func:`repvgg.fusion.fuse_conv_bn_modules`).
+fusion arithmetic (:func:`repvgg.nn.fusion.fuse_conv_bn_modules`).
 
 torchvision and timm are imported only inside the functions that need them.
 """
@@ -16,7 +16,7 @@ import logging
 import torch
 from torch import nn
 
-from repvgg.fusion import fuse_conv_bn_modules
+from repvgg.nn.fusion import fuse_conv_bn_modules
 
 __all__ = ["TORCHVISION_BASELINES", "count_conv_bn_pairs", "fuse_conv_bn", "timm_peer", "torchvision_baseline"]
 

@@ -18,20 +18,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from repvgg.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from repvgg.complexity import count_parameters
-from repvgg.config import TrainConfig
-from repvgg.convert import reparameterize_model
-from repvgg.data import DatasetBundle, build_datasets
-from repvgg.distributed import DistContext, ShardSampler, all_reduce
-from repvgg.engine import (StopRequest, epoch_loader, progress_bar, run_distributed, run_folder, seed_epoch,
+from repvgg.io.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from repvgg.nn.complexity import count_parameters
+from repvgg.training.config import TrainConfig
+from repvgg.nn.convert import reparameterize_model
+from repvgg.training.data import DatasetBundle, build_datasets
+from repvgg.training.distributed import DistContext, ShardSampler, all_reduce
+from repvgg.training.engine import (StopRequest, epoch_loader, progress_bar, run_distributed, run_folder, seed_epoch,
                            should_stop, training_memory_format, write_metrics)
-from repvgg.evaluate import evaluate_models, measure_throughput, topk_correct
-from repvgg.model import RepVGG
-from repvgg.optim import build_optimizer, custom_l2, learning_rate
-from repvgg.registry import create_model
+from repvgg.training.evaluate import evaluate_models, measure_throughput, topk_correct
+from repvgg.nn.model import RepVGG
+from repvgg.training.optim import build_optimizer, custom_l2, learning_rate
+from repvgg.nn.registry import create_model
 from repvgg.report import write_json
-from repvgg.weights import checkpoint_num_classes, load_state_dict_into, read_checkpoint, save_weights
+from repvgg.io.weights import checkpoint_num_classes, load_state_dict_into, read_checkpoint, save_weights
 
 __all__ = ["train", "default_output_dir"]
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repvgg.convert import is_reparameterizable, reparameterize_model
+from repvgg.nn.convert import is_reparameterizable, reparameterize_model
 
 __all__ = ["ExportReport", "export_onnx", "export_onnx_file", "needs_conversion", "resolve_model"]
 
@@ -58,8 +58,8 @@ def resolve_model(model_or_path: nn.Module | str | os.PathLike[str], *, num_clas
     """
     if isinstance(model_or_path, nn.Module):
         return model_or_path
-    from repvgg.registry import create_model
-    from repvgg.weights import load_model
+    from repvgg.nn.registry import create_model
+    from repvgg.io.weights import load_model
 
     path = Path(model_or_path)
     if path.is_file():

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from repvgg.model import RepVGG, RepVGGSpec
+from repvgg.nn.model import RepVGG, RepVGGSpec
 
 __all__ = [
     "read_checkpoint",
@@ -303,7 +303,7 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:
     Used for official files, which carry no architecture name. Models are built on the ``meta``
     device, so this allocates no weight memory.
     """
-    from repvgg.registry import create_model, list_models
+    from repvgg.nn.registry import create_model, list_models
 
     deploy = is_deploy_state_dict(state_dict)
     in_chans = _stem_in_chans(state_dict)
@@ -335,7 +335,7 @@ def load_model(
     matching the parameter shapes against the registry (official and timm files). Training-time or
     deploy form follows the file unless ``deploy`` says otherwise.
     """
-    from repvgg.registry import create_model
+    from repvgg.nn.registry import create_model
 
     state_dict, metadata = read_checkpoint(path)
     file_deploy = is_deploy_state_dict(state_dict)
@@ -358,7 +358,7 @@ def load_model(
         model.name = str(metadata["arch"])
     load_state_dict_into(model, state_dict, source=str(path))
     if deploy and not file_deploy:
-        from repvgg.convert import reparameterize_model
+        from repvgg.nn.convert import reparameterize_model
 
         model = reparameterize_model(model, inplace=True)
     return model

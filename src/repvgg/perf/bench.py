@@ -4,16 +4,16 @@ For each requested RepVGG variant the benchmark times three forms (Ding et al., 
 
 * ``train``: the training-time multi-branch network, in eval mode, run eagerly;
 * ``plain``: the converted network (one 3x3 conv + ReLU per layer), run eagerly;
-* ``fast``: the converted network through :func:`repvgg.fast.optimize_for_inference`;
+* ``fast``: the converted network through :func:`repvgg.perf.fast.optimize_for_inference`;
 
 next to torchvision's ResNets / VGG-16 with their conv-BN pairs fused (the paper's fair baselines),
 eagerly (``fused``) and through the same fast path, and timm's re-parameterized RepVGG of the same
 name run eagerly (``timm``, the peer implementation). All of them run in one process, in interleaved
-rounds after warm-up, and the median is reported (see :mod:`repvgg.timing`).
+rounds after warm-up, and the median is reported (see :mod:`repvgg.perf.timing`).
 
 The FLOP rate puts each model's achieved GFLOP/s (2 x multiply-adds x images/s) next to that of one
 large 3x3 convolution run through the fast path in the same run: how close the model comes to the
-machine's practical limit. Peak memory of one forward pass comes from :mod:`repvgg.memory`.
+machine's practical limit. Peak memory of one forward pass comes from :mod:`repvgg.perf.memory`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repvgg.complexity import count_macs, count_parameters
-from repvgg.memory import peak_forward_memory
-from repvgg.timing import make_timer, synchronize, time_interleaved
+from repvgg.nn.complexity import count_macs, count_parameters
+from repvgg.perf.memory import peak_forward_memory
+from repvgg.perf.timing import make_timer, synchronize, time_interleaved
 
 __all__ = [
     "PAPER_PAIRS",
@@ -99,8 +99,8 @@ class BenchConfig:
             raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("CUDA was requested but torch.cuda.is_available() is False")
-        from repvgg.baselines import TORCHVISION_BASELINES
-        from repvgg.registry import canonical_name, get_spec
+        from repvgg.nn.baselines import TORCHVISION_BASELINES
+        from repvgg.nn.registry import canonical_name, get_spec
 
         for name in self.models:
             get_spec(name)  # unknown names fail here, with close matches, before any work
@@ -273,8 +273,8 @@ def _selection_effort(device: torch.device) -> dict[str, int | None]:
 
 
 def _build_entries(config: BenchConfig, dtype_name: str, example: Tensor, result: BenchResult) -> list[_Entry]:
-    from repvgg.convert import reparameterize_model
-    from repvgg.registry import create_model
+    from repvgg.nn.convert import reparameterize_model
+    from repvgg.nn.registry import create_model
 
     dtype = _DTYPES[dtype_name]
     device = torch.device(config.device)
@@ -288,7 +288,7 @@ def _build_entries(config: BenchConfig, dtype_name: str, example: Tensor, result
         run: Callable[[Tensor], Any] = module
         backend = "eager"
         if fast:
-            from repvgg.fast import optimize_for_inference
+            from repvgg.perf.fast import optimize_for_inference
 
             log.info("  choosing the fast path for %s", model_name)
             runner = optimize_for_inference(module, example, candidates=config.candidates, **_selection_effort(device))
@@ -310,14 +310,14 @@ def _build_entries(config: BenchConfig, dtype_name: str, example: Tensor, result
         if config.fast:
             add(name, "fast", copy.deepcopy(plain), fast=True)
         if config.peer:
-            from repvgg.baselines import timm_peer
+            from repvgg.nn.baselines import timm_peer
 
             try:
                 add(name, "timm", timm_peer(name, num_classes=config.num_classes))
             except (ValueError, ImportError) as err:
                 log.warning("no timm peer for %s: %s", name, err)
     for name in config.baselines:
-        from repvgg.baselines import torchvision_baseline
+        from repvgg.nn.baselines import torchvision_baseline
 
         log.info("building %s (conv-BN fused%s)", name, ", fast path" if config.fast else "")
         fused = torchvision_baseline(name, num_classes=config.num_classes)
@@ -328,7 +328,7 @@ def _build_entries(config: BenchConfig, dtype_name: str, example: Tensor, result
         channels, size = 256, max(config.img_size // 4, 8)
         conv_input = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
         conv = _reference_conv(channels)
-        from repvgg.fast import optimize_for_inference
+        from repvgg.perf.fast import optimize_for_inference
 
         log.info("building the reference conv (3x3, %d->%d channels, %dx%d)", channels, channels, size, size)
         params, macs = _complexity(conv, tuple(conv_input.shape))

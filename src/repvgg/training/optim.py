@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from repvgg.block import RepVGGBlock
+from repvgg.nn.block import RepVGGBlock
 
 __all__ = ["parameter_groups", "build_optimizer", "learning_rate", "custom_l2", "block_kernels"]
 
@@ -80,7 +80,7 @@ def custom_l2(model: nn.Module) -> Tensor:
 
     The official release's "custom L2": decaying the kernel the block will become after fusion,
     rather than each branch on its own. Built on the differentiable
-    :meth:`~repvgg.block.RepVGGBlock.equivalent_kernel_bias`. Add ``0.5 * weight_decay * custom_l2``
+    :meth:`~repvgg.nn.block.RepVGGBlock.equivalent_kernel_bias`. Add ``0.5 * weight_decay * custom_l2``
     to the loss (and use ``parameter_groups(..., custom_l2=True)``).
     """
     total: Tensor | None = None

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from repvgg.distributed import all_reduce
+from repvgg.training.distributed import all_reduce
 
 __all__ = ["EvalReport", "evaluate_models", "measure_throughput", "topk_correct"]
 
@@ -92,9 +92,9 @@ def measure_throughput(
     """Images/s of each model (eval mode) on ``batch``: interleaved rounds (A B A B ...) after warm-up, median.
 
     Interleaving makes the comparison fair on a noisy machine: background load hits every model
-    alike. CUDA work is timed with CUDA events (:mod:`repvgg.timing`).
+    alike. CUDA work is timed with CUDA events (:mod:`repvgg.perf.timing`).
     """
-    from repvgg.timing import make_timer, time_interleaved
+    from repvgg.perf.timing import make_timer, time_interleaved
 
     for model in models:
         model.eval()
@@ -118,10 +118,10 @@ def evaluate_checkpoint(
     A training-time checkpoint is also converted and both forms are reported, with their largest
     logit difference; a deploy checkpoint is evaluated as it is.
     """
-    from repvgg.convert import reparameterize_model
-    from repvgg.data import build_datasets
-    from repvgg.distributed import resolve_device
-    from repvgg.weights import load_model
+    from repvgg.nn.convert import reparameterize_model
+    from repvgg.training.data import build_datasets
+    from repvgg.training.distributed import resolve_device
+    from repvgg.io.weights import load_model
 
     model = load_model(weights, arch=arch)
     bundle = build_datasets(data, img_size=img_size)

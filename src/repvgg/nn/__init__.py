@@ -1,0 +1,1 @@
+"""The networks and their exact conversion: fusion math, the RepVGG block, the model and its registry, baselines."""
