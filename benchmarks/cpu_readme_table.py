@@ -14,8 +14,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from repvgg.perf.bench import BenchConfig, plot_results, results_table, run_benchmark
-from repvgg.report import write_json
+from repvgg.perf.bench import BenchConfig, check_targets, plot_results, results_table, run_benchmark
+from targets import CPU_TARGETS
+from repvgg.serialization import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,6 +33,7 @@ def main() -> int:
     config = BenchConfig(models=tuple(args.models.split(",")), baselines=tuple(args.baselines.split(",")),
                          device="cpu", batch_size=8, img_size=224, rounds=args.rounds)
     result = run_benchmark(config)
+    result.targets = check_targets(result, CPU_TARGETS)
     env = result.environment
     header = (
         f"CPU, {env['cpu']}, {env['logical_cpus']} logical CPUs, {env['torch_threads']} PyTorch threads; "

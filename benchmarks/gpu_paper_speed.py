@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from repvgg.perf.bench import BenchConfig, plot_results, results_table, run_benchmark
-from repvgg.report import write_json
+from repvgg.serialization import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from repvgg.perf.bench import BenchConfig, parse_list, plot_results, results_table, run_benchmark
-    from repvgg.report import write_json
+    from repvgg.serialization import write_json
 
     config = BenchConfig(
         models=parse_list(args.models),

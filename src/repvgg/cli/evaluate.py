@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from repvgg.training.evaluate import evaluate_checkpoint
-    from repvgg.report import write_json
+    from repvgg.serialization import write_json
 
     result = evaluate_checkpoint(args.weights, data=args.data, arch=args.model, img_size=args.img_size,
                                  batch_size=args.batch_size, workers=args.workers, device=args.device)

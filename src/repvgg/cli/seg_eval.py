@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.report import write_json
+    from repvgg.serialization import write_json
     from repvgg.segmentation.evaluate import evaluate_segmenter_file, iou_table, speed_table
 
     result = evaluate_segmenter_file(args.weights, data=args.data, val_size=args.val_size,

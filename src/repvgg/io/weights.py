@@ -21,10 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from repvgg.nn.model import RepVGG, RepVGGSpec
+from repvgg.serialization import atomic_write
 
 __all__ = [
     "read_checkpoint",
     "read_safetensors",
+    "write_safetensors",
     "checkpoint_num_classes",
     "is_deploy_state_dict",
     "load_state_dict_into",
@@ -277,10 +279,6 @@ def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[
     Metadata: ``format``, ``arch`` (registry name), ``deploy`` (``"true"``/``"false"``), ``spec`` (JSON),
     ``num_classes``, ``in_chans``, plus ``extra``. The file is written atomically (temp file + rename).
     """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": "repvgg",
         "arch": model.name,
@@ -290,11 +288,18 @@ def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[
         "in_chans": str(model.in_chans),
         **(dict(extra) if extra else {}),
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(model.state_dict(), path, metadata)
+
+
+def write_safetensors(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str],
+                      metadata: Mapping[str, str]) -> Path:
+    """Write ``state_dict`` (moved to the CPU, contiguous) with string ``metadata`` as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata))
+    return Path(path)
 
 
 def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:

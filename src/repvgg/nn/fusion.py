@@ -10,11 +10,18 @@ models stay exact (Ding et al., RepVGG, CVPR 2021, Sec. 3.3):
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["fold_batchnorm", "identity_kernel", "pad_kernel_to", "fuse_conv_bn_modules"]
+__all__ = [
+    "fold_batchnorm", "identity_kernel", "pad_kernel_to", "fuse_conv_bn_modules", "fuse_conv_bn", "count_conv_bn_pairs",
+]
+
+log = logging.getLogger(__name__)
 
 _FUSION_DTYPE = torch.float64
 
@@ -106,3 +113,60 @@ def fuse_conv_bn_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     fused.weight.copy_(kernel.to(conv.weight.dtype))
     fused.bias.copy_(bias.to(conv.weight.dtype))
     return fused
+
+
+def _fusable_pairs(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """(conv node, bn node) pairs where a BatchNorm2d reads the output of a Conv2d used by nothing else."""
+    modules = dict(graph_module.named_modules())
+    pairs = []
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        source = node.args[0] if node.args else None
+        if (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and isinstance(modules.get(source.target), nn.Conv2d)
+            and len(source.users) == 1
+        ):
+            pairs.append((source, node))
+    return pairs
+
+
+def count_conv_bn_pairs(model: nn.Module) -> int:
+    """Number of conv -> BN pairs :func:`fuse_conv_bn` would fold (0 if ``model`` cannot be traced)."""
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - tracing fails in many model-specific ways
+        return 0
+    return len(_fusable_pairs(traced))
+
+
+@torch.no_grad()
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with every conv -> BatchNorm pair folded into one biased conv.
+
+    Uses ``torch.fx`` to find the pairs, so it works for any traceable network whatever its module
+    names (ResNet blocks, downsample shortcuts, VGG-BN, ...). A BN whose conv output is also used
+    elsewhere is left alone. Models that cannot be traced are returned as an unfused copy, with a
+    warning in the log.
+    """
+    model = copy.deepcopy(model).eval()
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as err:  # noqa: BLE001
+        log.warning("conv-BN fusion skipped for %s: torch.fx cannot trace it (%s)", type(model).__name__, err)
+        return model
+    modules = dict(traced.named_modules())
+    pairs = _fusable_pairs(traced)
+    for conv_node, bn_node in pairs:
+        fused = fuse_conv_bn_modules(modules[conv_node.target], modules[bn_node.target])
+        parent_name, _, attr = conv_node.target.rpartition(".")
+        setattr(traced.get_submodule(parent_name) if parent_name else traced, attr, fused)
+        bn_node.replace_all_uses_with(conv_node)
+        traced.graph.erase_node(bn_node)
+    traced.graph.lint()
+    traced.delete_all_unused_submodules()
+    traced.recompile()
+    log.debug("fused %d conv-BN pairs of %s", len(pairs), type(model).__name__)
+    return traced.eval()

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from repvgg.nn.block import RepVGGBlock
-from repvgg.training.config import DictMixin
+from repvgg.serialization import DictMixin
 
 __all__ = ["RepVGGSpec", "RepVGG"]
 

@@ -325,7 +325,7 @@ def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, fuse: b
         if any(is_reparameterizable(m) for m in prepared.modules()):
             prepared = reparameterize_model(prepared, inplace=True)
         if any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules()):
-            from repvgg.nn.baselines import fuse_conv_bn
+            from repvgg.nn.fusion import fuse_conv_bn
 
             prepared = fuse_conv_bn(prepared)
     for p in prepared.parameters():

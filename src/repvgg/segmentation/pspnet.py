@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repvgg.training.config import DictMixin
+from repvgg.serialization import DictMixin
 from repvgg.nn.convert import is_reparameterizable
 from repvgg.nn.registry import canonical_name as normalise_model_name
 from repvgg.nn.registry import get_spec, list_models

@@ -29,7 +29,7 @@ from repvgg.training.distributed import DistContext, ShardSampler, all_reduce
 from repvgg.training.engine import (StopRequest, epoch_loader, progress_bar, run_distributed, run_folder, seed_epoch,
                            should_stop, write_metrics)
 from repvgg.training.optim import build_optimizer
-from repvgg.report import write_json
+from repvgg.serialization import write_json
 from repvgg.segmentation.config import SegTrainConfig
 from repvgg.segmentation.data import SegmentationDataBundle, build_segmentation_data
 from repvgg.segmentation.evaluate import baseline_segmenter, comparison_summary, segmenter_speed

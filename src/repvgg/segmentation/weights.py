@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from repvgg.io.weights import read_safetensors, write_safetensors
 from repvgg.segmentation.pspnet import PSPNet, SegmenterConfig, build_segmenter
 
 __all__ = ["SEGMENTER_FORMAT", "save_segmenter", "load_segmenter"]
@@ -37,10 +38,6 @@ def save_segmenter(
         classes: class names, index = class id.
         data: a JSON-serialisable description of the training data (see ``repvgg seg-eval``).
     """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": SEGMENTER_FORMAT,
         "arch": model.name,
@@ -49,19 +46,13 @@ def save_segmenter(
         "classes": json.dumps(list(classes) if classes is not None else None),
         "data": json.dumps(dict(data) if data is not None else None),
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(model.state_dict(), path, metadata)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     not_ours = (f"{path} is not a segmenter file written by `repvgg seg-train` (no segmenter configuration "
                 "inside); pass its deploy.safetensors, best.pt or last.pt")
     if path.suffix == ".safetensors":
-        from repvgg.io.weights import read_safetensors
-
         state_dict, raw = read_safetensors(path)
         if raw.get("format") != SEGMENTER_FORMAT or "segmenter" not in raw:
             raise ValueError(not_ours)

@@ -21,7 +21,8 @@ from repvgg.nn.complexity import count_macs, count_parameters
 from repvgg.training.config import TrainConfig
 from repvgg.nn.convert import reparameterize_model
 from repvgg.nn.registry import create_model
-from repvgg.report import markdown_table, write_json
+from repvgg.report import markdown_table
+from repvgg.serialization import write_json
 
 __all__ = ["BRANCH_CONFIGS", "PAPER_TOP1", "AblationResult", "run_ablation", "converted_cost", "ranking"]
 

@@ -30,7 +30,7 @@ from repvgg.training.evaluate import evaluate_models, measure_throughput, topk_c
 from repvgg.nn.model import RepVGG
 from repvgg.training.optim import build_optimizer, custom_l2, learning_rate
 from repvgg.nn.registry import create_model
-from repvgg.report import write_json
+from repvgg.serialization import write_json
 from repvgg.io.weights import checkpoint_num_classes, load_state_dict_into, read_checkpoint, save_weights
 
 __all__ = ["train", "default_output_dir"]

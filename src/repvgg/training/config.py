@@ -7,38 +7,17 @@ so a run can be rebuilt and resumed from its output folder alone. Files are pars
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-__all__ = ["DictMixin", "RunConfig", "TrainConfig", "load_config_file", "resolve_run_config"]
+from repvgg.serialization import DictMixin, write_text
 
-D = TypeVar("D", bound="DictMixin")
+__all__ = ["RunConfig", "TrainConfig", "load_config_file", "resolve_run_config"]
+
 C = TypeVar("C", bound="RunConfig")
-
-
-class DictMixin:
-    """JSON-friendly dict round trips for dataclasses (specs and configs stored in checkpoints)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable description (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls: type[D], data: Mapping[str, Any]) -> D:
-        """Build from a mapping (``-`` or ``_`` in keys); unknown keys are an error naming the known ones.
-
-        Nothing is evaluated: values are passed to the dataclass as they are.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(normalised) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
-        return cls(**normalised)
 
 
 class RunConfig(DictMixin):
@@ -54,11 +33,7 @@ class RunConfig(DictMixin):
         """Write the config as YAML, atomically."""
         import yaml
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
-        return path
+        return write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 @dataclass

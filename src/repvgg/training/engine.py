@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import signal
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from repvgg.serialization import write_text
 from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, init_distributed, shutdown_distributed
 
 __all__ = [
@@ -148,6 +148,4 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 def write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
     """Write ``history`` as ``output/metrics.jsonl``, one JSON row per epoch, atomically."""
-    tmp = output / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, output / "metrics.jsonl")
+    write_text(output / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
