@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from repvgg.training.ablation import BRANCH_CONFIGS, PAPER_TOP1, converted_cost, ranking, ranking_agrees
+from repvgg.training.ablation import (BRANCH_CONFIGS, PAPER_TOP1, AblationResult, converted_cost, ranking,
+                                      ranking_agrees)
 from repvgg.cli import main
 from repvgg.nn.registry import create_model
 
@@ -26,6 +27,10 @@ def test_branch_configurations_switch_the_branches() -> None:
     assert len(costs) == 1
 
 
+def _rows(**top1: float) -> list[dict]:
+    return [{"config": c, "val_top1_mean": v} for c, v in top1.items()]
+
+
 def test_ranking_helpers() -> None:
     rows = [{"config": c, "val_top1_mean": v} for c, v in PAPER_TOP1.items()]
     assert ranking(rows) == ["plain", "1x1", "identity", "full"]
@@ -33,6 +38,25 @@ def test_ranking_helpers() -> None:
     rows[2]["val_top1_mean"] = 99.0
     assert ranking_agrees(rows) is False
     assert ranking_agrees(rows[:2]) is None
+    # Ranked by value, not by row order; configurations outside Table 6 do not take part.
+    listed_best_first = _rows(post_bn=99.0, full=80.0, identity=70.0, **{"1x1": 60.0}, plain=50.0)
+    assert ranking(listed_best_first) == ["plain", "1x1", "identity", "full"]
+    assert ranking_agrees(listed_best_first) is True
+    # The measured outcome of the README: identity-only ahead of the full block.
+    top_two_swapped = _rows(plain=50.0, **{"1x1": 60.0}, identity=80.0, full=70.0)
+    assert ranking(top_two_swapped) == ["plain", "1x1", "full", "identity"]
+    assert ranking_agrees(top_two_swapped) is False
+    assert ranking_agrees(_rows(plain=50.0, identity=80.0, full=70.0, post_bn=90.0)) is None
+
+
+@pytest.mark.parametrize("top1, expected", [
+    (dict(plain=50.0, identity=70.0, full=80.0, **{"1x1": 60.0}), True),
+    (dict(plain=65.0, identity=70.0, full=80.0, **{"1x1": 60.0}), False),
+    (dict(plain=50.0, identity=70.0, full=80.0), None),
+])
+def test_result_json_reports_whether_the_ranking_agrees(top1: dict, expected: bool | None) -> None:
+    result = AblationResult(model="repvgg_tiny", dataset="synthetic", epochs=1, seeds=[0], rows=_rows(**top1))
+    assert result.as_dict()["ranking_agrees_with_paper"] is expected
 
 
 def test_ablate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -52,7 +76,11 @@ def test_ablate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
                     "converted_params", "converted_macs", "paper_top1"):
             assert key in row
         assert row["val_top1_mean"] == row["val_top1_deploy_mean"]
-    assert data["ranking_agrees_with_paper"] in (True, False)
+    measured = [r["config"] for r in sorted(data["configs"], key=lambda r: r["val_top1_mean"])]
+    agrees = measured == ["plain", "1x1", "identity", "full"]
+    assert data["ranking_agrees_with_paper"] is agrees
+    assert f"measured {' < '.join(measured)}; paper plain < 1x1 < identity < full; " \
+           f"agrees: {'yes' if agrees else 'no'}" in printed
     for name in ("ablation.md", "ablation_loss.png", "ablation_accuracy.png"):
         assert (out / name).is_file()
     # a second invocation reuses the finished runs instead of training again

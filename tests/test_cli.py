@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -55,3 +56,74 @@ def test_convert_official_file_to_deploy_safetensors(tmp_path, capsys: pytest.Ca
     # converting a fused file again is refused, with the reason
     assert main(["convert", str(out), str(tmp_path / "again.safetensors")]) == 2
     assert "already fused" in capsys.readouterr().err
+
+
+def _subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    from repvgg.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return dict(sub.choices)
+
+
+def _option_help(parser: argparse.ArgumentParser, dest: str) -> str:
+    """The help text of one option exactly as ``--help`` prints it (wrapping undone)."""
+    action = next(a for a in parser._actions if a.dest == dest)
+    formatter = parser._get_formatter()
+    return " ".join(formatter._expand_help(action).split()) if action.help else ""
+
+
+def test_every_subcommand_help_shows_the_defaults_it_really_uses() -> None:
+    import dataclasses
+
+    from repvgg.cli.flags import shown_default
+    from repvgg.segmentation.config import SegTrainConfig
+    from repvgg.training.config import AblationConfig, TrainConfig
+
+    configs = {"train": TrainConfig, "seg-train": SegTrainConfig, "ablate": AblationConfig}
+    parsers = _subcommand_parsers()
+    assert set(configs) < set(parsers) and len(parsers) >= 9
+    for command, parser in parsers.items():
+        fields = {f.name: f for f in dataclasses.fields(configs[command])} if command in configs else {}
+        checked = 0
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._StoreConstAction)):
+                continue  # store_true/store_false flags say what they do; their default is "not given"
+            text = _option_help(parser, action.dest)
+            if action.dest in fields:  # generated from the config: shows the dataclass default
+                f = fields[action.dest]
+                assert action.default is None, (command, action.dest)  # "not given": the config decides
+                assert f"(default: {shown_default(f)})" in text, (command, action.dest, text)
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                if not f.metadata.get("default_help"):
+                    assert shown_default(f) in ("on", "off", "none") or str(default) == shown_default(f)
+            elif action.default not in (None, False, [], argparse.SUPPRESS):
+                assert f"(default: {action.default})" in text, (command, action.dest, text)
+            checked += 1
+        assert checked >= 1, command
+    # the values a run would really use: what an empty command line resolves to
+    from repvgg.cli.train import resolve_config
+
+    for command, cls in configs.items():
+        args = parsers[command].parse_args([])
+        assert args.config_cls is cls and resolve_config(args) == cls(), command
+    ablate = resolve_config(parsers["ablate"].parse_args([]))
+    assert (ablate.model, ablate.epochs) == ("repvgg_tiny_b", 15)
+    assert "(default: repvgg_tiny_b)" in _option_help(parsers["ablate"], "model")
+    assert "(default: 15)" in _option_help(parsers["ablate"], "epochs")
+
+
+def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("epochs: 7\nlr: 0.3\n")
+    out = tmp_path / "never"
+    assert main(["train", "--config", str(config_file), "--epochs", "9", "--output", str(out), "--print-config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["epochs"] == 9 and shown["lr"] == 0.3 and shown["model"] == "repvgg_a0"  # flag > file > default
+    assert not out.exists()
+    assert main(["seg-train", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["batch_size"] == 16
+    assert main(["ablate", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"] == "repvgg_tiny_b"

@@ -84,11 +84,38 @@ def test_counts_agree_with_the_paper_table(name: str, params_deploy_m: float, gf
     assert c.macs_deploy / 1e9 == pytest.approx(gflops, abs=0.025)
 
 
+@pytest.mark.parametrize("kwargs, train_params, deploy_params, train_macs, deploy_macs", [
+    # 8 -> 8 at 10x10: 3x3 kernel 8*8*9, 1x1 kernel 8*8, three BNs with 8 scales + 8 shifts each;
+    # fused: the 3x3 kernel plus an 8-element bias. Running statistics are buffers, not counted.
+    (dict(in_channels=8, out_channels=8),
+     8 * 8 * 9 + 2 * 8 + 8 * 8 + 2 * 8 + 2 * 8, 8 * 8 * 9 + 8,
+     (8 * 8 * 9 + 8 * 8) * 10 * 10, 8 * 8 * 9 * 10 * 10),
+    # 8 -> 16, stride 2, 2 groups (each output sees 4 inputs), 5x5 output, no identity branch.
+    (dict(in_channels=8, out_channels=16, stride=2, groups=2),
+     16 * 4 * 9 + 2 * 16 + 16 * 4 + 2 * 16, 16 * 4 * 9 + 16,
+     (16 * 4 * 9 + 16 * 4) * 5 * 5, 16 * 4 * 9 * 5 * 5),
+    # 16 -> 16 with SE (16 // 16 = 1 hidden unit: down 16*1 + 1, up 1*16 + 16, run on the pooled 1x1 map).
+    (dict(in_channels=16, out_channels=16, use_se=True),
+     16 * 16 * 9 + 2 * 16 + 16 * 16 + 2 * 16 + 2 * 16 + (16 + 1) + (16 + 16), 16 * 16 * 9 + 16 + (16 + 1) + (16 + 16),
+     (16 * 16 * 9 + 16 * 16) * 10 * 10 + 16 + 16, 16 * 16 * 9 * 10 * 10 + 16 + 16),
+])
+def test_counts_of_one_block_by_hand(kwargs: dict, train_params: int, deploy_params: int, train_macs: int,
+                                     deploy_macs: int) -> None:
+    block = RepVGGBlock(**kwargs)
+    shape = (1, kwargs["in_channels"], 10, 10)
+    assert count_parameters(block) == train_params
+    assert count_macs(block, shape) == train_macs
+    block.reparameterize()
+    assert count_parameters(block) == deploy_params
+    assert count_macs(block, shape) == deploy_macs
+
+
 def test_count_macs_on_a_real_model_restores_mode() -> None:
-    model = create_model("repvgg_tiny", num_classes=10).train()
-    macs = count_macs(model, (1, 3, 32, 32))
-    assert model.training and macs > 0
-    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    model = create_model("repvgg_tiny", num_classes=10)
+    for training in (True, False):
+        model.train(training)
+        assert count_macs(model, (1, 3, 32, 32)) > 0
+        assert model.training is training and all(m.training is training for m in model.modules())
 
 
 def test_groupwise_layers_are_every_second_from_the_third() -> None:

@@ -7,10 +7,13 @@ Each subcommand module defines ``add_parser(subparsers)``, which registers its p
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
 from typing import Sequence
+
+from repvgg.cli.flags import HelpFormatter
 
 __all__ = ["main", "build_parser"]
 
@@ -24,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="RepVGG: train multi-branch, deploy a plain stack of 3x3 convs.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
     for name in _COMMANDS:
         importlib.import_module(f"repvgg.cli.{name}").add_parser(sub)
     return parser

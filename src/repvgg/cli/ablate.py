@@ -4,37 +4,33 @@ from __future__ import annotations
 
 import argparse
 
-from repvgg.cli.train import resolve_config
+from repvgg.cli.flags import HelpFormatter, add_config_flags
+from repvgg.cli.train import add_common_arguments, print_config, resolve_config
+from repvgg.training.config import AblationConfig
 
-DEFAULT_MODEL = "repvgg_tiny_b"
-DEFAULT_EPOCHS = 15
+#: Training options that belong to one run, not to an ablation of many.
+_NOT_FLAGS = ("resume", "stop_after_steps", "seed")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from repvgg.cli.train import _FLAGS
-
     p = sub.add_parser(
         "ablate",
         help="train the same network with and without the 1x1/identity branches; compare",
         description="Runs the configurations of the paper's Table 6 (plain, 1x1, identity, full) with "
                     "several seeds through the `repvgg train` pipeline, checks the converted models are "
-                    "identical in size, and writes ablation.json, ablation.md and two PNGs. "
-                    f"Defaults: {DEFAULT_MODEL}, {DEFAULT_EPOCHS} epochs, digits data.",
+                    "identical in size, and writes ablation.json, ablation.md and two PNGs.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--configs", default="plain,1x1,identity,full",
                    help="comma-separated configurations: plain, 1x1, identity, full, identity_no_bn, post_bn")
     p.add_argument("--table7", action="store_true",
                    help="also run the Table 7 variants identity_no_bn and post_bn")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
     p.add_argument("--table", action="store_true",
                    help="print the paper's Table 6 numbers next to the measured ones and whether the ranking agrees")
-    p.add_argument("--config", help="YAML or JSON file of training options")
-    p.add_argument("--spec", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a RepVGGSpec field of the ablated model, VALUE as JSON")
-    for flag, kwargs in _FLAGS:
-        if flag not in ("--resume", "--stop-after-steps", "--seed"):
-            p.add_argument(flag, default=None, **kwargs)
-    p.set_defaults(func=run, resume=None, stop_after_steps=None, seed=None)
+    add_common_arguments(p)
+    add_config_flags(p, AblationConfig, exclude=_NOT_FLAGS)
+    p.set_defaults(func=run, config_cls=AblationConfig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,20 +38,18 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from repvgg.training.ablation import (PAPER_TOP1, ablation_table, ranking, ranking_agrees, run_ablation,
-                                         write_ablation)
+                                          write_ablation)
 
-    if args.model is None:
-        args.model = DEFAULT_MODEL
-    if args.epochs is None:
-        args.epochs = DEFAULT_EPOCHS
     config = resolve_config(args)
+    if args.print_config:
+        return print_config(config)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if args.table7:
         configs += [c for c in ("identity_no_bn", "post_bn") if c not in configs]
     if args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    output = Path(args.output) if args.output else Path("runs") / f"ablate-{config.model}-{stamp}"
+    output = Path(config.output) if config.output else Path("runs") / f"ablate-{config.model}-{stamp}"
     result = run_ablation(config, configs=configs, seeds=list(range(args.seeds)), output=output)
     files = write_ablation(result, output)
     print(ablation_table(result, with_paper=args.table))

@@ -19,17 +19,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "timm's repvgg_a0, batch 8, float32) finish in about a minute on a 2-core CPU."
         ),
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--models", default="repvgg_a0", help="comma-separated RepVGG names (default repvgg_a0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--models", default="repvgg_a0", help="comma-separated RepVGG names")
     p.add_argument("--baselines", default="resnet18",
                    help="comma-separated torchvision baselines among resnet18/34/50/101/152 and vgg16, "
-                        "or 'none' (default resnet18)")
+                        "or 'none'")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip timm's RepVGG")
     p.add_argument("--no-fast", dest="fast", action="store_false", help="skip the fast inference path")
     p.add_argument("--candidates", default=None,
                    help="fast-path candidates to weigh, comma-separated (default: all available on the device)")
     p.add_argument("--batch-size", type=int, default=None, help="throughput batch size (default 8 on CPU, 128 on CUDA)")
-    p.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution")
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated among float32, float16, bfloat16 (unsupported ones are skipped)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per model (default 2 CPU / 50 CUDA)")

@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="training-time weights file")
     p.add_argument("output", help="output .safetensors file")
     p.add_argument("--model", default=None, help="model name for files without metadata (else inferred)")
-    p.add_argument("--img-size", type=int, default=224, help="input size of the equivalence check (default 224)")
+    p.add_argument("--img-size", type=int, default=224, help="input size of the equivalence check")
     p.set_defaults(func=run)
 
 

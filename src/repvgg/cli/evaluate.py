@@ -14,9 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(inferred from parameter shapes when omitted)")
     p.add_argument("--data", default=None, help="ImageFolder root with val/ (default: the digits data)")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default 32 digits / 224 folders)")
-    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading workers (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
+    p.add_argument("--workers", type=int, default=0, help="data-loading workers")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=run)
 

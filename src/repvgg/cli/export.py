@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT")
     p.add_argument("output", metavar="OUT.onnx")
-    p.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
+    p.add_argument("--img-size", type=int, default=224, help="input resolution")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--num-classes", type=int, default=None, help="classes of a model built by name (default 1000)")
     p.set_defaults(func=run)

@@ -12,13 +12,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: the data the model was trained on, as stored in the file)")
     p.add_argument("--val-size", type=int, default=None, help="resize validation images to this square size "
                    "(default: as stored in the file, else as they are)")
-    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16, as seg-train)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size, as seg-train")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--baseline", default="resnet50", choices=["resnet50", "resnet101", "none"],
-                   help="ResNet PSPNet timed next to the model at the same input size (default resnet50)")
+                   help="ResNet PSPNet timed next to the model at the same input size")
     p.add_argument("--speed", default=True, action=argparse.BooleanOptionalAction,
-                   help="measure images/s (default on; --no-speed skips it)")
+                   help="measure images/s (--no-speed skips it)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=run)
 

@@ -190,8 +190,8 @@ class RepVGGBlock(nn.Module):
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
         """The 3x3 kernel and bias of the single conv equal to this block's branches at inference time.
 
-        Differentiable (usable in a training loss, e.g. the official "custom L2" that decays the
-        equivalent kernel, or for quantization-aware training). Uses BN running statistics. The sum
+        Differentiable (usable in a training loss, e.g. a penalty on the fused kernel, or for
+        quantization-aware training). Uses BN running statistics. The sum
         is formed in float64 and returned in the block's parameter dtype.
         """
         if self.rbr_reparam is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from repvgg.training.config import RunConfig
+from repvgg.training.config import LoopConfig, option
 from repvgg.segmentation.backbones import FAST_DILATED_LAYERS
 from repvgg.segmentation.pspnet import AUX_LOSS_WEIGHT, SegmenterConfig
 from repvgg.segmentation.synthetic import SyntheticConfig
@@ -23,7 +23,7 @@ BASELINES = ("resnet50", "resnet101", "none")
 
 
 @dataclass
-class SegTrainConfig(RunConfig):
+class SegTrainConfig(LoopConfig):
     """Everything a segmentation run needs.
 
     ``lr=None`` means ``0.01 * batch_size / 16`` for folder data (the paper's 0.01 at batch 16, with a
@@ -32,61 +32,52 @@ class SegTrainConfig(RunConfig):
     for folders.
     """
 
-    backbone: str = "repvgg_tiny"  # a registered RepVGG name, or resnet50 / resnet101
-    fast: bool = False  # dilate only the last 5 layers (the paper's "fast" variants)
-    dilated_layers: int | None = None  # or any number of last layers to dilate
-    head_channels: int = 64  # PSPNet: 512
-    aux_channels: int = 32  # PSPNet: 256; 0 = no auxiliary head
-    aux_weight: float = AUX_LOSS_WEIGHT
-    dropout: float = 0.1
-    backbone_weights: str | None = None  # ImageNet weights for the backbone
-    data: str | None = None  # None = generated shapes; else a folder (see repvgg.segmentation.data)
-    num_classes: int | None = None  # folders without classes.txt
-    crop_size: int | None = None
-    scale_range: tuple[float, float] | None = None  # default (0.75, 1.5) shapes, (0.5, 2.0) folders
-    val_size: int | None = None  # resize validation images (needed to batch images of mixed sizes)
-    synthetic_train: int = 800
-    synthetic_val: int = 100
-    synthetic_size: int = 96
-    synthetic_seed: int = 0  # the data's seed, separate from the training seed
-    epochs: int = 30
-    batch_size: int = 16  # global, over all processes
-    lr: float | None = None
-    poly_power: float = 0.9
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    amp: bool = False  # mixed precision (CUDA only)
-    sync_bn: bool = False
-    workers: int = 0
-    seed: int = 0
-    device: str = "auto"
-    output: str | None = None
-    resume: str | None = None
-    baseline: str = "resnet50"  # speed comparison at the same input size; "none" skips it
-    stop_after_steps: int | None = None
-    log_interval: int = 20
+    batch_size: int = option(16, "global batch size over all processes, >= 2 per process")
+    lr: float | None = option(None, "base learning rate of the poly schedule",
+                              default_help="0.05 generated data, 0.01 x batch/16 folders")
+    output: str | None = option(None, "run folder", default_help="runs/seg-<backbone>-<data>-<time>")
+    log_interval: int = option(20, "steps between log lines when stderr is not a terminal")
+    backbone: str = option("repvgg_tiny", "registered RepVGG name (see `repvgg info`) or resnet50/resnet101")
+    fast: bool = option(False, "the paper's fast variant: dilate only the last 5 layers")
+    dilated_layers: int | None = option(None, "dilate only the last N backbone layers",
+                                        default_help="every layer of the last two stages")
+    head_channels: int = option(64, "width of the classifier's 3x3 conv (PSPNet: 512)")
+    aux_channels: int = option(32, "width of the auxiliary head's 3x3 conv, 0 = none (PSPNet: 256)")
+    aux_weight: float = option(AUX_LOSS_WEIGHT, "weight of the auxiliary loss")
+    dropout: float = option(0.1, "Dropout2d before the classifiers' last conv")
+    backbone_weights: str | None = option(None, "ImageNet weights file for the backbone (RepVGG formats or a "
+                                                "torchvision ResNet)")
+    data: str | None = option(None, "folder with images/{train,val} and labels/{train,val}",
+                              default_help="the generated shapes")
+    num_classes: int | None = option(None, "number of classes of a folder without classes.txt",
+                                     default_help="from classes.txt")
+    crop_size: int | None = option(None, "training crop", default_help="the generated image size, 512 for folders")
+    scale_range: tuple[float, float] | None = option(None, "random scale range of training crops",
+                                                     default_help="(0.75, 1.5) shapes, (0.5, 2.0) folders")
+    val_size: int | None = option(None, "resize validation images to this square size",
+                                  default_help="as they are")
+    synthetic_train: int = option(800, "generated training scenes")
+    synthetic_val: int = option(100, "generated validation scenes")
+    synthetic_size: int = option(96, "generated scene size in pixels")
+    synthetic_seed: int = option(0, "the generated data's seed, separate from the training seed")
+    poly_power: float = option(0.9, "power of the poly learning-rate decay")
+    baseline: str = option("resnet50", "ResNet PSPNet timed next to the model at the same input size",
+                           choices=BASELINES)
 
     def __post_init__(self) -> None:
         if self.scale_range is not None:
             self.scale_range = tuple(float(v) for v in self.scale_range)  # YAML gives lists
-        checks = [
-            (self.epochs >= 1, "epochs must be >= 1"),
+        super().__post_init__()
+        self._check([
             (self.batch_size >= 2, "batch_size must be >= 2 (the pyramid pooling's 1x1 bin needs 2 images for BN)"),
-            (self.lr is None or self.lr > 0, "lr must be > 0"),
             (self.poly_power >= 0, "poly_power must be >= 0"),
             (self.aux_weight >= 0, "aux_weight must be >= 0"),
             (self.crop_size is None or self.crop_size >= 8, "crop_size must be >= 8"),
             (self.val_size is None or self.val_size >= 8, "val_size must be >= 8"),
             (self.scale_range is None or len(self.scale_range) == 2, "scale_range must be two numbers"),
             (self.synthetic_train >= 1 and self.synthetic_val >= 1, "synthetic_train and synthetic_val must be >= 1"),
-            (self.workers >= 0, "workers must be >= 0"),
             (self.baseline in BASELINES, f"baseline must be one of {list(BASELINES)}"),
-            (self.stop_after_steps is None or self.stop_after_steps >= 1, "stop_after_steps must be >= 1"),
-            (self.log_interval >= 1, "log_interval must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"invalid segmentation config: {message}")
+        ])
         if self.fast and self.dilated_layers not in (None, FAST_DILATED_LAYERS):
             raise ValueError(f"fast means dilated_layers={FAST_DILATED_LAYERS}; pass one or the other, "
                              f"not fast with dilated_layers={self.dilated_layers}")

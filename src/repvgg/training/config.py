@@ -11,88 +11,133 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from repvgg.serialization import DictMixin, write_text
 
-__all__ = ["RunConfig", "TrainConfig", "load_config_file", "resolve_run_config"]
+__all__ = [
+    "AblationConfig", "LoopConfig", "option", "RunConfig", "TrainConfig", "load_config_file", "resolve_run_config",
+]
 
 C = TypeVar("C", bound="RunConfig")
+
+
+def option(default: Any = None, help: str = "", *, choices: Sequence[Any] | None = None,
+           default_help: str | None = None, cli: bool = True, factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with what the command line needs: its help text, choices, and how to show its default.
+
+    ``default_help`` describes a default that is derived at run time (``None`` meaning "derive it");
+    ``cli=False`` keeps a field off the command line (set it in a config file).
+    """
+    metadata = {"help": help, "choices": choices, "default_help": default_help, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 class RunConfig(DictMixin):
     """A run configuration: dict round trips plus overrides and a YAML copy in the run folder."""
 
     def updated(self: C, **changes: Any) -> C:
-        """A copy with ``changes`` applied (``None`` values are ignored, as for unset CLI flags)."""
-        merged = self.to_dict()
-        merged.update({k: v for k, v in changes.items() if v is not None})
-        return type(self).from_dict(merged)
+        """A copy with ``changes`` applied, ``None`` included (re-validated)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the config as YAML, atomically."""
+        return write_text(path, self.to_yaml())
+
+    def to_yaml(self) -> str:
+        """The config as YAML, in field order (what ``--print-config`` shows and ``config.yaml`` holds)."""
         import yaml
 
-        return write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def _check(self, checks: Sequence[tuple[bool, str]]) -> None:
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid {type(self).__name__}: {message}")
 
 
 @dataclass
-class TrainConfig(RunConfig):
-    """Everything a training run needs. Paper defaults for ImageNet, small defaults for the digits data.
+class LoopConfig(RunConfig):
+    """What the training engine itself reads; every training job's config extends it."""
+
+    epochs: int = option(30, "training epochs")
+    batch_size: int = option(64, "global batch size over all processes")
+    lr: float | None = option(None, "base learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(1e-4, "weight decay on kernels")
+    ema_decay: float = option(0.0, "weight EMA decay, e.g. 0.9998; 0 = off (the EMA weights are evaluated and saved)")
+    amp: bool = option(False, "mixed precision (CUDA only)")
+    sync_bn: bool = option(False, "SyncBatchNorm across processes (CUDA only; per-process BN elsewhere)")
+    workers: int = option(0, "data-loading worker processes")
+    seed: int = option(0, "random seed of the training run")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    output: str | None = option(None, "run folder", default_help="runs/<model>-<data>-<time>")
+    resume: str | None = option(None, "continue exactly from a run folder or its last.pt")
+    stop_after_steps: int | None = option(None, "save a resumable last.pt and exit after N steps of this invocation")
+    log_interval: int = option(50, "steps between log lines when stderr is not a terminal")
+
+    def __post_init__(self) -> None:
+        self._check([
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr is None or self.lr > 0, "lr must be > 0"),
+            (self.momentum >= 0, "momentum must be >= 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
+            (self.workers >= 0, "workers must be >= 0"),
+            (self.stop_after_steps is None or self.stop_after_steps >= 1, "stop_after_steps must be >= 1"),
+            (self.log_interval >= 1, "log_interval must be >= 1"),
+        ])
+
+    @property
+    def resolved_lr(self) -> float:
+        """The learning rate to use when ``lr`` is ``None`` (each job says how it derives it)."""
+        raise NotImplementedError
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Everything a classification run needs. Paper defaults for ImageNet, small defaults for the digits data.
 
     ``None`` in ``lr``, ``img_size`` and ``warmup_epochs`` means "derive it": the learning rate is
     ``0.1 * batch_size / 256`` (linear scaling), the image size is 32 for the digits and 224 for
     image folders, and warm-up is 5 epochs for schedules of 100+ epochs and 1 otherwise.
     """
 
-    model: str = "repvgg_a0"
-    data: str | None = None  # ImageFolder root with train/ and val/; None = embedded digits
-    img_size: int | None = None
-    epochs: int = 30
-    batch_size: int = 64  # global, over all processes
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float | None = None
-    label_smoothing: float = 0.1
-    custom_l2: bool = False
-    ema_decay: float = 0.0  # 0 disables the weight EMA
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    auto_augment: str | None = None  # timm policy string, e.g. "rand-m9-mstd0.5" or "original"
-    amp: bool = False  # mixed precision (CUDA only)
-    channels_last: bool = False
-    grad_checkpointing: bool = False
-    sync_bn: bool = False
-    weights: str | None = None  # initialise from a checkpoint (classifier kept if classes differ)
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # RepVGGSpec fields
-    workers: int = 0
-    seed: int = 0
-    device: str = "auto"
-    output: str | None = None
-    resume: str | None = None
-    bad_images: str = "fail"  # or "skip"
-    val_fraction: float = 0.2  # digits only
-    stop_after_steps: int | None = None
-    log_interval: int = 50
+    lr: float | None = option(None, "base learning rate", default_help="0.1 x batch size / 256")
+    model: str = option("repvgg_a0", "registered model name (see `repvgg info`)")
+    data: str | None = option(None, "ImageFolder root with train/ and val/", default_help="the embedded digits data")
+    img_size: int | None = option(None, "input resolution", default_help="32 for digits, 224 for folders")
+    warmup_epochs: float | None = option(None, "linear warm-up epochs", default_help="5 for >= 100 epochs, else 1")
+    label_smoothing: float = option(0.1, "label smoothing")
+    custom_l2: bool = option(False, "the official custom L2: plain L2 on the outer 3x3 taps, the fused centre "
+                                    "tap normalised by the branches' BN scales")
+    mixup: float = option(0.0, "mixup alpha (timm); 0 = off")
+    cutmix: float = option(0.0, "cutmix alpha (timm); 0 = off")
+    auto_augment: str | None = option(None, "timm policy for folders: 'rand-m9-mstd0.5' (RandAugment) or "
+                                            "'original' (AutoAugment)", default_help="none")
+    channels_last: bool = option(False, "channels_last memory format (CUDA only; on CPU training stays contiguous)")
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    weights: str | None = option(None, "initialise from a weights file (official/timm/own); a head with another "
+                                       "class count is re-initialised")
+    model_overrides: dict[str, Any] = option(help="RepVGGSpec fields (on the command line: --spec KEY=VALUE)",
+                                             factory=dict, cli=False)
+    bad_images: str = option("fail", "unreadable images: fail naming the file, or skip and count",
+                             choices=("fail", "skip"))
+    val_fraction: float = option(0.2, "digits validation fraction (fixed split seed)")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr is None or self.lr > 0, "lr must be > 0"),
+        super().__post_init__()
+        self._check([
             (self.img_size is None or self.img_size >= 8, "img_size must be >= 8"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
             (self.bad_images in ("fail", "skip"), "bad_images must be 'fail' or 'skip'"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
-            (self.workers >= 0, "workers must be >= 0"),
-            (self.stop_after_steps is None or self.stop_after_steps >= 1, "stop_after_steps must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"invalid training config: {message}")
+            (self.warmup_epochs is None or self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+        ])
 
     @property
     def resolved_lr(self) -> float:
@@ -103,6 +148,17 @@ class TrainConfig(RunConfig):
         if self.warmup_epochs is not None:
             return self.warmup_epochs
         return 5.0 if self.epochs >= 100 else 1.0
+
+
+@dataclass
+class AblationConfig(TrainConfig):
+    """The recipe every ablation run trains with: ``repvgg train``'s, with a deep, narrow model and a shorter
+    budget by default (depth is where the branches matter; see the README's ablation section)."""
+
+    model: str = option("repvgg_tiny_b", "registered model name to ablate (see `repvgg info`)")
+    epochs: int = option(15, "training epochs of every run")
+    output: str | None = option(None, "ablation folder (one run folder per configuration and seed inside)",
+                                default_help="runs/ablate-<model>-<time>")
 
 
 
@@ -132,7 +188,7 @@ def resolve_run_config(
 ) -> C:
     """Merge, in this order of precedence: defaults < a resumed run's config < a config file < flags.
 
-    ``flags`` holds command-line values, ``None`` for the ones not given.
+    ``flags`` holds command-line values, ``None`` for the ones not given. The result is validated.
     """
     from repvgg.io.checkpoint import load_checkpoint
 
@@ -142,5 +198,5 @@ def resolve_run_config(
         base.pop("stop_after_steps", None)  # a time slice applies to one invocation only
     if config_file:
         base.update({k.replace("-", "_"): v for k, v in load_config_file(config_file).items()})
-    config = config_cls.from_dict(base) if base else config_cls()
-    return config.updated(**(flags or {}))
+    base.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return config_cls.from_dict(base)

@@ -1,8 +1,13 @@
-"""Machinery shared by the training jobs (classification and segmentation).
+"""The training engine: one loop that every training job (classification, segmentation, ...) plugs into.
 
-What every run needs around its own loss and metrics: one entry point under ``torchrun``, the run
-folder, per-epoch seeding and a data order that makes resume exact, signal handling that stops after
-the current step, a progress bar, and the metrics file.
+``fit(task, config)`` owns what every run needs around its own loss and metrics: the process group
+under ``torchrun``, the run folder, resume (exact, mid-epoch included), per-epoch seeding and a data
+order that makes resume exact, the epoch loop with mixed precision, weight EMA and SyncBatchNorm,
+stop requests (SIGINT/SIGTERM or a step budget), progress, per-epoch evaluation, ``metrics.jsonl``,
+``last.pt`` / ``best.pt``, and the final conversion of the trained model with its check.
+
+A task (:class:`Task`) is a small object that builds its data and model, does one training step,
+evaluates, and compares and saves the converted model. The loop below reads top to bottom.
 """
 
 from __future__ import annotations
@@ -14,20 +19,33 @@ import random
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from repvgg.serialization import write_text
+from repvgg.io.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from repvgg.nn.complexity import count_parameters
+from repvgg.nn.convert import reparameterize_model
+from repvgg.serialization import write_json, write_text
+from repvgg.training.config import LoopConfig
 from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, init_distributed, shutdown_distributed
+from repvgg.training.optim import build_optimizer
 
 __all__ = [
+    "RunState",
+    "StepOutput",
     "StopRequest",
+    "Task",
     "epoch_loader",
+    "fit",
     "progress_bar",
     "run_distributed",
     "run_folder",
@@ -149,3 +167,261 @@ def progress_bar(total: int, desc: str, enabled: bool):
 def write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
     """Write ``history`` as ``output/metrics.jsonl``, one JSON row per epoch, atomically."""
     write_text(output / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+
+
+# --- the task interface and the loop --------------------------------------------------------------
+
+@dataclass
+class RunState:
+    """Where the run is; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps done inside the current epoch
+    global_step: int = 0
+    best_score: float = -float("inf")  # best value of the task's score metric so far
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    """What one training step reports: the loss to back-propagate, the batch's image count, and the
+    task's own running sums for this batch (e.g. correct predictions), summed over the epoch."""
+
+    loss: Tensor
+    images: int
+    sums: Tensor
+
+
+class Task(Protocol):
+    """One kind of training job. The engine calls these in the order listed, rank 0 only for ``save``."""
+
+    #: The ``repvgg`` subcommand that runs the task (used in messages and to tell checkpoints apart).
+    command: str
+    #: The validation metric (a key of :meth:`evaluate`'s result) whose best value selects ``best.pt``.
+    score: str
+    #: Images each process needs per batch (BatchNorm on a 1x1 pooled map needs 2).
+    min_local_batch: int
+
+    def default_output(self, config: Any) -> Path:
+        """The run folder when neither ``output`` nor ``resume`` names one."""
+
+    def setup(self, config: Any, ctx: DistContext) -> tuple[Any, Dataset]:
+        """Build and check the data; return the config with derived values resolved, and the training set."""
+
+    def build_model(self, config: Any, device: torch.device) -> nn.Module:
+        """The training-time model on ``device`` (initial weights loaded and checked)."""
+
+    def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
+        """This process's validation shard."""
+
+    def describe(self, model: nn.Module, config: Any, steps_per_epoch: int) -> str:
+        """One log line: model, data, sizes."""
+
+    def learning_rate(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        """The schedule: learning rate at optimizer step ``step`` of ``total_steps``."""
+
+    def training_step(self, net: nn.Module, model: nn.Module, batch: Any) -> StepOutput:
+        """Forward one batch through ``net`` (``model`` wrapped for DDP) and return the loss."""
+
+    def train_metrics(self, sums: Tensor) -> dict[str, float]:
+        """Epoch metrics from ``[loss * images, images, *StepOutput.sums]`` summed over the epoch."""
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """Validation metrics of ``model`` (summed over processes), including :attr:`score`."""
+
+    def checkpoint_fields(self, model: nn.Module) -> dict[str, Any]:
+        """What a checkpoint needs besides the weights to rebuild the model from the file alone."""
+
+    def compare(self, model: nn.Module, plain: nn.Module, loader: DataLoader) -> dict[str, Any]:
+        """Score the trained model and its converted copy on the same data; the summary's numbers."""
+
+    def save(self, model: nn.Module, plain: nn.Module, summary: dict[str, Any], history: list[dict[str, Any]],
+             output: Path) -> None:
+        """Write the converted model and the task's figures; may add keys (e.g. speed) to ``summary``."""
+
+
+C = TypeVar("C", bound=LoopConfig)
+
+
+def fit(task: Task, config: C) -> dict[str, Any]:
+    """Run ``task`` as described by ``config`` and return the summary (also written to ``summary.json``).
+
+    Under ``torchrun`` every process calls this; only rank 0 logs and writes. A SIGINT/SIGTERM or
+    ``stop_after_steps`` ends the run early with a resumable ``last.pt``; the summary then has
+    ``"interrupted": true``.
+    """
+    return run_distributed(lambda ctx: _fit(task, config, ctx), config.device)
+
+
+def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
+    resume = load_checkpoint(config.resume) if config.resume else None
+    if resume is not None and resume.get("task", task.command) != task.command:
+        raise ValueError(f"{config.resume} is a `repvgg {resume['task']}` checkpoint; "
+                         f"resume it with `repvgg {resume['task']} --resume`")
+    output = run_folder(config.output, config.resume, lambda: task.default_output(config))
+    config = config.updated(output=str(output))
+    device = ctx.device
+    if config.amp and device.type != "cuda":
+        logger.info("--amp applies to CUDA only; training in float32 on %s", device)
+    use_amp = config.amp and device.type == "cuda"
+
+    seed_epoch(config.seed, 0, ctx.rank)
+    config, train_set = task.setup(config, ctx)
+    model = task.build_model(config, device)
+    if config.sync_bn and ctx.distributed:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            logger.warning("--sync-bn needs CUDA (SyncBatchNorm); each process keeps its own BN statistics on %s",
+                           device)
+    optimizer = build_optimizer(model, config.resolved_lr, config.momentum, config.weight_decay,
+                                custom_l2=getattr(config, "custom_l2", False))
+    ema = None
+    if config.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=config.ema_decay)
+    state = RunState()
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if ema is not None and resume.get("ema") is not None:
+            ema.module.load_state_dict(resume["ema"])
+        state = RunState(resume["epoch"], resume["step_in_epoch"], resume["global_step"], resume["best_score"],
+                         list(resume["history"]))
+        restore_rng_state(resume["rng"])
+        logger.info("resumed from %s at epoch %d, step %d", config.resume, state.epoch, state.step_in_epoch)
+    net: nn.Module = DistributedDataParallel(model) if ctx.distributed else model
+
+    local_batch = config.batch_size // ctx.world_size
+    if config.batch_size % ctx.world_size or local_batch < task.min_local_batch:
+        raise ValueError(f"batch size {config.batch_size} must be a multiple of the {ctx.world_size} processes "
+                         f"with at least {task.min_local_batch} image(s) per process")
+    steps_per_epoch = len(train_set) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch "
+                         f"({config.batch_size}); lower --batch-size")
+    total_steps = steps_per_epoch * config.epochs
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    val_loader = task.val_loader(local_batch, ctx)
+    if ctx.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        config.save(output / "config.yaml")
+    logger.info("%s, %d params, %d steps/epoch, lr %.4g", task.describe(model, config, steps_per_epoch),
+                count_parameters(model), steps_per_epoch, config.resolved_lr)
+
+    def checkpoint() -> dict[str, Any]:
+        return {
+            "task": task.command,
+            "model": model.state_dict(),
+            **task.checkpoint_fields(model),
+            "config": config.to_dict(),
+            "optimizer": optimizer.state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "epoch": state.epoch,
+            "step_in_epoch": state.step_in_epoch,
+            "global_step": state.global_step,
+            "best_score": state.best_score,
+            "history": state.history,
+            "rng": capture_rng_state(),
+        }
+
+    stopper = StopRequest()
+    steps_this_run = 0
+    train_seconds = 0.0
+    train_images = 0
+    interrupted = False
+    with stopper.installed():
+        while state.epoch < config.epochs and not interrupted:
+            epoch = state.epoch
+            if state.step_in_epoch == 0:
+                seed_epoch(config.seed, epoch + 1, ctx.rank)
+            loader = epoch_loader(train_set, seed=config.seed, epoch=epoch, ctx=ctx, local_batch=local_batch,
+                                  skip_steps=state.step_in_epoch, workers=config.workers)
+            net.train()
+            stop_now = False
+            sums: Tensor | None = None  # loss * images, images, then the task's sums
+            bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", ctx.is_main)
+            if bar is not None:
+                bar.update(state.step_in_epoch)
+            start = time.perf_counter()
+            for batch in loader:
+                lr = task.learning_rate(state.global_step, total_steps, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, enabled=use_amp):
+                    out = task.training_step(net, model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if ema is not None:
+                    ema.update(model, step=state.global_step)
+                step_sums = torch.cat([torch.tensor([float(out.loss.detach()) * out.images, out.images],
+                                                    dtype=torch.float64), out.sums.double().cpu()])
+                sums = step_sums if sums is None else sums + step_sums
+                state.global_step += 1
+                state.step_in_epoch += 1
+                steps_this_run += 1
+                if bar is not None or (ctx.is_main and state.step_in_epoch % config.log_interval == 0):
+                    shown = {k: f"{v:.4g}" for k, v in task.train_metrics(sums).items()} | {"lr": f"{lr:.3g}"}
+                    if bar is not None:
+                        bar.set_postfix(shown)
+                        bar.update(1)
+                    else:
+                        logger.info("epoch %d step %d/%d %s", epoch + 1, state.step_in_epoch, steps_per_epoch,
+                                    " ".join(f"{k} {v}" for k, v in shown.items()))
+                stop_now = should_stop(stopper, steps_this_run, config.stop_after_steps)
+                if stop_now and state.step_in_epoch < steps_per_epoch:
+                    interrupted = True
+                    break
+            elapsed = time.perf_counter() - start
+            if bar is not None:
+                bar.close()
+            if sums is not None:
+                all_reduce(sums, "sum")
+                train_seconds += elapsed
+                train_images += int(sums[1])
+            if interrupted:
+                break
+            state.epoch += 1
+            state.step_in_epoch = 0
+            eval_model = ema.module if ema is not None else model
+            row = {"epoch": state.epoch, **task.train_metrics(sums), **task.evaluate(eval_model, val_loader),
+                   "lr": lr, "epoch_time_s": elapsed,
+                   "train_images_per_s": float(sums[1]) / elapsed if elapsed > 0 else 0.0}
+            state.history.append(row)
+            improved = row[task.score] > state.best_score
+            state.best_score = max(state.best_score, row[task.score])
+            logger.info("epoch %d/%d: %s (%.1fs)", state.epoch, config.epochs,
+                        ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                  if k not in ("epoch", "lr", "epoch_time_s", "train_images_per_s")), elapsed)
+            if ctx.is_main:
+                write_metrics(output, state.history)
+                payload = checkpoint()
+                save_checkpoint(payload, output / "last.pt")
+                if improved:
+                    payload["model"] = eval_model.state_dict()
+                    save_checkpoint(payload, output / "best.pt")
+            if stop_now or stopper.requested:
+                interrupted = state.epoch < config.epochs
+
+    if interrupted:
+        if ctx.is_main:
+            save_checkpoint(checkpoint(), output / "last.pt")
+        logger.warning("stopped at epoch %d step %d; continue with: repvgg %s --resume %s",
+                       state.epoch, state.step_in_epoch, task.command, output / "last.pt")
+        return {"interrupted": True, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+                "output": str(output)}
+
+    final = ema.module if ema is not None else model
+    final.eval()
+    plain = reparameterize_model(final)
+    summary = {**task.compare(final, plain, val_loader), "epochs": config.epochs,
+               f"best_{task.score}": state.best_score, "device": str(device), "world_size": ctx.world_size,
+               "train_images_per_s": train_images / train_seconds if train_seconds > 0 else None,
+               "train_time_s": train_seconds, "output": str(output)}
+    if ctx.is_main:
+        task.save(final, plain, summary, state.history, output)
+        write_json(output / "summary.json", summary)
+    return summary

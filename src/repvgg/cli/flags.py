@@ -1,0 +1,77 @@
+"""Command-line flags generated from a config dataclass, so ``--help`` and behaviour cannot drift.
+
+Each field of a :class:`~repvgg.training.config.RunConfig` made with
+:func:`~repvgg.training.config.option` becomes ``--field-name`` with the field's type, choices and
+help, and its default shown as the dataclass holds it. The parser's own default is ``None`` ("not
+given"), so the precedence defaults < resumed run < ``--config`` file < flags is decided in one place
+(:func:`~repvgg.training.config.resolve_run_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+__all__ = ["HelpFormatter", "add_config_flags", "config_flag_values", "shown_default"]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option whose parser default is the one the command uses."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _value_type(annotation: Any) -> Any:
+    """``int`` for ``int | None``, ``tuple[float, float]`` stays a tuple type, and so on."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return annotation
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """How ``--help`` shows the default of config field ``f``."""
+    if f.metadata.get("default_help"):
+        return str(f.metadata["default_help"])
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return " ".join(str(v) for v in default)
+    return "none" if default is None else str(default)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, *, exclude: tuple[str, ...] = ()) -> None:
+    """Add a flag for every command-line field of ``config_cls`` (a dataclass made with ``option``)."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name in exclude or not f.metadata.get("cli", True):
+            continue
+        kind = _value_type(hints[f.name])
+        help_text = f"{f.metadata.get('help', '')} (default: {shown_default(f)})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"default": None, "dest": f.name, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            items = typing.get_args(kind)
+            kwargs.update(type=items[0], nargs=len(items))
+        else:
+            kwargs["type"] = kind
+        if f.metadata.get("choices"):
+            kwargs["choices"] = list(f.metadata["choices"])
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def config_flag_values(args: argparse.Namespace, config_cls: type) -> dict[str, Any]:
+    """The flags the user gave, by config field name (fields without a flag, or not given, are left out)."""
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
