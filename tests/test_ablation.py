@@ -10,7 +10,7 @@ import pytest
 from repvgg.training.ablation import (BRANCH_CONFIGS, PAPER_TOP1, AblationResult, converted_cost, ranking,
                                       ranking_agrees)
 from repvgg.cli import main
-from repvgg.nn.registry import create_model
+from repvgg import create_model
 
 SMOKE = ["--model", "repvgg_tiny", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--val-fraction", "0.8",
          "--device", "cpu"]

@@ -11,7 +11,8 @@ import torch
 
 from conftest import randomize_bn, relative_error
 from repvgg import create_model, load_model, read_checkpoint, reparameterize_model, save_weights
-from repvgg.io.weights import infer_architecture, load_weights, official_to_timm, timm_to_official
+from repvgg.io.loading import infer_architecture
+from repvgg.io.weights import load_weights, official_to_timm, timm_to_official
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -8,8 +8,9 @@ from repvgg.nn.convert import reparameterize_model
 from repvgg.io.export import export_onnx
 from repvgg.perf.fast import optimize_for_inference
 from repvgg.nn.model import RepVGG, RepVGGSpec
-from repvgg.nn.registry import create_model, get_spec, list_models, register_model
-from repvgg.io.weights import load_model, load_weights, read_checkpoint, save_weights
+from repvgg.nn.registry import build_model, get_spec, list_models, register_model
+from repvgg.io.loading import create_model, load_model
+from repvgg.io.weights import load_weights, read_checkpoint, save_weights
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "RepVGGBlock",
     "RepVGGSpec",
     "SEBlock",
+    "build_model",
     "create_model",
     "export_onnx",
     "get_spec",

@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.nn.convert import convert_checkpoint
+    from repvgg.io.loading import convert_checkpoint
 
     result = convert_checkpoint(args.input, args.output, arch=args.model, img_size=args.img_size)
     print(json.dumps(result, indent=2))

@@ -1,9 +1,11 @@
 """Resumable training checkpoints: atomic writes and exact RNG state.
 
-A checkpoint is a plain dict of tensors and primitive values (loadable with ``weights_only=True``):
-``model`` (official-format state dict), ``arch``, ``spec``, ``num_classes``, ``in_chans``, ``config``,
-``optimizer``, ``ema``, ``epoch``, ``step_in_epoch``, ``global_step``, ``best_top1``, ``history`` and
-``rng``. The same file loads with ``repvgg.create_model(..., weights=...)`` / ``repvgg.load_model``.
+A checkpoint is a plain dict of tensors and primitive values (loadable with ``weights_only=True``), written
+by :func:`repvgg.training.engine.fit`: ``task`` (the subcommand), ``model`` (official-format state dict),
+the task's fields to rebuild the model (``arch``, ``spec``, ``num_classes``, ``in_chans`` for
+classification), ``config``, ``optimizer``, ``ema``, ``epoch``, ``step_in_epoch``, ``global_step``,
+``best_score``, ``history`` and ``rng``. A classification checkpoint loads with
+``repvgg.create_model(..., weights=...)`` / ``repvgg.load_model``.
 """
 
 from __future__ import annotations

@@ -58,8 +58,8 @@ def resolve_model(model_or_path: nn.Module | str | os.PathLike[str], *, num_clas
     """
     if isinstance(model_or_path, nn.Module):
         return model_or_path
-    from repvgg.nn.registry import create_model
-    from repvgg.io.weights import load_model
+    from repvgg.io.loading import load_model
+    from repvgg.nn.registry import build_model
 
     path = Path(model_or_path)
     if path.is_file():
@@ -70,7 +70,7 @@ def resolve_model(model_or_path: nn.Module | str | os.PathLike[str], *, num_clas
     name = str(model_or_path)
     if any(sep in name for sep in (os.sep, ".pth", ".pt", ".safetensors")):
         raise FileNotFoundError(f"checkpoint {name!r} does not exist")
-    model = create_model(name, num_classes=1000 if num_classes is None else num_classes)
+    model = build_model(name, num_classes=1000 if num_classes is None else num_classes)
     log.info("%s: no checkpoint given, exporting randomly initialised weights", name)
     return model
 

@@ -1,4 +1,4 @@
-"""Reading, checking, loading and saving weights: the official, timm and this package's formats.
+"""Weights file formats: reading, checking, loading into a model and saving (official, timm and own formats).
 
 The model's own state-dict keys are those of the official RepVGG release (``stage0.rbr_dense.conv.weight``,
 ``stage1.0.rbr_1x1.bn.running_mean``, ``stage1.0.rbr_reparam.weight``, ``linear.weight``, ...), so official
@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from repvgg.nn.model import RepVGG, RepVGGSpec
+from repvgg.nn.model import RepVGG
 from repvgg.serialization import atomic_write
 
 __all__ = [
@@ -32,8 +32,8 @@ __all__ = [
     "load_state_dict_into",
     "load_weights",
     "save_weights",
-    "load_model",
-    "infer_architecture",
+    "stem_in_chans",
+    "HEAD_PREFIX",
     "timm_to_official",
     "official_to_timm",
 ]
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 StateDict = dict[str, Tensor]
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
-_HEAD_PREFIX = "linear."
+HEAD_PREFIX = "linear."
 
 _TIMM_TO_OFFICIAL: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
     (r"^stem\.", "stage0."),
@@ -179,7 +179,7 @@ def _decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
 
 def checkpoint_num_classes(state_dict: Mapping[str, Tensor]) -> int | None:
     """Classifier outputs stored in a state dict (``None`` when it has no head)."""
-    weight = state_dict.get(_HEAD_PREFIX + "weight")
+    weight = state_dict.get(HEAD_PREFIX + "weight")
     return None if weight is None else int(weight.shape[0])
 
 
@@ -229,11 +229,11 @@ def load_state_dict_into(
     if mismatch:
         raise ValueError(mismatch)
     target = model.state_dict()
-    has_head = any(k.startswith(_HEAD_PREFIX) for k in target)
+    has_head = any(k.startswith(HEAD_PREFIX) for k in target)
     incoming = {k: v for k, v in state_dict.items()
-                if not (k.startswith(_HEAD_PREFIX) and (skip_head or not has_head))}
+                if not (k.startswith(HEAD_PREFIX) and (skip_head or not has_head))}
     if skip_head:
-        target_check = {k: v for k, v in target.items() if not k.startswith(_HEAD_PREFIX)}
+        target_check = {k: v for k, v in target.items() if not k.startswith(HEAD_PREFIX)}
     else:
         target_check = target
 
@@ -302,74 +302,7 @@ def write_safetensors(state_dict: Mapping[str, Tensor], path: str | os.PathLike[
     return Path(path)
 
 
-def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:
-    """Find the registered model whose parameter names and shapes match ``state_dict``.
-
-    Used for official files, which carry no architecture name. Models are built on the ``meta``
-    device, so this allocates no weight memory.
-    """
-    from repvgg.nn.registry import create_model, list_models
-
-    deploy = is_deploy_state_dict(state_dict)
-    in_chans = _stem_in_chans(state_dict)
-    wanted = {k: tuple(v.shape) for k, v in state_dict.items()
-              if not k.endswith("num_batches_tracked") and not k.startswith(_HEAD_PREFIX)}
-    for name in list_models():
-        with torch.device("meta"):
-            candidate = create_model(name, deploy=deploy, num_classes=1, in_chans=in_chans)
-        have = {k: tuple(v.shape) for k, v in candidate.state_dict().items()
-                if not k.endswith("num_batches_tracked") and not k.startswith(_HEAD_PREFIX)}
-        if have == wanted:
-            return name
-    raise ValueError(
-        "the state dict matches no registered architecture; pass the model name explicitly "
-        "(or register a custom spec with repvgg.register_model)."
-    )
-
-
-def load_model(
-    path: str | os.PathLike[str],
-    *,
-    arch: str | None = None,
-    deploy: bool | None = None,
-    num_classes: int | None = None,
-) -> RepVGG:
-    """Rebuild a model from a weights file alone.
-
-    The architecture comes from ``arch``, else the file's metadata (this package's files), else by
-    matching the parameter shapes against the registry (official and timm files). Training-time or
-    deploy form follows the file unless ``deploy`` says otherwise.
-    """
-    from repvgg.nn.registry import create_model
-
-    state_dict, metadata = read_checkpoint(path)
-    file_deploy = is_deploy_state_dict(state_dict)
-    if deploy is False and file_deploy:
-        raise ValueError(f"{path} holds fused (deploy) weights; a fused model cannot be turned back into branches.")
-    in_chans = int(metadata.get("in_chans", _stem_in_chans(state_dict)))
-    if arch is not None:
-        spec_or_name: str | RepVGGSpec = arch
-    elif isinstance(metadata.get("spec"), Mapping):
-        spec_or_name = RepVGGSpec.from_dict(dict(metadata["spec"]))
-    elif "arch" in metadata:
-        spec_or_name = str(metadata["arch"])
-    else:
-        spec_or_name = infer_architecture(state_dict)
-        logger.info("%s: inferred architecture %s from parameter shapes", path, spec_or_name)
-    if num_classes is None:
-        num_classes = checkpoint_num_classes(state_dict) or 1000
-    model = create_model(spec_or_name, num_classes=num_classes, in_chans=in_chans, deploy=file_deploy)
-    if isinstance(spec_or_name, RepVGGSpec) and "arch" in metadata:
-        model.name = str(metadata["arch"])
-    load_state_dict_into(model, state_dict, source=str(path))
-    if deploy and not file_deploy:
-        from repvgg.nn.convert import reparameterize_model
-
-        model = reparameterize_model(model, inplace=True)
-    return model
-
-
-def _stem_in_chans(state_dict: Mapping[str, Tensor]) -> int:
+def stem_in_chans(state_dict: Mapping[str, Tensor]) -> int:
     for key in ("stage0.rbr_dense.conv.weight", "stage0.rbr_reparam.weight"):
         if key in state_dict:
             return int(state_dict[key].shape[1])

@@ -61,10 +61,10 @@ class ModelComplexity:
 
 def model_complexity(name: str, img_size: int = 224, num_classes: int = 1000) -> ModelComplexity:
     """Count parameters and multiply-adds of registered model ``name`` before and after fusion."""
-    from repvgg.nn.registry import create_model
+    from repvgg.nn.registry import build_model
 
     with torch.device("meta"):
-        model = create_model(name, num_classes=num_classes)
+        model = build_model(name, num_classes=num_classes)
     shape = (1, model.in_chans, img_size, img_size)
     params_train, macs_train = count_parameters(model), count_macs(model, shape)
     fused = reparameterize_model(model, inplace=True)

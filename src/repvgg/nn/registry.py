@@ -1,15 +1,17 @@
-"""The model zoo: one table of named :class:`~repvgg.nn.model.RepVGGSpec` entries and ``create_model``."""
+"""The model zoo: one table of named :class:`~repvgg.nn.model.RepVGGSpec` entries and ``build_model``.
+
+Building from a name knows nothing of files; :func:`repvgg.io.loading.create_model` adds weights on top.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 from typing import Any, Sequence
 
 from repvgg.nn.model import RepVGG, RepVGGSpec
 
-__all__ = ["MODEL_SPECS", "canonical_name", "list_models", "get_spec", "register_model", "create_model"]
+__all__ = ["MODEL_SPECS", "canonical_name", "list_models", "get_spec", "register_model", "build_model"]
 
 _A = (1, 2, 4, 14, 1)
 _B = (1, 4, 6, 16, 1)
@@ -73,25 +75,21 @@ def register_model(name: str, spec: RepVGGSpec, *, overwrite: bool = False) -> N
     MODEL_SPECS[key] = spec
 
 
-def create_model(
+def build_model(
     name: str | RepVGGSpec,
     *,
-    weights: str | os.PathLike[str] | None = None,
-    num_classes: int | None = None,
+    num_classes: int = 1000,
     in_chans: int = 3,
     deploy: bool = False,
     features_only: bool = False,
     out_indices: Sequence[int] = (0, 1, 2, 3, 4),
     **overrides: Any,
 ) -> RepVGG:
-    """Build a RepVGG by name (or from a spec), optionally loading weights.
+    """Build a RepVGG with fresh weights by registered name (or from a spec).
 
     Args:
         name: a registered name (see :func:`list_models`) or a :class:`RepVGGSpec`.
-        weights: a checkpoint file in the official, timm or this package's format
-            (``.pth``/``.pt`` read with ``weights_only=True``, or ``.safetensors``).
-        num_classes: classifier outputs; defaults to the checkpoint's when ``weights`` is given,
-            else 1000.
+        num_classes: classifier outputs.
         in_chans: input image channels.
         deploy: build the fused inference-time network (load ``-deploy`` files into this).
         features_only: no head; ``forward`` returns the stage feature maps in ``out_indices``.
@@ -109,26 +107,5 @@ def create_model(
         if unknown:
             raise TypeError(f"unknown argument(s) {unknown} for create_model; RepVGGSpec fields are {sorted(known)}")
         spec = dataclasses.replace(spec, **overrides)
-
-    state_dict = None
-    if weights is not None:
-        from repvgg.io.weights import read_checkpoint, checkpoint_num_classes
-
-        state_dict, _ = read_checkpoint(weights)
-        file_classes = checkpoint_num_classes(state_dict)
-        if num_classes is None:
-            num_classes = file_classes if file_classes is not None else 1000
-    model = RepVGG(
-        spec,
-        num_classes=1000 if num_classes is None else num_classes,
-        in_chans=in_chans,
-        deploy=deploy,
-        features_only=features_only,
-        out_indices=out_indices,
-        name=arch_name,
-    )
-    if state_dict is not None:
-        from repvgg.io.weights import load_state_dict_into
-
-        load_state_dict_into(model, state_dict, source=str(weights))
-    return model
+    return RepVGG(spec, num_classes=num_classes, in_chans=in_chans, deploy=deploy, features_only=features_only,
+                  out_indices=out_indices, name=arch_name)

@@ -270,7 +270,7 @@ def _selection_effort(device: torch.device) -> dict[str, int | None]:
 
 def _build_entries(config: BenchConfig, dtype_name: str, example: Tensor, result: BenchResult) -> list[_Entry]:
     from repvgg.nn.convert import reparameterize_model
-    from repvgg.nn.registry import create_model
+    from repvgg.nn.registry import build_model
 
     dtype = _DTYPES[dtype_name]
     device = torch.device(config.device)
@@ -299,7 +299,7 @@ def _build_entries(config: BenchConfig, dtype_name: str, example: Tensor, result
 
     for name in config.models:
         log.info("building %s (training-time, converted%s)", name, ", fast path" if config.fast else "")
-        train = create_model(name, num_classes=config.num_classes).eval()
+        train = build_model(name, num_classes=config.num_classes).eval()
         plain = reparameterize_model(train)
         add(name, "train", train)
         add(name, "plain", plain)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from repvgg.nn.fusion import fuse_conv_bn_modules
 from repvgg.nn.model import RepVGG
-from repvgg.nn.registry import create_model
+from repvgg.io.loading import create_model
 
 __all__ = [
     "FAST_DILATED_LAYERS",

@@ -87,9 +87,9 @@ class SegmentationTask:
 
     def setup(self, config: SegTrainConfig, ctx: DistContext) -> tuple[SegTrainConfig, Dataset]:
         self.device = ctx.device
-        self.config = config
         self.bundle = _build_data(config)
-        return config, self.bundle.train
+        self.config = config.updated(lr=config.resolved_lr)  # saved resolved, not as "derive it"
+        return self.config, self.bundle.train
 
     def build_model(self, config: SegTrainConfig, device: torch.device) -> PSPNet:
         return build_segmenter(config.segmenter_config(self.bundle.num_classes),

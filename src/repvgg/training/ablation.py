@@ -20,7 +20,7 @@ import torch
 from repvgg.nn.complexity import count_macs, count_parameters
 from repvgg.training.config import TrainConfig
 from repvgg.nn.convert import reparameterize_model
-from repvgg.nn.registry import create_model
+from repvgg.nn.registry import build_model
 from repvgg.report import markdown_table
 from repvgg.serialization import write_json
 
@@ -82,7 +82,7 @@ class AblationResult:
 def converted_cost(model: str, overrides: dict[str, Any], img_size: int, num_classes: int) -> tuple[int, int]:
     """Parameters and multiply-adds of the converted network for one configuration (meta device)."""
     with torch.device("meta"):
-        net = create_model(model, num_classes=num_classes, **overrides)
+        net = build_model(model, num_classes=num_classes, **overrides)
     plain = reparameterize_model(net, inplace=True)
     return count_parameters(plain), count_macs(plain, (1, net.in_chans, img_size, img_size))
 

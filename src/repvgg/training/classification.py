@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from repvgg.io.weights import checkpoint_num_classes, load_state_dict_into, read_checkpoint, save_weights
 from repvgg.nn.complexity import count_parameters
 from repvgg.nn.model import RepVGG
-from repvgg.nn.registry import create_model
+from repvgg.nn.registry import build_model
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, build_datasets
 from repvgg.training.distributed import DistContext, ShardSampler
@@ -69,7 +69,7 @@ class ClassificationTask:
         return self.config, self.bundle.train
 
     def build_model(self, config: TrainConfig, device: torch.device) -> RepVGG:
-        model = create_model(config.model, num_classes=self.bundle.num_classes, **config.model_overrides)
+        model = build_model(config.model, num_classes=self.bundle.num_classes, **config.model_overrides)
         if config.weights:
             state_dict, _ = read_checkpoint(config.weights)
             skip_head = checkpoint_num_classes(state_dict) not in (None, self.bundle.num_classes)

@@ -121,7 +121,7 @@ def evaluate_checkpoint(
     from repvgg.nn.convert import reparameterize_model
     from repvgg.training.data import build_datasets
     from repvgg.training.distributed import resolve_device
-    from repvgg.io.weights import load_model
+    from repvgg.io.loading import load_model
 
     model = load_model(weights, arch=arch)
     bundle = build_datasets(data, img_size=img_size)

@@ -1,0 +1,170 @@
+"""Models from files: ``create_model`` with weights, ``load_model`` from a file alone, checkpoint conversion.
+
+This sits above both the registry (:mod:`repvgg.nn.registry`, which builds networks from names) and the
+file formats (:mod:`repvgg.io.weights`, which know nothing of the registry), so imports point one way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from repvgg.io.weights import (HEAD_PREFIX, checkpoint_num_classes, is_deploy_state_dict, load_state_dict_into,
+                               read_checkpoint, save_weights, stem_in_chans)
+from repvgg.nn.convert import reparameterize_model
+from repvgg.nn.model import RepVGG, RepVGGSpec
+from repvgg.nn.registry import build_model, list_models
+
+__all__ = ["create_model", "load_model", "infer_architecture", "convert_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+def create_model(
+    name: str | RepVGGSpec,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    deploy: bool = False,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+    **overrides: Any,
+) -> RepVGG:
+    """Build a RepVGG by name (or from a spec), optionally loading weights.
+
+    Args:
+        name: a registered name (see :func:`repvgg.list_models`) or a :class:`RepVGGSpec`.
+        weights: a checkpoint file in the official, timm or this package's format
+            (``.pth``/``.pt`` read with ``weights_only=True``, or ``.safetensors``).
+        num_classes: classifier outputs; defaults to the checkpoint's when ``weights`` is given,
+            else 1000.
+        in_chans: input image channels.
+        deploy: build the fused inference-time network (load ``-deploy`` files into this).
+        features_only: no head; ``forward`` returns the stage feature maps in ``out_indices``.
+        out_indices: which stages (0-4) ``features_only`` returns.
+        **overrides: any :class:`RepVGGSpec` field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
+            ``use_identity=False``, for a custom architecture in one call.
+    """
+    state_dict = None
+    if weights is not None:
+        state_dict, _ = read_checkpoint(weights)
+        if num_classes is None:
+            num_classes = checkpoint_num_classes(state_dict)
+    model = build_model(name, num_classes=1000 if num_classes is None else num_classes, in_chans=in_chans,
+                        deploy=deploy, features_only=features_only, out_indices=out_indices, **overrides)
+    if state_dict is not None:
+        load_state_dict_into(model, state_dict, source=str(weights))
+    return model
+
+
+def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:
+    """Find the registered model whose parameter names and shapes match ``state_dict``.
+
+    Used for official files, which carry no architecture name. Models are built on the ``meta``
+    device, so this allocates no weight memory.
+    """
+
+    deploy = is_deploy_state_dict(state_dict)
+    in_chans = stem_in_chans(state_dict)
+    wanted = {k: tuple(v.shape) for k, v in state_dict.items()
+              if not k.endswith("num_batches_tracked") and not k.startswith(HEAD_PREFIX)}
+    for name in list_models():
+        with torch.device("meta"):
+            candidate = build_model(name, deploy=deploy, num_classes=1, in_chans=in_chans)
+        have = {k: tuple(v.shape) for k, v in candidate.state_dict().items()
+                if not k.endswith("num_batches_tracked") and not k.startswith(HEAD_PREFIX)}
+        if have == wanted:
+            return name
+    raise ValueError(
+        "the state dict matches no registered architecture; pass the model name explicitly "
+        "(or register a custom spec with repvgg.register_model)."
+    )
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    deploy: bool | None = None,
+    num_classes: int | None = None,
+) -> RepVGG:
+    """Rebuild a model from a weights file alone.
+
+    The architecture comes from ``arch``, else the file's metadata (this package's files), else by
+    matching the parameter shapes against the registry (official and timm files). Training-time or
+    deploy form follows the file unless ``deploy`` says otherwise.
+    """
+
+    state_dict, metadata = read_checkpoint(path)
+    file_deploy = is_deploy_state_dict(state_dict)
+    if deploy is False and file_deploy:
+        raise ValueError(f"{path} holds fused (deploy) weights; a fused model cannot be turned back into branches.")
+    in_chans = int(metadata.get("in_chans", stem_in_chans(state_dict)))
+    if arch is not None:
+        spec_or_name: str | RepVGGSpec = arch
+    elif isinstance(metadata.get("spec"), Mapping):
+        spec_or_name = RepVGGSpec.from_dict(dict(metadata["spec"]))
+    elif "arch" in metadata:
+        spec_or_name = str(metadata["arch"])
+    else:
+        spec_or_name = infer_architecture(state_dict)
+        logger.info("%s: inferred architecture %s from parameter shapes", path, spec_or_name)
+    if num_classes is None:
+        num_classes = checkpoint_num_classes(state_dict) or 1000
+    model = build_model(spec_or_name, num_classes=num_classes, in_chans=in_chans, deploy=file_deploy)
+    if isinstance(spec_or_name, RepVGGSpec) and "arch" in metadata:
+        model.name = str(metadata["arch"])
+    load_state_dict_into(model, state_dict, source=str(path))
+    if deploy and not file_deploy:
+        model = reparameterize_model(model, inplace=True)
+    return model
+
+
+
+
+@torch.no_grad()
+def convert_checkpoint(
+    source: str | os.PathLike[str],
+    destination: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    img_size: int = 224,
+    batch_size: int = 2,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Convert a training-time weights file (official, timm or own) into a deploy ``.safetensors`` file.
+
+    The equivalence of the two models is checked on a random batch before anything is written;
+    the report gives the largest absolute and the relative output difference.
+    """
+    destination = Path(destination)
+    if destination.suffix != ".safetensors":
+        raise ValueError(f"the output must be a .safetensors file, got {destination}")
+    model = load_model(source, arch=arch).eval()
+    if model.deploy:
+        raise ValueError(f"{source} is already fused (deploy weights); there is nothing to convert")
+    plain = reparameterize_model(model)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, model.in_chans, img_size, img_size, generator=gen)
+    expected, actual = model(x).double(), plain(x).double()
+    max_abs = float((actual - expected).abs().max())
+    relative = float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+    if not relative <= 1e-4:
+        raise RuntimeError(f"converted model deviates from the original (relative error {relative:.3g}); not saved")
+    save_weights(plain, destination, extra={"converted_from": Path(source).name})
+    return {
+        "input": str(source),
+        "output": str(destination),
+        "model": model.name,
+        "params_train": sum(p.numel() for p in model.parameters()),
+        "params_deploy": sum(p.numel() for p in plain.parameters()),
+        "check_input": [batch_size, model.in_chans, img_size, img_size],
+        "max_abs_diff": max_abs,
+        "relative_error": relative,
+    }

@@ -1,0 +1,100 @@
+"""The package's architecture: imports point one way (no cycles, lazy imports included)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import repvgg
+
+PACKAGE = Path(repvgg.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every ``repvgg`` module -> the ``repvgg`` modules it imports anywhere (top level or inside functions)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("repvgg"):
+                base = node.module
+                for alias in node.names:  # "from repvgg.nn import block" imports the submodule
+                    candidate = f"{base}.{alias.name}"
+                    targets.add(candidate if candidate in modules else base)
+            elif isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names if a.name.startswith("repvgg"))
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules, or ``None``. Package ``__init__`` re-exports are skipped:
+    importing ``repvgg.x`` runs ``repvgg/__init__`` first, but that is the public facade, not a layer."""
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(node: str) -> list[str] | None:
+        if node in visiting:
+            return visiting[visiting.index(node):] + [node]
+        if node in done:
+            return None
+        visiting.append(node)
+        for target in sorted(graph[node]):
+            if target == "repvgg":
+                continue
+            cycle = visit(target)
+            if cycle:
+                return cycle
+        visiting.pop()
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        if start != "repvgg" and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_import_graph_has_no_cycles() -> None:
+    graph = import_graph()
+    assert len(graph) > 30 and "repvgg.nn.block" in graph["repvgg.nn.model"]  # the scan sees real imports
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_layers_point_one_way() -> None:
+    """nn (models, fusion) imports no file formats, training or CLI; file formats know nothing of training."""
+    graph = import_graph()
+    order = ["repvgg.serialization", "repvgg.nn", "repvgg.io", "repvgg.perf", "repvgg.training",
+             "repvgg.segmentation", "repvgg.cli"]
+
+    def layer(module: str) -> int | None:
+        return next((i for i, prefix in enumerate(order) if module == prefix or module.startswith(prefix + ".")),
+                    None)
+
+    wrong = [(m, t) for m, targets in graph.items() for t in targets
+             if layer(m) is not None and layer(t) is not None and layer(t) > layer(m)]
+    assert not wrong, wrong
+
+
+def test_the_readme_layout_table_matches_the_tree() -> None:
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    listed = {name for row in rows for name in row.split("|")[1].replace("`", "").replace(",", " ").split()}
+    for name in listed:
+        assert (PACKAGE / name).exists(), f"README lists {name}, which is not in src/repvgg"
+    modules = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
+    covered = {m for m in modules if m in listed or any(m.startswith(d) for d in listed if d.endswith("/"))}
+    assert modules == covered, f"modules missing from the README's layout table: {sorted(modules - covered)}"
