@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -16,7 +17,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, _BatchNorm):
                 n = module.num_features
 
                 def uniform(lo: float, hi: float) -> torch.Tensor:

@@ -6,6 +6,8 @@ fake clocks and tiny models.
 
 from __future__ import annotations
 
+import copy
+
 import json
 
 import pytest
@@ -122,6 +124,12 @@ def test_fuse_conv_bn_on_a_resnet_is_exact_and_leaves_no_bn() -> None:
     with torch.no_grad():
         assert relative_error(fused(x), model(x)) < 1e-5
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    # a SyncBatchNorm copy (a --sync-bn run) fuses the same pairs to the same function
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    fused_sync = fuse_conv_bn(sync)
+    assert count_conv_bn_pairs(sync) == 20 and count_conv_bn_pairs(fused_sync) == 0
+    with torch.no_grad():
+        assert relative_error(fused_sync(x), model(x)) < 1e-5
 
 
 def test_fuse_conv_bn_keeps_bn_whose_conv_output_is_shared() -> None:

@@ -206,3 +206,41 @@ def test_deepcopy_and_state_dict_round_trip() -> None:
 def test_bad_block_arguments_raise(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         RepVGGBlock(**kwargs)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(identity_bn=False), dict(post_bn=True), dict(use_1x1=False)])
+def test_block_with_sync_and_frozen_batchnorm_fuses_like_batchnorm(variant: dict) -> None:
+    from torchvision.ops import FrozenBatchNorm2d
+
+    block = randomize_bn(RepVGGBlock(8, 8, **variant), seed=3).eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        expected = block(x)
+        kernel, bias = block.equivalent_kernel_bias()
+        sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(block))
+        k_sync, b_sync = sync.equivalent_kernel_bias()
+        frozen = copy.deepcopy(block)
+        for parent in list(frozen.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, nn.BatchNorm2d):
+                    replacement = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                    for name in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(replacement, name).copy_(getattr(child, name))
+                    setattr(parent, child_name, replacement)
+        k_frozen, b_frozen = frozen.equivalent_kernel_bias()
+    for k, b in ((k_sync, b_sync), (k_frozen, b_frozen)):
+        assert relative_error(k, kernel) <= 1e-6 and relative_error(b, bias) <= 1e-6
+    sync.reparameterize()
+    with torch.no_grad():
+        assert relative_error(sync(x), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("norm", [lambda c: nn.GroupNorm(2, c), lambda c: nn.InstanceNorm2d(c, affine=True)])
+def test_a_norm_that_cannot_fold_is_a_clear_error_naming_the_layer(norm) -> None:
+    from repvgg import create_model, reparameterize_model
+
+    model = create_model("repvgg_tiny", num_classes=3)
+    block = model.stage2[1]
+    block.rbr_dense.bn = norm(block.rbr_dense.bn.num_features)
+    with pytest.raises(ValueError, match=r"stage2\.1.*cannot fold (GroupNorm|InstanceNorm2d)"):
+        reparameterize_model(model)

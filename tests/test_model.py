@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -33,6 +35,15 @@ def test_every_variant_converts_exactly(name: str) -> None:
     blocks = [m for m in fused.modules() if isinstance(m, RepVGGBlock)]
     assert len(blocks) == sum(get_spec(name).depths)
     assert all(b.rbr_dense is None for b in blocks)
+    # A --sync-bn run's model (SyncBatchNorm everywhere) fuses to the same function as its BatchNorm2d twin.
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in sync.modules())
+    fused_sync = reparameterize_model(sync)
+    with torch.no_grad():
+        assert relative_error(fused_sync(x), expected) <= 1e-5
+    reference = fused.state_dict()
+    for key, value in fused_sync.state_dict().items():
+        assert relative_error(value, reference[key]) <= 1e-5 or value.abs().max() == reference[key].abs().max() == 0
 
 
 def _analytic_counts(spec: RepVGGSpec, num_classes: int, img: int) -> tuple[int, int, int, int]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repvgg.nn.fusion import fold_batchnorm, identity_kernel, pad_kernel_to
+from repvgg.nn.fusion import fold_batchnorm, fold_norm, identity_kernel, pad_kernel_to
 
 __all__ = ["RepVGGBlock", "SEBlock", "ConvBN"]
 
@@ -60,11 +60,7 @@ class ConvBN(nn.Sequential):
 
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
         """Kernel and bias (float64) of one conv equal to this conv + BN at inference time."""
-        conv: nn.Conv2d = self.conv
-        if isinstance(self.bn, nn.BatchNorm2d):
-            return fold_batchnorm(conv.weight, self.bn)
-        kernel = conv.weight.to(torch.float64)
-        return kernel, kernel.new_zeros(conv.out_channels)
+        return fold_norm(self.conv.weight, self.bn)
 
 
 class SEBlock(nn.Module):
@@ -205,7 +201,7 @@ class RepVGGBlock(nn.Module):
             bias = bias + b1
         if self.rbr_identity is not None:
             eye = identity_kernel(self.out_channels, self.groups, 3, device=kernel.device)
-            if isinstance(self.rbr_identity, nn.BatchNorm2d):
+            if not isinstance(self.rbr_identity, nn.Identity):
                 scale, shift = fold_batchnorm(None, self.rbr_identity)
                 eye = eye * scale.reshape(-1, 1, 1, 1)
                 bias = bias + shift

@@ -34,7 +34,10 @@ def reparameterize_model(model: M, inplace: bool = False) -> M:
     if not isinstance(model, nn.Module):
         raise TypeError(f"reparameterize_model expects an nn.Module, got {type(model).__name__}")
     target = model if inplace else copy.deepcopy(model)
-    for module in list(target.modules()):
+    for name, module in list(target.named_modules()):
         if is_reparameterizable(module):
-            module.reparameterize()
+            try:
+                module.reparameterize()
+            except ValueError as err:
+                raise ValueError(f"cannot convert {name or type(module).__name__}: {err}") from err
     return target.eval()

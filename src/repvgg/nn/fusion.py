@@ -16,9 +16,11 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
-    "fold_batchnorm", "identity_kernel", "pad_kernel_to", "fuse_conv_bn_modules", "fuse_conv_bn", "count_conv_bn_pairs",
+    "is_batchnorm", "fold_norm", "fold_batchnorm", "identity_kernel", "pad_kernel_to", "fuse_conv_bn_modules",
+    "fuse_conv_bn", "count_conv_bn_pairs",
 ]
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,39 @@ log = logging.getLogger(__name__)
 _FUSION_DTYPE = torch.float64
 
 
-def _running_stats(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for any batch-norm layer that folds into a convolution at inference time.
+
+    ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` (all ``torch.nn.modules.batchnorm._BatchNorm``) and
+    frozen batch norms that keep the same buffers (torchvision's ``FrozenBatchNorm2d``).
+    """
+    if isinstance(module, _BatchNorm):
+        return True
+    return all(isinstance(getattr(module, name, None), Tensor) for name in ("running_mean", "running_var")) \
+        and isinstance(getattr(module, "eps", None), float)
+
+
+def fold_norm(kernel: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """Kernel and bias (float64) of one conv equal to ``norm(conv(x))`` with ``kernel``, at inference time.
+
+    ``norm`` is a batch norm (:func:`is_batchnorm`) or ``nn.Identity`` (no norm). Anything else, such
+    as GroupNorm or LayerNorm, depends on the input and cannot be folded: a ValueError says which.
+    """
+    if isinstance(norm, nn.Identity):
+        kernel = kernel.to(_FUSION_DTYPE)
+        return kernel, kernel.new_zeros(kernel.shape[0])
+    return fold_batchnorm(kernel, norm)
+
+
+def _check_batchnorm(bn: nn.Module) -> None:
+    if not is_batchnorm(bn):
+        raise ValueError(
+            f"cannot fold {type(bn).__name__} into a convolution: only batch norm (BatchNorm2d, SyncBatchNorm, "
+            "frozen batch norm) has fixed statistics at inference time; use batch norm in the branches"
+        )
+
+
+def _running_stats(bn: nn.Module) -> tuple[Tensor, Tensor]:
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
             f"{bn} has no running statistics (track_running_stats=False), so it cannot be folded into a "
@@ -35,14 +69,16 @@ def _running_stats(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return bn.running_mean, bn.running_var
 
 
-def fold_batchnorm(kernel: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+def fold_batchnorm(kernel: Tensor | None, bn: nn.Module) -> tuple[Tensor, Tensor]:
     """Fold an inference-time BatchNorm into the preceding convolution kernel.
 
     ``kernel`` is the conv weight (``None`` means the BN stands alone, as in the identity branch,
     and only the per-channel scale is returned in place of a kernel: shape ``(C,)``).
     Returns ``(kernel * gamma / std, beta - mean * gamma / std)`` in float64. Differentiable with
     respect to the conv weight and the BN affine parameters; always uses the running statistics.
+    Any batch norm (:func:`is_batchnorm`) folds; another norm is a ValueError naming its type.
     """
+    _check_batchnorm(bn)
     mean, var = _running_stats(bn)
     mean = mean.to(_FUSION_DTYPE)
     std = (var.to(_FUSION_DTYPE) + bn.eps).sqrt()
@@ -87,7 +123,7 @@ def pad_kernel_to(kernel: Tensor, kernel_size: int) -> Tensor:
 
 
 @torch.no_grad()
-def fuse_conv_bn_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+def fuse_conv_bn_modules(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     """Return a new biased ``nn.Conv2d`` equal to ``bn(conv(x))`` at inference time.
 
     Used for fair baselines (the paper fuses the conv-BN pairs of ResNets and VGG too).
@@ -116,11 +152,11 @@ def fuse_conv_bn_modules(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 
 def _fusable_pairs(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
-    """(conv node, bn node) pairs where a BatchNorm2d reads the output of a Conv2d used by nothing else."""
+    """(conv node, bn node) pairs where a batch norm reads the output of a Conv2d used by nothing else."""
     modules = dict(graph_module.named_modules())
     pairs = []
     for node in graph_module.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+        if node.op != "call_module" or not is_batchnorm(modules.get(node.target, nn.Identity())):
             continue
         source = node.args[0] if node.args else None
         if (

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from repvgg.nn.convert import is_reparameterizable, reparameterize_model
+from repvgg.nn.fusion import fuse_conv_bn, is_batchnorm
 from repvgg.perf.timing import make_timer, time_interleaved
 
 __all__ = [
@@ -324,9 +325,7 @@ def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, fuse: b
     if fuse:
         if any(is_reparameterizable(m) for m in prepared.modules()):
             prepared = reparameterize_model(prepared, inplace=True)
-        if any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules()):
-            from repvgg.nn.fusion import fuse_conv_bn
-
+        if any(is_batchnorm(m) for m in prepared.modules()):
             prepared = fuse_conv_bn(prepared)
     for p in prepared.parameters():
         p.requires_grad_(False)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repvgg.nn.fusion import fuse_conv_bn_modules
+from repvgg.nn.fusion import fuse_conv_bn_modules, is_batchnorm
 from repvgg.nn.model import RepVGG
 from repvgg.io.loading import create_model
 
@@ -172,7 +172,7 @@ class ResNetBackbone(nn.Module):
             return
         for parent, conv_name, bn_name in self._conv_bn_pairs():
             conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
-            assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+            assert isinstance(conv, nn.Conv2d) and is_batchnorm(bn)
             setattr(parent, conv_name, fuse_conv_bn_modules(conv, bn))
             setattr(parent, bn_name, nn.Identity())
 

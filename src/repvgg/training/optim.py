@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from repvgg.nn.block import ConvBN, RepVGGBlock
-from repvgg.nn.fusion import fold_batchnorm
+from repvgg.nn.fusion import fold_batchnorm, is_batchnorm
 
 __all__ = ["parameter_groups", "build_optimizer", "learning_rate", "custom_l2", "block_kernels"]
 
@@ -41,7 +41,7 @@ def _identity_scales(model: nn.Module) -> set[int]:
     """``id`` of the identity-branch BN scales (decayed in the official recipe, unlike other BN scales)."""
     return {
         id(module.rbr_identity.weight) for module in model.modules()
-        if isinstance(module, RepVGGBlock) and isinstance(module.rbr_identity, nn.BatchNorm2d)
+        if isinstance(module, RepVGGBlock) and is_batchnorm(module.rbr_identity)
         and module.rbr_identity.weight is not None
     }
 
@@ -106,7 +106,7 @@ def _branch_scale(branch: ConvBN, dtype: torch.dtype) -> Tensor:
     scales both branches alike, and a common scale cancels in the normalised centre term.
     """
     conv: nn.Conv2d = branch.conv
-    if not isinstance(branch.bn, nn.BatchNorm2d):
+    if not is_batchnorm(branch.bn):
         return torch.ones(conv.out_channels, 1, 1, 1, device=conv.weight.device, dtype=dtype)
     scale, _ = fold_batchnorm(None, branch.bn)
     return scale.detach().to(dtype).reshape(-1, 1, 1, 1)
