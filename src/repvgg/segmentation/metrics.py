@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from repvgg.segmentation.pspnet import IGNORE_INDEX, main_logits
+from repvgg.training.distributed import all_reduce
 
 __all__ = [
     "confusion_matrix",
@@ -86,18 +87,6 @@ def metrics_from_confusion(matrix: Tensor) -> SegmentationMetrics:
     )
 
 
-def _all_reduce(tensor: Tensor, op: str) -> Tensor:
-    """Sum or max over processes, on the device the backend needs (no-op in a single process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return tensor
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = tensor.to(device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return total.cpu()
-
-
 def _nanmean(values: Tensor) -> float:
     valid = values[~values.isnan()]
     return valid.mean().item() if valid.numel() else math.nan
@@ -119,7 +108,7 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> None:
         """Sum the matrices of all processes (no-op unless torch.distributed is initialised)."""
-        self.matrix = _all_reduce(self.matrix, "sum")
+        self.matrix = all_reduce(self.matrix, "sum")
 
     def reset(self) -> None:
         self.matrix.zero_()
@@ -213,8 +202,8 @@ def compare_segmenters(
     finally:
         for model, mode in zip(models, modes):
             model.train(mode)
-    sums = _all_reduce(sums, "sum")
-    max_diff = _all_reduce(max_diff, "max")
+    sums = all_reduce(sums, "sum")
+    max_diff = all_reduce(max_diff, "max")
     for meter in meters:
         meter.all_reduce()
     labelled_total, pixel_total = max(1.0, float(sums[-3])), max(1.0, float(sums[-2]))

@@ -119,7 +119,7 @@ class SegmentationTask:
         loss = segmentation_loss(out, labels, aux_weight=self.config.aux_weight, ignore_index=ignore)
         labelled = labels != ignore
         correct = (main_logits(out).detach().argmax(1) == labels) & labelled
-        return StepOutput(loss, labels.shape[0], torch.tensor([float(correct.sum()), float(labelled.sum())]))
+        return StepOutput(loss, labels.shape[0], torch.stack([correct.sum(), labelled.sum()]))
 
     def train_metrics(self, sums: Tensor) -> dict[str, float]:
         return {"train_loss": float(sums[0] / sums[1]),

@@ -26,7 +26,7 @@ from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, build_datasets
 from repvgg.training.distributed import DistContext, ShardSampler
 from repvgg.training.engine import StepOutput, fit, training_memory_format
-from repvgg.training.evaluate import evaluate_models, measure_throughput, topk_correct
+from repvgg.training.evaluate import evaluate_models, measure_throughput
 from repvgg.training.optim import custom_l2, learning_rate
 
 __all__ = ["ClassificationTask", "train", "default_output_dir"]
@@ -105,8 +105,8 @@ class ClassificationTask:
         loss = self.criterion(logits, targets)
         if self.config.custom_l2:
             loss = loss + 0.5 * self.config.weight_decay * custom_l2(model)
-        correct = topk_correct(logits.detach(), labels, (1,))[0]
-        return StepOutput(loss, labels.numel(), torch.tensor([float(correct)]))
+        correct = (logits.detach().argmax(1) == labels).sum()
+        return StepOutput(loss, labels.numel(), correct.reshape(1))
 
     def train_metrics(self, sums: Tensor) -> dict[str, float]:
         return {"train_loss": float(sums[0] / sums[1]), "train_top1": float(100 * sums[2] / sums[1])}

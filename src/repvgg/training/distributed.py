@@ -1,6 +1,7 @@
 """Process-group set-up for ``torchrun`` and the small collective helpers the training loop needs.
 
-One process per device; NCCL on GPUs, gloo on CPU. Only rank 0 logs and writes files.
+One process per device; on GPUs a group of NCCL for CUDA tensors and gloo for CPU ones, gloo alone on
+CPU. Only rank 0 logs and writes files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["DistContext", "init_distributed", "shutdown_distributed", "all_reduce", "EpochSampler", "ShardSampler"]
+__all__ = [
+    "DistContext", "init_distributed", "shutdown_distributed", "all_reduce", "backend_device_types",
+    "collective_device", "EpochSampler", "ShardSampler",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,8 @@ def init_distributed(device: str = "auto") -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        # CUDA tensors go through NCCL; the few CPU ones (counters, flags) through gloo.
+        backend = "cpu:gloo,cuda:nccl" if resolved.type == "cuda" else "gloo"
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
         dist.init_process_group(backend=backend)
@@ -70,10 +75,54 @@ def shutdown_distributed(*, wait: bool = False) -> None:
         dist.destroy_process_group()
 
 
+#: Device types each backend takes tensors on (a group may mix them: "cpu:gloo,cuda:nccl").
+_BACKEND_DEVICES = {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}, "mpi": {"cpu"}, "ucc": {"cpu", "cuda"}}
+
+
+def _backend_description() -> str:
+    """The default group's backend, per device where the group was created with a mixed description."""
+    try:
+        return str(dist.get_backend_config())
+    except (AttributeError, RuntimeError, ValueError):
+        return str(dist.get_backend())
+
+
+def backend_device_types(description: str | None = None) -> set[str]:
+    """Device types the default group's backend accepts ("nccl": cuda; "cpu:gloo,cuda:nccl": cpu and cuda)."""
+    description = _backend_description() if description is None else description
+    types: set[str] = set()
+    for part in description.lower().split(","):
+        device, _, backend = part.strip().rpartition(":")
+        types |= {device} if device else _BACKEND_DEVICES.get(backend, {"cpu"})
+    return types
+
+
+def collective_device(device: torch.device, description: str | None = None) -> torch.device:
+    """Where a collective must run for a tensor on ``device``: ``device`` itself when the backend takes it,
+    else the backend's device (the current CUDA device for NCCL, the CPU otherwise)."""
+    accepted = backend_device_types(description)
+    if device.type in accepted:
+        return device
+    if "cuda" in accepted:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum or max over processes in place (a no-op in a single process)."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    """Sum or max over processes, in place, whatever device ``tensor`` is on (a no-op in a single process).
+
+    The one collective every job uses: the tensor travels to the device the group's backend needs (a
+    CPU tensor to the GPU under NCCL) and the result comes back into ``tensor``.
+    """
+    if op not in ("sum", "max"):
+        raise ValueError(f"op must be 'sum' or 'max', got {op!r}")
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    device = collective_device(tensor.device)
+    work = tensor if tensor.device == device else tensor.to(device)
+    dist.all_reduce(work, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    if work is not tensor:
+        tensor.copy_(work)
     return tensor
 
 

@@ -134,10 +134,19 @@ class StopRequest:
                 signal.signal(sig, handler)
 
 
-def should_stop(stopper: StopRequest, steps_this_run: int, stop_after_steps: int | None) -> bool:
-    """True on every process once any process got a signal or the step budget is spent."""
-    local = stopper.requested or (stop_after_steps is not None and steps_this_run >= stop_after_steps)
-    return float(all_reduce(torch.tensor([float(local)]), "max")) > 0
+#: Steps between the collective that shares a stop request in a distributed run (a host sync each time).
+STOP_CHECK_INTERVAL = 10
+
+
+def should_stop(stopper: StopRequest, steps_this_run: int, stop_after_steps: int | None, *,
+                share_signal: bool = True) -> bool:
+    """True on every process alike once the step budget is spent or, when ``share_signal``, once any process
+    got a signal (one small collective; the budget needs none, it is the same on every process)."""
+    if stop_after_steps is not None and steps_this_run >= stop_after_steps:
+        return True
+    if not share_signal:
+        return False
+    return float(all_reduce(torch.tensor([float(stopper.requested)]), "max")) > 0
 
 
 def training_memory_format(channels_last: bool, device: torch.device) -> torch.memory_format:
@@ -357,21 +366,27 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
                 scaler.update()
                 if ema is not None:
                     ema.update(model, step=state.global_step)
-                step_sums = torch.cat([torch.tensor([float(out.loss.detach()) * out.images, out.images],
-                                                    dtype=torch.float64), out.sums.double().cpu()])
+                # Summed on the device: no host sync per step.
+                loss = out.loss.detach().double().reshape(1)
+                step_sums = torch.cat([loss * out.images, loss.new_tensor([out.images]),
+                                       out.sums.detach().to(loss.device, torch.float64).reshape(-1)])
                 sums = step_sums if sums is None else sums + step_sums
                 state.global_step += 1
                 state.step_in_epoch += 1
                 steps_this_run += 1
-                if bar is not None or (ctx.is_main and state.step_in_epoch % config.log_interval == 0):
+                if ctx.is_main and state.step_in_epoch % config.log_interval == 0 or (bar is not None and (
+                        state.step_in_epoch % 10 == 0 or state.step_in_epoch == steps_per_epoch)):
                     shown = {k: f"{v:.4g}" for k, v in task.train_metrics(sums).items()} | {"lr": f"{lr:.3g}"}
                     if bar is not None:
-                        bar.set_postfix(shown)
-                        bar.update(1)
+                        bar.set_postfix(shown, refresh=False)
                     else:
                         logger.info("epoch %d step %d/%d %s", epoch + 1, state.step_in_epoch, steps_per_epoch,
                                     " ".join(f"{k} {v}" for k, v in shown.items()))
-                stop_now = should_stop(stopper, steps_this_run, config.stop_after_steps)
+                if bar is not None:
+                    bar.update(1)
+                stop_now = should_stop(stopper, steps_this_run, config.stop_after_steps, share_signal=(
+                    not ctx.distributed or state.step_in_epoch % STOP_CHECK_INTERVAL == 0
+                    or state.step_in_epoch == steps_per_epoch))
                 if stop_now and state.step_in_epoch < steps_per_epoch:
                     interrupted = True
                     break
@@ -403,7 +418,7 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
                 if improved:
                     payload["model"] = eval_model.state_dict()
                     save_checkpoint(payload, output / "best.pt")
-            if stop_now or stopper.requested:
+            if stop_now or should_stop(stopper, steps_this_run, config.stop_after_steps):
                 interrupted = state.epoch < config.epochs
 
     if interrupted:

@@ -1,0 +1,73 @@
+"""Collectives: one helper, correct for NCCL, gloo and mixed groups; every job uses it."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+import torch
+
+from test_layout import PACKAGE
+from repvgg.training.distributed import all_reduce, backend_device_types, collective_device
+
+
+def test_backend_device_rule() -> None:
+    assert backend_device_types("nccl") == {"cuda"}
+    assert backend_device_types("gloo") == {"cpu", "cuda"}
+    assert backend_device_types("cpu:gloo,cuda:nccl") == {"cpu", "cuda"}
+    assert backend_device_types("cuda:nccl") == {"cuda"}
+    cpu = torch.device("cpu")
+    assert collective_device(cpu, "gloo") == cpu
+    assert collective_device(cpu, "cpu:gloo,cuda:nccl") == cpu
+    assert collective_device(torch.device("cuda", 1), "cpu:gloo,cuda:nccl") == torch.device("cuda", 1)
+    assert collective_device(torch.device("cuda", 0), "mpi") == cpu
+
+
+def test_a_cpu_tensor_goes_to_the_gpu_under_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collective_device(torch.device("cpu"), "nccl") == torch.device("cuda", 3)
+
+
+def test_all_reduce_in_a_real_group_reduces_in_place(tmp_path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        seen: list[torch.device] = []
+        original = dist.all_reduce
+
+        def checked(tensor: torch.Tensor, *args, **kwargs):
+            # what NCCL does to a tensor on a device it cannot take: refuse it
+            assert tensor.device.type in backend_device_types(), tensor.device
+            seen.append(tensor.device)
+            return original(tensor, *args, **kwargs)
+
+        dist.all_reduce = checked
+        try:
+            t = torch.tensor([1.0, 5.0], dtype=torch.float64)
+            assert all_reduce(t, "max") is t and t.tolist() == [1.0, 5.0]
+        finally:
+            dist.all_reduce = original
+        assert seen == [torch.device("cpu")]
+        with pytest.raises(ValueError, match="op"):
+            all_reduce(t, "mean")
+    finally:
+        dist.destroy_process_group()
+
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "reduce", "reduce_scatter",
+               "all_to_all", "gather", "scatter"}
+
+
+def test_every_collective_goes_through_the_one_helper() -> None:
+    """Only ``training/distributed.py`` calls ``torch.distributed`` collectives; every job calls its helper."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.relative_to(PACKAGE).as_posix() == "training/distributed.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES
+                    and isinstance(node.func.value, (ast.Name, ast.Attribute))
+                    and ast.unparse(node.func.value) in ("dist", "torch.distributed")):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not offenders, offenders
