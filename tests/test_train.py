@@ -192,7 +192,7 @@ def test_corrupt_image_fails_naming_the_file_or_is_skipped(tmp_path: Path) -> No
     bad = root / "train" / "class_0" / "2.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     bundle = build_datasets(str(root), img_size=32)
-    index = [i for i, (p, _) in enumerate(bundle.train.folder.samples) if p.endswith("class_0/2.png")][0]
+    index = [i for i, (p, _) in enumerate(bundle.train.samples) if p.endswith("class_0/2.png")][0]
     with pytest.raises(ValueError, match="2.png"):
         bundle.train[index]
     skipping = build_datasets(str(root), img_size=32, bad_images="skip")

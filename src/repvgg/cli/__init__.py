@@ -1,7 +1,9 @@
 """The ``repvgg`` command line: one module per subcommand, each parsing arguments and calling the library.
 
 Each subcommand module defines ``add_parser(subparsers)``, which registers its parser and sets
-``func`` to a function ``(args) -> exit code``.
+``func`` to a function ``(args) -> exit code``. Exit statuses: 0 success, 1 the run failed
+(:class:`repvgg.errors.RunFailed`: diverged, a conversion that does not match), 2 bad input or usage,
+130 interrupted (a resumable checkpoint was saved).
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ import functools
 import importlib
 import logging
 import sys
+import traceback
 from typing import Sequence
 
 from repvgg.cli.flags import HelpFormatter
+from repvgg.errors import RunFailed
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
+
+#: Exit statuses of every subcommand.
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 #: Subcommand modules under ``repvgg.cli``, in the order ``--help`` lists them.
 _COMMANDS = ["train", "evaluate", "convert", "ablate", "info", "bench", "export", "seg_train", "seg_eval"]
@@ -44,9 +51,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"repvgg {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except RunFailed as err:
+        return _fail(args, err, EXIT_RUN_FAILED)
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as err:
+        return _fail(args, err, EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print(f"repvgg {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _fail(args: argparse.Namespace, err: BaseException, status: int) -> int:
+    """One line for the user; the traceback too with ``-v``. Other exceptions are bugs and keep their traceback."""
+    if args.verbose:
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"repvgg {args.command}: error: {err}", file=sys.stderr)
+    return status

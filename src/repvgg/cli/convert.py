@@ -13,12 +13,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="output .safetensors file")
     p.add_argument("--model", default=None, help="model name for files without metadata (else inferred)")
     p.add_argument("--img-size", type=int, default=224, help="input size of the equivalence check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from repvgg.io.loading import convert_checkpoint
 
-    result = convert_checkpoint(args.input, args.output, arch=args.model, img_size=args.img_size)
+    result = convert_checkpoint(args.input, args.output, arch=args.model, img_size=args.img_size,
+                                overwrite=args.overwrite)
     print(json.dumps(result, indent=2))
     return 0

@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=224, help="input resolution")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--num-classes", type=int, default=None, help="classes of a model built by name (default 1000)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)
 
 
@@ -26,10 +27,11 @@ def run(args: argparse.Namespace) -> int:
     from repvgg.io.export import export_onnx
 
     report = export_onnx(args.model, args.output, img_size=args.img_size, opset=args.opset,
-                         num_classes=args.num_classes)
+                         num_classes=args.num_classes, overwrite=args.overwrite)
     if report.converted:
         print("converted the training-time model to its plain form before export")
     print(f"wrote {report.path}: input {tuple(report.input_shape)}, opset {report.opset}, onnx checker passed")
     print(f"ONNX Runtime vs PyTorch on a random batch of {report.check_batch_size}: "
-          f"max |diff| {report.max_abs_diff:.3g} ({report.max_rel_diff:.2g} of the largest |output|)")
+          f"max |diff| {report.max_abs_diff:.3g} ({report.max_rel_diff:.2g} of the largest |output|), "
+          f"relative deviation {report.relative_error:.2g}")
     return 0

@@ -41,7 +41,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"could not read checkpoint {path} (truncated or corrupt?): {err}") from err
-    required = {"model", "optimizer", "config", "epoch", "global_step"}
+    required = {"model", "optimizer", "config", "epoch", "step_in_epoch", "global_step", "best_score", "history",
+                "rng"}
     if not isinstance(payload, dict) or not required <= set(payload):
         raise ValueError(
             f"{path} is not a resumable training checkpoint (needs {sorted(required)}); "

@@ -8,9 +8,11 @@ inside the functions, so ``import repvgg`` needs torch alone.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from repvgg.nn.convert import is_reparameterizable, reparameterize_model
+from repvgg.errors import ConversionMismatch
+from repvgg.nn.convert import OutputDeviation, check_conversion, is_reparameterizable, reparameterize_model
 
 __all__ = ["ExportReport", "export_onnx", "export_onnx_file", "needs_conversion", "resolve_model"]
 
@@ -39,6 +42,7 @@ class ExportReport:
     check_batch_size: int
     max_abs_diff: float
     max_rel_diff: float
+    relative_error: float
     opset: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -155,13 +159,17 @@ def export_onnx(
     opset: int | None = None,
     check_batch_size: int = 3,
     num_classes: int | None = None,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Export the converted model to ONNX, check the file, and compare ONNX Runtime with PyTorch.
 
     A training-time model is converted first (:func:`repvgg.reparameterize_model`, a copy; the log
     says so). The file has a dynamic batch dimension; it is validated with ``onnx.checker`` and run
     with ONNX Runtime on a random batch of ``check_batch_size`` images (a size other than the one
-    traced), and the largest deviation from the PyTorch output is reported.
+    traced), and the deviation from the PyTorch output is reported. The file is written in a
+    temporary folder beside ``path`` and moved into place only when the ONNX Runtime outputs are finite
+    and within :data:`~repvgg.nn.convert.CONVERSION_TOLERANCE` of PyTorch's (relative); the caller's
+    model is not modified.
 
     Args:
         model_or_path: an ``nn.Module``, a checkpoint file (any format :func:`repvgg.load_model`
@@ -171,44 +179,68 @@ def export_onnx(
         opset: ONNX opset (default: the exporter's recommended one).
         check_batch_size: batch size of the parity check.
         num_classes: classes of a model built by name.
+        overwrite: replace an existing ``path``.
+
+    Raises:
+        ValueError: bad arguments, or ``path`` is a folder or (without ``overwrite``) an existing file.
+        ConversionMismatch: ONNX Runtime does not reproduce the model; nothing is written.
     """
     import onnx
     import onnxruntime as ort
 
     if img_size < 1 or check_batch_size < 1:
         raise ValueError(f"img_size and check_batch_size must be >= 1, got {img_size}, {check_batch_size}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"the output {path} is a folder; name an .onnx file")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
     model = resolve_model(model_or_path, num_classes=num_classes)
     converted = needs_conversion(model)
     if converted:
         log.info("the model is in training-time form: converting it to the plain form before export")
         model = reparameterize_model(model)
+    elif model is model_or_path:
+        model = copy.deepcopy(model)  # .eval().float().cpu() below must not change the caller's model
     model = model.eval().float().cpu()
     channels = _input_channels(model)
     example = torch.randn(2, channels, img_size, img_size)
-    out_path = export_onnx_file(model, example, path, opset=opset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as staging:
+        # Exported and checked under the final name in a staging folder (external weight files keep
+        # their relative name), moved into place only once ONNX Runtime reproduced the model.
+        staged = export_onnx_file(model, example, Path(staging) / path.name, opset=opset)
+        onnx.checker.check_model(str(staged))
+        proto = onnx.load(str(staged), load_external_data=False)
+        opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
 
-    onnx.checker.check_model(str(out_path))
-    proto = onnx.load(str(out_path), load_external_data=False)
-    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
-
-    batch = torch.randn(check_batch_size, channels, img_size, img_size)
-    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
-    expected = model(batch)
-    expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
-    if len(outputs) != len(expected):
-        raise RuntimeError(f"ONNX Runtime returned {len(outputs)} outputs, PyTorch {len(expected)}")
-    max_abs = max(float((torch.from_numpy(o) - e).abs().max()) for o, e in zip(outputs, expected))
+        batch = torch.randn(check_batch_size, channels, img_size, img_size)
+        session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+        del session
+        expected = model(batch)
+        expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+        if len(outputs) != len(expected):
+            raise ConversionMismatch(f"ONNX Runtime returned {len(outputs)} outputs, PyTorch {len(expected)}; "
+                                     "nothing was written")
+        deviation = OutputDeviation()
+        for o, e in zip(outputs, expected):
+            deviation.update(e, torch.from_numpy(o))
+        check_conversion(deviation.relative, "the ONNX export (run by ONNX Runtime)")
+        for staged_file in Path(staging).iterdir():
+            os.replace(staged_file, path.parent / staged_file.name)
+    max_abs = deviation.max_abs_diff
     scale = max(float(e.abs().max()) for e in expected)
     report = ExportReport(
-        path=str(out_path),
+        path=str(path),
         converted=converted,
         input_shape=("batch", channels, img_size, img_size),
         check_batch_size=check_batch_size,
         max_abs_diff=max_abs,
         max_rel_diff=max_abs / max(scale, 1e-12),
+        relative_error=deviation.relative,
         opset=opset_used,
     )
     log.debug("wrote %s (opset %d); ONNX Runtime vs PyTorch on a batch of %d: max |diff| %.3g",
-             out_path, opset_used, check_batch_size, report.max_abs_diff)
+             path, opset_used, check_batch_size, report.max_abs_diff)
     return report

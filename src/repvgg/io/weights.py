@@ -29,6 +29,7 @@ __all__ = [
     "write_safetensors",
     "checkpoint_num_classes",
     "is_deploy_state_dict",
+    "check_state_dict",
     "load_state_dict_into",
     "load_weights",
     "save_weights",
@@ -169,8 +170,11 @@ def _decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = dict(raw)
     if "spec" in out:
         out["spec"] = json.loads(out["spec"])
-    if "deploy" in out:
-        out["deploy"] = out["deploy"] == "true"
+    for key in ("deploy", "features_only"):
+        if key in out:
+            out[key] = out[key] == "true"
+    if "out_indices" in out:
+        out["out_indices"] = json.loads(out["out_indices"])
     for key in ("num_classes", "in_chans"):
         if key in out:
             out[key] = int(out[key])
@@ -209,17 +213,17 @@ def _deploy_mismatch(model: nn.Module, state_dict: Mapping[str, Tensor], source:
     return None
 
 
-def load_state_dict_into(
+def check_state_dict(
     model: nn.Module,
     state_dict: Mapping[str, Tensor],
     *,
     source: str = "state dict",
     skip_head: bool = False,
-) -> None:
-    """Check a state dict against ``model`` completely, then load it; on any mismatch nothing changes.
+) -> StateDict:
+    """Check a state dict against ``model`` completely (names and shapes) and return what would be loaded.
 
-    ``skip_head`` keeps the model's own classifier (fine-tuning on a new number of classes). A model
-    built with ``features_only`` ignores the file's head. A missing ``num_batches_tracked`` is allowed.
+    Only shapes are compared, so ``model`` may live on the ``meta`` device: a file can be checked
+    before any memory is allocated for the model it describes.
 
     Raises:
         ValueError: deploy/training-time mismatch, wrong number of classes, missing or unexpected
@@ -263,7 +267,23 @@ def load_state_dict_into(
             f"{source} does not match the architecture of {name}: {'; '.join(problems)}. "
             "Check that the model name (and groups/SE options) match the file."
         )
-    model.load_state_dict(incoming, strict=False)
+    return incoming
+
+
+def load_state_dict_into(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    source: str = "state dict",
+    skip_head: bool = False,
+) -> None:
+    """Check a state dict against ``model`` completely (:func:`check_state_dict`), then load it; on any
+    mismatch nothing changes.
+
+    ``skip_head`` keeps the model's own classifier (fine-tuning on a new number of classes). A model
+    built with ``features_only`` ignores the file's head. A missing ``num_batches_tracked`` is allowed.
+    """
+    model.load_state_dict(check_state_dict(model, state_dict, source=source, skip_head=skip_head), strict=False)
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str], *, skip_head: bool = False) -> dict[str, Any]:
@@ -277,7 +297,8 @@ def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[
     """Write the model's weights as safetensors with metadata to rebuild it from the file alone.
 
     Metadata: ``format``, ``arch`` (registry name), ``deploy`` (``"true"``/``"false"``), ``spec`` (JSON),
-    ``num_classes``, ``in_chans``, plus ``extra``. The file is written atomically (temp file + rename).
+    ``num_classes``, ``in_chans``, for a backbone ``features_only`` and ``out_indices``, plus ``extra``.
+    The file is written atomically (temp file + rename).
     """
     metadata = {
         "format": "repvgg",
@@ -286,6 +307,8 @@ def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[
         "spec": json.dumps(model.spec.to_dict()),
         "num_classes": str(model.num_classes),
         "in_chans": str(model.in_chans),
+        **({"features_only": "true", "out_indices": json.dumps(list(model.out_indices))}
+           if model.features_only else {}),
         **(dict(extra) if extra else {}),
     }
     return write_safetensors(model.state_dict(), path, metadata)

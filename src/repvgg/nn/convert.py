@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import copy
-from typing import TypeVar
+import math
+from typing import Sequence, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["reparameterize_model", "is_reparameterizable"]
+from repvgg.errors import ConversionMismatch, RunFailed
+
+__all__ = ["CONVERSION_TOLERANCE", "OutputDeviation", "check_conversion", "check_outputs", "reparameterize_model",
+           "is_reparameterizable"]
+
+#: Largest relative deviation ||converted - source|| / ||source|| accepted for a converted, exported or
+#: quantized float model; above it nothing is written.
+CONVERSION_TOLERANCE = 1e-4
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -41,3 +49,73 @@ def reparameterize_model(model: M, inplace: bool = False) -> M:
             except ValueError as err:
                 raise ValueError(f"cannot convert {name or type(module).__name__}: {err}") from err
     return target.eval()
+
+
+class OutputDeviation:
+    """How far a model's outputs are from a reference model's, accumulated over batches.
+
+    :attr:`sums` holds the squared difference, the squared reference and the number of batches with a
+    NaN or infinite output of either model; :attr:`max_abs` the largest absolute difference. Both are
+    plain tensors, so a distributed caller can sum and max them over processes before reading
+    :attr:`relative`, which is NaN once any output was not finite: NaN never passes as "identical".
+    """
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64)
+        self.max_abs = torch.zeros(1, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, reference: Tensor, actual: Tensor) -> None:
+        reference, actual = reference.detach().double(), actual.detach().double()
+        if reference.shape != actual.shape:
+            raise ValueError(f"outputs differ in shape: {tuple(actual.shape)} vs {tuple(reference.shape)}")
+        if not (torch.isfinite(reference).all() and torch.isfinite(actual).all()):
+            self.sums[2] += 1
+            return
+        diff = actual - reference
+        self.sums[0] += float(diff.square().sum())
+        self.sums[1] += float(reference.square().sum())
+        if diff.numel():
+            self.max_abs[0] = max(float(self.max_abs[0]), float(diff.abs().max()))
+
+    @property
+    def finite(self) -> bool:
+        return float(self.sums[2]) == 0
+
+    @property
+    def relative(self) -> float:
+        """``||actual - reference|| / ||reference||`` over every value seen (NaN if any was not finite)."""
+        if not self.finite:
+            return math.nan
+        return math.sqrt(float(self.sums[0]) / max(float(self.sums[1]), 1e-300))
+
+    @property
+    def max_abs_diff(self) -> float:
+        return float(self.max_abs[0]) if self.finite else math.nan
+
+
+def check_outputs(finite: Sequence[bool], relative_errors: Sequence[float], what: str) -> None:
+    """Fail an evaluation whose models produced NaN or infinite outputs, or whose converted copies do not
+    compute what the first model does (:func:`check_conversion`): a broken model never gets a score.
+
+    Raises:
+        RunFailed: non-finite outputs (broken weights, e.g. from a diverged run).
+        ConversionMismatch: a converted copy deviates.
+    """
+    if not all(finite):
+        raise RunFailed(f"{what}: the model's outputs contain NaN or infinite values, so its weights are broken "
+                        "(a diverged run?); no score is reported")
+    for relative in relative_errors:
+        check_conversion(relative, f"the converted form of {what}")
+
+
+def check_conversion(relative: float, what: str, *, tolerance: float = CONVERSION_TOLERANCE) -> None:
+    """Refuse a converted model whose relative deviation from its source is above ``tolerance`` or not finite.
+
+    Raises:
+        ConversionMismatch: naming ``what`` and the deviation; the caller then writes nothing.
+    """
+    if not relative <= tolerance:  # NaN fails too
+        detail = "outputs are NaN or infinite" if math.isnan(relative) else f"relative deviation {relative:.3g}"
+        raise ConversionMismatch(f"{what} does not compute what its source does ({detail}, tolerance "
+                                 f"{tolerance:g}); nothing was written")

@@ -180,7 +180,13 @@ class ResNetBackbone(nn.Module):
 def _load_torchvision_resnet(net: nn.Module, path: str | os.PathLike[str]) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ResNet weights file {os.fspath(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"could not read {os.fspath(path)!r} as a PyTorch weights file (truncated, corrupt, or "
+                         f"it needs arbitrary code to unpickle, which is refused): {err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{os.fspath(path)!r} does not hold a state dict")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from repvgg.segmentation.pspnet import IGNORE_INDEX
+from repvgg.training.data import load_rgb
 from repvgg.segmentation.synthetic import SyntheticConfig, SyntheticShapes
 from repvgg.segmentation.transforms import JointTransform, Resize, normalize_image, train_transform
 
@@ -126,7 +127,12 @@ def load_label(
     """
     from PIL import Image
 
-    with Image.open(path) as img:
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as err:  # PIL raises several types for empty, truncated or foreign files
+        raise ValueError(f"cannot read label {os.fspath(path)!r}: {err}") from err
+    with img:
         if img.mode not in LABEL_MODES:
             raise ValueError(
                 f"label {os.fspath(path)!r} has PIL mode {img.mode!r}; labels must be single-channel class ids "
@@ -183,12 +189,9 @@ class SegmentationFolder(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The image (uint8 ``(H, W, 3)``) and checked label (int64 ``(H, W)``), untransformed."""
-        from PIL import Image
-
         image_path, label_path = self.samples[index]
-        with Image.open(image_path) as img:
-            image = np.asarray(img.convert("RGB"))
-            size = img.size
+        img = load_rgb(image_path)
+        image, size = np.asarray(img), img.size
         label = load_label(label_path, self.num_classes, expected_size=size, ignore_index=self.ignore_index)
         return image, label
 
@@ -197,8 +200,11 @@ class SegmentationFolder(Dataset):
         from PIL import Image
 
         for image_path, label_path in self.samples:
-            with Image.open(image_path) as img:
-                size = img.size
+            try:
+                with Image.open(image_path) as img:
+                    size = img.size
+            except Exception as err:  # PIL raises several types for empty, truncated or foreign files
+                raise ValueError(f"cannot read image {os.fspath(image_path)!r}: {err}") from err
             load_label(label_path, self.num_classes, expected_size=size, ignore_index=self.ignore_index)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from repvgg.nn.complexity import count_parameters
-from repvgg.nn.convert import reparameterize_model
+from repvgg.nn.convert import check_outputs, reparameterize_model
 from repvgg.training.evaluate import measure_throughput
 from repvgg.report import markdown_table
 from repvgg.segmentation.metrics import SegmenterComparison, compare_segmenters
@@ -75,6 +75,7 @@ def comparison_summary(comparison: SegmenterComparison, class_names: Sequence[st
             pixel_accuracy_deploy=_percent(deploy.pixel_accuracy),
             per_class_iou_deploy={name: _percent(v) for name, v in zip(class_names, deploy.iou)},
             max_abs_diff=comparison.max_abs_diff[0],
+            relative_error=comparison.relative_error[0],
             pixel_agreement=comparison.agreement[0],
         )
     return summary
@@ -163,6 +164,7 @@ def evaluate_segmenter_file(
     models = [model] if model.deploy else [model, reparameterize_model(model)]
     loader = DataLoader(bundle.val, batch_size=batch_size if bundle.uniform_val_size else 1, num_workers=workers)
     comparison = compare_segmenters(models, loader, config.num_classes, device=torch_device)
+    check_outputs(comparison.finite, comparison.relative_error, str(weights))
     class_names = meta.get("classes") or bundle.classes
     result: dict[str, Any] = {
         "weights": os.fspath(weights),

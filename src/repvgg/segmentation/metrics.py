@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from repvgg.nn.convert import OutputDeviation
 from repvgg.segmentation.pspnet import IGNORE_INDEX, main_logits
 from repvgg.training.distributed import all_reduce
 
@@ -149,14 +150,17 @@ class SegmenterComparison:
     """Scores of several segmenters on the same pixels, and how each compares with the first.
 
     ``loss`` is the main-head cross-entropy per labelled pixel; ``max_abs_diff`` and ``agreement``
-    (fraction of all pixels whose predicted class equals the first model's) have one entry per
+    (fraction of all pixels whose predicted class equals the first model's) and ``relative_error``
+    (:class:`~repvgg.nn.convert.OutputDeviation`, NaN if any output was not finite) have one entry per
     model after the first.
     """
 
     metrics: list[SegmentationMetrics]
     loss: list[float]
     max_abs_diff: list[float]
+    relative_error: list[float]
     agreement: list[float]
+    finite: list[bool]
     images: int
     pixels: int
 
@@ -182,19 +186,22 @@ def compare_segmenters(
     n = len(models)
     meters = [ConfusionMatrix(num_classes, ignore_index=ignore_index) for _ in models]
     sums = torch.zeros(n + max(0, n - 1) + 3, dtype=torch.float64)  # loss per model, agreement, labelled, px, images
-    max_diff = torch.zeros(max(1, n - 1), dtype=torch.float64)
+    deviations = [OutputDeviation() for _ in range(n - 1)]
+    nonfinite = torch.zeros(n, dtype=torch.float64)
     try:
         for images, labels in batches:
             images, labels = images.to(device), labels.to(device)
             outputs = [main_logits(m(images)).float() for m in models]
             labelled = int((labels != ignore_index).sum())
             preds = [logits.argmax(dim=1) for logits in outputs]
+            for i, logits in enumerate(outputs):
+                nonfinite[i] += float(not torch.isfinite(logits).all())
             for i, (logits, pred) in enumerate(zip(outputs, preds)):
                 meters[i].update(pred.cpu(), labels.cpu())
                 if labelled:
                     sums[i] += float(F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum"))
             for j in range(1, n):
-                max_diff[j - 1] = max(max_diff[j - 1], float((outputs[j] - outputs[0]).abs().max()))
+                deviations[j - 1].update(outputs[0], outputs[j])
                 sums[n + j - 1] += float((preds[j] == preds[0]).sum())
             sums[-3] += labelled
             sums[-2] += labels.numel()
@@ -203,15 +210,20 @@ def compare_segmenters(
         for model, mode in zip(models, modes):
             model.train(mode)
     sums = all_reduce(sums, "sum")
-    max_diff = all_reduce(max_diff, "max")
+    all_reduce(nonfinite, "sum")
+    for deviation in deviations:
+        all_reduce(deviation.sums, "sum")
+        all_reduce(deviation.max_abs, "max")
     for meter in meters:
         meter.all_reduce()
     labelled_total, pixel_total = max(1.0, float(sums[-3])), max(1.0, float(sums[-2]))
     return SegmenterComparison(
         metrics=[meter.compute() for meter in meters],
         loss=[float(sums[i]) / labelled_total for i in range(n)],
-        max_abs_diff=[float(d) for d in max_diff[: n - 1]],
+        max_abs_diff=[d.max_abs_diff for d in deviations],
+        relative_error=[d.relative for d in deviations],
         agreement=[float(sums[n + j]) / pixel_total for j in range(n - 1)],
+        finite=[float(v) == 0 for v in nonfinite],
         images=int(sums[-1]),
         pixels=int(sums[-2]),
     )

@@ -75,6 +75,7 @@ class SegmentationTask:
     command = "seg-train"
     score = "val_miou"
     min_local_batch = 2  # BatchNorm in the pyramid pooling's 1x1 bin
+    fixed_on_resume = ("backbone", "fast", "dilated_layers", "head_channels", "aux_channels", "data", "num_classes")
 
     def __init__(self) -> None:
         self.config: SegTrainConfig | None = None

@@ -136,9 +136,11 @@ def run_ablation(
                 logger.info("%s seed %d: reusing finished run in %s", name, seed, run_dir)
             else:
                 logger.info("%s seed %d: training (%s)", name, seed, DESCRIPTIONS[name])
-                config = base.updated(seed=seed, output=str(run_dir), model_overrides=overrides, resume=None)
-                if (run_dir / "last.pt").is_file():
-                    config = config.updated(resume=str(run_dir / "last.pt"))
+                # The ablation's own run folder: continue an interrupted run, or start over one that never
+                # reached a checkpoint.
+                resume = str(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None
+                config = base.updated(seed=seed, output=str(run_dir), model_overrides=overrides, resume=resume,
+                                      overwrite=resume is None)
                 summary = train(config)
                 if summary.get("interrupted"):
                     raise KeyboardInterrupt(f"ablation interrupted during {run_dir}; run the same command to continue")

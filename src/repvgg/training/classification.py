@@ -45,6 +45,7 @@ class ClassificationTask:
     command = "train"
     score = "val_top1"
     min_local_batch = 1
+    fixed_on_resume = ("model", "model_overrides", "data", "val_fraction")
 
     def __init__(self) -> None:
         self.config: TrainConfig | None = None
@@ -136,6 +137,7 @@ class ClassificationTask:
             "val_top1_deploy": report.top1[1],
             "val_top5_deploy": report.top5[1],
             "max_abs_diff": report.max_abs_diff[0],
+            "relative_error": report.relative_error[0],
             "prediction_agreement": report.agreement[0],
             "params_train": count_parameters(model),
             "params_deploy": count_parameters(plain),

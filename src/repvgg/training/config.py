@@ -7,8 +7,11 @@ so a run can be rebuilt and resumed from its output folder alone. Files are pars
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -35,6 +38,40 @@ def option(default: Any = None, help: str = "", *, choices: Sequence[Any] | None
     return field(default=default, metadata=metadata)
 
 
+def _has_type(value: Any, annotation: Any) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is Any:
+        return True
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        return (isinstance(value, (tuple, list)) and len(value) == len(args)
+                and all(_has_type(v, a) for v, a in zip(value, args)))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return isinstance(value, annotation) if isinstance(annotation, type) else True
+
+
+def _describe(annotation: Any) -> str:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if annotation is type(None):
+        return "null"
+    if typing.get_origin(annotation) is tuple:
+        return f"{len(args)} numbers"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation)))
+
+
 class RunConfig(DictMixin):
     """A run configuration: dict round trips plus overrides and a YAML copy in the run folder."""
 
@@ -51,6 +88,15 @@ class RunConfig(DictMixin):
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def _check_types(self) -> None:
+        """Every field holds a value of its declared type (config files and checkpoints are not trusted)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _has_type(value, hints[f.name]):
+                raise ValueError(f"invalid {type(self).__name__}: {f.name} must be {_describe(hints[f.name])}, "
+                                 f"got {value!r}")
 
     def _check(self, checks: Sequence[tuple[bool, str]]) -> None:
         for ok, message in checks:
@@ -75,10 +121,12 @@ class LoopConfig(RunConfig):
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     output: str | None = option(None, "run folder", default_help="runs/<model>-<data>-<time>")
     resume: str | None = option(None, "continue exactly from a run folder or its last.pt")
+    overwrite: bool = option(False, "replace the run in --output if it holds one (its run files are deleted)")
     stop_after_steps: int | None = option(None, "save a resumable last.pt and exit after N steps of this invocation")
     log_interval: int = option(50, "steps between log lines when stderr is not a terminal")
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._check([
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -168,12 +216,13 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
+    import yaml
 
-        data = yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        # safe_load also refuses Python tags (!!python/object ...): a config is data, never code.
+        raise ValueError(f"could not read config file {path}: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values, got {type(data).__name__}")
     return data
@@ -195,7 +244,8 @@ def resolve_run_config(
     base: dict[str, Any] = {}
     if resume:
         base.update(load_checkpoint(resume)["config"])
-        base.pop("stop_after_steps", None)  # a time slice applies to one invocation only
+        for key in ("stop_after_steps", "overwrite"):  # they apply to one invocation only
+            base.pop(key, None)
     if config_file:
         base.update({k.replace("-", "_"): v for k, v in load_config_file(config_file).items()})
     base.update({k: v for k, v in (flags or {}).items() if v is not None})

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,6 +29,9 @@ __all__ = [
     "digits_split",
     "build_datasets",
     "check_image_folder",
+    "load_rgb",
+    "scan_class_folders",
+    "scan_image_folder",
     "CheckedImageFolder",
 ]
 
@@ -111,8 +116,71 @@ def _digits_bundle(img_size: int, val_fraction: float) -> DatasetBundle:
     )
 
 
+def load_rgb(path: str | os.PathLike[str]) -> Any:
+    """Open an image file as an 8-bit RGB PIL image; any failure is a ValueError naming the file.
+
+    16-bit grey images (PNG mode ``I;16``, or ``I`` holding 0..65535) are scaled to 8 bits rather
+    than clipped (``convert("RGB")`` alone turns them all white); other integer or float images are
+    refused, since their range is unknown.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode.startswith("I;16") or image.mode == "I":
+                values = np.asarray(image).astype(np.int64)
+                if values.size and (values.min() < 0 or values.max() > 65535):
+                    raise ValueError(f"{image.mode} image with values outside 0..65535 (convert it to 8-bit)")
+                return Image.fromarray(np.round(values / 257).astype(np.uint8), "L").convert("RGB")
+            if image.mode == "F":
+                raise ValueError("floating-point image (convert it to 8-bit)")
+            return image.convert("RGB")
+    except Exception as err:  # PIL raises several types for empty, truncated or foreign files
+        raise ValueError(f"cannot read image {os.fspath(path)}: {err}") from err
+
+
+def scan_class_folders(split_root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names and ``(image path, class index)`` samples of one split, in one pass over the tree.
+
+    Class folders are the sub-folders of ``split_root`` (sorted, as ``torchvision.datasets.ImageFolder``
+    orders them); images are files with an image extension anywhere below them. Directory links are
+    followed once: a folder reached again through a link (a loop such as ``a/loop -> .``, or two links
+    to one folder) is not scanned again, so no image is counted twice.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    split_root = Path(split_root)
+    classes = sorted(entry.name for entry in os.scandir(split_root) if entry.is_dir())
+    samples: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for index, name in enumerate(classes):
+        for folder, dirs, files in os.walk(split_root / name, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs.sort()
+            samples.extend((os.path.join(folder, f), index) for f in sorted(files)
+                           if f.lower().endswith(IMG_EXTENSIONS))
+    return classes, samples
+
+
 def check_image_folder(root: str | Path) -> tuple[list[str], dict[str, int]]:
     """Validate an ImageNet-style tree; returns the class names and image counts per split.
+
+    Raises:
+        FileNotFoundError: the root does not exist.
+        ValueError: missing ``train``/``val``, no class folders, classes that differ between the
+            splits, or a split without images; the message states the expected layout.
+    """
+    classes, samples = scan_image_folder(root)
+    return classes, {split: len(split_samples) for split, split_samples in samples.items()}
+
+
+def scan_image_folder(root: str | Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """Validate an ImageNet-style tree in one pass; the class names and each split's samples.
 
     Raises:
         FileNotFoundError: the root does not exist.
@@ -125,20 +193,16 @@ def check_image_folder(root: str | Path) -> tuple[list[str], dict[str, int]]:
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root} ({_EXPECTED_LAYOUT})")
     classes_by_split: dict[str, list[str]] = {}
-    counts: dict[str, int] = {}
+    samples: dict[str, list[tuple[str, int]]] = {}
     for split in ("train", "val"):
         folder = root / split
         if not folder.is_dir():
             raise ValueError(f"{root} has no '{split}' folder; {_EXPECTED_LAYOUT}")
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        classes, samples[split] = scan_class_folders(folder)
         if not classes:
             raise ValueError(f"{folder} has no class sub-folders; {_EXPECTED_LAYOUT}")
         classes_by_split[split] = classes
-        counts[split] = sum(
-            1 for c in classes for f in (folder / c).rglob("*")
-            if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS
-        )
-        if counts[split] == 0:
+        if not samples[split]:
             raise ValueError(f"{folder} contains no images ({', '.join(IMG_EXTENSIONS)}); {_EXPECTED_LAYOUT}")
     if classes_by_split["train"] != classes_by_split["val"]:
         only_train = sorted(set(classes_by_split["train"]) - set(classes_by_split["val"]))
@@ -147,59 +211,47 @@ def check_image_folder(root: str | Path) -> tuple[list[str], dict[str, int]]:
             f"class folders differ between train/ and val/ in {root}: only in train {only_train[:5]}, "
             f"only in val {only_val[:5]}; {_EXPECTED_LAYOUT}"
         )
-    return classes_by_split["train"], counts
+    return classes_by_split["train"], samples
 
 
 class CheckedImageFolder(Dataset):
-    """``torchvision.datasets.ImageFolder`` whose unreadable images are reported by file name.
+    """Labelled images (from :func:`scan_image_folder`) whose unreadable files are reported by name.
 
     ``bad_images="fail"`` raises a ``ValueError`` naming the file; ``"skip"`` logs a warning naming
     it, counts it (:attr:`skipped`, shared across loader workers) and serves the next image instead.
     """
 
-    def __init__(self, root: str | Path, transform: Callable[[Any], Tensor], bad_images: str = "fail") -> None:
-        from torchvision.datasets import ImageFolder
-
-        self.folder = ImageFolder(str(root))
+    def __init__(self, root: str | Path, samples: list[tuple[str, int]], classes: list[str],
+                 transform: Callable[[Any], Tensor], bad_images: str = "fail") -> None:
+        self.root = Path(root)
+        self.samples = samples
+        self.classes = classes
         self.transform = transform
         self.bad_images = bad_images
         self._skipped = multiprocessing.Value("i", 0)
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.folder.classes)
 
     @property
     def skipped(self) -> int:
         return int(self._skipped.value)
 
     def __len__(self) -> int:
-        return len(self.folder.samples)
-
-    def _load(self, path: str) -> Any:
-        from PIL import Image
-
-        with open(path, "rb") as handle:
-            image = Image.open(handle)
-            return image.convert("RGB")
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         for attempt in range(len(self)):
-            path, target = self.folder.samples[(index + attempt) % len(self)]
+            path, target = self.samples[(index + attempt) % len(self)]
             try:
-                image = self._load(path)
-            except Exception as err:  # PIL raises several types for corrupt or truncated files
+                image = load_rgb(path)
+            except ValueError as err:
                 if self.bad_images == "fail":
-                    raise ValueError(
-                        f"cannot read image {path}: {err}. Remove or replace the file, or pass "
-                        "--bad-images skip to skip unreadable images."
-                    ) from err
+                    raise ValueError(f"{err}. Remove or replace the file, or pass --bad-images skip to skip "
+                                     "unreadable images.") from err
                 with self._skipped.get_lock():
                     self._skipped.value += 1
                 logger.warning("skipping unreadable image %s (%s)", path, err)
                 continue
             return self.transform(image), target
-        raise ValueError(f"no readable image in {self.folder.root}")
+        raise ValueError(f"no readable image in {self.root}")
 
 
 def folder_transforms(img_size: int, *, auto_augment: str | None = None) -> tuple[Callable, Callable]:
@@ -237,13 +289,14 @@ def build_datasets(
     """Datasets for ``data`` (an ImageFolder root) or, when ``data`` is ``None``, the embedded digits."""
     if data is None:
         return _digits_bundle(img_size or 32, val_fraction)
-    classes, counts = check_image_folder(data)
+    classes, samples = scan_image_folder(data)
+    counts = {split: len(split_samples) for split, split_samples in samples.items()}
     size = img_size or 224
     train_tf, val_tf = folder_transforms(size, auto_augment=auto_augment)
     root = Path(data)
     bundle = DatasetBundle(
-        train=CheckedImageFolder(root / "train", train_tf, bad_images),
-        val=CheckedImageFolder(root / "val", val_tf, bad_images),
+        train=CheckedImageFolder(root / "train", samples["train"], classes, train_tf, bad_images),
+        val=CheckedImageFolder(root / "val", samples["val"], classes, val_tf, bad_images),
         num_classes=len(classes),
         img_size=size,
         name=str(root),

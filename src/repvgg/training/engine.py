@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
 import signal
 import sys
@@ -33,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from repvgg.io.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from repvgg.nn.complexity import count_parameters
-from repvgg.nn.convert import reparameterize_model
+from repvgg.errors import TrainingDiverged
+from repvgg.nn.convert import check_conversion, reparameterize_model
 from repvgg.serialization import write_json, write_text
 from repvgg.training.config import LoopConfig
 from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, init_distributed, shutdown_distributed
@@ -50,7 +52,7 @@ __all__ = [
     "run_distributed",
     "run_folder",
     "seed_epoch",
-    "should_stop",
+    "shared_flags",
     "training_memory_format",
     "write_metrics",
 ]
@@ -77,6 +79,11 @@ def run_distributed(job: Callable[[DistContext], T], device: str) -> T:
         shutdown_distributed(wait=finished)
 
 
+#: The files a run writes into its folder; a folder holding any of them holds a run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "deploy.safetensors",
+             "curves.png", "predictions.png")
+
+
 def run_folder(output: str | None, resume: str | None, default: Callable[[], Path]) -> Path:
     """The run folder: ``output`` if given, else the resumed run's folder, else ``default()``."""
     if output:
@@ -84,6 +91,28 @@ def run_folder(output: str | None, resume: str | None, default: Callable[[], Pat
     if resume:
         return Path(resume).parent if Path(resume).is_file() else Path(resume)
     return default()
+
+
+def check_run_folder(output: Path, *, resume: str | None, overwrite: bool) -> list[Path]:
+    """Refuse a run folder that would lose or mix up someone's files; return the files ``overwrite`` replaces.
+
+    A folder holding a run is only written to when that run is resumed (``--resume``) or the user asked
+    to replace it (``--overwrite``); a path that is a file is never a run folder.
+    """
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder; choose a folder for the run")
+    existing = [output / name for name in RUN_FILES if (output / name).exists()]
+    if not existing:
+        return []
+    resumed_here = resume is not None and (Path(resume) if Path(resume).is_dir() else Path(resume).parent).resolve() \
+        == output.resolve()
+    if resumed_here:
+        return []
+    if not overwrite:
+        holds = "a finished run" if (output / "summary.json").exists() else "a run"
+        raise ValueError(f"{output} already holds {holds} ({', '.join(p.name for p in existing)}); continue it with "
+                         f"--resume {output}, replace it with --overwrite, or choose another --output")
+    return existing
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -110,15 +139,16 @@ def epoch_loader(dataset: Dataset, *, seed: int, epoch: int, ctx: DistContext, l
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second signal aborts)."""
 
-    def __init__(self) -> None:
+    def __init__(self, action: str = "saving a resumable checkpoint after this step") -> None:
         self.requested = False
+        self.action = action
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        logger.warning("received %s: saving a resumable checkpoint after this step", signal.Signals(signum).name)
+        logger.warning("received %s: %s", signal.Signals(signum).name, self.action)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:
@@ -134,19 +164,29 @@ class StopRequest:
                 signal.signal(sig, handler)
 
 
-#: Steps between the collective that shares a stop request in a distributed run (a host sync each time).
-STOP_CHECK_INTERVAL = 10
+#: Steps between the checks for a stop request and a non-finite loss on CUDA or in a distributed run
+#: (each is a host sync and a small collective); on one CPU process every step is checked.
+CHECK_INTERVAL = 10
 
 
-def should_stop(stopper: StopRequest, steps_this_run: int, stop_after_steps: int | None, *,
-                share_signal: bool = True) -> bool:
-    """True on every process alike once the step budget is spent or, when ``share_signal``, once any process
-    got a signal (one small collective; the budget needs none, it is the same on every process)."""
-    if stop_after_steps is not None and steps_this_run >= stop_after_steps:
-        return True
-    if not share_signal:
-        return False
-    return float(all_reduce(torch.tensor([float(stopper.requested)]), "max")) > 0
+def shared_flags(stopper: StopRequest, sums: Tensor | None = None) -> tuple[bool, bool]:
+    """``(stop requested, loss not finite)``, each true on every process if it is true on any: one collective.
+
+    ``sums`` is the epoch's running sums (``sums[0]`` the summed loss), on any device.
+    """
+    flags = torch.tensor([float(stopper.requested), 0.0])
+    if sums is not None:
+        flags[1] = float(not bool(torch.isfinite(sums[0])))
+    all_reduce(flags, "max")
+    return bool(flags[0]), bool(flags[1])
+
+
+def diverged_error(what: str, where: str, output: Path, lr: float) -> TrainingDiverged:
+    """The message of a diverged run: what went non-finite, where, and what is left to resume from."""
+    last = output / "last.pt"
+    kept = f"{last} is the last good checkpoint" if last.is_file() else "no checkpoint had been written yet"
+    return TrainingDiverged(f"training diverged: {what} ({where}, learning rate {lr:.3g}); the run stopped and "
+                            f"{kept}. Lower --lr and start again, or resume from the last good checkpoint.")
 
 
 def training_memory_format(channels_last: bool, device: torch.device) -> torch.memory_format:
@@ -210,6 +250,8 @@ class Task(Protocol):
     score: str
     #: Images each process needs per batch (BatchNorm on a 1x1 pooled map needs 2).
     min_local_batch: int
+    #: Config fields a resumed run may not change (they decide the model's shape or the data).
+    fixed_on_resume: tuple[str, ...]
 
     def default_output(self, config: Any) -> Path:
         """The run folder when neither ``output`` nor ``resume`` names one."""
@@ -267,8 +309,19 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
     if resume is not None and resume.get("task", task.command) != task.command:
         raise ValueError(f"{config.resume} is a `repvgg {resume['task']}` checkpoint; "
                          f"resume it with `repvgg {resume['task']} --resume`")
+    if resume is not None and resume.get("weights_from") == "ema":
+        raise ValueError(f"{config.resume} holds the EMA weights of the best epoch, not the training state; resume "
+                         "from last.pt (or start a new run from these weights with --weights)")
     output = run_folder(config.output, config.resume, lambda: task.default_output(config))
-    config = config.updated(output=str(output))
+    replaced = check_run_folder(output, resume=config.resume, overwrite=config.overwrite)
+    if resume is not None:
+        changed = [k for k in task.fixed_on_resume if resume["config"].get(k) != getattr(config, k)]
+        if changed:
+            raise ValueError(f"{config.resume} was trained with other "
+                             + ", ".join(f"{k} ({resume['config'].get(k)!r}, not {getattr(config, k)!r})"
+                                         for k in changed)
+                             + "; resume without changing them, or start a new run")
+    config = config.updated(output=str(output), overwrite=False)
     device = ctx.device
     if config.amp and device.type != "cuda":
         logger.info("--amp applies to CUDA only; training in float32 on %s", device)
@@ -292,7 +345,10 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
         ema = ModelEmaV3(model, decay=config.ema_decay)
     state = RunState()
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        try:
+            model.load_state_dict(resume["model"])
+        except RuntimeError as err:
+            raise ValueError(f"{config.resume} does not fit the model of this run: {str(err).splitlines()[0]}") from err
         optimizer.load_state_dict(resume["optimizer"])
         if ema is not None and resume.get("ema") is not None:
             ema.module.load_state_dict(resume["ema"])
@@ -315,6 +371,9 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
     val_loader = task.val_loader(local_batch, ctx)
     if ctx.is_main:
         output.mkdir(parents=True, exist_ok=True)
+        for path in replaced:
+            logger.info("--overwrite: removing %s", path)
+            path.unlink()
         config.save(output / "config.yaml")
     logger.info("%s, %d params, %d steps/epoch, lr %.4g", task.describe(model, config, steps_per_epoch),
                 count_parameters(model), steps_per_epoch, config.resolved_lr)
@@ -336,6 +395,7 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
         }
 
     stopper = StopRequest()
+    check_every = 1 if device.type == "cpu" and not ctx.distributed else CHECK_INTERVAL
     steps_this_run = 0
     train_seconds = 0.0
     train_images = 0
@@ -384,9 +444,13 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
                                     " ".join(f"{k} {v}" for k, v in shown.items()))
                 if bar is not None:
                     bar.update(1)
-                stop_now = should_stop(stopper, steps_this_run, config.stop_after_steps, share_signal=(
-                    not ctx.distributed or state.step_in_epoch % STOP_CHECK_INTERVAL == 0
-                    or state.step_in_epoch == steps_per_epoch))
+                stop_now = config.stop_after_steps is not None and steps_this_run >= config.stop_after_steps
+                if state.step_in_epoch % check_every == 0 or state.step_in_epoch == steps_per_epoch:
+                    signalled, bad_loss = shared_flags(stopper, sums)
+                    if bad_loss:
+                        raise diverged_error(f"the training loss is {float(sums[0] / sums[1]):g}",
+                                             f"epoch {epoch + 1}, step {state.step_in_epoch}", output, lr)
+                    stop_now = stop_now or signalled
                 if stop_now and state.step_in_epoch < steps_per_epoch:
                     interrupted = True
                     break
@@ -405,6 +469,9 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
             row = {"epoch": state.epoch, **task.train_metrics(sums), **task.evaluate(eval_model, val_loader),
                    "lr": lr, "epoch_time_s": elapsed,
                    "train_images_per_s": float(sums[1]) / elapsed if elapsed > 0 else 0.0}
+            bad = sorted(k for k, v in row.items() if not math.isfinite(v))
+            if bad:  # nothing of this epoch is saved
+                raise diverged_error(f"{', '.join(bad)} not finite", f"after epoch {state.epoch}", output, lr)
             state.history.append(row)
             improved = row[task.score] > state.best_score
             state.best_score = max(state.best_score, row[task.score])
@@ -416,9 +483,10 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
                 payload = checkpoint()
                 save_checkpoint(payload, output / "last.pt")
                 if improved:
-                    payload["model"] = eval_model.state_dict()
+                    if ema is not None:  # the evaluated weights; not a state to resume from
+                        payload.update(model=eval_model.state_dict(), weights_from="ema")
                     save_checkpoint(payload, output / "best.pt")
-            if stop_now or should_stop(stopper, steps_this_run, config.stop_after_steps):
+            if stop_now or shared_flags(stopper)[0]:
                 interrupted = state.epoch < config.epochs
 
     if interrupted:
@@ -429,14 +497,18 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
         return {"interrupted": True, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
                 "output": str(output)}
 
-    final = ema.module if ema is not None else model
-    final.eval()
-    plain = reparameterize_model(final)
-    summary = {**task.compare(final, plain, val_loader), "epochs": config.epochs,
-               f"best_{task.score}": state.best_score, "device": str(device), "world_size": ctx.world_size,
-               "train_images_per_s": train_images / train_seconds if train_seconds > 0 else None,
-               "train_time_s": train_seconds, "output": str(output)}
-    if ctx.is_main:
-        task.save(final, plain, summary, state.history, output)
-        write_json(output / "summary.json", summary)
+    # The last minute of the run: a signal now waits until deploy.safetensors and summary.json are both
+    # written, so the folder never holds one without the other (a second signal aborts).
+    with StopRequest("finishing the converted model and summary.json first").installed():
+        final = ema.module if ema is not None else model
+        final.eval()
+        plain = reparameterize_model(final)
+        summary = {**task.compare(final, plain, val_loader), "epochs": config.epochs,
+                   f"best_{task.score}": state.best_score, "device": str(device), "world_size": ctx.world_size,
+                   "train_images_per_s": train_images / train_seconds if train_seconds > 0 else None,
+                   "train_time_s": train_seconds, "output": str(output)}
+        check_conversion(summary["relative_error"], "the converted model")
+        if ctx.is_main:
+            task.save(final, plain, summary, state.history, output)
+            write_json(output / "summary.json", summary)
     return summary

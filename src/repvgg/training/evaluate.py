@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from repvgg.nn.convert import OutputDeviation, check_outputs
 from repvgg.training.distributed import all_reduce
 
 __all__ = ["EvalReport", "evaluate_models", "measure_throughput", "topk_correct"]
@@ -24,13 +25,19 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> 
 
 @dataclass
 class EvalReport:
-    """Accuracies of each evaluated model, and how the others compare with the first one."""
+    """Accuracies of each evaluated model, and how the others compare with the first one.
+
+    ``finite[i]`` is False when model ``i`` produced a NaN or infinite output on some batch; the other
+    models' ``max_abs_diff`` / ``relative_error`` are then NaN (never "identical").
+    """
 
     images: int
     top1: list[float]
     top5: list[float]
     loss: list[float]
+    finite: list[bool] = field(default_factory=list)
     max_abs_diff: list[float] = field(default_factory=list)  # vs model 0, per other model
+    relative_error: list[float] = field(default_factory=list)  # ||other - model 0|| / ||model 0||
     agreement: list[float] = field(default_factory=list)  # fraction of equal argmax vs model 0
 
 
@@ -45,13 +52,14 @@ def evaluate_models(
     """Run every model on every batch of ``loader`` and summarise (summed over processes if distributed).
 
     Comparing a training-time model with its converted copy on identical inputs gives the largest
-    absolute logit difference and the fraction of predictions that agree.
+    absolute and the relative logit difference (:class:`~repvgg.nn.convert.OutputDeviation`) and the
+    fraction of predictions that agree.
     """
     for model in models:
         model.eval()
     n = len(models)
-    stats = torch.zeros(3 * n + 2 * max(0, n - 1) + 1, dtype=torch.float64)
-    max_diff = torch.zeros(max(1, n - 1), dtype=torch.float64)
+    stats = torch.zeros(4 * n + max(0, n - 1) + 1, dtype=torch.float64)  # top-1, top-5, loss, non-finite
+    deviations = [OutputDeviation() for _ in range(n - 1)]
     criterion = nn.CrossEntropyLoss(reduction="sum")
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
@@ -61,23 +69,28 @@ def evaluate_models(
         outputs = [m(images).float() for m in models]
         for i, logits in enumerate(outputs):
             c1, c5 = topk_correct(logits, labels)
-            stats[3 * i] += c1
-            stats[3 * i + 1] += c5
-            stats[3 * i + 2] += float(criterion(logits, labels))
+            stats[4 * i] += c1
+            stats[4 * i + 1] += c5
+            stats[4 * i + 2] += float(criterion(logits, labels))
+            stats[4 * i + 3] += float(not torch.isfinite(logits).all())
         for j, logits in enumerate(outputs[1:]):
-            max_diff[j] = max(max_diff[j], float((logits - outputs[0]).abs().max()))
-            stats[3 * n + j] += float((logits.argmax(1) == outputs[0].argmax(1)).sum())
+            deviations[j].update(outputs[0], logits)
+            stats[4 * n + j] += float((logits.argmax(1) == outputs[0].argmax(1)).sum())
         stats[-1] += labels.numel()
     all_reduce(stats, "sum")
-    all_reduce(max_diff, "max")
+    for deviation in deviations:
+        all_reduce(deviation.sums, "sum")
+        all_reduce(deviation.max_abs, "max")
     total = max(1.0, float(stats[-1]))
     return EvalReport(
         images=int(stats[-1]),
-        top1=[100.0 * float(stats[3 * i]) / total for i in range(n)],
-        top5=[100.0 * float(stats[3 * i + 1]) / total for i in range(n)],
-        loss=[float(stats[3 * i + 2]) / total for i in range(n)],
-        max_abs_diff=[float(d) for d in max_diff[: n - 1]],
-        agreement=[float(stats[3 * n + j]) / total for j in range(n - 1)],
+        top1=[100.0 * float(stats[4 * i]) / total for i in range(n)],
+        top5=[100.0 * float(stats[4 * i + 1]) / total for i in range(n)],
+        loss=[float(stats[4 * i + 2]) / total for i in range(n)],
+        finite=[float(stats[4 * i + 3]) == 0 for i in range(n)],
+        max_abs_diff=[d.max_abs_diff for d in deviations],
+        relative_error=[d.relative for d in deviations],
+        agreement=[float(stats[4 * n + j]) / total for j in range(n - 1)],
     )
 
 
@@ -135,6 +148,7 @@ def evaluate_checkpoint(
     models = [model] if model.deploy else [model, reparameterize_model(model)]
     loader = DataLoader(bundle.val, batch_size=batch_size, num_workers=workers)
     report = evaluate_models(models, loader, torch_device)
+    check_outputs(report.finite, report.relative_error, str(weights))
     result = {
         "weights": str(weights),
         "model": model.name,

@@ -1,0 +1,21 @@
+"""The package's own failures: a run that could not produce a result it can vouch for.
+
+Bad input (a wrong argument, a missing or malformed file) is a ``ValueError`` or ``FileNotFoundError``
+(``repvgg`` exits with status 2). A :class:`RunFailed` is a run that went wrong on valid input (status 1).
+"""
+
+from __future__ import annotations
+
+__all__ = ["RunFailed", "ConversionMismatch", "TrainingDiverged"]
+
+
+class RunFailed(RuntimeError):
+    """A run that could not produce a trustworthy result; nothing unverified was written."""
+
+
+class ConversionMismatch(RunFailed):
+    """A converted, exported or quantized model does not compute what its source does."""
+
+
+class TrainingDiverged(RunFailed):
+    """The loss or the validation metrics became NaN or infinite; the last good checkpoint is kept."""
