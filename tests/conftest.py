@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +42,31 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def started_process(cmd: list[str], log_dir: Path, *, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """Start ``cmd`` in its own process group, output to files in ``log_dir`` (a full pipe cannot block it);
+    the whole group is killed on every way out of the ``with`` block."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "stdout.txt", "w") as out, open(log_dir / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, *, timeout: float) -> bool:
+    """Poll ``condition`` until it holds, the process ends, or ``timeout`` (a hang detector, not a speed limit)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
 
 
 def run_process(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
