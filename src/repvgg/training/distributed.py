@@ -28,6 +28,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    in_group: bool = False  # a process group is initialised (torchrun; world size 1 included)
 
     @property
     def is_main(self) -> bool:
@@ -57,14 +58,18 @@ def init_distributed(device: str = "auto") -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = resolve_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    launched = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # torchrun, even with one process
+    if launched and not dist.is_initialized():
         # CUDA tensors go through NCCL; the few CPU ones (counters, flags) through gloo.
-        backend = "cpu:gloo,cuda:nccl" if resolved.type == "cuda" else "gloo"
+        # REPVGG_DIST_BACKEND overrides it (e.g. "nccl" alone, as benchmarks/gpu_check.py does).
+        default = "cpu:gloo,cuda:nccl" if resolved.type == "cuda" else "gloo"
+        backend = os.environ.get("REPVGG_DIST_BACKEND", default)
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
         dist.init_process_group(backend=backend)
         logger.info("process group: %s, world size %d", backend, world_size)
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved,
+                       in_group=dist.is_initialized())
 
 
 def shutdown_distributed(*, wait: bool = False) -> None:

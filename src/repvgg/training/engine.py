@@ -330,12 +330,14 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
     seed_epoch(config.seed, 0, ctx.rank)
     config, train_set = task.setup(config, ctx)
     model = task.build_model(config, device)
-    if config.sync_bn and ctx.distributed:
+    if config.sync_bn and ctx.in_group:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             logger.warning("--sync-bn needs CUDA (SyncBatchNorm); each process keeps its own BN statistics on %s",
                            device)
+    elif config.sync_bn:
+        logger.info("--sync-bn has no effect in a single process (launch with torchrun to share BN statistics)")
     optimizer = build_optimizer(model, config.resolved_lr, config.momentum, config.weight_decay,
                                 custom_l2=getattr(config, "custom_l2", False))
     ema = None
