@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 
 import pytest
+from conftest import run_process
 
 from repvgg.cli import main
 from repvgg.nn.complexity import model_complexity
@@ -31,7 +31,7 @@ def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_python_dash_m_entry_point() -> None:
-    result = subprocess.run([sys.executable, "-m", "repvgg", "--help"], capture_output=True, text=True, check=False)
+    result = run_process([sys.executable, "-m", "repvgg", "--help"], timeout=240)
     assert result.returncode == 0 and "info" in result.stdout
 
 

@@ -141,13 +141,15 @@ def test_reduced_precision_is_used_only_when_asked_and_checked_loosely(tiny_trai
 
 
 def test_core_import_pulls_in_no_optional_runtime() -> None:
-    import subprocess
     import sys
+
+    from conftest import run_process
 
     code = ("import sys, repvgg; heavy = {'onnx', 'onnxruntime', 'onnxscript', 'timm', 'torchvision', 'matplotlib'};"
             "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    result = run_process([sys.executable, "-c", code], timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_openvino_candidate_when_installed(tiny_train: nn.Module) -> None:

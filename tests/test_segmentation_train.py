@@ -151,6 +151,7 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
     assert not (out / "summary.json").exists()
 
 
+@pytest.mark.timeout(1500)  # above run_process's own limit, which ends the processes
 def test_two_process_gloo_run(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port

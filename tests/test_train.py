@@ -123,6 +123,7 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
     assert not (out / "summary.json").exists()
 
 
+@pytest.mark.timeout(1500)  # above run_process's own limit, which ends the processes
 def test_two_process_gloo_run(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
@@ -200,6 +201,7 @@ def test_corrupt_image_fails_naming_the_file_or_is_skipped(tmp_path: Path) -> No
                           output=str(tmp_path / "run")))
 
 
+@pytest.mark.timeout(900)  # above run_process's own limit, which ends the process
 def test_channels_last_training_on_cpu_avoids_the_avx2_hang(tmp_path: Path) -> None:
     # oneDNN's AVX2 kernel for the channels-last backward of Conv2d(3, 32, 1, stride=2) (the stem's 1x1
     # branch) can spin forever; ONEDNN_MAX_CPU_ISA=AVX2 selects that kernel on AVX-512 machines too.
