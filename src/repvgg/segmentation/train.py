@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from repvgg.nn.complexity import count_parameters
-from repvgg.training.distributed import DistContext, ShardSampler
-from repvgg.training.engine import StepOutput, fit
+from repvgg.training.distributed import DistContext
+from repvgg.training.engine import StepOutput, eval_loader, fit
 from repvgg.segmentation.config import SegTrainConfig
 from repvgg.segmentation.data import SegmentationDataBundle, build_segmentation_data
 from repvgg.segmentation.evaluate import baseline_segmenter, comparison_summary, segmenter_speed
@@ -98,10 +98,7 @@ class SegmentationTask:
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
         self.val_batch_size = local_batch if self.bundle.uniform_val_size else 1
-        return DataLoader(self.bundle.val, batch_size=self.val_batch_size,
-                          num_workers=self.config.workers,
-                          sampler=ShardSampler(len(self.bundle.val), ctx.rank, ctx.world_size),
-                          pin_memory=ctx.device.type == "cuda")
+        return eval_loader(self.bundle.val, batch_size=self.val_batch_size, workers=self.config.workers, ctx=ctx)
 
     def describe(self, model: nn.Module, config: SegTrainConfig, steps_per_epoch: int) -> str:
         b = self.bundle

@@ -24,8 +24,8 @@ from repvgg.nn.model import RepVGG
 from repvgg.nn.registry import build_model
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, build_datasets
-from repvgg.training.distributed import DistContext, ShardSampler
-from repvgg.training.engine import StepOutput, fit, training_memory_format
+from repvgg.training.distributed import DistContext
+from repvgg.training.engine import StepOutput, eval_loader, fit, training_memory_format
 from repvgg.training.evaluate import evaluate_models, measure_throughput
 from repvgg.training.optim import custom_l2, learning_rate
 
@@ -82,9 +82,7 @@ class ClassificationTask:
         return model.to(device=device, memory_format=self.memory_format)
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
-        return DataLoader(self.bundle.val, batch_size=local_batch, num_workers=self.config.workers,
-                          sampler=ShardSampler(len(self.bundle.val), ctx.rank, ctx.world_size),
-                          pin_memory=ctx.device.type == "cuda")
+        return eval_loader(self.bundle.val, batch_size=local_batch, workers=self.config.workers, ctx=ctx)
 
     def describe(self, model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> str:
         b = self.bundle

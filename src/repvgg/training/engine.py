@@ -38,7 +38,8 @@ from repvgg.errors import TrainingDiverged
 from repvgg.nn.convert import check_conversion, reparameterize_model
 from repvgg.serialization import write_json, write_text
 from repvgg.training.config import LoopConfig
-from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, init_distributed, shutdown_distributed
+from repvgg.training.distributed import (DistContext, EpochSampler, ShardSampler, all_reduce, init_distributed,
+                                         shutdown_distributed)
 from repvgg.training.optim import build_optimizer
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "StopRequest",
     "Task",
     "epoch_loader",
+    "eval_loader",
     "fit",
     "progress_bar",
     "run_distributed",
@@ -134,6 +136,13 @@ def epoch_loader(dataset: Dataset, *, seed: int, epoch: int, ctx: DistContext, l
     return DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True, num_workers=workers,
                       pin_memory=ctx.device.type == "cuda",
                       generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def eval_loader(dataset: Dataset, *, batch_size: int, workers: int, ctx: DistContext) -> DataLoader:
+    """This process's in-order, disjoint validation shard (shards summed over processes are exact)."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                      sampler=ShardSampler(len(dataset), ctx.rank, ctx.world_size),
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
 
 
 class StopRequest:
