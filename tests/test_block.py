@@ -244,3 +244,18 @@ def test_a_norm_that_cannot_fold_is_a_clear_error_naming_the_layer(norm) -> None
     block.rbr_dense.bn = norm(block.rbr_dense.bn.num_features)
     with pytest.raises(ValueError, match=r"stage2\.1.*cannot fold (GroupNorm|InstanceNorm2d)"):
         reparameterize_model(model)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_the_quantization_friendly_block_fuses_exactly(groups: int) -> None:
+    block = randomize_bn(RepVGGBlock(8, 8, groups=groups, quant_friendly=True), seed=5).eval()
+    assert isinstance(block.rbr_identity, nn.Identity) and isinstance(block.rbr_1x1.bn, nn.Identity)
+    assert block.rbr_1x1.conv.bias is None and isinstance(block.rbr_dense.bn, nn.BatchNorm2d)
+    assert isinstance(block.post_bn, nn.BatchNorm2d)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        expected = block(x)
+        fused = reparameterize_model(block)
+        assert relative_error(fused(x), expected) <= 1e-5
+    with pytest.raises(ValueError, match="quant_friendly"):
+        RepVGGBlock(8, 8, quant_friendly=True, post_bn=True)

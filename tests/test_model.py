@@ -226,3 +226,16 @@ def test_reparameterize_model_walks_any_module_and_returns_a_copy() -> None:
     assert same is model and model.backbone.deploy
     with pytest.raises(TypeError):
         reparameterize_model("not a module")  # type: ignore[arg-type]
+
+
+def test_qarepvgg_models_fuse_to_the_same_plain_network_and_are_recognised() -> None:
+    from repvgg.io.loading import infer_architecture
+
+    assert {f"qa{name}" for name in PAPER_MODELS if name != "repvgg_d2se"} <= set(list_models())
+    qa, plain = create_model("QARepVGG-A0", num_classes=10), create_model("repvgg_a0", num_classes=10)
+    assert qa.name == "qarepvgg_a0" and qa.spec.quant_friendly
+    assert count_parameters(reparameterize_model(qa)) == count_parameters(reparameterize_model(plain))
+    assert count_parameters(qa) != count_parameters(plain)
+    tiny = create_model("qarepvgg_tiny", num_classes=10)
+    assert infer_architecture(tiny.state_dict()) == "qarepvgg_tiny"
+    assert infer_architecture(create_model("repvgg_tiny", num_classes=10).state_dict()) == "repvgg_tiny"

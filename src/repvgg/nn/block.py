@@ -4,6 +4,12 @@ Training time (Ding et al., RepVGG, CVPR 2021, Fig. 4)::
 
     y = ReLU(SE(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)))
 
+The quantization-friendly block of QARepVGG (Chu et al., "Make RepVGG Greater Again: A
+Quantization-aware Approach", AAAI 2024; ``quant_friendly=True``) keeps BN on the 3x3 branch only and
+normalises the sum instead, which keeps the fused kernel's range narrow for INT8::
+
+    y = ReLU(BN(BN(conv3x3(x)) + conv1x1(x) + x))
+
 Inference time, after :meth:`RepVGGBlock.reparameterize`::
 
     y = ReLU(SE(conv3x3_with_bias(x)))
@@ -12,11 +18,11 @@ Submodule names are those of the official release, because they are the checkpoi
 
 ==================  ==========================================================
 ``rbr_dense``       3x3 conv + BN branch (``.conv``, ``.bn``)
-``rbr_1x1``         1x1 conv + BN branch, or ``None`` when switched off
+``rbr_1x1``         1x1 conv + BN branch (the QA block: no BN), or ``None`` when switched off
 ``rbr_identity``    identity branch (a BN, or ``nn.Identity`` without BN), or ``None``
 ``rbr_reparam``     the fused 3x3 conv; present if and only if the block is fused
 ``se``              squeeze-and-excitation (RepVGG-D2se), ``nn.Identity`` otherwise
-``post_bn``         one BN after the branch sum (ablation variant), or ``None``
+``post_bn``         one BN after the branch sum (ablation variant, QA block), or ``None``
 ==================  ==========================================================
 """
 
@@ -100,6 +106,8 @@ class RepVGGBlock(nn.Module):
             "identity w/o BN" variant of the paper's Table 7.
         post_bn: no BN inside the branches, one BN after their sum (Table 7's "post-addition BN");
             it still folds into the fused conv.
+        quant_friendly: the QARepVGG block (BN on the 3x3 branch, a bare 1x1 conv without bias, a bare
+            identity, one BN after the sum); replaces ``identity_bn`` and ``post_bn``.
         deploy: build the inference-time form directly (``rbr_reparam`` only), e.g. to load a
             fused state dict.
     """
@@ -117,6 +125,7 @@ class RepVGGBlock(nn.Module):
         use_1x1: bool = True,
         identity_bn: bool = True,
         post_bn: bool = False,
+        quant_friendly: bool = False,
         deploy: bool = False,
     ) -> None:
         super().__init__()
@@ -146,17 +155,21 @@ class RepVGGBlock(nn.Module):
         if deploy:
             self.rbr_reparam = self._make_fused_conv()
             return
+        if quant_friendly and (post_bn or not identity_bn):
+            raise ValueError("quant_friendly sets the block's norms itself; leave identity_bn and post_bn at their "
+                             "defaults")
         branch_norm = not post_bn
         self.rbr_dense = ConvBN(
             in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation,
             groups=groups, norm=branch_norm,
         )
         if use_1x1:
-            self.rbr_1x1 = ConvBN(in_channels, out_channels, 1, stride=stride, groups=groups, norm=branch_norm)
+            self.rbr_1x1 = ConvBN(in_channels, out_channels, 1, stride=stride, groups=groups,
+                                  norm=branch_norm and not quant_friendly)
         if self.has_identity:
-            with_bn = identity_bn and branch_norm
+            with_bn = identity_bn and branch_norm and not quant_friendly
             self.rbr_identity = nn.BatchNorm2d(out_channels) if with_bn else nn.Identity()
-        if post_bn:
+        if post_bn or quant_friendly:
             self.post_bn = nn.BatchNorm2d(out_channels)
 
     @property

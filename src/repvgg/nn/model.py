@@ -40,6 +40,8 @@ class RepVGGSpec(DictMixin):
             stage's dilation (the paper's "fast" segmentation backbones); ``None`` = all of them.
         use_identity, use_1x1, identity_bn, post_bn: training-time branch switches of every
             block (see :class:`~repvgg.nn.block.RepVGGBlock`); the fused network is the same for all.
+        quant_friendly: QARepVGG's quantization-friendly block in every layer (the ``qarepvgg_*``
+            models); it also fuses to the same plain network.
     """
 
     depths: tuple[int, ...]
@@ -55,6 +57,7 @@ class RepVGGSpec(DictMixin):
     use_1x1: bool = True
     identity_bn: bool = True
     post_bn: bool = False
+    quant_friendly: bool = False
 
     def __post_init__(self) -> None:
         for name in ("depths", "base_widths", "strides", "dilations", "width_multipliers"):
@@ -159,7 +162,8 @@ class RepVGG(nn.Module):
             stage = cfg.pop("stage")
             stages[stage].append(RepVGGBlock(
                 **cfg, use_se=spec.use_se, use_identity=spec.use_identity, use_1x1=spec.use_1x1,
-                identity_bn=spec.identity_bn, post_bn=spec.post_bn, deploy=deploy,
+                identity_bn=spec.identity_bn, post_bn=spec.post_bn, quant_friendly=spec.quant_friendly,
+                deploy=deploy,
             ))
         if len(stages[0]) != 1:
             # The official format stores the stem as a bare block, not a Sequential.

@@ -38,12 +38,21 @@ MODEL_SPECS: dict[str, RepVGGSpec] = {
     "repvgg_tiny": RepVGGSpec((1, 2, 2, 4, 1), (0.5, 1.0)),
     "repvgg_tiny_b": RepVGGSpec((1, 4, 6, 16, 1), (0.25, 0.5)),
 }
+#: QARepVGG (Chu et al., AAAI 2024): every A/B member, and the small ones, with the quantization-friendly block.
+MODEL_SPECS.update({
+    "qa" + name: dataclasses.replace(spec, quant_friendly=True)
+    for name, spec in list(MODEL_SPECS.items()) if name[len("repvgg_")] in "ab" or name.startswith("repvgg_tiny")
+})
 
 
 def canonical_name(name: str) -> str:
-    """The registry key for ``name``: lower case, ``_`` for ``-``, ``repvgg_`` prefix ("RepVGG-A0" -> "repvgg_a0")."""
+    """The registry key for ``name``: lower case, ``_`` for ``-``, a ``repvgg_`` (or ``qarepvgg_``) prefix
+    ("RepVGG-A0" -> "repvgg_a0", "a0" -> "repvgg_a0", "QARepVGG-A0" -> "qarepvgg_a0")."""
     key = name.strip().lower().replace("-", "_")
-    return key if key.startswith("repvgg_") else f"repvgg_{key.removeprefix('repvgg')}"
+    for family in ("qarepvgg", "repvgg"):
+        if key.startswith(family):
+            return f"{family}_{key.removeprefix(family).lstrip('_')}"
+    return f"repvgg_{key}"
 
 
 def list_models() -> list[str]:
