@@ -25,7 +25,7 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 #: Subcommand modules under ``repvgg.cli``, in the order ``--help`` lists them.
-_COMMANDS = ["train", "evaluate", "convert", "ablate", "info", "bench", "export", "seg_train", "seg_eval"]
+_COMMANDS = ["train", "evaluate", "convert", "quantize", "ablate", "info", "bench", "export", "seg_train", "seg_eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

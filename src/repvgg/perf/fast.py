@@ -114,16 +114,9 @@ def _build_torchscript(ctx: _BuildContext) -> Runner:
 def _build_onnxruntime(ctx: _BuildContext) -> Runner:
     if ctx.example.device.type != "cpu" or ctx.example.dtype != torch.float32:
         raise Unsupported("the onnxruntime candidate runs float32 on the CPU")
-    import onnxruntime as ort
+    from repvgg.io.export import onnxruntime_session
 
-    options = ort.SessionOptions()
-    # One intra-op thread per core PyTorch uses (its default is the physical core count), no
-    # inter-op parallelism: a conv net is a chain, and oversubscribing a small CPU is slower.
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(ctx.onnx_path()), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(ctx.onnx_path())
     input_name = session.get_inputs()[0].name
 
     def run(x: Tensor) -> Any:

@@ -104,10 +104,10 @@ class DigitsDataset(Dataset):
         return image, int(self.labels[index])
 
 
-def _digits_bundle(img_size: int, val_fraction: float) -> DatasetBundle:
+def _digits_bundle(img_size: int, val_fraction: float, *, augment: bool = True) -> DatasetBundle:
     x_train, y_train, x_val, y_val = digits_split(val_fraction)
     return DatasetBundle(
-        train=DigitsDataset(x_train, y_train, img_size, train=True),
+        train=DigitsDataset(x_train, y_train, img_size, train=augment),
         val=DigitsDataset(x_val, y_val, img_size, train=False),
         num_classes=10,
         img_size=img_size,
@@ -285,17 +285,22 @@ def build_datasets(
     val_fraction: float = 0.2,
     auto_augment: str | None = None,
     bad_images: str = "fail",
+    augment: bool = True,
 ) -> DatasetBundle:
-    """Datasets for ``data`` (an ImageFolder root) or, when ``data`` is ``None``, the embedded digits."""
+    """Datasets for ``data`` (an ImageFolder root) or, when ``data`` is ``None``, the embedded digits.
+
+    ``augment=False`` gives the training split the validation preprocessing (e.g. for calibration).
+    """
     if data is None:
-        return _digits_bundle(img_size or 32, val_fraction)
+        return _digits_bundle(img_size or 32, val_fraction, augment=augment)
     classes, samples = scan_image_folder(data)
     counts = {split: len(split_samples) for split, split_samples in samples.items()}
     size = img_size or 224
     train_tf, val_tf = folder_transforms(size, auto_augment=auto_augment)
     root = Path(data)
     bundle = DatasetBundle(
-        train=CheckedImageFolder(root / "train", samples["train"], classes, train_tf, bad_images),
+        train=CheckedImageFolder(root / "train", samples["train"], classes, train_tf if augment else val_tf,
+                                 bad_images),
         val=CheckedImageFolder(root / "val", samples["val"], classes, val_tf, bad_images),
         num_classes=len(classes),
         img_size=size,

@@ -1,0 +1,301 @@
+"""INT8 post-training quantization of the plain network through ONNX Runtime, measured on real data.
+
+``quantize_model(weights, "out.onnx")``: the model is loaded (and converted, with the conversion checked
+on a validation batch), exported to ONNX (checked against PyTorch), and quantized statically with ONNX
+Runtime's tools: QDQ format, per-channel symmetric INT8 weights, asymmetric UINT8 activations whose
+ranges come from ``calib_images`` training images (validation preprocessing). FP32 and INT8 are then
+evaluated on the whole validation set and timed against each other; the INT8 file is written only when
+its accuracy could be measured (finite outputs everywhere).
+
+Why it matters for RepVGG: the fused kernel sums three differently scaled branches, so weight and
+activation ranges are wide and plain INT8 loses accuracy (QARepVGG, Chu et al., AAAI 2024); the
+``qarepvgg_*`` models' block keeps them narrow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from repvgg.errors import RunFailed
+from repvgg.io.export import export_onnx_file, onnxruntime_session
+from repvgg.io.loading import load_model
+from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
+from repvgg.perf.timing import time_interleaved
+from repvgg.training.data import DatasetBundle, build_datasets
+
+__all__ = ["CALIBRATION_METHODS", "QuantizeReport", "quantize_model", "quantize_onnx", "evaluate_onnx",
+           "onnx_speedup", "quantized_conv_count"]
+
+log = logging.getLogger(__name__)
+
+#: ``--calibration`` names and ONNX Runtime's ``CalibrationMethod`` members.
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+@dataclass
+class QuantizeReport:
+    """What ``repvgg quantize`` measured and wrote."""
+
+    output: str
+    model: str
+    dataset: str
+    calibration: str
+    calib_images: int
+    val_images: int
+    top1_fp32: float
+    top1_int8: float
+    agreement: float  # fraction of validation images where INT8 and FP32 predict the same class
+    int8_speedup: float  # INT8 / FP32 throughput through ONNX Runtime, same batch, interleaved medians
+    fp32_images_per_s: float
+    int8_images_per_s: float
+    speed_input: list[int]
+    quantized_convs: int
+    convs: int
+    converted: bool
+    qat_epochs: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+class _CalibrationReader:
+    """ONNX Runtime's calibration data reader over a fixed set of images."""
+
+    def __init__(self, dataset: Dataset, input_name: str, batch_size: int) -> None:
+        self.batches = [images.numpy() for images, _ in _batches(dataset, batch_size)]
+        self.input_name = input_name
+        self.index = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.index >= len(self.batches):
+            return None
+        self.index += 1
+        return {self.input_name: self.batches[self.index - 1]}
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def calibration_subset(dataset: Dataset, count: int, *, seed: int = 0) -> Dataset:
+    """``count`` images of ``dataset`` in a fixed random order (all of them if there are fewer)."""
+    if count < 1:
+        raise ValueError(f"the calibration set must hold at least one image, got calib_images={count}")
+    if len(dataset) == 0:
+        raise ValueError("the calibration data is empty: the training split holds no images")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    return Subset(dataset, order)
+
+
+def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Dataset, *, method: str = "minmax",
+                  batch_size: int = 32) -> None:
+    """Static INT8 quantization of an ONNX file (QDQ, per-channel INT8 weights, UINT8 activations)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+    session = onnxruntime_session(fp32_path)
+    expected = session.get_inputs()[0].shape
+    first, _ = next(iter(_batches(calibration, 1)))
+    if list(first.shape[1:]) != [d for d in expected[1:]]:
+        raise ValueError(f"calibration images have shape {tuple(first.shape[1:])} but the model takes "
+                         f"{tuple(expected[1:])}; calibrate on the data the model was trained for")
+    reader = _CalibrationReader(calibration, session.get_inputs()[0].name, batch_size)
+    # ONNX Runtime's recommended preparation: shape inference and graph optimisation before quantizing.
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = int8_path.with_name(int8_path.stem + ".prepared.onnx")
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
+    prepared.unlink()
+
+
+def quantized_conv_count(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(convolutions whose weight and input come through DequantizeLinear or are QLinearConv, all convs)``."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type in ("Conv", "QLinearConv")]
+
+    def dequantized(name: str) -> bool:
+        node = producers.get(name)
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    quantized = sum(1 for n in convs if n.op_type == "QLinearConv" or all(dequantized(i) for i in n.input[:2]))
+    return quantized, len(convs)
+
+
+@torch.no_grad()
+def evaluate_onnx(paths: list[Path], dataset: Dataset, *, batch_size: int = 64) -> dict[str, Any]:
+    """Top-1 of each ONNX file on ``dataset`` and how often the others predict what the first does.
+
+    Raises:
+        RunFailed: an output was NaN or infinite, so the accuracy could not be measured.
+    """
+    sessions = [onnxruntime_session(p) for p in paths]
+    names = [s.get_inputs()[0].name for s in sessions]
+    correct = [0] * len(paths)
+    agree = [0] * len(paths)
+    total = 0
+    for images, labels in _batches(dataset, batch_size):
+        outputs = [torch.from_numpy(s.run(None, {n: images.numpy()})[0]) for s, n in zip(sessions, names)]
+        for path, out in zip(paths, outputs):
+            if not torch.isfinite(out).all():
+                raise RunFailed(f"{path.name} produced NaN or infinite outputs; its accuracy cannot be measured, "
+                                "so it is not written")
+        predictions = [out.argmax(1) for out in outputs]
+        for i, pred in enumerate(predictions):
+            correct[i] += int((pred == labels).sum())
+            agree[i] += int((pred == predictions[0]).sum())
+        total += labels.numel()
+    if total == 0:
+        raise ValueError("the validation set is empty; INT8 accuracy cannot be measured")
+    return {"images": total, "top1": [100.0 * c / total for c in correct], "agreement": [a / total for a in agree]}
+
+
+def onnx_speedup(fp32_path: Path, int8_path: Path, batch: torch.Tensor, *, rounds: int = 15) -> tuple[float, float]:
+    """Images/s of the FP32 and the INT8 file through ONNX Runtime: same batch, interleaved rounds, medians."""
+    runs = {}
+    for key, path in (("fp32", fp32_path), ("int8", int8_path)):
+        session = onnxruntime_session(path)
+        feed = {session.get_inputs()[0].name: batch.numpy()}
+        runs[key] = (lambda s=session, f=feed: s.run(None, f))
+    results = time_interleaved(runs, warmup=3, rounds=rounds)
+    return results["fp32"].throughput(batch.shape[0]), results["int8"].throughput(batch.shape[0])
+
+
+def _data_for(model: nn.Module, data: str | None, img_size: int | None) -> DatasetBundle:
+    bundle = build_datasets(data, img_size=img_size, augment=False)
+    if getattr(model, "num_classes", bundle.num_classes) != bundle.num_classes:
+        raise ValueError(f"the model has {model.num_classes} classes but the data has {bundle.num_classes}; "
+                         "quantize it with the data it was trained on (--data)")
+    return bundle
+
+
+@torch.no_grad()
+def quantize_model(
+    weights: str | os.PathLike[str] | nn.Module,
+    output: str | os.PathLike[str],
+    *,
+    data: str | None = None,
+    img_size: int | None = None,
+    calib_images: int = 256,
+    method: str = "minmax",
+    speed_batch: int = 8,
+    speed_img_size: int | None = None,
+    overwrite: bool = False,
+) -> QuantizeReport:
+    """Convert (if needed), check, export and INT8-quantize a classifier; measure FP32 vs INT8.
+
+    Args:
+        weights: a weights file (any format :func:`repvgg.load_model` reads, a run's ``best.pt``
+            included) or a model.
+        output: the INT8 ``.onnx`` file to write.
+        data: an ImageFolder root; ``None`` is the embedded digits data (the default training data).
+        img_size: input resolution (default: the data's, 32 for digits).
+        calib_images: training images (validation preprocessing) that set the activation ranges.
+        method: calibration method: ``minmax``, ``entropy`` or ``percentile``.
+        speed_batch, speed_img_size: the batch timed for ``int8_speedup`` (default size: ``img_size``).
+        overwrite: replace an existing ``output``.
+
+    Raises:
+        ValueError: bad arguments or data (an empty or mis-shaped calibration set, another class count).
+        ConversionMismatch: the converted or exported FP32 model does not compute what its source does.
+        RunFailed: ONNX Runtime quantized no convolution, or INT8 outputs are not finite.
+    """
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise ValueError(f"the output must be an .onnx file, got {output}")
+    if output.is_dir():
+        raise ValueError(f"the output {output} is a folder; name an .onnx file")
+    if output.exists() and not overwrite:
+        raise ValueError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
+    if speed_batch < 1 or (speed_img_size is not None and speed_img_size < 8):
+        raise ValueError("speed_batch must be >= 1 and speed_img_size >= 8")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+    model = load_model(weights) if not isinstance(weights, nn.Module) else weights
+    model = model.eval()
+    bundle = _data_for(model, data, img_size)
+    calibration = calibration_subset(bundle.train, calib_images)
+    val_batch, _ = next(iter(_batches(bundle.val, 16)))
+
+    converted = not getattr(model, "deploy", True)
+    plain = reparameterize_model(model).float().cpu()
+    deviation = OutputDeviation()
+    deviation.update(model(val_batch), plain(val_batch))
+    check_conversion(deviation.relative, f"the converted {getattr(model, 'name', 'model')}")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as staging:
+        fp32 = Path(staging) / "fp32.onnx"
+        int8 = Path(staging) / output.name
+        export_onnx_file(plain, val_batch[:2], fp32)
+        session = onnxruntime_session(fp32)
+        deviation = OutputDeviation()
+        deviation.update(plain(val_batch), torch.from_numpy(session.run(None, {session.get_inputs()[0].name:
+                                                                                val_batch.numpy()})[0]))
+        check_conversion(deviation.relative, "the FP32 ONNX export (run by ONNX Runtime)")
+        log.info("calibrating %s on %d training images (%s)", getattr(model, "name", "model"), len(calibration),
+                 method)
+        quantize_onnx(fp32, int8, calibration, method=method)
+        quantized, convs = quantized_conv_count(int8)
+        if quantized == 0:
+            raise RunFailed("ONNX Runtime quantized none of the convolutions; nothing was written")
+        log.info("evaluating FP32 and INT8 on %d validation images", len(bundle.val))
+        scores = evaluate_onnx([fp32, int8], bundle.val)
+        size = speed_img_size or val_batch.shape[-1]
+        speed_input = torch.randn(speed_batch, val_batch.shape[1], size, size,
+                                  generator=torch.Generator().manual_seed(0))
+        if size != val_batch.shape[-1]:
+            # ranges calibrated at the data's size apply to any size; the speed file is the same network
+            fp32_speed, int8_speed = Path(staging) / "fp32_speed.onnx", Path(staging) / "int8_speed.onnx"
+            export_onnx_file(plain, speed_input[:2], fp32_speed)
+            quantize_onnx(fp32_speed, int8_speed, _Resized(calibration, size), method=method)
+        else:
+            fp32_speed, int8_speed = fp32, int8
+        fp32_rate, int8_rate = onnx_speedup(fp32_speed, int8_speed, speed_input)
+        os.replace(int8, output)
+    return QuantizeReport(
+        output=str(output), model=getattr(model, "name", type(model).__name__), dataset=bundle.name,
+        calibration=method, calib_images=len(calibration), val_images=scores["images"],
+        top1_fp32=scores["top1"][0], top1_int8=scores["top1"][1], agreement=scores["agreement"][1],
+        int8_speedup=int8_rate / fp32_rate, fp32_images_per_s=fp32_rate, int8_images_per_s=int8_rate,
+        speed_input=list(speed_input.shape), quantized_convs=quantized, convs=convs, converted=converted,
+    )
+
+
+class _Resized(Dataset):
+    """The calibration images resized to another square size (for the speed file only)."""
+
+    def __init__(self, dataset: Dataset, size: int) -> None:
+        self.dataset, self.size = dataset, size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        resized = nn.functional.interpolate(image[None], size=(self.size, self.size), mode="bilinear",
+                                            align_corners=False)
+        return resized[0], label

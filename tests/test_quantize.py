@@ -1,0 +1,80 @@
+"""``repvgg quantize``: INT8 through ONNX Runtime, calibrated and measured on the digits; bad input refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import repvgg
+from repvgg.cli import main
+from repvgg.deploy.quantize import quantize_onnx, quantized_conv_count
+from repvgg.io.export import export_onnx_file, onnxruntime_session
+
+
+@pytest.fixture(scope="module")
+def trained_qa(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("qa") / "run"
+    assert main(["train", "--model", "qarepvgg_tiny", "--epochs", "2", "--device", "cpu", "--output", str(out)]) == 0
+    return out
+
+
+def test_quantize_a_trained_run_writes_a_checked_int8_model(trained_qa: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "int8.onnx"
+    assert main(["quantize", str(trained_qa / "best.pt"), str(out), "--calib-images", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("top1_fp32", "top1_int8", "agreement", "int8_speedup"):
+        assert key in report, key
+    summary = json.loads((trained_qa / "summary.json").read_text())
+    assert report["top1_fp32"] == pytest.approx(summary["val_top1_deploy"], abs=0.3)  # same model, ORT vs torch
+    assert report["val_images"] == 360 and report["calib_images"] == 64 and report["converted"] is True
+    assert abs(report["top1_int8"] - report["top1_fp32"]) <= 5 and report["agreement"] >= 0.9
+    assert report["quantized_convs"] == report["convs"] > 0 and report["int8_speedup"] > 0
+    quantized, convs = quantized_conv_count(out)
+    assert quantized == convs == report["convs"]
+    session = onnxruntime_session(out)  # runs in ONNX Runtime, dynamic batch
+    logits = session.run(None, {session.get_inputs()[0].name: torch.randn(5, 3, 32, 32).numpy()})[0]
+    assert logits.shape == (5, 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx"]  # no staging files left
+
+
+def test_quantize_refuses_bad_input_and_writes_nothing(trained_qa: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "int8.onnx"
+    weights = str(trained_qa / "deploy.safetensors")
+    assert main(["quantize", weights, str(out), "--calib-images", "0"]) == 2
+    assert "at least one image" in capsys.readouterr().err
+    assert main(["quantize", weights, str(tmp_path / "int8.txt")]) == 2
+    out.write_text("mine")
+    assert main(["quantize", weights, str(out)]) == 2 and out.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx"]
+    # a model of another class count than the data
+    other = tmp_path / "other.safetensors"
+    repvgg.save_weights(repvgg.create_model("qarepvgg_tiny", num_classes=7), other)
+    assert main(["quantize", str(other), str(tmp_path / "x.onnx")]) == 2
+    assert "classes" in capsys.readouterr().err
+
+
+def test_quantize_fails_a_broken_model_with_nothing_written(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    model = repvgg.create_model("qarepvgg_tiny", num_classes=10)
+    with torch.no_grad():
+        model.stage2[0].rbr_dense.conv.weight.fill_(float("inf"))
+    repvgg.save_weights(model, tmp_path / "broken.safetensors")
+    assert main(["quantize", str(tmp_path / "broken.safetensors"), str(tmp_path / "x.onnx")]) == 1
+    assert "NaN or infinite" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors"]
+
+
+def test_a_mis_shaped_calibration_set_is_refused(tmp_path: Path) -> None:
+    plain = repvgg.reparameterize_model(repvgg.create_model("repvgg_tiny", num_classes=10))
+    fp32 = export_onnx_file(plain, torch.randn(2, 3, 32, 32), tmp_path / "fp32.onnx")
+    wrong = torch.utils.data.TensorDataset(torch.randn(4, 1, 32, 32), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape"):
+        quantize_onnx(fp32, tmp_path / "int8.onnx", wrong)
+    with pytest.raises(ValueError, match="calibration method"):
+        quantize_onnx(fp32, tmp_path / "int8.onnx", wrong, method="magic")
+    assert not (tmp_path / "int8.onnx").exists()
