@@ -76,7 +76,7 @@ def test_layers_point_one_way() -> None:
     """nn (models, fusion) imports no file formats, training or CLI; file formats know nothing of training."""
     graph = import_graph()
     order = ["repvgg.serialization", "repvgg.errors", "repvgg.nn", "repvgg.io", "repvgg.perf", "repvgg.training",
-             "repvgg.segmentation", "repvgg.cli"]
+             "repvgg.segmentation", "repvgg.deploy", "repvgg.cli"]
 
     def layer(module: str) -> int | None:
         return next((i for i, prefix in enumerate(order) if module == prefix or module.startswith(prefix + ".")),

@@ -10,8 +10,9 @@ import torch
 
 import repvgg
 from repvgg.cli import main
-from repvgg.deploy.quantize import quantize_onnx, quantized_conv_count
-from repvgg.io.export import export_onnx_file, onnxruntime_session
+from repvgg.io.checkpoint import load_checkpoint
+from repvgg.deploy.quantize import quantize_onnx
+from repvgg.io.export import export_onnx_file, onnxruntime_session, quantized_conv_count
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,22 @@ def test_a_mis_shaped_calibration_set_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="calibration method"):
         quantize_onnx(fp32, tmp_path / "int8.onnx", wrong, method="magic")
     assert not (tmp_path / "int8.onnx").exists()
+
+
+def test_quantization_aware_training_exports_a_qdq_int8_model(trained_qa: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "qat.onnx"
+    assert main(["quantize", str(trained_qa / "best.pt"), str(out), "--qat-epochs", "1", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration"] == "qat" and report["qat_epochs"] == 1
+    assert report["quantized_convs"] == report["convs"] > 0 and abs(report["top1_int8"] - report["top1_fp32"]) <= 5
+    run = tmp_path / "qat-qat"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["top1_int8"] == pytest.approx(report["top1_int8"])  # the same INT8 file, measured twice
+    config = load_checkpoint(run / "last.pt")["config"]
+    assert config["qat"] is True and config["lr"] == pytest.approx(0.1 * 64 / 256 / 10) and config["model"] == \
+        "qarepvgg_tiny"
+    session = onnxruntime_session(out)  # any input size: the QAT export has dynamic height and width
+    assert session.run(None, {session.get_inputs()[0].name: torch.randn(2, 3, 48, 48).numpy()})[0].shape == (2, 10)
+    # QAT needs a trained model to start from
+    assert main(["train", "--qat", "--device", "cpu", "--output", str(tmp_path / "none")]) == 2

@@ -27,7 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speed-batch", type=int, default=8, help="batch of the FP32/INT8 timing")
     p.add_argument("--speed-img-size", type=int, default=None,
                    help="input size of the FP32/INT8 timing (default: --img-size)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--qat-epochs", type=int, default=0,
+                   help="quantization-aware training instead of calibration: fine-tune the converted model this "
+                        "many epochs with fake INT8 (run folder OUT-qat beside OUT)")
+    p.add_argument("--qat-lr", type=float, default=None, help="QAT learning rate (default: 1/10 of training's)")
+    p.add_argument("--device", default="auto", help="device of the QAT fine-tune: auto, cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (and QAT run folder)")
     p.set_defaults(func=run)
 
 
@@ -36,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = quantize_model(args.weights, args.output, data=args.data, img_size=args.img_size,
                             calib_images=args.calib_images, method=args.calibration, speed_batch=args.speed_batch,
-                            speed_img_size=args.speed_img_size, overwrite=args.overwrite)
+                            speed_img_size=args.speed_img_size, overwrite=args.overwrite,
+                            qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, device=args.device)
     print(json.dumps(report.as_dict(), indent=2))
     return 0

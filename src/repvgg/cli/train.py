@@ -67,13 +67,15 @@ def print_config(config: Any) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from repvgg.training.classification import train
+    from repvgg.training.qat import train_qat
 
     config = resolve_config(args)
     if args.print_config:
         return print_config(config)
-    summary = train(config)
+    summary = (train_qat if config.qat else train)(config)
     if summary.get("interrupted"):
         return 130
-    print(json.dumps({k: summary[k] for k in ("model", "dataset", "epochs", "val_top1", "val_top1_deploy",
-                                              "max_abs_diff", "prediction_agreement", "output")}, indent=2))
+    keys = ("model", "dataset", "epochs", "val_top1", "val_top1_deploy", "max_abs_diff", "prediction_agreement",
+            "top1_int8", "int8_onnx", "output")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -28,14 +29,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from repvgg.errors import RunFailed
-from repvgg.io.export import export_onnx_file, onnxruntime_session
+from repvgg.io.export import evaluate_onnx, export_onnx_file, onnxruntime_session, quantized_conv_count
 from repvgg.io.loading import load_model
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
 from repvgg.perf.timing import time_interleaved
+from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, build_datasets
+from repvgg.training.qat import train_qat
 
-__all__ = ["CALIBRATION_METHODS", "QuantizeReport", "quantize_model", "quantize_onnx", "evaluate_onnx",
-           "onnx_speedup", "quantized_conv_count"]
+__all__ = ["CALIBRATION_METHODS", "QuantizeReport", "quantize_model", "quantize_onnx", "onnx_speedup"]
 
 log = logging.getLogger(__name__)
 
@@ -129,50 +131,6 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Dataset, *, met
     prepared.unlink()
 
 
-def quantized_conv_count(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(convolutions whose weight and input come through DequantizeLinear or are QLinearConv, all convs)``."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    producers = {out: node for node in graph.node for out in node.output}
-    convs = [n for n in graph.node if n.op_type in ("Conv", "QLinearConv")]
-
-    def dequantized(name: str) -> bool:
-        node = producers.get(name)
-        return node is not None and node.op_type == "DequantizeLinear"
-
-    quantized = sum(1 for n in convs if n.op_type == "QLinearConv" or all(dequantized(i) for i in n.input[:2]))
-    return quantized, len(convs)
-
-
-@torch.no_grad()
-def evaluate_onnx(paths: list[Path], dataset: Dataset, *, batch_size: int = 64) -> dict[str, Any]:
-    """Top-1 of each ONNX file on ``dataset`` and how often the others predict what the first does.
-
-    Raises:
-        RunFailed: an output was NaN or infinite, so the accuracy could not be measured.
-    """
-    sessions = [onnxruntime_session(p) for p in paths]
-    names = [s.get_inputs()[0].name for s in sessions]
-    correct = [0] * len(paths)
-    agree = [0] * len(paths)
-    total = 0
-    for images, labels in _batches(dataset, batch_size):
-        outputs = [torch.from_numpy(s.run(None, {n: images.numpy()})[0]) for s, n in zip(sessions, names)]
-        for path, out in zip(paths, outputs):
-            if not torch.isfinite(out).all():
-                raise RunFailed(f"{path.name} produced NaN or infinite outputs; its accuracy cannot be measured, "
-                                "so it is not written")
-        predictions = [out.argmax(1) for out in outputs]
-        for i, pred in enumerate(predictions):
-            correct[i] += int((pred == labels).sum())
-            agree[i] += int((pred == predictions[0]).sum())
-        total += labels.numel()
-    if total == 0:
-        raise ValueError("the validation set is empty; INT8 accuracy cannot be measured")
-    return {"images": total, "top1": [100.0 * c / total for c in correct], "agreement": [a / total for a in agree]}
-
-
 def onnx_speedup(fp32_path: Path, int8_path: Path, batch: torch.Tensor, *, rounds: int = 15) -> tuple[float, float]:
     """Images/s of the FP32 and the INT8 file through ONNX Runtime: same batch, interleaved rounds, medians."""
     runs = {}
@@ -192,7 +150,6 @@ def _data_for(model: nn.Module, data: str | None, img_size: int | None) -> Datas
     return bundle
 
 
-@torch.no_grad()
 def quantize_model(
     weights: str | os.PathLike[str] | nn.Module,
     output: str | os.PathLike[str],
@@ -204,8 +161,15 @@ def quantize_model(
     speed_batch: int = 8,
     speed_img_size: int | None = None,
     overwrite: bool = False,
+    qat_epochs: int = 0,
+    qat_lr: float | None = None,
+    device: str = "auto",
 ) -> QuantizeReport:
     """Convert (if needed), check, export and INT8-quantize a classifier; measure FP32 vs INT8.
+
+    With ``qat_epochs`` the INT8 model comes from quantization-aware training instead
+    (:mod:`repvgg.training.qat`): a QAT run in the folder ``<output stem>-qat`` beside ``output``
+    fine-tunes the converted model, and its QDQ export is measured here like the post-training one.
 
     Args:
         weights: a weights file (any format :func:`repvgg.load_model` reads, a run's ``best.pt``
@@ -216,7 +180,8 @@ def quantize_model(
         calib_images: training images (validation preprocessing) that set the activation ranges.
         method: calibration method: ``minmax``, ``entropy`` or ``percentile``.
         speed_batch, speed_img_size: the batch timed for ``int8_speedup`` (default size: ``img_size``).
-        overwrite: replace an existing ``output``.
+        overwrite: replace an existing ``output`` (and the QAT run folder).
+        qat_epochs, qat_lr, device: quantization-aware training instead of calibration.
 
     Raises:
         ValueError: bad arguments or data (an empty or mis-shaped calibration set, another class count).
@@ -234,6 +199,27 @@ def quantize_model(
         raise ValueError("speed_batch must be >= 1 and speed_img_size >= 8")
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+    if qat_epochs < 0:
+        raise ValueError(f"qat_epochs must be >= 0, got {qat_epochs}")
+    qat_int8 = None
+    if qat_epochs:
+        if isinstance(weights, nn.Module):
+            raise ValueError("quantization-aware training starts from a weights file; save the model first")
+        qat_dir = output.with_name(output.stem + "-qat")
+        summary = train_qat(TrainConfig(qat=True, weights=str(weights), epochs=qat_epochs, lr=qat_lr, data=data,
+                                        img_size=img_size, output=str(qat_dir), overwrite=overwrite, device=device))
+        if summary.get("interrupted"):
+            raise KeyboardInterrupt(f"QAT stopped early; continue it with: repvgg train --resume {qat_dir}")
+        qat_int8 = qat_dir / "int8.onnx"
+    return _quantize(weights, output, data=data, img_size=img_size, calib_images=calib_images, method=method,
+                     speed_batch=speed_batch, speed_img_size=speed_img_size, qat_int8=qat_int8,
+                     qat_epochs=qat_epochs)
+
+
+@torch.no_grad()
+def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, *, data: str | None, img_size: int | None,
+              calib_images: int, method: str, speed_batch: int, speed_img_size: int | None, qat_int8: Path | None,
+              qat_epochs: int) -> QuantizeReport:
     model = load_model(weights) if not isinstance(weights, nn.Module) else weights
     model = model.eval()
     bundle = _data_for(model, data, img_size)
@@ -256,9 +242,12 @@ def quantize_model(
         deviation.update(plain(val_batch), torch.from_numpy(session.run(None, {session.get_inputs()[0].name:
                                                                                 val_batch.numpy()})[0]))
         check_conversion(deviation.relative, "the FP32 ONNX export (run by ONNX Runtime)")
-        log.info("calibrating %s on %d training images (%s)", getattr(model, "name", "model"), len(calibration),
-                 method)
-        quantize_onnx(fp32, int8, calibration, method=method)
+        if qat_int8 is not None:
+            shutil.copyfile(qat_int8, int8)
+        else:
+            log.info("calibrating %s on %d training images (%s)", getattr(model, "name", "model"),
+                     len(calibration), method)
+            quantize_onnx(fp32, int8, calibration, method=method)
         quantized, convs = quantized_conv_count(int8)
         if quantized == 0:
             raise RunFailed("ONNX Runtime quantized none of the convolutions; nothing was written")
@@ -271,17 +260,22 @@ def quantize_model(
             # ranges calibrated at the data's size apply to any size; the speed file is the same network
             fp32_speed, int8_speed = Path(staging) / "fp32_speed.onnx", Path(staging) / "int8_speed.onnx"
             export_onnx_file(plain, speed_input[:2], fp32_speed)
-            quantize_onnx(fp32_speed, int8_speed, _Resized(calibration, size), method=method)
+            if qat_int8 is not None:
+                int8_speed = int8  # the QAT export takes any height and width
+            else:
+                quantize_onnx(fp32_speed, int8_speed, _Resized(calibration, size), method=method)
         else:
             fp32_speed, int8_speed = fp32, int8
         fp32_rate, int8_rate = onnx_speedup(fp32_speed, int8_speed, speed_input)
         os.replace(int8, output)
     return QuantizeReport(
         output=str(output), model=getattr(model, "name", type(model).__name__), dataset=bundle.name,
-        calibration=method, calib_images=len(calibration), val_images=scores["images"],
+        calibration="qat" if qat_int8 is not None else method,
+        calib_images=0 if qat_int8 is not None else len(calibration), val_images=scores["images"],
         top1_fp32=scores["top1"][0], top1_int8=scores["top1"][1], agreement=scores["agreement"][1],
         int8_speedup=int8_rate / fp32_rate, fp32_images_per_s=fp32_rate, int8_images_per_s=int8_rate,
         speed_input=list(speed_input.shape), quantized_convs=quantized, convs=convs, converted=converted,
+        qat_epochs=qat_epochs,
     )
 
 

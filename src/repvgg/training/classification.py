@@ -45,7 +45,7 @@ class ClassificationTask:
     command = "train"
     score = "val_top1"
     min_local_batch = 1
-    fixed_on_resume = ("model", "model_overrides", "data", "val_fraction")
+    fixed_on_resume = ("model", "model_overrides", "data", "val_fraction", "qat")
 
     def __init__(self) -> None:
         self.config: TrainConfig | None = None
@@ -179,4 +179,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ``stop_after_steps`` ends the run early with a resumable ``last.pt``; the summary then has
     ``"interrupted": true``.
     """
+    if config.qat:
+        raise ValueError("a QAT config runs through repvgg.training.qat.train_qat (repvgg train --qat)")
     return fit(ClassificationTask(), config)

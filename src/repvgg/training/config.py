@@ -154,11 +154,12 @@ class TrainConfig(LoopConfig):
     image folders, and warm-up is 5 epochs for schedules of 100+ epochs and 1 otherwise.
     """
 
-    lr: float | None = option(None, "base learning rate", default_help="0.1 x batch size / 256")
+    lr: float | None = option(None, "base learning rate", default_help="0.1 x batch size / 256; 1/10 of it with --qat")
     model: str = option("repvgg_a0", "registered model name (see `repvgg info`)")
     data: str | None = option(None, "ImageFolder root with train/ and val/", default_help="the embedded digits data")
     img_size: int | None = option(None, "input resolution", default_help="32 for digits, 224 for folders")
-    warmup_epochs: float | None = option(None, "linear warm-up epochs", default_help="5 for >= 100 epochs, else 1")
+    warmup_epochs: float | None = option(None, "linear warm-up epochs",
+                                         default_help="5 for >= 100 epochs, else 1; 0 with --qat")
     label_smoothing: float = option(0.1, "label smoothing")
     custom_l2: bool = option(False, "the official custom L2: plain L2 on the outer 3x3 taps, the fused centre "
                                     "tap normalised by the branches' BN scales")
@@ -175,6 +176,8 @@ class TrainConfig(LoopConfig):
     bad_images: str = option("fail", "unreadable images: fail naming the file, or skip and count",
                              choices=("fail", "skip"))
     val_fraction: float = option(0.2, "digits validation fraction (fixed split seed)")
+    qat: bool = option(False, "quantization-aware training: fine-tune the converted model of --weights with fake "
+                              "INT8 quantization and write int8.onnx (learning rate 1/10, no warm-up by default)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -189,12 +192,16 @@ class TrainConfig(LoopConfig):
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else 0.1 * self.batch_size / 256
+        if self.lr is not None:
+            return self.lr
+        return 0.1 * self.batch_size / 256 * (0.1 if self.qat else 1.0)  # QAT fine-tunes a trained model
 
     @property
     def resolved_warmup_epochs(self) -> float:
         if self.warmup_epochs is not None:
             return self.warmup_epochs
+        if self.qat:
+            return 0.0
         return 5.0 if self.epochs >= 100 else 1.0
 
 

@@ -1,0 +1,127 @@
+"""Quantization-aware training: fine-tune the converted (plain) network with fake quantization, export INT8.
+
+A task of the training engine (:func:`repvgg.training.engine.fit`), so a QAT run is resumable,
+``torchrun``-ready and checked like any other. The trained model (``--weights``) is converted to its plain
+form (checked on a validation batch), prepared with PyTorch's FX graph-mode QAT (``prepare_qat_fx``;
+the eager API is deprecated) using fake quantizers that match ONNX Runtime's QDQ INT8: per-channel
+symmetric INT8 weights, per-tensor asymmetric UINT8 activations. After fine-tuning, the fake-quantized
+network is exported to ONNX, where each fake quantizer becomes a QuantizeLinear/DequantizeLinear pair
+(the same QDQ format as ``repvgg quantize``'s post-training path), and the INT8 file is evaluated with
+ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from repvgg.errors import RunFailed
+from repvgg.io.export import evaluate_onnx, quantized_conv_count
+from repvgg.io.loading import load_model
+from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
+from repvgg.training.classification import ClassificationTask
+from repvgg.training.config import TrainConfig
+from repvgg.training.engine import fit
+
+__all__ = ["QATTask", "qat_qconfig_mapping", "prepare_qat", "export_fake_quant_onnx", "train_qat"]
+
+logger = logging.getLogger(__name__)
+
+
+def qat_qconfig_mapping() -> Any:
+    """Fake quantizers matching ONNX Runtime's QDQ INT8 (and exportable as QuantizeLinear/DequantizeLinear)."""
+    from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
+                                       MovingAveragePerChannelMinMaxObserver, QConfig, QConfigMapping)
+
+    activation = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+                                        dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
+                                    dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+    return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
+
+
+def prepare_qat(plain: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A trainable fake-quantized copy of the plain (converted) network ``plain``."""
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FX graph mode announces its successor; it is what torch ships
+        prepared = prepare_qat_fx(copy.deepcopy(plain).train(), qat_qconfig_mapping(), (example,))
+    for name in ("name", "num_classes", "in_chans"):
+        if hasattr(plain, name):
+            setattr(prepared, name, getattr(plain, name))
+    return prepared
+
+
+def export_fake_quant_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """The fake-quantized network as a QDQ ONNX file (dynamic batch, height and width), observers frozen."""
+    model = copy.deepcopy(model).cpu().eval()
+    model.apply(torch.ao.quantization.disable_observer)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # Fake quantizers export as QuantizeLinear/DequantizeLinear with the TorchScript-based exporter.
+        torch.onnx.export(model, (example.cpu(),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}})
+    return path
+
+
+class QATTask(ClassificationTask):
+    """Fine-tune a trained classifier's plain network with fake quantization (``repvgg train --qat``)."""
+
+    fixed_on_resume = ("weights", "data", "val_fraction", "qat")
+
+    def setup(self, config: TrainConfig, ctx: Any) -> tuple[TrainConfig, Any]:
+        if not config.weights:
+            raise ValueError("QAT fine-tunes a trained model: pass its weights (--weights RUN/best.pt)")
+        self.source = load_model(config.weights).eval()
+        config, train_set = super().setup(config.updated(model=self.source.name), ctx)
+        if self.source.num_classes != self.bundle.num_classes:
+            raise ValueError(f"{config.weights} has {self.source.num_classes} classes but the data has "
+                             f"{self.bundle.num_classes}; fine-tune it on the data it was trained on")
+        return config, train_set
+
+    def build_model(self, config: TrainConfig, device: torch.device) -> nn.Module:
+        source = self.source
+        plain = reparameterize_model(source)
+        example, _ = next(iter(DataLoader(self.bundle.val, batch_size=16)))
+        with torch.no_grad():
+            deviation = OutputDeviation()
+            deviation.update(source(example), plain(example))
+        check_conversion(deviation.relative, f"the converted {source.name}")
+        return prepare_qat(plain, example).to(device)
+
+    def checkpoint_fields(self, model: nn.Module) -> dict[str, Any]:
+        return {"arch": getattr(model, "name", "qat"), "num_classes": self.bundle.num_classes, "qat": True}
+
+    def save(self, model: nn.Module, plain: nn.Module, summary: dict[str, Any], history: list[dict[str, Any]],
+             output: Path) -> None:
+        from repvgg.plots import plot_training_curves
+
+        example, _ = next(iter(DataLoader(self.bundle.val, batch_size=2)))
+        int8 = export_fake_quant_onnx(model, example, output / "int8.onnx")
+        quantized, convs = quantized_conv_count(int8)
+        if quantized == 0:
+            int8.unlink()
+            raise RunFailed("the QAT export holds no quantized convolution; nothing was written")
+        scores = evaluate_onnx([int8], self.bundle.val)
+        summary.update(top1_int8=scores["top1"][0], int8_onnx=str(int8), quantized_convs=quantized, convs=convs)
+        plot_training_curves(history, output / "curves.png", title=f"QAT of {summary['model']} on {self.bundle.name}")
+        logger.info("QAT: fake-quantized top-1 %.2f%%, INT8 (ONNX Runtime) top-1 %.2f%%, %d of %d convs quantized",
+                    summary["val_top1"], summary["top1_int8"], quantized, convs)
+
+
+def train_qat(config: TrainConfig) -> dict[str, Any]:
+    """Run a QAT fine-tune described by ``config`` (``qat=True``, ``weights`` the trained model); the summary."""
+    if not config.qat:
+        config = config.updated(qat=True)
+    return fit(QATTask(), config)
