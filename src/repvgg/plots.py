@@ -29,7 +29,11 @@ def plot_curves(
     score_label: str,
     title: str = "",
 ) -> Path:
-    """Per-epoch curves, losses on the left and scores on the right; the mappings are legend -> history key."""
+    """Per-epoch curves, losses on the left and scores on the right; the mappings are legend -> history key.
+
+    Losses are drawn on a log scale: early validation losses (BatchNorm statistics far off in the first
+    epoch) can be orders of magnitude above the rest and would flatten every other point.
+    """
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
@@ -43,6 +47,10 @@ def plot_curves(
         ax.legend()
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss_values = [row[key] for key in losses.values() for row in history]
+    if loss_values and min(loss_values) > 0:
+        ax_loss.set_yscale("log")
+        ax_loss.set_ylabel(f"{loss_label} (log scale)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

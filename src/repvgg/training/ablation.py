@@ -215,14 +215,21 @@ def plot_ablation(result: AblationResult, output: str | Path) -> tuple[Path, Pat
     fig.savefig(loss_path, dpi=100)
     plt.close(fig)
 
+    # Points with error bars and every seed, not bars: a bar's length would claim a zero the axis does not start at.
     fig, ax = plt.subplots(figsize=(6, 4))
     names = [r["config"] for r in result.rows]
     means = [r["val_top1_mean"] for r in result.rows]
     stds = [r["val_top1_std"] for r in result.rows]
-    ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
-    low = min(m - s for m, s in zip(means, stds))
-    ax.set_ylim(max(0.0, low - 5), min(100.0, max(m + s for m, s in zip(means, stds)) + 2))
-    ax.set_ylabel("validation top-1 (%), mean ± std")
+    for i, name in enumerate(names):
+        seeds = [r["val_top1"] for r in result.runs if r["config"] == name]
+        ax.scatter([i] * len(seeds), seeds, s=14, color="tab:gray", alpha=0.6, zorder=2,
+                   label="one seed" if i == 0 else None)
+    ax.errorbar(range(len(names)), means, yerr=stds, fmt="o", capsize=5, color="tab:blue", zorder=3,
+                label="mean ± std")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylabel("validation top-1 (%)")
+    ax.legend(fontsize=8)
     ax.set_title(f"{result.model}, {result.epochs} epochs, {len(result.seeds)} seeds")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

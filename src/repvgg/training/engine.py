@@ -190,6 +190,10 @@ def shared_flags(stopper: StopRequest, sums: Tensor | None = None) -> tuple[bool
     return bool(flags[0]), bool(flags[1])
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def diverged_error(what: str, where: str, output: Path, lr: float) -> TrainingDiverged:
     """The message of a diverged run: what went non-finite, where, and what is left to resume from."""
     last = output / "last.pt"
@@ -425,7 +429,10 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
             if bar is not None:
                 bar.update(state.step_in_epoch)
             start = time.perf_counter()
+            data_wait, steps_timed, ready = 0.0, 0, start
             for batch in loader:
+                data_wait += time.perf_counter() - ready  # time this step waited for its batch
+                steps_timed += 1
                 lr = task.learning_rate(state.global_step, total_steps, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -456,6 +463,7 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
                 if bar is not None:
                     bar.update(1)
                 stop_now = config.stop_after_steps is not None and steps_this_run >= config.stop_after_steps
+                ready = time.perf_counter()
                 if state.step_in_epoch % check_every == 0 or state.step_in_epoch == steps_per_epoch:
                     signalled, bad_loss = shared_flags(stopper, sums)
                     if bad_loss:
@@ -479,16 +487,23 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
             eval_model = ema.module if ema is not None else model
             row = {"epoch": state.epoch, **task.train_metrics(sums), **task.evaluate(eval_model, val_loader),
                    "lr": lr, "epoch_time_s": elapsed,
-                   "train_images_per_s": float(sums[1]) / elapsed if elapsed > 0 else 0.0}
+                   "train_images_per_s": float(sums[1]) / elapsed if elapsed > 0 else 0.0,
+                   "data_wait_s_per_step": data_wait / max(1, steps_timed)}
             bad = sorted(k for k, v in row.items() if not math.isfinite(v))
             if bad:  # nothing of this epoch is saved
                 raise diverged_error(f"{', '.join(bad)} not finite", f"after epoch {state.epoch}", output, lr)
             state.history.append(row)
             improved = row[task.score] > state.best_score
             state.best_score = max(state.best_score, row[task.score])
+            if steps_this_run == steps_timed:  # the first epoch of this invocation: time per epoch known
+                remaining = (config.epochs - state.epoch) * (time.perf_counter() - start)
+                if remaining > 0:
+                    logger.info("ETA: about %s for the %d remaining epoch(s), at %.0f training images/s",
+                                _duration(remaining), config.epochs - state.epoch, row["train_images_per_s"])
             logger.info("epoch %d/%d: %s (%.1fs)", state.epoch, config.epochs,
                         ", ".join(f"{k} {v:.4g}" for k, v in row.items()
-                                  if k not in ("epoch", "lr", "epoch_time_s", "train_images_per_s")), elapsed)
+                                  if k not in ("epoch", "lr", "epoch_time_s", "train_images_per_s",
+                                               "data_wait_s_per_step")), elapsed)
             if ctx.is_main:
                 write_metrics(output, state.history)
                 payload = checkpoint()
