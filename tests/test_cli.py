@@ -127,3 +127,20 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, capsy
     assert yaml.safe_load(capsys.readouterr().out)["batch_size"] == 16
     assert main(["ablate", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["model"] == "repvgg_tiny_b"
+
+
+def test_help_and_version_start_without_torch() -> None:
+    """``--help`` of every subcommand and ``--version`` import no torch (what makes them start fast)."""
+    import repvgg
+
+    code = ("import sys\nfrom repvgg.cli import main\nfor argv in (%r):\n"
+            "    try:\n        main(argv)\n    except SystemExit as exit:\n        assert exit.code == 0, argv\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'timm', 'onnx') if m in sys.modules))\n")
+    commands = [["--help"], ["--version"]] + [[c, "--help"] for c in _subcommand_parsers()]
+    result = run_process([sys.executable, "-c", code % (commands,)], timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert f"repvgg {repvgg.__version__}" in result.stdout
+    from importlib.metadata import version
+
+    assert repvgg.__version__ == version("repvgg")

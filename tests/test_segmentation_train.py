@@ -18,7 +18,7 @@ from PIL import Image
 from repvgg.io.checkpoint import load_checkpoint
 from repvgg.cli import build_parser, main
 from repvgg.segmentation.config import SegTrainConfig
-from repvgg.segmentation.train import poly_learning_rate, train_segmenter
+from repvgg.segmentation.train import poly_learning_rate, segmenter_config, train_segmenter
 from repvgg.segmentation.weights import load_segmenter
 
 TINY = ["--synthetic-train", "16", "--synthetic-val", "8", "--synthetic-size", "32", "--batch-size", "8",
@@ -212,7 +212,7 @@ def test_config_file_flags_and_errors(tmp_path: Path) -> None:
     cfg.write_text("backbone: repvgg_tiny_b\nepochs: 7\nscale-range: [0.5, 1.0]\nfast: true\n")
     config = resolve_config(build_parser().parse_args(["seg-train", "--config", str(cfg), "--epochs", "3"]))
     assert (config.backbone, config.epochs, config.fast, config.scale_range) == ("repvgg_tiny_b", 3, True, (0.5, 1.0))
-    assert config.segmenter_config(5).dilated_layers == 5
+    assert segmenter_config(config, 5).dilated_layers == 5
     assert SegTrainConfig.from_dict(config.to_dict()) == config
     assert SegTrainConfig().resolved_lr == 0.05 and SegTrainConfig(data="x", batch_size=32).resolved_lr == 0.02
     bad = tmp_path / "bad.json"

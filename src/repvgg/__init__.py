@@ -3,33 +3,43 @@
 Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021.
 """
 
-from repvgg.nn.block import RepVGGBlock, SEBlock
-from repvgg.nn.convert import reparameterize_model
-from repvgg.io.export import export_onnx
-from repvgg.perf.fast import optimize_for_inference
-from repvgg.nn.model import RepVGG, RepVGGSpec
-from repvgg.nn.registry import build_model, get_spec, list_models, register_model
-from repvgg.io.loading import create_model, load_model
-from repvgg.io.weights import load_weights, read_checkpoint, save_weights
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "RepVGG",
-    "RepVGGBlock",
-    "RepVGGSpec",
-    "SEBlock",
-    "build_model",
-    "create_model",
-    "export_onnx",
-    "get_spec",
-    "list_models",
-    "load_model",
-    "load_weights",
-    "optimize_for_inference",
-    "read_checkpoint",
-    "register_model",
-    "reparameterize_model",
-    "save_weights",
-    "__version__",
-]
+#: Public name -> the module that defines it. Imported on first use, so ``import repvgg`` (and the
+#: ``repvgg`` command's start-up and ``--help``) does not pay for torch until a model is needed.
+_EXPORTS = {
+    "RepVGG": "repvgg.nn.model",
+    "RepVGGBlock": "repvgg.nn.block",
+    "RepVGGSpec": "repvgg.nn.model",
+    "SEBlock": "repvgg.nn.block",
+    "build_model": "repvgg.nn.registry",
+    "create_model": "repvgg.io.loading",
+    "export_onnx": "repvgg.io.export",
+    "get_spec": "repvgg.nn.registry",
+    "list_models": "repvgg.nn.registry",
+    "load_model": "repvgg.io.loading",
+    "load_weights": "repvgg.io.weights",
+    "optimize_for_inference": "repvgg.perf.fast",
+    "read_checkpoint": "repvgg.io.weights",
+    "register_model": "repvgg.nn.registry",
+    "reparameterize_model": "repvgg.nn.convert",
+    "save_weights": "repvgg.io.weights",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'repvgg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -16,6 +16,7 @@ import sys
 import traceback
 from typing import Sequence
 
+from repvgg import __version__
 from repvgg.cli.flags import HelpFormatter
 from repvgg.errors import RunFailed
 
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="repvgg",
         description="RepVGG: train multi-branch, deploy a plain stack of 3x3 convs.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--version", action="version", version=f"repvgg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
     for name in _COMMANDS:

@@ -1,7 +1,7 @@
 """Semantic segmentation with RepVGG backbones: PSPNet, data, metrics and the training job (RepVGG paper, Sec. 4.3).
 
-Not imported by ``import repvgg``; use ``import repvgg.segmentation``. Data loading needs numpy and
-Pillow, the ResNet baselines torchvision (all installed with torchvision).
+Not imported by ``import repvgg``; use ``import repvgg.segmentation`` (names load on first use). Data
+loading needs numpy and Pillow, the ResNet baselines torchvision (all installed with torchvision).
 
 =================  ============================================================================
 ``backbones``      dilated RepVGG (normal and "fast") and ResNet-50/101 feature extractors
@@ -18,76 +18,60 @@ Pillow, the ResNet baselines torchvision (all installed with torchvision).
 =================  ============================================================================
 """
 
-from repvgg.segmentation.backbones import FAST_DILATED_LAYERS, ResNetBackbone, create_repvgg_backbone
-from repvgg.segmentation.config import SegTrainConfig
-from repvgg.segmentation.data import (
-    EXPECTED_LAYOUT,
-    SegmentationDataBundle,
-    SegmentationFolder,
-    build_segmentation_data,
-    load_label,
-)
-from repvgg.segmentation.evaluate import evaluate_segmenter_file
-from repvgg.segmentation.metrics import (
-    ConfusionMatrix,
-    SegmentationMetrics,
-    SegmenterComparison,
-    compare_segmenters,
-    confusion_matrix,
-    evaluate_segmenter,
-    metrics_from_confusion,
-)
-from repvgg.segmentation.pspnet import (
-    AUX_LOSS_WEIGHT,
-    IGNORE_INDEX,
-    PSPNet,
-    PyramidPooling,
-    SegmentationOutput,
-    SegmenterConfig,
-    build_segmenter,
-    create_segmenter,
-    list_backbones,
-    main_logits,
-    segmentation_loss,
-)
-from repvgg.segmentation.synthetic import SHAPE_CLASSES, SyntheticConfig, SyntheticShapes
-from repvgg.segmentation.train import poly_learning_rate, train_segmenter
-from repvgg.segmentation.weights import load_segmenter, save_segmenter
+import importlib
+from typing import Any
 
-__all__ = [
-    "AUX_LOSS_WEIGHT",
-    "ConfusionMatrix",
-    "EXPECTED_LAYOUT",
-    "FAST_DILATED_LAYERS",
-    "IGNORE_INDEX",
-    "PSPNet",
-    "PyramidPooling",
-    "ResNetBackbone",
-    "SHAPE_CLASSES",
-    "SegmentationDataBundle",
-    "SegmentationFolder",
-    "SegmentationMetrics",
-    "SegmentationOutput",
-    "SegmenterComparison",
-    "SegmenterConfig",
-    "SegTrainConfig",
-    "SyntheticConfig",
-    "SyntheticShapes",
-    "build_segmentation_data",
-    "build_segmenter",
-    "compare_segmenters",
-    "confusion_matrix",
-    "create_repvgg_backbone",
-    "create_segmenter",
-    "evaluate_segmenter",
-    "evaluate_segmenter_file",
-    "list_backbones",
-    "load_label",
-    "load_segmenter",
-    "main_logits",
-    "metrics_from_confusion",
-    "poly_learning_rate",
-    "save_segmenter",
-    "segmentation_loss",
-    "train_segmenter",
-]
+#: Public name -> the module that defines it, imported on first use (``repvgg seg-train --help`` needs
+#: only the torch-free ``config``).
+_EXPORTS = {
+    "AUX_LOSS_WEIGHT": "repvgg.segmentation.config",
+    "ConfusionMatrix": "repvgg.segmentation.metrics",
+    "EXPECTED_LAYOUT": "repvgg.segmentation.data",
+    "FAST_DILATED_LAYERS": "repvgg.segmentation.config",
+    "IGNORE_INDEX": "repvgg.segmentation.pspnet",
+    "PSPNet": "repvgg.segmentation.pspnet",
+    "PyramidPooling": "repvgg.segmentation.pspnet",
+    "ResNetBackbone": "repvgg.segmentation.backbones",
+    "SHAPE_CLASSES": "repvgg.segmentation.synthetic",
+    "SegTrainConfig": "repvgg.segmentation.config",
+    "SegmentationDataBundle": "repvgg.segmentation.data",
+    "SegmentationFolder": "repvgg.segmentation.data",
+    "SegmentationMetrics": "repvgg.segmentation.metrics",
+    "SegmentationOutput": "repvgg.segmentation.pspnet",
+    "SegmenterComparison": "repvgg.segmentation.metrics",
+    "SegmenterConfig": "repvgg.segmentation.pspnet",
+    "SyntheticConfig": "repvgg.segmentation.synthetic",
+    "SyntheticShapes": "repvgg.segmentation.synthetic",
+    "build_segmentation_data": "repvgg.segmentation.data",
+    "build_segmenter": "repvgg.segmentation.pspnet",
+    "compare_segmenters": "repvgg.segmentation.metrics",
+    "confusion_matrix": "repvgg.segmentation.metrics",
+    "create_repvgg_backbone": "repvgg.segmentation.backbones",
+    "create_segmenter": "repvgg.segmentation.pspnet",
+    "evaluate_segmenter": "repvgg.segmentation.metrics",
+    "evaluate_segmenter_file": "repvgg.segmentation.evaluate",
+    "list_backbones": "repvgg.segmentation.pspnet",
+    "load_label": "repvgg.segmentation.data",
+    "load_segmenter": "repvgg.segmentation.weights",
+    "main_logits": "repvgg.segmentation.pspnet",
+    "metrics_from_confusion": "repvgg.segmentation.metrics",
+    "poly_learning_rate": "repvgg.segmentation.train",
+    "save_segmenter": "repvgg.segmentation.weights",
+    "segmentation_loss": "repvgg.segmentation.pspnet",
+    "train_segmenter": "repvgg.segmentation.train",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'repvgg.segmentation' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

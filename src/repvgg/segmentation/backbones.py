@@ -27,15 +27,11 @@ from repvgg.nn.model import RepVGG
 from repvgg.io.loading import create_model
 
 __all__ = [
-    "FAST_DILATED_LAYERS",
     "RESNET_DEPTHS",
     "ResNetBackbone",
     "dilated_stage_settings",
     "create_repvgg_backbone",
 ]
-
-#: The paper's "fast" segmentation backbones dilate only the last 5 layers.
-FAST_DILATED_LAYERS = 5
 
 #: The ResNet baselines of the paper's segmentation table.
 RESNET_DEPTHS: dict[str, int] = {"resnet50": 50, "resnet101": 101}

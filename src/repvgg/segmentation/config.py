@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from repvgg.training.config import LoopConfig, option
-from repvgg.segmentation.backbones import FAST_DILATED_LAYERS
-from repvgg.segmentation.pspnet import AUX_LOSS_WEIGHT, SegmenterConfig
-from repvgg.segmentation.synthetic import SyntheticConfig
 
-__all__ = ["SegTrainConfig"]
+#: Layers dilated by the paper's "fast" segmentation backbones (the last five).
+FAST_DILATED_LAYERS = 5
+#: Weight of PSPNet's auxiliary loss (Zhao et al., CVPR 2017), as in the RepVGG paper.
+AUX_LOSS_WEIGHT = 0.4
+
+__all__ = ["AUX_LOSS_WEIGHT", "FAST_DILATED_LAYERS", "SegTrainConfig"]
 
 #: Speed baselines a run may be compared with ("none" skips the comparison).
 BASELINES = ("resnet50", "resnet101", "none")
@@ -91,19 +93,3 @@ class SegTrainConfig(LoopConfig):
         if self.lr is not None:
             return self.lr
         return 0.05 if self.synthetic else 0.01 * self.batch_size / 16
-
-    def synthetic_config(self) -> SyntheticConfig:
-        """The generated data this config trains on (also used by ``seg-eval`` to rebuild it)."""
-        return SyntheticConfig(image_size=self.synthetic_size, num_train=self.synthetic_train,
-                               num_val=self.synthetic_val, seed=self.synthetic_seed)
-
-    def segmenter_config(self, num_classes: int) -> SegmenterConfig:
-        """The architecture to build for ``num_classes`` classes."""
-        return SegmenterConfig(
-            backbone=self.backbone,
-            num_classes=num_classes,
-            dilated_layers=FAST_DILATED_LAYERS if self.fast else self.dilated_layers,
-            head_channels=self.head_channels,
-            aux_channels=self.aux_channels,
-            dropout=self.dropout,
-        )

@@ -26,16 +26,11 @@ from repvgg.serialization import DictMixin
 from repvgg.nn.convert import is_reparameterizable
 from repvgg.nn.registry import canonical_name as normalise_model_name
 from repvgg.nn.registry import get_spec, list_models
-from repvgg.segmentation.backbones import (
-    FAST_DILATED_LAYERS,
-    RESNET_DEPTHS,
-    ResNetBackbone,
-    create_repvgg_backbone,
-)
+from repvgg.segmentation.backbones import RESNET_DEPTHS, ResNetBackbone, create_repvgg_backbone
+from repvgg.segmentation.config import AUX_LOSS_WEIGHT, FAST_DILATED_LAYERS
 
 __all__ = [
     "IGNORE_INDEX",
-    "AUX_LOSS_WEIGHT",
     "SegmenterConfig",
     "SegmentationOutput",
     "PyramidPooling",
@@ -50,7 +45,6 @@ __all__ = [
 #: Label value of pixels that count in neither the loss nor the metrics (Cityscapes/VOC convention).
 IGNORE_INDEX = 255
 #: Weight of the auxiliary loss (PSPNet).
-AUX_LOSS_WEIGHT = 0.4
 
 
 class SegmentationOutput(NamedTuple):

@@ -22,15 +22,17 @@ from torch.utils.data import DataLoader, Dataset
 from repvgg.nn.complexity import count_parameters
 from repvgg.training.distributed import DistContext
 from repvgg.training.engine import StepOutput, eval_loader, fit
-from repvgg.segmentation.config import SegTrainConfig
+from repvgg.segmentation.config import FAST_DILATED_LAYERS, SegTrainConfig
 from repvgg.segmentation.data import SegmentationDataBundle, build_segmentation_data
 from repvgg.segmentation.evaluate import baseline_segmenter, comparison_summary, segmenter_speed
 from repvgg.segmentation.metrics import compare_segmenters
 from repvgg.segmentation.plots import plot_predictions, plot_segmentation_curves
-from repvgg.segmentation.pspnet import PSPNet, build_segmenter, main_logits, segmentation_loss
+from repvgg.segmentation.pspnet import PSPNet, SegmenterConfig, build_segmenter, main_logits, segmentation_loss
+from repvgg.segmentation.synthetic import SyntheticConfig
 from repvgg.segmentation.weights import save_segmenter
 
-__all__ = ["SegmentationTask", "train_segmenter", "poly_learning_rate", "default_segmentation_output_dir"]
+__all__ = ["SegmentationTask", "train_segmenter", "segmenter_config", "synthetic_config", "poly_learning_rate",
+           "default_segmentation_output_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +51,28 @@ def default_segmentation_output_dir(config: SegTrainConfig) -> Path:
     return Path("runs") / f"seg-{config.backbone}{variant}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def synthetic_config(config: SegTrainConfig) -> SyntheticConfig:
+    """The generated data ``config`` trains on (also stored with the weights, so ``seg-eval`` rebuilds it)."""
+    return SyntheticConfig(image_size=config.synthetic_size, num_train=config.synthetic_train,
+                           num_val=config.synthetic_val, seed=config.synthetic_seed)
+
+
+def segmenter_config(config: SegTrainConfig, num_classes: int) -> SegmenterConfig:
+    """The architecture ``config`` describes, for ``num_classes`` classes."""
+    return SegmenterConfig(
+        backbone=config.backbone,
+        num_classes=num_classes,
+        dilated_layers=FAST_DILATED_LAYERS if config.fast else config.dilated_layers,
+        head_channels=config.head_channels,
+        aux_channels=config.aux_channels,
+        dropout=config.dropout,
+    )
+
+
 def _data_description(config: SegTrainConfig) -> dict[str, Any]:
     """What ``repvgg seg-eval`` needs to rebuild the validation set (stored with the weights)."""
     if config.synthetic:
-        synthetic = dataclasses.asdict(config.synthetic_config())
+        synthetic = dataclasses.asdict(synthetic_config(config))
         synthetic["size_range"] = list(synthetic["size_range"])
         return {"data": None, "synthetic": synthetic, "val_size": config.val_size}
     return {"data": str(Path(config.data).resolve()), "synthetic": None, "val_size": config.val_size}
@@ -65,7 +85,7 @@ def _build_data(config: SegTrainConfig) -> SegmentationDataBundle:
         crop_size=config.crop_size,
         scale_range=config.scale_range,
         val_size=config.val_size,
-        synthetic=config.synthetic_config() if config.synthetic else None,
+        synthetic=synthetic_config(config) if config.synthetic else None,
     )
 
 
@@ -93,7 +113,7 @@ class SegmentationTask:
         return self.config, self.bundle.train
 
     def build_model(self, config: SegTrainConfig, device: torch.device) -> PSPNet:
-        return build_segmenter(config.segmenter_config(self.bundle.num_classes),
+        return build_segmenter(segmenter_config(config, self.bundle.num_classes),
                                backbone_weights=config.backbone_weights).to(device)
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
