@@ -158,3 +158,35 @@ def test_openvino_candidate_when_installed(tiny_train: nn.Module) -> None:
     runner = optimize_for_inference(tiny_train, x, candidates=["openvino"])
     assert runner.backend == "openvino"
     assert relative_error(runner(x), _eager(tiny_train, x)) <= 1e-4
+
+
+def test_the_core_works_without_any_optional_dependency(tmp_path) -> None:
+    """What `pip install repvgg` (no extras) promises: build, convert, save and load models with torch alone."""
+    import sys
+
+    from conftest import run_process
+
+    code = f"""
+import importlib.abc, sys
+OPTIONAL = ("timm", "sklearn", "matplotlib", "onnx", "onnxruntime", "onnxscript", "huggingface_hub")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in OPTIONAL:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Block())
+import torch, repvgg
+model = repvgg.create_model("repvgg_a0", num_classes=10).eval()
+plain = repvgg.reparameterize_model(model)
+x = torch.randn(1, 3, 32, 32)
+assert (plain(x) - model(x)).abs().max() < 1e-4
+repvgg.save_weights(plain, {str(tmp_path / "a0.safetensors")!r})
+loaded = repvgg.load_model({str(tmp_path / "a0.safetensors")!r})
+assert torch.equal(loaded(x), plain(x))
+from repvgg.cli import main
+code = main(["train", "--epochs", "1", "--output", {str(tmp_path / "run")!r}])
+print("train without extras exits", code)
+"""
+    result = run_process([sys.executable, "-c", code], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train without extras exits 2" in result.stdout
+    assert "pip install 'repvgg[train]'" in result.stderr

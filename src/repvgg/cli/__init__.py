@@ -22,6 +22,11 @@ from repvgg.errors import RunFailed
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
+#: Optional dependencies and the extra that installs each (the core needs torch, torchvision, safetensors,
+#: pyyaml and tqdm only).
+OPTIONAL_MODULES = {"timm": "train", "sklearn": "train", "matplotlib": "train", "onnx": "deploy",
+                    "onnxruntime": "deploy", "onnxscript": "deploy", "huggingface_hub": "hub"}
+
 #: Exit statuses of every subcommand.
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -57,6 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, err, EXIT_RUN_FAILED)
     except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as err:
         return _fail(args, err, EXIT_BAD_INPUT)
+    except ModuleNotFoundError as err:
+        extra = OPTIONAL_MODULES.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        return _fail(args, ValueError(f"{err.name} is not installed; `repvgg {args.command}` needs "
+                                      f"pip install 'repvgg[{extra}]'"), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print(f"repvgg {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
