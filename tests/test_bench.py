@@ -217,7 +217,7 @@ def test_cli_bench_prints_table_and_writes_json_and_plot(tmp_path, capsys: pytes
     out = tmp_path / "bench.json"
     code = main(["bench", "--models", "repvgg_tiny", "--baselines", "none", "--no-peer", "--img-size", "32",
                  "--batch-size", "2", "--warmup", "0", "--rounds", "1", "--candidates", "eager",
-                 "--no-latency", "--json", str(out)])
+                 "--no-latency", "--json-out", str(out)])
     assert code == 0
     stdout = capsys.readouterr().out
     assert "| repvgg_tiny" in stdout and "converted / training-time" in stdout

@@ -144,3 +144,33 @@ def test_help_and_version_start_without_torch() -> None:
     from importlib.metadata import version
 
     assert repvgg.__version__ == version("repvgg")
+
+
+def test_json_means_one_json_document_on_stdout_for_every_subcommand(tmp_path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    parsers = _subcommand_parsers()
+    assert all(any(a.dest == "json" for a in p._actions) for p in parsers.values())
+    import repvgg
+
+    plain = repvgg.reparameterize_model(repvgg.create_model("repvgg_tiny", num_classes=10))
+    repvgg.save_weights(plain, tmp_path / "tiny.safetensors")
+    train_file = tmp_path / "train.safetensors"
+    repvgg.save_weights(repvgg.create_model("repvgg_tiny", num_classes=10), train_file)
+    runs = {
+        "info": ["info", "--models", "repvgg_tiny"],
+        "train": ["train", "--print-config"],
+        "seg-train": ["seg-train", "--print-config"],
+        "ablate": ["ablate", "--print-config"],
+        "eval": ["eval", "--weights", str(tmp_path / "tiny.safetensors"), "--device", "cpu"],
+        "convert": ["convert", str(train_file), str(tmp_path / "c.safetensors"), "--img-size", "32"],
+        "export": ["export", str(tmp_path / "tiny.safetensors"), str(tmp_path / "t.onnx"), "--img-size", "32"],
+        "bench": ["bench", "--models", "repvgg_tiny", "--baselines", "none", "--no-peer", "--no-fast",
+                  "--no-latency", "--no-memory", "--img-size", "32", "--rounds", "1", "--warmup", "0"],
+    }
+    for name, argv in runs.items():
+        assert main([*argv, "--json"]) == 0, name
+        document = json.loads(capsys.readouterr().out)  # the whole of stdout parses
+        assert document, name
+    assert {"quantize", "seg-eval"} <= set(parsers)  # their --json runs in test_quantize / seg tests

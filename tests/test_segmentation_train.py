@@ -93,7 +93,7 @@ def test_seg_eval_on_the_deploy_file_and_on_best_pt(smoke_run: tuple[Path, str],
     summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
     assert main(["seg-eval", "--weights", str(out / "deploy.safetensors"), "--device", "cpu", "--baseline", "none",
-                 "--json", str(tmp_path / "deploy.json")]) == 0
+                 "--json-out", str(tmp_path / "deploy.json")]) == 0
     printed = capsys.readouterr().out
     deploy = json.loads((tmp_path / "deploy.json").read_text())
     assert deploy["form"] == "converted" and deploy["val_images"] == 8  # the training data, rebuilt from the file
@@ -102,11 +102,14 @@ def test_seg_eval_on_the_deploy_file_and_on_best_pt(smoke_run: tuple[Path, str],
     assert "| circle" in printed and "images/s" in printed
 
     assert main(["seg-eval", "--weights", str(out / "best.pt"), "--device", "cpu", "--no-speed",
-                 "--json", str(tmp_path / "best.json")]) == 0
+                 "--json-out", str(tmp_path / "best.json")]) == 0
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["form"] == "training-time" and "speed" not in best
     assert best["val_miou"] == best["val_miou_deploy"] == pytest.approx(summary["val_miou"])
     assert best["pixel_agreement"] == 1.0
+    capsys.readouterr()
+    assert main(["seg-eval", "--weights", str(out / "best.pt"), "--device", "cpu", "--no-speed", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_miou"] == best["val_miou"]  # stdout is one JSON document
 
 
 def test_seg_eval_refuses_files_it_cannot_rebuild(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from repvgg import __version__
 from repvgg.cli.flags import HelpFormatter
+from repvgg.cli.output import add_json_flag
 from repvgg.errors import RunFailed
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
     for name in _COMMANDS:
         importlib.import_module(f"repvgg.cli.{name}").add_parser(sub)
+    for subparser in sub.choices.values():
+        add_json_flag(subparser)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from repvgg.cli.flags import HelpFormatter, add_config_flags
+from repvgg.cli.output import emit
 from repvgg.cli.train import add_common_arguments, print_config, resolve_config
 from repvgg.training.config import AblationConfig
 
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     if args.print_config:
-        return print_config(config)
+        return print_config(config, args)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if args.table7:
         configs += [c for c in ("identity_no_bn", "post_bn") if c not in configs]
@@ -52,15 +53,14 @@ def run(args: argparse.Namespace) -> int:
     output = Path(config.output) if config.output else Path("runs") / f"ablate-{config.model}-{stamp}"
     result = run_ablation(config, configs=configs, seeds=list(range(args.seeds)), output=output)
     files = write_ablation(result, output)
-    print(ablation_table(result, with_paper=args.table))
-    print()
-    print(f"converted models identical in size: {result.same_inference_cost} "
-          f"({sorted(set(result.converted_params.values()))} params)")
+    text = (f"{ablation_table(result, with_paper=args.table)}\n\nconverted models identical in size: "
+            f"{result.same_inference_cost} ({sorted(set(result.converted_params.values()))} params)\n")
     if args.table:
         order = ranking(result.rows)
         paper_order = sorted(PAPER_TOP1, key=PAPER_TOP1.get)
         agrees = ranking_agrees(result.rows)
-        print(f"ranking, worst to best: measured {' < '.join(order)}; paper {' < '.join(paper_order)}; "
-              f"agrees: {'n/a' if agrees is None else 'yes' if agrees else 'no'}")
-    print(f"results: {files['json']}, {files['markdown']}, {files['loss_plot']}, {files['accuracy_plot']}")
+        text += (f"ranking, worst to best: measured {' < '.join(order)}; paper {' < '.join(paper_order)}; "
+                 f"agrees: {'n/a' if agrees is None else 'yes' if agrees else 'no'}\n")
+    text += f"results: {files['json']}, {files['markdown']}, {files['loss_plot']}, {files['accuracy_plot']}"
+    emit(args, {**result.as_dict(), "files": {k: str(v) for k, v in files.items()}}, text)
     return 0 if result.same_inference_cost else 1

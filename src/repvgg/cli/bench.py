@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from repvgg.cli.output import emit
+
 log = logging.getLogger(__name__)
 
 
@@ -37,9 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the batch-1 latency pass")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
     p.add_argument("--tf32", action="store_true", help="allow TensorFloat-32 for float32 on CUDA (off: true fp32)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write every number as JSON")
+    p.add_argument("--json-out", default=None, metavar="PATH", help="also write every number to this JSON file")
     p.add_argument("--plot", default=None, metavar="PATH",
-                   help="throughput-vs-parameters PNG (default: next to --json, with a .png suffix)")
+                   help="throughput-vs-parameters PNG (default: next to --json-out, with a .png suffix)")
     p.set_defaults(func=run)
 
 
@@ -68,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
     if not config.models and not config.baselines:
         raise ValueError("nothing to benchmark: give --models and/or --baselines")
     result = run_benchmark(config)
-    print(results_table(result))
-    if args.json:
-        log.info("wrote %s", write_json(args.json, result.as_dict()))
-    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    emit(args, result.as_dict(), results_table(result))
+    if args.json_out:
+        log.info("wrote %s", write_json(args.json_out, result.as_dict()))
+    plot = args.plot or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else None)
     if plot:
         log.info("wrote %s", plot_results(result, plot))
     return 0

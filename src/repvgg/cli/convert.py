@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from repvgg.cli.output import emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,5 +23,5 @@ def run(args: argparse.Namespace) -> int:
 
     result = convert_checkpoint(args.input, args.output, arch=args.model, img_size=args.img_size,
                                 overwrite=args.overwrite)
-    print(json.dumps(result, indent=2))
+    emit(args, result)
     return 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from repvgg.cli.output import emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--workers", type=int, default=0, help="data-loading workers")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--json-out", default=None, metavar="PATH", help="also write the results to this JSON file")
     p.set_defaults(func=run)
 
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(args.weights, data=args.data, arch=args.model, img_size=args.img_size,
                                  batch_size=args.batch_size, workers=args.workers, device=args.device)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        write_json(args.json, result)
+    emit(args, result)
+    if args.json_out:
+        write_json(args.json_out, result)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from repvgg.cli.output import emit
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -28,10 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
     report = export_onnx(args.model, args.output, img_size=args.img_size, opset=args.opset,
                          num_classes=args.num_classes, overwrite=args.overwrite)
-    if report.converted:
-        print("converted the training-time model to its plain form before export")
-    print(f"wrote {report.path}: input {tuple(report.input_shape)}, opset {report.opset}, onnx checker passed")
-    print(f"ONNX Runtime vs PyTorch on a random batch of {report.check_batch_size}: "
-          f"max |diff| {report.max_abs_diff:.3g} ({report.max_rel_diff:.2g} of the largest |output|), "
-          f"relative deviation {report.relative_error:.2g}")
+    text = "converted the training-time model to its plain form before export\n" if report.converted else ""
+    text += f"wrote {report.path}: input {tuple(report.input_shape)}, opset {report.opset}, onnx checker passed\n"
+    text += (f"ONNX Runtime vs PyTorch on a random batch of {report.check_batch_size}: "
+             f"max |diff| {report.max_abs_diff:.3g} ({report.max_rel_diff:.2g} of the largest |output|), "
+             f"relative deviation {report.relative_error:.2g}")
+    emit(args, report.as_dict(), text)
     return 0

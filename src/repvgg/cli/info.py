@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from repvgg.cli.output import emit
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="table of every registered model: parameters and multiply-adds")
@@ -34,5 +36,7 @@ def run(args: argparse.Namespace) -> int:
         ])
     header = ["model", "depths", "a/b", "groups", "params train (M)", "params deploy (M)",
               f"GMACs train @{args.img_size}", f"GMACs deploy @{args.img_size}"]
-    print(markdown_table(header, rows))
+    emit(args, [dict(zip(("model", "depths", "a_b", "groups", "params_train_m", "params_deploy_m",
+                          f"gmacs_train_{args.img_size}", f"gmacs_deploy_{args.img_size}"), row)) for row in rows],
+         markdown_table(header, rows))
     return 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from repvgg.cli.output import emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
                             calib_images=args.calib_images, method=args.calibration, speed_batch=args.speed_batch,
                             speed_img_size=args.speed_img_size, overwrite=args.overwrite,
                             qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, device=args.device)
-    print(json.dumps(report.as_dict(), indent=2))
+    emit(args, report.as_dict())
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from repvgg.cli.output import emit
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("seg-eval", help="evaluate a saved segmenter: mIoU, per-class IoU, pixel accuracy, speed")
@@ -19,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="ResNet PSPNet timed next to the model at the same input size")
     p.add_argument("--speed", default=True, action=argparse.BooleanOptionalAction,
                    help="measure images/s (--no-speed skips it)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--json-out", default=None, metavar="PATH", help="also write the results to this JSON file")
     p.set_defaults(func=run)
 
 
@@ -30,14 +32,14 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_segmenter_file(args.weights, data=args.data, val_size=args.val_size,
                                      batch_size=args.batch_size, workers=args.workers, device=args.device,
                                      baseline=args.baseline, speed=args.speed)
-    print(f"## {result['model']} ({result['form']}) on {result['dataset']}, {result['val_images']} images\n")
-    print(iou_table(result))
+    text = f"## {result['model']} ({result['form']}) on {result['dataset']}, {result['val_images']} images\n\n"
+    text += iou_table(result) + "\n"
     if "max_abs_diff" in result:
-        print(f"\nconverted vs training-time: max |logit difference| {result['max_abs_diff']:.3g}, "
-              f"predicted classes agree on {100 * result['pixel_agreement']:.4f}% of pixels")
+        text += (f"\nconverted vs training-time: max |logit difference| {result['max_abs_diff']:.3g}, "
+                 f"predicted classes agree on {100 * result['pixel_agreement']:.4f}% of pixels\n")
     if "speed" in result:
-        print()
-        print(speed_table(result["speed"], result["speed_input"]))
-    if args.json:
-        write_json(args.json, result)
+        text += "\n" + speed_table(result["speed"], result["speed_input"])
+    emit(args, result, text)
+    if args.json_out:
+        write_json(args.json_out, result)
     return 0

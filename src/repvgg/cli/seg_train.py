@@ -6,6 +6,7 @@ import argparse
 import json
 
 from repvgg.cli.flags import HelpFormatter, add_config_flags
+from repvgg.cli.output import emit
 from repvgg.cli.train import add_common_arguments, print_config, resolve_config
 from repvgg.segmentation.config import SegTrainConfig
 
@@ -32,17 +33,18 @@ def run(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     if args.print_config:
-        return print_config(config)
+        return print_config(config, args)
     summary = train_segmenter(config)
     if summary.get("interrupted"):
+        emit(args, summary)
         return 130
     if "speed" not in summary:  # not the main process of a distributed run
         return 0
-    print(f"## {summary['model']} on {summary['dataset']}, {summary['epochs']} epochs\n")
-    print(iou_table(summary))
-    print(f"\nconverted vs training-time: max |logit difference| {summary['max_abs_diff']:.3g}, "
-          f"predicted classes agree on {100 * summary['pixel_agreement']:.4f}% of pixels\n")
-    print(speed_table(summary["speed"], summary["speed_input"]))
-    print(json.dumps({k: summary[k] for k in ("val_miou", "val_miou_deploy", "pixel_accuracy", "max_abs_diff",
-                                              "train_time_s", "output")}, indent=2))
+    text = (f"## {summary['model']} on {summary['dataset']}, {summary['epochs']} epochs\n\n{iou_table(summary)}\n"
+            f"\nconverted vs training-time: max |logit difference| {summary['max_abs_diff']:.3g}, "
+            f"predicted classes agree on {100 * summary['pixel_agreement']:.4f}% of pixels\n\n"
+            f"{speed_table(summary['speed'], summary['speed_input'])}\n"
+            + json.dumps({k: summary[k] for k in ("val_miou", "val_miou_deploy", "pixel_accuracy", "max_abs_diff",
+                                                  "train_time_s", "output")}, indent=2))
+    emit(args, summary, text)
     return 0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from repvgg.cli.flags import HelpFormatter, add_config_flags, config_flag_values
+from repvgg.cli.output import emit
 from repvgg.training.config import RunConfig, TrainConfig, resolve_run_config
 
 
@@ -59,9 +59,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
-def print_config(config: Any) -> int:
-    """``--print-config``: the resolved configuration as YAML on stdout."""
-    sys.stdout.write(config.to_yaml())
+def print_config(config: Any, args: argparse.Namespace) -> int:
+    """``--print-config``: the resolved configuration as YAML (as JSON with ``--json``) on stdout."""
+    emit(args, config.to_dict(), config.to_yaml())
     return 0
 
 
@@ -71,11 +71,12 @@ def run(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     if args.print_config:
-        return print_config(config)
+        return print_config(config, args)
     summary = (train_qat if config.qat else train)(config)
     if summary.get("interrupted"):
+        emit(args, summary)
         return 130
     keys = ("model", "dataset", "epochs", "val_top1", "val_top1_deploy", "max_abs_diff", "prediction_agreement",
             "top1_int8", "int8_onnx", "output")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+    emit(args, summary, json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0
