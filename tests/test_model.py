@@ -197,7 +197,7 @@ def test_unknown_model_name_lists_close_matches() -> None:
 @pytest.mark.parametrize(
     "kwargs, error",
     [(dict(depths=(1, 2, 3)), ValueError), (dict(width_multipliers=(0, 1)), ValueError),
-     (dict(depth=(1, 2, 2, 2, 1)), TypeError), (dict(num_classes=0), ValueError),
+     (dict(depth=(1, 2, 2, 2, 1)), TypeError), (dict(num_classes=-1), ValueError),
      (dict(depths=(2, 2, 2, 2, 2)), ValueError)],
 )
 def test_bad_model_arguments_raise(kwargs: dict, error: type) -> None:

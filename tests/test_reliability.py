@@ -353,7 +353,7 @@ def test_features_only_weights_load_back(tmp_path: Path) -> None:
     backbone = randomize_bn(repvgg.create_model("repvgg_tiny", features_only=True, out_indices=(2, 4))).eval()
     repvgg.save_weights(backbone, tmp_path / "b.safetensors")
     loaded = repvgg.load_model(tmp_path / "b.safetensors").eval()
-    assert loaded.features_only and loaded.out_indices == (2, 4)
+    assert loaded.features_only and loaded.out_indices == [2, 4]
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(loaded(x), backbone(x)))

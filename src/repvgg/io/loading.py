@@ -74,7 +74,8 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:
     in_chans = stem_in_chans(state_dict)
     wanted = {k: tuple(v.shape) for k, v in state_dict.items()
               if not k.endswith("num_batches_tracked") and not k.startswith(HEAD_PREFIX)}
-    for name in list_models():
+    # Fused networks of a RepVGG and its quantization-friendly twin are identical: name the RepVGG one.
+    for name in sorted(list_models(), key=lambda n: (n.startswith("qarepvgg_"), n)):
         with torch.device("meta"):
             candidate = build_model(name, deploy=deploy, num_classes=1, in_chans=in_chans)
         have = {k: tuple(v.shape) for k, v in candidate.state_dict().items()

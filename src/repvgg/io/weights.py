@@ -37,6 +37,7 @@ __all__ = [
     "HEAD_PREFIX",
     "timm_to_official",
     "official_to_timm",
+    "mmpretrain_to_official",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,22 @@ _OFFICIAL_TO_TIMM: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
     (r"^linear\.", "head.fc."),
 ]
 
+#: mmpretrain's RepVGG (``backbone.stem``, ``backbone.stage_N``, ``branch_3x3`` / ``branch_1x1`` with
+#: ``conv`` + ``norm``, ``branch_norm``, ``branch_reparam``, ``se_layer``, ``head.fc``).
+_MMPRETRAIN_TO_OFFICIAL: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
+    (r"^backbone\.stem\.", "stage0."),
+    (r"^backbone\.stage_(\d+)\.", lambda m: f"stage{m[1]}."),
+    (r"\.branch_3x3\.norm\.", ".rbr_dense.bn."),
+    (r"\.branch_3x3\.", ".rbr_dense."),
+    (r"\.branch_1x1\.norm\.", ".rbr_1x1.bn."),
+    (r"\.branch_1x1\.", ".rbr_1x1."),
+    (r"\.branch_norm\.", ".rbr_identity."),
+    (r"\.branch_reparam\.", ".rbr_reparam."),
+    (r"\.se_layer\.conv1\.conv\.", ".se.down."),
+    (r"\.se_layer\.conv2\.conv\.", ".se.up."),
+    (r"^head\.fc\.", "linear."),
+]
+
 
 def _rename(state_dict: Mapping[str, Tensor], rules: list[tuple[str, Any]]) -> StateDict:
     out: StateDict = {}
@@ -87,6 +104,15 @@ def timm_to_official(state_dict: Mapping[str, Tensor]) -> StateDict:
 def official_to_timm(state_dict: Mapping[str, Tensor]) -> StateDict:
     """Rename official-format keys to timm's RepVGG names (e.g. to load our weights into timm)."""
     return _rename(state_dict, _OFFICIAL_TO_TIMM)
+
+
+def mmpretrain_to_official(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Rename an mmpretrain RepVGG state dict (classifier or backbone) to the official key names."""
+    return _rename(state_dict, _MMPRETRAIN_TO_OFFICIAL)
+
+
+def _is_mmpretrain_format(keys: list[str]) -> bool:
+    return any(k.startswith(("backbone.stem.", "backbone.stage_")) for k in keys)
 
 
 def _is_timm_format(keys: list[str]) -> bool:
@@ -120,7 +146,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
 
     Accepts ``.safetensors`` and torch files (read with ``weights_only=True``); unwraps
     ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints, strips a DDP ``module.`` prefix and
-    translates timm key names.
+    translates timm and mmpretrain key names.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -146,6 +172,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
         state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if _is_timm_format(list(state_dict)):
         state_dict = timm_to_official(state_dict)
+    elif _is_mmpretrain_format(list(state_dict)):
+        state_dict = mmpretrain_to_official(state_dict)
     return state_dict, metadata
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from repvgg.nn.block import RepVGGBlock
+from repvgg.nn.fusion import is_batchnorm
 from repvgg.serialization import DictMixin
 
 __all__ = ["RepVGGSpec", "RepVGG"]
@@ -126,7 +127,14 @@ class RepVGG(nn.Module):
         out_indices: stage indices (0-4) returned by ``forward`` when ``features_only``
             (strides 2, 4, 8, 16, 32 with the default spec).
         name: registry name (kept for checkpoints and summaries).
+        frozen_stages: stages ``0..frozen_stages`` are frozen (no gradients, BN in eval mode); -1 = none.
+            With ``norm_eval`` these are mmdetection/mmsegmentation's backbone options.
+        norm_eval: keep every BatchNorm in eval mode while training (fine-tuning with small batches).
     """
+
+    # Python-only conveniences TorchScript need not compile (``torch.jit.script`` works on both forms).
+    __jit_unused_properties__ = ["deploy", "stages"]
+    __jit_ignored_attributes__ = ["feature_info", "spec", "pretrained_cfg"]
 
     def __init__(
         self,
@@ -138,10 +146,16 @@ class RepVGG(nn.Module):
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3, 4),
         name: str = "repvgg_custom",
+        frozen_stages: int = -1,
+        norm_eval: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages < NUM_STAGES:
+            raise ValueError(f"frozen_stages must be -1 (none) or a stage index 0..{NUM_STAGES - 1}, "
+                             f"got {frozen_stages!r}")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: pooled features, no classifier), "
+                             f"got {num_classes!r}")
         if not isinstance(in_chans, int) or in_chans < 1:
             raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
         out_indices = tuple(out_indices)
@@ -152,8 +166,10 @@ class RepVGG(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.features_only = features_only
-        self.out_indices = out_indices
+        self.out_indices: list[int] = list(out_indices)
         self.grad_checkpointing = False
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
 
         layers = spec.layer_configs()
         layers[0]["in_channels"] = in_chans
@@ -175,18 +191,27 @@ class RepVGG(nn.Module):
         self.stage4 = nn.Sequential(*stages[4])
 
         reduction = 1
-        self.feature_info: list[dict[str, Any]] = []
+        info = []
         for i, (stride, width) in enumerate(zip(spec.strides, spec.widths)):
             reduction *= stride
-            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stage{i}"))
+            info.append(dict(num_chs=width, reduction=reduction, module=f"stage{i}"))
+        self.feature_info = FeatureInfo(info)
+        # What timm's data helpers (resolve_model_data_config) read: the official evaluation preprocessing.
+        self.pretrained_cfg: dict[str, Any] = dict(
+            input_size=(in_chans, 224, 224), interpolation="bilinear", crop_pct=0.875, crop_mode="center",
+            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=num_classes,
+            first_conv="stage0.rbr_dense.conv", classifier="linear",
+        )
         self.num_features = spec.widths[-1]
+        self.head_hidden_size = self.num_features
 
         if features_only:
             self.gap = None
             self.linear = None
         else:
             self.gap = nn.AdaptiveAvgPool2d(1)
-            self.linear = nn.Linear(self.num_features, num_classes)
+            self.linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._freeze()
 
     @property
     def stages(self) -> list[nn.Module]:
@@ -197,42 +222,163 @@ class RepVGG(nn.Module):
         """True when every block is fused."""
         return all(b.deploy for b in self.modules() if isinstance(b, RepVGGBlock))
 
+    def _freeze(self) -> None:
+        for stage in self.stages[: self.frozen_stages + 1]:
+            stage.eval()
+            for param in stage.parameters():
+                param.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> RepVGG:
+        """As ``nn.Module.train``, keeping frozen stages and (with ``norm_eval``) every BatchNorm in eval mode."""
+        super().train(mode)
+        if mode:
+            self._freeze()
+            if self.norm_eval:
+                for module in self.modules():
+                    if is_batchnorm(module):
+                        module.eval()
+        return self
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass to save memory while training."""
         self.grad_checkpointing = enable
 
-    def _run_stage(self, stage: nn.Module, x: Tensor) -> Tensor:
-        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
-            return stage(x)
-        blocks = stage if isinstance(stage, nn.Sequential) else [stage]
-        for block in blocks:
-            x = checkpoint(block, x, use_reentrant=False)
-        return x
+    def switch_to_deploy(self) -> None:
+        """Fuse every block in place (the name other RepVGG code bases' export scripts call)."""
+        for module in self.modules():
+            if isinstance(module, RepVGGBlock):
+                module.reparameterize()
 
-    def forward_stages(self, x: Tensor, out_indices: Sequence[int] | None = None) -> list[Tensor]:
-        """Feature maps after the stages in ``out_indices`` (default: this model's ``out_indices``)."""
-        wanted = tuple(self.out_indices if out_indices is None else out_indices)
+    # --- timm's model interface -------------------------------------------------------------------
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier (``nn.Identity`` when built with ``num_classes=0``)."""
+        if self.linear is None:
+            raise RuntimeError("this model was built with features_only=True and has no classifier head")
+        return self.linear
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh classifier for ``num_classes`` outputs (0: none, the model returns pooled features)."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"RepVGG pools by average only, got global_pool={global_pool!r}")
+        if self.features_only:
+            raise RuntimeError("this model was built with features_only=True and has no classifier head")
+        self.num_classes = num_classes
+        self.linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.unused
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups by depth, as timm's layer-wise learning-rate decay reads them."""
+        return dict(stem=r"^stage0\.", blocks=r"^stage(\d+)" if coarse else [(r"^stage(\d+)\.(\d+)", None)])
+
+    @torch.jit.unused
+    def _checkpointed(self, x: Tensor, last: int) -> list[Tensor]:
         outputs = []
-        for i, stage in enumerate(self.stages):
-            if i > max(wanted):
-                break
-            x = self._run_stage(stage, x)
-            if i in wanted:
-                outputs.append(x)
+        for stage in self.stages[: last + 1]:
+            blocks = stage if isinstance(stage, nn.Sequential) else [stage]
+            for block in blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            outputs.append(x)
         return outputs
+
+    def _all_stages(self, x: Tensor, last: int) -> list[Tensor]:
+        """The output of every stage up to ``last`` (written out: TorchScript cannot loop over them)."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return self._checkpointed(x, last)
+        outputs: list[Tensor] = []
+        x = self.stage0(x)
+        outputs.append(x)
+        if last >= 1:
+            x = self.stage1(x)
+            outputs.append(x)
+        if last >= 2:
+            x = self.stage2(x)
+            outputs.append(x)
+        if last >= 3:
+            x = self.stage3(x)
+            outputs.append(x)
+        if last >= 4:
+            x = self.stage4(x)
+            outputs.append(x)
+        return outputs
+
+    def forward_stages(self, x: Tensor, out_indices: list[int] | None = None) -> list[Tensor]:
+        """Feature maps after the stages in ``out_indices`` (default: this model's ``out_indices``)."""
+        wanted = self.out_indices if out_indices is None else out_indices
+        outputs = self._all_stages(x, max(wanted))
+        return [outputs[i] for i in wanted]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's feature map, before pooling."""
-        for stage in self.stages:
-            x = self._run_stage(stage, x)
-        return x
+        return self._all_stages(x, 4)[-1]
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        if self.linear is None:
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool the last feature map and classify it (``pre_logits``: the pooled features only)."""
+        if self.gap is None or self.linear is None:
             raise RuntimeError("this model was built with features_only=True and has no classifier head")
-        return self.linear(torch.flatten(self.gap(x), 1))
+        x = torch.flatten(self.gap(x), 1)
+        return x if pre_logits else self.linear(x)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's ``forward_intermediates``: stage feature maps (``indices``: the last n stages, or stage
+        indices), and the final feature map unless ``intermediates_only``."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"RepVGG gives NCHW feature maps, got output_fmt={output_fmt!r}")
+        if indices is None:
+            wanted = [0, 1, 2, 3, 4]
+        elif isinstance(indices, int):
+            wanted = list(range(NUM_STAGES - indices, NUM_STAGES))
+        else:
+            wanted = [i % NUM_STAGES for i in indices]
+        last = max(wanted) if (stop_early or intermediates_only) else NUM_STAGES - 1
+        outputs = self._all_stages(x, last)
+        intermediates = [outputs[i] for i in wanted]
+        if intermediates_only:
+            return intermediates
+        return outputs[-1], intermediates
+
+    @torch.jit.unused
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's companion of ``forward_intermediates``: drop the stages after the last one needed."""
+        wanted = list(range(NUM_STAGES - indices, NUM_STAGES)) if isinstance(indices, int) else list(indices)
+        for i in range(max(wanted) + 1, NUM_STAGES):
+            setattr(self, f"stage{i}", nn.Sequential())
+        if prune_head:
+            self.reset_classifier(0)
+        return wanted
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if self.features_only:
             return self.forward_stages(x)
         return self.forward_head(self.forward_features(x))
+
+
+class FeatureInfo(list):
+    """Stage descriptions (``num_chs``, ``reduction``, ``module``) as timm's ``FeatureInfo`` answers them: a
+    list of dicts (what timm's feature wrappers read) with ``channels()``, ``reduction()`` and
+    ``module_name()``."""
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+        if idx is None:
+            return [info[key] for info in self]
+        if isinstance(idx, int):
+            return self[idx][key]
+        return [self[i][key] for i in idx]
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("module", idx)

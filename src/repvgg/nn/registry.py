@@ -92,6 +92,8 @@ def build_model(
     deploy: bool = False,
     features_only: bool = False,
     out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+    frozen_stages: int = -1,
+    norm_eval: bool = False,
     **overrides: Any,
 ) -> RepVGG:
     """Build a RepVGG with fresh weights by registered name (or from a spec).
@@ -103,6 +105,7 @@ def build_model(
         deploy: build the fused inference-time network (load ``-deploy`` files into this).
         features_only: no head; ``forward`` returns the stage feature maps in ``out_indices``.
         out_indices: which stages (0-4) ``features_only`` returns.
+        frozen_stages, norm_eval: backbone fine-tuning options (see :class:`~repvgg.nn.model.RepVGG`).
         **overrides: any :class:`RepVGGSpec` field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
             ``use_identity=False``, for a custom architecture in one call.
     """
@@ -117,4 +120,4 @@ def build_model(
             raise TypeError(f"unknown argument(s) {unknown} for create_model; RepVGGSpec fields are {sorted(known)}")
         spec = dataclasses.replace(spec, **overrides)
     return RepVGG(spec, num_classes=num_classes, in_chans=in_chans, deploy=deploy, features_only=features_only,
-                  out_indices=out_indices, name=arch_name)
+                  out_indices=out_indices, name=arch_name, frozen_stages=frozen_stages, norm_eval=norm_eval)
