@@ -18,9 +18,10 @@ from repvgg.io.weights import (HEAD_PREFIX, check_state_dict, checkpoint_num_cla
                                load_state_dict_into, read_checkpoint, save_weights, stem_in_chans)
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
 from repvgg.nn.model import RepVGG, RepVGGSpec
-from repvgg.nn.registry import build_model, list_models
+from repvgg.io.hub import HUB_PREFIX, hub_file, pretrained_file
+from repvgg.nn.registry import build_model, canonical_name, list_models
 
-__all__ = ["create_model", "load_model", "infer_architecture", "convert_checkpoint"]
+__all__ = ["create_model", "load_model", "infer_architecture", "convert_checkpoint", "resolve_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def create_model(
     name: str | RepVGGSpec,
     *,
     weights: str | os.PathLike[str] | None = None,
+    pretrained: bool = False,
     num_classes: int | None = None,
     in_chans: int = 3,
     deploy: bool = False,
@@ -40,10 +42,13 @@ def create_model(
 
     Args:
         name: a registered name (see :func:`repvgg.list_models`) or a :class:`RepVGGSpec`.
-        weights: a checkpoint file in the official, timm or this package's format
-            (``.pth``/``.pt`` read with ``weights_only=True``, or ``.safetensors``).
+        weights: a checkpoint file in the official, timm, mmpretrain or this package's format
+            (``.pth``/``.pt`` read with ``weights_only=True``, or ``.safetensors``), or a Hugging Face
+            hub reference ``hf-hub:ORG/REPO[/FILE]`` (e.g. ``hf-hub:timm/repvgg_a0.rvgg_in1k``).
+        pretrained: load the model's ImageNet weights (timm's, from the hub or its cache; see
+            :data:`repvgg.io.hub.PRETRAINED`); another ``num_classes`` keeps a fresh classifier.
         num_classes: classifier outputs; defaults to the checkpoint's when ``weights`` is given,
-            else 1000.
+            else 1000; 0 gives pooled features.
         in_chans: input image channels.
         deploy: build the fused inference-time network (load ``-deploy`` files into this).
         features_only: no head; ``forward`` returns the stage feature maps in ``out_indices``.
@@ -51,16 +56,33 @@ def create_model(
         **overrides: any :class:`RepVGGSpec` field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
             ``use_identity=False``, for a custom architecture in one call.
     """
+    if pretrained:
+        if weights is not None:
+            raise ValueError("pass either pretrained=True or weights=..., not both")
+        if not isinstance(name, str):
+            raise ValueError("pretrained=True needs a registered model name")
+        weights = pretrained_file(canonical_name(name))
     state_dict = None
+    skip_head = False
     if weights is not None:
-        state_dict, _ = read_checkpoint(weights)
+        path = resolve_weights(weights)
+        state_dict, _ = read_checkpoint(path)
+        file_classes = checkpoint_num_classes(state_dict)
         if num_classes is None:
-            num_classes = checkpoint_num_classes(state_dict)
+            num_classes = file_classes
+        skip_head = pretrained and file_classes is not None and num_classes != file_classes
     model = build_model(name, num_classes=1000 if num_classes is None else num_classes, in_chans=in_chans,
                         deploy=deploy, features_only=features_only, out_indices=out_indices, **overrides)
     if state_dict is not None:
-        load_state_dict_into(model, state_dict, source=str(weights))
+        load_state_dict_into(model, state_dict, source=str(weights), skip_head=skip_head)
     return model
+
+
+def resolve_weights(weights: str | os.PathLike[str]) -> Path:
+    """A local weights file: ``weights`` itself, or the cached download of an ``hf-hub:`` reference."""
+    if isinstance(weights, str) and weights.startswith(HUB_PREFIX):
+        return hub_file(weights)
+    return Path(weights)
 
 
 def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:
@@ -102,7 +124,7 @@ def load_model(
     deploy form follows the file unless ``deploy`` says otherwise.
     """
 
-    state_dict, metadata = read_checkpoint(path)
+    state_dict, metadata = read_checkpoint(resolve_weights(path))
     file_deploy = is_deploy_state_dict(state_dict)
     if deploy is False and file_deploy:
         raise ValueError(f"{path} holds fused (deploy) weights; a fused model cannot be turned back into branches.")

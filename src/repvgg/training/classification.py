@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from repvgg.io.weights import checkpoint_num_classes, load_state_dict_into, read_checkpoint, save_weights
+from repvgg.io.loading import resolve_weights
 from repvgg.nn.complexity import count_parameters
 from repvgg.nn.model import RepVGG
 from repvgg.nn.registry import build_model
@@ -72,7 +73,7 @@ class ClassificationTask:
     def build_model(self, config: TrainConfig, device: torch.device) -> RepVGG:
         model = build_model(config.model, num_classes=self.bundle.num_classes, **config.model_overrides)
         if config.weights:
-            state_dict, _ = read_checkpoint(config.weights)
+            state_dict, _ = read_checkpoint(resolve_weights(config.weights))
             skip_head = checkpoint_num_classes(state_dict) not in (None, self.bundle.num_classes)
             if skip_head:
                 logger.info("%s has a different number of classes: keeping a fresh classifier", config.weights)
