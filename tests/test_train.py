@@ -219,3 +219,34 @@ def test_training_memory_format_is_channels_last_only_on_cuda() -> None:
     assert training_memory_format(True, torch.device("cpu")) == torch.contiguous_format
     assert training_memory_format(False, torch.device("cuda")) == torch.contiguous_format
     assert training_memory_format(True, torch.device("cuda")) == torch.channels_last
+
+
+def test_tensorboard_and_custom_trackers_receive_the_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.steps, self.epochs, self.closed = [], [], False
+
+        def log_step(self, step, scalars):
+            self.steps.append((step, dict(scalars)))
+
+        def log_epoch(self, epoch, row):
+            self.epochs.append((epoch, dict(row)))
+
+        def close(self):
+            self.closed = True
+
+    recorder = Recorder()
+    out = tmp_path / "run"
+    train(TrainConfig(model="repvgg_tiny", epochs=2, batch_size=64, device="cpu", output=str(out), log_interval=5,
+                      tensorboard=True), trackers=[recorder])
+    assert recorder.closed and [e for e, _ in recorder.epochs] == [1, 2]
+    assert [s for s, _ in recorder.steps] == [5, 10, 15, 20, 27, 32, 37, 42]  # every 5th step of each epoch
+    assert {"train_loss", "lr"} <= set(recorder.steps[0][1]) and "val_top1" in recorder.epochs[0][1]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"epoch/val_top1", "epoch/train_loss", "step/train_loss", "step/lr"} <= tags
+    val = [e.value for e in events.Scalars("epoch/val_top1")]
+    assert val == pytest.approx([row["val_top1"] for _, row in recorder.epochs])

@@ -26,7 +26,7 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT
 #: Optional dependencies and the extra that installs each (the core needs torch, torchvision, safetensors,
 #: pyyaml and tqdm only).
 OPTIONAL_MODULES = {"timm": "train", "sklearn": "train", "matplotlib": "train", "onnx": "deploy",
-                    "onnxruntime": "deploy", "onnxscript": "deploy", "huggingface_hub": "hub"}
+                    "onnxruntime": "deploy", "onnxscript": "deploy", "huggingface_hub": "hub", "tensorboard": "track"}
 
 #: Exit statuses of every subcommand.
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -38,7 +38,7 @@ class SegTrainConfig(LoopConfig):
     lr: float | None = option(None, "base learning rate of the poly schedule",
                               default_help="0.05 generated data, 0.01 x batch/16 folders")
     output: str | None = option(None, "run folder", default_help="runs/seg-<backbone>-<data>-<time>")
-    log_interval: int = option(20, "steps between log lines when stderr is not a terminal")
+    log_interval: int = option(20, "steps between log lines (and tracked step scalars)")
     backbone: str = option("repvgg_tiny", "registered RepVGG name (see `repvgg info`) or resnet50/resnet101")
     fast: bool = option(False, "the paper's fast variant: dilate only the last 5 layers")
     dilated_layers: int | None = option(None, "dilate only the last N backbone layers",

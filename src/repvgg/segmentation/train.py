@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from repvgg.nn.complexity import count_parameters
 from repvgg.training.distributed import DistContext
 from repvgg.training.engine import StepOutput, eval_loader, fit
+from repvgg.training.trackers import Tracker
 from repvgg.segmentation.config import FAST_DILATED_LAYERS, SegTrainConfig
 from repvgg.segmentation.data import SegmentationDataBundle, build_segmentation_data
 from repvgg.segmentation.evaluate import baseline_segmenter, comparison_summary, segmenter_speed
@@ -205,11 +206,11 @@ class SegmentationTask:
         )
 
 
-def train_segmenter(config: SegTrainConfig) -> dict[str, Any]:
+def train_segmenter(config: SegTrainConfig, trackers: Sequence[Tracker] = ()) -> dict[str, Any]:
     """Run the whole segmentation job described by ``config``; the summary (also in ``summary.json``).
 
     Under ``torchrun`` every process calls this; only rank 0 logs and writes. A SIGINT/SIGTERM or
     ``stop_after_steps`` ends the run early with a resumable ``last.pt``; the summary then has
     ``"interrupted": true``.
     """
-    return fit(SegmentationTask(), config)
+    return fit(SegmentationTask(), config, trackers)

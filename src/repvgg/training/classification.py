@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ from repvgg.training.distributed import DistContext
 from repvgg.training.engine import StepOutput, eval_loader, fit, training_memory_format
 from repvgg.training.evaluate import evaluate_models, measure_throughput
 from repvgg.training.optim import custom_l2, learning_rate
+from repvgg.training.trackers import Tracker
 
 __all__ = ["ClassificationTask", "train", "default_output_dir"]
 
@@ -173,7 +174,7 @@ def _loss_function(config: TrainConfig, num_classes: int) -> tuple[nn.Module, An
     return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), None
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
+def train(config: TrainConfig, trackers: Sequence[Tracker] = ()) -> dict[str, Any]:
     """Run the whole classification job described by ``config``; the summary (also in ``summary.json``).
 
     Under ``torchrun`` every process calls this; only rank 0 logs and writes. A SIGINT/SIGTERM or
@@ -182,4 +183,4 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """
     if config.qat:
         raise ValueError("a QAT config runs through repvgg.training.qat.train_qat (repvgg train --qat)")
-    return fit(ClassificationTask(), config)
+    return fit(ClassificationTask(), config, trackers)

@@ -123,7 +123,8 @@ class LoopConfig(RunConfig):
     resume: str | None = option(None, "continue exactly from a run folder or its last.pt")
     overwrite: bool = option(False, "replace the run in --output if it holds one (its run files are deleted)")
     stop_after_steps: int | None = option(None, "save a resumable last.pt and exit after N steps of this invocation")
-    log_interval: int = option(50, "steps between log lines when stderr is not a terminal")
+    log_interval: int = option(50, "steps between log lines (and tracked step scalars)")
+    tensorboard: bool = option(False, "log step and epoch scalars for TensorBoard in the run folder's tensorboard/")
 
     def __post_init__(self) -> None:
         self._check_types()

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -41,6 +41,7 @@ from repvgg.training.config import LoopConfig
 from repvgg.training.distributed import (DistContext, EpochSampler, ShardSampler, all_reduce, init_distributed,
                                          shutdown_distributed)
 from repvgg.training.optim import build_optimizer
+from repvgg.training.trackers import TensorBoardTracker, Tracker
 
 __all__ = [
     "RunState",
@@ -307,17 +308,23 @@ class Task(Protocol):
 C = TypeVar("C", bound=LoopConfig)
 
 
-def fit(task: Task, config: C) -> dict[str, Any]:
+def fit(task: Task, config: C, trackers: Sequence[Tracker] = ()) -> dict[str, Any]:
     """Run ``task`` as described by ``config`` and return the summary (also written to ``summary.json``).
 
     Under ``torchrun`` every process calls this; only rank 0 logs and writes. A SIGINT/SIGTERM or
     ``stop_after_steps`` ends the run early with a resumable ``last.pt``; the summary then has
-    ``"interrupted": true``.
+    ``"interrupted": true``. ``trackers`` (:class:`~repvgg.training.trackers.Tracker`) receive the step and
+    epoch scalars on the main process; ``config.tensorboard`` adds TensorBoard's. All are closed at the end.
     """
-    return run_distributed(lambda ctx: _fit(task, config, ctx), config.device)
+    trackers = list(trackers)
+    try:
+        return run_distributed(lambda ctx: _fit(task, config, ctx, trackers), config.device)
+    finally:
+        for tracker in trackers:
+            tracker.close()
 
 
-def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
+def _fit(task: Task, config: C, ctx: DistContext, trackers: list[Tracker]) -> dict[str, Any]:
     resume = load_checkpoint(config.resume) if config.resume else None
     if resume is not None and resume.get("task", task.command) != task.command:
         raise ValueError(f"{config.resume} is a `repvgg {resume['task']}` checkpoint; "
@@ -390,6 +397,8 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
             logger.info("--overwrite: removing %s", path)
             path.unlink()
         config.save(output / "config.yaml")
+        if config.tensorboard:
+            trackers.append(TensorBoardTracker(output / "tensorboard"))
     logger.info("%s, %d params, %d steps/epoch, lr %.4g", task.describe(model, config, steps_per_epoch),
                 count_parameters(model), steps_per_epoch, config.resolved_lr)
 
@@ -460,6 +469,10 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
                     else:
                         logger.info("epoch %d step %d/%d %s", epoch + 1, state.step_in_epoch, steps_per_epoch,
                                     " ".join(f"{k} {v}" for k, v in shown.items()))
+                if trackers and ctx.is_main and state.step_in_epoch % config.log_interval == 0:
+                    scalars = {**task.train_metrics(sums), "lr": lr}
+                    for tracker in trackers:
+                        tracker.log_step(state.global_step, scalars)
                 if bar is not None:
                     bar.update(1)
                 stop_now = config.stop_after_steps is not None and steps_this_run >= config.stop_after_steps
@@ -493,6 +506,9 @@ def _fit(task: Task, config: C, ctx: DistContext) -> dict[str, Any]:
             if bad:  # nothing of this epoch is saved
                 raise diverged_error(f"{', '.join(bad)} not finite", f"after epoch {state.epoch}", output, lr)
             state.history.append(row)
+            if ctx.is_main:
+                for tracker in trackers:
+                    tracker.log_epoch(state.epoch, row)
             improved = row[task.score] > state.best_score
             state.best_score = max(state.best_score, row[task.score])
             if steps_this_run == steps_timed:  # the first epoch of this invocation: time per epoch known
