@@ -54,3 +54,22 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys: pytest.CaptureFix
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown model"):
         export_onnx("repvgg_a9", tmp_path / "x.onnx")
+
+
+def test_dynamic_height_width_and_fp16_exports_are_checked(tmp_path) -> None:
+    from repvgg.io.export import onnxruntime_session
+
+    model = randomize_bn(create_model("repvgg_tiny", num_classes=10)).eval()
+    report = export_onnx(model, tmp_path / "dyn.onnx", img_size=32, dynamic_hw=True)
+    assert report.check_sizes == [32, 48] and report.relative_error <= 1e-4
+    assert report.input_shape == ("batch", 3, "height", "width")
+    session = onnxruntime_session(tmp_path / "dyn.onnx")
+    plain = reparameterize_model(model)
+    for size in (40, 72):  # sizes it was not checked at
+        x = torch.randn(2, 3, size, size)
+        out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        assert relative_error(out, plain(x).detach()) <= 1e-4
+    half = export_onnx(model, tmp_path / "half.onnx", img_size=32, fp16=True)
+    assert half.dtype == "float16" and 0 < half.relative_error <= 1e-2
+    elem_type = onnx.load(str(tmp_path / "half.onnx")).graph.input[0].type.tensor_type.elem_type
+    assert elem_type == onnx.TensorProto.FLOAT16

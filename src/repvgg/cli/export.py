@@ -21,6 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=224, help="input resolution")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--num-classes", type=int, default=None, help="classes of a model built by name (default 1000)")
+    p.add_argument("--dynamic-hw", action="store_true",
+                   help="dynamic height and width too (checked against PyTorch at two input sizes)")
+    p.add_argument("--fp16", action="store_true",
+                   help="half-precision weights and input (checked against the float32 model within 1e-2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)
 
@@ -29,10 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from repvgg.io.export import export_onnx
 
     report = export_onnx(args.model, args.output, img_size=args.img_size, opset=args.opset,
-                         num_classes=args.num_classes, overwrite=args.overwrite)
+                         num_classes=args.num_classes, overwrite=args.overwrite, dynamic_hw=args.dynamic_hw,
+                         fp16=args.fp16)
     text = "converted the training-time model to its plain form before export\n" if report.converted else ""
     text += f"wrote {report.path}: input {tuple(report.input_shape)}, opset {report.opset}, onnx checker passed\n"
-    text += (f"ONNX Runtime vs PyTorch on a random batch of {report.check_batch_size}: "
+    text += (f"ONNX Runtime ({report.dtype}) vs PyTorch (float32) on random batches of {report.check_batch_size} at "
+             f"{', '.join(f'{s}x{s}' for s in report.check_sizes)}: "
              f"max |diff| {report.max_abs_diff:.3g} ({report.max_rel_diff:.2g} of the largest |output|), "
              f"relative deviation {report.relative_error:.2g}")
     emit(args, report.as_dict(), text)

@@ -23,12 +23,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from repvgg.errors import ConversionMismatch, RunFailed
-from repvgg.nn.convert import OutputDeviation, check_conversion, is_reparameterizable, reparameterize_model
+from repvgg.nn.convert import (CONVERSION_TOLERANCE, OutputDeviation, check_conversion, is_reparameterizable,
+                               reparameterize_model)
 
 __all__ = ["ExportReport", "evaluate_onnx", "export_onnx", "export_onnx_file", "needs_conversion",
            "onnxruntime_session", "quantized_conv_count", "resolve_model"]
 
 log = logging.getLogger(__name__)
+
+#: Largest relative deviation of an FP16 export from the float32 model (half precision keeps ~3 digits).
+FP16_TOLERANCE = 1e-2
 
 #: Models larger than this keep their weights in a separate file (protobuf's 2 GiB limit).
 _EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -41,6 +45,8 @@ class ExportReport:
     path: str
     converted: bool
     input_shape: tuple[int | str, ...]
+    dtype: str
+    check_sizes: list[int]
     check_batch_size: int
     max_abs_diff: float
     max_rel_diff: float
@@ -126,12 +132,14 @@ def export_onnx_file(
     *,
     opset: int | None = None,
     dynamic_batch: bool = True,
+    dynamic_hw: bool = False,
 ) -> Path:
     """Export ``model`` (as it is, in eval mode) to ``path`` with ``torch.onnx.export``.
 
-    The batch dimension is dynamic by default. ``torch.export`` specialises sizes 0 and 1, so a
-    batch-1 example is doubled for tracing. Uses the ``torch.export``-based exporter and falls back
-    to the TorchScript-based one if that fails. Models over ~1.8 GB keep weights in a side file.
+    The batch dimension is dynamic by default; ``dynamic_hw`` makes height and width dynamic too.
+    ``torch.export`` specialises sizes 0 and 1, so a batch-1 example is doubled for tracing. Uses the
+    ``torch.export``-based exporter and falls back to the TorchScript-based one if that fails. Models over
+    ~1.8 GB keep weights in a side file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +151,10 @@ def export_onnx_file(
     try:
         from torch.export import Dim
 
-        dynamic_shapes = ({0: Dim("batch", min=1)},) if dynamic_batch else None
+        dims = {0: Dim("batch", min=1)} if dynamic_batch else {}
+        if dynamic_hw:
+            dims |= {2: Dim("height", min=8, max=16384), 3: Dim("width", min=8, max=16384)}
+        dynamic_shapes = (dims,) if dims else None
         # The exporter reports progress on stdout even when quiet; stdout belongs to the caller's table.
         with contextlib.redirect_stdout(io.StringIO()), _quiet_exporter_logs(), torch.no_grad():
             program = torch.onnx.export(
@@ -161,7 +172,8 @@ def export_onnx_file(
             torch.onnx.export(
                 model, (example,), str(path), dynamo=False, opset_version=opset or 17,
                 input_names=["input"], output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
+                dynamic_axes={"input": {0: "batch", **({2: "height", 3: "width"} if dynamic_hw else {})},
+                              "output": {0: "batch"}} if dynamic_batch or dynamic_hw else None,
             )
     return path
 
@@ -176,6 +188,8 @@ def export_onnx(
     check_batch_size: int = 3,
     num_classes: int | None = None,
     overwrite: bool = False,
+    dynamic_hw: bool = False,
+    fp16: bool = False,
 ) -> ExportReport:
     """Export the converted model to ONNX, check the file, and compare ONNX Runtime with PyTorch.
 
@@ -196,6 +210,9 @@ def export_onnx(
         check_batch_size: batch size of the parity check.
         num_classes: classes of a model built by name.
         overwrite: replace an existing ``path``.
+        dynamic_hw: dynamic height and width as well (checked at ``img_size`` and a second size).
+        fp16: half-precision weights and input; compared with the float32 model within
+            :data:`FP16_TOLERANCE` instead of the float32 tolerance.
 
     Raises:
         ValueError: bad arguments, or ``path`` is a folder or (without ``overwrite``) an existing file.
@@ -219,38 +236,48 @@ def export_onnx(
     elif model is model_or_path:
         model = copy.deepcopy(model)  # .eval().float().cpu() below must not change the caller's model
     model = model.eval().float().cpu()
+    exported = copy.deepcopy(model).half() if fp16 else model
+    dtype = torch.float16 if fp16 else torch.float32
     channels = _input_channels(model)
-    example = torch.randn(2, channels, img_size, img_size)
+    example = torch.randn(2, channels, img_size, img_size, dtype=dtype)
+    sizes = [img_size, img_size + max(8, img_size // 2)] if dynamic_hw else [img_size]
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as staging:
         # Exported and checked under the final name in a staging folder (external weight files keep
         # their relative name), moved into place only once ONNX Runtime reproduced the model.
-        staged = export_onnx_file(model, example, Path(staging) / path.name, opset=opset)
+        staged = export_onnx_file(exported, example, Path(staging) / path.name, opset=opset,
+                                  dynamic_hw=dynamic_hw)
         onnx.checker.check_model(str(staged))
         proto = onnx.load(str(staged), load_external_data=False)
         opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
 
-        batch = torch.randn(check_batch_size, channels, img_size, img_size)
         session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
-        outputs = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
-        del session
-        expected = model(batch)
-        expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
-        if len(outputs) != len(expected):
-            raise ConversionMismatch(f"ONNX Runtime returned {len(outputs)} outputs, PyTorch {len(expected)}; "
-                                     "nothing was written")
         deviation = OutputDeviation()
-        for o, e in zip(outputs, expected):
-            deviation.update(e, torch.from_numpy(o))
-        check_conversion(deviation.relative, "the ONNX export (run by ONNX Runtime)")
+        scale = 0.0
+        for size in sizes:  # a dynamic-size file is checked at two sizes
+            batch = torch.randn(check_batch_size, channels, size, size,
+                                generator=torch.Generator().manual_seed(size))
+            outputs = session.run(None, {session.get_inputs()[0].name: batch.to(dtype).numpy()})
+            expected = model(batch)  # the float32 model is the reference, for an FP16 export too
+            expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+            if len(outputs) != len(expected):
+                raise ConversionMismatch(f"ONNX Runtime returned {len(outputs)} outputs, PyTorch {len(expected)}; "
+                                         "nothing was written")
+            for o, e in zip(outputs, expected):
+                deviation.update(e, torch.from_numpy(o).float())
+                scale = max(scale, float(e.abs().max()))
+        del session
+        check_conversion(deviation.relative, "the ONNX export (run by ONNX Runtime)",
+                         tolerance=FP16_TOLERANCE if fp16 else CONVERSION_TOLERANCE)
         for staged_file in Path(staging).iterdir():
             os.replace(staged_file, path.parent / staged_file.name)
     max_abs = deviation.max_abs_diff
-    scale = max(float(e.abs().max()) for e in expected)
     report = ExportReport(
         path=str(path),
         converted=converted,
-        input_shape=("batch", channels, img_size, img_size),
+        input_shape=("batch", channels, "height", "width") if dynamic_hw else ("batch", channels, img_size, img_size),
+        dtype="float16" if fp16 else "float32",
+        check_sizes=sizes,
         check_batch_size=check_batch_size,
         max_abs_diff=max_abs,
         max_rel_diff=max_abs / max(scale, 1e-12),
