@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated configurations: plain, 1x1, identity, full, identity_no_bn, post_bn")
     p.add_argument("--table7", action="store_true",
                    help="also run the Table 7 variants identity_no_bn and post_bn")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per configuration")
     p.add_argument("--table", action="store_true",
                    help="print the paper's Table 6 numbers next to the measured ones and whether the ranking agrees")
     add_common_arguments(p)

@@ -34,6 +34,7 @@ class SegTrainConfig(LoopConfig):
     for folders.
     """
 
+    epochs: int = option(12, "training epochs (sized for the generated shapes)")
     batch_size: int = option(16, "global batch size over all processes, >= 2 per process")
     lr: float | None = option(None, "base learning rate of the poly schedule",
                               default_help="0.05 generated data, 0.01 x batch/16 folders")
@@ -58,7 +59,7 @@ class SegTrainConfig(LoopConfig):
                                                      default_help="(0.75, 1.5) shapes, (0.5, 2.0) folders")
     val_size: int | None = option(None, "resize validation images to this square size",
                                   default_help="as they are")
-    synthetic_train: int = option(800, "generated training scenes")
+    synthetic_train: int = option(400, "generated training scenes")
     synthetic_val: int = option(100, "generated validation scenes")
     synthetic_size: int = option(96, "generated scene size in pixels")
     synthetic_seed: int = option(0, "the generated data's seed, separate from the training seed")

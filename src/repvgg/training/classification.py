@@ -64,7 +64,8 @@ class ClassificationTask:
         self.device = ctx.device
         self.memory_format = training_memory_format(config.channels_last, ctx.device)
         self.bundle = build_datasets(config.data, img_size=config.img_size, val_fraction=config.val_fraction,
-                                     auto_augment=config.auto_augment, bad_images=config.bad_images)
+                                     auto_augment=config.auto_augment, bad_images=config.bad_images,
+                                     random_erasing=config.random_erasing, data_config=_model_data_config(config))
         # Save the resolved values (learning rate, image size, warm-up), not the "derive it" placeholders.
         self.config = config.updated(lr=config.resolved_lr, img_size=self.bundle.img_size,
                                      warmup_epochs=config.resolved_warmup_epochs)
@@ -125,7 +126,8 @@ class ClassificationTask:
         report = evaluate_models([model, plain], loader, self.device,
                                  channels_last=self.memory_format == torch.channels_last)
         images, _ = next(iter(loader))
-        speed = measure_throughput([model, plain], images.to(self.device))
+        speed = (measure_throughput([model, plain], images.to(self.device)) if self.config.inference_speed
+                 else [None, None])
         return {
             "model": model.name,
             "dataset": self.bundle.name,
@@ -154,13 +156,26 @@ class ClassificationTask:
         plot_training_curves(history, output / "curves.png", title=f"{model.name} on {self.bundle.name}")
         s = summary
         logger.info(
-            "\n  training-time: top-1 %.2f%%  top-5 %.2f%%  %d params  %.0f img/s"
-            "\n  converted:     top-1 %.2f%%  top-5 %.2f%%  %d params  %.0f img/s"
+            "\n  training-time: top-1 %.2f%%  top-5 %.2f%%  %d params  %s img/s"
+            "\n  converted:     top-1 %.2f%%  top-5 %.2f%%  %d params  %s img/s"
             "\n  max |logit difference| %.3g, predictions agree on %.2f%% of %d images",
-            s["val_top1"], s["val_top5"], s["params_train"], s["infer_images_per_s_train"],
-            s["val_top1_deploy"], s["val_top5_deploy"], s["params_deploy"], s["infer_images_per_s_deploy"],
+            s["val_top1"], s["val_top5"], s["params_train"], _rate(s["infer_images_per_s_train"]),
+            s["val_top1_deploy"], s["val_top5_deploy"], s["params_deploy"], _rate(s["infer_images_per_s_deploy"]),
             s["max_abs_diff"], 100 * s["prediction_agreement"], s["val_images"],
         )
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _model_data_config(config: TrainConfig) -> dict[str, Any]:
+    """timm's data configuration of the model to train (built on the meta device: no memory)."""
+    from timm.data import resolve_data_config
+
+    with torch.device("meta"):
+        probe = build_model(config.model, **config.model_overrides)
+    return resolve_data_config({}, model=probe)
 
 
 def _loss_function(config: TrainConfig, num_classes: int) -> tuple[nn.Module, Any]:

@@ -155,6 +155,7 @@ class TrainConfig(LoopConfig):
     image folders, and warm-up is 5 epochs for schedules of 100+ epochs and 1 otherwise.
     """
 
+    epochs: int = option(10, "training epochs (sized for the digits default; the paper trains ImageNet 120-300)")
     lr: float | None = option(None, "base learning rate", default_help="0.1 x batch size / 256; 1/10 of it with --qat")
     model: str = option("repvgg_a0", "registered model name (see `repvgg info`)")
     data: str | None = option(None, "ImageFolder root with train/ and val/", default_help="the embedded digits data")
@@ -165,6 +166,7 @@ class TrainConfig(LoopConfig):
     custom_l2: bool = option(False, "the official custom L2: plain L2 on the outer 3x3 taps, the fused centre "
                                     "tap normalised by the branches' BN scales")
     mixup: float = option(0.0, "mixup alpha (timm); 0 = off")
+    random_erasing: float = option(0.0, "random erasing probability for folders (timm); 0 = off")
     cutmix: float = option(0.0, "cutmix alpha (timm); 0 = off")
     auto_augment: str | None = option(None, "timm policy for folders: 'rand-m9-mstd0.5' (RandAugment) or "
                                             "'original' (AutoAugment)", default_help="none")
@@ -177,6 +179,7 @@ class TrainConfig(LoopConfig):
     bad_images: str = option("fail", "unreadable images: fail naming the file, or skip and count",
                              choices=("fail", "skip"))
     val_fraction: float = option(0.2, "digits validation fraction (fixed split seed)")
+    inference_speed: bool = option(True, "time both forms at the end of the run (images/s in summary.json)")
     qat: bool = option(False, "quantization-aware training: fine-tune the converted model of --weights with fake "
                               "INT8 quantization and write int8.onnx (learning rate 1/10, no warm-up by default)")
 
@@ -186,6 +189,7 @@ class TrainConfig(LoopConfig):
             (self.img_size is None or self.img_size >= 8, "img_size must be >= 8"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
+            (0 <= self.random_erasing <= 1, "random_erasing must be in [0, 1]"),
             (self.bad_images in ("fail", "skip"), "bad_images must be 'fail' or 'skip'"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (self.warmup_epochs is None or self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
@@ -212,7 +216,9 @@ class AblationConfig(TrainConfig):
     budget by default (depth is where the branches matter; see the README's ablation section)."""
 
     model: str = option("repvgg_tiny_b", "registered model name to ablate (see `repvgg info`)")
-    epochs: int = option(15, "training epochs of every run")
+    epochs: int = option(6, "training epochs of every run")
+    inference_speed: bool = option(False, "time both forms at the end of every run (the converted models "
+                                          "are identical in cost, which the ablation checks by counting)")
     output: str | None = option(None, "ablation folder (one run folder per configuration and seed inside)",
                                 default_help="runs/ablate-<model>-<time>")
 

@@ -2,9 +2,10 @@
 
 * Digits: the real handwritten-digit images shipped with scikit-learn (1,797 8x8 images, 10 classes),
   split once with a fixed seed (stratified), upscaled to a small RGB resolution.
-* Folders: ``ROOT/train/<class>/<image>`` and ``ROOT/val/<class>/<image>`` (the ImageNet layout), with
-  the official preprocessing: RandomResizedCrop + horizontal flip for training, resize to 256/224 of
-  the crop and centre crop for validation, ImageNet normalisation; optional timm AutoAugment/RandAugment.
+* Folders: ``ROOT/train/<class>/<image>`` and ``ROOT/val/<class>/<image>`` (the ImageNet layout), scanned
+  once, with timm's transforms resolved from the model (``create_transform``): RandomResizedCrop + flip
+  (optionally AutoAugment/RandAugment and random erasing) for training; resize to size / crop ratio and
+  centre crop for validation, the model's interpolation and mean/std.
 """
 
 from __future__ import annotations
@@ -254,27 +255,28 @@ class CheckedImageFolder(Dataset):
         raise ValueError(f"no readable image in {self.root}")
 
 
-def folder_transforms(img_size: int, *, auto_augment: str | None = None) -> tuple[Callable, Callable]:
-    """The official preprocessing (RandomResizedCrop + flip / resize + centre crop), ImageNet normalisation.
+#: The evaluation preprocessing of the official release (and timm's RepVGG weights): bilinear resize of
+#: the short side to size / 0.875, centre crop, ImageNet mean and std. A model's ``pretrained_cfg`` says so too.
+DEFAULT_DATA_CONFIG: dict[str, Any] = dict(interpolation="bilinear", crop_pct=0.875, crop_mode="center",
+                                           mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
-    ``auto_augment`` adds a timm policy after the flip: ``"rand-..."`` for RandAugment, ``"original"``
-    / ``"v0"`` for AutoAugment (the paper's recipe for its longest schedules).
+
+def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_erasing: float = 0.0,
+                      data_config: dict[str, Any] | None = None) -> tuple[Callable, Callable]:
+    """Training and validation transforms of an image folder, built by timm's ``create_transform``.
+
+    ``data_config`` is the model's (timm's ``resolve_data_config``: interpolation, crop ratio, mean/std),
+    so evaluation matches how its weights were evaluated; training adds RandomResizedCrop and flip, a timm
+    ``auto_augment`` policy (``"rand-m9-mstd0.5"`` RandAugment, ``"original"`` AutoAugment) and
+    ``random_erasing`` (a probability).
     """
-    from torchvision import transforms as T
+    from timm.data import create_transform
 
-    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_steps: list[Callable] = [T.RandomResizedCrop(img_size), T.RandomHorizontalFlip()]
-    if auto_augment:
-        from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
-
-        hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN))
-        if auto_augment.startswith("rand"):
-            train_steps.append(rand_augment_transform(auto_augment, hparams))
-        else:
-            train_steps.append(auto_augment_transform(auto_augment, hparams))
-    resize = int(round(img_size * 256 / 224))
-    train = T.Compose(train_steps + normalize)
-    val = T.Compose([T.Resize(resize), T.CenterCrop(img_size)] + normalize)
+    cfg = {**DEFAULT_DATA_CONFIG, **{k: v for k, v in (data_config or {}).items() if k in DEFAULT_DATA_CONFIG}}
+    common = dict(input_size=(3, img_size, img_size), interpolation=cfg["interpolation"], mean=cfg["mean"],
+                  std=cfg["std"])
+    train = create_transform(**common, is_training=True, auto_augment=auto_augment, re_prob=random_erasing)
+    val = create_transform(**common, is_training=False, crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"])
     return train, val
 
 
@@ -286,6 +288,8 @@ def build_datasets(
     auto_augment: str | None = None,
     bad_images: str = "fail",
     augment: bool = True,
+    random_erasing: float = 0.0,
+    data_config: dict[str, Any] | None = None,
 ) -> DatasetBundle:
     """Datasets for ``data`` (an ImageFolder root) or, when ``data`` is ``None``, the embedded digits.
 
@@ -296,7 +300,8 @@ def build_datasets(
     classes, samples = scan_image_folder(data)
     counts = {split: len(split_samples) for split, split_samples in samples.items()}
     size = img_size or 224
-    train_tf, val_tf = folder_transforms(size, auto_augment=auto_augment)
+    train_tf, val_tf = folder_transforms(size, auto_augment=auto_augment, random_erasing=random_erasing,
+                                         data_config=data_config)
     root = Path(data)
     bundle = DatasetBundle(
         train=CheckedImageFolder(root / "train", samples["train"], classes, train_tf if augment else val_tf,
