@@ -108,9 +108,9 @@ def test_every_subcommand_help_shows_the_defaults_it_really_uses() -> None:
         args = parsers[command].parse_args([])
         assert args.config_cls is cls and resolve_config(args) == cls(), command
     ablate = resolve_config(parsers["ablate"].parse_args([]))
-    assert (ablate.model, ablate.epochs) == ("repvgg_tiny_b", 15)
+    assert (ablate.model, ablate.epochs) == ("repvgg_tiny_b", 6)
     assert "(default: repvgg_tiny_b)" in _option_help(parsers["ablate"], "model")
-    assert "(default: 15)" in _option_help(parsers["ablate"], "epochs")
+    assert "(default: 6)" in _option_help(parsers["ablate"], "epochs")
 
 
 def test_print_config_shows_the_resolved_config_and_runs_nothing(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
