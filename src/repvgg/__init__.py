@@ -3,8 +3,7 @@
 Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021.
 """
 
-import importlib
-from typing import Any
+from repvgg.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -32,14 +31,4 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'repvgg' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports("repvgg", globals(), _EXPORTS)

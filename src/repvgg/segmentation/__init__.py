@@ -18,8 +18,7 @@ loading needs numpy and Pillow, the ResNet baselines torchvision (all installed 
 =================  ============================================================================
 """
 
-import importlib
-from typing import Any
+from repvgg.lazy import lazy_exports
 
 #: Public name -> the module that defines it, imported on first use (``repvgg seg-train --help`` needs
 #: only the torch-free ``config``).
@@ -64,14 +63,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'repvgg.segmentation' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports("repvgg.segmentation", globals(), _EXPORTS)
