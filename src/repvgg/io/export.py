@@ -219,7 +219,6 @@ def export_onnx(
         ConversionMismatch: ONNX Runtime does not reproduce the model; nothing is written.
     """
     import onnx
-    import onnxruntime as ort
 
     if img_size < 1 or check_batch_size < 1:
         raise ValueError(f"img_size and check_batch_size must be >= 1, got {img_size}, {check_batch_size}")
@@ -251,7 +250,7 @@ def export_onnx(
         proto = onnx.load(str(staged), load_external_data=False)
         opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
 
-        session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(staged)
         deviation = OutputDeviation()
         scale = 0.0
         for size in sizes:  # a dynamic-size file is checked at two sizes
