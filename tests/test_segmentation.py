@@ -32,7 +32,7 @@ from repvgg.segmentation import (
     metrics_from_confusion,
     segmentation_loss,
 )
-from repvgg.segmentation.transforms import RandomCrop, RandomHorizontalFlip, RandomScale
+from repvgg.segmentation.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_joint, eval_transform, train_transform
 
 SMALL_HEAD = dict(head_channels=32, aux_channels=16)
 
@@ -306,19 +306,50 @@ def test_wrong_layouts_say_what_is_expected(tmp_path: Path) -> None:
 # --- transforms ---------------------------------------------------------------------------------
 
 
+def _interior(label: torch.Tensor) -> torch.Tensor:
+    """Labelled pixels whose 3x3 neighbourhood holds one class (where resampling cannot blend classes)."""
+    ids = label[None, None].float()
+    return (F.max_pool2d(ids, 3, 1, 1) == -F.max_pool2d(-ids, 3, 1, 1))[0, 0] & (label != 255)
+
+
 def test_joint_transforms_keep_image_and_label_aligned() -> None:
-    image = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(2, 5, 7)
-    label = torch.arange(5 * 7).reshape(5, 7) % 4
-    flipped_image, flipped_label = RandomHorizontalFlip(p=1.0)(image, label)
-    assert torch.equal(flipped_image, image.flip(-1)) and torch.equal(flipped_label, label.flip(-1))
+    # 8x8 blocks of class ids; the image's red channel encodes the block's id, so every pixel away from a block
+    # edge can be checked against its label after random scale, crop and flip
+    ids = (torch.arange(4 * 6) % 4).reshape(4, 6)
+    label = ids.repeat_interleave(8, 0).repeat_interleave(8, 1).to(torch.uint8)
+    image = torch.stack([label * 60, torch.full_like(label, 30), torch.full_like(label, 200)])
+    std, mean = torch.tensor(IMAGENET_STD).reshape(3, 1, 1), torch.tensor(IMAGENET_MEAN).reshape(3, 1, 1)
+    transform = train_transform(32, scale_range=(0.75, 2.0))
+    torch.manual_seed(0)
+    mismatched = []
+    for _ in range(10):
+        out_image, out_label = apply_joint(transform, image, label)
+        assert out_image.dtype == torch.float32 and out_label.dtype == torch.int64
+        assert out_image.shape == (3, 32, 32) and out_label.shape == (32, 32)
+        decoded = ((out_image * std + mean)[0] * 255 / 60).round().long()
+        inside = _interior(out_label)
+        assert inside.sum() > 100 and torch.equal(decoded[inside], out_label[inside])
+        flipped = out_label.flip(-1)  # the check can fail: a label flipped alone disagrees with its image
+        mismatched.append(bool((decoded[_interior(flipped)] != flipped[_interior(flipped)]).any()))
+    assert all(mismatched)
 
-    crop_image, crop_label = RandomCrop(8)(image, label)
-    assert crop_image.shape == (2, 8, 8) and crop_label.shape == (8, 8)
-    assert (crop_label == 255).sum() == 64 - 35 and (crop_image == 0).sum() >= 2 * (64 - 35)
+    # smaller than the crop: padded bottom/right with ignore labels and the mean colour (about 0 after normalising)
+    small_image, small_label = image[:, :5, :7], label[:5, :7]
+    out_image, out_label = apply_joint(train_transform(8, scale_range=None, flip=False), small_image, small_label)
+    assert torch.equal(out_label[:5, :7], small_label.long()) and (out_label == 255).sum() == 64 - 35
+    assert out_image[:, 5:, :].abs().max() < 0.01 and out_image[:, :, 7:].abs().max() < 0.01
 
-    scaled_image, scaled_label = RandomScale((2.0, 2.0))(image, label)
-    assert scaled_image.shape == (2, 10, 14)
-    assert torch.equal(scaled_label, label.repeat_interleave(2, 0).repeat_interleave(2, 1))  # nearest
+    # exact scale 2: nearest neighbour for labels, bilinear for the image; no transform: only normalisation
+    torch.manual_seed(0)
+    _, scaled_label = apply_joint(train_transform((10, 14), scale_range=(2.0, 2.0), flip=False),
+                                  small_image, small_label)
+    assert torch.equal(scaled_label, small_label.long().repeat_interleave(2, 0).repeat_interleave(2, 1))
+    plain_image, plain_label = apply_joint(None, small_image, small_label)
+    assert torch.allclose(plain_image, (small_image / 255 - mean) / std)
+    assert torch.equal(plain_label, small_label.long())
+    resized_image, resized_label = apply_joint(eval_transform((3, 4)), small_image, small_label)
+    assert resized_image.shape == (3, 3, 4)
+    assert set(resized_label.unique().tolist()) <= set(small_label.unique().tolist())
 
 
 # --- metrics ------------------------------------------------------------------------------------

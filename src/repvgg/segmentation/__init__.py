@@ -8,7 +8,7 @@ loading needs numpy and Pillow, the ResNet baselines torchvision (all installed 
 ``pspnet``         ``SegmenterConfig``, ``PSPNet``, ``create_segmenter``, ``segmentation_loss``
 ``synthetic``      the embedded default data: generated shape scenes with per-pixel labels
 ``data``           a folder of images and label PNGs, and ``build_segmentation_data``
-``transforms``     joint image/label augmentation (scale, crop with ignore padding, flip)
+``transforms``     joint augmentation on uint8 with torchvision v2 (scale, pad, crop, flip), normalisation last
 ``metrics``        confusion matrix, IoU, mean IoU, pixel accuracy, ``compare_segmenters``
 ``config``         ``SegTrainConfig``: the training recipe as data (YAML/JSON + flags)
 ``train``          ``train_segmenter``: the ``repvgg seg-train`` job, resumable, ``torchrun``-ready

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from repvgg.segmentation.pspnet import IGNORE_INDEX
 from repvgg.training.data import load_rgb
 from repvgg.segmentation.synthetic import SyntheticConfig, SyntheticShapes
-from repvgg.segmentation.transforms import JointTransform, Resize, normalize_image, train_transform
+from repvgg.segmentation.transforms import JointTransform, apply_joint, eval_transform, train_transform
 
 __all__ = [
     "EXPECTED_LAYOUT",
@@ -115,7 +115,8 @@ def load_label(
     expected_size: tuple[int, int] | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> np.ndarray:
-    """Read a class-id label PNG as an int64 array ``(H, W)`` and check it.
+    """Read a class-id label PNG as an array ``(H, W)`` and check it: uint8 for 8-bit files (modes L and P),
+    int64 for 16/32-bit ones.
 
     Args:
         path: the label file.
@@ -143,8 +144,12 @@ def load_label(
                 f"label {os.fspath(path)!r} is {img.size[0]}x{img.size[1]} but its image is "
                 f"{expected_size[0]}x{expected_size[1]} (width x height); labels must have their image's size"
             )
-        label = np.asarray(img).astype(np.int64)
-    ids = np.unique(label)
+        label = np.array(img)
+    if label.dtype == np.uint8:
+        ids = np.flatnonzero(np.bincount(label.ravel(), minlength=256))  # much faster than np.unique
+    else:
+        label = label.astype(np.int64)
+        ids = np.unique(label)
     bad = ids[((ids < 0) | (ids >= num_classes)) & (ids != ignore_index)]
     if bad.size:
         raise ValueError(
@@ -188,10 +193,10 @@ class SegmentationFolder(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The image (uint8 ``(H, W, 3)``) and checked label (int64 ``(H, W)``), untransformed."""
+        """The image (uint8 ``(H, W, 3)``) and checked label (:func:`load_label`), untransformed."""
         image_path, label_path = self.samples[index]
         img = load_rgb(image_path)
-        image, size = np.asarray(img), img.size
+        image, size = np.array(img), img.size
         label = load_label(label_path, self.num_classes, expected_size=size, ignore_index=self.ignore_index)
         return image, label
 
@@ -209,11 +214,8 @@ class SegmentationFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image_np, label_np = self.load(index)
-        image = normalize_image(torch.from_numpy(image_np.copy()).permute(2, 0, 1).float().div_(255))
-        label = torch.from_numpy(label_np)
-        if self.transform is not None:
-            image, label = self.transform(image, label)
-        return image, label
+        image = torch.from_numpy(image_np).permute(2, 0, 1)
+        return apply_joint(self.transform, image, torch.from_numpy(label_np))
 
 
 @dataclass
@@ -252,7 +254,7 @@ def build_segmentation_data(
         synthetic: parameters of the generated data.
         verify: folder data: check every label file now instead of when it is first loaded.
     """
-    val_transform = Resize(val_size) if val_size is not None else None
+    val_transform = eval_transform(val_size)
     if data is None or str(data) == "synthetic":
         config = synthetic or SyntheticConfig()
         crop = crop_size or config.image_size

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from repvgg.segmentation.pspnet import IGNORE_INDEX
-from repvgg.segmentation.transforms import JointTransform, normalize_image
+from repvgg.segmentation.transforms import JointTransform, apply_joint
 
 __all__ = [
     "SHAPE_CLASSES",
@@ -140,9 +140,10 @@ class SyntheticShapes(Dataset):
     """The generated scenes of one split as ``(image, label)`` pairs.
 
     ``image`` is a float tensor ``(3, H, W)`` normalised with the ImageNet mean and std, ``label``
-    a long tensor ``(H, W)``. Scenes are generated on access (a fraction of a millisecond each)
-    and are identical for the same ``config``; ``transform`` (e.g.
-    :func:`~repvgg.segmentation.transforms.train_transform`) then augments them jointly.
+    a long tensor ``(H, W)``. Scenes are generated on access (a fraction of a millisecond each),
+    stored as uint8 like a decoded file, and are identical for the same ``config``; ``transform``
+    (e.g. :func:`~repvgg.segmentation.transforms.train_transform`) augments them jointly on uint8
+    before the normalisation.
     """
 
     classes = SHAPE_CLASSES
@@ -174,8 +175,5 @@ class SyntheticShapes(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image_np, label_np = self.raw(index)
-        image = normalize_image(torch.from_numpy(image_np).permute(2, 0, 1))
-        label = torch.from_numpy(label_np).long()
-        if self.transform is not None:
-            image, label = self.transform(image, label)
-        return image, label
+        image = torch.from_numpy(np.rint(image_np * 255).astype(np.uint8)).permute(2, 0, 1)
+        return apply_joint(self.transform, image, torch.from_numpy(label_np))

@@ -1,140 +1,103 @@
-"""Joint image/label transforms for segmentation, on tensors.
+"""Joint image/label transforms for segmentation, built on ``torchvision.transforms.v2``.
 
-Every transform takes and returns ``(image, label)``: ``image`` a float tensor ``(C, H, W)``
-(already normalised, so zero padding is the mean colour), ``label`` a long tensor ``(H, W)`` of
-class ids. Geometry is applied to both; images are resampled bilinearly, labels by nearest neighbour
-(class ids must not be blended), and padding of labels uses the ignore index so padded pixels count
-in neither loss nor metrics. Randomness comes from the global torch RNG, so a seeded training loop
-(and DataLoader worker seeding) makes augmentation reproducible.
+Datasets hand over the image as a uint8 :class:`~torchvision.tv_tensors.Image` ``(3, H, W)`` and the
+class ids as a :class:`~torchvision.tv_tensors.Mask` ``(H, W)``. Geometry (random scale, pad, crop,
+flip, resize) runs jointly on those uint8 tensors: v2 resamples images bilinearly and masks by nearest
+neighbour (class ids must not be blended). Conversion to float and normalisation come last
+(:func:`to_model_input`), on the crop only, so the costly float work is done on the pixels the model
+sees. Padding is the ImageNet mean colour for images (close to 0 after normalisation) and the ignore
+index for labels, so padded pixels count in neither loss nor metrics. Randomness comes from the
+global torch RNG, so a seeded training loop (and DataLoader worker seeding) makes augmentation
+reproducible.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "normalize_image",
     "JointTransform",
-    "Compose",
+    "PadToSize",
+    "apply_joint",
     "RandomScale",
-    "RandomCrop",
-    "RandomHorizontalFlip",
-    "Resize",
+    "eval_transform",
+    "to_model_input",
     "train_transform",
 ]
 
-JointTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+#: A callable taking and returning ``(image, mask)``; :class:`torchvision.transforms.v2.Compose` is one.
+JointTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[Tensor, Tensor]]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MEAN_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
+
+_MODEL_INPUT = v2.Compose([
+    v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
+    v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+])
 
 
-def normalize_image(image: Tensor) -> Tensor:
-    """``(3, H, W)`` RGB in [0, 1] to mean 0 / std 1 with the ImageNet statistics (pretrained backbones)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype).reshape(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype).reshape(3, 1, 1)
-    return (image - mean) / std
+def _spatial_size(flat_inputs: list[Any]) -> tuple[int, int]:
+    for item in flat_inputs:
+        if isinstance(item, (tv_tensors.Image, tv_tensors.Mask)):
+            height, width = TF.get_size(item)
+            return height, width
+    raise TypeError("segmentation transforms need a tv_tensors.Image or tv_tensors.Mask among their inputs")
 
 
-def _resize_pair(image: Tensor, label: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    if tuple(image.shape[-2:]) == size:
-        return image, label
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-    label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
-    return image, label
-
-
-class Compose:
-    """Apply joint transforms in order."""
-
-    def __init__(self, transforms: Sequence[JointTransform]) -> None:
-        self.transforms = list(transforms)
-
-    def __call__(self, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
-        for transform in self.transforms:
-            image, label = transform(image, label)
-        return image, label
-
-    def __repr__(self) -> str:
-        return f"Compose({self.transforms!r})"
-
-
-class RandomScale:
-    """Resize by a factor drawn uniformly from ``scale_range`` (PSPNet uses 0.5 to 2.0)."""
+class RandomScale(v2.Transform):
+    """Resize image and mask by one factor drawn uniformly from ``scale_range`` (PSPNet: 0.5 to 2.0)."""
 
     def __init__(self, scale_range: tuple[float, float] = (0.5, 2.0)) -> None:
+        super().__init__()
         low, high = scale_range
         if not 0 < low <= high:
             raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
         self.scale_range = (float(low), float(high))
 
-    def __call__(self, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         low, high = self.scale_range
         scale = low + (high - low) * torch.rand(()).item()
-        h, w = image.shape[-2:]
-        return _resize_pair(image, label, (max(1, round(h * scale)), max(1, round(w * scale))))
+        height, width = _spatial_size(flat_inputs)
+        return {"size": [max(1, round(height * scale)), max(1, round(width * scale))]}
 
-    def __repr__(self) -> str:
-        return f"RandomScale({self.scale_range})"
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(TF.resize, inpt, params["size"], antialias=True)
 
 
-class RandomCrop:
-    """Crop ``size`` at a random position; smaller inputs are first padded (image 0, label ignore)."""
+class PadToSize(v2.Transform):
+    """Pad bottom and right up to ``size`` (images with the mean colour, masks with ``ignore_index``)."""
 
     def __init__(self, size: int | tuple[int, int], ignore_index: int = 255) -> None:
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        if len(self.size) != 2 or min(self.size) < 1:
-            raise ValueError(f"crop size must be a positive int or (height, width), got {size!r}")
+        super().__init__()
+        self.size = _pair(size)
         self.ignore_index = ignore_index
 
-    def __call__(self, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
-        ch, cw = self.size
-        h, w = image.shape[-2:]
-        pad_h, pad_w = max(0, ch - h), max(0, cw - w)
-        if pad_h or pad_w:
-            image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
-            label = F.pad(label, (0, pad_w, 0, pad_h), value=self.ignore_index)
-            h, w = h + pad_h, w + pad_w
-        top = int(torch.randint(0, h - ch + 1, ()).item())
-        left = int(torch.randint(0, w - cw + 1, ()).item())
-        return image[:, top:top + ch, left:left + cw], label[top:top + ch, left:left + cw]
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = _spatial_size(flat_inputs)
+        return {"padding": [0, 0, max(0, self.size[1] - width), max(0, self.size[0] - height)]}
 
-    def __repr__(self) -> str:
-        return f"RandomCrop({self.size}, ignore_index={self.ignore_index})"
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not any(params["padding"]) or not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
+            return inpt
+        fill = self.ignore_index if isinstance(inpt, tv_tensors.Mask) else list(MEAN_FILL)
+        return TF.pad(inpt, params["padding"], fill=fill)
 
 
-class RandomHorizontalFlip:
-    """Mirror image and label left-right with probability ``p``."""
-
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = p
-
-    def __call__(self, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
-        if torch.rand(()).item() < self.p:
-            return image.flip(-1), label.flip(-1)
-        return image, label
-
-    def __repr__(self) -> str:
-        return f"RandomHorizontalFlip(p={self.p})"
-
-
-class Resize:
-    """Resize to a fixed ``(height, width)`` (or a square ``size``)."""
-
-    def __init__(self, size: int | tuple[int, int]) -> None:
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-
-    def __call__(self, image: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
-        return _resize_pair(image, label, self.size)
-
-    def __repr__(self) -> str:
-        return f"Resize({self.size})"
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+    return pair  # type: ignore[return-value]
 
 
 def train_transform(
@@ -143,12 +106,34 @@ def train_transform(
     scale_range: tuple[float, float] | None = (0.5, 2.0),
     flip: bool = True,
     ignore_index: int = 255,
-) -> Compose:
-    """The usual segmentation training augmentation: random scale, crop (ignore padding), flip."""
-    steps: list[JointTransform] = []
+) -> v2.Compose:
+    """The usual segmentation training augmentation on uint8: random scale, pad, crop, flip."""
+    crop = _pair(crop_size)
+    steps: list[v2.Transform] = []
     if scale_range is not None:
         steps.append(RandomScale(scale_range))
-    steps.append(RandomCrop(crop_size, ignore_index))
+    steps += [PadToSize(crop, ignore_index), v2.RandomCrop(crop)]
     if flip:
-        steps.append(RandomHorizontalFlip())
-    return Compose(steps)
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+def eval_transform(size: int | tuple[int, int] | None = None) -> v2.Compose | None:
+    """Validation geometry: resize to ``size`` (bilinear image, nearest mask), or nothing."""
+    return None if size is None else v2.Compose([v2.Resize(_pair(size), antialias=True)])
+
+
+def to_model_input(image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[Tensor, Tensor]:
+    """The last step of every pipeline: float32 image normalised with the ImageNet statistics (pretrained
+    backbones), int64 class ids; returned as plain tensors."""
+    image, mask = _MODEL_INPUT(image, mask)
+    return image.as_subclass(Tensor), mask.as_subclass(Tensor)
+
+
+def apply_joint(transform: JointTransform | None, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Wrap a uint8 ``(3, H, W)`` image and ``(H, W)`` mask, apply ``transform`` jointly, then
+    :func:`to_model_input`."""
+    image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
+    if transform is not None:
+        image, mask = transform(image, mask)
+    return to_model_input(image, mask)
