@@ -1,22 +1,27 @@
 """Process-group set-up for ``torchrun`` and the small collective helpers the training loop needs.
 
 One process per device; on GPUs a group of NCCL for CUDA tensors and gloo for CPU ones, gloo alone on
-CPU. Only rank 0 logs and writes files.
+CPU. Only rank 0 logs and writes files. The training sampler shards a seeded order over the processes and
+gives every sample its own augmentation seed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import random
 from dataclasses import dataclass
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 __all__ = [
     "DistContext", "init_distributed", "shutdown_distributed", "all_reduce", "backend_device_types",
-    "collective_device", "EpochSampler", "ShardSampler",
+    "collective_device", "EpochSampler", "SeededSamples", "ShardSampler", "sample_seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,18 +136,27 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler):
     """A shuffled order that depends only on ``(seed, epoch)``, sharded over processes.
 
     Every process gets the same number of indices (the tail is dropped so the global batch is
     constant). ``skip`` drops the first indices of this process's shard, so a run resumed in the
-    middle of an epoch continues with exactly the samples it had not seen yet.
+    middle of an epoch continues with exactly the samples it had not seen yet. One sampler serves a
+    whole run: :meth:`set_epoch` moves it on (a persistent loader reads it afresh every epoch).
+
+    With ``sample_seeds`` it yields ``(index, seed)`` keys for :class:`SeededSamples`: each sample's own
+    augmentation seed, a function of ``(seed, epoch, index)`` only.
     """
 
-    def __init__(self, length: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
-                 skip: int = 0) -> None:
+    def __init__(self, length: int, *, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                 skip: int = 0, sample_seeds: bool = False) -> None:
         self.length, self.seed, self.epoch = length, seed, epoch
         self.rank, self.world_size, self.skip = rank, world_size, skip
+        self.sample_seeds = sample_seeds
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The order of ``epoch``, without this shard's first ``skip`` indices."""
+        self.epoch, self.skip = epoch, skip
 
     def _indices(self) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -151,11 +165,49 @@ class EpochSampler(Sampler[int]):
         shard = order[self.rank: per_rank * self.world_size: self.world_size]
         return shard[self.skip:]
 
-    def __iter__(self):
-        return iter(self._indices())
+    def __iter__(self) -> Iterator[Any]:
+        indices = self._indices()
+        if not self.sample_seeds:
+            return iter(indices)
+        return iter([(index, sample_seed(self.seed, self.epoch, index)) for index in indices])
 
     def __len__(self) -> int:
         return max(0, self.length // self.world_size - self.skip)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch (a hash: neighbouring samples get unrelated streams)."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededSamples(Dataset):
+    """A dataset read with ``(index, seed)`` keys (:class:`EpochSampler` with ``sample_seeds``).
+
+    Each sample is loaded with Python's, NumPy's and torch's generators seeded from its key, so its
+    augmentation is the same whichever worker or process loads it and however many there are: a
+    resumed run, mid-epoch or not, draws exactly what an uninterrupted one would. The loading
+    process's own generator states are restored afterwards.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
 
 
 class ShardSampler(Sampler[int]):

@@ -38,8 +38,8 @@ from repvgg.errors import TrainingDiverged
 from repvgg.nn.convert import check_conversion, reparameterize_model
 from repvgg.serialization import write_json, write_text
 from repvgg.training.config import LoopConfig
-from repvgg.training.distributed import (DistContext, EpochSampler, ShardSampler, all_reduce, init_distributed,
-                                         shutdown_distributed)
+from repvgg.training.distributed import (DistContext, EpochSampler, SeededSamples, ShardSampler, all_reduce,
+                                         init_distributed, shutdown_distributed)
 from repvgg.training.optim import build_optimizer
 from repvgg.training.trackers import TensorBoardTracker, Tracker
 
@@ -48,7 +48,7 @@ __all__ = [
     "StepOutput",
     "StopRequest",
     "Task",
-    "epoch_loader",
+    "train_loader",
     "eval_loader",
     "fit",
     "progress_bar",
@@ -126,17 +126,21 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(value)
 
 
-def epoch_loader(dataset: Dataset, *, seed: int, epoch: int, ctx: DistContext, local_batch: int,
-                 skip_steps: int, workers: int) -> DataLoader:
-    """The training batches of one epoch: an order fixed by ``(seed, epoch)``, this process's shard,
-    without the first ``skip_steps`` batches (already trained on before a resume)."""
-    sampler = EpochSampler(len(dataset), seed=seed, epoch=epoch, rank=ctx.rank, world_size=ctx.world_size,
-                           skip=skip_steps * local_batch)
-    # The loader's own generator (worker seeds) keeps it from drawing on the global RNG, whose state is
-    # what makes a mid-epoch resume exact.
-    return DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True, num_workers=workers,
-                      pin_memory=ctx.device.type == "cuda",
-                      generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+def train_loader(dataset: Dataset, *, seed: int, ctx: DistContext, local_batch: int,
+                 workers: int) -> tuple[DataLoader, EpochSampler]:
+    """One loader for the whole run and the sampler that moves it from epoch to epoch.
+
+    Workers are persistent (started once, not every epoch); each sample's augmentation comes from its own
+    seed (:class:`SeededSamples`), so neither the workers nor a resume change what the model sees. Call
+    ``sampler.set_epoch(epoch, skip)`` before iterating an epoch.
+    """
+    sampler = EpochSampler(len(dataset), seed=seed, rank=ctx.rank, world_size=ctx.world_size,  # type: ignore[arg-type]
+                           sample_seeds=True)
+    # The loader's own generator keeps it from drawing on the global RNG, whose state a resume restores.
+    loader = DataLoader(SeededSamples(dataset), batch_size=local_batch, sampler=sampler, drop_last=True,
+                        num_workers=workers, persistent_workers=workers > 0, pin_memory=ctx.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler
 
 
 def eval_loader(dataset: Dataset, *, batch_size: int, workers: int, ctx: DistContext) -> DataLoader:
@@ -418,6 +422,8 @@ def _fit(task: Task, config: C, ctx: DistContext, trackers: list[Tracker]) -> di
             "rng": capture_rng_state(),
         }
 
+    loader, sampler = train_loader(train_set, seed=config.seed, ctx=ctx, local_batch=local_batch,
+                                   workers=config.workers)
     stopper = StopRequest()
     check_every = 1 if device.type == "cpu" and not ctx.distributed else CHECK_INTERVAL
     steps_this_run = 0
@@ -429,8 +435,7 @@ def _fit(task: Task, config: C, ctx: DistContext, trackers: list[Tracker]) -> di
             epoch = state.epoch
             if state.step_in_epoch == 0:
                 seed_epoch(config.seed, epoch + 1, ctx.rank)
-            loader = epoch_loader(train_set, seed=config.seed, epoch=epoch, ctx=ctx, local_batch=local_batch,
-                                  skip_steps=state.step_in_epoch, workers=config.workers)
+            sampler.set_epoch(epoch, skip=state.step_in_epoch * local_batch)
             net.train()
             stop_now = False
             sums: Tensor | None = None  # loss * images, images, then the task's sums
