@@ -326,11 +326,11 @@ def test_joint_transforms_keep_image_and_label_aligned() -> None:
         out_image, out_label = apply_joint(transform, image, label)
         assert out_image.dtype == torch.float32 and out_label.dtype == torch.int64
         assert out_image.shape == (3, 32, 32) and out_label.shape == (32, 32)
-        decoded = ((out_image * std + mean)[0] * 255 / 60).round().long()
+        red = (out_image * std + mean)[0] * 255  # 60 x class id, blended at most halfway next to an edge
         inside = _interior(out_label)
-        assert inside.sum() > 100 and torch.equal(decoded[inside], out_label[inside])
+        assert inside.sum() > 100 and ((red - 60 * out_label)[inside].abs() <= 30.5).all()
         flipped = out_label.flip(-1)  # the check can fail: a label flipped alone disagrees with its image
-        mismatched.append(bool((decoded[_interior(flipped)] != flipped[_interior(flipped)]).any()))
+        mismatched.append(bool(((red - 60 * flipped)[_interior(flipped)].abs() > 30.5).any()))
     assert all(mismatched)
 
     # smaller than the crop: padded bottom/right with ignore labels and the mean colour (about 0 after normalising)

@@ -16,7 +16,8 @@ from PIL import Image
 from repvgg.io.checkpoint import load_checkpoint
 from repvgg.cli import main
 from repvgg.training.config import TrainConfig
-from repvgg.training.data import build_datasets, check_image_folder, digits_split
+from repvgg.training.data import (ToNormalizedTensor, build_datasets, check_image_folder, digits_split,
+                                  folder_transforms)
 from repvgg.training.engine import training_memory_format
 from repvgg.training.classification import train
 
@@ -82,6 +83,24 @@ def test_train_on_an_image_folder(tmp_path: Path) -> None:
                                 cutmix=1.0, channels_last=True, grad_checkpointing=True))
     assert summary["num_classes"] == 3 and summary["val_images"] == 18
     assert summary["val_top1"] == summary["val_top1_deploy"]
+
+
+def test_folder_transforms_are_timms_with_one_fused_tensor_step() -> None:
+    from timm.data import create_transform
+    from torchvision.transforms.functional import pil_to_tensor
+
+    image = Image.fromarray(torch.randint(0, 256, (300, 250, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    train_tf, val_tf = folder_transforms(224, random_erasing=0.25)
+    reference = create_transform((3, 224, 224), is_training=False, crop_pct=0.875, interpolation="bilinear")
+    ours = val_tf(image)
+    assert ours.shape == (3, 224, 224) and ours.is_contiguous()
+    assert (ours - reference(image)).abs().max() < 1e-5
+    names = [type(t).__name__ for t in train_tf.transforms]
+    assert names[-2:] == ["ToNormalizedTensor", "RandomErasing"] and "Normalize" not in names
+    fused = ToNormalizedTensor((0.5, 0.5, 0.5), (0.25, 0.5, 1.0))(image)
+    assert torch.allclose(fused, (pil_to_tensor(image) / 255 - 0.5) / torch.tensor([0.25, 0.5, 1.0]).reshape(3, 1, 1),
+                          atol=1e-6)
 
 
 def _final_weights(path: Path) -> dict[str, torch.Tensor]:

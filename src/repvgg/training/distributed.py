@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 __all__ = [
     "DistContext", "init_distributed", "shutdown_distributed", "all_reduce", "backend_device_types",
@@ -197,17 +197,27 @@ class SeededSamples(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """A batch of samples (the DataLoader asks for whole batches): the caller's generator states are saved
+        and restored once per batch, not per sample."""
+        if get_worker_info() is not None:  # a loader worker: no caller state to keep
+            return [self._load(key) for key in keys]
         states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
         try:
-            return self.dataset[index]
+            return [self._load(key) for key in keys]
         finally:
             random.setstate(states[0])
             np.random.set_state(states[1])
             torch.set_rng_state(states[2])
+
+    def _load(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only (torch.manual_seed also seeds CUDA: slow)
+        return self.dataset[index]
 
 
 class ShardSampler(Sampler[int]):
