@@ -134,6 +134,7 @@ def timm_classification_loader(root: Path, batch: int, workers: int) -> Loader:
     cfg = resolve_data_config({}, model=probe)
     return create_loader(ImageDataset(str(root / "train")), input_size=(3, 224, 224), batch_size=batch,
                          is_training=True, interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
+                         color_jitter=None,  # off, as in repvgg train's default (the paper's recipe)
                          num_workers=workers, use_prefetcher=False, persistent_workers=workers > 0,
                          device=torch.device("cpu")), None
 

@@ -92,3 +92,15 @@ def test_ablate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_unknown_configuration_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ablate", "--configs", "plain,bogus", "--output", str(tmp_path)]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_learning_rate_rules() -> None:
+    from repvgg.training.config import AblationConfig, TrainConfig
+
+    # repvgg train: the paper's 0.1 x batch / 256 on folders, half of it on the digits' short default;
+    # the ablation keeps the paper's rule on the digits (its ordering shows at it); an explicit lr wins
+    assert TrainConfig(data="imagenet", batch_size=256).resolved_lr == pytest.approx(0.1)
+    assert TrainConfig().resolved_lr == pytest.approx(0.05 * 64 / 256)
+    assert TrainConfig(qat=True).resolved_lr == pytest.approx(0.005 * 64 / 256)
+    assert AblationConfig().resolved_lr == pytest.approx(0.1 * 64 / 256)
+    assert AblationConfig(lr=0.3).resolved_lr == TrainConfig(lr=0.3).resolved_lr == 0.3

@@ -98,6 +98,8 @@ def test_folder_transforms_are_timms_with_one_fused_tensor_step() -> None:
     assert (ours - reference(image)).abs().max() < 1e-5
     names = [type(t).__name__ for t in train_tf.transforms]
     assert names[-2:] == ["ToNormalizedTensor", "RandomErasing"] and "Normalize" not in names
+    assert "ColorJitter" not in names  # the paper's recipe; timm's is one flag away
+    assert "ColorJitter" in [type(t).__name__ for t in folder_transforms(224, color_jitter=0.4)[0].transforms]
     fused = ToNormalizedTensor((0.5, 0.5, 0.5), (0.25, 0.5, 1.0))(image)
     assert torch.allclose(fused, (pil_to_tensor(image) / 255 - 0.5) / torch.tensor([0.25, 0.5, 1.0]).reshape(3, 1, 1),
                           atol=1e-6)

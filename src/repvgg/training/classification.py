@@ -65,7 +65,7 @@ class ClassificationTask:
         self.memory_format = training_memory_format(config.channels_last, ctx.device)
         self.bundle = build_datasets(config.data, img_size=config.img_size, val_fraction=config.val_fraction,
                                      auto_augment=config.auto_augment, bad_images=config.bad_images,
-                                     random_erasing=config.random_erasing,
+                                     random_erasing=config.random_erasing, color_jitter=config.color_jitter,
                                      data_config=_model_data_config(config) if config.data else None)
         # Save the resolved values (learning rate, image size, warm-up), not the "derive it" placeholders.
         self.config = config.updated(lr=config.resolved_lr, img_size=self.bundle.img_size,

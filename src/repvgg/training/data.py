@@ -4,7 +4,7 @@
   split once with a fixed seed (stratified), upscaled to a small RGB resolution.
 * Folders: ``ROOT/train/<class>/<image>`` and ``ROOT/val/<class>/<image>`` (the ImageNet layout), scanned
   once, with timm's transforms resolved from the model (``create_transform``): RandomResizedCrop + flip
-  (optionally AutoAugment/RandAugment and random erasing) for training; resize to size / crop ratio and
+  (optionally AutoAugment/RandAugment, colour jitter and random erasing) for training; resize to size / crop ratio and
   centre crop for validation, the model's interpolation and mean/std.
 """
 
@@ -298,13 +298,15 @@ def _fuse_to_tensor_normalize(transform: Any, mean: tuple[float, ...], std: tupl
 
 
 def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_erasing: float = 0.0,
+                      color_jitter: float = 0.0,
                       data_config: dict[str, Any] | None = None) -> tuple[Callable, Callable]:
     """Training and validation transforms of an image folder, built by timm's ``create_transform``.
 
     ``data_config`` is the model's (timm's ``resolve_data_config``: interpolation, crop ratio, mean/std),
     so evaluation matches how its weights were evaluated; training adds RandomResizedCrop and flip, a timm
     ``auto_augment`` policy (``"rand-m9-mstd0.5"`` RandAugment, ``"original"`` AutoAugment) and
-    ``random_erasing`` (a probability). The conversion to a normalised tensor is fused into one step
+    ``random_erasing`` (a probability), and ``color_jitter`` when it is above 0 (timm's own default is 0.4;
+    the paper trains without). The conversion to a normalised tensor is fused into one step
     (:class:`ToNormalizedTensor`).
     """
     from timm.data import create_transform
@@ -312,7 +314,8 @@ def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_
     cfg = {**DEFAULT_DATA_CONFIG, **{k: v for k, v in (data_config or {}).items() if k in DEFAULT_DATA_CONFIG}}
     common = dict(input_size=(3, img_size, img_size), interpolation=cfg["interpolation"], mean=cfg["mean"],
                   std=cfg["std"])
-    train = create_transform(**common, is_training=True, auto_augment=auto_augment, re_prob=random_erasing)
+    train = create_transform(**common, is_training=True, auto_augment=auto_augment, re_prob=random_erasing,
+                             color_jitter=color_jitter or None)
     val = create_transform(**common, is_training=False, crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"])
     return (_fuse_to_tensor_normalize(train, cfg["mean"], cfg["std"]),
             _fuse_to_tensor_normalize(val, cfg["mean"], cfg["std"]))
@@ -327,6 +330,7 @@ def build_datasets(
     bad_images: str = "fail",
     augment: bool = True,
     random_erasing: float = 0.0,
+    color_jitter: float = 0.0,
     data_config: dict[str, Any] | None = None,
 ) -> DatasetBundle:
     """Datasets for ``data`` (an ImageFolder root) or, when ``data`` is ``None``, the embedded digits.
@@ -339,7 +343,7 @@ def build_datasets(
     counts = {split: len(split_samples) for split, split_samples in samples.items()}
     size = img_size or 224
     train_tf, val_tf = folder_transforms(size, auto_augment=auto_augment, random_erasing=random_erasing,
-                                         data_config=data_config)
+                                         color_jitter=color_jitter, data_config=data_config)
     root = Path(data)
     bundle = DatasetBundle(
         train=CheckedImageFolder(root / "train", samples["train"], classes, train_tf if augment else val_tf,
