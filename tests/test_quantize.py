@@ -92,7 +92,7 @@ def test_quantization_aware_training_exports_a_qdq_int8_model(trained_qa: Path, 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["top1_int8"] == pytest.approx(report["top1_int8"])  # the same INT8 file, measured twice
     config = load_checkpoint(run / "last.pt")["config"]
-    assert config["qat"] is True and config["lr"] == pytest.approx(0.1 * 64 / 256 / 10) and config["model"] == \
+    assert config["qat"] is True and config["lr"] == pytest.approx(0.05 * 64 / 256 / 10) and config["model"] == \
         "qarepvgg_tiny"
     session = onnxruntime_session(out)  # any input size: the QAT export has dynamic height and width
     assert session.run(None, {session.get_inputs()[0].name: torch.randn(2, 3, 48, 48).numpy()})[0].shape == (2, 10)
