@@ -150,14 +150,12 @@ def load_label(
     # Two reductions decide (a pass over the pixels each); the offending ids are only looked up for the message.
     if label.max() >= num_classes or label.min() < 0:
         outside = ((label < 0) | (label >= num_classes)) & (label != ignore_index)
-        bad = np.unique(label[outside]) if outside.any() else label[:0]
-    else:
-        bad = label[:0]
-    if bad.size:
-        raise ValueError(
-            f"label {os.fspath(path)!r} holds class id(s) {bad[:10].tolist()} outside 0..{num_classes - 1} "
-            f"(and not the ignore index {ignore_index}); fix the file or pass the right number of classes"
-        )
+        if outside.any():
+            bad = np.unique(label[outside])
+            raise ValueError(
+                f"label {os.fspath(path)!r} holds class id(s) {bad[:10].tolist()} outside 0..{num_classes - 1} "
+                f"(and not the ignore index {ignore_index}); fix the file or pass the right number of classes"
+            )
     return label
 
 

@@ -21,6 +21,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from repvgg.training.data import IMAGENET_MEAN, IMAGENET_STD, ToNormalizedTensor
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -36,13 +38,8 @@ __all__ = [
 #: A callable taking and returning ``(image, mask)``; :class:`torchvision.transforms.v2.Compose` is one.
 JointTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[Tensor, Tensor]]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
-
-_STD = torch.tensor(IMAGENET_STD, dtype=torch.float64).reshape(3, 1, 1)
-_SCALE = (1 / (255 * _STD)).float()  # uint8 -> normalised: x * scale - offset
-_OFFSET = (torch.tensor(IMAGENET_MEAN, dtype=torch.float64).reshape(3, 1, 1) / _STD).float()
+_NORMALIZE = ToNormalizedTensor(IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _spatial_size(flat_inputs: list[Any]) -> tuple[int, int]:
@@ -125,8 +122,7 @@ def eval_transform(size: int | tuple[int, int] | None = None) -> v2.Compose | No
 def to_model_input(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """The last step of every pipeline: the uint8 image to a contiguous float32 tensor normalised with the
     ImageNet statistics (pretrained backbones), in one pass; class ids to int64. Plain tensors out."""
-    pixels = image.as_subclass(Tensor).to(torch.float32, memory_format=torch.contiguous_format)
-    return pixels.mul_(_SCALE).sub_(_OFFSET), mask.as_subclass(Tensor).long()
+    return _NORMALIZE(image.as_subclass(Tensor)), mask.as_subclass(Tensor).long()
 
 
 def apply_joint(transform: JointTransform | None, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -136,7 +136,7 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
-class EpochSampler(Sampler):
+class EpochSampler(Sampler[tuple[int, int]]):
     """A shuffled order that depends only on ``(seed, epoch)``, sharded over processes.
 
     Every process gets the same number of indices (the tail is dropped so the global batch is
@@ -144,15 +144,14 @@ class EpochSampler(Sampler):
     middle of an epoch continues with exactly the samples it had not seen yet. One sampler serves a
     whole run: :meth:`set_epoch` moves it on (a persistent loader reads it afresh every epoch).
 
-    With ``sample_seeds`` it yields ``(index, seed)`` keys for :class:`SeededSamples`: each sample's own
-    augmentation seed, a function of ``(seed, epoch, index)`` only.
+    It yields ``(index, seed)`` keys for :class:`SeededSamples`: each sample's own augmentation seed, a
+    function of ``(seed, epoch, index)`` only.
     """
 
     def __init__(self, length: int, *, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                 skip: int = 0, sample_seeds: bool = False) -> None:
+                 skip: int = 0) -> None:
         self.length, self.seed, self.epoch = length, seed, epoch
         self.rank, self.world_size, self.skip = rank, world_size, skip
-        self.sample_seeds = sample_seeds
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """The order of ``epoch``, without this shard's first ``skip`` indices."""
@@ -165,11 +164,8 @@ class EpochSampler(Sampler):
         shard = order[self.rank: per_rank * self.world_size: self.world_size]
         return shard[self.skip:]
 
-    def __iter__(self) -> Iterator[Any]:
-        indices = self._indices()
-        if not self.sample_seeds:
-            return iter(indices)
-        return iter([(index, sample_seed(self.seed, self.epoch, index)) for index in indices])
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(index, sample_seed(self.seed, self.epoch, index)) for index in self._indices()])
 
     def __len__(self) -> int:
         return max(0, self.length // self.world_size - self.skip)
@@ -182,7 +178,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SeededSamples(Dataset):
-    """A dataset read with ``(index, seed)`` keys (:class:`EpochSampler` with ``sample_seeds``).
+    """A dataset read with ``(index, seed)`` keys (:class:`EpochSampler`'s).
 
     Each sample is loaded with Python's, NumPy's and torch's generators seeded from its key, so its
     augmentation is the same whichever worker or process loads it and however many there are: a

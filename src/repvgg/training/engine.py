@@ -134,8 +134,7 @@ def train_loader(dataset: Dataset, *, seed: int, ctx: DistContext, local_batch: 
     seed (:class:`SeededSamples`), so neither the workers nor a resume change what the model sees. Call
     ``sampler.set_epoch(epoch, skip)`` before iterating an epoch.
     """
-    sampler = EpochSampler(len(dataset), seed=seed, rank=ctx.rank, world_size=ctx.world_size,  # type: ignore[arg-type]
-                           sample_seeds=True)
+    sampler = EpochSampler(len(dataset), seed=seed, rank=ctx.rank, world_size=ctx.world_size)  # type: ignore[arg-type]
     # The loader's own generator keeps it from drawing on the global RNG, whose state a resume restores.
     loader = DataLoader(SeededSamples(dataset), batch_size=local_batch, sampler=sampler, drop_last=True,
                         num_workers=workers, persistent_workers=workers > 0, pin_memory=ctx.device.type == "cuda",
