@@ -75,7 +75,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_layers_point_one_way() -> None:
     """nn (models, fusion) imports no file formats, training or CLI; file formats know nothing of training."""
     graph = import_graph()
-    order = ["repvgg.serialization", "repvgg.errors", "repvgg.nn", "repvgg.io", "repvgg.perf", "repvgg.training",
+    order = ["repvgg.errors", "repvgg.limits", "repvgg.serialization", "repvgg.nn", "repvgg.io", "repvgg.perf", "repvgg.training",
              "repvgg.segmentation", "repvgg.deploy", "repvgg.cli"]
 
     def layer(module: str) -> int | None:

@@ -6,7 +6,7 @@ Bad input (a wrong argument, a missing or malformed file) is a ``ValueError`` or
 
 from __future__ import annotations
 
-__all__ = ["RunFailed", "ConversionMismatch", "TrainingDiverged"]
+__all__ = ["RunFailed", "ConversionMismatch", "TrainingDiverged", "WriteFailed"]
 
 
 class RunFailed(RuntimeError):
@@ -19,3 +19,7 @@ class ConversionMismatch(RunFailed):
 
 class TrainingDiverged(RunFailed):
     """The loss or the validation metrics became NaN or infinite; the last good checkpoint is kept."""
+
+
+class WriteFailed(RunFailed):
+    """A file could not be written (no space, a file-size limit, permissions); its previous version is intact."""

@@ -1,23 +1,35 @@
-"""Serialisation helpers every layer uses: dataclass <-> dict round trips and the one atomic file write.
+"""Files every layer writes: dataclass <-> dict round trips, the one output rule and the one atomic write.
 
-Nothing here imports the rest of the package, so the model spec, the run configs and the file formats
-can all build on it.
+Nothing here imports the rest of the package (but its errors), so the model spec, the run configs and the
+file formats can all build on it.
+
+* :func:`check_output_path` is the output rule of every command: an existing file is replaced only when the
+  user asked (``--overwrite``), and a file the command reads is never replaced, not even then.
+* :func:`atomic_write` writes beside the target and renames: an interrupt or a failure (no space left, a
+  file-size limit, a permission) leaves the previous file as it was and raises :class:`WriteFailed`
+  naming the file and the cause. New files get the user's umask, like any other program's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-__all__ = ["DictMixin", "atomic_write", "write_json", "write_text"]
+from repvgg.errors import WriteFailed
+
+__all__ = ["DictMixin", "atomic_write", "check_output_path", "write_failed", "write_json", "write_text"]
 
 D = TypeVar("D", bound="DictMixin")
+
+PathLike = str | os.PathLike[str]
 
 
 class DictMixin:
@@ -41,32 +53,111 @@ class DictMixin:
         return cls(**normalised)
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), overwrite: bool = False,
+                      option: str = "the output") -> Path:
+    """The output rule of every command, checked before any work: return ``path`` if it may be written.
+
+    ``reads`` are the files and folders the command reads (weights, a config file, a data folder). A path
+    that is one of those files, or lies inside one of those folders, is refused even with ``overwrite``;
+    an existing file is replaced only with ``overwrite``; a folder is never an output file.
+
+    Raises:
+        ValueError: naming ``option`` (e.g. ``--json-out``) and what to do instead.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    for read in reads:
+        if read is None:
+            continue
+        source = Path(read).resolve()
+        if source.is_dir() and _inside(resolved, source):
+            raise ValueError(f"{option} {path} is inside {read}, which this command reads; write it somewhere "
+                             "else (inputs are never written to, not even with --overwrite)")
+        if resolved == source:
+            raise ValueError(f"{option} {path} is {read}, an input of this command; write to another file "
+                             "(inputs are never replaced, not even with --overwrite)")
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; name a file")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{option} {path} already exists; pass --overwrite to replace it, or choose another name")
+    return path
+
+
+def _user_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_size_limit() -> int | None:
+    """This process's file-size limit in bytes (``ulimit -f``), ``None`` when there is none."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else int(limit)
+
+
+def write_failed(path: PathLike, err: BaseException) -> WriteFailed:
+    """The error for a file that could not be written: the file, the cause in words, and what is left."""
+    path = Path(path)
+    code = getattr(err, "errno", None)
+    limit = _file_size_limit()
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+    except OSError:
+        free = None
+    if code == errno.ENOSPC or (code is None and free is not None and free < 64 * 2**20):
+        cause = f"no space left on the device ({'?' if free is None else f'{free / 2**20:.0f} MiB'} free)"
+    elif code == errno.EFBIG or (code is None and limit is not None):
+        cause = f"the file-size limit of this process (ulimit -f: {limit} bytes)"
+    elif code in (errno.EACCES, errno.EPERM):
+        cause = "permission denied"
+    elif code == errno.EROFS:
+        cause = "read-only file system"
+    else:
+        cause = str(err) or type(err).__name__
+    return WriteFailed(f"could not write {path}: {cause}; any previous {path.name} is left as it was")
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_write(path: PathLike, *, errors: tuple[type[BaseException], ...] = (OSError,)) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
     A failure or an interrupt while writing removes the temporary file and leaves ``path`` as it was
-    (the previous checkpoint, weights file or metrics stay intact). The parent folder is created.
+    (the previous checkpoint, weights file or metrics stay intact). ``errors`` raised while writing (by
+    default ``OSError``: no space, a file-size limit, permissions) become :class:`WriteFailed` naming the
+    file and the cause. The parent folder is created; the file gets the user's umask.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
+        os.chmod(tmp, 0o666 & ~_user_umask())  # mkstemp's 0600 is for the temporary file only
         os.replace(tmp, path)
+    except errors as err:
+        raise write_failed(path, err) from err
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> Path:
+def write_text(path: PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
     with atomic_write(path) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> Path:
+def write_json(path: PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

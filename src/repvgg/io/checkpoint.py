@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from repvgg.io.safe_load import safe_load
 from repvgg.serialization import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
@@ -25,7 +26,8 @@ __all__ = ["save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_r
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``payload`` atomically: a kill at any moment leaves the previous file intact."""
-    with atomic_write(path) as tmp:
+    # torch.save reports a short write (no space, a file-size limit) as a RuntimeError
+    with atomic_write(path, errors=(OSError, RuntimeError)) as tmp:
         torch.save(payload, tmp)
     return Path(path)
 
@@ -37,10 +39,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         path = path / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (pass a run folder or its last.pt)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"could not read checkpoint {path} (truncated or corrupt?): {err}") from err
+    payload = safe_load(path, what="a training checkpoint")
     required = {"model", "optimizer", "config", "epoch", "step_in_epoch", "global_step", "best_score", "history",
                 "rng"}
     if not isinstance(payload, dict) or not required <= set(payload):

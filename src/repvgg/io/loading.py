@@ -110,6 +110,38 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:
     )
 
 
+def _metadata_field(metadata: Mapping[str, Any], key: str, kind: type, path: Any, default: Any) -> Any:
+    """``metadata[key]`` if it has type ``kind`` (``default`` when absent); else an error naming file and field."""
+    if key not in metadata:
+        return default
+    value = metadata[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{path}: metadata field {key!r} must be {kind.__name__}, got {value!r:.80}")
+    return value
+
+
+def _file_architecture(metadata: Mapping[str, Any], state_dict: Mapping[str, Tensor], path: Any) -> str | RepVGGSpec:
+    """The architecture a weights file describes: its ``spec`` (checked against its tensors from the metadata
+    alone, before anything is built), else its ``arch`` name, else the registered model its shapes match."""
+    if "spec" in metadata:
+        fields = _metadata_field(metadata, "spec", dict, path, None)
+        try:
+            spec = RepVGGSpec.from_dict(fields)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: metadata field 'spec' does not describe a RepVGG: {err}") from None
+        for stage in range(1, len(spec.depths)):
+            blocks = {k.split(".")[1] for k in state_dict if k.startswith(f"stage{stage}.")}
+            if len(blocks) != spec.depths[stage]:
+                raise ValueError(f"{path}: metadata field 'spec' declares {spec.depths[stage]} layers in stage "
+                                 f"{stage}, but the file holds weights for {len(blocks)}; the file is inconsistent")
+        return spec
+    if "arch" in metadata:
+        return str(_metadata_field(metadata, "arch", str, path, None))
+    name = infer_architecture(state_dict)
+    logger.info("%s: inferred architecture %s from parameter shapes", path, name)
+    return name
+
+
 def load_model(
     path: str | os.PathLike[str],
     *,
@@ -128,23 +160,14 @@ def load_model(
     file_deploy = is_deploy_state_dict(state_dict)
     if deploy is False and file_deploy:
         raise ValueError(f"{path} holds fused (deploy) weights; a fused model cannot be turned back into branches.")
+    spec_or_name = arch if arch is not None else _file_architecture(metadata, state_dict, path)
+    if num_classes is None:
+        num_classes = checkpoint_num_classes(state_dict) or 1000
+    options = dict(num_classes=num_classes, in_chans=_metadata_field(metadata, "in_chans", int, path,
+                                                                     stem_in_chans(state_dict)),
+                   deploy=file_deploy, features_only=_metadata_field(metadata, "features_only", bool, path, False),
+                   out_indices=tuple(_metadata_field(metadata, "out_indices", list, path, [0, 1, 2, 3, 4])))
     try:
-        in_chans = int(metadata.get("in_chans", stem_in_chans(state_dict)))
-        if arch is not None:
-            spec_or_name: str | RepVGGSpec = arch
-        elif isinstance(metadata.get("spec"), Mapping):
-            spec_or_name = RepVGGSpec.from_dict(dict(metadata["spec"]))
-        elif "arch" in metadata:
-            spec_or_name = str(metadata["arch"])
-        else:
-            spec_or_name = infer_architecture(state_dict)
-            logger.info("%s: inferred architecture %s from parameter shapes", path, spec_or_name)
-        features_only = bool(metadata.get("features_only", False))
-        if num_classes is None:
-            num_classes = checkpoint_num_classes(state_dict) or 1000
-        options = dict(num_classes=num_classes, in_chans=in_chans,
-                       deploy=file_deploy, features_only=features_only,
-                       out_indices=tuple(metadata.get("out_indices", (0, 1, 2, 3, 4))))
         # The file's description is checked against its tensors on the meta device first: a small file
         # whose metadata declares a huge network allocates nothing before it is refused.
         with torch.device("meta"):

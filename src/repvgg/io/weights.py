@@ -5,7 +5,7 @@ The model's own state-dict keys are those of the official RepVGG release (``stag
 ``RepVGG-*-train.pth`` / ``-deploy.pth`` files load unchanged. timm's RepVGG naming (``stem``, ``stages``,
 ``conv_kxk``, ``conv_1x1``, ``identity``, ``reparam_conv``, ``attn.fc1``, ``head.fc``) is translated here.
 
-Files are never unpickled with code execution: ``torch.load(weights_only=True)`` or safetensors.
+Files are never unpickled with code execution: :func:`~repvgg.io.safe_load.safe_load` or safetensors.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
 from torch import Tensor, nn
 
+from repvgg.io.safe_load import safe_load
 from repvgg.nn.model import RepVGG
 from repvgg.serialization import atomic_write
 
@@ -158,16 +158,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
     metadata: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         state_dict, raw_meta = read_safetensors(path)
-        metadata = _decode_metadata(raw_meta)
+        metadata = _decode_metadata(raw_meta, path)
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for truncated or foreign files
-            raise ValueError(
-                f"could not read {path} as a PyTorch weights file (truncated, corrupt, or it needs "
-                f"arbitrary code to unpickle, which is refused): {err}"
-            ) from err
-        state_dict, metadata = _unwrap(obj, str(path))
+        state_dict, metadata = _unwrap(safe_load(path), str(path))
     if any(k.startswith("module.") for k in state_dict):
         state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if _is_timm_format(list(state_dict)):
@@ -194,18 +187,32 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str,
         raise ValueError(f"could not read {path} as safetensors (truncated or corrupt?): {err}") from err
 
 
-def _decode_metadata(raw: Mapping[str, str]) -> dict[str, Any]:
+def _decode_metadata(raw: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """The typed metadata of one of this package's safetensors files; a malformed field is an error naming the
+    file and the field."""
     out: dict[str, Any] = dict(raw)
-    if "spec" in out:
-        out["spec"] = json.loads(out["spec"])
+
+    def bad(key: str, expected: str) -> ValueError:
+        return ValueError(f"{path}: metadata field {key!r} must be {expected}, got {raw[key][:80]!r}")
+
+    for key, expected in (("spec", "a JSON object"), ("out_indices", "a JSON list")):
+        if key in out:
+            try:
+                out[key] = json.loads(raw[key])
+            except json.JSONDecodeError:
+                raise bad(key, expected) from None
+            if not isinstance(out[key], dict if key == "spec" else list):
+                raise bad(key, expected)
     for key in ("deploy", "features_only"):
         if key in out:
-            out[key] = out[key] == "true"
-    if "out_indices" in out:
-        out["out_indices"] = json.loads(out["out_indices"])
+            if raw[key] not in ("true", "false"):
+                raise bad(key, "'true' or 'false'")
+            out[key] = raw[key] == "true"
     for key in ("num_classes", "in_chans"):
         if key in out:
-            out[key] = int(out[key])
+            if not raw[key].isdigit():
+                raise bad(key, "a non-negative integer")
+            out[key] = int(raw[key])
     return out
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from repvgg.limits import MAX_CHANNELS, MAX_STAGE_DEPTH
 from repvgg.nn.block import RepVGGBlock
 from repvgg.nn.fusion import is_batchnorm
 from repvgg.serialization import DictMixin
@@ -73,6 +74,12 @@ class RepVGGSpec(DictMixin):
             raise ValueError(f"groups must be a positive int, got {self.groups!r}")
         if self.dilated_layers is not None and self.dilated_layers < 0:
             raise ValueError(f"dilated_layers must be >= 0 or None, got {self.dilated_layers!r}")
+        # Bounds first, so that a file's metadata declaring an absurd network is refused in microseconds.
+        if max(self.depths) > MAX_STAGE_DEPTH:
+            raise ValueError(f"depths must be at most {MAX_STAGE_DEPTH} layers per stage, got {self.depths!r}")
+        if max(self.widths) > MAX_CHANNELS or min(self.widths) < 1:
+            raise ValueError(f"the widths {self.widths} (base_widths x width_multipliers) must be between 1 and "
+                             f"{MAX_CHANNELS} channels")
 
     @property
     def widths(self) -> tuple[int, ...]:

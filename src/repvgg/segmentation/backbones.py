@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from repvgg.nn.fusion import fuse_conv_bn_modules, is_batchnorm
 from repvgg.nn.model import RepVGG
 from repvgg.io.loading import create_model
+from repvgg.io.safe_load import safe_load
 
 __all__ = [
     "RESNET_DEPTHS",
@@ -174,13 +175,7 @@ class ResNetBackbone(nn.Module):
 
 
 def _load_torchvision_resnet(net: nn.Module, path: str | os.PathLike[str]) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ResNet weights file {os.fspath(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"could not read {os.fspath(path)!r} as a PyTorch weights file (truncated, corrupt, or "
-                         f"it needs arbitrary code to unpickle, which is refused): {err}") from err
+    state = safe_load(path, what="a ResNet weights file")
     if not isinstance(state, dict):
         raise ValueError(f"{os.fspath(path)!r} does not hold a state dict")
     if isinstance(state, dict) and "state_dict" in state:

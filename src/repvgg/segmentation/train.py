@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,26 +96,35 @@ class SegmentationTask:
     command = "seg-train"
     score = "val_miou"
     min_local_batch = 2  # BatchNorm in the pyramid pooling's 1x1 bin
-    fixed_on_resume = ("backbone", "fast", "dilated_layers", "head_channels", "aux_channels", "data", "num_classes")
+    fixed_on_resume = ("backbone", "fast", "dilated_layers", "head_channels", "aux_channels", "num_classes",
+                       "crop_size", "synthetic_size", "synthetic_seed")
+    input_fields = ("data", "backbone_weights")
 
     def __init__(self) -> None:
         self.config: SegTrainConfig | None = None
         self.bundle: SegmentationDataBundle | None = None
         self.device = torch.device("cpu")
         self.val_batch_size = 1
+        self.resumed: Mapping[str, Any] | None = None
 
     def default_output(self, config: SegTrainConfig) -> Path:
         return default_segmentation_output_dir(config)
 
-    def setup(self, config: SegTrainConfig, ctx: DistContext) -> tuple[SegTrainConfig, Dataset]:
-        self.device = ctx.device
+    def setup(self, config: SegTrainConfig, ctx: DistContext,
+              resumed: Mapping[str, Any] | None = None) -> tuple[SegTrainConfig, Dataset]:
+        self.device, self.resumed = ctx.device, resumed
         self.bundle = _build_data(config)
         self.config = config.updated(lr=config.resolved_lr)  # saved resolved, not as "derive it"
         return self.config, self.bundle.train
 
+    def data_identity(self) -> dict[str, Any]:
+        return {"classes": list(self.bundle.classes),
+                "images": {"train": len(self.bundle.train), "val": len(self.bundle.val)}}
+
     def build_model(self, config: SegTrainConfig, device: torch.device) -> PSPNet:
-        return build_segmenter(segmenter_config(config, self.bundle.num_classes),
-                               backbone_weights=config.backbone_weights).to(device)
+        # a resume's weights come from its checkpoint: the backbone's initial file is not needed
+        weights = config.backbone_weights if self.resumed is None else None
+        return build_segmenter(segmenter_config(config, self.bundle.num_classes), backbone_weights=weights).to(device)
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
         self.val_batch_size = local_batch if self.bundle.uniform_val_size else 1

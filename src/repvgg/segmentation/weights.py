@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from repvgg.io.safe_load import safe_load
 from repvgg.io.weights import read_safetensors, write_safetensors
 from repvgg.segmentation.pspnet import PSPNet, SegmenterConfig, build_segmenter
 
@@ -63,10 +64,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             "data": json.loads(raw.get("data", "null")),
         }
         return state_dict, meta
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"could not read {path} as a PyTorch checkpoint (truncated or corrupt?): {err}") from err
+    payload = safe_load(path, what="a seg-train checkpoint")
     if not isinstance(payload, dict) or "segmenter" not in payload or "model" not in payload:
         raise ValueError(not_ours)
     meta = {"segmenter": payload["segmenter"], "deploy": False, "classes": payload.get("classes"),

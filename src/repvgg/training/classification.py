@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,8 @@ class ClassificationTask:
     command = "train"
     score = "val_top1"
     min_local_batch = 1
-    fixed_on_resume = ("model", "model_overrides", "data", "val_fraction", "qat")
+    fixed_on_resume = ("model", "model_overrides", "val_fraction", "qat", "img_size")
+    input_fields = ("data", "weights")
 
     def __init__(self) -> None:
         self.config: TrainConfig | None = None
@@ -56,12 +57,14 @@ class ClassificationTask:
         self.memory_format = torch.contiguous_format
         self.criterion: nn.Module = nn.CrossEntropyLoss()
         self.mixer: Any = None
+        self.resumed: Mapping[str, Any] | None = None
 
     def default_output(self, config: TrainConfig) -> Path:
         return default_output_dir(config)
 
-    def setup(self, config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, Dataset]:
-        self.device = ctx.device
+    def setup(self, config: TrainConfig, ctx: DistContext,
+              resumed: Mapping[str, Any] | None = None) -> tuple[TrainConfig, Dataset]:
+        self.device, self.resumed = ctx.device, resumed
         self.memory_format = training_memory_format(config.channels_last, ctx.device)
         self.bundle = build_datasets(config.data, img_size=config.img_size, val_fraction=config.val_fraction,
                                      auto_augment=config.auto_augment, bad_images=config.bad_images,
@@ -73,9 +76,13 @@ class ClassificationTask:
         self.criterion, self.mixer = _loss_function(self.config, self.bundle.num_classes)
         return self.config, self.bundle.train
 
+    def data_identity(self) -> dict[str, Any]:
+        return {"classes": list(self.bundle.classes),
+                "images": {"train": len(self.bundle.train), "val": len(self.bundle.val)}}
+
     def build_model(self, config: TrainConfig, device: torch.device) -> RepVGG:
         model = build_model(config.model, num_classes=self.bundle.num_classes, **config.model_overrides)
-        if config.weights:
+        if config.weights and self.resumed is None:  # a resume's weights come from its checkpoint
             state_dict, _ = read_checkpoint(resolve_weights(config.weights))
             skip_head = checkpoint_num_classes(state_dict) not in (None, self.bundle.num_classes)
             if skip_head:

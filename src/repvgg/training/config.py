@@ -125,6 +125,8 @@ class LoopConfig(RunConfig):
     stop_after_steps: int | None = option(None, "save a resumable last.pt and exit after N steps of this invocation")
     log_interval: int = option(50, "steps between log lines (and tracked step scalars)")
     tensorboard: bool = option(False, "log step and epoch scalars for TensorBoard in the run folder's tensorboard/")
+    config_file: str | None = option(None, "the --config file the options came from (an input: never written to)",
+                                     cli=False)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -276,10 +278,15 @@ def resolve_run_config(
 
     base: dict[str, Any] = {}
     if resume:
-        base.update(load_checkpoint(resume)["config"])
-        for key in ("stop_after_steps", "overwrite"):  # they apply to one invocation only
+        from repvgg.training.run_folder import resumable_file
+
+        base.update(load_checkpoint(resumable_file(resume))["config"])
+        for key in ("stop_after_steps", "overwrite", "config_file"):  # they apply to one invocation only
             base.pop(key, None)
+        base["output"] = str(Path(resume).parent if Path(resume).is_file() else Path(resume))  # where it lies now
     if config_file:
         base.update({k.replace("-", "_"): v for k, v in load_config_file(config_file).items()})
     base.update({k: v for k, v in (flags or {}).items() if v is not None})
+    if config_file:
+        base["config_file"] = str(config_file)
     return config_cls.from_dict(base)

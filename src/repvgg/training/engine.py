@@ -1,27 +1,26 @@
 """The training engine: one loop that every training job (classification, segmentation, ...) plugs into.
 
 ``fit(task, config)`` owns what every run needs around its own loss and metrics: the process group
-under ``torchrun``, the run folder, resume (exact, mid-epoch included), per-epoch seeding and a data
-order that makes resume exact, the epoch loop with mixed precision, weight EMA and SyncBatchNorm,
-stop requests (SIGINT/SIGTERM or a step budget), progress, per-epoch evaluation, ``metrics.jsonl``,
-``last.pt`` / ``best.pt``, and the final conversion of the trained model with its check.
+under ``torchrun``, the run folder (:mod:`~repvgg.training.run_folder`), resume (exact, mid-epoch included,
+metrics too), per-epoch seeding and a data order that makes resume exact, the epoch loop with mixed
+precision, weight EMA and SyncBatchNorm, stop requests (:mod:`~repvgg.training.stopping`), progress,
+per-epoch evaluation, ``best.pt`` / ``last.pt`` / ``metrics.jsonl`` (in that order, so the metrics never
+list an epoch whose checkpoint failed to write), and the final conversion of the trained model with its check.
 
 A task (:class:`Task`) is a small object that builds its data and model, does one training step,
-evaluates, and compares and saves the converted model. The loop below reads top to bottom.
+evaluates, and compares and saves the converted model. :func:`fit` reads like a table of contents:
+start (restore or begin), epochs (each :func:`_run_epoch` then :func:`_end_epoch`), finish.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import random
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -32,30 +31,30 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from repvgg.errors import TrainingDiverged
 from repvgg.io.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from repvgg.nn.complexity import count_parameters
-from repvgg.errors import TrainingDiverged
 from repvgg.nn.convert import check_conversion, reparameterize_model
 from repvgg.serialization import write_json, write_text
 from repvgg.training.config import LoopConfig
 from repvgg.training.distributed import (DistContext, EpochSampler, SeededSamples, ShardSampler, all_reduce,
                                          init_distributed, shutdown_distributed)
 from repvgg.training.optim import build_optimizer
+from repvgg.training.run_folder import (check_continuation, check_data_is_there, check_run_folder, check_same_data,
+                                        locate_run, resolve_inputs, resumable_file)
+from repvgg.training.stopping import CHECK_INTERVAL, StopRequest, shared_flags
 from repvgg.training.trackers import TensorBoardTracker, Tracker
 
 __all__ = [
     "RunState",
     "StepOutput",
-    "StopRequest",
     "Task",
     "train_loader",
     "eval_loader",
     "fit",
     "progress_bar",
     "run_distributed",
-    "run_folder",
     "seed_epoch",
-    "shared_flags",
     "training_memory_format",
     "write_metrics",
 ]
@@ -80,42 +79,6 @@ def run_distributed(job: Callable[[DistContext], T], device: str) -> T:
         return result
     finally:
         shutdown_distributed(wait=finished)
-
-
-#: The files a run writes into its folder; a folder holding any of them holds a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "deploy.safetensors",
-             "curves.png", "predictions.png")
-
-
-def run_folder(output: str | None, resume: str | None, default: Callable[[], Path]) -> Path:
-    """The run folder: ``output`` if given, else the resumed run's folder, else ``default()``."""
-    if output:
-        return Path(output)
-    if resume:
-        return Path(resume).parent if Path(resume).is_file() else Path(resume)
-    return default()
-
-
-def check_run_folder(output: Path, *, resume: str | None, overwrite: bool) -> list[Path]:
-    """Refuse a run folder that would lose or mix up someone's files; return the files ``overwrite`` replaces.
-
-    A folder holding a run is only written to when that run is resumed (``--resume``) or the user asked
-    to replace it (``--overwrite``); a path that is a file is never a run folder.
-    """
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} is a file, not a folder; choose a folder for the run")
-    existing = [output / name for name in RUN_FILES if (output / name).exists()]
-    if not existing:
-        return []
-    resumed_here = resume is not None and (Path(resume) if Path(resume).is_dir() else Path(resume).parent).resolve() \
-        == output.resolve()
-    if resumed_here:
-        return []
-    if not overwrite:
-        holds = "a finished run" if (output / "summary.json").exists() else "a run"
-        raise ValueError(f"{output} already holds {holds} ({', '.join(p.name for p in existing)}); continue it with "
-                         f"--resume {output}, replace it with --overwrite, or choose another --output")
-    return existing
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -147,51 +110,6 @@ def eval_loader(dataset: Dataset, *, batch_size: int, workers: int, ctx: DistCon
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       sampler=ShardSampler(len(dataset), ctx.rank, ctx.world_size),
                       pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second signal aborts)."""
-
-    def __init__(self, action: str = "saving a resumable checkpoint after this step") -> None:
-        self.requested = False
-        self.action = action
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("received %s: %s", signal.Signals(signum).name, self.action)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopRequest]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        try:
-            yield self
-        finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
-
-
-#: Steps between the checks for a stop request and a non-finite loss on CUDA or in a distributed run
-#: (each is a host sync and a small collective); on one CPU process every step is checked.
-CHECK_INTERVAL = 10
-
-
-def shared_flags(stopper: StopRequest, sums: Tensor | None = None) -> tuple[bool, bool]:
-    """``(stop requested, loss not finite)``, each true on every process if it is true on any: one collective.
-
-    ``sums`` is the epoch's running sums (``sums[0]`` the summed loss), on any device.
-    """
-    flags = torch.tensor([float(stopper.requested), 0.0])
-    if sums is not None:
-        flags[1] = float(not bool(torch.isfinite(sums[0])))
-    all_reduce(flags, "max")
-    return bool(flags[0]), bool(flags[1])
 
 
 def _duration(seconds: float) -> str:
@@ -235,17 +153,48 @@ def write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
     write_text(output / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
 
-# --- the task interface and the loop --------------------------------------------------------------
+# --- the task interface ----------------------------------------------------------------------------
 
 @dataclass
 class RunState:
-    """Where the run is; saved in every checkpoint."""
+    """Where the run is; saved in every checkpoint, the unfinished epoch's running sums included."""
 
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # optimizer steps done inside the current epoch
     global_step: int = 0
     best_score: float = -float("inf")  # best value of the task's score metric so far
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The unfinished epoch so far (a resume continues its metrics exactly): its sums over every process,
+    # and the time it took and waited for data, over every invocation.
+    epoch_sums: Tensor | None = None
+    epoch_time_s: float = 0.0
+    epoch_data_wait_s: float = 0.0
+    epoch_steps_timed: int = 0
+    # Finished epochs, over every invocation.
+    train_time_s: float = 0.0
+    train_images: int = 0
+
+    _PROGRESS = ("epoch_sums", "epoch_time_s", "epoch_data_wait_s", "epoch_steps_timed", "train_time_s",
+                 "train_images")
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        progress = {k: getattr(self, k) for k in self._PROGRESS}
+        if self.epoch_sums is not None:
+            progress["epoch_sums"] = self.epoch_sums.detach().cpu()
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "best_score": self.best_score, "history": self.history, "progress": progress}
+
+    @classmethod
+    def from_checkpoint(cls, payload: Mapping[str, Any], *, device: torch.device, keep_sums: bool) -> RunState:
+        """The state a checkpoint saved; ``keep_sums`` on one process only, since the sums are already totals."""
+        progress = dict(payload.get("progress") or {})
+        if payload["step_in_epoch"] and "epoch_sums" not in progress:
+            logger.warning("this checkpoint predates exact resumed metrics: the interrupted epoch's train_loss "
+                           "and accuracy will cover only the steps after the resume")
+        sums = progress.pop("epoch_sums", None)
+        return cls(payload["epoch"], payload["step_in_epoch"], payload["global_step"], payload["best_score"],
+                   list(payload["history"]), sums.to(device) if keep_sums and sums is not None else None,
+                   **{k: v for k, v in progress.items() if k in cls._PROGRESS})
 
 
 @dataclass
@@ -267,17 +216,27 @@ class Task(Protocol):
     score: str
     #: Images each process needs per batch (BatchNorm on a 1x1 pooled map needs 2).
     min_local_batch: int
-    #: Config fields a resumed run may not change (they decide the model's shape or the data).
+    #: Config fields a resumed run may not change (they decide the model's shape or what it trains on);
+    #: the batch size and the seed never change, and the data is compared by :meth:`data_identity`.
     fixed_on_resume: tuple[str, ...]
+    #: Config fields that are paths the run reads (stored resolved, checked never to be written to).
+    input_fields: tuple[str, ...]
 
     def default_output(self, config: Any) -> Path:
         """The run folder when neither ``output`` nor ``resume`` names one."""
 
-    def setup(self, config: Any, ctx: DistContext) -> tuple[Any, Dataset]:
-        """Build and check the data; return the config with derived values resolved, and the training set."""
+    def setup(self, config: Any, ctx: DistContext, resumed: Mapping[str, Any] | None) -> tuple[Any, Dataset]:
+        """Build and check the data; return the config with derived values resolved, and the training set.
+
+        ``resumed`` is the checkpoint a resume continues (``None`` for a new run): the model then comes
+        from it, and the initial weights file is not needed.
+        """
+
+    def data_identity(self) -> dict[str, Any]:
+        """What makes the data the same data wherever it lies: class names and image counts."""
 
     def build_model(self, config: Any, device: torch.device) -> nn.Module:
-        """The training-time model on ``device`` (initial weights loaded and checked)."""
+        """The training-time model on ``device`` (initial weights loaded and checked for a new run)."""
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
         """This process's validation shard."""
@@ -311,6 +270,57 @@ class Task(Protocol):
 C = TypeVar("C", bound=LoopConfig)
 
 
+@dataclass
+class _Run:
+    """One invocation of :func:`fit` while it runs: what it trains, with what, and where it writes."""
+
+    task: Task
+    config: Any
+    ctx: DistContext
+    output: Path
+    trackers: list[Tracker]
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: Any
+    scaler: Any
+    state: RunState
+    val_loader: DataLoader
+    local_batch: int
+    steps_per_epoch: int
+    given_paths: dict[str, str]
+    data_identity: dict[str, Any]
+    loader: DataLoader | None = None
+    sampler: EpochSampler | None = None
+    stopper: StopRequest = field(default_factory=StopRequest)
+    steps_this_run: int = 0
+    epochs_this_run: int = 0
+    lr: float = 0.0
+    stop_after_epoch: bool = False  # a stop request or the step budget ended the epoch's last step
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    @property
+    def use_amp(self) -> bool:
+        return self.config.amp and self.ctx.device.type == "cuda"
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "task": self.task.command,
+            "model": self.model.state_dict(),
+            **self.task.checkpoint_fields(self.model),
+            "config": self.config.to_dict(),
+            "paths_as_given": self.given_paths,
+            "data_identity": self.data_identity,
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            **self.state.to_checkpoint(),
+            "rng": capture_rng_state(),
+        }
+
+
 def fit(task: Task, config: C, trackers: Sequence[Tracker] = ()) -> dict[str, Any]:
     """Run ``task`` as described by ``config`` and return the summary (also written to ``summary.json``).
 
@@ -328,39 +338,62 @@ def fit(task: Task, config: C, trackers: Sequence[Tracker] = ()) -> dict[str, An
 
 
 def _fit(task: Task, config: C, ctx: DistContext, trackers: list[Tracker]) -> dict[str, Any]:
-    resume = load_checkpoint(config.resume) if config.resume else None
-    if resume is not None and resume.get("task", task.command) != task.command:
+    run = _start(task, config, ctx, trackers)
+    with run.stopper.installed():
+        while run.state.epoch < run.config.epochs:
+            if not _run_epoch(run):
+                return _interrupted(run)
+            stop = _end_epoch(run)
+            if stop and run.state.epoch < run.config.epochs:
+                return _interrupted(run)
+    return _finish(run)
+
+
+# --- start: check everything, restore or begin, then open the folder ----------------------------
+
+def _resume_checkpoint(task: Task, config: Any) -> dict[str, Any] | None:
+    """The checkpoint ``config.resume`` continues, checked to be this task's training state."""
+    if not config.resume:
+        return None
+    resume = load_checkpoint(resumable_file(config.resume))
+    if resume.get("task", task.command) != task.command:
         raise ValueError(f"{config.resume} is a `repvgg {resume['task']}` checkpoint; "
                          f"resume it with `repvgg {resume['task']} --resume`")
-    if resume is not None and resume.get("weights_from") == "ema":
+    if resume.get("weights_from") == "ema":
         raise ValueError(f"{config.resume} holds the EMA weights of the best epoch, not the training state; resume "
                          "from last.pt (or start a new run from these weights with --weights)")
-    output = run_folder(config.output, config.resume, lambda: task.default_output(config))
-    replaced = check_run_folder(output, resume=config.resume, overwrite=config.overwrite)
+    return resume
+
+
+def _checked_config(task: Task, config: Any, resume: dict[str, Any] | None) -> tuple[Any, Path, list[Path], dict]:
+    """The run's config (input paths resolved), its folder, the files ``--overwrite`` replaces, and the
+    paths as the user typed them. Refuses, before anything is written, whatever would lose or mix up work."""
+    output = locate_run(config.output, config.resume, lambda: task.default_output(config))
+    config, given = resolve_inputs(config, task.input_fields)
     if resume is not None:
-        changed = [k for k in task.fixed_on_resume if resume["config"].get(k) != getattr(config, k)]
-        if changed:
-            raise ValueError(f"{config.resume} was trained with other "
-                             + ", ".join(f"{k} ({resume['config'].get(k)!r}, not {getattr(config, k)!r})"
-                                         for k in changed)
-                             + "; resume without changing them, or start a new run")
-    config = config.updated(output=str(output), overwrite=False)
+        check_data_is_there(config, resume)
+        given = {**resume.get("paths_as_given", {}), **{k: v for k, v in given.items()
+                                                        if v != resume["config"].get(k)}}
+    reads = [getattr(config, f) for f in task.input_fields] + [config.config_file]
+    replaced = check_run_folder(output, resume=resume is not None, overwrite=config.overwrite, reads=reads)
+    if resume is not None:
+        config = check_continuation(resume, config, fixed=task.fixed_on_resume, paths=task.input_fields, output=output,
+                           source=str(config.resume))
+    return config.updated(output=str(output), overwrite=False), output, replaced, given
+
+
+def _start(task: Task, config: Any, ctx: DistContext, trackers: list[Tracker]) -> _Run:
+    resume = _resume_checkpoint(task, config)
+    config, output, replaced, given = _checked_config(task, config, resume)
     device = ctx.device
     if config.amp and device.type != "cuda":
         logger.info("--amp applies to CUDA only; training in float32 on %s", device)
-    use_amp = config.amp and device.type == "cuda"
-
     seed_epoch(config.seed, 0, ctx.rank)
-    config, train_set = task.setup(config, ctx)
-    model = task.build_model(config, device)
-    if config.sync_bn and ctx.in_group:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            logger.warning("--sync-bn needs CUDA (SyncBatchNorm); each process keeps its own BN statistics on %s",
-                           device)
-    elif config.sync_bn:
-        logger.info("--sync-bn has no effect in a single process (launch with torchrun to share BN statistics)")
+    config, train_set = task.setup(config, ctx, resume)
+    identity = task.data_identity()
+    if resume is not None:
+        check_same_data(resume.get("data_identity"), identity, getattr(config, "data", None), str(config.resume))
+    model = _with_sync_bn(task.build_model(config, device), config, ctx)
     optimizer = build_optimizer(model, config.resolved_lr, config.momentum, config.weight_decay,
                                 custom_l2=getattr(config, "custom_l2", False))
     ema = None
@@ -368,193 +401,238 @@ def _fit(task: Task, config: C, ctx: DistContext, trackers: list[Tracker]) -> di
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=config.ema_decay)
-    state = RunState()
-    if resume is not None:
-        try:
-            model.load_state_dict(resume["model"])
-        except RuntimeError as err:
-            raise ValueError(f"{config.resume} does not fit the model of this run: {str(err).splitlines()[0]}") from err
-        optimizer.load_state_dict(resume["optimizer"])
-        if ema is not None and resume.get("ema") is not None:
-            ema.module.load_state_dict(resume["ema"])
-        state = RunState(resume["epoch"], resume["step_in_epoch"], resume["global_step"], resume["best_score"],
-                         list(resume["history"]))
-        restore_rng_state(resume["rng"])
-        logger.info("resumed from %s at epoch %d, step %d", config.resume, state.epoch, state.step_in_epoch)
-    net: nn.Module = DistributedDataParallel(model) if ctx.distributed else model
+    state = RunState() if resume is None else _restore(resume, model, optimizer, ema, ctx, str(config.resume))
+    local_batch, steps_per_epoch = _batch_plan(task, config, ctx, len(train_set))
+    run = _Run(task, config, ctx, output, trackers, model,
+               DistributedDataParallel(model) if ctx.distributed else model, optimizer, ema,
+               torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda"), state,
+               task.val_loader(local_batch, ctx), local_batch, steps_per_epoch, given, identity)
+    if ctx.is_main:  # everything is checked: the first write
+        _open_folder(run, replaced)
+    logger.info("%s, %d params, %d steps/epoch, lr %.4g", task.describe(model, config, steps_per_epoch),
+                count_parameters(model), steps_per_epoch, config.resolved_lr)
+    run.loader, run.sampler = train_loader(train_set, seed=config.seed, ctx=ctx, local_batch=local_batch,
+                                           workers=config.workers)
+    return run
 
+
+def _with_sync_bn(model: nn.Module, config: Any, ctx: DistContext) -> nn.Module:
+    if config.sync_bn and ctx.in_group:
+        if ctx.device.type == "cuda":
+            return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        logger.warning("--sync-bn needs CUDA (SyncBatchNorm); each process keeps its own BN statistics on %s",
+                       ctx.device)
+    elif config.sync_bn:
+        logger.info("--sync-bn has no effect in a single process (launch with torchrun to share BN statistics)")
+    return model
+
+
+def _restore(resume: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any,
+             ctx: DistContext, source: str) -> RunState:
+    """Load the training state of ``resume`` into the run; the RNG state last, as the uninterrupted run had it."""
+    try:
+        model.load_state_dict(resume["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{source} does not fit the model of this run: {str(err).splitlines()[0]}") from err
+    optimizer.load_state_dict(resume["optimizer"])
+    if ema is not None and resume.get("ema") is not None:
+        ema.module.load_state_dict(resume["ema"])
+    state = RunState.from_checkpoint(resume, device=ctx.device, keep_sums=ctx.is_main)
+    restore_rng_state(resume["rng"])
+    logger.info("resumed from %s at epoch %d, step %d", source, state.epoch, state.step_in_epoch)
+    return state
+
+
+def _batch_plan(task: Task, config: Any, ctx: DistContext, train_images: int) -> tuple[int, int]:
+    """``(images per process per step, steps per epoch)``, or a ValueError saying what to change."""
     local_batch = config.batch_size // ctx.world_size
     if config.batch_size % ctx.world_size or local_batch < task.min_local_batch:
         raise ValueError(f"batch size {config.batch_size} must be a multiple of the {ctx.world_size} processes "
                          f"with at least {task.min_local_batch} image(s) per process")
-    steps_per_epoch = len(train_set) // config.batch_size
+    steps_per_epoch = train_images // config.batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch "
+        raise ValueError(f"the training set ({train_images} images) is smaller than one batch "
                          f"({config.batch_size}); lower --batch-size")
-    total_steps = steps_per_epoch * config.epochs
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    val_loader = task.val_loader(local_batch, ctx)
-    if ctx.is_main:
-        output.mkdir(parents=True, exist_ok=True)
+    return local_batch, steps_per_epoch
+
+
+def _open_folder(run: _Run, replaced: list[Path]) -> None:
+    """Create the run folder, remove what ``--overwrite`` replaces, write ``config.yaml``, start TensorBoard."""
+    from repvgg.serialization import write_failed
+
+    try:
+        run.output.mkdir(parents=True, exist_ok=True)
         for path in replaced:
             logger.info("--overwrite: removing %s", path)
             path.unlink()
-        config.save(output / "config.yaml")
-        if config.tensorboard:
-            trackers.append(TensorBoardTracker(output / "tensorboard"))
-    logger.info("%s, %d params, %d steps/epoch, lr %.4g", task.describe(model, config, steps_per_epoch),
-                count_parameters(model), steps_per_epoch, config.resolved_lr)
+    except OSError as err:
+        raise write_failed(run.output, err) from err
+    run.config.save(run.output / "config.yaml")
+    if run.config.tensorboard:
+        run.trackers.append(TensorBoardTracker(run.output / "tensorboard"))
 
-    def checkpoint() -> dict[str, Any]:
-        return {
-            "task": task.command,
-            "model": model.state_dict(),
-            **task.checkpoint_fields(model),
-            "config": config.to_dict(),
-            "optimizer": optimizer.state_dict(),
-            "ema": ema.module.state_dict() if ema is not None else None,
-            "epoch": state.epoch,
-            "step_in_epoch": state.step_in_epoch,
-            "global_step": state.global_step,
-            "best_score": state.best_score,
-            "history": state.history,
-            "rng": capture_rng_state(),
-        }
 
-    loader, sampler = train_loader(train_set, seed=config.seed, ctx=ctx, local_batch=local_batch,
-                                   workers=config.workers)
-    stopper = StopRequest()
-    check_every = 1 if device.type == "cpu" and not ctx.distributed else CHECK_INTERVAL
-    steps_this_run = 0
-    train_seconds = 0.0
-    train_images = 0
-    interrupted = False
-    with stopper.installed():
-        while state.epoch < config.epochs and not interrupted:
-            epoch = state.epoch
-            if state.step_in_epoch == 0:
-                seed_epoch(config.seed, epoch + 1, ctx.rank)
-            sampler.set_epoch(epoch, skip=state.step_in_epoch * local_batch)
-            net.train()
-            stop_now = False
-            sums: Tensor | None = None  # loss * images, images, then the task's sums
-            bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", ctx.is_main)
-            if bar is not None:
-                bar.update(state.step_in_epoch)
-            start = time.perf_counter()
-            data_wait, steps_timed, ready = 0.0, 0, start
-            for batch in loader:
-                data_wait += time.perf_counter() - ready  # time this step waited for its batch
-                steps_timed += 1
-                lr = task.learning_rate(state.global_step, total_steps, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with torch.autocast(device.type, enabled=use_amp):
-                    out = task.training_step(net, model, batch)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update(model, step=state.global_step)
-                # Summed on the device: no host sync per step.
-                loss = out.loss.detach().double().reshape(1)
-                step_sums = torch.cat([loss * out.images, loss.new_tensor([out.images]),
-                                       out.sums.detach().to(loss.device, torch.float64).reshape(-1)])
-                sums = step_sums if sums is None else sums + step_sums
-                state.global_step += 1
-                state.step_in_epoch += 1
-                steps_this_run += 1
-                if ctx.is_main and state.step_in_epoch % config.log_interval == 0 or (bar is not None and (
-                        state.step_in_epoch % 10 == 0 or state.step_in_epoch == steps_per_epoch)):
-                    shown = {k: f"{v:.4g}" for k, v in task.train_metrics(sums).items()} | {"lr": f"{lr:.3g}"}
-                    if bar is not None:
-                        bar.set_postfix(shown, refresh=False)
-                    else:
-                        logger.info("epoch %d step %d/%d %s", epoch + 1, state.step_in_epoch, steps_per_epoch,
-                                    " ".join(f"{k} {v}" for k, v in shown.items()))
-                if trackers and ctx.is_main and state.step_in_epoch % config.log_interval == 0:
-                    scalars = {**task.train_metrics(sums), "lr": lr}
-                    for tracker in trackers:
-                        tracker.log_step(state.global_step, scalars)
-                if bar is not None:
-                    bar.update(1)
-                stop_now = config.stop_after_steps is not None and steps_this_run >= config.stop_after_steps
-                ready = time.perf_counter()
-                if state.step_in_epoch % check_every == 0 or state.step_in_epoch == steps_per_epoch:
-                    signalled, bad_loss = shared_flags(stopper, sums)
-                    if bad_loss:
-                        raise diverged_error(f"the training loss is {float(sums[0] / sums[1]):g}",
-                                             f"epoch {epoch + 1}, step {state.step_in_epoch}", output, lr)
-                    stop_now = stop_now or signalled
-                if stop_now and state.step_in_epoch < steps_per_epoch:
-                    interrupted = True
-                    break
-            elapsed = time.perf_counter() - start
-            if bar is not None:
-                bar.close()
-            if sums is not None:
-                all_reduce(sums, "sum")
-                train_seconds += elapsed
-                train_images += int(sums[1])
-            if interrupted:
-                break
-            state.epoch += 1
-            state.step_in_epoch = 0
-            eval_model = ema.module if ema is not None else model
-            row = {"epoch": state.epoch, **task.train_metrics(sums), **task.evaluate(eval_model, val_loader),
-                   "lr": lr, "epoch_time_s": elapsed,
-                   "train_images_per_s": float(sums[1]) / elapsed if elapsed > 0 else 0.0,
-                   "data_wait_s_per_step": data_wait / max(1, steps_timed)}
-            bad = sorted(k for k, v in row.items() if not math.isfinite(v))
-            if bad:  # nothing of this epoch is saved
-                raise diverged_error(f"{', '.join(bad)} not finite", f"after epoch {state.epoch}", output, lr)
-            state.history.append(row)
-            if ctx.is_main:
-                for tracker in trackers:
-                    tracker.log_epoch(state.epoch, row)
-            improved = row[task.score] > state.best_score
-            state.best_score = max(state.best_score, row[task.score])
-            if steps_this_run == steps_timed:  # the first epoch of this invocation: time per epoch known
-                remaining = (config.epochs - state.epoch) * (time.perf_counter() - start)
-                if remaining > 0:
-                    logger.info("ETA: about %s for the %d remaining epoch(s), at %.0f training images/s",
-                                _duration(remaining), config.epochs - state.epoch, row["train_images_per_s"])
-            logger.info("epoch %d/%d: %s (%.1fs)", state.epoch, config.epochs,
-                        ", ".join(f"{k} {v:.4g}" for k, v in row.items()
-                                  if k not in ("epoch", "lr", "epoch_time_s", "train_images_per_s",
-                                               "data_wait_s_per_step")), elapsed)
-            if ctx.is_main:
-                write_metrics(output, state.history)
-                payload = checkpoint()
-                save_checkpoint(payload, output / "last.pt")
-                if improved:
-                    if ema is not None:  # the evaluated weights; not a state to resume from
-                        payload.update(model=eval_model.state_dict(), weights_from="ema")
-                    save_checkpoint(payload, output / "best.pt")
-            if stop_now or shared_flags(stopper)[0]:
-                interrupted = state.epoch < config.epochs
+# --- one epoch ---------------------------------------------------------------------------------------
 
-    if interrupted:
-        if ctx.is_main:
-            save_checkpoint(checkpoint(), output / "last.pt")
-        logger.warning("stopped at epoch %d step %d; continue with: repvgg %s --resume %s",
-                       state.epoch, state.step_in_epoch, task.command, output / "last.pt")
-        return {"interrupted": True, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
-                "output": str(output)}
+def _train_step(run: _Run, batch: Any) -> None:
+    """One optimizer step on ``batch``; its sums are added to the epoch's on the device (no host sync)."""
+    state = run.state
+    run.lr = run.task.learning_rate(state.global_step, run.total_steps, run.steps_per_epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr
+    with torch.autocast(run.ctx.device.type, enabled=run.use_amp):
+        out = run.task.training_step(run.net, run.model, batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(out.loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.ema is not None:
+        run.ema.update(run.model, step=state.global_step)
+    loss = out.loss.detach().double().reshape(1)
+    step_sums = torch.cat([loss * out.images, loss.new_tensor([out.images]),
+                           out.sums.detach().to(loss.device, torch.float64).reshape(-1)])
+    state.epoch_sums = step_sums if state.epoch_sums is None else state.epoch_sums + step_sums
+    state.global_step += 1
+    state.step_in_epoch += 1
+    run.steps_this_run += 1
 
-    # The last minute of the run: a signal now waits until deploy.safetensors and summary.json are both
-    # written, so the folder never holds one without the other (a second signal aborts).
+
+def _report_step(run: _Run, bar: Any) -> None:
+    """The progress bar, a log line every ``log_interval`` steps without one, and the trackers' step scalars."""
+    state, config = run.state, run.config
+    logged = run.ctx.is_main and state.step_in_epoch % config.log_interval == 0
+    if logged or (bar is not None and (state.step_in_epoch % 10 == 0 or state.step_in_epoch == run.steps_per_epoch)):
+        shown = {k: f"{v:.4g}" for k, v in run.task.train_metrics(state.epoch_sums).items()} | {"lr": f"{run.lr:.3g}"}
+        if bar is not None:
+            bar.set_postfix(shown, refresh=False)
+        else:
+            logger.info("epoch %d step %d/%d %s", state.epoch + 1, state.step_in_epoch, run.steps_per_epoch,
+                        " ".join(f"{k} {v}" for k, v in shown.items()))
+    if run.trackers and logged:
+        scalars = {**run.task.train_metrics(state.epoch_sums), "lr": run.lr}
+        for tracker in run.trackers:
+            tracker.log_step(state.global_step, scalars)
+    if bar is not None:
+        bar.update(1)
+
+
+def _run_epoch(run: _Run) -> bool:
+    """Train until the epoch ends (True) or a stop request or step budget ends it early (False).
+
+    The epoch's sums are totalled over the processes when it ends either way, so a checkpoint holds them.
+    """
+    state, config = run.state, run.config
+    if state.step_in_epoch == 0:
+        seed_epoch(config.seed, state.epoch + 1, run.ctx.rank)
+    run.sampler.set_epoch(state.epoch, skip=state.step_in_epoch * run.local_batch)
+    run.net.train()
+    bar = progress_bar(run.steps_per_epoch, f"epoch {state.epoch + 1}/{config.epochs}", run.ctx.is_main)
+    if bar is not None:
+        bar.update(state.step_in_epoch)
+    check_every = 1 if run.ctx.device.type == "cpu" and not run.ctx.distributed else CHECK_INTERVAL
+    start = ready = time.perf_counter()
+    completed, stop = True, False
+    for batch in run.loader:
+        state.epoch_data_wait_s += time.perf_counter() - ready  # time this step waited for its batch
+        state.epoch_steps_timed += 1
+        _train_step(run, batch)
+        _report_step(run, bar)
+        stop = config.stop_after_steps is not None and run.steps_this_run >= config.stop_after_steps
+        ready = time.perf_counter()
+        if state.step_in_epoch % check_every == 0 or state.step_in_epoch == run.steps_per_epoch:
+            signalled, bad_loss = shared_flags(run.stopper, state.epoch_sums)
+            if bad_loss:
+                sums = state.epoch_sums
+                raise diverged_error(f"the training loss is {float(sums[0] / sums[1]):g}",
+                                     f"epoch {state.epoch + 1}, step {state.step_in_epoch}", run.output, run.lr)
+            stop = stop or signalled
+        if stop and state.step_in_epoch < run.steps_per_epoch:
+            completed = False
+            break
+    state.epoch_time_s += time.perf_counter() - start
+    run.stop_after_epoch = stop if completed else True
+    if bar is not None:
+        bar.close()
+    if state.epoch_sums is not None:
+        all_reduce(state.epoch_sums, "sum")  # the main process saves the totals; a resume gives them to it alone
+    return completed
+
+
+def _end_epoch(run: _Run) -> bool:
+    """Evaluate, record and save the finished epoch; True if the run should stop now."""
+    state, task = run.state, run.task
+    sums, started = state.epoch_sums, time.perf_counter() - state.epoch_time_s
+    eval_model = run.ema.module if run.ema is not None else run.model
+    row = {"epoch": state.epoch + 1, **task.train_metrics(sums), **task.evaluate(eval_model, run.val_loader),
+           "lr": run.lr, "epoch_time_s": state.epoch_time_s,
+           "train_images_per_s": float(sums[1]) / state.epoch_time_s if state.epoch_time_s > 0 else 0.0,
+           "data_wait_s_per_step": state.epoch_data_wait_s / max(1, state.epoch_steps_timed)}
+    bad = sorted(k for k, v in row.items() if not math.isfinite(v))
+    if bad:  # nothing of this epoch is saved
+        raise diverged_error(f"{', '.join(bad)} not finite", f"after epoch {state.epoch + 1}", run.output, run.lr)
+    improved = row[task.score] > state.best_score
+    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    state.history.append(row)
+    state.best_score = max(state.best_score, row[task.score])
+    state.train_time_s += state.epoch_time_s
+    state.train_images += int(sums[1])
+    state.epoch_sums, state.epoch_time_s, state.epoch_data_wait_s, state.epoch_steps_timed = None, 0.0, 0.0, 0
+    _log_epoch(run, row, started)
+    if run.ctx.is_main:
+        for tracker in run.trackers:
+            tracker.log_epoch(state.epoch, row)
+        payload = run.checkpoint()
+        if improved:  # best.pt first: if last.pt then fails, a resume redoes this epoch exactly
+            best = payload if run.ema is None else {**payload, "model": eval_model.state_dict(), "weights_from": "ema"}
+            save_checkpoint(best, run.output / "best.pt")
+        save_checkpoint(payload, run.output / "last.pt")
+        write_metrics(run.output, state.history)  # only epochs whose checkpoint was written
+    run.epochs_this_run += 1
+    return run.stop_after_epoch or shared_flags(run.stopper)[0]
+
+
+def _log_epoch(run: _Run, row: dict[str, Any], started: float) -> None:
+    state, config = run.state, run.config
+    if run.epochs_this_run == 0:  # the first epoch of this invocation: the time per epoch is known
+        remaining = (config.epochs - state.epoch) * (time.perf_counter() - started)
+        if remaining > 0:
+            logger.info("ETA: about %s for the %d remaining epoch(s), at %.0f training images/s",
+                        _duration(remaining), config.epochs - state.epoch, row["train_images_per_s"])
+    timing = ("epoch", "lr", "epoch_time_s", "train_images_per_s", "data_wait_s_per_step")
+    logger.info("epoch %d/%d: %s (%.1fs)", state.epoch, config.epochs,
+                ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in timing), row["epoch_time_s"])
+
+
+# --- the end: interrupted, or finished and converted ---------------------------------------------
+
+def _interrupted(run: _Run) -> dict[str, Any]:
+    state = run.state
+    if run.ctx.is_main:
+        save_checkpoint(run.checkpoint(), run.output / "last.pt")
+    logger.warning("stopped at epoch %d step %d; continue with: repvgg %s --resume %s",
+                   state.epoch, state.step_in_epoch, run.task.command, run.output)
+    return {"interrupted": True, "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+            "output": str(run.output)}
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """Convert the trained model, compare both forms, and write the converted model and ``summary.json``.
+
+    A signal now waits until both files are written, so the folder never holds one without the other
+    (a second signal aborts).
+    """
+    state, config, task = run.state, run.config, run.task
     with StopRequest("finishing the converted model and summary.json first").installed():
-        final = ema.module if ema is not None else model
+        final = run.ema.module if run.ema is not None else run.model
         final.eval()
         plain = reparameterize_model(final)
-        summary = {**task.compare(final, plain, val_loader), "epochs": config.epochs,
-                   f"best_{task.score}": state.best_score, "device": str(device), "world_size": ctx.world_size,
-                   "train_images_per_s": train_images / train_seconds if train_seconds > 0 else None,
-                   "train_time_s": train_seconds, "output": str(output)}
+        summary = {**task.compare(final, plain, run.val_loader), "epochs": config.epochs,
+                   f"best_{task.score}": state.best_score, "device": str(run.ctx.device),
+                   "world_size": run.ctx.world_size,
+                   "train_images_per_s": state.train_images / state.train_time_s if state.train_time_s > 0 else None,
+                   "train_time_s": state.train_time_s, "output": str(run.output)}
         check_conversion(summary["relative_error"], "the converted model")
-        if ctx.is_main:
-            task.save(final, plain, summary, state.history, output)
-            write_json(output / "summary.json", summary)
+        if run.ctx.is_main:
+            task.save(final, plain, summary, state.history, run.output)
+            write_json(run.output / "summary.json", summary)
     return summary

@@ -18,7 +18,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -28,6 +28,8 @@ from repvgg.errors import RunFailed
 from repvgg.io.export import evaluate_onnx, quantized_conv_count
 from repvgg.io.loading import load_model
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
+from repvgg.nn.model import RepVGGSpec
+from repvgg.nn.registry import build_model
 from repvgg.training.classification import ClassificationTask
 from repvgg.training.config import TrainConfig
 from repvgg.training.engine import fit
@@ -78,13 +80,20 @@ def export_fake_quant_onnx(model: nn.Module, example: torch.Tensor, path: Path) 
 class QATTask(ClassificationTask):
     """Fine-tune a trained classifier's plain network with fake quantization (``repvgg train --qat``)."""
 
-    fixed_on_resume = ("weights", "data", "val_fraction", "qat")
+    fixed_on_resume = ("weights", "val_fraction", "qat", "img_size")
 
-    def setup(self, config: TrainConfig, ctx: Any) -> tuple[TrainConfig, Any]:
+    def setup(self, config: TrainConfig, ctx: Any, resumed: Mapping[str, Any] | None = None) -> tuple[TrainConfig, Any]:
         if not config.weights:
             raise ValueError("QAT fine-tunes a trained model: pass its weights (--weights RUN/best.pt)")
-        self.source = load_model(config.weights).eval()
-        config, train_set = super().setup(config.updated(model=self.source.name), ctx)
+        if resumed is not None and "source" in resumed:
+            # The architecture alone: the fine-tuned weights come from the checkpoint, not the initial file.
+            described = resumed["source"]
+            self.source = build_model(RepVGGSpec.from_dict(described["spec"]), num_classes=described["num_classes"],
+                                      in_chans=described["in_chans"], deploy=True).eval()
+            self.source.name = described["arch"]
+        else:
+            self.source = load_model(config.weights).eval()
+        config, train_set = super().setup(config.updated(model=self.source.name), ctx, resumed)
         if self.source.num_classes != self.bundle.num_classes:
             raise ValueError(f"{config.weights} has {self.source.num_classes} classes but the data has "
                              f"{self.bundle.num_classes}; fine-tune it on the data it was trained on")
@@ -101,7 +110,10 @@ class QATTask(ClassificationTask):
         return prepare_qat(plain, example).to(device)
 
     def checkpoint_fields(self, model: nn.Module) -> dict[str, Any]:
-        return {"arch": getattr(model, "name", "qat"), "num_classes": self.bundle.num_classes, "qat": True}
+        source = self.source
+        return {"arch": getattr(model, "name", "qat"), "num_classes": self.bundle.num_classes, "qat": True,
+                "source": {"arch": source.name, "spec": source.spec.to_dict(), "num_classes": source.num_classes,
+                           "in_chans": source.in_chans}}
 
     def save(self, model: nn.Module, plain: nn.Module, summary: dict[str, Any], history: list[dict[str, Any]],
              output: Path) -> None:
