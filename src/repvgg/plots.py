@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["pyplot", "plot_curves", "plot_training_curves"]
+from repvgg.serialization import atomic_write
+
+__all__ = ["pyplot", "plot_curves", "plot_training_curves", "save_figure"]
 
 
 def pyplot():
@@ -17,6 +19,17 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG atomically (a failed write names the file and leaves the old one) and close it."""
+    path = Path(path)
+    try:
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        pyplot().close(fig)
+    return path
 
 
 def plot_curves(
@@ -54,10 +67,7 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:

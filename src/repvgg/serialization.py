@@ -25,7 +25,8 @@ from typing import Any, Mapping, TypeVar
 
 from repvgg.errors import WriteFailed
 
-__all__ = ["DictMixin", "atomic_write", "check_output_path", "write_failed", "write_json", "write_text"]
+__all__ = ["DictMixin", "atomic_write", "check_output_path", "staging_folder", "write_failed", "write_json",
+           "write_text"]
 
 D = TypeVar("D", bound="DictMixin")
 
@@ -78,7 +79,7 @@ def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), 
             raise ValueError(f"{option} {path} is inside {read}, which this command reads; write it somewhere "
                              "else (inputs are never written to, not even with --overwrite)")
         if resolved == source:
-            raise ValueError(f"{option} {path} is {read}, an input of this command; write to another file "
+            raise ValueError(f"{option} {path} is the input file {read} of this command; write to another file "
                              "(inputs are never replaced, not even with --overwrite)")
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; name a file")
@@ -149,6 +150,20 @@ def atomic_write(path: PathLike, *, errors: tuple[type[BaseException], ...] = (O
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staging_folder(path: PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``path`` for files that are checked before they are moved into place (with
+    ``os.replace``, inside the block); removed on the way out. A write failing in it is a :class:`WriteFailed`
+    naming ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as staging:
+            yield Path(staging)
+    except OSError as err:
+        raise write_failed(path, err) from err
 
 
 def write_text(path: PathLike, text: str) -> Path:

@@ -17,8 +17,8 @@ import traceback
 from typing import Sequence
 
 from repvgg import __version__
-from repvgg.cli.flags import HelpFormatter
-from repvgg.cli.output import add_json_flag
+from repvgg.cli.flags import HelpFormatter, Parser, UsageError
+from repvgg.cli.output import add_json_flag, emit_error
 from repvgg.errors import RunFailed
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
@@ -36,14 +36,14 @@ _COMMANDS = ["train", "evaluate", "convert", "quantize", "ablate", "info", "benc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="repvgg",
         description="RepVGG: train multi-branch, deploy a plain stack of 3x3 convs.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     parser.add_argument("--version", action="version", version=f"repvgg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
+                                parser_class=functools.partial(Parser, formatter_class=HelpFormatter))
     for name in _COMMANDS:
         importlib.import_module(f"repvgg.cli.{name}").add_parser(sub)
     for subparser in sub.choices.values():
@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        command = next((a for a in argv if not a.startswith("-")), None)
+        return _fail(argparse.Namespace(command=command, verbose=False, json="--json" in argv), err, EXIT_BAD_INPUT)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",
@@ -63,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except RunFailed as err:
         return _fail(args, err, EXIT_RUN_FAILED)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as err:
+    except (ValueError, OSError) as err:  # bad input, or a file the user named that cannot be read
         return _fail(args, err, EXIT_BAD_INPUT)
     except ModuleNotFoundError as err:
         extra = OPTIONAL_MODULES.get((err.name or "").split(".")[0])
@@ -71,14 +76,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return _fail(args, ValueError(f"{err.name} is not installed; `repvgg {args.command}` needs "
                                       f"pip install 'repvgg[{extra}]'"), EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(f"repvgg {args.command}: interrupted", file=sys.stderr)
+        emit_error(args, str(err) or "interrupted", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
 
 
 def _fail(args: argparse.Namespace, err: BaseException, status: int) -> int:
-    """One line for the user; the traceback too with ``-v``. Other exceptions are bugs and keep their traceback."""
+    """One line for the user (and with ``--json`` one JSON document on stdout); the traceback too with ``-v``.
+    Other exceptions are bugs and keep their traceback."""
     if args.verbose:
         traceback.print_exception(err, file=sys.stderr)
-    print(f"repvgg {args.command}: error: {err}", file=sys.stderr)
+    print(f"repvgg {args.command or ''}: error: {err}".replace("repvgg : ", "repvgg: "), file=sys.stderr)
+    emit_error(args, str(err), status)
     return status

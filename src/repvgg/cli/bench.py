@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
+from repvgg.cli.flags import add_overwrite_flag, bounded_int
 from repvgg.cli.output import emit
+from repvgg.limits import MAX_IMG_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -30,26 +33,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fast", dest="fast", action="store_false", help="skip the fast inference path")
     p.add_argument("--candidates", default=None,
                    help="fast-path candidates to weigh, comma-separated (default: all available on the device)")
-    p.add_argument("--batch-size", type=int, default=None, help="throughput batch size (default 8 on CPU, 128 on CUDA)")
-    p.add_argument("--img-size", type=int, default=224, help="input resolution")
+    p.add_argument("--batch-size", type=bounded_int(1), default=None,
+                   help="throughput batch size (default 8 on CPU, 128 on CUDA)")
+    p.add_argument("--img-size", type=bounded_int(32, MAX_IMG_SIZE), default=224, help="input resolution")
     p.add_argument("--dtypes", default="float32",
                    help="comma-separated among float32, float16, bfloat16 (unsupported ones are skipped)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per model (default 2 CPU / 50 CUDA)")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10 CPU / 50 CUDA)")
+    p.add_argument("--warmup", type=bounded_int(0), default=None,
+                   help="warm-up calls per model (default 2 CPU / 50 CUDA)")
+    p.add_argument("--rounds", type=bounded_int(1), default=None, help="timed rounds (default 10 CPU / 50 CUDA)")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the batch-1 latency pass")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
     p.add_argument("--tf32", action="store_true", help="allow TensorFloat-32 for float32 on CUDA (off: true fp32)")
     p.add_argument("--json-out", default=None, metavar="PATH", help="also write every number to this JSON file")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="throughput-vs-parameters PNG (default: next to --json-out, with a .png suffix)")
+    add_overwrite_flag(p, "existing --json-out and --plot files")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from repvgg.perf.bench import BenchConfig, parse_list, plot_results, results_table, run_benchmark
-    from repvgg.serialization import write_json
+    from repvgg.serialization import check_output_path, write_json
+
+    plot = args.plot or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else None)
+    if args.json_out:
+        check_output_path(args.json_out, overwrite=args.overwrite, option="--json-out")
+    if plot:  # never the JSON file just written
+        check_output_path(plot, reads=[args.json_out], overwrite=args.overwrite, option="--plot")
 
     config = BenchConfig(
         models=parse_list(args.models),
@@ -73,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
     emit(args, result.as_dict(), results_table(result))
     if args.json_out:
         log.info("wrote %s", write_json(args.json_out, result.as_dict()))
-    plot = args.plot or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else None)
     if plot:
         log.info("wrote %s", plot_results(result, plot))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from repvgg.cli.flags import add_overwrite_flag, image_size
 from repvgg.cli.output import emit
 
 
@@ -13,8 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="training-time weights file")
     p.add_argument("output", help="output .safetensors file")
     p.add_argument("--model", default=None, help="model name for files without metadata (else inferred)")
-    p.add_argument("--img-size", type=int, default=224, help="input size of the equivalence check")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--img-size", type=image_size, default=224, help="input size of the equivalence check")
+    add_overwrite_flag(p)
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from repvgg.cli.flags import add_overwrite_flag, bounded_int, image_size
 from repvgg.cli.output import emit
 
 
@@ -14,18 +15,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model name, for files without architecture metadata "
                    "(inferred from parameter shapes when omitted)")
     p.add_argument("--data", default=None, help="ImageFolder root with val/ (default: the digits data)")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default 32 digits / 224 folders)")
-    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
-    p.add_argument("--workers", type=int, default=0, help="data-loading workers")
+    p.add_argument("--img-size", type=image_size, default=None,
+                   help="input resolution (default 32 digits / 224 folders)")
+    p.add_argument("--batch-size", type=bounded_int(1), default=64, help="evaluation batch size")
+    p.add_argument("--workers", type=bounded_int(0), default=0, help="data-loading workers")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--json-out", default=None, metavar="PATH", help="also write the results to this JSON file")
+    add_overwrite_flag(p, "an existing --json-out file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from repvgg.serialization import check_output_path, write_json
     from repvgg.training.evaluate import evaluate_checkpoint
-    from repvgg.serialization import write_json
 
+    if args.json_out:
+        check_output_path(args.json_out, reads=[args.weights, args.data], overwrite=args.overwrite,
+                          option="--json-out")
     result = evaluate_checkpoint(args.weights, data=args.data, arch=args.model, img_size=args.img_size,
                                  batch_size=args.batch_size, workers=args.workers, device=args.device)
     emit(args, result)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from repvgg.cli.flags import add_overwrite_flag, bounded_int, image_size
 from repvgg.cli.output import emit
+from repvgg.limits import MIN_OPSET
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,14 +20,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT")
     p.add_argument("output", metavar="OUT.onnx")
-    p.add_argument("--img-size", type=int, default=224, help="input resolution")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of a model built by name (default 1000)")
+    p.add_argument("--img-size", type=image_size, default=224, help="input resolution")
+    p.add_argument("--opset", type=bounded_int(MIN_OPSET), default=None,
+                   help=f"ONNX opset, {MIN_OPSET} up to the newest the installed onnx knows (default: the exporter's)")
+    p.add_argument("--num-classes", type=bounded_int(1), default=None,
+                   help="classes of a model built by name (default 1000)")
     p.add_argument("--dynamic-hw", action="store_true",
                    help="dynamic height and width too (checked against PyTorch at two input sizes)")
     p.add_argument("--fp16", action="store_true",
                    help="half-precision weights and input (checked against the float32 model within 1e-2)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_overwrite_flag(p)
     p.set_defaults(func=run)
 
 

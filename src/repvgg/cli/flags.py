@@ -15,7 +15,50 @@ import types
 import typing
 from typing import Any
 
-__all__ = ["HelpFormatter", "add_config_flags", "config_flag_values", "shown_default"]
+from repvgg.limits import MAX_IMG_SIZE, check_int
+
+__all__ = ["HelpFormatter", "Parser", "UsageError", "add_config_flags", "add_overwrite_flag", "bounded_int",
+           "config_flag_values", "image_size", "shown_default"]
+
+
+class UsageError(ValueError):
+    """A command line argparse refused; the message ends with the usage line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are raised (exit status 2, and a JSON document with ``--json``)
+    instead of printed and exited on the spot."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}\n{self.format_usage().strip()}")
+
+
+def bounded_int(low: int, high: int | None = None, *, why: str = "") -> Any:
+    """An argparse ``type`` for an integer in ``[low, high]``: anything else is refused with the range (and
+    ``why``, when the range needs a reason)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        try:
+            return check_int(value, "the value", low=low, high=high)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{err}{f' ({why})' if why else ''}") from None
+
+    parse.__name__ = "integer"
+    return parse
+
+
+#: An input side in pixels (``--img-size`` and friends): 8 to :data:`~repvgg.limits.MAX_IMG_SIZE`.
+image_size = bounded_int(8, MAX_IMG_SIZE)
+
+
+def add_overwrite_flag(parser: argparse.ArgumentParser, what: str = "an existing output file") -> None:
+    """``--overwrite``: replace ``what`` (never a file the command reads)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} (a file the command reads is never replaced)")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -66,6 +109,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, *, exclu
             kwargs.update(type=items[0], nargs=len(items))
         else:
             kwargs["type"] = kind
+            if kind is int and f.metadata.get("low") is not None:
+                kwargs["type"] = bounded_int(f.metadata["low"], f.metadata.get("high"))
         if f.metadata.get("choices"):
             kwargs["choices"] = list(f.metadata["choices"])
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)

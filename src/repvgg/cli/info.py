@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from repvgg.cli.flags import image_size
 from repvgg.cli.output import emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="table of every registered model: parameters and multiply-adds")
-    p.add_argument("--img-size", type=int, default=224, help="input resolution for multiply-adds")
+    p.add_argument("--img-size", type=image_size, default=224, help="input resolution for multiply-adds")
     p.add_argument("--models", default=None, help="comma-separated model names (default: all registered)")
     p.set_defaults(func=run)
 

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-__all__ = ["add_json_flag", "emit"]
+__all__ = ["add_json_flag", "emit", "emit_error"]
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -21,3 +21,9 @@ def emit(args: argparse.Namespace, data: Any, text: str | None = None) -> None:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     else:
         sys.stdout.write(text.rstrip("\n") + "\n")
+
+
+def emit_error(args: argparse.Namespace, message: str, status: int) -> None:
+    """With ``--json``, a failed command's one JSON document: ``{"error": ..., "exit_status": ...}``."""
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps({"error": message, "exit_status": status}) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from repvgg.cli.flags import add_overwrite_flag, bounded_int, image_size
 from repvgg.cli.output import emit
 
 
@@ -21,19 +22,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", metavar="OUT.onnx")
     p.add_argument("--data", default=None,
                    help="ImageFolder root the model was trained on (default: the embedded digits data)")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: 32 digits / 224 folders)")
-    p.add_argument("--calib-images", type=int, default=256, help="training images that calibrate the activations")
+    p.add_argument("--img-size", type=image_size, default=None,
+                   help="input resolution (default: 32 digits / 224 folders)")
+    p.add_argument("--calib-images", type=bounded_int(1, why="the calibration set needs at least one image"),
+                   default=256,
+                   help="training images that calibrate the activations")
     p.add_argument("--calibration", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="calibration method")
-    p.add_argument("--speed-batch", type=int, default=8, help="batch of the FP32/INT8 timing")
-    p.add_argument("--speed-img-size", type=int, default=None,
+    p.add_argument("--speed-batch", type=bounded_int(1), default=8, help="batch of the FP32/INT8 timing")
+    p.add_argument("--speed-img-size", type=image_size, default=None,
                    help="input size of the FP32/INT8 timing (default: --img-size)")
-    p.add_argument("--qat-epochs", type=int, default=0,
+    p.add_argument("--qat-epochs", type=bounded_int(0), default=0,
                    help="quantization-aware training instead of calibration: fine-tune the converted model this "
                         "many epochs with fake INT8 (run folder OUT-qat beside OUT)")
     p.add_argument("--qat-lr", type=float, default=None, help="QAT learning rate (default: 1/10 of training's)")
     p.add_argument("--device", default="auto", help="device of the QAT fine-tune: auto, cpu, cuda or cuda:N")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (and QAT run folder)")
+    add_overwrite_flag(p, "an existing output file (and QAT run folder)")
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from repvgg.cli.flags import add_overwrite_flag, bounded_int, image_size
 from repvgg.cli.output import emit
 
 
@@ -12,22 +13,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", required=True, help="a seg-train file: deploy.safetensors, best.pt or last.pt")
     p.add_argument("--data", default=None, help="folder with images/val and labels/val "
                    "(default: the data the model was trained on, as stored in the file)")
-    p.add_argument("--val-size", type=int, default=None, help="resize validation images to this square size "
+    p.add_argument("--val-size", type=image_size, default=None, help="resize validation images to this square size "
                    "(default: as stored in the file, else as they are)")
-    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size, as seg-train")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--batch-size", type=bounded_int(1), default=16, help="evaluation batch size, as seg-train")
+    p.add_argument("--workers", type=bounded_int(0), default=0, help="data-loading worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--baseline", default="resnet50", choices=["resnet50", "resnet101", "none"],
                    help="ResNet PSPNet timed next to the model at the same input size")
     p.add_argument("--speed", default=True, action=argparse.BooleanOptionalAction,
                    help="measure images/s (--no-speed skips it)")
     p.add_argument("--json-out", default=None, metavar="PATH", help="also write the results to this JSON file")
+    add_overwrite_flag(p, "an existing --json-out file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.serialization import write_json
     from repvgg.segmentation.evaluate import evaluate_segmenter_file, iou_table, speed_table
+    from repvgg.serialization import check_output_path, write_json
+
+    if args.json_out:
+        check_output_path(args.json_out, reads=[args.weights, args.data], overwrite=args.overwrite,
+                          option="--json-out")
 
     result = evaluate_segmenter_file(args.weights, data=args.data, val_size=args.val_size,
                                      batch_size=args.batch_size, workers=args.workers, device=args.device,
@@ -40,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if "speed" in result:
         text += "\n" + speed_table(result["speed"], result["speed_input"])
     emit(args, result, text)
-    if args.json_out:
+    if args.json_out:  # checked again: the data folder may have come from the file's metadata
+        check_output_path(args.json_out, reads=[args.weights, result["dataset"]], overwrite=args.overwrite,
+                          option="--json-out")
         write_json(args.json_out, result)
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from repvgg.errors import RunFailed
+from repvgg.limits import check_img_size, check_int
+from repvgg.serialization import check_output_path, staging_folder
 from repvgg.io.export import evaluate_onnx, export_onnx_file, onnxruntime_session, quantized_conv_count
 from repvgg.io.loading import load_model
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
@@ -191,12 +192,13 @@ def quantize_model(
     output = Path(output)
     if output.suffix != ".onnx":
         raise ValueError(f"the output must be an .onnx file, got {output}")
-    if output.is_dir():
-        raise ValueError(f"the output {output} is a folder; name an .onnx file")
-    if output.exists() and not overwrite:
-        raise ValueError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
-    if speed_batch < 1 or (speed_img_size is not None and speed_img_size < 8):
-        raise ValueError("speed_batch must be >= 1 and speed_img_size >= 8")
+    reads = [data] + ([] if isinstance(weights, nn.Module) else [weights])
+    check_output_path(output, reads=reads, overwrite=overwrite)
+    check_int(speed_batch, "speed_batch", low=1)
+    if speed_img_size is not None:
+        check_img_size(speed_img_size, "speed_img_size")
+    if img_size is not None:
+        check_img_size(img_size, "img_size")
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
     if qat_epochs < 0:
@@ -232,8 +234,7 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, *, data
     deviation.update(model(val_batch), plain(val_batch))
     check_conversion(deviation.relative, f"the converted {getattr(model, 'name', 'model')}")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as staging:
+    with staging_folder(output) as staging:
         fp32 = Path(staging) / "fp32.onnx"
         int8 = Path(staging) / output.name
         export_onnx_file(plain, val_batch[:2], fp32)

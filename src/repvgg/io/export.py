@@ -12,7 +12,6 @@ import copy
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +22,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from repvgg.errors import ConversionMismatch, RunFailed
+from repvgg.limits import MIN_OPSET, check_img_size, check_int
 from repvgg.nn.convert import (CONVERSION_TOLERANCE, OutputDeviation, check_conversion, is_reparameterizable,
                                reparameterize_model)
+from repvgg.serialization import check_output_path, staging_folder
 
 __all__ = ["ExportReport", "evaluate_onnx", "export_onnx", "export_onnx_file", "needs_conversion",
            "onnxruntime_session", "quantized_conv_count", "resolve_model"]
@@ -206,7 +207,8 @@ def export_onnx(
             reads) or a registered model name (random weights).
         path: the ``.onnx`` file to write.
         img_size: input resolution.
-        opset: ONNX opset (default: the exporter's recommended one).
+        opset: ONNX opset, from :data:`~repvgg.limits.MIN_OPSET` to the newest the installed ``onnx`` knows
+            (default: the exporter's recommended one); the file is checked to have it.
         check_batch_size: batch size of the parity check.
         num_classes: classes of a model built by name.
         overwrite: replace an existing ``path``.
@@ -215,18 +217,18 @@ def export_onnx(
             :data:`FP16_TOLERANCE` instead of the float32 tolerance.
 
     Raises:
-        ValueError: bad arguments, or ``path`` is a folder or (without ``overwrite``) an existing file.
+        ValueError: bad arguments, or ``path`` is a folder, the input, or (without ``overwrite``) an existing
+            file (:func:`~repvgg.serialization.check_output_path`).
         ConversionMismatch: ONNX Runtime does not reproduce the model; nothing is written.
     """
     import onnx
 
-    if img_size < 1 or check_batch_size < 1:
-        raise ValueError(f"img_size and check_batch_size must be >= 1, got {img_size}, {check_batch_size}")
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"the output {path} is a folder; name an .onnx file")
-    if path.exists() and not overwrite:
-        raise ValueError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_img_size(img_size, "img_size")
+    check_int(check_batch_size, "check_batch_size", low=1)
+    if opset is not None:
+        check_int(opset, "opset", low=MIN_OPSET, high=onnx.defs.onnx_opset_version())
+    reads = [] if isinstance(model_or_path, nn.Module) else [model_or_path]
+    path = check_output_path(path, reads=reads, overwrite=overwrite)
     model = resolve_model(model_or_path, num_classes=num_classes)
     converted = needs_conversion(model)
     if converted:
@@ -240,8 +242,7 @@ def export_onnx(
     channels = _input_channels(model)
     example = torch.randn(2, channels, img_size, img_size, dtype=dtype)
     sizes = [img_size, img_size + max(8, img_size // 2)] if dynamic_hw else [img_size]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as staging:
+    with staging_folder(path) as staging:
         # Exported and checked under the final name in a staging folder (external weight files keep
         # their relative name), moved into place only once ONNX Runtime reproduced the model.
         staged = export_onnx_file(exported, example, Path(staging) / path.name, opset=opset,
@@ -249,6 +250,8 @@ def export_onnx(
         onnx.checker.check_model(str(staged))
         proto = onnx.load(str(staged), load_external_data=False)
         opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+        if opset is not None and opset_used != opset:
+            raise RunFailed(f"the exporter wrote opset {opset_used}, not the requested {opset}; nothing was written")
 
         session = onnxruntime_session(staged)
         deviation = OutputDeviation()

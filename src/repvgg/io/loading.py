@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from repvgg.limits import check_img_size, check_int
+from repvgg.serialization import check_output_path
 from repvgg.io.weights import (HEAD_PREFIX, check_state_dict, checkpoint_num_classes, is_deploy_state_dict,
                                load_state_dict_into, read_checkpoint, save_weights, stem_in_chans)
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
@@ -213,15 +215,9 @@ def convert_checkpoint(
     source, destination = Path(source), Path(destination)
     if destination.suffix != ".safetensors":
         raise ValueError(f"the output must be a .safetensors file, got {destination}")
-    if img_size < 1 or batch_size < 1:
-        raise ValueError(f"img_size and batch_size must be >= 1, got {img_size} and {batch_size}")
-    if destination.is_dir():
-        raise ValueError(f"the output {destination} is a folder; name a .safetensors file")
-    if destination.exists() and source.exists() and destination.resolve() == source.resolve():
-        raise ValueError(f"the output {destination} is the input file; fusion cannot be undone, so write the "
-                         "converted weights to another file")
-    if destination.exists() and not overwrite:
-        raise ValueError(f"{destination} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_img_size(img_size, "img_size", low=1)
+    check_int(batch_size, "batch_size", low=1)
+    check_output_path(destination, reads=[source], overwrite=overwrite)
     model = load_model(source, arch=arch).eval()
     if model.deploy:
         raise ValueError(f"{source} is already fused (deploy weights); there is nothing to convert")

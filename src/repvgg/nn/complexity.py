@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from repvgg.limits import check_img_size
 from repvgg.nn.convert import reparameterize_model
 
 __all__ = ["count_parameters", "count_macs", "ModelComplexity", "model_complexity"]
@@ -63,6 +64,7 @@ def model_complexity(name: str, img_size: int = 224, num_classes: int = 1000) ->
     """Count parameters and multiply-adds of registered model ``name`` before and after fusion."""
     from repvgg.nn.registry import build_model
 
+    check_img_size(img_size, "img_size", low=1)
     with torch.device("meta"):
         model = build_model(name, num_classes=num_classes)
     shape = (1, model.in_chans, img_size, img_size)

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from repvgg.limits import MAX_IMG_SIZE, check_int
 from repvgg.nn.complexity import count_macs, count_parameters
 from repvgg.perf.memory import peak_forward_memory
 from repvgg.perf.timing import make_timer, synchronize, time_interleaved
@@ -112,14 +113,15 @@ class BenchConfig:
             self,
             models=models,
             device=str(device),
-            batch_size=self.batch_size or (128 if cuda else 8),
+            batch_size=(128 if cuda else 8) if self.batch_size is None else self.batch_size,
             warmup=(50 if cuda else 2) if self.warmup is None else self.warmup,
             rounds=(50 if cuda else 10) if self.rounds is None else self.rounds,
             pause_s=(0.0 if cuda else 0.05) if self.pause_s is None else self.pause_s,
         )
-        if resolved.batch_size < 1 or resolved.img_size < 32:
-            raise ValueError(f"batch size must be >= 1 and image size >= 32, got {resolved.batch_size}, "
-                             f"{resolved.img_size}")
+        check_int(resolved.batch_size, "batch_size", low=1)
+        check_int(resolved.img_size, "img_size", low=32, high=MAX_IMG_SIZE)
+        check_int(resolved.warmup, "warmup", low=0)
+        check_int(resolved.rounds, "rounds", low=1)
         return resolved
 
 
@@ -480,7 +482,7 @@ def results_table(result: BenchResult) -> str:
 
 def plot_results(result: BenchResult, path: str | os.PathLike[str], dtype: str = "float32") -> Path:
     """Throughput against parameters, one point per model (its fastest form), like the paper's Fig. 1."""
-    from repvgg.plots import pyplot
+    from repvgg.plots import pyplot, save_figure
 
     plt = pyplot()
     best: dict[tuple[str, str], BenchRow] = {}
@@ -513,11 +515,7 @@ def plot_results(result: BenchResult, path: str | os.PathLike[str], dtype: str =
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def parse_list(text: str | None) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from repvgg.limits import MAX_IMG_SIZE
 from repvgg.training.config import LoopConfig, option
 
 #: Layers dilated by the paper's "fast" segmentation backbones (the last five).
@@ -34,18 +35,19 @@ class SegTrainConfig(LoopConfig):
     for folders.
     """
 
-    epochs: int = option(12, "training epochs (sized for the generated shapes)")
-    batch_size: int = option(16, "global batch size over all processes, >= 2 per process")
+    epochs: int = option(12, "training epochs (sized for the generated shapes)", low=1)
+    batch_size: int = option(16, "global batch size over all processes, >= 2 per process", low=2)
     lr: float | None = option(None, "base learning rate of the poly schedule",
                               default_help="0.05 generated data, 0.01 x batch/16 folders")
     output: str | None = option(None, "run folder", default_help="runs/seg-<backbone>-<data>-<time>")
-    log_interval: int = option(20, "steps between log lines (and tracked step scalars)")
+    log_interval: int = option(20, "steps between log lines (and tracked step scalars)", low=1)
     backbone: str = option("repvgg_tiny", "registered RepVGG name (see `repvgg info`) or resnet50/resnet101")
     fast: bool = option(False, "the paper's fast variant: dilate only the last 5 layers")
     dilated_layers: int | None = option(None, "dilate only the last N backbone layers",
                                         default_help="every layer of the last two stages")
-    head_channels: int = option(64, "width of the classifier's 3x3 conv (PSPNet: 512)")
-    aux_channels: int = option(32, "width of the auxiliary head's 3x3 conv, 0 = none (PSPNet: 256)")
+    head_channels: int = option(64, "width of the classifier's 3x3 conv (PSPNet: 512)", low=1, high=16384)
+    aux_channels: int = option(32, "width of the auxiliary head's 3x3 conv, 0 = none (PSPNet: 256)", low=0,
+                               high=16384)
     aux_weight: float = option(AUX_LOSS_WEIGHT, "weight of the auxiliary loss")
     dropout: float = option(0.1, "Dropout2d before the classifiers' last conv")
     backbone_weights: str | None = option(None, "ImageNet weights file for the backbone (RepVGG formats or a "
@@ -53,15 +55,16 @@ class SegTrainConfig(LoopConfig):
     data: str | None = option(None, "folder with images/{train,val} and labels/{train,val}",
                               default_help="the generated shapes")
     num_classes: int | None = option(None, "number of classes of a folder without classes.txt",
-                                     default_help="from classes.txt")
-    crop_size: int | None = option(None, "training crop", default_help="the generated image size, 512 for folders")
+                                     default_help="from classes.txt", low=1)
+    crop_size: int | None = option(None, "training crop", default_help="the generated image size, 512 for folders",
+                                   low=8, high=MAX_IMG_SIZE)
     scale_range: tuple[float, float] | None = option(None, "random scale range of training crops",
                                                      default_help="(0.75, 1.5) shapes, (0.5, 2.0) folders")
     val_size: int | None = option(None, "resize validation images to this square size",
-                                  default_help="as they are")
-    synthetic_train: int = option(400, "generated training scenes")
-    synthetic_val: int = option(100, "generated validation scenes")
-    synthetic_size: int = option(96, "generated scene size in pixels")
+                                  default_help="as they are", low=8, high=MAX_IMG_SIZE)
+    synthetic_train: int = option(400, "generated training scenes", low=1)
+    synthetic_val: int = option(100, "generated validation scenes", low=1)
+    synthetic_size: int = option(96, "generated scene size in pixels", low=8, high=MAX_IMG_SIZE)
     synthetic_seed: int = option(0, "the generated data's seed, separate from the training seed")
     poly_power: float = option(0.9, "power of the poly learning-rate decay")
     baseline: str = option("resnet50", "ResNet PSPNet timed next to the model at the same input size",
@@ -72,13 +75,9 @@ class SegTrainConfig(LoopConfig):
             self.scale_range = tuple(float(v) for v in self.scale_range)  # YAML gives lists
         super().__post_init__()
         self._check([
-            (self.batch_size >= 2, "batch_size must be >= 2 (the pyramid pooling's 1x1 bin needs 2 images for BN)"),
             (self.poly_power >= 0, "poly_power must be >= 0"),
             (self.aux_weight >= 0, "aux_weight must be >= 0"),
-            (self.crop_size is None or self.crop_size >= 8, "crop_size must be >= 8"),
-            (self.val_size is None or self.val_size >= 8, "val_size must be >= 8"),
             (self.scale_range is None or len(self.scale_range) == 2, "scale_range must be two numbers"),
-            (self.synthetic_train >= 1 and self.synthetic_val >= 1, "synthetic_train and synthetic_val must be >= 1"),
             (self.baseline in BASELINES, f"baseline must be one of {list(BASELINES)}"),
         ])
         if self.fast and self.dilated_layers not in (None, FAST_DILATED_LAYERS):

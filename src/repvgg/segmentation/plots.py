@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from repvgg.plots import plot_curves, pyplot
+from repvgg.plots import plot_curves, pyplot, save_figure
 from repvgg.segmentation.pspnet import IGNORE_INDEX
 from repvgg.segmentation.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -95,10 +95,7 @@ def plot_predictions(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.6 / (2.5 * rows + 0.6) + 0.02, 1, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 def plot_segmentation_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:

@@ -22,7 +22,7 @@ from repvgg.training.config import TrainConfig
 from repvgg.nn.convert import reparameterize_model
 from repvgg.nn.registry import build_model
 from repvgg.report import markdown_table
-from repvgg.serialization import write_json
+from repvgg.serialization import write_json, write_text
 
 __all__ = ["BRANCH_CONFIGS", "PAPER_TOP1", "AblationResult", "run_ablation", "converted_cost", "ranking"]
 
@@ -196,7 +196,7 @@ def ablation_table(result: AblationResult, *, with_paper: bool = False) -> str:
 
 def plot_ablation(result: AblationResult, output: str | Path) -> tuple[Path, Path]:
     """``ablation_loss.png`` (mean training-loss curve per configuration) and ``ablation_accuracy.png``."""
-    from repvgg.plots import pyplot
+    from repvgg.plots import pyplot, save_figure
 
     plt = pyplot()
     output = Path(output)
@@ -211,9 +211,7 @@ def plot_ablation(result: AblationResult, output: str | Path) -> tuple[Path, Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    loss_path = output / "ablation_loss.png"
-    fig.savefig(loss_path, dpi=100)
-    plt.close(fig)
+    loss_path = save_figure(fig, output / "ablation_loss.png")
 
     # Points with error bars and every seed, not bars: a bar's length would claim a zero the axis does not start at.
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -233,9 +231,7 @@ def plot_ablation(result: AblationResult, output: str | Path) -> tuple[Path, Pat
     ax.set_title(f"{result.model}, {result.epochs} epochs, {len(result.seeds)} seeds")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    acc_path = output / "ablation_accuracy.png"
-    fig.savefig(acc_path, dpi=100)
-    plt.close(fig)
+    acc_path = save_figure(fig, output / "ablation_accuracy.png")
     return loss_path, acc_path
 
 
@@ -243,7 +239,6 @@ def write_ablation(result: AblationResult, output: str | Path) -> dict[str, Path
     """``ablation.json``, ``ablation.md`` and the two PNGs in ``output``."""
     output = Path(output)
     json_path = write_json(output / "ablation.json", result.as_dict())
-    md_path = output / "ablation.md"
-    md_path.write_text(ablation_table(result, with_paper=True) + "\n")
+    md_path = write_text(output / "ablation.md", ablation_table(result, with_paper=True) + "\n")
     loss_png, acc_png = plot_ablation(result, output)
     return {"json": json_path, "markdown": md_path, "loss_plot": loss_png, "accuracy_plot": acc_png}

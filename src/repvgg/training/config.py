@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
+from repvgg.limits import MAX_IMG_SIZE, check_int
 from repvgg.serialization import DictMixin, write_text
 
 __all__ = [
@@ -26,13 +27,16 @@ C = TypeVar("C", bound="RunConfig")
 
 
 def option(default: Any = None, help: str = "", *, choices: Sequence[Any] | None = None,
-           default_help: str | None = None, cli: bool = True, factory: Callable[[], Any] | None = None) -> Any:
+           default_help: str | None = None, cli: bool = True, factory: Callable[[], Any] | None = None,
+           low: int | None = None, high: int | None = None) -> Any:
     """A config field with what the command line needs: its help text, choices, and how to show its default.
 
     ``default_help`` describes a default that is derived at run time (``None`` meaning "derive it");
-    ``cli=False`` keeps a field off the command line (set it in a config file).
+    ``cli=False`` keeps a field off the command line (set it in a config file); ``low`` and ``high`` bound
+    an integer field, checked by the flag and by the config alike.
     """
-    metadata = {"help": help, "choices": choices, "default_help": default_help, "cli": cli}
+    metadata = {"help": help, "choices": choices, "default_help": default_help, "cli": cli, "low": low,
+                "high": high}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -90,13 +94,19 @@ class RunConfig(DictMixin):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def _check_types(self) -> None:
-        """Every field holds a value of its declared type (config files and checkpoints are not trusted)."""
+        """Every field holds a value of its declared type and within its bounds (config files and checkpoints
+        are not trusted)."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not _has_type(value, hints[f.name]):
                 raise ValueError(f"invalid {type(self).__name__}: {f.name} must be {_describe(hints[f.name])}, "
                                  f"got {value!r}")
+            if f.metadata.get("low") is not None and value is not None:
+                try:
+                    check_int(value, f.name, low=f.metadata["low"], high=f.metadata.get("high"))
+                except ValueError as err:
+                    raise ValueError(f"invalid {type(self).__name__}: {err}") from None
 
     def _check(self, checks: Sequence[tuple[bool, str]]) -> None:
         for ok, message in checks:
@@ -108,22 +118,23 @@ class RunConfig(DictMixin):
 class LoopConfig(RunConfig):
     """What the training engine itself reads; every training job's config extends it."""
 
-    epochs: int = option(30, "training epochs")
-    batch_size: int = option(64, "global batch size over all processes")
+    epochs: int = option(30, "training epochs", low=1)
+    batch_size: int = option(64, "global batch size over all processes", low=1)
     lr: float | None = option(None, "base learning rate")
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(1e-4, "weight decay on kernels")
     ema_decay: float = option(0.0, "weight EMA decay, e.g. 0.9998; 0 = off (the EMA weights are evaluated and saved)")
     amp: bool = option(False, "mixed precision (CUDA only)")
     sync_bn: bool = option(False, "SyncBatchNorm across processes (CUDA only; per-process BN elsewhere)")
-    workers: int = option(0, "data-loading worker processes")
+    workers: int = option(0, "data-loading worker processes", low=0)
     seed: int = option(0, "random seed of the training run")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     output: str | None = option(None, "run folder", default_help="runs/<model>-<data>-<time>")
     resume: str | None = option(None, "continue exactly from a run folder or its last.pt")
     overwrite: bool = option(False, "replace the run in --output if it holds one (its run files are deleted)")
-    stop_after_steps: int | None = option(None, "save a resumable last.pt and exit after N steps of this invocation")
-    log_interval: int = option(50, "steps between log lines (and tracked step scalars)")
+    stop_after_steps: int | None = option(None, "save a resumable last.pt and exit after N steps of this invocation",
+                                          low=1)
+    log_interval: int = option(50, "steps between log lines (and tracked step scalars)", low=1)
     tensorboard: bool = option(False, "log step and epoch scalars for TensorBoard in the run folder's tensorboard/")
     config_file: str | None = option(None, "the --config file the options came from (an input: never written to)",
                                      cli=False)
@@ -131,15 +142,10 @@ class LoopConfig(RunConfig):
     def __post_init__(self) -> None:
         self._check_types()
         self._check([
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr is None or self.lr > 0, "lr must be > 0"),
             (self.momentum >= 0, "momentum must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
-            (self.workers >= 0, "workers must be >= 0"),
-            (self.stop_after_steps is None or self.stop_after_steps >= 1, "stop_after_steps must be >= 1"),
-            (self.log_interval >= 1, "log_interval must be >= 1"),
         ])
 
     @property
@@ -158,13 +164,15 @@ class TrainConfig(LoopConfig):
     image folders, and warm-up is 5 epochs for schedules of 100+ epochs and 1 otherwise.
     """
 
-    epochs: int = option(10, "training epochs (sized for the digits default; the paper trains ImageNet 120-300)")
+    epochs: int = option(10, "training epochs (sized for the digits default; the paper trains ImageNet 120-300)",
+                         low=1)
     lr: float | None = option(None, "base learning rate",
                               default_help="0.1 x batch size / 256 for folders, 0.05 x for the digits; "
                                            "1/10 of it with --qat")
     model: str = option("repvgg_a0", "registered model name (see `repvgg info`)")
     data: str | None = option(None, "ImageFolder root with train/ and val/", default_help="the embedded digits data")
-    img_size: int | None = option(None, "input resolution", default_help="32 for digits, 224 for folders")
+    img_size: int | None = option(None, "input resolution", default_help="32 for digits, 224 for folders", low=8,
+                                  high=MAX_IMG_SIZE)
     warmup_epochs: float | None = option(None, "linear warm-up epochs",
                                          default_help="5 for >= 100 epochs, else 1; 0 with --qat")
     label_smoothing: float = option(0.1, "label smoothing")
@@ -193,7 +201,6 @@ class TrainConfig(LoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check([
-            (self.img_size is None or self.img_size >= 8, "img_size must be >= 8"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
             (0 <= self.random_erasing <= 1, "random_erasing must be in [0, 1]"),
@@ -230,7 +237,7 @@ class AblationConfig(TrainConfig):
     budget by default (depth is where the branches matter; see the README's ablation section)."""
 
     model: str = option("repvgg_tiny_b", "registered model name to ablate (see `repvgg info`)")
-    epochs: int = option(6, "training epochs of every run")
+    epochs: int = option(6, "training epochs of every run", low=1)
     lr: float | None = option(None, "base learning rate of every run",
                               default_help="0.1 x batch size / 256, the paper's rule, on the digits too")
     inference_speed: bool = option(False, "time both forms at the end of every run (the converted models "

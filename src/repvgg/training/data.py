@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from repvgg.limits import check_img_size
+
 __all__ = [
     "DIGITS_SPLIT_SEED",
     "DatasetBundle",
@@ -206,6 +208,12 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], dict[str, list[tuple
         classes_by_split[split] = classes
         if not samples[split]:
             raise ValueError(f"{folder} contains no images ({', '.join(IMG_EXTENSIONS)}); {_EXPECTED_LAYOUT}")
+        found = {index for _, index in samples[split]}
+        empty = [f"{split}/{name}" for index, name in enumerate(classes) if index not in found]
+        if empty:  # it would become a class the model is trained (or scored) on without a single example
+            raise ValueError(f"class folder(s) without images in {root}: {', '.join(empty[:10])}"
+                             f"{' ...' if len(empty) > 10 else ''}; add images to them or remove them (from both "
+                             "train/ and val/)")
     if classes_by_split["train"] != classes_by_split["val"]:
         only_train = sorted(set(classes_by_split["train"]) - set(classes_by_split["val"]))
         only_val = sorted(set(classes_by_split["val"]) - set(classes_by_split["train"]))
@@ -341,11 +349,13 @@ def build_datasets(
 
     ``augment=False`` gives the training split the validation preprocessing (e.g. for calibration).
     """
+    if img_size is not None:
+        check_img_size(img_size, "img_size")
     if data is None:
-        return _digits_bundle(img_size or 32, val_fraction, augment=augment)
+        return _digits_bundle(32 if img_size is None else img_size, val_fraction, augment=augment)
     classes, samples = scan_image_folder(data)
     counts = {split: len(split_samples) for split, split_samples in samples.items()}
-    size = img_size or 224
+    size = 224 if img_size is None else img_size
     train_tf, val_tf = folder_transforms(size, auto_augment=auto_augment, random_erasing=random_erasing,
                                          color_jitter=color_jitter, data_config=data_config)
     root = Path(data)

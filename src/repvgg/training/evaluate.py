@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from repvgg.limits import check_int
 from repvgg.nn.convert import OutputDeviation, check_outputs
 from repvgg.training.distributed import all_reduce
 
@@ -136,6 +137,8 @@ def evaluate_checkpoint(
     from repvgg.training.distributed import resolve_device
     from repvgg.io.loading import load_model
 
+    check_int(batch_size, "batch_size", low=1)
+    check_int(workers, "workers", low=0)
     model = load_model(weights, arch=arch)
     bundle = build_datasets(data, img_size=img_size)
     if model.num_classes != bundle.num_classes:

@@ -30,6 +30,7 @@ from repvgg.io.loading import load_model
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
 from repvgg.nn.model import RepVGGSpec
 from repvgg.nn.registry import build_model
+from repvgg.serialization import atomic_write
 from repvgg.training.classification import ClassificationTask
 from repvgg.training.config import TrainConfig
 from repvgg.training.engine import fit
@@ -68,10 +69,11 @@ def export_fake_quant_onnx(model: nn.Module, example: torch.Tensor, path: Path) 
     """The fake-quantized network as a QDQ ONNX file (dynamic batch, height and width), observers frozen."""
     model = copy.deepcopy(model).cpu().eval()
     model.apply(torch.ao.quantization.disable_observer)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), \
+            atomic_write(path) as tmp:
         warnings.simplefilter("ignore")
         # Fake quantizers export as QuantizeLinear/DequantizeLinear with the TorchScript-based exporter.
-        torch.onnx.export(model, (example.cpu(),), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(model, (example.cpu(),), str(tmp), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}})
     return path
