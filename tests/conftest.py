@@ -35,6 +35,22 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 40) -> Path:
+    """An ImageNet-style folder (``train/`` and ``val/``, ``class_<i>/<j>.png``) of distinguishable noisy images."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                base = torch.full((size, size, 3), 60 * c, dtype=torch.uint8)
+                noise = torch.randint(0, 40, (size, size, 3), generator=gen, dtype=torch.uint8)
+                Image.fromarray((base + noise).numpy()).save(folder / f"{i}.png")
+    return root
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 

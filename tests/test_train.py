@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_process, started_process, wait_for
+from conftest import run_process, started_process, wait_for, write_image_folder
 from PIL import Image
 
 from repvgg.io.checkpoint import load_checkpoint
@@ -22,19 +22,6 @@ from repvgg.training.engine import training_memory_format
 from repvgg.training.classification import train
 
 TINY = ["--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "32"]
-
-
-def _write_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 40) -> Path:
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                base = torch.full((size, size, 3), 60 * c, dtype=torch.uint8)
-                noise = torch.randint(0, 40, (size, size, 3), generator=gen, dtype=torch.uint8)
-                Image.fromarray((base + noise).numpy()).save(folder / f"{i}.png")
-    return root
 
 
 def test_digits_split_is_fixed_and_stratified() -> None:
@@ -76,7 +63,7 @@ def test_train_cli_on_digits_writes_everything(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_train_on_an_image_folder(tmp_path: Path) -> None:
-    root = _write_folder(tmp_path / "data")
+    root = write_image_folder(tmp_path / "data")
     # the optional recipe pieces run too: RandAugment, cutmix, channels_last, gradient checkpointing
     summary = train(TrainConfig(model="repvgg_tiny", data=str(root), img_size=32, epochs=1, batch_size=6,
                                 device="cpu", output=str(tmp_path / "run"), auto_augment="rand-m9-mstd0.5",
@@ -183,7 +170,7 @@ def test_config_file_and_flag_precedence(tmp_path: Path) -> None:
      ("mismatch", "class folders differ")],
 )
 def test_bad_folder_layouts_are_explained(tmp_path: Path, layout: str, message: str) -> None:
-    root = _write_folder(tmp_path / "data", classes=2, per_class=2)
+    root = write_image_folder(tmp_path / "data", classes=2, per_class=2)
     if layout == "missing_val":
         for f in (root / "val").rglob("*.png"):
             f.unlink()
@@ -211,7 +198,7 @@ def test_missing_data_folder_via_cli(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_corrupt_image_fails_naming_the_file_or_is_skipped(tmp_path: Path) -> None:
-    root = _write_folder(tmp_path / "data", classes=2, per_class=4)
+    root = write_image_folder(tmp_path / "data", classes=2, per_class=4)
     bad = root / "train" / "class_0" / "2.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     bundle = build_datasets(str(root), img_size=32)
