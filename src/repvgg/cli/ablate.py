@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from repvgg.cli.flags import HelpFormatter, add_config_flags
+from repvgg.cli.flags import HelpFormatter, add_config_flags, bounded_int
 from repvgg.cli.output import emit
 from repvgg.cli.train import add_common_arguments, print_config, resolve_config
 from repvgg.training.config import AblationConfig
@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated configurations: plain, 1x1, identity, full, identity_no_bn, post_bn")
     p.add_argument("--table7", action="store_true",
                    help="also run the Table 7 variants identity_no_bn and post_bn")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per configuration")
+    p.add_argument("--seeds", type=bounded_int(1), default=2, help="seeds per configuration")
     p.add_argument("--table", action="store_true",
                    help="print the paper's Table 6 numbers next to the measured ones and whether the ranking agrees")
     add_common_arguments(p)
