@@ -14,9 +14,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from repvgg.perf.bench import BenchConfig, check_targets, plot_results, results_table, run_benchmark
+from repvgg.perf.bench import BenchConfig, check_targets, run_benchmark
+from repvgg.report import write_bench_report
 from targets import CPU_TARGETS
-from repvgg.serialization import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,12 +41,8 @@ def main() -> int:
         f"224x224, float32, median of {args.rounds} interleaved rounds after {result.config.warmup} warm-up "
         f"({datetime.now(timezone.utc):%Y-%m-%d})."
     )
-    table = results_table(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu.md").write_text(header + "\n\n" + table + "\n")
-    write_json(args.out / "cpu.json", result.as_dict())
-    plot_results(result, args.out / "cpu.png")
-    print(header + "\n\n" + table)
+    files = write_bench_report(result, args.out, "cpu", header)
+    print(files["markdown"].read_text())
     return 0
 
 

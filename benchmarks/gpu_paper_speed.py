@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from repvgg.perf.bench import BenchConfig, plot_results, results_table, run_benchmark
-from repvgg.serialization import write_json
+from repvgg.perf.bench import BenchConfig, run_benchmark
+from repvgg.report import write_bench_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,12 +59,8 @@ def main() -> int:
         f"224x224, {args.dtypes}, TF32 {'on' if args.tf32 else 'off'}; {args.warmup} warm-up + {args.rounds} "
         f"timed batches per model, interleaved; {time.perf_counter() - start:.0f} s in all."
     )
-    table = results_table(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.md").write_text(header + "\n\n" + table + "\n")
-    write_json(args.out / "gpu.json", result.as_dict())
-    plot_results(result, args.out / "gpu.png")
-    print(header + "\n\n" + table)
+    files = write_bench_report(result, args.out, "gpu", header)
+    print(files["markdown"].read_text())
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from repvgg.deploy.quantize import quantize_model
+from repvgg.quant.ptq import quantize_model
 from repvgg.plots import pyplot
 from repvgg.report import markdown_table
 from repvgg.serialization import write_json

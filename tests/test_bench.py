@@ -17,17 +17,11 @@ from torch import nn
 from conftest import randomize_bn, relative_error
 from repvgg import create_model, reparameterize_model
 from repvgg.nn.fusion import count_conv_bn_pairs, fuse_conv_bn
-from repvgg.perf.bench import (
-    BenchConfig,
-    BenchResult,
-    BenchRow,
-    check_targets,
-    parse_list,
-    plot_results,
-    results_table,
-    run_benchmark,
-)
+from repvgg.perf.bench import BenchConfig, BenchResult, BenchRow, check_targets, run_benchmark
+from repvgg.plots import plot_throughput as plot_results
+from repvgg.report import bench_table as results_table
 from repvgg.cli import main
+from repvgg.cli.flags import parse_list
 from repvgg.perf.memory import LiveTensorTracker, peak_forward_memory
 from repvgg.perf.timing import TimingResult, time_interleaved
 

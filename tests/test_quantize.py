@@ -11,8 +11,8 @@ import torch
 import repvgg
 from repvgg.cli import main
 from repvgg.io.checkpoint import load_checkpoint
-from repvgg.deploy.quantize import quantize_onnx
-from repvgg.io.export import export_onnx_file, onnxruntime_session, quantized_conv_count
+from repvgg.quant.qdq import quantize_onnx, quantized_conv_count
+from repvgg.io.export import export_onnx_file, onnxruntime_session
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ _EXPORTS = {
     "RepVGGBlock": "repvgg.nn.block",
     "RepVGGSpec": "repvgg.nn.model",
     "SEBlock": "repvgg.nn.block",
-    "build_model": "repvgg.nn.registry",
     "create_model": "repvgg.io.loading",
     "export_onnx": "repvgg.io.export",
     "get_spec": "repvgg.nn.registry",

@@ -6,7 +6,12 @@ Bad input (a wrong argument, a missing or malformed file) is a ``ValueError`` or
 
 from __future__ import annotations
 
-__all__ = ["RunFailed", "ConversionMismatch", "TrainingDiverged", "WriteFailed"]
+__all__ = ["RunFailed", "ConversionMismatch", "TrainingDiverged", "WriteFailed", "EXIT_OK", "EXIT_RUN_FAILED",
+           "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
+
+#: Exit statuses of every ``repvgg`` subcommand: success; a :class:`RunFailed`; bad input or usage; interrupted
+#: with a resumable checkpoint.
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class RunFailed(RuntimeError):

@@ -1,10 +1,19 @@
-"""Small, dependency-free formatting helpers shared by the commands (markdown tables)."""
+"""Presenting results: markdown tables, and a benchmark's table, JSON and figure written together.
+
+Measuring code returns data (e.g. :class:`~repvgg.perf.bench.BenchResult`); this module and
+:mod:`repvgg.plots` present it.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["markdown_table"]
+from repvgg.plots import plot_throughput
+from repvgg.serialization import write_json, write_text
+
+__all__ = ["bench_table", "markdown_table", "write_bench_report"]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -17,3 +26,45 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def bench_table(result: Any) -> str:
+    """A :class:`~repvgg.perf.bench.BenchResult` as a markdown table, followed by the target ratios.
+
+    ``IQR`` is the interquartile range of the per-round times relative to their median: a noise
+    figure (a few percent on a quiet machine; large values mean other work shared the CPU).
+    """
+    cfg = result.config
+    header = ["model", "form", "runs on", "dtype", "params (M)", "GMACs", f"img/s @{cfg.batch_size}",
+              "IQR", "latency @1 (ms)", "GFLOP/s", "FLOP rate", "peak mem (MiB)"]
+    rows = [[
+        r.model, r.form, r.backend, r.dtype, f"{r.params / 1e6:.2f}", f"{r.macs / 1e9:.2f}",
+        _fmt(r.throughput, ".1f"), "-" if r.spread is None else f"{100 * r.spread:.0f}%",
+        _fmt(r.latency_ms, ".2f"), _fmt(r.gflops, ".0f"),
+        "-" if r.flop_rate is None else f"{100 * r.flop_rate:.0f}%",
+        "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.1f}",
+    ] for r in result.rows]
+    text = markdown_table(header, rows)
+    if result.targets:
+        target_rows = [[
+            t.name, t.dtype, f"{t.value:.2f}",
+            "-" if t.threshold is None else f">= {t.threshold:g}",
+            {True: "met", False: "missed", None: "-"}[t.met], t.note,
+        ] for t in result.targets]
+        text += "\n\n" + markdown_table(["ratio", "dtype", "measured", "target", "", "note"], target_rows)
+    return text
+
+
+def write_bench_report(result: Any, folder: str | os.PathLike[str], stem: str, header: str) -> dict[str, Path]:
+    """``folder/stem.md`` (``header`` and :func:`bench_table`), ``stem.json`` (every number) and ``stem.png``
+    (throughput against parameters) of a benchmark result."""
+    folder = Path(folder)
+    return {
+        "markdown": write_text(folder / f"{stem}.md", f"{header}\n\n{bench_table(result)}\n"),
+        "json": write_json(folder / f"{stem}.json", result.as_dict()),
+        "plot": plot_throughput(result, folder / f"{stem}.png"),
+    }

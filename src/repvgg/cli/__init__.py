@@ -19,7 +19,7 @@ from typing import Sequence
 from repvgg import __version__
 from repvgg.cli.flags import HelpFormatter, Parser, UsageError
 from repvgg.cli.output import add_json_flag, emit_error
-from repvgg.errors import RunFailed
+from repvgg.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, RunFailed
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
@@ -27,9 +27,6 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT
 #: pyyaml and tqdm only).
 OPTIONAL_MODULES = {"timm": "train", "sklearn": "train", "matplotlib": "train", "onnx": "deploy",
                     "onnxruntime": "deploy", "onnxscript": "deploy", "huggingface_hub": "hub", "tensorboard": "track"}
-
-#: Exit statuses of every subcommand.
-EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 #: Subcommand modules under ``repvgg.cli``, in the order ``--help`` lists them.
 _COMMANDS = ["train", "evaluate", "convert", "quantize", "ablate", "info", "bench", "export", "seg_train", "seg_eval"]

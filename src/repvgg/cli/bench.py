@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from repvgg.cli.flags import add_overwrite_flag, bounded_int
+from repvgg.cli.flags import add_overwrite_flag, bounded_int, parse_list
 from repvgg.cli.output import emit
 from repvgg.limits import MAX_IMG_SIZE
 
@@ -52,7 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.perf.bench import BenchConfig, parse_list, plot_results, results_table, run_benchmark
+    from repvgg.perf.bench import BenchConfig, run_benchmark
+    from repvgg.plots import plot_throughput
+    from repvgg.report import bench_table
     from repvgg.serialization import check_output_path, write_json
 
     plot = args.plot or (str(Path(args.json_out).with_suffix(".png")) if args.json_out else None)
@@ -80,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if not config.models and not config.baselines:
         raise ValueError("nothing to benchmark: give --models and/or --baselines")
     result = run_benchmark(config)
-    emit(args, result.as_dict(), results_table(result))
+    emit(args, result.as_dict(), bench_table(result))
     if args.json_out:
         log.info("wrote %s", write_json(args.json_out, result.as_dict()))
     if plot:
-        log.info("wrote %s", plot_results(result, plot))
+        log.info("wrote %s", plot_throughput(result, plot))
     return 0

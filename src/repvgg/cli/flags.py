@@ -18,7 +18,7 @@ from typing import Any
 from repvgg.limits import MAX_IMG_SIZE, check_int
 
 __all__ = ["HelpFormatter", "Parser", "UsageError", "add_config_flags", "add_overwrite_flag", "bounded_int",
-           "config_flag_values", "image_size", "shown_default"]
+           "config_flag_values", "image_size", "parse_list", "shown_default"]
 
 
 class UsageError(ValueError):
@@ -49,6 +49,13 @@ def bounded_int(low: int, high: int | None = None, *, why: str = "") -> Any:
 
     parse.__name__ = "integer"
     return parse
+
+
+def parse_list(text: str | None) -> tuple[str, ...]:
+    """``"a,b, c"`` -> ``("a", "b", "c")``; empty or ``"none"`` -> ``()`` (a comma-separated flag)."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 #: An input side in pixels (``--img-size`` and friends): 8 to :data:`~repvgg.limits.MAX_IMG_SIZE`.

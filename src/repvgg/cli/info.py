@@ -11,7 +11,8 @@ from repvgg.cli.output import emit
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="table of every registered model: parameters and multiply-adds")
     p.add_argument("--img-size", type=image_size, default=224, help="input resolution for multiply-adds")
-    p.add_argument("--models", default=None, help="comma-separated model names (default: all registered)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated model names or patterns such as 'repvgg_b*' (default: all registered)")
     p.set_defaults(func=run)
 
 
@@ -20,7 +21,10 @@ def run(args: argparse.Namespace) -> int:
     from repvgg.nn.registry import get_spec, list_models
     from repvgg.report import markdown_table
 
-    names = args.models.split(",") if args.models else list_models()
+    names = [name for item in (args.models or "*").split(",")
+             for name in (list_models(item) if any(c in item for c in "*?[") else [item])]
+    if not names:
+        raise ValueError(f"no registered model matches {args.models!r}; `repvgg info` lists them all")
     specs = [get_spec(name) for name in names]  # unknown names fail with close matches before any work
     rows = []
     for name, spec in zip(names, specs):

@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.deploy.quantize import quantize_model
+    from repvgg.quant.ptq import quantize_model
 
     report = quantize_model(args.weights, args.output, data=args.data, img_size=args.img_size,
                             calib_images=args.calib_images, method=args.calibration, speed_batch=args.speed_batch,

@@ -7,6 +7,7 @@ import json
 
 from repvgg.cli.flags import HelpFormatter, add_config_flags
 from repvgg.cli.output import emit
+from repvgg.errors import EXIT_INTERRUPTED
 from repvgg.cli.train import add_common_arguments, print_config, resolve_config
 from repvgg.segmentation.config import SegTrainConfig
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     summary = train_segmenter(config)
     if summary.get("interrupted"):
         emit(args, summary)
-        return 130
+        return EXIT_INTERRUPTED
     if "speed" not in summary:  # not the main process of a distributed run
         return 0
     text = (f"## {summary['model']} on {summary['dataset']}, {summary['epochs']} epochs\n\n{iou_table(summary)}\n"

@@ -8,7 +8,9 @@ from typing import Any
 
 from repvgg.cli.flags import HelpFormatter, add_config_flags, config_flag_values
 from repvgg.cli.output import emit
-from repvgg.training.config import RunConfig, TrainConfig, resolve_run_config
+from repvgg.errors import EXIT_INTERRUPTED
+from repvgg.options import RunConfig
+from repvgg.training.config import TrainConfig, resolve_run_config
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, spec: bool = True) -> None:
@@ -67,7 +69,7 @@ def print_config(config: Any, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from repvgg.training.classification import train
-    from repvgg.training.qat import train_qat
+    from repvgg.quant.qat import train_qat
 
     config = resolve_config(args)
     if args.print_config:
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     summary = (train_qat if config.qat else train)(config)
     if summary.get("interrupted"):
         emit(args, summary)
-        return 130
+        return EXIT_INTERRUPTED
     keys = ("model", "dataset", "epochs", "val_top1", "val_top1_deploy", "max_abs_diff", "prediction_agreement",
             "top1_int8", "int8_onnx", "output")
     emit(args, summary, json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))

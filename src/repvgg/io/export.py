@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
 from repvgg.errors import ConversionMismatch, RunFailed
 from repvgg.limits import MIN_OPSET, check_img_size, check_int
@@ -27,8 +26,8 @@ from repvgg.nn.convert import (CONVERSION_TOLERANCE, OutputDeviation, check_conv
                                reparameterize_model)
 from repvgg.serialization import check_output_path, staging_folder
 
-__all__ = ["ExportReport", "evaluate_onnx", "export_onnx", "export_onnx_file", "needs_conversion",
-           "onnxruntime_session", "quantized_conv_count", "resolve_model"]
+__all__ = ["ExportReport", "export_onnx", "export_onnx_file", "needs_conversion", "onnxruntime_session",
+           "resolve_model"]
 
 log = logging.getLogger(__name__)
 
@@ -289,47 +288,3 @@ def export_onnx(
     log.debug("wrote %s (opset %d); ONNX Runtime vs PyTorch on a batch of %d: max |diff| %.3g",
              path, opset_used, check_batch_size, report.max_abs_diff)
     return report
-
-
-def quantized_conv_count(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """``(convolutions whose weight and input come through DequantizeLinear or are QLinearConv, all convs)``."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    producers = {out: node for node in graph.node for out in node.output}
-    convs = [n for n in graph.node if n.op_type in ("Conv", "QLinearConv")]
-
-    def dequantized(name: str) -> bool:
-        node = producers.get(name)
-        return node is not None and node.op_type == "DequantizeLinear"
-
-    quantized = sum(1 for n in convs if n.op_type == "QLinearConv" or all(dequantized(i) for i in n.input[:2]))
-    return quantized, len(convs)
-
-
-@torch.no_grad()
-def evaluate_onnx(paths: list[Path], dataset: Dataset, *, batch_size: int = 64) -> dict[str, Any]:
-    """Top-1 of each ONNX file on ``dataset`` and how often the others predict what the first does.
-
-    Raises:
-        RunFailed: an output was NaN or infinite, so the accuracy could not be measured.
-    """
-    sessions = [onnxruntime_session(p) for p in paths]
-    names = [s.get_inputs()[0].name for s in sessions]
-    correct = [0] * len(paths)
-    agree = [0] * len(paths)
-    total = 0
-    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        outputs = [torch.from_numpy(s.run(None, {n: images.numpy()})[0]) for s, n in zip(sessions, names)]
-        for path, out in zip(paths, outputs):
-            if not torch.isfinite(out).all():
-                raise RunFailed(f"{path.name} produced NaN or infinite outputs; its accuracy cannot be measured, "
-                                "so it is not written")
-        predictions = [out.argmax(1) for out in outputs]
-        for i, pred in enumerate(predictions):
-            correct[i] += int((pred == labels).sum())
-            agree[i] += int((pred == predictions[0]).sum())
-        total += labels.numel()
-    if total == 0:
-        raise ValueError("the validation set is empty; INT8 accuracy cannot be measured")
-    return {"images": total, "top1": [100.0 * c / total for c in correct], "agreement": [a / total for a in agree]}

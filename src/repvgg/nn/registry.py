@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 from typing import Any, Sequence
 
 from repvgg.nn.model import RepVGG, RepVGGSpec
@@ -55,9 +56,15 @@ def canonical_name(name: str) -> str:
     return f"repvgg_{key}"
 
 
-def list_models() -> list[str]:
-    """Every registered model name, sorted."""
-    return sorted(MODEL_SPECS)
+def list_models(pattern: str = "*") -> list[str]:
+    """The registered model names matching the shell-style ``pattern`` (``"repvgg_b*"``, ``"*g4"``), sorted.
+
+    A pattern in the paper's spelling works too (``"RepVGG-B*"``).
+    """
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a str, got {type(pattern).__name__}")
+    wanted = pattern.strip().lower().replace("-", "_")
+    return sorted(name for name in MODEL_SPECS if fnmatch.fnmatchcase(name, wanted))
 
 
 def get_spec(name: str) -> RepVGGSpec:
@@ -96,7 +103,9 @@ def build_model(
     norm_eval: bool = False,
     **overrides: Any,
 ) -> RepVGG:
-    """Build a RepVGG with fresh weights by registered name (or from a spec).
+    """Build a RepVGG with fresh weights by registered name (or from a spec): the package's internal builder.
+
+    Users call :func:`repvgg.create_model`, which takes the same arguments and loads weights on top.
 
     Args:
         name: a registered name (see :func:`list_models`) or a :class:`RepVGGSpec`.

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -32,6 +29,7 @@ from torch import Tensor, nn
 
 from repvgg.limits import MAX_IMG_SIZE, check_int
 from repvgg.nn.complexity import count_macs, count_parameters
+from repvgg.perf.environment import device_supports_dtype, environment, set_tf32
 from repvgg.perf.memory import peak_forward_memory
 from repvgg.perf.timing import make_timer, synchronize, time_interleaved
 
@@ -42,10 +40,6 @@ __all__ = [
     "BenchRow",
     "TargetCheck",
     "check_targets",
-    "device_supports_dtype",
-    "parse_list",
-    "plot_results",
-    "results_table",
     "run_benchmark",
 ]
 
@@ -186,65 +180,6 @@ class BenchResult:
         return next((r for r in self.rows if (r.model, r.form, r.dtype) == (model, form, dtype)), None)
 
 
-# --- environment ---------------------------------------------------------------------------------
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _environment(config: BenchConfig) -> dict[str, Any]:
-    device = torch.device(config.device)
-    env: dict[str, Any] = {
-        "device": str(device),
-        "cpu": _cpu_name(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-        env["cudnn"] = torch.backends.cudnn.version()
-        env["tf32"] = config.tf32
-    for package in ("onnxruntime", "openvino", "torchvision", "timm"):
-        try:
-            env[package] = __import__(package).__version__
-        except Exception as err:  # noqa: BLE001 - optional packages
-            log.debug("%s not reported: %s", package, err)
-    return env
-
-
-def device_supports_dtype(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether convolutions in ``dtype`` are supported (and accelerated) on ``device``."""
-    device = torch.device(device)
-    if dtype == torch.float32:
-        return True
-    if device.type == "cuda":
-        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
-    mkldnn = getattr(torch.ops, "mkldnn", None)
-    try:
-        if dtype == torch.bfloat16:
-            return bool(mkldnn._is_mkldnn_bf16_supported())
-        if dtype == torch.float16:
-            return bool(mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-    return False
-
-
-def _set_tf32(enabled: bool) -> None:
-    """Allow or forbid TensorFloat-32 in cuDNN convs and cuBLAS matmuls (float32 means IEEE by default here)."""
-    torch.backends.cudnn.allow_tf32 = enabled
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-
-
 # --- the entries ----------------------------------------------------------------------------------
 
 @dataclass
@@ -351,10 +286,10 @@ def run_benchmark(config: BenchConfig | None = None) -> BenchResult:
     """Run the benchmark described by ``config`` and return every measurement (nothing is printed)."""
     config = (config or BenchConfig()).resolved()
     device = torch.device(config.device)
-    result = BenchResult(config, _environment(config))
+    result = BenchResult(config, environment(config.device, tf32=config.tf32))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # let cuDNN pick the fastest algorithm per shape
-        _set_tf32(config.tf32)
+        set_tf32(config.tf32)
     timer = make_timer(device)
     assert config.batch_size is not None and config.warmup is not None and config.rounds is not None
     for dtype_name in config.dtypes:
@@ -443,84 +378,3 @@ def check_targets(result: BenchResult,
                 checks.append(TargetCheck(f"{name}: fast path GFLOP/s / single 3x3 conv GFLOP/s", dtype,
                                           fast.flop_rate, threshold("flop_rate")))
     return checks
-
-
-# --- output ---------------------------------------------------------------------------------------
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def results_table(result: BenchResult) -> str:
-    """The measurements as a markdown table, followed by the target ratios.
-
-    ``IQR`` is the interquartile range of the per-round times relative to their median: a noise
-    figure (a few percent on a quiet machine; large values mean other work shared the CPU).
-    """
-    from repvgg.report import markdown_table
-
-    cfg = result.config
-    header = ["model", "form", "runs on", "dtype", "params (M)", "GMACs", f"img/s @{cfg.batch_size}",
-              "IQR", "latency @1 (ms)", "GFLOP/s", "FLOP rate", "peak mem (MiB)"]
-    rows = [[
-        r.model, r.form, r.backend, r.dtype, f"{r.params / 1e6:.2f}", f"{r.macs / 1e9:.2f}",
-        _fmt(r.throughput, ".1f"), "-" if r.spread is None else f"{100 * r.spread:.0f}%",
-        _fmt(r.latency_ms, ".2f"), _fmt(r.gflops, ".0f"),
-        "-" if r.flop_rate is None else f"{100 * r.flop_rate:.0f}%",
-        "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.1f}",
-    ] for r in result.rows]
-    text = markdown_table(header, rows)
-    if result.targets:
-        target_rows = [[
-            t.name, t.dtype, f"{t.value:.2f}",
-            "-" if t.threshold is None else f">= {t.threshold:g}",
-            {True: "met", False: "missed", None: "-"}[t.met], t.note,
-        ] for t in result.targets]
-        text += "\n\n" + markdown_table(["ratio", "dtype", "measured", "target", "", "note"], target_rows)
-    return text
-
-
-def plot_results(result: BenchResult, path: str | os.PathLike[str], dtype: str = "float32") -> Path:
-    """Throughput against parameters, one point per model (its fastest form), like the paper's Fig. 1."""
-    from repvgg.plots import pyplot, save_figure
-
-    plt = pyplot()
-    best: dict[tuple[str, str], BenchRow] = {}
-    for r in result.rows:
-        if r.dtype != dtype or r.form in ("conv3x3", "train") or r.throughput is None:
-            continue
-        family = "timm" if r.form == "timm" else ("repvgg" if r.model in result.config.models else "baseline")
-        key = (r.model, family)
-        if key not in best or r.throughput > (best[key].throughput or 0):
-            best[key] = r
-    if not best:
-        raise ValueError(f"no {dtype} throughput measurements to plot")
-    styles = {"repvgg": ("tab:red", "o", "RepVGG (converted, fastest form)"),
-              "baseline": ("tab:blue", "s", "baseline (conv-BN fused, fastest form)"),
-              "timm": ("tab:gray", "^", "timm RepVGG (re-parameterized, eager)")}
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for family, (color, marker, label) in styles.items():
-        points = [r for (_, f), r in best.items() if f == family]
-        if points:
-            ax.scatter([p.params / 1e6 for p in points], [p.throughput for p in points], c=color, marker=marker,
-                       s=50, label=label, zorder=3)
-            for p in points:
-                ax.annotate(f"{p.model}\n{p.backend}", (p.params / 1e6, p.throughput), fontsize=7,
-                            xytext=(5, 3), textcoords="offset points")
-    env = result.environment
-    where = env.get("gpu") or f"{env.get('cpu')}, {env.get('torch_threads')} threads"
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel(f"images/s (batch {result.config.batch_size}, {dtype})")
-    ax.set_title(f"Throughput vs size: {where}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=120)
-
-
-def parse_list(text: str | None) -> tuple[str, ...]:
-    """``"a,b, c"`` -> ``("a", "b", "c")``; empty or ``"none"`` -> ``()``."""
-    if text is None or text.strip().lower() in ("", "none"):
-        return ()
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-

@@ -5,20 +5,8 @@ folded, eval mode), builds every candidate runtime that is available, checks tha
 same function as the eager model on the example input, times them in interleaved rounds and returns
 the fastest as a plain callable (tensor in, tensor out).
 
-Candidates (the :data:`CANDIDATES` table):
-
-======================  =====  ====================================================================
-``eager``               both   PyTorch as it is
-``channels_last``       both   PyTorch with NHWC weights and activations (oneDNN / cuDNN prefer it)
-``torchscript``         both   traced, frozen and ``torch.jit.optimize_for_inference``-d graph
-``onnxruntime``         cpu    the model exported to ONNX and run by ONNX Runtime (float32)
-``openvino``            cpu    the ONNX graph compiled by OpenVINO, when ``openvino`` is installed
-``compile``             both   ``torch.compile`` (with weight freezing on the CPU; slow to build)
-``cuda_graph``          cuda   channels_last eager captured once per input shape and replayed
-``compile_cuda_graph``  cuda   ``torch.compile(mode="reduce-overhead")`` (Inductor + CUDA graphs)
-======================  =====  ====================================================================
-
-By default the CPU tries eager, channels_last, torchscript, onnxruntime and openvino (compilation
+The candidates are the runtimes of :mod:`repvgg.perf.runtimes` (the :data:`CANDIDATES` table, one
+module per runtime). By default the CPU tries eager, channels_last, torchscript, onnxruntime and openvino (compilation
 takes tens of seconds on a small CPU, so ``compile`` is tried only when asked for); CUDA tries
 eager, channels_last, cuda_graph and the two compiled forms. Reduced precision (``dtype=``) is used
 only when asked for. Candidates that are not installed, fail to build, or deviate from the eager
@@ -30,22 +18,23 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from repvgg.nn.convert import is_reparameterizable, reparameterize_model
 from repvgg.nn.fusion import fuse_conv_bn, is_batchnorm
+from repvgg.perf.runtimes import CANDIDATES, BuildContext, Candidate, Runner, Unsupported, default_candidates
 from repvgg.perf.timing import make_timer, time_interleaved
 
 __all__ = [
     "CANDIDATES",
+    "Candidate",
     "CandidateReport",
     "InferenceRunner",
     "default_candidates",
@@ -56,197 +45,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[[Tensor], Any]
-
-
-class Unsupported(ValueError):
-    """A candidate does not apply to this device, dtype or input (reported as unavailable, not failed)."""
-
-
-class _BuildContext:
-    """What a candidate builder gets: a fresh copy of the prepared model, the example input, and an
-    ONNX file exported once and shared by the ONNX-based runtimes."""
-
-    def __init__(self, prepared: nn.Module, example: Tensor, workdir: Path) -> None:
-        self._prepared = prepared
-        self.example = example
-        self._workdir = workdir
-        self._onnx: Path | None = None
-
-    def model(self) -> nn.Module:
-        return copy.deepcopy(self._prepared)
-
-    def onnx_path(self) -> Path:
-        if self._onnx is None:
-            from repvgg.io.export import export_onnx_file
-
-            self._onnx = export_onnx_file(self._prepared, self.example, self._workdir / "model.onnx")
-        return self._onnx
-
-
-Builder = Callable[[_BuildContext], Runner]
-
-
-# --- candidate builders: build context -> runner ---------------------------------------------------
-
-def _build_eager(ctx: _BuildContext) -> Runner:
-    return ctx.model()
-
-
-def _build_channels_last(ctx: _BuildContext) -> Runner:
-    if ctx.example.dim() != 4:
-        raise Unsupported("channels_last needs 4-D (N, C, H, W) inputs")
-    model = ctx.model().to(memory_format=torch.channels_last)
-
-    def run(x: Tensor) -> Any:
-        return model(x.contiguous(memory_format=torch.channels_last))
-
-    return run
-
-
-def _build_torchscript(ctx: _BuildContext) -> Runner:
-    with warnings.catch_warnings():  # TorchScript is in maintenance mode and says so on every call
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(ctx.model(), ctx.example, check_trace=False)
-        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-
-
-def _build_onnxruntime(ctx: _BuildContext) -> Runner:
-    if ctx.example.device.type != "cpu" or ctx.example.dtype != torch.float32:
-        raise Unsupported("the onnxruntime candidate runs float32 on the CPU")
-    from repvgg.io.export import onnxruntime_session
-
-    session = onnxruntime_session(ctx.onnx_path())
-    input_name = session.get_inputs()[0].name
-
-    def run(x: Tensor) -> Any:
-        outputs = session.run(None, {input_name: x.detach().contiguous().numpy()})
-        tensors = [torch.from_numpy(o) for o in outputs]
-        return tensors[0] if len(tensors) == 1 else tensors
-
-    return run
-
-
-def _build_openvino(ctx: _BuildContext) -> Runner:
-    if ctx.example.device.type != "cpu" or ctx.example.dtype != torch.float32:
-        raise Unsupported("the openvino candidate runs float32 on the CPU")
-    import openvino
-
-    core = openvino.Core()
-    config = {
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": "f32",  # CPUs with bf16 units would otherwise run in bf16
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-    }
-    compiled = core.compile_model(core.read_model(str(ctx.onnx_path())), "CPU", config)
-    request = compiled.create_infer_request()
-    outputs = compiled.outputs
-
-    def run(x: Tensor) -> Any:
-        result = request.infer({0: x.detach().contiguous().numpy()})
-        tensors = [torch.from_numpy(result[o].copy()) for o in outputs]
-        return tensors[0] if len(tensors) == 1 else tensors
-
-    return run
-
-
-def _build_compile(ctx: _BuildContext) -> Runner:
-    model = ctx.model()
-    if ctx.example.device.type == "cpu":
-        # Freezing turns weights into constants so Inductor can pre-pack them for oneDNN.
-        compiled = torch.compile(model, dynamic=False, options={"freezing": True})
-    else:
-        model = model.to(memory_format=torch.channels_last)
-        compiled = torch.compile(model, dynamic=False)  # max-autotune would take minutes per model
-
-    def run(x: Tensor) -> Any:
-        return compiled(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
-
-    return run
-
-
-def _build_compile_cuda_graph(ctx: _BuildContext) -> Runner:
-    if ctx.example.device.type != "cuda":
-        raise Unsupported("compile_cuda_graph needs a CUDA device")
-    model = ctx.model().to(memory_format=torch.channels_last)
-    compiled = torch.compile(model, dynamic=False, mode="reduce-overhead")
-
-    def run(x: Tensor) -> Any:
-        # Outputs of a CUDA-graph replay are overwritten by the next replay: hand out copies.
-        return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t,
-                        compiled(x.contiguous(memory_format=torch.channels_last)))
-
-    return run
-
-
-def _build_cuda_graph(ctx: _BuildContext) -> Runner:
-    """Capture the channels_last eager model once per input shape; each call copies in and replays.
-
-    Follows the capture recipe of the CUDA-graphs documentation: warm up on a side stream (cuDNN
-    picks its algorithms and the allocator settles), capture, then replay on static buffers.
-    """
-    if ctx.example.device.type != "cuda":
-        raise Unsupported("cuda_graph needs a CUDA device")
-    model = ctx.model().to(memory_format=torch.channels_last)
-    graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Any]] = {}
-
-    def capture(x: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Any]:
-        static_in = torch.empty_like(x, memory_format=torch.channels_last)
-        static_in.copy_(x)
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                model(static_in)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # Capture on the warm-up stream: library handles and workspaces (cuBLAS for the classifier)
-        # were created for that stream during warm-up, not in the middle of the capture.
-        with torch.cuda.graph(graph, stream=side):
-            static_out = model(static_in)
-        return graph, static_in, static_out
-
-    def run(x: Tensor) -> Any:
-        key = (tuple(x.shape), x.dtype, x.device)
-        if key not in graphs:
-            graphs[key] = capture(x)
-        graph, static_in, static_out = graphs[key]
-        static_in.copy_(x)
-        graph.replay()
-        return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, static_out)
-
-    return run
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One way to run a model: its builder and the devices it runs on."""
-
-    build: Builder
-    devices: tuple[str, ...]
-    default_on: tuple[str, ...]
-
-
-#: Every candidate runtime, in order of preference when timings tie or are not measured.
-CANDIDATES: dict[str, Candidate] = {
-    "onnxruntime": Candidate(_build_onnxruntime, ("cpu",), ("cpu",)),
-    "openvino": Candidate(_build_openvino, ("cpu",), ("cpu",)),
-    "cuda_graph": Candidate(_build_cuda_graph, ("cuda",), ("cuda",)),
-    "compile_cuda_graph": Candidate(_build_compile_cuda_graph, ("cuda",), ("cuda",)),
-    "compile": Candidate(_build_compile, ("cpu", "cuda"), ("cuda",)),
-    "torchscript": Candidate(_build_torchscript, ("cpu", "cuda"), ("cpu",)),
-    "channels_last": Candidate(_build_channels_last, ("cpu", "cuda"), ("cpu", "cuda")),
-    "eager": Candidate(_build_eager, ("cpu", "cuda"), ("cpu", "cuda")),
-}
 
 #: Largest relative L2 deviation from the eager float32 output accepted for each compute dtype.
 _DEFAULT_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-def default_candidates(device: torch.device | str) -> list[str]:
-    """Candidate names tried on ``device`` when none are given (see the module docstring)."""
-    kind = torch.device(device).type
-    return [name for name, c in CANDIDATES.items() if kind in c.default_on]
 
 
 def default_rtol(dtype: torch.dtype) -> float:
@@ -346,7 +147,7 @@ def _build_candidates(
     working: dict[str, Runner] = {}
     with tempfile.TemporaryDirectory(prefix="repvgg-fast-") as tmp:
         # The runtimes load what they need from the exported file before it is deleted.
-        ctx = _BuildContext(prepared, example, Path(tmp))
+        ctx = BuildContext(prepared, example, Path(tmp))
         for name in sorted(names, key=list(CANDIDATES).index):
             if example.device.type not in CANDIDATES[name].devices:
                 reports.append(CandidateReport(name, "unavailable", f"not for {example.device.type}"))

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from repvgg.limits import MAX_IMG_SIZE
-from repvgg.training.config import LoopConfig, option
+from repvgg.options import option
+from repvgg.training.config import LoopConfig
 
 #: Layers dilated by the paper's "fast" segmentation backbones (the last five).
 FAST_DILATED_LAYERS = 5

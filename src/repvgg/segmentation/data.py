@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from repvgg.segmentation.pspnet import IGNORE_INDEX
-from repvgg.training.data import load_rgb
+from repvgg.training.data import load_rgb, open_image
 from repvgg.segmentation.synthetic import SyntheticConfig, SyntheticShapes
 from repvgg.segmentation.transforms import JointTransform, apply_joint, eval_transform, train_transform
 
@@ -126,14 +126,7 @@ def load_label(
     Raises:
         ValueError: not a single-channel PNG, wrong size, or out-of-range ids; the message names the file.
     """
-    from PIL import Image
-
-    try:
-        img = Image.open(path)
-        img.load()
-    except Exception as err:  # PIL raises several types for empty, truncated or foreign files
-        raise ValueError(f"cannot read label {os.fspath(path)!r}: {err}") from err
-    with img:
+    with open_image(path, what="label") as img:
         if img.mode not in LABEL_MODES:
             raise ValueError(
                 f"label {os.fspath(path)!r} has PIL mode {img.mode!r}; labels must be single-channel class ids "
@@ -202,14 +195,9 @@ class SegmentationFolder(Dataset):
 
     def verify(self) -> None:
         """Load every label (and image header) once, so a bad file fails before training starts."""
-        from PIL import Image
-
         for image_path, label_path in self.samples:
-            try:
-                with Image.open(image_path) as img:
-                    size = img.size
-            except Exception as err:  # PIL raises several types for empty, truncated or foreign files
-                raise ValueError(f"cannot read image {os.fspath(image_path)!r}: {err}") from err
+            with open_image(image_path, load=False) as img:
+                size = img.size
             load_label(label_path, self.num_classes, expected_size=size, ignore_index=self.ignore_index)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repvgg.nn.convert import OutputDeviation
 from repvgg.segmentation.pspnet import IGNORE_INDEX, main_logits
 from repvgg.training.distributed import all_reduce
+from repvgg.training.evaluate import compare_models
 
 __all__ = [
     "confusion_matrix",
@@ -118,33 +118,6 @@ class ConfusionMatrix:
         return metrics_from_confusion(self.matrix)
 
 
-@torch.no_grad()
-def evaluate_segmenter(
-    model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    num_classes: int,
-    *,
-    device: torch.device | str = "cpu",
-    ignore_index: int = IGNORE_INDEX,
-) -> SegmentationMetrics:
-    """Run ``model`` in eval mode over ``(images, labels)`` batches and score its argmax predictions.
-
-    Restores the model's training flag afterwards. In a distributed run each process sees its own
-    shard and the matrices are summed, so every process gets the same metrics.
-    """
-    was_training = model.training
-    model.eval()
-    meter = ConfusionMatrix(num_classes, ignore_index=ignore_index)
-    try:
-        for images, labels in batches:
-            logits = main_logits(model(images.to(device)))
-            meter.update(logits.argmax(dim=1).cpu(), labels)
-    finally:
-        model.train(was_training)
-    meter.all_reduce()
-    return meter.compute()
-
-
 @dataclass(frozen=True)
 class SegmenterComparison:
     """Scores of several segmenters on the same pixels, and how each compares with the first.
@@ -165,7 +138,6 @@ class SegmenterComparison:
     pixels: int
 
 
-@torch.no_grad()
 def compare_segmenters(
     models: Sequence[nn.Module],
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -174,56 +146,52 @@ def compare_segmenters(
     device: torch.device | str = "cpu",
     ignore_index: int = IGNORE_INDEX,
 ) -> SegmenterComparison:
-    """Run every model (eval mode) on every batch and score it; compare the others' logits with the first's.
+    """Score every model (eval mode, restored afterwards) on every batch; compare the others' logits with the first's
+    (:func:`~repvgg.training.evaluate.compare_models`).
 
     Used to check that a converted segmenter computes what the training-time one does. In a
     distributed run each process passes its own shard; counts are summed and the largest
     difference is taken over processes, so every process gets the same result.
     """
-    modes = [m.training for m in models]
-    for model in models:
-        model.eval()
-    n = len(models)
     meters = [ConfusionMatrix(num_classes, ignore_index=ignore_index) for _ in models]
-    sums = torch.zeros(n + max(0, n - 1) + 3, dtype=torch.float64)  # loss per model, agreement, labelled, px, images
-    deviations = [OutputDeviation() for _ in range(n - 1)]
-    nonfinite = torch.zeros(n, dtype=torch.float64)
-    try:
-        for images, labels in batches:
-            images, labels = images.to(device), labels.to(device)
-            outputs = [main_logits(m(images)).float() for m in models]
-            labelled = int((labels != ignore_index).sum())
-            preds = [logits.argmax(dim=1) for logits in outputs]
-            for i, logits in enumerate(outputs):
-                nonfinite[i] += float(not torch.isfinite(logits).all())
-            for i, (logits, pred) in enumerate(zip(outputs, preds)):
-                meters[i].update(pred.cpu(), labels.cpu())
-                if labelled:
-                    sums[i] += float(F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum"))
-            for j in range(1, n):
-                deviations[j - 1].update(outputs[0], outputs[j])
-                sums[n + j - 1] += float((preds[j] == preds[0]).sum())
-            sums[-3] += labelled
-            sums[-2] += labels.numel()
-            sums[-1] += labels.shape[0]
-    finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
-    sums = all_reduce(sums, "sum")
-    all_reduce(nonfinite, "sum")
-    for deviation in deviations:
-        all_reduce(deviation.sums, "sum")
-        all_reduce(deviation.max_abs, "max")
+    sums = torch.zeros(len(models) + 1, dtype=torch.float64)  # main-head loss per model, labelled pixels
+
+    def score(i: int, logits: Tensor, labels: Tensor) -> None:
+        meters[i].update(logits.argmax(dim=1).cpu(), labels.cpu())
+        labelled = int((labels != ignore_index).sum())
+        if labelled:
+            sums[i] += float(F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum"))
+        if i == 0:
+            sums[-1] += labelled
+
+    comparison = compare_models(models, batches, device=device, score=score, output=main_logits)
+    all_reduce(sums, "sum")
     for meter in meters:
         meter.all_reduce()
-    labelled_total, pixel_total = max(1.0, float(sums[-3])), max(1.0, float(sums[-2]))
+    labelled_total = max(1.0, float(sums[-1]))
     return SegmenterComparison(
         metrics=[meter.compute() for meter in meters],
-        loss=[float(sums[i]) / labelled_total for i in range(n)],
-        max_abs_diff=[d.max_abs_diff for d in deviations],
-        relative_error=[d.relative for d in deviations],
-        agreement=[float(sums[n + j]) / pixel_total for j in range(n - 1)],
-        finite=[float(v) == 0 for v in nonfinite],
-        images=int(sums[-1]),
-        pixels=int(sums[-2]),
+        loss=[float(sums[i]) / labelled_total for i in range(len(models))],
+        max_abs_diff=comparison.max_abs_diff,
+        relative_error=comparison.relative_error,
+        agreement=comparison.agreement,
+        finite=comparison.finite,
+        images=comparison.images,
+        pixels=comparison.predictions,
     )
+
+
+def evaluate_segmenter(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    num_classes: int,
+    *,
+    device: torch.device | str = "cpu",
+    ignore_index: int = IGNORE_INDEX,
+) -> SegmentationMetrics:
+    """``model``'s scores on ``(images, labels)`` batches (eval mode, its training flag restored afterwards).
+
+    In a distributed run each process sees its own shard and the matrices are summed, so every process
+    gets the same metrics.
+    """
+    return compare_segmenters([model], batches, num_classes, device=device, ignore_index=ignore_index).metrics[0]

@@ -205,5 +205,5 @@ def train(config: TrainConfig, trackers: Sequence[Tracker] = ()) -> dict[str, An
     ``"interrupted": true``.
     """
     if config.qat:
-        raise ValueError("a QAT config runs through repvgg.training.qat.train_qat (repvgg train --qat)")
+        raise ValueError("a QAT config runs through repvgg.quant.qat.train_qat (repvgg train --qat)")
     return fit(ClassificationTask(), config, trackers)

@@ -7,112 +7,18 @@ so a run can be rebuilt and resumed from its output folder alone. Files are pars
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Mapping, TypeVar
 
-from repvgg.limits import MAX_IMG_SIZE, check_int
-from repvgg.serialization import DictMixin, write_text
+from repvgg.limits import MAX_IMG_SIZE
+from repvgg.options import RunConfig, option
 
-__all__ = [
-    "AblationConfig", "LoopConfig", "option", "RunConfig", "TrainConfig", "load_config_file", "resolve_run_config",
-]
+__all__ = ["AblationConfig", "LoopConfig", "TrainConfig", "load_config_file", "resolve_run_config"]
 
-C = TypeVar("C", bound="RunConfig")
-
-
-def option(default: Any = None, help: str = "", *, choices: Sequence[Any] | None = None,
-           default_help: str | None = None, cli: bool = True, factory: Callable[[], Any] | None = None,
-           low: int | None = None, high: int | None = None) -> Any:
-    """A config field with what the command line needs: its help text, choices, and how to show its default.
-
-    ``default_help`` describes a default that is derived at run time (``None`` meaning "derive it");
-    ``cli=False`` keeps a field off the command line (set it in a config file); ``low`` and ``high`` bound
-    an integer field, checked by the flag and by the config alike.
-    """
-    metadata = {"help": help, "choices": choices, "default_help": default_help, "cli": cli, "low": low,
-                "high": high}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def _has_type(value: Any, annotation: Any) -> bool:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_has_type(value, a) for a in args)
-    if annotation is type(None):
-        return value is None
-    if annotation is Any:
-        return True
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin is tuple:
-        return (isinstance(value, (tuple, list)) and len(value) == len(args)
-                and all(_has_type(v, a) for v, a in zip(value, args)))
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    return isinstance(value, annotation) if isinstance(annotation, type) else True
-
-
-def _describe(annotation: Any) -> str:
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if annotation is type(None):
-        return "null"
-    if typing.get_origin(annotation) is tuple:
-        return f"{len(args)} numbers"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-class RunConfig(DictMixin):
-    """A run configuration: dict round trips plus overrides and a YAML copy in the run folder."""
-
-    def updated(self: C, **changes: Any) -> C:
-        """A copy with ``changes`` applied, ``None`` included (re-validated)."""
-        return type(self).from_dict({**self.to_dict(), **changes})
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the config as YAML, atomically."""
-        return write_text(path, self.to_yaml())
-
-    def to_yaml(self) -> str:
-        """The config as YAML, in field order (what ``--print-config`` shows and ``config.yaml`` holds)."""
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def _check_types(self) -> None:
-        """Every field holds a value of its declared type and within its bounds (config files and checkpoints
-        are not trusted)."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not _has_type(value, hints[f.name]):
-                raise ValueError(f"invalid {type(self).__name__}: {f.name} must be {_describe(hints[f.name])}, "
-                                 f"got {value!r}")
-            if f.metadata.get("low") is not None and value is not None:
-                try:
-                    check_int(value, f.name, low=f.metadata["low"], high=f.metadata.get("high"))
-                except ValueError as err:
-                    raise ValueError(f"invalid {type(self).__name__}: {err}") from None
-
-    def _check(self, checks: Sequence[tuple[bool, str]]) -> None:
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"invalid {type(self).__name__}: {message}")
-
+C = TypeVar("C", bound=RunConfig)
 
 @dataclass
 class LoopConfig(RunConfig):

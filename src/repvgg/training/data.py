@@ -33,6 +33,7 @@ __all__ = [
     "build_datasets",
     "check_image_folder",
     "load_rgb",
+    "open_image",
     "ToNormalizedTensor",
     "scan_class_folders",
     "scan_image_folder",
@@ -120,6 +121,22 @@ def _digits_bundle(img_size: int, val_fraction: float, *, augment: bool = True) 
     )
 
 
+def open_image(path: str | os.PathLike[str], *, what: str = "image", load: bool = True) -> Any:
+    """The PIL image in ``path`` (its pixels read, or only its header with ``load=False``); close it after use.
+
+    Any failure (a missing, empty, truncated or foreign file) is a ValueError naming ``what`` and the file.
+    """
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        if load:
+            image.load()
+        return image
+    except Exception as err:  # PIL raises several types for empty, truncated or foreign files
+        raise ValueError(f"cannot read {what} {os.fspath(path)}: {err}") from err
+
+
 def load_rgb(path: str | os.PathLike[str]) -> Any:
     """Open an image file as an 8-bit RGB PIL image; any failure is a ValueError naming the file.
 
@@ -127,21 +144,24 @@ def load_rgb(path: str | os.PathLike[str]) -> Any:
     than clipped (``convert("RGB")`` alone turns them all white); other integer or float images are
     refused, since their range is unknown.
     """
+    with open_image(path) as image:
+        try:
+            return _as_rgb(image)
+        except Exception as err:  # an unknown range, or PIL failing to convert
+            raise ValueError(f"cannot read image {os.fspath(path)}: {err}") from err
+
+
+def _as_rgb(image: Any) -> Any:
     from PIL import Image
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode.startswith("I;16") or image.mode == "I":
-                values = np.asarray(image).astype(np.int64)
-                if values.size and (values.min() < 0 or values.max() > 65535):
-                    raise ValueError(f"{image.mode} image with values outside 0..65535 (convert it to 8-bit)")
-                return Image.fromarray(np.round(values / 257).astype(np.uint8), "L").convert("RGB")
-            if image.mode == "F":
-                raise ValueError("floating-point image (convert it to 8-bit)")
-            return image if image.mode == "RGB" else image.convert("RGB")
-    except Exception as err:  # PIL raises several types for empty, truncated or foreign files
-        raise ValueError(f"cannot read image {os.fspath(path)}: {err}") from err
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{image.mode} image with values outside 0..65535 (convert it to 8-bit)")
+        return Image.fromarray(np.round(values / 257).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        raise ValueError("floating-point image (convert it to 8-bit)")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def scan_class_folders(split_root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +14,7 @@ from repvgg.limits import check_int
 from repvgg.nn.convert import OutputDeviation, check_outputs
 from repvgg.training.distributed import all_reduce
 
-__all__ = ["EvalReport", "evaluate_models", "measure_throughput", "topk_correct"]
+__all__ = ["Comparison", "EvalReport", "compare_models", "evaluate_models", "measure_throughput", "topk_correct"]
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
@@ -42,7 +43,85 @@ class EvalReport:
     agreement: list[float] = field(default_factory=list)  # fraction of equal argmax vs model 0
 
 
+@dataclass
+class Comparison:
+    """Several models run on the same batches (:func:`compare_models`).
+
+    ``finite[i]`` is False when model ``i`` gave a NaN or infinite output on some batch; for every model
+    after the first, ``max_abs_diff`` and ``relative_error`` (:class:`~repvgg.nn.convert.OutputDeviation`,
+    NaN once an output was not finite: never "identical") measure its outputs against the first model's, and
+    ``agreement`` is the fraction of ``predictions`` (argmax over dim 1: a class per image, or per pixel) that
+    equal the first model's.
+    """
+
+    images: int
+    predictions: int
+    finite: list[bool]
+    max_abs_diff: list[float]
+    relative_error: list[float]
+    agreement: list[float]
+
+
+#: ``score(model index, float logits, labels)``: the caller's own metrics, accumulated batch by batch.
+Scorer = Callable[[int, Tensor, Tensor], None]
+
+
 @torch.no_grad()
+def compare_models(
+    models: Sequence[Callable[[Tensor], Any]],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: torch.device | str | None = None,
+    score: Scorer | None = None,
+    output: Callable[[Any], Tensor] | None = None,
+    channels_last: bool = False,
+) -> Comparison:
+    """The one loop that runs several models on the same batches and compares them with the first.
+
+    ``models`` are modules (run in eval mode; each gets its previous mode back on every way out) or any
+    callables (an ONNX Runtime session). ``output`` picks the logits out of a model's output (e.g. a
+    segmenter's main head); ``score`` accumulates the caller's metrics. Counts and deviations are summed
+    over processes in a distributed run; what ``score`` collects, the caller sums.
+    """
+    modes = [m.training if isinstance(m, nn.Module) else None for m in models]
+    for model in models:
+        if isinstance(model, nn.Module):
+            model.eval()
+    n = len(models)
+    counts = torch.zeros(2 * n + 1, dtype=torch.float64)  # non-finite per model, agreement per other, images, preds
+    deviations = [OutputDeviation() for _ in range(n - 1)]
+    try:
+        for images, labels in batches:
+            if device is not None:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            outputs = [(output(m(images)) if output else m(images)).float() for m in models]
+            for i, logits in enumerate(outputs):
+                counts[i] += float(not torch.isfinite(logits).all())
+                if score is not None:
+                    score(i, logits, labels)
+            predictions = [logits.argmax(1) for logits in outputs]
+            for j in range(1, n):
+                deviations[j - 1].update(outputs[0], outputs[j])
+                counts[n + j - 1] += float((predictions[j] == predictions[0]).sum())
+            counts[-2] += labels.shape[0]
+            counts[-1] += predictions[0].numel()
+    finally:
+        for model, mode in zip(models, modes):
+            if mode is not None:
+                model.train(mode)
+    all_reduce(counts, "sum")
+    for deviation in deviations:
+        all_reduce(deviation.sums, "sum")
+        all_reduce(deviation.max_abs, "max")
+    return Comparison(
+        images=int(counts[-2]), predictions=int(counts[-1]), finite=[float(counts[i]) == 0 for i in range(n)],
+        max_abs_diff=[d.max_abs_diff for d in deviations], relative_error=[d.relative for d in deviations],
+        agreement=[float(counts[n + j]) / max(1.0, float(counts[-1])) for j in range(n - 1)],
+    )
+
+
 def evaluate_models(
     models: Sequence[nn.Module],
     loader: DataLoader,
@@ -50,48 +129,31 @@ def evaluate_models(
     *,
     channels_last: bool = False,
 ) -> EvalReport:
-    """Run every model on every batch of ``loader`` and summarise (summed over processes if distributed).
+    """Top-1, top-5 and loss of every model on every batch of ``loader`` (:func:`compare_models`: the others
+    compared with the first), summed over processes if distributed.
 
     Comparing a training-time model with its converted copy on identical inputs gives the largest
-    absolute and the relative logit difference (:class:`~repvgg.nn.convert.OutputDeviation`) and the
-    fraction of predictions that agree.
+    absolute and the relative logit difference and the fraction of predictions that agree.
     """
-    for model in models:
-        model.eval()
-    n = len(models)
-    stats = torch.zeros(4 * n + max(0, n - 1) + 1, dtype=torch.float64)  # top-1, top-5, loss, non-finite
-    deviations = [OutputDeviation() for _ in range(n - 1)]
+    sums = torch.zeros(len(models), 3, dtype=torch.float64)  # top-1, top-5, summed loss
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        outputs = [m(images).float() for m in models]
-        for i, logits in enumerate(outputs):
-            c1, c5 = topk_correct(logits, labels)
-            stats[4 * i] += c1
-            stats[4 * i + 1] += c5
-            stats[4 * i + 2] += float(criterion(logits, labels))
-            stats[4 * i + 3] += float(not torch.isfinite(logits).all())
-        for j, logits in enumerate(outputs[1:]):
-            deviations[j].update(outputs[0], logits)
-            stats[4 * n + j] += float((logits.argmax(1) == outputs[0].argmax(1)).sum())
-        stats[-1] += labels.numel()
-    all_reduce(stats, "sum")
-    for deviation in deviations:
-        all_reduce(deviation.sums, "sum")
-        all_reduce(deviation.max_abs, "max")
-    total = max(1.0, float(stats[-1]))
+
+    def score(i: int, logits: Tensor, labels: Tensor) -> None:
+        sums[i] += torch.tensor([*topk_correct(logits, labels), float(criterion(logits, labels))],
+                                dtype=torch.float64)
+
+    comparison = compare_models(models, loader, device=device, score=score, channels_last=channels_last)
+    all_reduce(sums, "sum")
+    total = max(1.0, float(comparison.images))
     return EvalReport(
-        images=int(stats[-1]),
-        top1=[100.0 * float(stats[4 * i]) / total for i in range(n)],
-        top5=[100.0 * float(stats[4 * i + 1]) / total for i in range(n)],
-        loss=[float(stats[4 * i + 2]) / total for i in range(n)],
-        finite=[float(stats[4 * i + 3]) == 0 for i in range(n)],
-        max_abs_diff=[d.max_abs_diff for d in deviations],
-        relative_error=[d.relative for d in deviations],
-        agreement=[float(stats[4 * n + j]) / total for j in range(n - 1)],
+        images=comparison.images,
+        top1=[100.0 * float(s[0]) / total for s in sums],
+        top5=[100.0 * float(s[1]) / total for s in sums],
+        loss=[float(s[2]) / total for s in sums],
+        finite=comparison.finite,
+        max_abs_diff=comparison.max_abs_diff,
+        relative_error=comparison.relative_error,
+        agreement=comparison.agreement,
     )
 
 

@@ -12,9 +12,7 @@ ONNX Runtime.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import logging
 import warnings
 from pathlib import Path
@@ -25,31 +23,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from repvgg.errors import RunFailed
-from repvgg.io.export import evaluate_onnx, quantized_conv_count
 from repvgg.io.loading import load_model
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
 from repvgg.nn.model import RepVGGSpec
 from repvgg.nn.registry import build_model
-from repvgg.serialization import atomic_write
 from repvgg.training.classification import ClassificationTask
 from repvgg.training.config import TrainConfig
 from repvgg.training.engine import fit
+from repvgg.quant.qdq import evaluate_onnx, export_fake_quant_onnx, qat_qconfig_mapping, quantized_conv_count
 
-__all__ = ["QATTask", "qat_qconfig_mapping", "prepare_qat", "export_fake_quant_onnx", "train_qat"]
+__all__ = ["QATTask", "prepare_qat", "train_qat"]
 
 logger = logging.getLogger(__name__)
-
-
-def qat_qconfig_mapping() -> Any:
-    """Fake quantizers matching ONNX Runtime's QDQ INT8 (and exportable as QuantizeLinear/DequantizeLinear)."""
-    from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
-                                       MovingAveragePerChannelMinMaxObserver, QConfig, QConfigMapping)
-
-    activation = FakeQuantize.with_args(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
-                                        dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-    weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
-                                    dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
-    return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
 
 
 def prepare_qat(plain: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -63,20 +48,6 @@ def prepare_qat(plain: nn.Module, example: torch.Tensor) -> nn.Module:
         if hasattr(plain, name):
             setattr(prepared, name, getattr(plain, name))
     return prepared
-
-
-def export_fake_quant_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """The fake-quantized network as a QDQ ONNX file (dynamic batch, height and width), observers frozen."""
-    model = copy.deepcopy(model).cpu().eval()
-    model.apply(torch.ao.quantization.disable_observer)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), \
-            atomic_write(path) as tmp:
-        warnings.simplefilter("ignore")
-        # Fake quantizers export as QuantizeLinear/DequantizeLinear with the TorchScript-based exporter.
-        torch.onnx.export(model, (example.cpu(),), str(tmp), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}})
-    return path
 
 
 class QATTask(ClassificationTask):

@@ -17,33 +17,30 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from repvgg.errors import RunFailed
-from repvgg.limits import check_img_size, check_int
-from repvgg.serialization import check_output_path, staging_folder
-from repvgg.io.export import evaluate_onnx, export_onnx_file, onnxruntime_session, quantized_conv_count
+from repvgg.io.export import export_onnx_file, onnxruntime_session
 from repvgg.io.loading import load_model
+from repvgg.limits import check_img_size, check_int
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
 from repvgg.perf.timing import time_interleaved
+from repvgg.quant.qat import train_qat
+from repvgg.quant.qdq import (CALIBRATION_METHODS, batches, calibration_subset, evaluate_onnx, quantize_onnx,
+                              quantized_conv_count)
+from repvgg.serialization import check_output_path, staging_folder
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, build_datasets
-from repvgg.training.qat import train_qat
 
-__all__ = ["CALIBRATION_METHODS", "QuantizeReport", "quantize_model", "quantize_onnx", "onnx_speedup"]
+__all__ = ["QuantizeReport", "quantize_model", "onnx_speedup"]
 
 log = logging.getLogger(__name__)
-
-#: ``--calibration`` names and ONNX Runtime's ``CalibrationMethod`` members.
-CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
 @dataclass
@@ -71,65 +68,6 @@ class QuantizeReport:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def _batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
-class _CalibrationReader:
-    """ONNX Runtime's calibration data reader over a fixed set of images."""
-
-    def __init__(self, dataset: Dataset, input_name: str, batch_size: int) -> None:
-        self.batches = [images.numpy() for images, _ in _batches(dataset, batch_size)]
-        self.input_name = input_name
-        self.index = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.index >= len(self.batches):
-            return None
-        self.index += 1
-        return {self.input_name: self.batches[self.index - 1]}
-
-    def rewind(self) -> None:
-        self.index = 0
-
-
-def calibration_subset(dataset: Dataset, count: int, *, seed: int = 0) -> Dataset:
-    """``count`` images of ``dataset`` in a fixed random order (all of them if there are fewer)."""
-    if count < 1:
-        raise ValueError(f"the calibration set must hold at least one image, got calib_images={count}")
-    if len(dataset) == 0:
-        raise ValueError("the calibration data is empty: the training split holds no images")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    return Subset(dataset, order)
-
-
-def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Dataset, *, method: str = "minmax",
-                  batch_size: int = 32) -> None:
-    """Static INT8 quantization of an ONNX file (QDQ, per-channel INT8 weights, UINT8 activations)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
-    session = onnxruntime_session(fp32_path)
-    expected = session.get_inputs()[0].shape
-    first, _ = next(iter(_batches(calibration, 1)))
-    if list(first.shape[1:]) != [d for d in expected[1:]]:
-        raise ValueError(f"calibration images have shape {tuple(first.shape[1:])} but the model takes "
-                         f"{tuple(expected[1:])}; calibrate on the data the model was trained for")
-    reader = _CalibrationReader(calibration, session.get_inputs()[0].name, batch_size)
-    # ONNX Runtime's recommended preparation: shape inference and graph optimisation before quantizing.
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = int8_path.with_name(int8_path.stem + ".prepared.onnx")
-    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    quantize_static(
-        str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-    )
-    prepared.unlink()
 
 
 def onnx_speedup(fp32_path: Path, int8_path: Path, batch: torch.Tensor, *, rounds: int = 15) -> tuple[float, float]:
@@ -226,7 +164,7 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, *, data
     model = model.eval()
     bundle = _data_for(model, data, img_size)
     calibration = calibration_subset(bundle.train, calib_images)
-    val_batch, _ = next(iter(_batches(bundle.val, 16)))
+    val_batch, _ = next(iter(batches(bundle.val, 16)))
 
     converted = not getattr(model, "deploy", True)
     plain = reparameterize_model(model).float().cpu()

@@ -1,1 +1,0 @@
-"""INT8 deployment: post-training quantization and quantization-aware training, measured on real data."""
