@@ -77,10 +77,14 @@ def test_every_subcommand_help_shows_the_defaults_it_really_uses() -> None:
     import dataclasses
 
     from repvgg.cli.flags import shown_default
+    from repvgg.io.config import ExportConfig
+    from repvgg.perf.config import BenchConfig
+    from repvgg.quant.config import QuantizeConfig
     from repvgg.segmentation.config import SegTrainConfig
     from repvgg.training.config import AblationConfig, TrainConfig
 
-    configs = {"train": TrainConfig, "seg-train": SegTrainConfig, "ablate": AblationConfig}
+    configs = {"train": TrainConfig, "seg-train": SegTrainConfig, "ablate": AblationConfig, "bench": BenchConfig,
+               "export": ExportConfig, "quantize": QuantizeConfig}
     parsers = _subcommand_parsers()
     assert set(configs) < set(parsers) and len(parsers) >= 9
     for command, parser in parsers.items():
@@ -95,18 +99,23 @@ def test_every_subcommand_help_shows_the_defaults_it_really_uses() -> None:
                 assert action.default is None, (command, action.dest)  # "not given": the config decides
                 assert f"(default: {shown_default(f)})" in text, (command, action.dest, text)
                 default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-                if not f.metadata.get("default_help"):
+                if isinstance(default, tuple) and action.nargs is None:  # a comma-separated list: parsed back
+                    assert action.type(shown_default(f)) == default, (command, action.dest)
+                elif not f.metadata.get("default_help"):
                     assert shown_default(f) in ("on", "off", "none") or str(default) == shown_default(f)
             elif action.default not in (None, False, [], argparse.SUPPRESS):
                 assert f"(default: {action.default})" in text, (command, action.dest, text)
             checked += 1
         assert checked >= 1, command
     # the values a run would really use: what an empty command line resolves to
+    from repvgg.cli.flags import config_flag_values
     from repvgg.cli.train import resolve_config
 
+    positional = {"export": ["repvgg_tiny", "out.onnx"], "quantize": ["w.safetensors", "out.onnx"]}
     for command, cls in configs.items():
-        args = parsers[command].parse_args([])
-        assert args.config_cls is cls and resolve_config(args) == cls(), command
+        args = parsers[command].parse_args(positional.get(command, []))
+        resolved = resolve_config(args) if hasattr(args, "config") else cls.from_dict(config_flag_values(args, cls))
+        assert args.config_cls is cls and resolved == cls(), command
     ablate = resolve_config(parsers["ablate"].parse_args([]))
     assert (ablate.model, ablate.epochs) == ("repvgg_tiny_b", 6)
     assert "(default: repvgg_tiny_b)" in _option_help(parsers["ablate"], "model")

@@ -59,15 +59,47 @@ COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "re
                "all_to_all", "gather", "scatter"}
 
 
+def collective_calls(source: str) -> list[int]:
+    """Lines of ``source`` that call a ``torch.distributed`` collective, however it was imported: through the
+    module (``torch.distributed.x``, ``import torch.distributed as d``, ``from torch import distributed``) or by
+    name (``from torch.distributed import all_reduce [as f]``)."""
+    tree = ast.parse(source)
+    modules, functions = {"torch.distributed"}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name == "torch.distributed" and a.asname}
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch":
+            modules |= {a.asname or a.name for a in node.names if a.name == "distributed"}
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+            functions |= {a.asname or a.name for a in node.names if a.name in COLLECTIVES}
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr in COLLECTIVES and ast.unparse(func.value) in modules:
+            lines.append(node.lineno)
+        elif isinstance(func, ast.Name) and func.id in functions:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_collective_finder_sees_every_way_of_calling_one() -> None:
+    cases = ["import torch\ntorch.distributed.all_reduce(t)",
+             "import torch.distributed as dist\ndist.broadcast(t, 0)",
+             "import torch.distributed as d\nd.all_gather(xs, t)",
+             "from torch import distributed\ndistributed.reduce(t, 0)",
+             "from torch.distributed import all_reduce\nall_reduce(t)",
+             "from torch.distributed import all_reduce as ar\nar(t)"]
+    for source in cases:
+        assert collective_calls(source) == [2], source
+    assert collective_calls("from repvgg.training.distributed import all_reduce\nall_reduce(t)") == []
+
+
 def test_every_collective_goes_through_the_one_helper() -> None:
     """Only ``training/distributed.py`` calls ``torch.distributed`` collectives; every job calls its helper."""
-    offenders = []
-    for path in PACKAGE.rglob("*.py"):
-        if path.relative_to(PACKAGE).as_posix() == "training/distributed.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES
-                    and isinstance(node.func.value, (ast.Name, ast.Attribute))
-                    and ast.unparse(node.func.value) in ("dist", "torch.distributed")):
-                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    offenders = [f"{path.relative_to(PACKAGE)}:{line}" for path in PACKAGE.rglob("*.py")
+                 if path.relative_to(PACKAGE).as_posix() != "training/distributed.py"
+                 for line in collective_calls(path.read_text())]
     assert not offenders, offenders
+    assert collective_calls((PACKAGE / "training" / "distributed.py").read_text())  # the helper itself is seen

@@ -54,6 +54,8 @@ def _has_type(value: Any, annotation: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]
+        return isinstance(value, (tuple, list)) and all(_has_type(v, args[0]) for v in value)
     if origin is tuple:
         return (isinstance(value, (tuple, list)) and len(value) == len(args)
                 and all(_has_type(v, a) for v, a in zip(value, args)))
@@ -68,6 +70,8 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if annotation is type(None):
         return "null"
+    if typing.get_origin(annotation) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return f"a list of {_describe(args[0])}s"
     if typing.get_origin(annotation) is tuple:
         return f"{len(args)} numbers"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(

@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from repvgg.cli.flags import add_overwrite_flag, bounded_int, parse_list
+from repvgg.cli.flags import HelpFormatter, add_config_flags, add_overwrite_flag, config_flag_values
 from repvgg.cli.output import emit
-from repvgg.limits import MAX_IMG_SIZE
+from repvgg.perf.config import BenchConfig
 
 log = logging.getLogger(__name__)
 
@@ -23,36 +23,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "and achieved GFLOP/s relative to one large 3x3 conv. The defaults (repvgg_a0 vs resnet18 and "
             "timm's repvgg_a0, batch 8, float32) finish in about a minute on a 2-core CPU."
         ),
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--models", default="repvgg_a0", help="comma-separated RepVGG names")
-    p.add_argument("--baselines", default="resnet18",
-                   help="comma-separated torchvision baselines among resnet18/34/50/101/152 and vgg16, "
-                        "or 'none'")
-    p.add_argument("--no-peer", dest="peer", action="store_false", help="skip timm's RepVGG")
-    p.add_argument("--no-fast", dest="fast", action="store_false", help="skip the fast inference path")
-    p.add_argument("--candidates", default=None,
-                   help="fast-path candidates to weigh, comma-separated (default: all available on the device)")
-    p.add_argument("--batch-size", type=bounded_int(1), default=None,
-                   help="throughput batch size (default 8 on CPU, 128 on CUDA)")
-    p.add_argument("--img-size", type=bounded_int(32, MAX_IMG_SIZE), default=224, help="input resolution")
-    p.add_argument("--dtypes", default="float32",
-                   help="comma-separated among float32, float16, bfloat16 (unsupported ones are skipped)")
-    p.add_argument("--warmup", type=bounded_int(0), default=None,
-                   help="warm-up calls per model (default 2 CPU / 50 CUDA)")
-    p.add_argument("--rounds", type=bounded_int(1), default=None, help="timed rounds (default 10 CPU / 50 CUDA)")
-    p.add_argument("--no-latency", dest="latency", action="store_false", help="skip the batch-1 latency pass")
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
-    p.add_argument("--tf32", action="store_true", help="allow TensorFloat-32 for float32 on CUDA (off: true fp32)")
+    add_config_flags(p, BenchConfig)
     p.add_argument("--json-out", default=None, metavar="PATH", help="also write every number to this JSON file")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="throughput-vs-parameters PNG (default: next to --json-out, with a .png suffix)")
     add_overwrite_flag(p, "existing --json-out and --plot files")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, config_cls=BenchConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.perf.bench import BenchConfig, run_benchmark
+    from repvgg.perf.bench import run_benchmark
     from repvgg.plots import plot_throughput
     from repvgg.report import bench_table
     from repvgg.serialization import check_output_path, write_json
@@ -63,22 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if plot:  # never the JSON file just written
         check_output_path(plot, reads=[args.json_out], overwrite=args.overwrite, option="--plot")
 
-    config = BenchConfig(
-        models=parse_list(args.models),
-        baselines=parse_list(args.baselines),
-        peer=args.peer,
-        device=args.device,
-        batch_size=args.batch_size,
-        img_size=args.img_size,
-        dtypes=parse_list(args.dtypes),
-        warmup=args.warmup,
-        rounds=args.rounds,
-        latency=args.latency,
-        memory=args.memory,
-        fast=args.fast,
-        candidates=parse_list(args.candidates) or None,
-        tf32=args.tf32,
-    )
+    config = BenchConfig.from_dict(config_flag_values(args, BenchConfig))
     if not config.models and not config.baselines:
         raise ValueError("nothing to benchmark: give --models and/or --baselines")
     result = run_benchmark(config)

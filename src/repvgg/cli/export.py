@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from repvgg.cli.flags import add_overwrite_flag, bounded_int, image_size
+from repvgg.cli.flags import HelpFormatter, add_config_flags, config_flag_values
 from repvgg.cli.output import emit
-from repvgg.limits import MIN_OPSET
+from repvgg.io.config import ExportConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,28 +17,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "MODEL is a checkpoint file (official, timm or this package's format, training-time or deploy) "
             "or a registered model name (random weights). A training-time model is converted first."
         ),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT")
     p.add_argument("output", metavar="OUT.onnx")
-    p.add_argument("--img-size", type=image_size, default=224, help="input resolution")
-    p.add_argument("--opset", type=bounded_int(MIN_OPSET), default=None,
-                   help=f"ONNX opset, {MIN_OPSET} up to the newest the installed onnx knows (default: the exporter's)")
-    p.add_argument("--num-classes", type=bounded_int(1), default=None,
-                   help="classes of a model built by name (default 1000)")
-    p.add_argument("--dynamic-hw", action="store_true",
-                   help="dynamic height and width too (checked against PyTorch at two input sizes)")
-    p.add_argument("--fp16", action="store_true",
-                   help="half-precision weights and input (checked against the float32 model within 1e-2)")
-    add_overwrite_flag(p)
-    p.set_defaults(func=run)
+    add_config_flags(p, ExportConfig)
+    p.set_defaults(func=run, config_cls=ExportConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     from repvgg.io.export import export_onnx
 
-    report = export_onnx(args.model, args.output, img_size=args.img_size, opset=args.opset,
-                         num_classes=args.num_classes, overwrite=args.overwrite, dynamic_hw=args.dynamic_hw,
-                         fp16=args.fp16)
+    config = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
+    report = export_onnx(args.model, args.output, config)
     text = "converted the training-time model to its plain form before export\n" if report.converted else ""
     text += f"wrote {report.path}: input {tuple(report.input_shape)}, opset {report.opset}, onnx checker passed\n"
     text += (f"ONNX Runtime ({report.dtype}) vs PyTorch (float32) on random batches of {report.check_batch_size} at "

@@ -95,8 +95,8 @@ def shown_default(f: dataclasses.Field) -> str:
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     if isinstance(default, bool):
         return "on" if default else "off"
-    if isinstance(default, tuple):
-        return " ".join(str(v) for v in default)
+    if isinstance(default, tuple):  # a comma-separated list, or a fixed number of values
+        return ",".join(default) if all(isinstance(v, str) for v in default) else " ".join(str(v) for v in default)
     return "none" if default is None else str(default)
 
 
@@ -111,6 +111,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, *, exclu
         kwargs: dict[str, Any] = {"default": None, "dest": f.name, "help": help_text}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple and typing.get_args(kind)[-1] is Ellipsis:
+            kwargs.update(type=parse_list, metavar="A,B,...")  # a comma-separated list
         elif typing.get_origin(kind) is tuple:
             items = typing.get_args(kind)
             kwargs.update(type=items[0], nargs=len(items))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import logging
 import os
@@ -21,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from repvgg.errors import ConversionMismatch, RunFailed
-from repvgg.limits import MIN_OPSET, check_img_size, check_int
+from repvgg.io.config import ExportConfig
+from repvgg.limits import MIN_OPSET, check_int
 from repvgg.nn.convert import (CONVERSION_TOLERANCE, OutputDeviation, check_conversion, is_reparameterizable,
                                reparameterize_model)
 from repvgg.serialization import check_output_path, staging_folder
@@ -178,18 +180,45 @@ def export_onnx_file(
     return path
 
 
+def _written_opset(path: Path, requested: int | None) -> int:
+    """The default-domain opset of the file at ``path``; a RunFailed if it is not the ``requested`` one."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+    if requested is not None and used != requested:
+        raise RunFailed(f"the exporter wrote opset {used}, not the requested {requested}; nothing was written")
+    return used
+
+
+@torch.no_grad()
+def _onnxruntime_parity(path: Path, model: nn.Module, sizes: list[int], batch_size: int,
+                        dtype: torch.dtype) -> tuple[OutputDeviation, float]:
+    """ONNX Runtime running ``path`` against the float32 ``model`` on random batches at each of ``sizes``:
+    the deviation and the largest absolute reference output."""
+    session = onnxruntime_session(path)
+    channels = _input_channels(model)
+    deviation, scale = OutputDeviation(), 0.0
+    for size in sizes:  # a dynamic-size file is checked at two sizes
+        batch = torch.randn(batch_size, channels, size, size, generator=torch.Generator().manual_seed(size))
+        outputs = session.run(None, {session.get_inputs()[0].name: batch.to(dtype).numpy()})
+        expected = model(batch)  # the float32 model is the reference, for an FP16 export too
+        expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+        if len(outputs) != len(expected):
+            raise ConversionMismatch(f"ONNX Runtime returned {len(outputs)} outputs, PyTorch {len(expected)}; "
+                                     "nothing was written")
+        for o, e in zip(outputs, expected):
+            deviation.update(e, torch.from_numpy(o).float())
+            scale = max(scale, float(e.abs().max()))
+    return deviation, scale
+
+
 @torch.no_grad()
 def export_onnx(
     model_or_path: nn.Module | str | os.PathLike[str],
     path: str | os.PathLike[str],
-    *,
-    img_size: int = 224,
-    opset: int | None = None,
-    check_batch_size: int = 3,
-    num_classes: int | None = None,
-    overwrite: bool = False,
-    dynamic_hw: bool = False,
-    fp16: bool = False,
+    config: ExportConfig | None = None,
+    **options: Any,
 ) -> ExportReport:
     """Export the converted model to ONNX, check the file, and compare ONNX Runtime with PyTorch.
 
@@ -205,15 +234,12 @@ def export_onnx(
         model_or_path: an ``nn.Module``, a checkpoint file (any format :func:`repvgg.load_model`
             reads) or a registered model name (random weights).
         path: the ``.onnx`` file to write.
-        img_size: input resolution.
-        opset: ONNX opset, from :data:`~repvgg.limits.MIN_OPSET` to the newest the installed ``onnx`` knows
-            (default: the exporter's recommended one); the file is checked to have it.
-        check_batch_size: batch size of the parity check.
-        num_classes: classes of a model built by name.
-        overwrite: replace an existing ``path``.
-        dynamic_hw: dynamic height and width as well (checked at ``img_size`` and a second size).
-        fp16: half-precision weights and input; compared with the float32 model within
-            :data:`FP16_TOLERANCE` instead of the float32 tolerance.
+        config: the options (:class:`~repvgg.io.config.ExportConfig`): ``img_size``, ``opset`` (from
+            :data:`~repvgg.limits.MIN_OPSET` to the newest the installed ``onnx`` knows; the file is checked
+            to have it), ``num_classes`` of a model built by name, ``dynamic_hw`` (checked at ``img_size``
+            and a second size), ``fp16`` (compared with the float32 model within :data:`FP16_TOLERANCE`),
+            ``check_batch_size`` and ``overwrite``.
+        **options: fields of ``config`` to replace, e.g. ``export_onnx(model, "m.onnx", img_size=32)``.
 
     Raises:
         ValueError: bad arguments, or ``path`` is a folder, the input, or (without ``overwrite``) an existing
@@ -222,13 +248,14 @@ def export_onnx(
     """
     import onnx
 
-    check_img_size(img_size, "img_size")
-    check_int(check_batch_size, "check_batch_size", low=1)
+    cfg = dataclasses.replace(config or ExportConfig(), **options)
+    img_size, opset, fp16, dynamic_hw, check_batch_size = (cfg.img_size, cfg.opset, cfg.fp16, cfg.dynamic_hw,
+                                                            cfg.check_batch_size)
     if opset is not None:
         check_int(opset, "opset", low=MIN_OPSET, high=onnx.defs.onnx_opset_version())
     reads = [] if isinstance(model_or_path, nn.Module) else [model_or_path]
-    path = check_output_path(path, reads=reads, overwrite=overwrite)
-    model = resolve_model(model_or_path, num_classes=num_classes)
+    path = check_output_path(path, reads=reads, overwrite=cfg.overwrite)
+    model = resolve_model(model_or_path, num_classes=cfg.num_classes)
     converted = needs_conversion(model)
     if converted:
         log.info("the model is in training-time form: converting it to the plain form before export")
@@ -247,27 +274,8 @@ def export_onnx(
         staged = export_onnx_file(exported, example, Path(staging) / path.name, opset=opset,
                                   dynamic_hw=dynamic_hw)
         onnx.checker.check_model(str(staged))
-        proto = onnx.load(str(staged), load_external_data=False)
-        opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
-        if opset is not None and opset_used != opset:
-            raise RunFailed(f"the exporter wrote opset {opset_used}, not the requested {opset}; nothing was written")
-
-        session = onnxruntime_session(staged)
-        deviation = OutputDeviation()
-        scale = 0.0
-        for size in sizes:  # a dynamic-size file is checked at two sizes
-            batch = torch.randn(check_batch_size, channels, size, size,
-                                generator=torch.Generator().manual_seed(size))
-            outputs = session.run(None, {session.get_inputs()[0].name: batch.to(dtype).numpy()})
-            expected = model(batch)  # the float32 model is the reference, for an FP16 export too
-            expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
-            if len(outputs) != len(expected):
-                raise ConversionMismatch(f"ONNX Runtime returned {len(outputs)} outputs, PyTorch {len(expected)}; "
-                                         "nothing was written")
-            for o, e in zip(outputs, expected):
-                deviation.update(e, torch.from_numpy(o).float())
-                scale = max(scale, float(e.abs().max()))
-        del session
+        opset_used = _written_opset(staged, opset)
+        deviation, scale = _onnxruntime_parity(staged, model, sizes, check_batch_size, dtype)
         check_conversion(deviation.relative, "the ONNX export (run by ONNX Runtime)",
                          tolerance=FP16_TOLERANCE if fp16 else CONVERSION_TOLERANCE)
         for staged_file in Path(staging).iterdir():

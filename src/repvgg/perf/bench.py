@@ -21,13 +21,13 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from repvgg.limits import MAX_IMG_SIZE, check_int
+from repvgg.perf.config import BenchConfig
 from repvgg.nn.complexity import count_macs, count_parameters
 from repvgg.perf.environment import device_supports_dtype, environment, set_tf32
 from repvgg.perf.memory import peak_forward_memory
@@ -55,69 +55,6 @@ PAPER_PAIRS: dict[str, tuple[str, float]] = {
     "repvgg_a2": ("resnet50", 1.83),
     "repvgg_b1g2": ("resnet152", 2.66),
 }
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What to benchmark and how hard to try; ``None`` fields take the device's default.
-
-    Defaults: batch 8 on the CPU and 128 on CUDA (the paper's), 2 warm-up + 10 timed rounds on the
-    CPU, 50 + 50 on CUDA (the paper's), float32 only; a 50 ms idle pause before each timed CPU call
-    lets runtimes' spinning worker threads settle so that they do not slow the next candidate.
-    """
-
-    models: tuple[str, ...] = ("repvgg_a0",)
-    baselines: tuple[str, ...] = ("resnet18",)
-    peer: bool = True
-    device: str = "cpu"
-    batch_size: int | None = None
-    img_size: int = 224
-    dtypes: tuple[str, ...] = ("float32",)
-    warmup: int | None = None
-    rounds: int | None = None
-    latency: bool = True
-    memory: bool = True
-    fast: bool = True
-    candidates: tuple[str, ...] | None = None
-    reference_conv: bool = True
-    tf32: bool = False
-    pause_s: float | None = None
-    num_classes: int = 1000
-
-    def resolved(self) -> BenchConfig:
-        """This config with every device default filled in (and the arguments checked)."""
-        device = torch.device(self.device)
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("CUDA was requested but torch.cuda.is_available() is False")
-        from repvgg.nn.baselines import TORCHVISION_BASELINES
-        from repvgg.nn.registry import canonical_name, get_spec
-
-        for name in self.models:
-            get_spec(name)  # unknown names fail here, with close matches, before any work
-        models = tuple(canonical_name(name) for name in self.models)
-        bad = [b for b in self.baselines if b not in TORCHVISION_BASELINES]
-        if bad:
-            raise ValueError(f"unknown baseline(s) {bad}; choose from {', '.join(TORCHVISION_BASELINES)}")
-        unknown = [d for d in self.dtypes if d not in _DTYPES]
-        if unknown or not self.dtypes:
-            raise ValueError(f"dtypes must be among {', '.join(_DTYPES)}, got {list(self.dtypes)}")
-        cuda = device.type == "cuda"
-        resolved = replace(
-            self,
-            models=models,
-            device=str(device),
-            batch_size=(128 if cuda else 8) if self.batch_size is None else self.batch_size,
-            warmup=(50 if cuda else 2) if self.warmup is None else self.warmup,
-            rounds=(50 if cuda else 10) if self.rounds is None else self.rounds,
-            pause_s=(0.0 if cuda else 0.05) if self.pause_s is None else self.pause_s,
-        )
-        check_int(resolved.batch_size, "batch_size", low=1)
-        check_int(resolved.img_size, "img_size", low=32, high=MAX_IMG_SIZE)
-        check_int(resolved.warmup, "warmup", low=0)
-        check_int(resolved.rounds, "rounds", low=1)
-        return resolved
-
 
 @dataclass
 class BenchRow:

@@ -14,6 +14,7 @@ activation ranges are wide and plain INT8 loses accuracy (QARepVGG, Chu et al., 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -28,12 +29,11 @@ from torch.utils.data import Dataset
 from repvgg.errors import RunFailed
 from repvgg.io.export import export_onnx_file, onnxruntime_session
 from repvgg.io.loading import load_model
-from repvgg.limits import check_img_size, check_int
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
 from repvgg.perf.timing import time_interleaved
 from repvgg.quant.qat import train_qat
-from repvgg.quant.qdq import (CALIBRATION_METHODS, batches, calibration_subset, evaluate_onnx, quantize_onnx,
-                              quantized_conv_count)
+from repvgg.quant.config import QuantizeConfig
+from repvgg.quant.qdq import batches, calibration_subset, evaluate_onnx, quantize_onnx, quantized_conv_count
 from repvgg.serialization import check_output_path, staging_folder
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, build_datasets
@@ -92,74 +92,57 @@ def _data_for(model: nn.Module, data: str | None, img_size: int | None) -> Datas
 def quantize_model(
     weights: str | os.PathLike[str] | nn.Module,
     output: str | os.PathLike[str],
-    *,
-    data: str | None = None,
-    img_size: int | None = None,
-    calib_images: int = 256,
-    method: str = "minmax",
-    speed_batch: int = 8,
-    speed_img_size: int | None = None,
-    overwrite: bool = False,
-    qat_epochs: int = 0,
-    qat_lr: float | None = None,
-    device: str = "auto",
+    config: QuantizeConfig | None = None,
+    **options: Any,
 ) -> QuantizeReport:
     """Convert (if needed), check, export and INT8-quantize a classifier; measure FP32 vs INT8.
 
     With ``qat_epochs`` the INT8 model comes from quantization-aware training instead
-    (:mod:`repvgg.training.qat`): a QAT run in the folder ``<output stem>-qat`` beside ``output``
+    (:mod:`repvgg.quant.qat`): a QAT run in the folder ``<output stem>-qat`` beside ``output``
     fine-tunes the converted model, and its QDQ export is measured here like the post-training one.
 
     Args:
         weights: a weights file (any format :func:`repvgg.load_model` reads, a run's ``best.pt``
             included) or a model.
         output: the INT8 ``.onnx`` file to write.
-        data: an ImageFolder root; ``None`` is the embedded digits data (the default training data).
-        img_size: input resolution (default: the data's, 32 for digits).
-        calib_images: training images (validation preprocessing) that set the activation ranges.
-        method: calibration method: ``minmax``, ``entropy`` or ``percentile``.
-        speed_batch, speed_img_size: the batch timed for ``int8_speedup`` (default size: ``img_size``).
-        overwrite: replace an existing ``output`` (and the QAT run folder).
-        qat_epochs, qat_lr, device: quantization-aware training instead of calibration.
+        config: the options (:class:`~repvgg.quant.config.QuantizeConfig`): ``data`` (an ImageFolder root;
+            ``None`` is the embedded digits), ``img_size``, ``calib_images`` (training images, validation
+            preprocessing, that set the activation ranges), ``calibration`` (``minmax``, ``entropy`` or
+            ``percentile``), ``speed_batch`` and ``speed_img_size`` (the batch timed for ``int8_speedup``),
+            ``qat_epochs``, ``qat_lr`` and ``device`` (quantization-aware training instead of calibration),
+            ``overwrite`` (the output and the QAT run folder).
+        **options: fields of ``config`` to replace, e.g. ``quantize_model(w, "int8.onnx", calib_images=64)``.
 
     Raises:
         ValueError: bad arguments or data (an empty or mis-shaped calibration set, another class count).
         ConversionMismatch: the converted or exported FP32 model does not compute what its source does.
         RunFailed: ONNX Runtime quantized no convolution, or INT8 outputs are not finite.
     """
+    cfg = dataclasses.replace(config or QuantizeConfig(), **options)
     output = Path(output)
     if output.suffix != ".onnx":
         raise ValueError(f"the output must be an .onnx file, got {output}")
-    reads = [data] + ([] if isinstance(weights, nn.Module) else [weights])
-    check_output_path(output, reads=reads, overwrite=overwrite)
-    check_int(speed_batch, "speed_batch", low=1)
-    if speed_img_size is not None:
-        check_img_size(speed_img_size, "speed_img_size")
-    if img_size is not None:
-        check_img_size(img_size, "img_size")
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
-    if qat_epochs < 0:
-        raise ValueError(f"qat_epochs must be >= 0, got {qat_epochs}")
+    reads = [cfg.data] + ([] if isinstance(weights, nn.Module) else [weights])
+    check_output_path(output, reads=reads, overwrite=cfg.overwrite)
     qat_int8 = None
-    if qat_epochs:
+    if cfg.qat_epochs:
         if isinstance(weights, nn.Module):
             raise ValueError("quantization-aware training starts from a weights file; save the model first")
         qat_dir = output.with_name(output.stem + "-qat")
-        summary = train_qat(TrainConfig(qat=True, weights=str(weights), epochs=qat_epochs, lr=qat_lr, data=data,
-                                        img_size=img_size, output=str(qat_dir), overwrite=overwrite, device=device))
+        summary = train_qat(TrainConfig(qat=True, weights=str(weights), epochs=cfg.qat_epochs, lr=cfg.qat_lr,
+                                        data=cfg.data, img_size=cfg.img_size, output=str(qat_dir),
+                                        overwrite=cfg.overwrite, device=cfg.device))
         if summary.get("interrupted"):
             raise KeyboardInterrupt(f"QAT stopped early; continue it with: repvgg train --resume {qat_dir}")
         qat_int8 = qat_dir / "int8.onnx"
-    return _quantize(weights, output, data=data, img_size=img_size, calib_images=calib_images, method=method,
-                     speed_batch=speed_batch, speed_img_size=speed_img_size, qat_int8=qat_int8,
-                     qat_epochs=qat_epochs)
+    return _quantize(weights, output, cfg, qat_int8=qat_int8)
 
 
 @torch.no_grad()
-def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, *, data: str | None, img_size: int | None,
-              calib_images: int, method: str, speed_batch: int, speed_img_size: int | None, qat_int8: Path | None,
-              qat_epochs: int) -> QuantizeReport:
+def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: QuantizeConfig, *,
+              qat_int8: Path | None) -> QuantizeReport:
+    data, img_size, calib_images, method = cfg.data, cfg.img_size, cfg.calib_images, cfg.calibration
+    speed_batch, speed_img_size, qat_epochs = cfg.speed_batch, cfg.speed_img_size, cfg.qat_epochs
     model = load_model(weights) if not isinstance(weights, nn.Module) else weights
     model = model.eval()
     bundle = _data_for(model, data, img_size)

@@ -28,14 +28,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from repvgg.errors import RunFailed
 from repvgg.io.export import onnxruntime_session
+from repvgg.quant.config import CALIBRATION_METHODS
 from repvgg.serialization import atomic_write
 from repvgg.training.evaluate import compare_models
 
 __all__ = ["CALIBRATION_METHODS", "batches", "calibration_subset", "evaluate_onnx", "export_fake_quant_onnx",
            "qat_qconfig_mapping", "quantize_onnx", "quantized_conv_count"]
 
-#: ``--calibration`` names and ONNX Runtime's ``CalibrationMethod`` members.
-CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
 def batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,7 +12,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -21,10 +21,12 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 
 __all__ = [
     "DistContext", "init_distributed", "shutdown_distributed", "all_reduce", "backend_device_types",
-    "collective_device", "EpochSampler", "SeededSamples", "ShardSampler", "sample_seed",
+    "collective_device", "EpochSampler", "SeededSamples", "ShardSampler", "sample_seed", "run_distributed",
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -227,3 +229,20 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def run_distributed(job: Callable[[DistContext], T], device: str) -> T:
+    """Run ``job`` in the process group ``torchrun`` describes (or alone); only rank 0 logs.
+
+    On success every process waits for the others (rank 0 still writes files) before leaving the group.
+    """
+    ctx = init_distributed(device)
+    if not ctx.is_main:
+        logging.getLogger("repvgg").setLevel(logging.WARNING)
+    finished = False
+    try:
+        result = job(ctx)
+        finished = True
+        return result
+    finally:
+        shutdown_distributed(wait=finished)

@@ -14,114 +14,38 @@ start (restore or begin), epochs (each :func:`_run_epoch` then :func:`_end_epoch
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from repvgg.errors import TrainingDiverged
 from repvgg.io.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from repvgg.nn.complexity import count_parameters
 from repvgg.nn.convert import check_conversion, reparameterize_model
-from repvgg.serialization import write_json, write_text
+from repvgg.serialization import write_json
 from repvgg.training.config import LoopConfig
-from repvgg.training.distributed import (DistContext, EpochSampler, SeededSamples, ShardSampler, all_reduce,
-                                         init_distributed, shutdown_distributed)
+from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, run_distributed
+from repvgg.training.loaders import eval_loader, seed_epoch, train_loader
 from repvgg.training.optim import build_optimizer
+from repvgg.training.progress import diverged_error, duration, progress_bar, write_metrics
 from repvgg.training.run_folder import (check_continuation, check_data_is_there, check_run_folder, check_same_data,
                                         locate_run, resolve_inputs, resumable_file)
 from repvgg.training.stopping import CHECK_INTERVAL, StopRequest, shared_flags
+from repvgg.training.task import RunState, StepOutput, Task
 from repvgg.training.trackers import TensorBoardTracker, Tracker
 
-__all__ = [
-    "RunState",
-    "StepOutput",
-    "Task",
-    "train_loader",
-    "eval_loader",
-    "fit",
-    "progress_bar",
-    "run_distributed",
-    "seed_epoch",
-    "training_memory_format",
-    "write_metrics",
-]
+__all__ = ["RunState", "StepOutput", "Task", "eval_loader", "fit", "progress_bar", "run_distributed", "seed_epoch",
+           "train_loader", "training_memory_format", "write_metrics"]
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-def run_distributed(job: Callable[[DistContext], T], device: str) -> T:
-    """Run ``job`` in the process group ``torchrun`` describes (or alone); only rank 0 logs.
-
-    On success every process waits for the others (rank 0 still writes files) before leaving the group.
-    """
-    ctx = init_distributed(device)
-    if not ctx.is_main:
-        logging.getLogger("repvgg").setLevel(logging.WARNING)
-    finished = False
-    try:
-        result = job(ctx)
-        finished = True
-        return result
-    finally:
-        shutdown_distributed(wait=finished)
-
-
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Seed Python, NumPy and torch from ``(seed, epoch, rank)`` (each epoch's augmentation is reproducible)."""
-    value = (seed * 1_000_003 + epoch * 7919 + rank) % (2**31)
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-
-
-def train_loader(dataset: Dataset, *, seed: int, ctx: DistContext, local_batch: int,
-                 workers: int) -> tuple[DataLoader, EpochSampler]:
-    """One loader for the whole run and the sampler that moves it from epoch to epoch.
-
-    Workers are persistent (started once, not every epoch); each sample's augmentation comes from its own
-    seed (:class:`SeededSamples`), so neither the workers nor a resume change what the model sees. Call
-    ``sampler.set_epoch(epoch, skip)`` before iterating an epoch.
-    """
-    sampler = EpochSampler(len(dataset), seed=seed, rank=ctx.rank, world_size=ctx.world_size)  # type: ignore[arg-type]
-    # The loader's own generator keeps it from drawing on the global RNG, whose state a resume restores.
-    loader = DataLoader(SeededSamples(dataset), batch_size=local_batch, sampler=sampler, drop_last=True,
-                        num_workers=workers, persistent_workers=workers > 0, pin_memory=ctx.device.type == "cuda",
-                        generator=torch.Generator().manual_seed(seed))
-    return loader, sampler
-
-
-def eval_loader(dataset: Dataset, *, batch_size: int, workers: int, ctx: DistContext) -> DataLoader:
-    """This process's in-order, disjoint validation shard (shards summed over processes are exact)."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                      sampler=ShardSampler(len(dataset), ctx.rank, ctx.world_size),
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def diverged_error(what: str, where: str, output: Path, lr: float) -> TrainingDiverged:
-    """The message of a diverged run: what went non-finite, where, and what is left to resume from."""
-    last = output / "last.pt"
-    kept = f"{last} is the last good checkpoint" if last.is_file() else "no checkpoint had been written yet"
-    return TrainingDiverged(f"training diverged: {what} ({where}, learning rate {lr:.3g}); the run stopped and "
-                            f"{kept}. Lower --lr and start again, or resume from the last good checkpoint.")
 
 
 def training_memory_format(channels_last: bool, device: torch.device) -> torch.memory_format:
@@ -137,134 +61,6 @@ def training_memory_format(channels_last: bool, device: torch.device) -> torch.m
         logger.info("--channels-last applies to CUDA only; training in the contiguous format on %s", device)
         return torch.contiguous_format
     return torch.channels_last
-
-
-def progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm bar on an interactive stderr, else ``None`` (the loop then logs every few steps)."""
-    if enabled and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-    return None
-
-
-def write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
-    """Write ``history`` as ``output/metrics.jsonl``, one JSON row per epoch, atomically."""
-    write_text(output / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
-
-
-# --- the task interface ----------------------------------------------------------------------------
-
-@dataclass
-class RunState:
-    """Where the run is; saved in every checkpoint, the unfinished epoch's running sums included."""
-
-    epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # optimizer steps done inside the current epoch
-    global_step: int = 0
-    best_score: float = -float("inf")  # best value of the task's score metric so far
-    history: list[dict[str, Any]] = field(default_factory=list)
-    # The unfinished epoch so far (a resume continues its metrics exactly): its sums over every process,
-    # and the time it took and waited for data, over every invocation.
-    epoch_sums: Tensor | None = None
-    epoch_time_s: float = 0.0
-    epoch_data_wait_s: float = 0.0
-    epoch_steps_timed: int = 0
-    # Finished epochs, over every invocation.
-    train_time_s: float = 0.0
-    train_images: int = 0
-
-    _PROGRESS = ("epoch_sums", "epoch_time_s", "epoch_data_wait_s", "epoch_steps_timed", "train_time_s",
-                 "train_images")
-
-    def to_checkpoint(self) -> dict[str, Any]:
-        progress = {k: getattr(self, k) for k in self._PROGRESS}
-        if self.epoch_sums is not None:
-            progress["epoch_sums"] = self.epoch_sums.detach().cpu()
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best_score": self.best_score, "history": self.history, "progress": progress}
-
-    @classmethod
-    def from_checkpoint(cls, payload: Mapping[str, Any], *, device: torch.device, keep_sums: bool) -> RunState:
-        """The state a checkpoint saved; ``keep_sums`` on one process only, since the sums are already totals."""
-        progress = dict(payload.get("progress") or {})
-        if payload["step_in_epoch"] and "epoch_sums" not in progress:
-            logger.warning("this checkpoint predates exact resumed metrics: the interrupted epoch's train_loss "
-                           "and accuracy will cover only the steps after the resume")
-        sums = progress.pop("epoch_sums", None)
-        return cls(payload["epoch"], payload["step_in_epoch"], payload["global_step"], payload["best_score"],
-                   list(payload["history"]), sums.to(device) if keep_sums and sums is not None else None,
-                   **{k: v for k, v in progress.items() if k in cls._PROGRESS})
-
-
-@dataclass
-class StepOutput:
-    """What one training step reports: the loss to back-propagate, the batch's image count, and the
-    task's own running sums for this batch (e.g. correct predictions), summed over the epoch."""
-
-    loss: Tensor
-    images: int
-    sums: Tensor
-
-
-class Task(Protocol):
-    """One kind of training job. The engine calls these in the order listed, rank 0 only for ``save``."""
-
-    #: The ``repvgg`` subcommand that runs the task (used in messages and to tell checkpoints apart).
-    command: str
-    #: The validation metric (a key of :meth:`evaluate`'s result) whose best value selects ``best.pt``.
-    score: str
-    #: Images each process needs per batch (BatchNorm on a 1x1 pooled map needs 2).
-    min_local_batch: int
-    #: Config fields a resumed run may not change (they decide the model's shape or what it trains on);
-    #: the batch size and the seed never change, and the data is compared by :meth:`data_identity`.
-    fixed_on_resume: tuple[str, ...]
-    #: Config fields that are paths the run reads (stored resolved, checked never to be written to).
-    input_fields: tuple[str, ...]
-
-    def default_output(self, config: Any) -> Path:
-        """The run folder when neither ``output`` nor ``resume`` names one."""
-
-    def setup(self, config: Any, ctx: DistContext, resumed: Mapping[str, Any] | None) -> tuple[Any, Dataset]:
-        """Build and check the data; return the config with derived values resolved, and the training set.
-
-        ``resumed`` is the checkpoint a resume continues (``None`` for a new run): the model then comes
-        from it, and the initial weights file is not needed.
-        """
-
-    def data_identity(self) -> dict[str, Any]:
-        """What makes the data the same data wherever it lies: class names and image counts."""
-
-    def build_model(self, config: Any, device: torch.device) -> nn.Module:
-        """The training-time model on ``device`` (initial weights loaded and checked for a new run)."""
-
-    def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
-        """This process's validation shard."""
-
-    def describe(self, model: nn.Module, config: Any, steps_per_epoch: int) -> str:
-        """One log line: model, data, sizes."""
-
-    def learning_rate(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
-        """The schedule: learning rate at optimizer step ``step`` of ``total_steps``."""
-
-    def training_step(self, net: nn.Module, model: nn.Module, batch: Any) -> StepOutput:
-        """Forward one batch through ``net`` (``model`` wrapped for DDP) and return the loss."""
-
-    def train_metrics(self, sums: Tensor) -> dict[str, float]:
-        """Epoch metrics from ``[loss * images, images, *StepOutput.sums]`` summed over the epoch."""
-
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """Validation metrics of ``model`` (summed over processes), including :attr:`score`."""
-
-    def checkpoint_fields(self, model: nn.Module) -> dict[str, Any]:
-        """What a checkpoint needs besides the weights to rebuild the model from the file alone."""
-
-    def compare(self, model: nn.Module, plain: nn.Module, loader: DataLoader) -> dict[str, Any]:
-        """Score the trained model and its converted copy on the same data; the summary's numbers."""
-
-    def save(self, model: nn.Module, plain: nn.Module, summary: dict[str, Any], history: list[dict[str, Any]],
-             output: Path) -> None:
-        """Write the converted model and the task's figures; may add keys (e.g. speed) to ``summary``."""
 
 
 C = TypeVar("C", bound=LoopConfig)
@@ -597,7 +393,7 @@ def _log_epoch(run: _Run, row: dict[str, Any], started: float) -> None:
         remaining = (config.epochs - state.epoch) * (time.perf_counter() - started)
         if remaining > 0:
             logger.info("ETA: about %s for the %d remaining epoch(s), at %.0f training images/s",
-                        _duration(remaining), config.epochs - state.epoch, row["train_images_per_s"])
+                        duration(remaining), config.epochs - state.epoch, row["train_images_per_s"])
     timing = ("epoch", "lr", "epoch_time_s", "train_images_per_s", "data_wait_s_per_step")
     logger.info("epoch %d/%d: %s (%.1fs)", state.epoch, config.epochs,
                 ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in timing), row["epoch_time_s"])

@@ -1,0 +1,27 @@
+"""What ``repvgg export`` writes, as typed data (its flags are made from it; no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from repvgg.limits import MAX_IMG_SIZE, MIN_OPSET
+from repvgg.options import RunConfig, option
+
+__all__ = ["ExportConfig"]
+
+
+@dataclass(frozen=True)
+class ExportConfig(RunConfig):
+    """Options of :func:`repvgg.export_onnx` (``repvgg export``)."""
+
+    img_size: int = option(224, "input resolution", low=8, high=MAX_IMG_SIZE)
+    opset: int | None = option(None, f"ONNX opset, {MIN_OPSET} up to the newest the installed onnx knows (the file is "
+                                     "checked to have it)", default_help="the exporter's")
+    num_classes: int | None = option(None, "classes of a model built by name", default_help="1000", low=1)
+    dynamic_hw: bool = option(False, "dynamic height and width too (checked against PyTorch at two input sizes)")
+    fp16: bool = option(False, "half-precision weights and input (checked against the float32 model within 1e-2)")
+    check_batch_size: int = option(3, "batch size of the ONNX Runtime parity check", low=1, cli=False)
+    overwrite: bool = option(False, "replace an existing output file (a file the command reads is never replaced)")
+
+    def __post_init__(self) -> None:
+        self._check_types()

@@ -1,0 +1,81 @@
+"""What ``repvgg bench`` measures and how hard it tries, as typed data (its flags are made from it; no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from repvgg.limits import MAX_IMG_SIZE
+from repvgg.options import RunConfig, option
+
+__all__ = ["BenchConfig", "DTYPES"]
+
+#: The precisions a benchmark can run in.
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class BenchConfig(RunConfig):
+    """What to benchmark and how hard to try (``repvgg bench``'s flags); ``None`` fields take the device's default.
+
+    Defaults: batch 8 on the CPU and 128 on CUDA (the paper's), 2 warm-up + 10 timed rounds on the
+    CPU, 50 + 50 on CUDA (the paper's), float32 only; a 50 ms idle pause before each timed CPU call
+    lets runtimes' spinning worker threads settle so that they do not slow the next candidate.
+    """
+
+    models: tuple[str, ...] = option(("repvgg_a0",), "comma-separated RepVGG names")
+    baselines: tuple[str, ...] = option(("resnet18",), "comma-separated torchvision baselines among "
+                                                       "resnet18/34/50/101/152 and vgg16, or 'none'")
+    peer: bool = option(True, "time timm's re-parameterized RepVGG of the same name too")
+    device: str = option("cpu", "cpu or cuda[:N]")
+    batch_size: int | None = option(None, "throughput batch size", default_help="8 on CPU, 128 on CUDA", low=1)
+    img_size: int = option(224, "input resolution", low=32, high=MAX_IMG_SIZE)
+    dtypes: tuple[str, ...] = option(("float32",), "comma-separated among float32, float16, bfloat16 (unsupported "
+                                                   "ones are skipped)")
+    warmup: int | None = option(None, "warm-up calls per model", default_help="2 CPU / 50 CUDA", low=0)
+    rounds: int | None = option(None, "timed rounds", default_help="10 CPU / 50 CUDA", low=1)
+    latency: bool = option(True, "time the batch-1 latency too")
+    memory: bool = option(True, "measure the peak forward memory too")
+    fast: bool = option(True, "time the fast inference path too")
+    candidates: tuple[str, ...] | None = option(None, "fast-path candidates to weigh, comma-separated",
+                                                default_help="all available on the device")
+    reference_conv: bool = option(True, "time one large 3x3 conv, the FLOP rate's reference", cli=False)
+    tf32: bool = option(False, "allow TensorFloat-32 for float32 on CUDA (off: true fp32)")
+    pause_s: float | None = option(None, "idle seconds before each timed CPU call", cli=False)
+    num_classes: int = option(1000, "classifier outputs of every model", cli=False, low=1)
+
+    def __post_init__(self) -> None:
+        self._check_types()
+
+    def resolved(self) -> BenchConfig:
+        """This config with every device default filled in (and the arguments checked)."""
+        import torch
+
+        device = torch.device(self.device)
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CUDA was requested but torch.cuda.is_available() is False")
+        from repvgg.nn.baselines import TORCHVISION_BASELINES
+        from repvgg.nn.registry import canonical_name, get_spec
+
+        for name in self.models:
+            get_spec(name)  # unknown names fail here, with close matches, before any work
+        models = tuple(canonical_name(name) for name in self.models)
+        bad = [b for b in self.baselines if b not in TORCHVISION_BASELINES]
+        if bad:
+            raise ValueError(f"unknown baseline(s) {bad}; choose from {', '.join(TORCHVISION_BASELINES)}")
+        unknown = [d for d in self.dtypes if d not in DTYPES]
+        if unknown or not self.dtypes:
+            raise ValueError(f"dtypes must be among {', '.join(DTYPES)}, got {list(self.dtypes)}")
+        cuda = device.type == "cuda"
+        resolved = replace(
+            self,
+            models=models,
+            device=str(device),
+            candidates=self.candidates or None,
+            batch_size=(128 if cuda else 8) if self.batch_size is None else self.batch_size,
+            warmup=(50 if cuda else 2) if self.warmup is None else self.warmup,
+            rounds=(50 if cuda else 10) if self.rounds is None else self.rounds,
+            pause_s=(0.0 if cuda else 0.05) if self.pause_s is None else self.pause_s,
+        )
+        return resolved

@@ -1,0 +1,43 @@
+"""What ``repvgg quantize`` does, as typed data (its flags are made from it; no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from repvgg.limits import MAX_IMG_SIZE
+from repvgg.options import RunConfig, option
+
+__all__ = ["CALIBRATION_METHODS", "QuantizeConfig"]
+
+#: ``--calibration`` names and ONNX Runtime's ``CalibrationMethod`` members.
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(RunConfig):
+    """Options of :func:`repvgg.quant.ptq.quantize_model` (``repvgg quantize``)."""
+
+    data: str | None = option(None, "ImageFolder root the model was trained on", default_help="the embedded digits")
+    img_size: int | None = option(None, "input resolution", default_help="32 digits / 224 folders", low=8,
+                                  high=MAX_IMG_SIZE)
+    calib_images: int = option(256, "training images (validation preprocessing) that calibrate the activations")
+    calibration: str = option("minmax", "calibration method", choices=tuple(CALIBRATION_METHODS))
+    speed_batch: int = option(8, "batch of the FP32/INT8 timing", low=1)
+    speed_img_size: int | None = option(None, "input size of the FP32/INT8 timing", default_help="--img-size",
+                                        low=8, high=MAX_IMG_SIZE)
+    qat_epochs: int = option(0, "quantization-aware training instead of calibration: fine-tune the converted model "
+                                "this many epochs with fake INT8 (run folder OUT-qat beside OUT)", low=0)
+    qat_lr: float | None = option(None, "QAT learning rate", default_help="1/10 of training's")
+    device: str = option("auto", "device of the QAT fine-tune: auto, cpu, cuda or cuda:N")
+    overwrite: bool = option(False, "replace an existing output file and QAT run folder (a file the command reads "
+                                    "is never replaced)")
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check([
+            (self.calib_images >= 1, f"the calibration set must hold at least one image, got calib_images="
+                                     f"{self.calib_images}"),
+            (self.calibration in CALIBRATION_METHODS,
+             f"unknown calibration method {self.calibration!r}; choose from {', '.join(CALIBRATION_METHODS)}"),
+            (self.qat_lr is None or self.qat_lr > 0, "qat_lr must be > 0"),
+        ])

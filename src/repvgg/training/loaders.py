@@ -1,0 +1,49 @@
+"""Data for the training loop: per-epoch seeding, the one persistent training loader of a run, validation shards.
+
+Each sample's augmentation comes from its own seed (:class:`~repvgg.training.distributed.SeededSamples`), so
+neither the number of workers nor a resume changes what the model sees; every process reads a disjoint,
+in-order validation shard, so sums over processes are exact.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from repvgg.training.distributed import DistContext, EpochSampler, SeededSamples, ShardSampler
+
+__all__ = ["eval_loader", "seed_epoch", "train_loader"]
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed Python, NumPy and torch from ``(seed, epoch, rank)`` (each epoch's augmentation is reproducible)."""
+    value = (seed * 1_000_003 + epoch * 7919 + rank) % (2**31)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def train_loader(dataset: Dataset, *, seed: int, ctx: DistContext, local_batch: int,
+                 workers: int) -> tuple[DataLoader, EpochSampler]:
+    """One loader for the whole run and the sampler that moves it from epoch to epoch.
+
+    Workers are persistent (started once, not every epoch); each sample's augmentation comes from its own
+    seed (:class:`SeededSamples`), so neither the workers nor a resume change what the model sees. Call
+    ``sampler.set_epoch(epoch, skip)`` before iterating an epoch.
+    """
+    sampler = EpochSampler(len(dataset), seed=seed, rank=ctx.rank, world_size=ctx.world_size)  # type: ignore[arg-type]
+    # The loader's own generator keeps it from drawing on the global RNG, whose state a resume restores.
+    loader = DataLoader(SeededSamples(dataset), batch_size=local_batch, sampler=sampler, drop_last=True,
+                        num_workers=workers, persistent_workers=workers > 0, pin_memory=ctx.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler
+
+
+def eval_loader(dataset: Dataset, *, batch_size: int, workers: int, ctx: DistContext) -> DataLoader:
+    """This process's in-order, disjoint validation shard (shards summed over processes are exact)."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                      sampler=ShardSampler(len(dataset), ctx.rank, ctx.world_size),
+                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
