@@ -24,7 +24,7 @@ from repvgg.segmentation.config import SegTrainConfig
 from repvgg.training.config import TrainConfig
 
 TIMING = {"epoch_time_s", "train_images_per_s", "data_wait_s_per_step"}
-DIGITS = ["train", "--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "64", "--no-inference-speed"]
+DIGITS = ["train", "--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "128", "--no-inference-speed"]
 
 
 def _tree(root: Path, *, skip: Path | None = None) -> dict[str, str]:
@@ -44,7 +44,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def partial_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-epoch digits run stopped after 3 steps (a last.pt in the middle of epoch 1)."""
+    """A 2-epoch digits run (11 steps per epoch) stopped after 3 steps (a last.pt in the middle of epoch 1)."""
     out = tmp_path_factory.mktemp("partial") / "run"
     assert main([*DIGITS, "--epochs", "2", "--output", str(out), "--stop-after-steps", "3"]) == 130
     return out
@@ -181,7 +181,7 @@ def test_a_resume_that_would_not_continue_the_run_is_refused_before_writing(
         partial_run: Path, finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     partial, finished = _tree(partial_run), _tree(finished_run)
     assert main(["train", "--resume", str(partial_run), "--batch-size", "32"]) == 2
-    assert "batch_size (64, not 32)" in capsys.readouterr().err
+    assert "batch_size (128, not 32)" in capsys.readouterr().err
     assert main(["train", "--resume", str(partial_run), "--seed", "1"]) == 2
     assert main(["train", "--resume", str(finished_run), "--output", str(finished_run), "--epochs", "1"]) == 2
     assert "already finished its 2 epoch(s)" in capsys.readouterr().err

@@ -18,11 +18,11 @@ def test_the_timm_interface_on_every_registered_model(name: str) -> None:
     with torch.device("meta"):  # shapes only: every model, without allocating them
         model = create_model(name, num_classes=0)
         x = torch.empty(2, 3, 64, 64)
-        pooled = model(x)
+        features = model.forward_features(x)  # the body once; the heads below run on its output
+        pooled = model.forward_head(features)
         assert tuple(pooled.shape) == (2, model.num_features) and isinstance(model.get_classifier(), nn.Identity)
         model.reset_classifier(7)
-        assert tuple(model(x).shape) == (2, 7) and model.get_classifier().out_features == 7
-        features = model.forward_features(x)
+        assert tuple(model.forward_head(features).shape) == (2, 7) and model.get_classifier().out_features == 7
         assert tuple(model.forward_head(features, pre_logits=True).shape) == (2, model.num_features)
         final, maps = model.forward_intermediates(x, indices=3)
         info = model.feature_info
