@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/cpu_readme_table.py            # about two minutes on 2 cores
 
-Writes benchmarks/results/cpu.{md,json,png}. Run it on a quiet machine: other processes on a small
+Writes docs/results/cpu.{md,json,png}. Run it on a quiet machine: other processes on a small
 CPU move every number (the interleaved rounds protect the ratios more than the absolute speeds).
 """
 
@@ -18,7 +18,7 @@ from repvgg.perf.bench import BenchConfig, check_targets, run_benchmark
 from repvgg.report import write_bench_report
 from targets import CPU_TARGETS
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 def main() -> int:
@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--models", default="repvgg_a0,repvgg_a1")
     parser.add_argument("--baselines", default="resnet18,resnet34")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default docs/results)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 

@@ -95,7 +95,7 @@ def test_layers_point_one_way() -> None:
     """nn (models, fusion) imports no file formats, training or CLI; file formats know nothing of training; every
     module is in a layer."""
     unlayered, upward = layer_violations(import_graph())
-    assert not unlayered, f"modules in no layer (add them to LAYERS and the README): {unlayered}"
+    assert not unlayered, f"modules in no layer (add them to LAYERS and docs/layout.md): {unlayered}"
     assert not upward, upward
 
 
@@ -105,14 +105,13 @@ def test_the_layer_check_finds_what_it_looks_for() -> None:
     assert layer_violations(graph) == (["repvgg.newthing"], [("repvgg.nn.model", "repvgg.cli.train")])
 
 
-def test_the_readme_layout_table_matches_the_tree() -> None:
-    readme = (PACKAGE.parents[1] / "README.md").read_text()
-    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+def test_the_layout_page_matches_the_tree() -> None:
+    section = (PACKAGE.parents[1] / "docs" / "layout.md").read_text()
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     listed = {name for row in rows for name in row.split("|")[1].replace("`", "").replace(",", " ").split()}
     for name in listed:
-        assert (PACKAGE / name).exists(), f"README lists {name}, which is not in src/repvgg"
+        assert (PACKAGE / name).exists(), f"docs/layout.md lists {name}, which is not in src/repvgg"
     modules = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
                if p.name not in ("__init__.py", "__main__.py")}
     covered = {m for m in modules if m in listed or any(m.startswith(d) for d in listed if d.endswith("/"))}
-    assert modules == covered, f"modules missing from the README's layout table: {sorted(modules - covered)}"
+    assert modules == covered, f"modules missing from docs/layout.md: {sorted(modules - covered)}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -201,24 +201,15 @@ def test_a_finished_run_is_extended_with_a_larger_epochs(finished_run: Path, tmp
 
 # --- 5: a failed write stops the run, names the file and the cause, and keeps the last good state ---------
 
-def _file_size_limit(limit: int):
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    return apply
-
-
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(900)  # above run_process's own limit, which ends the process
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_one(partial_run: Path,
                                                                                   tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(partial_run, run)
     last = (run / "last.pt").read_bytes()
-    # 1 MB per file: config.yaml fits, a checkpoint (about 10 MB) does not
-    cmd = [sys.executable, "-m", "repvgg", "train", "--resume", str(run)]
-    import subprocess
-
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, preexec_fn=_file_size_limit(2**20),
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # a file-size limit of 1 MiB (ulimit -f counts KiB): config.yaml fits, a checkpoint (about 10 MB) does not
+    command = f"ulimit -f 1024 && exec {shlex.quote(sys.executable)} -m repvgg train --resume {shlex.quote(str(run))}"
+    proc = run_process(["bash", "-c", command], timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "best.pt" in proc.stderr and "file-size limit" in proc.stderr and "Traceback" not in proc.stderr
     assert (run / "last.pt").read_bytes() == last  # the last good checkpoint survives
@@ -340,8 +331,8 @@ def test_refused_pickles_never_suggest_weights_only_false(tmp_path: Path, capsys
 
 # --- 8: the smaller points -------------------------------------------------------------------------------
 
-def test_a_run_that_failed_before_its_first_checkpoint_says_how_to_start_again(tmp_path: Path,
-                                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_that_failed_before_its_first_checkpoint_says_how_to_start_again(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = write_image_folder(tmp_path / "data", classes=2, per_class=2, size=16)
     (data / "train" / "class_0" / "0.png").write_bytes(b"not a png")
     out = tmp_path / "run"

@@ -114,7 +114,8 @@ def build_model(
         deploy: build the fused inference-time network (load ``-deploy`` files into this).
         features_only: no head; ``forward`` returns the stage feature maps in ``out_indices``.
         out_indices: which stages (0-4) ``features_only`` returns.
-        frozen_stages, norm_eval: backbone fine-tuning options (see :class:`~repvgg.nn.model.RepVGG`).
+        frozen_stages: stages kept frozen when fine-tuning a backbone (see :class:`~repvgg.nn.model.RepVGG`).
+        norm_eval: keep every BatchNorm in eval mode while training (see :class:`~repvgg.nn.model.RepVGG`).
         **overrides: any :class:`RepVGGSpec` field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
             ``use_identity=False``, for a custom architecture in one call.
     """

@@ -91,7 +91,8 @@ class InferenceRunner:
 
     Attributes:
         backend: name of the chosen candidate.
-        device, dtype: where and in which precision it computes.
+        device: where it computes.
+        dtype: in which precision it computes.
         reports: one :class:`CandidateReport` per candidate considered.
         reason: one sentence on why this candidate was chosen.
     """
@@ -208,7 +209,8 @@ def optimize_for_inference(
         measure: time the candidates and pick the fastest; ``False`` takes the first that works,
             in :data:`CANDIDATES` order.
         rtol: accepted relative L2 deviation from the eager model (default 1e-4 for float32).
-        warmup, rounds: timing effort per candidate (default 2 and 5 on the CPU, 10 and 20 on CUDA).
+        warmup: untimed calls per candidate (default 2 on the CPU, 10 on CUDA).
+        rounds: timed rounds per candidate (default 5 on the CPU, 20 on CUDA).
         pause_s: idle time before each timed call (default 50 ms on the CPU, where runtimes with
             their own spinning thread pools would otherwise slow whichever candidate runs next).
         fuse: fuse RepVGG blocks and conv-BN pairs on the copy first (exact, and faster eagerly).

@@ -41,7 +41,8 @@ class SyntheticConfig:
 
     Attributes:
         image_size: height and width of every scene.
-        num_train, num_val: scenes per split.
+        num_train: training scenes.
+        num_val: validation scenes.
         seed: base seed; scenes are a pure function of ``(seed, split, index)``.
         max_shapes: shapes per scene are drawn from 1..max_shapes.
         size_range: shape radius as a fraction of ``image_size``.
