@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 from repvgg.perf.bench import BenchConfig, check_targets, run_benchmark
@@ -34,14 +33,7 @@ def main() -> int:
                          device="cpu", batch_size=8, img_size=224, rounds=args.rounds)
     result = run_benchmark(config)
     result.targets = check_targets(result, CPU_TARGETS)
-    env = result.environment
-    header = (
-        f"CPU, {env['cpu']}, {env['logical_cpus']} logical CPUs, {env['torch_threads']} PyTorch threads; "
-        f"torch {env['torch']}, onnxruntime {env.get('onnxruntime', '-')}; batch {config.batch_size}, "
-        f"224x224, float32, median of {args.rounds} interleaved rounds after {result.config.warmup} warm-up "
-        f"({datetime.now(timezone.utc):%Y-%m-%d})."
-    )
-    files = write_bench_report(result, args.out, "cpu", header)
+    files = write_bench_report(result, args.out, "cpu")
     print(files["markdown"].read_text())
     return 0
 

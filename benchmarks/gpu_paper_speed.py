@@ -53,13 +53,7 @@ def main() -> int:
         candidates=tuple(args.candidates.split(",")), tf32=args.tf32,
     )
     result = run_benchmark(config)
-    env = result.environment
-    header = (
-        f"{env['gpu']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, torch {env['torch']}; batch {args.batch_size}, "
-        f"224x224, {args.dtypes}, TF32 {'on' if args.tf32 else 'off'}; {args.warmup} warm-up + {args.rounds} "
-        f"timed batches per model, interleaved; {time.perf_counter() - start:.0f} s in all."
-    )
-    files = write_bench_report(result, args.out, "gpu", header)
+    files = write_bench_report(result, args.out, "gpu", note=f"{time.perf_counter() - start:.0f} s in all")
     print(files["markdown"].read_text())
     return 0
 

@@ -7,13 +7,14 @@ Measuring code returns data (e.g. :class:`~repvgg.perf.bench.BenchResult`); this
 from __future__ import annotations
 
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from repvgg.plots import plot_throughput
 from repvgg.serialization import write_json, write_text
 
-__all__ = ["bench_table", "markdown_table", "write_bench_report"]
+__all__ = ["bench_header", "bench_table", "markdown_table", "write_bench_report"]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -59,12 +60,27 @@ def bench_table(result: Any) -> str:
     return text
 
 
-def write_bench_report(result: Any, folder: str | os.PathLike[str], stem: str, header: str) -> dict[str, Path]:
-    """``folder/stem.md`` (``header`` and :func:`bench_table`), ``stem.json`` (every number) and ``stem.png``
-    (throughput against parameters) of a benchmark result."""
+def bench_header(result: Any, *, note: str = "") -> str:
+    """One paragraph saying where and how a benchmark ran: the device, the versions, batch, size, precision and
+    timing effort, and the date (so a reader can scale the numbers to their own machine)."""
+    env, cfg = result.environment, result.config
+    if env.get("gpu"):
+        where = (f"{env['gpu']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, TF32 "
+                 f"{'on' if env.get('tf32') else 'off'}")
+    else:
+        where = (f"CPU, {env.get('cpu')}, {env.get('logical_cpus')} logical CPUs, "
+                 f"{env.get('torch_threads')} PyTorch threads")
+    return (f"{where}; torch {env.get('torch')}, onnxruntime {env.get('onnxruntime', '-')}; batch {cfg.batch_size}, "
+            f"{cfg.img_size}x{cfg.img_size}, {', '.join(cfg.dtypes)}; median of {cfg.rounds} interleaved rounds after "
+            f"{cfg.warmup} warm-up ({datetime.now(timezone.utc):%Y-%m-%d}){'; ' + note if note else ''}.")
+
+
+def write_bench_report(result: Any, folder: str | os.PathLike[str], stem: str, *, note: str = "") -> dict[str, Path]:
+    """``folder/stem.md`` (:func:`bench_header` and :func:`bench_table`), ``stem.json`` (every number) and
+    ``stem.png`` (throughput against parameters) of a benchmark result."""
     folder = Path(folder)
     return {
-        "markdown": write_text(folder / f"{stem}.md", f"{header}\n\n{bench_table(result)}\n"),
+        "markdown": write_text(folder / f"{stem}.md", f"{bench_header(result, note=note)}\n\n{bench_table(result)}\n"),
         "json": write_json(folder / f"{stem}.json", result.as_dict()),
         "plot": plot_throughput(result, folder / f"{stem}.png"),
     }

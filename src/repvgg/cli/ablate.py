@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from repvgg.cli.flags import HelpFormatter, add_config_flags, bounded_int
+from repvgg.cli.flags import bounded_int, config_command
 from repvgg.cli.output import emit
 from repvgg.cli.train import add_common_arguments, print_config, resolve_config
 from repvgg.training.config import AblationConfig
@@ -14,14 +14,13 @@ _NOT_FLAGS = ("resume", "stop_after_steps", "seed")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "ablate",
+    p = config_command(
+        sub, "ablate", AblationConfig, run,
         help="train the same network with and without the 1x1/identity branches; compare",
         description="Runs the configurations of the paper's Table 6 (plain, 1x1, identity, full) with "
                     "several seeds through the `repvgg train` pipeline, checks the converted models are "
                     "identical in size, and writes ablation.json, ablation.md and two PNGs.",
-        formatter_class=HelpFormatter,
-    )
+        exclude=_NOT_FLAGS)
     p.add_argument("--configs", default="plain,1x1,identity,full",
                    help="comma-separated configurations: plain, 1x1, identity, full, identity_no_bn, post_bn")
     p.add_argument("--table7", action="store_true",
@@ -30,8 +29,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--table", action="store_true",
                    help="print the paper's Table 6 numbers next to the measured ones and whether the ranking agrees")
     add_common_arguments(p)
-    add_config_flags(p, AblationConfig, exclude=_NOT_FLAGS)
-    p.set_defaults(func=run, config_cls=AblationConfig)
 
 
 def run(args: argparse.Namespace) -> int:

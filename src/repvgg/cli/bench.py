@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from repvgg.cli.flags import HelpFormatter, add_config_flags, add_overwrite_flag, config_flag_values
+from repvgg.cli.flags import add_overwrite_flag, config_command, config_flag_values
 from repvgg.cli.output import emit
 from repvgg.perf.config import BenchConfig
 
@@ -14,23 +14,19 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
+    p = config_command(
+        sub, "bench", BenchConfig, run,
         help="time RepVGG (training-time, converted, fast path) against ResNets and timm's RepVGG",
         description=(
             "Times every model in one process, in interleaved rounds after warm-up, and reports medians: "
             "throughput at --batch-size, latency at batch 1, peak forward memory, parameters, multiply-adds "
             "and achieved GFLOP/s relative to one large 3x3 conv. The defaults (repvgg_a0 vs resnet18 and "
             "timm's repvgg_a0, batch 8, float32) finish in about a minute on a 2-core CPU."
-        ),
-        formatter_class=HelpFormatter,
-    )
-    add_config_flags(p, BenchConfig)
+        ))
     p.add_argument("--json-out", default=None, metavar="PATH", help="also write every number to this JSON file")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="throughput-vs-parameters PNG (default: next to --json-out, with a .png suffix)")
     add_overwrite_flag(p, "existing --json-out and --plot files")
-    p.set_defaults(func=run, config_cls=BenchConfig)
 
 
 def run(args: argparse.Namespace) -> int:

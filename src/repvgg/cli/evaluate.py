@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from repvgg.cli.flags import add_overwrite_flag, bounded_int, image_size
-from repvgg.cli.output import emit
+from repvgg.cli.flags import bounded_int, image_size
+from repvgg.cli.output import add_json_out_flag, check_json_out, emit, write_json_out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,21 +20,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=bounded_int(1), default=64, help="evaluation batch size")
     p.add_argument("--workers", type=bounded_int(0), default=0, help="data-loading workers")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--json-out", default=None, metavar="PATH", help="also write the results to this JSON file")
-    add_overwrite_flag(p, "an existing --json-out file")
+    add_json_out_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.serialization import check_output_path, write_json
     from repvgg.training.evaluate import evaluate_checkpoint
 
-    if args.json_out:
-        check_output_path(args.json_out, reads=[args.weights, args.data], overwrite=args.overwrite,
-                          option="--json-out")
+    check_json_out(args, reads=[args.weights, args.data])
     result = evaluate_checkpoint(args.weights, data=args.data, arch=args.model, img_size=args.img_size,
                                  batch_size=args.batch_size, workers=args.workers, device=args.device)
     emit(args, result)
-    if args.json_out:
-        write_json(args.json_out, result)
+    write_json_out(args, result, reads=[args.weights, args.data])
     return 0

@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from repvgg.cli.flags import HelpFormatter, add_config_flags, config_flag_values
+from repvgg.cli.flags import config_command, config_flag_values
 from repvgg.cli.output import emit
 from repvgg.io.config import ExportConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
+    config_command(
+        sub, "export", ExportConfig, run,
         help="export the converted model to ONNX (dynamic batch) and check it with ONNX Runtime",
         description=(
             "MODEL is a checkpoint file (official, timm or this package's format, training-time or deploy) "
             "or a registered model name (random weights). A training-time model is converted first."
         ),
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT")
-    p.add_argument("output", metavar="OUT.onnx")
-    add_config_flags(p, ExportConfig)
-    p.set_defaults(func=run, config_cls=ExportConfig)
+        positionals=(("model", "MODEL_OR_CHECKPOINT"), ("output", "OUT.onnx")))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 from repvgg.limits import MAX_IMG_SIZE, check_int
 
 __all__ = ["HelpFormatter", "Parser", "UsageError", "add_config_flags", "add_overwrite_flag", "bounded_int",
-           "config_flag_values", "image_size", "parse_list", "shown_default"]
+           "config_command", "config_flag_values", "image_size", "parse_list", "shown_default"]
 
 
 class UsageError(ValueError):
@@ -129,3 +129,16 @@ def config_flag_values(args: argparse.Namespace, config_cls: type) -> dict[str, 
     """The flags the user gave, by config field name (fields without a flag, or not given, are left out)."""
     names = [f.name for f in dataclasses.fields(config_cls)]
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def config_command(sub: argparse._SubParsersAction, name: str, config_cls: type, run: Any, *, help: str,
+                   description: str, positionals: tuple[tuple[str, str], ...] = (),
+                   exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The parser of a subcommand whose options are ``config_cls``'s fields: ``positionals`` as
+    ``(dest, metavar)``, then a flag per field (but ``exclude``), each showing the default the command uses."""
+    parser = sub.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+    for dest, metavar in positionals:
+        parser.add_argument(dest, metavar=metavar)
+    add_config_flags(parser, config_cls, exclude=exclude)
+    parser.set_defaults(func=run, config_cls=config_cls)
+    return parser

@@ -1,4 +1,5 @@
-"""What a subcommand prints: one JSON document with ``--json`` (every subcommand), else its tables and prose."""
+"""What a subcommand prints and writes: one JSON document with ``--json`` (every subcommand), else its tables and
+prose; ``--json-out`` files under the output rule."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 import sys
 from typing import Any
 
-__all__ = ["add_json_flag", "emit", "emit_error"]
+from repvgg.serialization import check_output_path, write_json
+
+__all__ = ["add_json_flag", "add_json_out_flag", "check_json_out", "emit", "emit_error", "write_json_out"]
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -27,3 +30,23 @@ def emit_error(args: argparse.Namespace, message: str, status: int) -> None:
     """With ``--json``, a failed command's one JSON document: ``{"error": ..., "exit_status": ...}``."""
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps({"error": message, "exit_status": status}) + "\n")
+
+
+def add_json_out_flag(parser: argparse.ArgumentParser) -> None:
+    """``--json-out PATH`` and the ``--overwrite`` that lets it replace an existing file."""
+    parser.add_argument("--json-out", default=None, metavar="PATH", help="also write the results to this JSON file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --json-out file (a file the command reads is never replaced)")
+
+
+def check_json_out(args: argparse.Namespace, reads: list[Any]) -> None:
+    """Refuse ``--json-out`` before any work if it would replace a file without ``--overwrite`` or an input."""
+    if args.json_out:
+        check_output_path(args.json_out, reads=reads, overwrite=args.overwrite, option="--json-out")
+
+
+def write_json_out(args: argparse.Namespace, data: Any, reads: list[Any]) -> None:
+    """Write ``data`` to ``--json-out``, checked again against ``reads`` (inputs found while the command ran)."""
+    if args.json_out:
+        check_json_out(args, reads)
+        write_json(args.json_out, data)

@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from repvgg.cli.flags import HelpFormatter, add_config_flags, config_flag_values
+from repvgg.cli.flags import config_command, config_flag_values
 from repvgg.cli.output import emit
 from repvgg.quant.config import QuantizeConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "quantize",
+    config_command(
+        sub, "quantize", QuantizeConfig, run,
         help="INT8-quantize a model through ONNX Runtime (QDQ, per-channel) and measure FP32 vs INT8",
         description="Loads WEIGHTS (a run's best.pt, a deploy file, official/timm files), converts and checks it, "
                     "exports FP32 ONNX (checked), quantizes it statically with ONNX Runtime (QDQ, per-channel INT8 "
                     "weights, UINT8 activations calibrated on training images), evaluates FP32 and INT8 on the "
                     "validation set, times both, writes OUT.onnx and prints JSON (top1_fp32, top1_int8, "
                     "agreement, int8_speedup, ...).",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("weights", metavar="WEIGHTS")
-    p.add_argument("output", metavar="OUT.onnx")
-    add_config_flags(p, QuantizeConfig)
-    p.set_defaults(func=run, config_cls=QuantizeConfig)
+        positionals=(("weights", "WEIGHTS"), ("output", "OUT.onnx")))
 
 
 def run(args: argparse.Namespace) -> int:

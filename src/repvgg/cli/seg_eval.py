@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from repvgg.cli.flags import add_overwrite_flag, bounded_int, image_size
-from repvgg.cli.output import emit
+from repvgg.cli.flags import bounded_int, image_size
+from repvgg.cli.output import add_json_out_flag, check_json_out, emit, write_json_out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,19 +22,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="ResNet PSPNet timed next to the model at the same input size")
     p.add_argument("--speed", default=True, action=argparse.BooleanOptionalAction,
                    help="measure images/s (--no-speed skips it)")
-    p.add_argument("--json-out", default=None, metavar="PATH", help="also write the results to this JSON file")
-    add_overwrite_flag(p, "an existing --json-out file")
+    add_json_out_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from repvgg.segmentation.evaluate import evaluate_segmenter_file, iou_table, speed_table
-    from repvgg.serialization import check_output_path, write_json
 
-    if args.json_out:
-        check_output_path(args.json_out, reads=[args.weights, args.data], overwrite=args.overwrite,
-                          option="--json-out")
-
+    check_json_out(args, reads=[args.weights, args.data])
     result = evaluate_segmenter_file(args.weights, data=args.data, val_size=args.val_size,
                                      batch_size=args.batch_size, workers=args.workers, device=args.device,
                                      baseline=args.baseline, speed=args.speed)
@@ -46,8 +41,6 @@ def run(args: argparse.Namespace) -> int:
     if "speed" in result:
         text += "\n" + speed_table(result["speed"], result["speed_input"])
     emit(args, result, text)
-    if args.json_out:  # checked again: the data folder may have come from the file's metadata
-        check_output_path(args.json_out, reads=[args.weights, result["dataset"]], overwrite=args.overwrite,
-                          option="--json-out")
-        write_json(args.json_out, result)
+    # the data folder may have come from the file's metadata
+    write_json_out(args, result, reads=[args.weights, args.data, result["dataset"]])
     return 0

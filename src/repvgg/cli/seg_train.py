@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from repvgg.cli.flags import HelpFormatter, add_config_flags
+from repvgg.cli.flags import config_command
 from repvgg.cli.output import emit
 from repvgg.errors import EXIT_INTERRUPTED
 from repvgg.cli.train import add_common_arguments, print_config, resolve_config
@@ -13,19 +13,15 @@ from repvgg.segmentation.config import SegTrainConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "seg-train",
+    p = config_command(
+        sub, "seg-train", SegTrainConfig, run,
         help="train a PSPNet segmenter on a RepVGG backbone, convert it, and compare speed with ResNet-50",
         description="Train a PSPNet (poly lr, auxiliary loss 0.4) on the generated shapes or a folder, convert it "
                     "with reparameterize_model, score both forms on the validation set (mIoU, per-class IoU, "
                     "pixel accuracy), time them next to a ResNet PSPNet, and write summary.json, metrics.jsonl, "
                     "last.pt, best.pt, deploy.safetensors, config.yaml, curves.png and predictions.png into the "
-                    "run folder. Precedence: defaults < the resumed run's config < --config file < flags.",
-        formatter_class=HelpFormatter,
-    )
+                    "run folder. Precedence: defaults < the resumed run's config < --config file < flags.")
     add_common_arguments(p, spec=False)
-    add_config_flags(p, SegTrainConfig)
-    p.set_defaults(func=run, config_cls=SegTrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from repvgg.cli.flags import HelpFormatter, add_config_flags, config_flag_values
+from repvgg.cli.flags import config_command, config_flag_values
 from repvgg.cli.output import emit
 from repvgg.errors import EXIT_INTERRUPTED
 from repvgg.options import RunConfig
@@ -24,18 +24,14 @@ def add_common_arguments(p: argparse.ArgumentParser, *, spec: bool = True) -> No
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
+    p = config_command(
+        sub, "train", TrainConfig, run,
         help="train a multi-branch RepVGG, convert it, and verify the plain model",
         description="Train, convert with reparameterize_model, evaluate both models on the same data, "
                     "and write summary.json, metrics.jsonl, last.pt, best.pt, deploy.safetensors, "
                     "config.yaml and curves.png into the run folder. Precedence: defaults < the resumed "
-                    "run's config < --config file < command-line flags.",
-        formatter_class=HelpFormatter,
-    )
+                    "run's config < --config file < command-line flags.")
     add_common_arguments(p)
-    add_config_flags(p, TrainConfig)
-    p.set_defaults(func=run, config_cls=TrainConfig)
 
 
 def _parse_spec(items: list[str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from repvgg.nn.complexity import count_parameters
 from repvgg.training.distributed import DistContext
 from repvgg.training.engine import StepOutput, eval_loader, fit
+from repvgg.training.run_folder import data_identity
 from repvgg.training.trackers import Tracker
 from repvgg.segmentation.config import FAST_DILATED_LAYERS, SegTrainConfig
 from repvgg.segmentation.data import SegmentationDataBundle, build_segmentation_data
@@ -118,8 +119,7 @@ class SegmentationTask:
         return self.config, self.bundle.train
 
     def data_identity(self) -> dict[str, Any]:
-        return {"classes": list(self.bundle.classes),
-                "images": {"train": len(self.bundle.train), "val": len(self.bundle.val)}}
+        return data_identity(self.bundle.classes, self.bundle.train, self.bundle.val)
 
     def build_model(self, config: SegTrainConfig, device: torch.device) -> PSPNet:
         # a resume's weights come from its checkpoint: the backbone's initial file is not needed

@@ -29,6 +29,7 @@ from repvgg.training.distributed import DistContext
 from repvgg.training.engine import StepOutput, eval_loader, fit, training_memory_format
 from repvgg.training.evaluate import evaluate_models, measure_throughput
 from repvgg.training.optim import custom_l2, learning_rate
+from repvgg.training.run_folder import data_identity
 from repvgg.training.trackers import Tracker
 
 __all__ = ["ClassificationTask", "train", "default_output_dir"]
@@ -77,8 +78,7 @@ class ClassificationTask:
         return self.config, self.bundle.train
 
     def data_identity(self) -> dict[str, Any]:
-        return {"classes": list(self.bundle.classes),
-                "images": {"train": len(self.bundle.train), "val": len(self.bundle.val)}}
+        return data_identity(self.bundle.classes, self.bundle.train, self.bundle.val)
 
     def build_model(self, config: TrainConfig, device: torch.device) -> RepVGG:
         model = build_model(config.model, num_classes=self.bundle.num_classes, **config.model_overrides)

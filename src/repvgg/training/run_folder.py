@@ -15,14 +15,14 @@ for the new total), but never undo finished epochs or "continue" a finished run 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
 from repvgg.serialization import check_output_path
 
 __all__ = ["RUN_FILES", "HUB_PREFIX", "locate_run", "check_run_folder", "resolve_inputs", "check_continuation",
-           "check_data_is_there", "check_same_data", "resumable_file"]
+           "check_data_is_there", "check_same_data", "data_identity", "resumable_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +167,11 @@ def check_continuation(checkpoint: Mapping[str, Any], config: Any, *, fixed: Ite
         logger.info("continuing with %d epochs instead of %s: the learning-rate schedule is recomputed for %d "
                     "epochs from the step the run reached", config.epochs, saved.get("epochs"), config.epochs)
     return config
+
+
+def data_identity(classes: Sequence[str], train: Sized, val: Sized) -> dict[str, Any]:
+    """What makes data the same data wherever it lies (recorded in checkpoints): class names and image counts."""
+    return {"classes": list(classes), "images": {"train": len(train), "val": len(val)}}
 
 
 def check_same_data(recorded: Mapping[str, Any] | None, current: Mapping[str, Any], data: str | None,
