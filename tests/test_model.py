@@ -22,6 +22,16 @@ def test_registry_lists_the_paper_family_sorted() -> None:
     assert set(PAPER_MODELS) <= set(names)
 
 
+def test_list_models_filters_by_pattern() -> None:
+    import repvgg
+
+    assert list_models("repvgg_b3*") == ["repvgg_b3", "repvgg_b3g2", "repvgg_b3g4"]
+    assert list_models("RepVGG-B3*") == list_models("repvgg_b3*")  # the paper's spelling
+    assert list_models("*g4") == sorted(n for n in list_models() if n.endswith("g4")) and len(list_models("*g4")) == 6
+    assert list_models("nothing*") == []
+    assert "build_model" not in repvgg.__all__ and "create_model" in repvgg.__all__  # one public builder
+
+
 def _narrow(name: str) -> dict[str, object]:
     """``name``'s layout (depths, groups, SE, block kind) at 1/8 of its widths: fusion is per block and exact at
     any width, and a B3 at full width costs seconds to build and fuse twice."""
