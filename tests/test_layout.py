@@ -72,14 +72,18 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-#: The layers, lowest first: a module imports only from its own layer or those before it.
+#: The layers, lowest first: a module imports only from its own layer or those before it. The measuring tools of
+#: ``perf`` sit low (every job times and probes); its fast path and benchmark sit above ``quant``, whose INT8
+#: models they run. A module takes the layer of the longest entry that names it.
 LAYERS = ["repvgg.errors", "repvgg.limits", "repvgg.serialization", "repvgg.options", "repvgg.lazy", "repvgg.plots",
-          "repvgg.report", "repvgg.nn", "repvgg.io", "repvgg.perf", "repvgg.training", "repvgg.segmentation",
-          "repvgg.integrations", "repvgg.quant", "repvgg.cli", "repvgg.__main__"]
+          "repvgg.report", "repvgg.nn", "repvgg.io", "repvgg.perf.timing", "repvgg.perf.memory",
+          "repvgg.perf.environment", "repvgg.training", "repvgg.segmentation", "repvgg.integrations", "repvgg.quant",
+          "repvgg.perf", "repvgg.cli", "repvgg.__main__"]
 
 
 def layer(module: str, order: list[str] = LAYERS) -> int | None:
-    return next((i for i, prefix in enumerate(order) if module == prefix or module.startswith(prefix + ".")), None)
+    matches = [(len(prefix), i) for i, prefix in enumerate(order) if module == prefix or module.startswith(prefix + ".")]
+    return max(matches)[1] if matches else None
 
 
 def layer_violations(graph: dict[str, set[str]], order: list[str] = LAYERS) -> tuple[list[str], list[tuple[str, str]]]:

@@ -17,7 +17,7 @@ import copy
 import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,8 @@ from repvgg.quant.config import CALIBRATION_METHODS
 from repvgg.serialization import atomic_write
 from repvgg.training.evaluate import compare_models
 
-__all__ = ["CALIBRATION_METHODS", "batches", "calibration_subset", "evaluate_onnx", "export_fake_quant_onnx",
-           "qat_qconfig_mapping", "quantize_onnx", "quantized_conv_count"]
+__all__ = ["CALIBRATION_METHODS", "Calibration", "batches", "calibration_batches", "calibration_subset",
+           "evaluate_onnx", "export_fake_quant_onnx", "qat_qconfig_mapping", "quantize_onnx", "quantized_conv_count"]
 
 
 
@@ -42,11 +42,33 @@ def batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, t
     yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
-class _CalibrationReader:
-    """ONNX Runtime's calibration data reader over a fixed set of images."""
+#: Calibration images: a dataset of ``(image, label)`` samples, or an iterable (a list, a DataLoader) of image
+#: batches or of ``(images, labels)`` batches.
+Calibration = Dataset | Iterable[Any]
 
-    def __init__(self, dataset: Dataset, input_name: str, batch_size: int) -> None:
-        self.batches = [images.numpy() for images, _ in batches(dataset, batch_size)]
+
+def calibration_batches(calibration: Calibration, batch_size: int = 32) -> list[np.ndarray]:
+    """The calibration images as float32 arrays ``(N, C, H, W)``; a ValueError if there are none."""
+    if isinstance(calibration, Dataset):
+        arrays = [images.numpy() for images, _ in batches(calibration, batch_size)]
+    else:
+        arrays = []
+        for item in calibration:
+            images = item[0] if isinstance(item, (tuple, list)) else item
+            if not isinstance(images, torch.Tensor) or images.dim() != 4:
+                raise ValueError("calibration must yield image batches (N, C, H, W) or (images, labels) batches, got "
+                                 f"{type(images).__name__}")
+            arrays.append(images.detach().float().cpu().contiguous().numpy())
+    if not arrays or not sum(len(a) for a in arrays):
+        raise ValueError("the calibration data holds no images")
+    return arrays
+
+
+class _CalibrationReader:
+    """ONNX Runtime's calibration data reader over a fixed set of image batches."""
+
+    def __init__(self, arrays: list[np.ndarray], input_name: str) -> None:
+        self.batches = arrays
         self.input_name = input_name
         self.index = 0
 
@@ -70,20 +92,21 @@ def calibration_subset(dataset: Dataset, count: int, *, seed: int = 0) -> Datase
     return Subset(dataset, order)
 
 
-def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Dataset, *, method: str = "minmax",
+def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Calibration, *, method: str = "minmax",
                   batch_size: int = 32) -> None:
-    """Static INT8 quantization of an ONNX file (QDQ, per-channel INT8 weights, UINT8 activations)."""
+    """Static INT8 quantization of an ONNX file (QDQ, per-channel INT8 weights, UINT8 activations) whose
+    activation ranges come from ``calibration`` (:data:`Calibration`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
     session = onnxruntime_session(fp32_path)
     expected = session.get_inputs()[0].shape
-    first, _ = next(iter(batches(calibration, 1)))
-    if list(first.shape[1:]) != [d for d in expected[1:]]:
-        raise ValueError(f"calibration images have shape {tuple(first.shape[1:])} but the model takes "
+    arrays = calibration_batches(calibration, batch_size)
+    if list(arrays[0].shape[1:]) != [d for d in expected[1:]]:
+        raise ValueError(f"calibration images have shape {tuple(arrays[0].shape[1:])} but the model takes "
                          f"{tuple(expected[1:])}; calibrate on the data the model was trained for")
-    reader = _CalibrationReader(calibration, session.get_inputs()[0].name, batch_size)
+    reader = _CalibrationReader(arrays, session.get_inputs()[0].name)
     # ONNX Runtime's recommended preparation: shape inference and graph optimisation before quantizing.
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
