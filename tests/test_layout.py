@@ -82,7 +82,8 @@ LAYERS = ["repvgg.errors", "repvgg.limits", "repvgg.serialization", "repvgg.opti
 
 
 def layer(module: str, order: list[str] = LAYERS) -> int | None:
-    matches = [(len(prefix), i) for i, prefix in enumerate(order) if module == prefix or module.startswith(prefix + ".")]
+    matches = [(len(prefix), i) for i, prefix in enumerate(order)
+               if module == prefix or module.startswith(prefix + ".")]
     return max(matches)[1] if matches else None
 
 

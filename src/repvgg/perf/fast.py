@@ -1,16 +1,20 @@
-"""The fastest way this package knows to run a model on a device, chosen by measuring.
+"""The fastest way this package knows to run a model on a device, chosen by measuring and guarded by accuracy.
 
 :func:`optimize_for_inference` prepares the model (RepVGG blocks fused into 3x3 convs, conv-BN pairs
-folded, eval mode), builds every candidate runtime that is available, checks that each computes the
-same function as the eager model on the example input, times them in interleaved rounds and returns
-the fastest as a plain callable (tensor in, tensor out).
+folded, eval mode), builds every candidate runtime that is available in every precision it weighs, checks
+what each computes (:mod:`repvgg.perf.guard`), times the accepted ones in interleaved rounds and returns the
+fastest as a plain callable (float32 tensor in, float32 tensor out).
 
-The candidates are the runtimes of :mod:`repvgg.perf.runtimes` (the :data:`CANDIDATES` table, one
-module per runtime). By default the CPU tries eager, channels_last, torchscript, onnxruntime and openvino (compilation
-takes tens of seconds on a small CPU, so ``compile`` is tried only when asked for); CUDA tries
-eager, channels_last, cuda_graph and the two compiled forms. Reduced precision (``dtype=``) is used
-only when asked for. Candidates that are not installed, fail to build, or deviate from the eager
-output by more than ``rtol`` (relative L2 norm) are skipped, and the log says why.
+The candidates are the runtimes of :mod:`repvgg.perf.runtimes` (the :data:`CANDIDATES` table, one module per
+runtime). By default the CPU tries eager, channels_last, torchscript, onnxruntime and openvino (compilation
+takes tens of seconds on a small CPU, so ``compile`` is tried only when asked for); CUDA tries eager,
+channels_last, cuda_graph and the two compiled forms.
+
+Precision is a choice too. ``dtype="auto"`` weighs float32; bfloat16 where the device computes it natively
+(a CPU with AVX512-BF16 or AMX, detected, never guessed; a GPU that supports it); float16 on CUDA; and INT8
+(QDQ through ONNX Runtime and OpenVINO, calibrated on ``calibration``) on the CPU. A reduced precision is
+chosen only if it passes the accuracy guard on ``validation`` images, never without them. An explicit
+``dtype`` is honoured; without validation images its accuracy is not checked, and the log says so.
 """
 
 from __future__ import annotations
@@ -18,82 +22,65 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from repvgg.nn.convert import is_reparameterizable, reparameterize_model
 from repvgg.nn.fusion import fuse_conv_bn, is_batchnorm
-from repvgg.perf.runtimes import CANDIDATES, BuildContext, Candidate, Runner, Unsupported, default_candidates
+from repvgg.perf.environment import device_supports_dtype, native_bf16
+from repvgg.perf.guard import DEFAULT_RTOL, Guard, output_deviation, validation_guard
+from repvgg.perf.runtimes import (CANDIDATES, TORCH_DTYPES, BuildContext, Candidate, Runner, Unsupported,
+                                  default_candidates)
 from repvgg.perf.timing import make_timer, time_interleaved
 
-__all__ = [
-    "CANDIDATES",
-    "Candidate",
-    "CandidateReport",
-    "InferenceRunner",
-    "default_candidates",
-    "default_rtol",
-    "optimize_for_inference",
-    "output_deviation",
-]
+__all__ = ["CANDIDATES", "Candidate", "CandidateReport", "InferenceRunner", "default_candidates", "default_rtol",
+           "optimize_for_inference", "output_deviation", "precisions_to_weigh"]
 
 log = logging.getLogger(__name__)
 
-
-#: Largest relative L2 deviation from the eager float32 output accepted for each compute dtype.
-_DEFAULT_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-def default_rtol(dtype: torch.dtype) -> float:
-    """The accepted relative deviation for a compute dtype (1e-4 for float32)."""
-    if dtype not in _DEFAULT_RTOL:
-        raise ValueError(f"unsupported dtype {dtype}; use one of {sorted(str(d) for d in _DEFAULT_RTOL)}")
-    return _DEFAULT_RTOL[dtype]
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8"}
+_PRECISION_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
-def output_deviation(actual: Any, expected: Any) -> float:
-    """Largest relative L2 deviation ``|a - e| / |e|`` over the tensors of two (nested) outputs."""
-    got, _ = tree_flatten(actual)
-    want, _ = tree_flatten(expected)
-    if len(got) != len(want):
-        raise ValueError(f"outputs differ in structure: {len(got)} vs {len(want)} tensors")
-    worst = 0.0
-    for a, e in zip(got, want):
-        if tuple(a.shape) != tuple(e.shape):
-            raise ValueError(f"output shapes differ: {tuple(a.shape)} vs {tuple(e.shape)}")
-        a64, e64 = a.detach().to("cpu", torch.float64), e.detach().to("cpu", torch.float64)
-        worst = max(worst, float((a64 - e64).norm() / e64.norm().clamp_min(1e-30)))
-    return worst
+def default_rtol(dtype: torch.dtype | str) -> float | None:
+    """The accepted relative deviation on the example for a precision (1e-4 for float32; ``None`` for INT8)."""
+    name = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+    if name not in DEFAULT_RTOL:
+        raise ValueError(f"unsupported dtype {dtype}; use one of {', '.join(DEFAULT_RTOL)}")
+    return DEFAULT_RTOL[name]
 
 
 @dataclass
 class CandidateReport:
-    """What happened to one candidate: built or not, its deviation, and its median time."""
+    """What happened to one candidate in one precision: built or not, how accurate, how fast, and why."""
 
     name: str
-    status: str  # "ok", "unavailable", "failed", "inaccurate"
+    status: str  # "ok", "unavailable", "failed", "inaccurate", "unchecked"
     detail: str = ""
     deviation: float | None = None
     median_s: float | None = None
+    precision: str = "float32"
+    agreement: float | None = None  # with float32 on the validation images
+    top1: float | None = None
+    top1_reference: float | None = None
 
 
 class InferenceRunner:
     """A callable ``runner(x) -> output`` wrapping the chosen candidate.
 
-    Inputs are moved to the runner's device and compute dtype; outputs come back in the compute
-    dtype on the device (CPU runtimes return CPU tensors). Gradients are never recorded.
+    Inputs are moved to the runner's device as float32; outputs come back as float32 (CPU runtimes return
+    CPU tensors), whatever precision the runner computes in. Gradients are never recorded.
 
     Attributes:
-        backend: name of the chosen candidate.
+        backend: name of the chosen candidate (a runtime of :data:`CANDIDATES`).
         device: where it computes.
-        dtype: in which precision it computes.
-        reports: one :class:`CandidateReport` per candidate considered.
+        dtype: in which precision it computes (``torch.int8`` for the QDQ INT8 graph).
+        reports: one :class:`CandidateReport` per candidate and precision considered.
         reason: one sentence on why this candidate was chosen.
     """
 
@@ -108,14 +95,43 @@ class InferenceRunner:
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Any:
-        return self._fn(x.to(device=self.device, dtype=self.dtype))
+        return self._fn(x.to(device=self.device, dtype=torch.float32))
 
     def __repr__(self) -> str:
         return f"InferenceRunner(backend={self.backend!r}, device={self.device}, dtype={self.dtype})"
 
 
-def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, fuse: bool) -> nn.Module:
-    """A fused eval-mode copy on ``device`` in ``dtype`` (the caller's model is never modified)."""
+def precisions_to_weigh(dtype: str | torch.dtype | None, example: Tensor, *, calibration: Any) -> list[str]:
+    """The precisions ``optimize_for_inference`` weighs for ``dtype`` on ``example``'s device."""
+    device = example.device
+    if dtype is None:
+        dtype = example.dtype if example.is_floating_point() else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"unsupported dtype {dtype}; use 'auto', {', '.join(map(repr, DEFAULT_RTOL))}")
+        dtype = _DTYPE_NAMES[dtype]
+    if dtype == "auto":
+        weighed = ["float32"]
+        weighed += ["float16"] if device.type == "cuda" else []
+        weighed += ["bfloat16"] if native_bf16(device) else []
+        weighed += ["int8"] if device.type == "cpu" and calibration is not None else []
+        return weighed
+    if dtype not in DEFAULT_RTOL:
+        raise ValueError(f"unsupported dtype {dtype!r}; use 'auto', {', '.join(map(repr, DEFAULT_RTOL))}")
+    if dtype == "int8" and device.type != "cpu":
+        raise ValueError("INT8 runs through ONNX Runtime or OpenVINO on the CPU; use a CPU example input")
+    if dtype == "int8" and calibration is None:
+        raise ValueError("dtype='int8' needs calibration images (calibration=[batches] or a DataLoader)")
+    if dtype in ("float16", "bfloat16") and not device_supports_dtype(device, TORCH_DTYPES[dtype]):
+        raise ValueError(f"{dtype} convolutions are not supported on this {device.type}")
+    if dtype == "bfloat16" and not native_bf16(device):
+        log.warning("this %s computes bfloat16 without native units (AVX512-BF16 or AMX): expect it to be slower "
+                    "than float32", device.type)
+    return [dtype]
+
+
+def _prepare(model: nn.Module, device: torch.device, fuse: bool) -> nn.Module:
+    """A fused eval-mode float32 copy on ``device`` (the caller's model is never modified)."""
     prepared = copy.deepcopy(model).eval()
     if fuse:
         if any(is_reparameterizable(m) for m in prepared.modules()):
@@ -124,7 +140,7 @@ def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, fuse: b
             prepared = fuse_conv_bn(prepared)
     for p in prepared.parameters():
         p.requires_grad_(False)
-    return prepared.to(device=device, dtype=dtype).eval()
+    return prepared.to(device=device, dtype=torch.float32).eval()
 
 
 @torch.no_grad()
@@ -140,55 +156,100 @@ def _reference_output(model: nn.Module, example: Tensor) -> Any:
         model.train(was_training)
 
 
-def _build_candidates(
-    names: Sequence[str], prepared: nn.Module, example: Tensor, reference: Any, rtol: float, *, first_only: bool,
-) -> tuple[dict[str, Runner], list[CandidateReport]]:
-    """Build and verify each candidate in preference order; return the working ones and a report on all."""
+def _build_one(name: str, ctx: BuildContext, reference: Any, rtol: float | None) -> tuple[Runner | None,
+                                                                                        CandidateReport]:
+    """Build one candidate in ``ctx.precision`` and check it on the example: the runner (or ``None``) and its report."""
+    precision = ctx.precision
+    if ctx.example.device.type not in CANDIDATES[name].devices or precision not in CANDIDATES[name].precisions:
+        return None, CandidateReport(name, "unavailable", f"not for {ctx.example.device.type} in {precision}",
+                                     precision=precision)
+    try:
+        runner = CANDIDATES[name].build(ctx)
+        with torch.no_grad():
+            deviation = output_deviation(runner(ctx.example), reference)
+    except Unsupported as err:
+        log.debug("candidate %s (%s) skipped: %s", name, precision, err)
+        return None, CandidateReport(name, "unavailable", str(err), precision=precision)
+    except ImportError as err:
+        log.info("candidate %s skipped: not installed (%s)", name, err.name or err)
+        return None, CandidateReport(name, "unavailable", f"not installed ({err.name or err})", precision=precision)
+    except Exception as err:  # noqa: BLE001 - any failure of an optional runtime just rules it out
+        log.info("candidate %s (%s) failed to build or run: %s: %s", name, precision, type(err).__name__, err)
+        return None, CandidateReport(name, "failed", f"{type(err).__name__}: {err}", precision=precision)
+    limit = float("inf") if rtol is None else rtol
+    if not deviation <= limit:  # NaN fails too
+        log.info("candidate %s (%s) rejected: relative deviation %.2e exceeds %s", name, precision, deviation, rtol)
+        return None, CandidateReport(name, "inaccurate", f"deviation {deviation:.2e} > {limit:.0e}", deviation,
+                                     precision=precision)
+    return runner, CandidateReport(name, "ok", "", deviation, precision=precision)
+
+
+def _build_candidates(names: Sequence[str], precisions: Sequence[str], prepared: nn.Module, example: Tensor,
+                      reference: Any, rtol: float | None, *, calibration: Any,
+                      first_only: bool) -> tuple[dict[tuple[str, str], Runner], list[CandidateReport]]:
+    """Build and check each candidate in each precision, in preference order; the working ones and a report on all."""
     reports: list[CandidateReport] = []
-    working: dict[str, Runner] = {}
+    working: dict[tuple[str, str], Runner] = {}
     with tempfile.TemporaryDirectory(prefix="repvgg-fast-") as tmp:
-        # The runtimes load what they need from the exported file before it is deleted.
-        ctx = BuildContext(prepared, example, Path(tmp))
-        for name in sorted(names, key=list(CANDIDATES).index):
-            if example.device.type not in CANDIDATES[name].devices:
-                reports.append(CandidateReport(name, "unavailable", f"not for {example.device.type}"))
-                continue
-            try:
-                runner = CANDIDATES[name].build(ctx)
-                with torch.no_grad():
-                    deviation = output_deviation(runner(example), reference)
-            except Unsupported as err:
-                reports.append(CandidateReport(name, "unavailable", str(err)))
-                log.debug("candidate %s skipped: %s", name, err)
-                continue
-            except ImportError as err:
-                reports.append(CandidateReport(name, "unavailable", f"not installed ({err.name or err})"))
-                log.info("candidate %s skipped: not installed (%s)", name, err.name or err)
-                continue
-            except Exception as err:  # noqa: BLE001 - any failure of an optional runtime just rules it out
-                reports.append(CandidateReport(name, "failed", f"{type(err).__name__}: {err}"))
-                log.info("candidate %s failed to build or run: %s: %s", name, type(err).__name__, err)
-                continue
-            if not deviation <= rtol:
-                reports.append(CandidateReport(name, "inaccurate", f"deviation {deviation:.2e} > {rtol:.0e}",
-                                               deviation))
-                log.info("candidate %s rejected: relative deviation %.2e exceeds %.0e", name, deviation, rtol)
-                continue
-            reports.append(CandidateReport(name, "ok", "", deviation))
-            working[name] = runner
-            if first_only:
-                break
+        # The runtimes load what they need from the exported files before they are deleted.
+        files: dict[str, Path] = {}  # the ONNX graphs, made once for every precision
+        contexts = {p: BuildContext(prepared, example, Path(tmp), precision=p, calibration=calibration, files=files)
+                    for p in precisions}
+        for precision in precisions:
+            for name in sorted(names, key=list(CANDIDATES).index):
+                limit = rtol if precision == precisions[0] and rtol is not None else DEFAULT_RTOL[precision]
+                runner, report = _build_one(name, contexts[precision], reference, limit)
+                reports.append(report)
+                if runner is not None:
+                    working[(name, precision)] = runner
+                    if first_only:
+                        return working, reports
     return working, reports
+
+
+def _guard(working: dict[tuple[str, str], Runner], reports: list[CandidateReport], prepared: nn.Module,
+           validation: Iterable[Any] | None, guard: Guard, *, automatic: bool, device: torch.device) -> None:
+    """Keep only the reduced-precision candidates that pass the accuracy guard (in place, reports updated)."""
+    reduced = {key: runner for key, runner in working.items() if key[1] != "float32"}
+    if not reduced:
+        return
+    by_key = {(r.name, r.precision): r for r in reports}
+    if validation is None:
+        for key in reduced:
+            if automatic:  # never chosen without evidence
+                del working[key]
+                by_key[key].status = "unchecked"
+                by_key[key].detail = "no validation images: a reduced precision is never chosen unchecked"
+            else:
+                by_key[key].detail = "accuracy not checked (no validation images)"
+        if not automatic:
+            log.warning("%s was asked for without validation images: its accuracy is not checked",
+                        ", ".join(sorted({p for _, p in reduced})))
+        return
+    results = validation_guard(prepared, {f"{n}/{p}": r for (n, p), r in reduced.items()}, validation, guard,
+                               device=device)
+    for key in reduced:
+        result, report = results[f"{key[0]}/{key[1]}"], by_key[key]
+        report.agreement, report.top1, report.top1_reference = result.agreement, result.top1, result.top1_reference
+        report.detail = result.describe()
+        if not result.passed:
+            report.status = "inaccurate"
+            del working[key]
+            log.info("candidate %s (%s) rejected by the accuracy guard: %s", key[0], key[1], report.detail)
 
 
 def optimize_for_inference(
     model: nn.Module,
     example_input: Tensor,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
+    calibration: Any = None,
+    validation: Iterable[Any] | None = None,
     candidates: Sequence[str] | None = None,
     measure: bool = True,
     rtol: float | None = None,
+    min_agreement: float = 0.995,
+    max_top1_drop: float = 0.5,
     warmup: int | None = None,
     rounds: int | None = None,
     pause_s: float | None = None,
@@ -203,12 +264,19 @@ def optimize_for_inference(
         model: the network (training-time RepVGG blocks are fused on a copy when ``fuse``).
         example_input: a representative batch on the target device; timing and the equivalence
             check use it, so give it the batch size you will run.
-        dtype: compute precision (default: the input's float dtype); ``torch.float16`` or
-            ``torch.bfloat16`` for reduced precision where the device supports it.
+        dtype: ``"auto"`` (weigh every precision the device computes natively, see the module docstring),
+            ``"float32"``, ``"float16"``, ``"bfloat16"``, ``"int8"`` or the matching torch dtype; default: the
+            input's float dtype.
+        calibration: images that set INT8's activation ranges: a list or DataLoader of image batches, or of
+            ``(images, labels)`` batches, at the example's height and width.
+        validation: ``(images, labels)`` batches on which a reduced precision must keep its top-1 agreement
+            with float32 at ``min_agreement`` and its top-1 accuracy within ``max_top1_drop`` points.
         candidates: names from :data:`CANDIDATES` to consider (default :func:`default_candidates`).
         measure: time the candidates and pick the fastest; ``False`` takes the first that works,
             in :data:`CANDIDATES` order.
-        rtol: accepted relative L2 deviation from the eager model (default 1e-4 for float32).
+        rtol: accepted relative L2 deviation from the eager model on the example (default 1e-4 for float32).
+        min_agreement: see ``validation``.
+        max_top1_drop: see ``validation``.
         warmup: untimed calls per candidate (default 2 on the CPU, 10 on CUDA).
         rounds: timed rounds per candidate (default 5 on the CPU, 20 on CUDA).
         pause_s: idle time before each timed call (default 50 ms on the CPU, where runtimes with
@@ -216,8 +284,8 @@ def optimize_for_inference(
         fuse: fuse RepVGG blocks and conv-BN pairs on the copy first (exact, and faster eagerly).
 
     Raises:
-        ValueError: for an unknown candidate name or dtype, or if no candidate reproduces the
-            eager output within ``rtol``.
+        ValueError: for an unknown candidate name or dtype, or if no candidate reproduces the eager output
+            (and passes the accuracy guard).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
@@ -226,46 +294,58 @@ def optimize_for_inference(
     device = example_input.device
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"optimize_for_inference supports 'cpu' and 'cuda' inputs, got {device.type!r}")
-    dtype = dtype or (example_input.dtype if example_input.is_floating_point() else torch.float32)
-    rtol = default_rtol(dtype) if rtol is None else rtol
     names = list(candidates) if candidates is not None else default_candidates(device)
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         raise ValueError(f"unknown candidate(s) {unknown}; choose from {', '.join(CANDIDATES)}")
     if not names:
         raise ValueError("candidates is empty")
-    cuda = device.type == "cuda"
+    precisions = precisions_to_weigh(dtype, example_input, calibration=calibration)
+    guard = Guard(min_agreement, max_top1_drop)
+    automatic = dtype == "auto"
+    if automatic and validation is None and len(precisions) > 1:
+        log.info("dtype='auto' without validation images: only float32 is weighed (a reduced precision is chosen "
+                 "only after it passes the accuracy guard)")
+        precisions = precisions[:1]
+
+    reference = _reference_output(model, example_input)
+    prepared = _prepare(model, device, fuse)
+    example = example_input.to(device=device, dtype=torch.float32)
+    working, reports = _build_candidates(names, precisions, prepared, example, reference, rtol,
+                                         calibration=calibration, first_only=not measure and validation is None)
+    _guard(working, reports, prepared, validation, guard, automatic=automatic, device=device)
+    if not working:
+        details = "; ".join(f"{r.name} ({r.precision}): {r.status} {r.detail}".strip() for r in reports)
+        hint = (" On CUDA, TensorFloat-32 moves float32 results by ~1e-3: turn it off or pass a larger rtol."
+                if device.type == "cuda" and "float32" in precisions else "")
+        raise ValueError(f"no candidate reproduces the eager model within its accuracy guard ({details}).{hint}")
+    chosen, reason = _choose(working, reports, example, measure=measure, warmup=warmup, rounds=rounds,
+                             pause_s=pause_s)
+    log.info("optimize_for_inference(%s, %s): %s in %s (%s)", type(model).__name__, device, chosen[0], chosen[1],
+             reason)
+    return InferenceRunner(working[chosen], backend=chosen[0], device=device, dtype=_PRECISION_DTYPES[chosen[1]],
+                           reports=reports, reason=reason)
+
+
+def _choose(working: dict[tuple[str, str], Runner], reports: list[CandidateReport], example: Tensor, *,
+            measure: bool, warmup: int | None, rounds: int | None,
+            pause_s: float | None) -> tuple[tuple[str, str], str]:
+    """The fastest of the working candidates (timed in interleaved rounds), or the first without ``measure``."""
+    if not measure or len(working) == 1:
+        reason = "the only candidate that works" if measure else "first working candidate (not measured)"
+        return next(iter(working)), reason
+    cuda = example.device.type == "cuda"
     warmup = (10 if cuda else 2) if warmup is None else warmup
     rounds = (20 if cuda else 5) if rounds is None else rounds
     pause_s = (0.0 if cuda else 0.05) if pause_s is None else pause_s
-
-    reference = _reference_output(model, example_input)
-    prepared = _prepare(model, device, dtype, fuse)
-    example = example_input.to(device=device, dtype=dtype)
-
-    working, reports = _build_candidates(names, prepared, example, reference, rtol, first_only=not measure)
-    if not working:
-        details = "; ".join(f"{r.name}: {r.status} {r.detail}".strip() for r in reports)
-        hint = (" On CUDA, TensorFloat-32 moves float32 results by ~1e-3: turn it off or pass a larger rtol."
-                if cuda and dtype == torch.float32 else "")
-        raise ValueError(f"no candidate reproduces the eager model within rtol={rtol:g} ({details}).{hint}")
-
-    if measure and len(working) > 1:
-        with torch.no_grad():
-            timings = time_interleaved(
-                {name: (lambda r=runner: r(example)) for name, runner in working.items()},
-                warmup=warmup, rounds=rounds, timer=make_timer(device), pause_s=pause_s,
-            )
-        for report in reports:
-            if report.name in timings:
-                report.median_s = timings[report.name].median
-        chosen = min(working, key=lambda n: timings[n].median)
-        ranking = ", ".join(f"{n} {timings[n].median * 1e3:.2f} ms"
-                            for n in sorted(working, key=lambda n: timings[n].median))
-        reason = f"fastest median over {rounds} interleaved rounds at batch {example.shape[0]}: {ranking}"
-    else:
-        chosen = next(iter(working))
-        reason = "the only candidate that works" if measure else "first working candidate (not measured)"
-    log.info("optimize_for_inference(%s, %s, %s): %s (%s)", type(model).__name__, device,
-             str(dtype).removeprefix("torch."), chosen, reason)
-    return InferenceRunner(working[chosen], backend=chosen, device=device, dtype=dtype, reports=reports, reason=reason)
+    labels = {key: f"{key[0]}/{key[1]}" for key in working}
+    with torch.no_grad():
+        timings = time_interleaved({labels[k]: (lambda r=runner: r(example)) for k, runner in working.items()},
+                                   warmup=warmup, rounds=rounds, timer=make_timer(example.device), pause_s=pause_s)
+    for report in reports:
+        key = (report.name, report.precision)
+        if key in working:
+            report.median_s = timings[labels[key]].median
+    ranked = sorted(working, key=lambda k: timings[labels[k]].median)
+    ranking = ", ".join(f"{labels[k]} {timings[labels[k]].median * 1e3:.2f} ms" for k in ranked)
+    return ranked[0], f"fastest median over {rounds} interleaved rounds at batch {example.shape[0]}: {ranking}"

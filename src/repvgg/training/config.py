@@ -30,7 +30,8 @@ class LoopConfig(RunConfig):
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(1e-4, "weight decay on kernels")
     ema_decay: float = option(0.0, "weight EMA decay, e.g. 0.9998; 0 = off (the EMA weights are evaluated and saved)")
-    amp: bool = option(False, "mixed precision (CUDA only)")
+    amp: bool = option(False, "mixed precision: float16 on CUDA, bfloat16 on a CPU with native BF16 (AVX512-BF16 "
+                              "or AMX); elsewhere float32, said in the log")
     sync_bn: bool = option(False, "SyncBatchNorm across processes (CUDA only; per-process BN elsewhere)")
     workers: int = option(0, "data-loading worker processes", low=0)
     seed: int = option(0, "random seed of the training run")

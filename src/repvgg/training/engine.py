@@ -31,6 +31,7 @@ from repvgg.io.checkpoint import capture_rng_state, load_checkpoint, restore_rng
 from repvgg.nn.complexity import count_parameters
 from repvgg.nn.convert import check_conversion, reparameterize_model
 from repvgg.serialization import write_json
+from repvgg.perf.environment import cpu_features
 from repvgg.training.config import LoopConfig
 from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, run_distributed
 from repvgg.training.loaders import eval_loader, seed_epoch, train_loader
@@ -61,6 +62,21 @@ def training_memory_format(channels_last: bool, device: torch.device) -> torch.m
         logger.info("--channels-last applies to CUDA only; training in the contiguous format on %s", device)
         return torch.contiguous_format
     return torch.channels_last
+
+
+def autocast_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
+    """The precision ``--amp`` trains in on ``device``: float16 on CUDA (with a gradient scaler), bfloat16 on a
+    CPU that computes it natively (AVX512-BF16 or AMX), else ``None`` with a log line saying why: emulated
+    bfloat16 would train slower than float32. The final conversion check compares float32 models either way."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_features().native_bf16:
+        return torch.bfloat16
+    logger.info("--amp: this %s has no native BF16 (%s; bfloat16 needs AVX512-BF16 or AMX) and would train slower "
+                "emulated; training in float32", device.type, cpu_features().describe())
+    return None
 
 
 C = TypeVar("C", bound=LoopConfig)
@@ -98,9 +114,7 @@ class _Run:
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.config.epochs
 
-    @property
-    def use_amp(self) -> bool:
-        return self.config.amp and self.ctx.device.type == "cuda"
+    amp_dtype: torch.dtype | None = None  # autocast's precision under --amp (autocast_dtype)
 
     def checkpoint(self) -> dict[str, Any]:
         return {
@@ -182,8 +196,7 @@ def _start(task: Task, config: Any, ctx: DistContext, trackers: list[Tracker]) -
     resume = _resume_checkpoint(task, config)
     config, output, replaced, given = _checked_config(task, config, resume)
     device = ctx.device
-    if config.amp and device.type != "cuda":
-        logger.info("--amp applies to CUDA only; training in float32 on %s", device)
+    amp_dtype = autocast_dtype(config.amp, device)
     seed_epoch(config.seed, 0, ctx.rank)
     config, train_set = task.setup(config, ctx, resume)
     identity = task.data_identity()
@@ -201,8 +214,8 @@ def _start(task: Task, config: Any, ctx: DistContext, trackers: list[Tracker]) -
     local_batch, steps_per_epoch = _batch_plan(task, config, ctx, len(train_set))
     run = _Run(task, config, ctx, output, trackers, model,
                DistributedDataParallel(model) if ctx.distributed else model, optimizer, ema,
-               torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda"), state,
-               task.val_loader(local_batch, ctx), local_batch, steps_per_epoch, given, identity)
+               torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), state,
+               task.val_loader(local_batch, ctx), local_batch, steps_per_epoch, given, identity, amp_dtype=amp_dtype)
     if ctx.is_main:  # everything is checked: the first write
         _open_folder(run, replaced)
     logger.info("%s, %d params, %d steps/epoch, lr %.4g", task.describe(model, config, steps_per_epoch),
@@ -276,7 +289,7 @@ def _train_step(run: _Run, batch: Any) -> None:
     run.lr = run.task.learning_rate(state.global_step, run.total_steps, run.steps_per_epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = run.lr
-    with torch.autocast(run.ctx.device.type, enabled=run.use_amp):
+    with torch.autocast(run.ctx.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
         out = run.task.training_step(run.net, run.model, batch)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(out.loss).backward()

@@ -8,13 +8,13 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from repvgg.perf.runtimes.base import BuildContext, Runner, Unsupported
+from repvgg.perf.runtimes.base import BuildContext, Runner, Unsupported, float32_outputs
 
 __all__ = ["build_compile", "build_compile_cuda_graph"]
 
 
 def build_compile(ctx: BuildContext) -> Runner:
-    model = ctx.model()
+    model, dtype = ctx.model(), ctx.dtype
     if ctx.example.device.type == "cpu":
         # Freezing turns weights into constants so Inductor can pre-pack them for oneDNN.
         compiled = torch.compile(model, dynamic=False, options={"freezing": True})
@@ -23,7 +23,8 @@ def build_compile(ctx: BuildContext) -> Runner:
         compiled = torch.compile(model, dynamic=False)  # max-autotune would take minutes per model
 
     def run(x: Tensor) -> Any:
-        return compiled(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+        x = x.to(dtype)
+        return float32_outputs(compiled(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x))
 
     return run
 
@@ -31,12 +32,12 @@ def build_compile(ctx: BuildContext) -> Runner:
 def build_compile_cuda_graph(ctx: BuildContext) -> Runner:
     if ctx.example.device.type != "cuda":
         raise Unsupported("compile_cuda_graph needs a CUDA device")
-    model = ctx.model().to(memory_format=torch.channels_last)
+    model, dtype = ctx.model().to(memory_format=torch.channels_last), ctx.dtype
     compiled = torch.compile(model, dynamic=False, mode="reduce-overhead")
 
     def run(x: Tensor) -> Any:
         # Outputs of a CUDA-graph replay are overwritten by the next replay: hand out copies.
-        return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t,
-                        compiled(x.contiguous(memory_format=torch.channels_last)))
+        return float32_outputs(tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t,
+                                        compiled(x.to(dtype).contiguous(memory_format=torch.channels_last))))
 
     return run

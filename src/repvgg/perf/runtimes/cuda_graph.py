@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from repvgg.perf.runtimes.base import BuildContext, Runner, Unsupported
+from repvgg.perf.runtimes.base import BuildContext, Runner, Unsupported, float32_outputs
 
 __all__ = ["build_cuda_graph"]
 
@@ -21,11 +21,11 @@ def build_cuda_graph(ctx: BuildContext) -> Runner:
     """
     if ctx.example.device.type != "cuda":
         raise Unsupported("cuda_graph needs a CUDA device")
-    model = ctx.model().to(memory_format=torch.channels_last)
+    model, dtype = ctx.model().to(memory_format=torch.channels_last), ctx.dtype
     graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, Tensor, Any]] = {}
 
     def capture(x: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Any]:
-        static_in = torch.empty_like(x, memory_format=torch.channels_last)
+        static_in = torch.empty_like(x, dtype=dtype, memory_format=torch.channels_last)
         static_in.copy_(x)
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
@@ -41,12 +41,12 @@ def build_cuda_graph(ctx: BuildContext) -> Runner:
         return graph, static_in, static_out
 
     def run(x: Tensor) -> Any:
-        key = (tuple(x.shape), x.dtype, x.device)
+        key = (tuple(x.shape), x.device)
         if key not in graphs:
             graphs[key] = capture(x)
         graph, static_in, static_out = graphs[key]
         static_in.copy_(x)
         graph.replay()
-        return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, static_out)
+        return float32_outputs(tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, static_out))
 
     return run

@@ -1,4 +1,5 @@
-"""PyTorch as it is, and with NHWC (channels-last) weights and activations, which oneDNN and cuDNN prefer."""
+"""PyTorch as it is, and with NHWC (channels-last) weights and activations, which oneDNN and cuDNN prefer; in
+float32, or in float16 / bfloat16 with the model's weights in that precision."""
 
 from __future__ import annotations
 
@@ -7,21 +8,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repvgg.perf.runtimes.base import BuildContext, Runner, Unsupported
+from repvgg.perf.runtimes.base import BuildContext, Runner, Unsupported, float32_outputs
 
 __all__ = ["build_channels_last", "build_eager"]
 
 
 def build_eager(ctx: BuildContext) -> Runner:
-    return ctx.model()
+    model, dtype = ctx.model(), ctx.dtype
+    if dtype == torch.float32:
+        return model
+    return lambda x: float32_outputs(model(x.to(dtype)))
 
 
 def build_channels_last(ctx: BuildContext) -> Runner:
     if ctx.example.dim() != 4:
         raise Unsupported("channels_last needs 4-D (N, C, H, W) inputs")
-    model = ctx.model().to(memory_format=torch.channels_last)
+    model, dtype = ctx.model().to(memory_format=torch.channels_last), ctx.dtype
 
     def run(x: Tensor) -> Any:
-        return model(x.contiguous(memory_format=torch.channels_last))
+        return float32_outputs(model(x.to(dtype).contiguous(memory_format=torch.channels_last)))
 
     return run

@@ -6,13 +6,17 @@ import warnings
 
 import torch
 
-from repvgg.perf.runtimes.base import BuildContext, Runner
+from repvgg.perf.runtimes.base import BuildContext, Runner, float32_outputs
 
 __all__ = ["build_torchscript"]
 
 
 def build_torchscript(ctx: BuildContext) -> Runner:
+    model, dtype = ctx.model(), ctx.dtype
     with warnings.catch_warnings():  # TorchScript is in maintenance mode and says so on every call
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(ctx.model(), ctx.example, check_trace=False)
-        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+        traced = torch.jit.trace(model, ctx.example.to(dtype), check_trace=False)
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+    if dtype == torch.float32:
+        return frozen
+    return lambda x: float32_outputs(frozen(x.to(dtype)))
