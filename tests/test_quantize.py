@@ -40,6 +40,20 @@ def test_quantize_a_trained_run_writes_a_checked_int8_model(trained_qa: Path, tm
     logits = session.run(None, {session.get_inputs()[0].name: torch.randn(5, 3, 32, 32).numpy()})[0]
     assert logits.shape == (5, 10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx"]  # no staging files left
+    # --runtime auto timed every runtime installed and named the one that ran INT8 fastest
+    timed = set(report["speeds"])
+    assert "onnxruntime" in timed and report["runtime"] in timed
+    assert report["int8_images_per_s"] == max(speeds["int8"] for speeds in report["speeds"].values())
+
+
+def test_quantize_times_the_runtime_asked_for(trained_qa: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (the deploy extra installs it)")
+    out = tmp_path / "int8.onnx"
+    assert main(["quantize", str(trained_qa / "best.pt"), str(out), "--calib-images", "64", "--runtime",
+                 "openvino"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runtime"] == "openvino" and set(report["speeds"]) == {"openvino"}
 
 
 def test_quantize_refuses_bad_input_and_writes_nothing(trained_qa: Path, tmp_path: Path,

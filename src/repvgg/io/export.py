@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from repvgg.errors import ConversionMismatch, RunFailed
 from repvgg.io.config import ExportConfig
+from repvgg.io.onnx_run import onnxruntime_session
 from repvgg.limits import MIN_OPSET, check_int
 from repvgg.nn.convert import (CONVERSION_TOLERANCE, OutputDeviation, check_conversion, is_reparameterizable,
                                reparameterize_model)
@@ -57,20 +58,6 @@ class ExportReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def onnxruntime_session(path: str | os.PathLike[str], *, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session for ``path``: one intra-op thread per core PyTorch uses (its default is
-    the physical core count), no inter-op parallelism (a conv net is a chain; oversubscribing a small CPU
-    is slower), every graph optimisation (QDQ pairs around a conv become one INT8 conv)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def needs_conversion(model: nn.Module) -> bool:

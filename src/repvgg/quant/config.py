@@ -29,6 +29,8 @@ class QuantizeConfig(RunConfig):
                                 "this many epochs with fake INT8 (run folder OUT-qat beside OUT)", low=0)
     qat_lr: float | None = option(None, "QAT learning rate", default_help="1/10 of training's")
     device: str = option("auto", "device of the QAT fine-tune: auto, cpu, cuda or cuda:N")
+    runtime: str = option("auto", "runtime(s) of the FP32 vs INT8 timing; auto: ONNX Runtime and OpenVINO (if "
+                                  "installed), naming the faster", choices=("auto", "onnxruntime", "openvino"))
     overwrite: bool = option(False, "replace an existing output file and QAT run folder (a file the command reads "
                                     "is never replaced)")
 
@@ -40,4 +42,5 @@ class QuantizeConfig(RunConfig):
             (self.calibration in CALIBRATION_METHODS,
              f"unknown calibration method {self.calibration!r}; choose from {', '.join(CALIBRATION_METHODS)}"),
             (self.qat_lr is None or self.qat_lr > 0, "qat_lr must be > 0"),
+            (self.runtime in ("auto", "onnxruntime", "openvino"), "runtime must be auto, onnxruntime or openvino"),
         ])

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from repvgg.errors import RunFailed
-from repvgg.io.export import onnxruntime_session
+from repvgg.io.onnx_run import onnx_runner, onnxruntime_session
 from repvgg.quant.config import CALIBRATION_METHODS
 from repvgg.serialization import atomic_write
 from repvgg.training.evaluate import compare_models
@@ -171,18 +171,12 @@ def evaluate_onnx(paths: list[Path], dataset: Dataset, *, batch_size: int = 64) 
         ValueError: the dataset is empty.
         RunFailed: an output was NaN or infinite, so the accuracy could not be measured.
     """
-    sessions = [onnxruntime_session(p) for p in paths]
-
-    def runner(session: Any) -> Any:
-        name = session.get_inputs()[0].name
-        return lambda images: torch.from_numpy(session.run(None, {name: images.numpy()})[0])
-
     correct = torch.zeros(len(paths), dtype=torch.float64)
 
     def score(i: int, logits: torch.Tensor, labels: torch.Tensor) -> None:
         correct[i] += float((logits.argmax(1) == labels).sum())
 
-    comparison = compare_models([runner(s) for s in sessions], batches(dataset, batch_size), score=score)
+    comparison = compare_models([onnx_runner(p) for p in paths], batches(dataset, batch_size), score=score)
     if comparison.images == 0:
         raise ValueError("the validation set is empty; INT8 accuracy cannot be measured")
     for path, finite in zip(paths, comparison.finite):

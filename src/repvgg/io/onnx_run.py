@@ -1,0 +1,72 @@
+"""Running ONNX files: ONNX Runtime sessions and OpenVINO compiled models, configured alike and wrapped as
+callables from a float32 batch to output tensors.
+
+Both use one thread per thread PyTorch uses (their defaults are the physical core count, which oversubscribes
+a machine that runs anything else) and run the same files: the float32 graph and its QDQ INT8 version, which
+each fuses into INT8 convolutions (VNNI or AMX where the CPU has them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ONNX_RUNTIMES", "onnx_runner", "onnxruntime_session", "openvino_model"]
+
+#: The runtimes that run this package's ONNX files.
+ONNX_RUNTIMES = ("onnxruntime", "openvino")
+
+
+def onnxruntime_session(path: str | os.PathLike[str], *, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session for ``path``: one intra-op thread per core PyTorch uses (its default is
+    the physical core count), no inter-op parallelism (a conv net is a chain; oversubscribing a small CPU
+    is slower), every graph optimisation (QDQ pairs around a conv become one INT8 conv)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def openvino_model(path: str | os.PathLike[str], *, precision_hint: str = "f32", threads: int | None = None) -> Any:
+    """``path`` compiled by OpenVINO for the CPU: latency mode, ``precision_hint`` (``"f32"`` or ``"bf16"``; a
+    QDQ graph runs its INT8 parts in INT8 either way), one thread per PyTorch thread."""
+    import openvino
+
+    core = openvino.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision_hint,
+              "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+    return core.compile_model(core.read_model(str(path)), "CPU", config)
+
+
+def onnx_runner(path: str | os.PathLike[str], runtime: str = "onnxruntime", *,
+                precision_hint: str = "f32") -> Callable[[Tensor], Any]:
+    """A callable running ``path`` through ``runtime`` (one of :data:`ONNX_RUNTIMES`): a float32 batch in, its
+    output tensor (or a list, for several outputs) out, in float32."""
+    if runtime == "onnxruntime":
+        session = onnxruntime_session(path)
+        name = session.get_inputs()[0].name
+
+        def run_onnxruntime(x: Tensor) -> Any:
+            outputs = [torch.from_numpy(o) for o in session.run(None, {name: x.detach().float().contiguous().numpy()})]
+            return outputs[0] if len(outputs) == 1 else outputs
+
+        return run_onnxruntime
+    if runtime == "openvino":
+        compiled = openvino_model(path, precision_hint=precision_hint)
+        request, outputs = compiled.create_infer_request(), compiled.outputs
+
+        def run_openvino(x: Tensor) -> Any:
+            result = request.infer({0: x.detach().float().contiguous().numpy()})
+            tensors = [torch.from_numpy(result[o].copy()).float() for o in outputs]
+            return tensors[0] if len(tensors) == 1 else tensors
+
+        return run_openvino
+    raise ValueError(f"unknown ONNX runtime {runtime!r}; choose from {', '.join(ONNX_RUNTIMES)}")
