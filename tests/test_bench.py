@@ -223,3 +223,35 @@ def test_cli_bench_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[
     assert main(["bench", "--models", "repvgg_a9"]) == 2
     assert "unknown model 'repvgg_a9'" in capsys.readouterr().err
 
+
+
+def test_int8_rows_for_every_runtime_with_their_deviation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from repvgg.perf import bench
+    from repvgg.perf.environment import CPUFeatures
+
+    monkeypatch.setattr(bench, "native_bf16", lambda device: False)
+    monkeypatch.setattr(bench, "cpu_features", lambda: CPUFeatures(avx2=True))
+    result = run_benchmark(_tiny_config(dtypes=("float32", "bfloat16", "int8"), candidates=None, latency=False,
+                                        memory=False))
+    int8 = [r for r in result.rows if r.dtype == "int8"]
+    assert {r.backend for r in int8} >= {"onnxruntime"} and all(r.form in ("fast", "runtime") for r in int8)
+    assert all(r.throughput > 0 and r.deviation is not None and 0 <= r.agreement <= 1 for r in int8)
+    assert result.accepted(int8[0]) is None  # random weights: no accuracy guard here
+    assert "AVX2" in result.skipped["bfloat16"] or "not supported" in result.skipped["bfloat16"]
+    assert "calibrated on generated images" in results_table(result)
+
+
+def test_the_fastest_accepted_row_needs_its_guard() -> None:
+    config = BenchConfig(models=("repvgg_a0",), baselines=(), dtypes=("float32", "int8")).resolved()
+    rows = [_row("repvgg_a0", "timm", 50.0), _row("repvgg_a0", "fast", 60.0)]
+    fast8 = _row("repvgg_a0", "fast", 120.0)
+    fast8.dtype, fast8.backend = "int8", "onnxruntime"
+    result = BenchResult(config, {}, rows=[*rows, fast8])
+    check = next(c for c in check_targets(result, {"repvgg_a0": {"fastest_vs_timm": 1.5}}) if "fastest" in c.name)
+    assert check.value == pytest.approx(1.2) and check.met is False  # INT8 unchecked: float32 is the fastest accepted
+    result.guards["repvgg_a0/int8/onnxruntime"] = {"passed": True, "detail": "agreeing on 100% of 360 images"}
+    check = next(c for c in check_targets(result, {"repvgg_a0": {"fastest_vs_timm": 1.5}}) if "fastest" in c.name)
+    assert check.value == pytest.approx(2.4) and check.met is True and "100%" in check.note
+    result.guards["repvgg_a0/int8/onnxruntime"]["passed"] = False
+    check = next(c for c in check_targets(result) if "fastest" in c.name)
+    assert check.value == pytest.approx(1.2)

@@ -37,19 +37,30 @@ def bench_table(result: Any) -> str:
     """A :class:`~repvgg.perf.bench.BenchResult` as a markdown table, followed by the target ratios.
 
     ``IQR`` is the interquartile range of the per-round times relative to their median: a noise
-    figure (a few percent on a quiet machine; large values mean other work shared the CPU).
+    figure (a few percent on a quiet machine; large values mean other work shared the CPU). ``vs FP32`` is a
+    row's relative deviation from the float32 model on the timed batch and the share of that batch whose top-1
+    agrees; ``guard`` whether its precision passed the accuracy guard (yes / no / "-" not checked).
     """
     cfg = result.config
     header = ["model", "form", "runs on", "dtype", "params (M)", "GMACs", f"img/s @{cfg.batch_size}",
-              "IQR", "latency @1 (ms)", "GFLOP/s", "FLOP rate", "peak mem (MiB)"]
+              "IQR", "latency @1 (ms)", "GFLOP/s", "FLOP rate", "peak mem (MiB)", "vs FP32 (dev / agree)", "guard"]
     rows = [[
         r.model, r.form, r.backend, r.dtype, f"{r.params / 1e6:.2f}", f"{r.macs / 1e9:.2f}",
         _fmt(r.throughput, ".1f"), "-" if r.spread is None else f"{100 * r.spread:.0f}%",
         _fmt(r.latency_ms, ".2f"), _fmt(r.gflops, ".0f"),
         "-" if r.flop_rate is None else f"{100 * r.flop_rate:.0f}%",
         "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.1f}",
+        "-" if r.deviation is None else f"{r.deviation:.1e} / {100 * (r.agreement or 0):.0f}%",
+        {True: "yes", False: "no", None: "-"}[result.accepted(r)],
     ] for r in result.rows]
     text = markdown_table(header, rows)
+    notes = [f"{precision}: not measured ({why})" for precision, why in result.skipped.items()]
+    if "int8" in cfg.dtypes and "int8" not in result.skipped:
+        notes.append("int8: calibrated on generated images (random, seeded); the timed models have random weights, so "
+                     "their agreement on random images is no accuracy measure: the guard column says whether the "
+                     "precision passed the accuracy guard on a trained model of the same architecture")
+    if notes:
+        text += "\n\n" + "\n".join(f"- {note}" for note in notes)
     if result.targets:
         target_rows = [[
             t.name, t.dtype, f"{t.value:.2f}",
@@ -68,9 +79,11 @@ def bench_header(result: Any, *, note: str = "") -> str:
         where = (f"{env['gpu']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, TF32 "
                  f"{'on' if env.get('tf32') else 'off'}")
     else:
-        where = (f"CPU, {env.get('cpu')}, {env.get('logical_cpus')} logical CPUs, "
+        features = env.get("cpu_features", {}).get("summary", "features not read")
+        where = (f"CPU, {env.get('cpu')} ({features}), {env.get('logical_cpus')} logical CPUs, "
                  f"{env.get('torch_threads')} PyTorch threads")
-    return (f"{where}; torch {env.get('torch')}, onnxruntime {env.get('onnxruntime', '-')}; batch {cfg.batch_size}, "
+    return (f"{where}; torch {env.get('torch')}, onnxruntime {env.get('onnxruntime', '-')}, openvino "
+            f"{env.get('openvino', '-')}; batch {cfg.batch_size}, "
             f"{cfg.img_size}x{cfg.img_size}, {', '.join(cfg.dtypes)}; median of {cfg.rounds} interleaved rounds after "
             f"{cfg.warmup} warm-up ({datetime.now(timezone.utc):%Y-%m-%d}){'; ' + note if note else ''}.")
 

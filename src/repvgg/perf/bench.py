@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from repvgg.perf.config import BenchConfig
 from repvgg.nn.complexity import count_macs, count_parameters
-from repvgg.perf.environment import device_supports_dtype, environment, set_tf32
+from repvgg.perf.environment import cpu_features, device_supports_dtype, environment, native_bf16, set_tf32
 from repvgg.perf.memory import peak_forward_memory
 from repvgg.perf.timing import make_timer, synchronize, time_interleaved
 
@@ -46,6 +46,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 #: The paper's speed comparisons (Ding et al., Sec. 4.1 and Table 4: 1080Ti, batch 128, float32):
 #: RepVGG model -> (its baseline, RepVGG speed / baseline speed as published).
@@ -73,10 +74,13 @@ class BenchRow:
     flop_rate: float | None = None  # gflops / the reference conv's gflops
     peak_memory_bytes: int | None = None
     spread: float | None = None  # interquartile range / median of the throughput timings
+    deviation: float | None = None  # relative L2 deviation from the float32 model's output on the batch
+    agreement: float | None = None  # fraction of the batch whose top-1 equals the float32 model's
 
     @property
     def label(self) -> str:
-        return f"{self.model} ({self.form})"
+        runtime = f": {self.backend}" if self.form in ("fast", "runtime") else ""
+        return f"{self.model} ({self.form}{runtime})"
 
 
 @dataclass(frozen=True)
@@ -103,18 +107,32 @@ class BenchResult:
     rows: list[BenchRow] = field(default_factory=list)
     fast_paths: dict[str, dict[str, Any]] = field(default_factory=dict)
     targets: list[TargetCheck] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # precision -> why it was not measured
+    #: ``"model/precision"`` -> the accuracy guard of a reduced precision (:class:`~repvgg.perf.guard.GuardResult`
+    #: as a dict, plus ``data``), measured on a trained model of the same architecture by whoever has the data.
+    guards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "config": asdict(self.config),
             "environment": self.environment,
-            "rows": [asdict(r) | {"label": r.label} for r in self.rows],
+            "rows": [asdict(r) | {"label": r.label, "accepted": self.accepted(r)} for r in self.rows],
             "fast_paths": self.fast_paths,
             "targets": [asdict(t) | {"met": t.met} for t in self.targets],
+            "skipped": self.skipped,
+            "guards": self.guards,
         }
 
     def row(self, model: str, form: str, dtype: str = "float32") -> BenchRow | None:
         return next((r for r in self.rows if (r.model, r.form, r.dtype) == (model, form, dtype)), None)
+
+    def accepted(self, row: BenchRow) -> bool | None:
+        """Whether a row's precision passed the accuracy guard: float32 always (the fast path checked it within
+        1e-4), a reduced precision only where :attr:`guards` says so (``None``: not checked)."""
+        if row.dtype == "float32":
+            return True
+        guard = self.guards.get(f"{row.model}/{row.dtype}/{row.backend}", self.guards.get(f"{row.model}/{row.dtype}"))
+        return None if guard is None else bool(guard["passed"])
 
 
 # --- the entries ----------------------------------------------------------------------------------
@@ -142,72 +160,127 @@ def _selection_effort(device: torch.device) -> dict[str, int | None]:
     return {"warmup": 1, "rounds": 3} if device.type == "cpu" else {"warmup": 5, "rounds": 10}
 
 
-def _build_entries(config: BenchConfig, dtype_name: str, example: Tensor, result: BenchResult) -> list[_Entry]:
+def _agreement(output: Any, reference: Tensor) -> tuple[float, float]:
+    """``(relative deviation, top-1 agreement)`` of an output against the float32 reference on the same batch."""
+    from repvgg.perf.guard import output_deviation
+
+    output = output.float() if isinstance(output, Tensor) else output
+    deviation = output_deviation(output, reference)
+    agreement = float((output.argmax(1) == reference.argmax(1)).float().mean()) if isinstance(output, Tensor) else None
+    return deviation, agreement
+
+
+def _eager_entry(name: str, form: str, module: nn.Module, example: Tensor, reference: Tensor | None,
+                 batch: int) -> _Entry:
+    params, macs = _complexity(module, tuple(example.shape))
+    module = module.to(device=example.device, dtype=example.dtype).eval()
+    row = BenchRow(name, form, "eager", _DTYPE_NAMES[example.dtype], params, macs, batch)
+    if reference is not None:
+        row.deviation, row.agreement = _agreement(module(example), reference)
+    return _Entry(row, module, module)
+
+
+def _fast_entries(name: str, module: nn.Module, config: BenchConfig, precision: str, example: Tensor,
+                  calibration: list[Tensor], result: BenchResult, *, every_runtime: bool) -> list[_Entry]:
+    """The fast path's choice in ``precision`` (form ``fast``) and, with ``every_runtime``, every other runtime
+    that computes in it (form ``runtime``), each with its deviation and agreement from float32 on the batch."""
+    from repvgg.perf.fast import optimize_for_inference
+
+    device = torch.device(config.device)
+    params, macs = _complexity(module, tuple(example.shape))
+    module = module.to(device=device, dtype=torch.float32).eval()
+    log.info("  choosing the fast path for %s in %s", name, precision)
+    runner = optimize_for_inference(module, example.float(), dtype=precision, candidates=config.candidates,
+                                    calibration=calibration if precision == "int8" else None,
+                                    **_selection_effort(device))
+    result.fast_paths[f"{name}/{precision}"] = {"backend": runner.backend, "reason": runner.reason,
+                                                 "candidates": [asdict(r) for r in runner.reports]}
+    reference = module(example.float())
+    runs = {runner.backend: runner}
+    if every_runtime:
+        runs.update({backend: run for (backend, _), run in runner.alternatives.items()})
+    entries = []
+    for backend, run in runs.items():
+        row = BenchRow(name, "fast" if backend == runner.backend else "runtime", backend, precision, params, macs,
+                       config.batch_size)
+        row.deviation, row.agreement = _agreement(run(example.float()), reference)
+        entries.append(_Entry(row, lambda x, r=run: r(x.float()), None))
+    return entries
+
+
+def _build_entries(config: BenchConfig, precision: str, example: Tensor, result: BenchResult,
+                   calibration: list[Tensor]) -> list[_Entry]:
     from repvgg.nn.convert import reparameterize_model
     from repvgg.nn.registry import build_model
 
-    dtype = _DTYPES[dtype_name]
-    device = torch.device(config.device)
+    floating = precision != "int8"
     batch = config.batch_size
-    assert batch is not None
     entries: list[_Entry] = []
-
-    def add(model_name: str, form: str, module: nn.Module, fast: bool = False) -> None:
-        params, macs = _complexity(module, tuple(example.shape))
-        module = module.to(device=device, dtype=dtype).eval()
-        run: Callable[[Tensor], Any] = module
-        backend = "eager"
-        if fast:
-            from repvgg.perf.fast import optimize_for_inference
-
-            log.info("  choosing the fast path for %s", model_name)
-            runner = optimize_for_inference(module, example, candidates=config.candidates, **_selection_effort(device))
-            run, backend, module = runner, runner.backend, None  # type: ignore[assignment]
-            result.fast_paths[f"{model_name}/{dtype_name}"] = {
-                "backend": runner.backend,
-                "reason": runner.reason,
-                "candidates": [asdict(r) for r in runner.reports],
-            }
-        row = BenchRow(model_name, form, backend, dtype_name, params, macs, batch)
-        entries.append(_Entry(row, run, module))
-
     for name in config.models:
         log.info("building %s (training-time, converted%s)", name, ", fast path" if config.fast else "")
         train = build_model(name, num_classes=config.num_classes).eval()
         plain = reparameterize_model(train)
-        add(name, "train", train)
-        add(name, "plain", plain)
+        reference = plain(example.float())
+        if floating:
+            entries += [_eager_entry(name, "train", copy.deepcopy(train), example, reference, batch),
+                        _eager_entry(name, "plain", copy.deepcopy(plain), example, reference, batch)]
         if config.fast:
-            add(name, "fast", copy.deepcopy(plain), fast=True)
-        if config.peer:
+            entries += _fast_entries(name, plain, config, precision, example, calibration, result, every_runtime=True)
+        if config.peer and floating:
             from repvgg.nn.baselines import timm_peer
 
             try:
-                add(name, "timm", timm_peer(name, num_classes=config.num_classes))
+                entries.append(_eager_entry(name, "timm", timm_peer(name, num_classes=config.num_classes), example,
+                                            None, batch))
             except (ValueError, ImportError) as err:
                 log.warning("no timm peer for %s: %s", name, err)
     for name in config.baselines:
         from repvgg.nn.baselines import torchvision_baseline
 
         log.info("building %s (conv-BN fused%s)", name, ", fast path" if config.fast else "")
-        fused = torchvision_baseline(name, num_classes=config.num_classes)
-        add(name, "fused", fused)
+        fused = torchvision_baseline(name, num_classes=config.num_classes).eval()
+        if floating:
+            entries.append(_eager_entry(name, "fused", copy.deepcopy(fused), example, fused(example.float()), batch))
         if config.fast:
-            add(name, "fast", copy.deepcopy(fused), fast=True)
-    if config.reference_conv:
-        channels, size = 256, max(config.img_size // 4, 8)
-        conv_input = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
-        conv = _reference_conv(channels)
-        from repvgg.perf.fast import optimize_for_inference
-
-        log.info("building the reference conv (3x3, %d->%d channels, %dx%d)", channels, channels, size, size)
-        params, macs = _complexity(conv, tuple(conv_input.shape))
-        runner = optimize_for_inference(conv.to(device, dtype), conv_input, candidates=config.candidates,
-                                        **_selection_effort(device))
-        row = BenchRow(f"conv3x3 {channels}ch {size}x{size}", "conv3x3", runner.backend, dtype_name, params, macs,
-                       batch)
-        entries.append(_Entry(row, lambda _x, r=runner, i=conv_input: r(i), None))
+            entries += _fast_entries(name, fused, config, precision, example, calibration, result,
+                                     every_runtime=False)
+    if config.reference_conv and floating:
+        entries.append(_reference_conv_entry(config, precision, example))
     return entries
+
+
+def _reference_conv_entry(config: BenchConfig, precision: str, example: Tensor) -> _Entry:
+    """One large 3x3 conv through the fast path: the FLOP rate's reference."""
+    from repvgg.perf.fast import optimize_for_inference
+
+    channels, size = 256, max(config.img_size // 4, 8)
+    conv_input = torch.randn(config.batch_size, channels, size, size, device=example.device, dtype=example.dtype)
+    conv = _reference_conv(channels)
+    log.info("building the reference conv (3x3, %d->%d channels, %dx%d)", channels, channels, size, size)
+    params, macs = _complexity(conv, tuple(conv_input.shape))
+    runner = optimize_for_inference(conv.to(example.device), conv_input, dtype=precision,
+                                    candidates=config.candidates, **_selection_effort(example.device))
+    row = BenchRow(f"conv3x3 {channels}ch {size}x{size}", "conv3x3", runner.backend, precision, params, macs,
+                   config.batch_size)
+    return _Entry(row, lambda _x, r=runner, i=conv_input: r(i), None)
+
+
+def _skip_reason(device: torch.device, precision: str) -> str | None:
+    """Why ``precision`` is not measured on ``device`` (``None``: it is)."""
+    if precision == "int8":
+        return None if device.type == "cpu" else "INT8 runs through ONNX Runtime or OpenVINO on the CPU"
+    if not device_supports_dtype(device, _DTYPES[precision]):
+        return f"{precision} convolutions are not supported on this {device.type}"
+    if precision == "bfloat16" and not native_bf16(device):
+        return f"this {device.type} has no native BF16 ({cpu_features().describe()}): it would be emulated"
+    return None
+
+
+def _generated_calibration(config: BenchConfig, device: torch.device) -> list[Tensor]:
+    """INT8's calibration in a benchmark: generated images (random normal, seeded), said so in the report."""
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(config.batch_size, 3, config.img_size, config.img_size, generator=gen).to(device)
+            for _ in range(4)]
 
 
 def _progress(phase: str) -> Callable[[int, int], None]:
@@ -230,12 +303,14 @@ def run_benchmark(config: BenchConfig | None = None) -> BenchResult:
     timer = make_timer(device)
     assert config.batch_size is not None and config.warmup is not None and config.rounds is not None
     for dtype_name in config.dtypes:
-        dtype = _DTYPES[dtype_name]
-        if not device_supports_dtype(device, dtype):
-            log.warning("skipping %s: not supported on %s", dtype_name, device)
+        skipped = _skip_reason(device, dtype_name)
+        if skipped:
+            log.warning("skipping %s: %s", dtype_name, skipped)
+            result.skipped[dtype_name] = skipped
             continue
+        dtype = _DTYPES.get(dtype_name, torch.float32)  # INT8 runners take float32 batches
         example = torch.randn(config.batch_size, 3, config.img_size, config.img_size, device=device, dtype=dtype)
-        entries = _build_entries(config, dtype_name, example, result)
+        entries = _build_entries(config, dtype_name, example, result, _generated_calibration(config, device))
 
         log.info("timing %d models at batch %d, %s, %s: %d warm-up + %d interleaved rounds",
                  len(entries), config.batch_size, dtype_name, device, config.warmup, config.rounds)
@@ -314,4 +389,22 @@ def check_targets(result: BenchResult,
             if fast and fast.flop_rate is not None:
                 checks.append(TargetCheck(f"{name}: fast path GFLOP/s / single 3x3 conv GFLOP/s", dtype,
                                           fast.flop_rate, threshold("flop_rate")))
+        fastest = _fastest_accepted_vs_timm(result, name, (thresholds or {}).get(name, {}).get("fastest_vs_timm"))
+        if fastest is not None:
+            checks.append(fastest)
     return checks
+
+
+def _fastest_accepted_vs_timm(result: BenchResult, name: str, threshold: float | None) -> TargetCheck | None:
+    """The fastest row of RepVGG ``name`` whose precision passed the accuracy guard, against timm's eager float32
+    model: the speed a deployment gets from this package over the usual one."""
+    timm = result.row(name, "timm", "float32")
+    rows = [r for r in result.rows if r.model == name and r.form in ("plain", "fast", "runtime") and r.throughput
+            and result.accepted(r)]
+    if not rows or timm is None or not timm.throughput:
+        return None
+    best = max(rows, key=lambda r: r.throughput)
+    guard = result.guards.get(f"{name}/{best.dtype}/{best.backend}", result.guards.get(f"{name}/{best.dtype}"))
+    note = (f"accuracy guard: {guard['detail']}" if guard else "float32: within 1e-4 of the eager model")
+    return TargetCheck(f"{name}: fastest accepted row ({best.backend}, {best.dtype}) / timm eager float32",
+                       best.dtype, best.throughput / timm.throughput, threshold, note)

@@ -10,7 +10,7 @@ from repvgg.options import RunConfig, option
 __all__ = ["BenchConfig", "DTYPES"]
 
 #: The precisions a benchmark can run in.
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,9 @@ class BenchConfig(RunConfig):
     device: str = option("cpu", "cpu or cuda[:N]")
     batch_size: int | None = option(None, "throughput batch size", default_help="8 on CPU, 128 on CUDA", low=1)
     img_size: int = option(224, "input resolution", low=32, high=MAX_IMG_SIZE)
-    dtypes: tuple[str, ...] = option(("float32",), "comma-separated among float32, float16, bfloat16 (unsupported "
-                                                   "ones are skipped)")
+    dtypes: tuple[str, ...] = option(("float32",), "comma-separated among float32, float16, bfloat16 and int8 (INT8 "
+                                                   "calibrated on generated images; a precision the device does not "
+                                                   "compute natively is skipped, and the report says why)")
     warmup: int | None = option(None, "warm-up calls per model", default_help="2 CPU / 50 CUDA", low=0)
     rounds: int | None = option(None, "timed rounds", default_help="10 CPU / 50 CUDA", low=1)
     latency: bool = option(True, "time the batch-1 latency too")

@@ -82,16 +82,20 @@ class InferenceRunner:
         dtype: in which precision it computes (``torch.int8`` for the QDQ INT8 graph).
         reports: one :class:`CandidateReport` per candidate and precision considered.
         reason: one sentence on why this candidate was chosen.
+        alternatives: the other accepted candidates, by ``(backend, precision)``, each taking and returning
+            float32 tensors on the device (a benchmark times them side by side).
     """
 
     def __init__(self, fn: Runner, *, backend: str, device: torch.device, dtype: torch.dtype,
-                 reports: list[CandidateReport], reason: str) -> None:
+                 reports: list[CandidateReport], reason: str,
+                 alternatives: dict[tuple[str, str], Runner] | None = None) -> None:
         self._fn = fn
         self.backend = backend
         self.device = device
         self.dtype = dtype
         self.reports = reports
         self.reason = reason
+        self.alternatives = alternatives or {}
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Any:
@@ -324,7 +328,8 @@ def optimize_for_inference(
     log.info("optimize_for_inference(%s, %s): %s in %s (%s)", type(model).__name__, device, chosen[0], chosen[1],
              reason)
     return InferenceRunner(working[chosen], backend=chosen[0], device=device, dtype=_PRECISION_DTYPES[chosen[1]],
-                           reports=reports, reason=reason)
+                           reports=reports, reason=reason,
+                           alternatives={key: run for key, run in working.items() if key != chosen})
 
 
 def _choose(working: dict[tuple[str, str], Runner], reports: list[CandidateReport], example: Tensor, *,
