@@ -160,6 +160,33 @@ def test_openvino_candidate_when_installed(tiny_train: nn.Module) -> None:
     assert relative_error(runner(x), _eager(tiny_train, x)) <= 1e-4
 
 
+def test_openvino_models_destroyed_out_of_order_leave_signals_working(tmp_path) -> None:
+    """OpenVINO swaps the thread's alternate signal stack per compiled model; destroyed out of order, the thread
+    was left on freed memory and the next handled signal (a DataLoader worker exiting, Ctrl-C) crashed."""
+    pytest.importorskip("openvino")
+    import sys
+
+    from conftest import run_process
+
+    code = f"""
+import gc, os, signal, torch
+from repvgg.io.onnx_run import openvino_model
+path = {str(tmp_path / "conv.onnx")!r}
+torch.onnx.export(torch.nn.Conv2d(3, 4, 3), (torch.randn(1, 3, 8, 8),), path, dynamo=False)
+first, second = openvino_model(path), openvino_model(path)
+del first; gc.collect()
+del second; gc.collect()
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+for _ in range(3):
+    os.kill(os.getpid(), signal.SIGUSR1)
+print(len(got))
+"""
+    result = run_process([sys.executable, "-c", code], timeout=240)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert result.stdout.strip() == "3"
+
+
 def test_the_core_works_without_any_optional_dependency(tmp_path) -> None:
     """What `pip install repvgg` (no extras) promises: build, convert, save and load models with torch alone."""
     import sys

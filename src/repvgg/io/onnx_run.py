@@ -8,8 +8,10 @@ each fuses into INT8 convolutions (VNNI or AMX where the CPU has them).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -35,6 +37,36 @@ def onnxruntime_session(path: str | os.PathLike[str], *, threads: int | None = N
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+class _StackT(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _keep_signal_stack() -> Iterator[None]:
+    """Restore the calling thread's alternate signal stack after the block.
+
+    OpenVINO's CPU plugin installs an alternate signal stack of its own on the thread that compiles a model and
+    puts back the one it found when that model is destroyed. Two models destroyed in another order than they
+    were made leave the thread on a stack that has been freed, and the next signal with a handler (a child
+    process exiting under PyTorch's DataLoader handler, Ctrl-C during training) kills the process. Putting the
+    previous stack back at once means OpenVINO only ever saves, and restores, a stack that stays valid.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sigaltstack = libc.sigaltstack
+    except (OSError, AttributeError):  # not a POSIX libc
+        yield
+        return
+    saved = _StackT()
+    if sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        sigaltstack(ctypes.byref(saved), None)
+
+
 def openvino_model(path: str | os.PathLike[str], *, precision_hint: str = "f32", threads: int | None = None) -> Any:
     """``path`` compiled by OpenVINO for the CPU: latency mode, ``precision_hint`` (``"f32"`` or ``"bf16"``; a
     QDQ graph runs its INT8 parts in INT8 either way), one thread per PyTorch thread."""
@@ -43,7 +75,8 @@ def openvino_model(path: str | os.PathLike[str], *, precision_hint: str = "f32",
     core = openvino.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision_hint,
               "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
-    return core.compile_model(core.read_model(str(path)), "CPU", config)
+    with _keep_signal_stack():
+        return core.compile_model(core.read_model(str(path)), "CPU", config)
 
 
 def onnx_runner(path: str | os.PathLike[str], runtime: str = "onnxruntime", *,
