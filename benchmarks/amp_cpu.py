@@ -5,7 +5,7 @@ bfloat16 autocast (what `repvgg train --amp` uses on a CPU with native BF16), in
 
 `repvgg train --amp` trains in bfloat16 only on CPUs with native BF16 (AVX512-BF16 or AMX); this script measures
 the step on any CPU, so the table says what bfloat16 costs or gives here, next to the CPU's features.
-Writes docs/results/amp_cpu.{md,json}.
+Writes benchmarks/results/amp_cpu.{md,json}.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from repvgg.perf.timing import time_interleaved
 from repvgg.report import markdown_table
 from repvgg.serialization import write_json, write_text
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,

@@ -10,7 +10,7 @@ architectures instead: RepVGG-A0 and its quantization-friendly twin QARepVGG-A0 
 same speed) trained on the digits with `repvgg train`'s default recipe, calibrated on 256 training images and
 judged on the 360 validation images (top-1 agreement with float32 >= 99.5%, top-1 within 0.5 points).
 
-Writes docs/results/cpu.{md,json,png}. Run it on a quiet machine: other processes on a small
+Writes benchmarks/results/cpu.{md,json,png}. Run it on a quiet machine: other processes on a small
 CPU move every number (the interleaved rounds protect the ratios more than the absolute speeds).
 """
 
@@ -33,7 +33,7 @@ from repvgg.report import write_bench_report
 from repvgg.training.data import build_datasets
 from targets import cpu_targets
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 log = logging.getLogger("cpu_readme_table")
 
@@ -70,7 +70,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--runs", type=Path, default=Path("runs/guards"),
                         help="where the digits runs behind the accuracy guards go (reused when present)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default docs/results)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 

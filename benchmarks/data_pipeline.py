@@ -19,7 +19,7 @@ pipeline repvgg used before, re-created below as it was: the whole image convert
 normalised first, then scaled, padded, cropped and flipped in float32, labels read as int64 and checked
 with ``np.unique``.
 
-Results: docs/results/data_pipeline.{md,json}.
+Results: benchmarks/results/data_pipeline.{md,json}.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from repvgg.training.data import build_datasets, load_rgb
 from repvgg.training.distributed import DistContext
 from repvgg.training.engine import train_loader
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 CLASSES = 4
 SEG_CLASSES = 8
 log = logging.getLogger("data_pipeline")

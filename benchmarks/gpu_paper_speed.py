@@ -6,7 +6,7 @@ As in the paper: batch 128, float32 (TensorFloat-32 off unless --tf32), 50 warm-
 timed ones, conv-BN pairs of the ResNets/VGG fused. Every model runs in one process in interleaved
 rounds (CUDA events, never a host clock). The paper's ratios, measured on a 1080Ti, are A0 1.33x
 ResNet-18, A1 1.64x ResNet-34, A2 1.83x ResNet-50 and B1g2 2.66x ResNet-152; the ratios measured here
-are printed next to them. Writes docs/results/gpu.{md,json,png}.
+are printed next to them. Writes benchmarks/results/gpu.{md,json,png}.
 
 To stay well under 5 minutes the fast path weighs eager, channels_last and CUDA graphs only
 (torch.compile takes minutes for ten models; add it with --candidates ...,compile if time allows).
@@ -25,7 +25,7 @@ import torch
 from repvgg.perf.bench import BenchConfig, run_benchmark
 from repvgg.report import write_bench_report
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ digits, then `repvgg quantize` of its best.pt twice: post-training (ONNX Runtime
 MinMax calibration on 256 training images) and QAT (`--qat-epochs`, default 2). Every INT8 model is
 evaluated on the whole validation set with ONNX Runtime; the INT8 / FP32 throughput ratio is measured at
 batch 8, 224x224 (interleaved medians). Run folders go to runs/int8-compare/ (a finished run is reused,
-so an interrupted comparison continues); results to docs/results/int8.{md,json,png}.
+so an interrupted comparison continues); results to benchmarks/results/int8.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from repvgg.serialization import write_json
 from repvgg.training.classification import train
 from repvgg.training.config import TrainConfig
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _mean_spread(values: list[float]) -> str:
