@@ -78,7 +78,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 LAYERS = ["repvgg.errors", "repvgg.limits", "repvgg.serialization", "repvgg.options", "repvgg.lazy", "repvgg.plots",
           "repvgg.report", "repvgg.nn", "repvgg.io", "repvgg.perf.timing", "repvgg.perf.memory",
           "repvgg.perf.environment", "repvgg.training", "repvgg.segmentation", "repvgg.integrations", "repvgg.quant",
-          "repvgg.perf", "repvgg.cli", "repvgg.__main__"]
+          "repvgg.perf", "repvgg.predict", "repvgg.cli", "repvgg.__main__"]
 
 
 def layer(module: str, order: list[str] = LAYERS) -> int | None:

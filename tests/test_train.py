@@ -78,7 +78,8 @@ def test_folder_transforms_are_timms_with_one_fused_tensor_step() -> None:
 
     image = Image.fromarray(torch.randint(0, 256, (300, 250, 3), generator=torch.Generator().manual_seed(0),
                                           dtype=torch.uint8).numpy())
-    train_tf, val_tf = folder_transforms(224, random_erasing=0.25)
+    train_tf, val_tf, preprocessing = folder_transforms(224, random_erasing=0.25)
+    assert (preprocessing.img_size, preprocessing.resize, preprocessing.interpolation) == (224, 256, "bilinear")
     reference = create_transform((3, 224, 224), is_training=False, crop_pct=0.875, interpolation="bilinear")
     ours = val_tf(image)
     assert ours.shape == (3, 224, 224) and ours.is_contiguous()

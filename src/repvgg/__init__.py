@@ -10,6 +10,10 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it. Imported on first use, so ``import repvgg`` (and the
 #: ``repvgg`` command's start-up and ``--help``) does not pay for torch until a model is needed.
 _EXPORTS = {
+    "ModelCard": "repvgg.io.card",
+    "Prediction": "repvgg.predict.predictor",
+    "Predictor": "repvgg.predict.predictor",
+    "Preprocessing": "repvgg.io.card",
     "RepVGG": "repvgg.nn.model",
     "RepVGGBlock": "repvgg.nn.block",
     "RepVGGSpec": "repvgg.nn.model",

@@ -30,7 +30,8 @@ OPTIONAL_MODULES = {"timm": "train", "sklearn": "train", "matplotlib": "train", 
                     "tensorboard": "track"}
 
 #: Subcommand modules under ``repvgg.cli``, in the order ``--help`` lists them.
-_COMMANDS = ["train", "evaluate", "convert", "quantize", "ablate", "info", "bench", "export", "seg_train", "seg_eval"]
+_COMMANDS = ["train", "evaluate", "predict", "convert", "quantize", "ablate", "info", "bench", "export", "seg_train",
+             "seg_eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     report = export_onnx(args.model, args.output, config)
     text = "converted the training-time model to its plain form before export\n" if report.converted else ""
     text += f"wrote {report.path}: input {tuple(report.input_shape)}, opset {report.opset}, onnx checker passed\n"
+    text += (f"it records its {' and '.join(report.metadata)}\n" if report.metadata else
+             "it records no class names or preprocessing (its source had none)\n")
     text += (f"ONNX Runtime ({report.dtype}) vs PyTorch (float32) on random batches of {report.check_batch_size} at "
              f"{', '.join(f'{s}x{s}' for s in report.check_sizes)}: "
              f"max |diff| {report.max_abs_diff:.3g} ({report.max_rel_diff:.2g} of the largest |output|), "

@@ -14,7 +14,8 @@ __all__ = ["ExportConfig"]
 class ExportConfig(RunConfig):
     """Options of :func:`repvgg.export_onnx` (``repvgg export``)."""
 
-    img_size: int = option(224, "input resolution", low=8, high=MAX_IMG_SIZE)
+    img_size: int | None = option(None, "input resolution", default_help="the size the checkpoint was trained at, "
+                                  "else 224", low=8, high=MAX_IMG_SIZE)
     opset: int | None = option(None, f"ONNX opset, {MIN_OPSET} up to the newest the installed onnx knows (the file is "
                                      "checked to have it)", default_help="the exporter's")
     num_classes: int | None = option(None, "classes of a model built by name", default_help="1000", low=1)

@@ -55,6 +55,7 @@ class ExportReport:
     max_rel_diff: float
     relative_error: float
     opset: int
+    metadata: tuple[str, ...] = ()  # what the file records of its use (``classes``, ``preprocessing``)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,7 +211,8 @@ def export_onnx(
     """Export the converted model to ONNX, check the file, and compare ONNX Runtime with PyTorch.
 
     A training-time model is converted first (:func:`repvgg.reparameterize_model`, a copy; the log
-    says so). The file has a dynamic batch dimension; it is validated with ``onnx.checker`` and run
+    says so). The file has a dynamic batch dimension and carries the class names and preprocessing the model's
+    file records (:mod:`repvgg.io.card`, in ``metadata_props``); it is validated with ``onnx.checker`` and run
     with ONNX Runtime on a random batch of ``check_batch_size`` images (a size other than the one
     traced), and the deviation from the PyTorch output is reported. The file is written in a
     temporary folder beside ``path`` and moved into place only when the ONNX Runtime outputs are finite
@@ -221,7 +223,8 @@ def export_onnx(
         model_or_path: an ``nn.Module``, a checkpoint file (any format :func:`repvgg.load_model`
             reads) or a registered model name (random weights).
         path: the ``.onnx`` file to write.
-        config: the options (:class:`~repvgg.io.config.ExportConfig`): ``img_size``, ``opset`` (from
+        config: the options (:class:`~repvgg.io.config.ExportConfig`): ``img_size`` (default: the size the
+            model's file records, else 224), ``opset`` (from
             :data:`~repvgg.limits.MIN_OPSET` to the newest the installed ``onnx`` knows; the file is checked
             to have it), ``num_classes`` of a model built by name, ``dynamic_hw`` (checked at ``img_size``
             and a second size), ``fp16`` (compared with the float32 model within :data:`FP16_TOLERANCE`),
@@ -235,14 +238,18 @@ def export_onnx(
     """
     import onnx
 
+    from repvgg.io.card import write_onnx_metadata
+    from repvgg.io.loading import model_card
+
     cfg = dataclasses.replace(config or ExportConfig(), **options)
-    img_size, opset, fp16, dynamic_hw, check_batch_size = (cfg.img_size, cfg.opset, cfg.fp16, cfg.dynamic_hw,
-                                                            cfg.check_batch_size)
+    opset, fp16, dynamic_hw, check_batch_size = cfg.opset, cfg.fp16, cfg.dynamic_hw, cfg.check_batch_size
     if opset is not None:
         check_int(opset, "opset", low=MIN_OPSET, high=onnx.defs.onnx_opset_version())
     reads = [] if isinstance(model_or_path, nn.Module) else [model_or_path]
     path = check_output_path(path, reads=reads, overwrite=cfg.overwrite)
     model = resolve_model(model_or_path, num_classes=cfg.num_classes)
+    card = model_card(model)
+    img_size = cfg.img_size or card.preprocessing.img_size  # the size it was trained and evaluated at
     converted = needs_conversion(model)
     if converted:
         log.info("the model is in training-time form: converting it to the plain form before export")
@@ -260,6 +267,8 @@ def export_onnx(
         # their relative name), moved into place only once ONNX Runtime reproduced the model.
         staged = export_onnx_file(exported, example, Path(staging) / path.name, opset=opset,
                                   dynamic_hw=dynamic_hw)
+        if card.metadata():
+            write_onnx_metadata(staged, card.metadata())
         onnx.checker.check_model(str(staged))
         opset_used = _written_opset(staged, opset)
         deviation, scale = _onnxruntime_parity(staged, model, sizes, check_batch_size, dtype)
@@ -279,6 +288,7 @@ def export_onnx(
         max_rel_diff=max_abs / max(scale, 1e-12),
         relative_error=deviation.relative,
         opset=opset_used,
+        metadata=tuple(card.metadata()),
     )
     log.debug("wrote %s (opset %d); ONNX Runtime vs PyTorch on a batch of %d: max |diff| %.3g",
              path, opset_used, check_batch_size, report.max_abs_diff)

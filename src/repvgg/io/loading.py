@@ -16,6 +16,7 @@ from torch import Tensor
 
 from repvgg.limits import check_img_size, check_int
 from repvgg.serialization import check_output_path
+from repvgg.io.card import ModelCard, Preprocessing, resolve_card
 from repvgg.io.weights import (HEAD_PREFIX, check_state_dict, checkpoint_num_classes, is_deploy_state_dict,
                                load_state_dict_into, read_checkpoint, save_weights, stem_in_chans)
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
@@ -23,7 +24,7 @@ from repvgg.nn.model import RepVGG, RepVGGSpec
 from repvgg.io.hub import HUB_PREFIX, hub_file, pretrained_file
 from repvgg.nn.registry import build_model, canonical_name, list_models
 
-__all__ = ["create_model", "load_model", "infer_architecture", "convert_checkpoint", "resolve_weights"]
+__all__ = ["create_model", "load_model", "infer_architecture", "convert_checkpoint", "model_card", "resolve_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +65,11 @@ def create_model(
         if not isinstance(name, str):
             raise ValueError("pretrained=True needs a registered model name")
         weights = pretrained_file(canonical_name(name))
-    state_dict = None
+    state_dict, metadata = None, {}
     skip_head = False
     if weights is not None:
         path = resolve_weights(weights)
-        state_dict, _ = read_checkpoint(path)
+        state_dict, metadata = read_checkpoint(path)
         file_classes = checkpoint_num_classes(state_dict)
         if num_classes is None:
             num_classes = file_classes
@@ -77,7 +78,42 @@ def create_model(
                         deploy=deploy, features_only=features_only, out_indices=out_indices, **overrides)
     if state_dict is not None:
         load_state_dict_into(model, state_dict, source=str(weights), skip_head=skip_head)
+        if not skip_head:
+            attach_card(model, metadata, str(weights))
     return model
+
+
+def model_card(model: torch.nn.Module) -> ModelCard:
+    """What ``model`` knows of its classes and preprocessing: the card of the file it was loaded from
+    (:func:`load_model`, :func:`create_model` with weights), else numbered classes and its default data
+    configuration (``pretrained_cfg``), with notes saying so."""
+    card = getattr(model, "card", None)
+    if isinstance(card, ModelCard):
+        return card
+    name = getattr(model, "name", type(model).__name__)
+    return resolve_card({}, f"the model {name}", int(getattr(model, "num_classes", 0) or 0) or 1,
+                        default=_default_preprocessing(model))
+
+
+def _default_preprocessing(model: torch.nn.Module) -> Preprocessing:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size", (3, 224, 224))[-1]
+    return Preprocessing.from_data_config(cfg, int(size))
+
+
+def attach_card(model: torch.nn.Module, metadata: Mapping[str, Any], source: str) -> None:
+    """Set ``model.card`` from a file's metadata (validated against the head) and make ``model.pretrained_cfg``
+    (what timm's data helpers read) say the same preprocessing. A model without a head gets no card."""
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if num_classes < 1 or getattr(model, "features_only", False):
+        return
+    card = resolve_card(metadata, source, num_classes, default=_default_preprocessing(model))
+    model.card = card
+    p = card.preprocessing
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        cfg.update(input_size=(cfg.get("input_size", (3,))[0], p.img_size, p.img_size), crop_pct=p.crop_pct,
+                   interpolation=p.interpolation, mean=p.mean, std=p.std)
 
 
 def resolve_weights(weights: str | os.PathLike[str]) -> Path:
@@ -178,10 +214,12 @@ def load_model(
         raise ValueError(f"{path}: the file's metadata does not describe a model this package can build: {err}") \
             from err
     check_state_dict(probe, state_dict, source=str(path))
+    attach_card(probe, metadata, str(path))  # bad class names or preprocessing are refused before allocating
     model = build_model(spec_or_name, **options)
     if isinstance(spec_or_name, RepVGGSpec) and "arch" in metadata:
         model.name = str(metadata["arch"])
     load_state_dict_into(model, state_dict, source=str(path))
+    attach_card(model, metadata, str(path))
     if deploy and not file_deploy:
         model = reparameterize_model(model, inplace=True)
     return model
@@ -227,7 +265,7 @@ def convert_checkpoint(
     deviation = OutputDeviation()
     deviation.update(model(x), plain(x))
     check_conversion(deviation.relative, f"the converted {model.name}")
-    save_weights(plain, destination, extra={"converted_from": source.name})
+    save_weights(plain, destination, extra={"converted_from": source.name, **model_card(model).metadata()})
     return {
         "input": str(source),
         "output": str(destination),

@@ -81,14 +81,16 @@ def openvino_model(path: str | os.PathLike[str], *, precision_hint: str = "f32",
 
 def onnx_runner(path: str | os.PathLike[str], runtime: str = "onnxruntime", *,
                 precision_hint: str = "f32") -> Callable[[Tensor], Any]:
-    """A callable running ``path`` through ``runtime`` (one of :data:`ONNX_RUNTIMES`): a float32 batch in, its
-    output tensor (or a list, for several outputs) out, in float32."""
+    """A callable running ``path`` through ``runtime`` (one of :data:`ONNX_RUNTIMES`): a float32 batch in (cast to
+    the file's input type, e.g. float16), its output tensor (or a list, for several outputs) out, in float32."""
     if runtime == "onnxruntime":
         session = onnxruntime_session(path)
         name = session.get_inputs()[0].name
+        half = session.get_inputs()[0].type == "tensor(float16)"
 
         def run_onnxruntime(x: Tensor) -> Any:
-            outputs = [torch.from_numpy(o) for o in session.run(None, {name: x.detach().float().contiguous().numpy()})]
+            x = x.detach().to(torch.float16 if half else torch.float32).contiguous()
+            outputs = [torch.from_numpy(o).float() for o in session.run(None, {name: x.numpy()})]
             return outputs[0] if len(outputs) == 1 else outputs
 
         return run_onnxruntime

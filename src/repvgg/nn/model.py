@@ -141,7 +141,7 @@ class RepVGG(nn.Module):
 
     # Python-only conveniences TorchScript need not compile (``torch.jit.script`` works on both forms).
     __jit_unused_properties__ = ["deploy", "stages"]
-    __jit_ignored_attributes__ = ["feature_info", "spec", "pretrained_cfg"]
+    __jit_ignored_attributes__ = ["feature_info", "spec", "pretrained_cfg", "card"]
 
     def __init__(
         self,

@@ -18,7 +18,8 @@ class QuantizeConfig(RunConfig):
     """Options of :func:`repvgg.quant.ptq.quantize_model` (``repvgg quantize``)."""
 
     data: str | None = option(None, "ImageFolder root the model was trained on", default_help="the embedded digits")
-    img_size: int | None = option(None, "input resolution", default_help="32 digits / 224 folders", low=8,
+    img_size: int | None = option(None, "input resolution",
+                                  default_help="the size WEIGHTS records, else 32 digits / 224 folders", low=8,
                                   high=MAX_IMG_SIZE)
     calib_images: int = option(256, "training images (validation preprocessing) that calibrate the activations")
     calibration: str = option("minmax", "calibration method", choices=tuple(CALIBRATION_METHODS))

@@ -27,9 +27,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from repvgg.errors import RunFailed
+from repvgg.io.card import write_onnx_metadata
 from repvgg.io.export import export_onnx_file
 from repvgg.io.onnx_run import ONNX_RUNTIMES, onnx_runner
-from repvgg.io.loading import load_model
+from repvgg.io.loading import load_model, model_card
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
 from repvgg.perf.timing import time_interleaved
 from repvgg.quant.qat import train_qat
@@ -98,10 +99,17 @@ def runtime_speeds(fp32_path: Path, int8_path: Path, batch: torch.Tensor, runtim
 
 
 def _data_for(model: nn.Module, data: str | None, img_size: int | None) -> DatasetBundle:
-    bundle = build_datasets(data, img_size=img_size, augment=False)
+    """The data to calibrate and measure on, prepared as the model's file records (its size by default)."""
+    card = model_card(model)
+    bundle = build_datasets(data, img_size=img_size, augment=False, preprocessing=card.recorded_preprocessing)
     if getattr(model, "num_classes", bundle.num_classes) != bundle.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes but the data has {bundle.num_classes}; "
                          "quantize it with the data it was trained on (--data)")
+    if "classes" in card.declared and list(card.classes) != bundle.classes:
+        differ = next(i for i, (a, b) in enumerate(zip(card.classes, bundle.classes)) if a != b)
+        raise ValueError(f"the model's classes are not the data's (class {differ}: {card.classes[differ]!r} in the "
+                         f"model, {bundle.classes[differ]!r} in the data); quantize it with the data it was trained "
+                         "on (--data)")
     return bundle
 
 
@@ -122,7 +130,8 @@ def quantize_model(
             included) or a model.
         output: the INT8 ``.onnx`` file to write.
         config: the options (:class:`~repvgg.quant.config.QuantizeConfig`): ``data`` (an ImageFolder root;
-            ``None`` is the embedded digits), ``img_size``, ``calib_images`` (training images, validation
+            ``None`` is the embedded digits), ``img_size`` (default: the size the weights file records),
+            ``calib_images`` (training images, validation
             preprocessing, that set the activation ranges), ``calibration`` (``minmax``, ``entropy`` or
             ``percentile``), ``speed_batch`` and ``speed_img_size`` (the batch timed for ``int8_speedup``),
             ``qat_epochs``, ``qat_lr`` and ``device`` (quantization-aware training instead of calibration),
@@ -184,6 +193,7 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
             log.info("calibrating %s on %d training images (%s)", getattr(model, "name", "model"),
                      len(calibration), method)
             quantize_onnx(fp32, int8, calibration, method=method)
+        write_onnx_metadata(int8, bundle.card.metadata())  # the classes and the preprocessing measured with
         quantized, convs = quantized_conv_count(int8)
         if quantized == 0:
             raise RunFailed("ONNX Runtime quantized none of the convolutions; nothing was written")

@@ -85,6 +85,7 @@ class QATTask(ClassificationTask):
     def checkpoint_fields(self, model: nn.Module) -> dict[str, Any]:
         source = self.source
         return {"arch": getattr(model, "name", "qat"), "num_classes": self.bundle.num_classes, "qat": True,
+                **self.bundle.card.metadata(),
                 "source": {"arch": source.name, "spec": source.spec.to_dict(), "num_classes": source.num_classes,
                            "in_chans": source.in_chans}}
 
@@ -93,7 +94,7 @@ class QATTask(ClassificationTask):
         from repvgg.plots import plot_training_curves
 
         example, _ = next(iter(DataLoader(self.bundle.val, batch_size=2)))
-        int8 = export_fake_quant_onnx(model, example, output / "int8.onnx")
+        int8 = export_fake_quant_onnx(model, example, output / "int8.onnx", metadata=self.bundle.card.metadata())
         quantized, convs = quantized_conv_count(int8)
         if quantized == 0:
             int8.unlink()

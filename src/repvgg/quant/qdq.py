@@ -17,7 +17,7 @@ import copy
 import io
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from repvgg.errors import RunFailed
+from repvgg.io.card import write_onnx_metadata
 from repvgg.io.onnx_run import onnx_runner, onnxruntime_session
 from repvgg.quant.config import CALIBRATION_METHODS
 from repvgg.serialization import atomic_write
@@ -133,8 +134,10 @@ def qat_qconfig_mapping() -> Any:
     return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
 
 
-def export_fake_quant_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """The fake-quantized network as a QDQ ONNX file (dynamic batch, height and width), observers frozen."""
+def export_fake_quant_onnx(model: nn.Module, example: torch.Tensor, path: Path, *,
+                           metadata: Mapping[str, str] | None = None) -> Path:
+    """The fake-quantized network as a QDQ ONNX file (dynamic batch, height and width), observers frozen, with
+    ``metadata`` (e.g. a :class:`~repvgg.io.card.ModelCard`'s) in its ``metadata_props``."""
     model = copy.deepcopy(model).cpu().eval()
     model.apply(torch.ao.quantization.disable_observer)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), \
@@ -144,6 +147,8 @@ def export_fake_quant_onnx(model: nn.Module, example: torch.Tensor, path: Path) 
         torch.onnx.export(model, (example.cpu(),), str(tmp), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}})
+        if metadata:
+            write_onnx_metadata(tmp, metadata)
     return path
 
 

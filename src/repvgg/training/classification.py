@@ -128,7 +128,7 @@ class ClassificationTask:
 
     def checkpoint_fields(self, model: RepVGG) -> dict[str, Any]:
         return {"arch": model.name, "spec": model.spec.to_dict(), "num_classes": model.num_classes,
-                "in_chans": model.in_chans}
+                "in_chans": model.in_chans, **self.bundle.card.metadata()}
 
     def compare(self, model: RepVGG, plain: RepVGG, loader: DataLoader) -> dict[str, Any]:
         report = evaluate_models([model, plain], loader, self.device,
@@ -160,7 +160,8 @@ class ClassificationTask:
              output: Path) -> None:
         from repvgg.plots import plot_training_curves
 
-        save_weights(plain, output / "deploy.safetensors", extra={"dataset": self.bundle.name})
+        save_weights(plain, output / "deploy.safetensors", extra={"dataset": self.bundle.name,
+                                                                   **self.bundle.card.metadata()})
         plot_training_curves(history, output / "curves.png", title=f"{model.name} on {self.bundle.name}")
         s = summary
         logger.info(

@@ -23,12 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, Preprocessing
 from repvgg.limits import check_img_size
 
 __all__ = [
     "DIGITS_SPLIT_SEED",
     "DatasetBundle",
     "DigitsDataset",
+    "digits_preprocessing",
+    "eval_transform",
     "digits_split",
     "build_datasets",
     "check_image_folder",
@@ -43,8 +46,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DIGITS_SPLIT_SEED = 0
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _EXPECTED_LAYOUT = (
     "expected ROOT/train/<class_name>/<image files> and ROOT/val/<class_name>/<image files> "
     "(the ImageNet layout), with the same class folders in train/ and val/"
@@ -61,6 +62,19 @@ class DatasetBundle:
     img_size: int
     name: str
     classes: list[str]
+    preprocessing: Preprocessing
+
+    @property
+    def card(self) -> ModelCard:
+        """The class names and evaluation preprocessing a model trained on this data carries into its files."""
+        return ModelCard(tuple(self.classes), self.preprocessing)
+
+
+def digits_preprocessing(img_size: int) -> Preprocessing:
+    """The digits' evaluation preprocessing as it applies to an image file: grey, the whole image resized
+    (bilinear) to ``img_size``, ``(x - 0.5) / 0.5``; bright strokes on a dark ground, as in the data."""
+    return Preprocessing(img_size=img_size, crop_pct=1.0, interpolation="bilinear", mean=(0.5, 0.5, 0.5),
+                         std=(0.5, 0.5, 0.5), grayscale=True)
 
 
 def digits_split(val_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -118,6 +132,7 @@ def _digits_bundle(img_size: int, val_fraction: float, *, augment: bool = True) 
         img_size=img_size,
         name="sklearn-digits",
         classes=[str(i) for i in range(10)],
+        preprocessing=digits_preprocessing(img_size),
     )
 
 
@@ -329,10 +344,34 @@ def _fuse_to_tensor_normalize(transform: Any, mean: tuple[float, ...], std: tupl
     return transform
 
 
+def eval_transform(preprocessing: Preprocessing) -> Callable[[Any], Tensor]:
+    """An RGB PIL image to the model's input as ``preprocessing`` says (timm's evaluation transform: short side
+    resized, centre crop, normalised; a ``grayscale`` model's image made grey first): what ``eval`` and
+    ``predict`` give the model."""
+    from timm.data import create_transform
+
+    p = preprocessing
+    transform = create_transform(input_size=(3, p.img_size, p.img_size), interpolation=p.interpolation, mean=p.mean,
+                                 std=p.std, is_training=False, crop_pct=p.crop_pct, crop_mode="center")
+    transform = _fuse_to_tensor_normalize(transform, p.mean, p.std)
+    return _Grey(transform) if p.grayscale else transform
+
+
+class _Grey:
+    """Make the image grey (three equal channels) before ``transform``."""
+
+    def __init__(self, transform: Callable[[Any], Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any) -> Tensor:
+        return self.transform(image.convert("L").convert("RGB"))
+
+
 def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_erasing: float = 0.0,
                       color_jitter: float = 0.0,
-                      data_config: dict[str, Any] | None = None) -> tuple[Callable, Callable]:
-    """Training and validation transforms of an image folder, built by timm's ``create_transform``.
+                      data_config: dict[str, Any] | None = None) -> tuple[Callable, Callable, Preprocessing]:
+    """Training and validation transforms of an image folder (timm's ``create_transform``), and the validation
+    preprocessing as data.
 
     ``data_config`` is the model's (timm's ``resolve_data_config``: interpolation, crop ratio, mean/std),
     so evaluation matches how its weights were evaluated; training adds RandomResizedCrop and flip, a timm
@@ -344,13 +383,11 @@ def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_
     from timm.data import create_transform
 
     cfg = {**DEFAULT_DATA_CONFIG, **{k: v for k, v in (data_config or {}).items() if k in DEFAULT_DATA_CONFIG}}
-    common = dict(input_size=(3, img_size, img_size), interpolation=cfg["interpolation"], mean=cfg["mean"],
-                  std=cfg["std"])
-    train = create_transform(**common, is_training=True, auto_augment=auto_augment, re_prob=random_erasing,
-                             color_jitter=color_jitter or None)
-    val = create_transform(**common, is_training=False, crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"])
-    return (_fuse_to_tensor_normalize(train, cfg["mean"], cfg["std"]),
-            _fuse_to_tensor_normalize(val, cfg["mean"], cfg["std"]))
+    preprocessing = Preprocessing.from_data_config(cfg, img_size)
+    train = create_transform(input_size=(3, img_size, img_size), interpolation=cfg["interpolation"],
+                             mean=cfg["mean"], std=cfg["std"], is_training=True, auto_augment=auto_augment,
+                             re_prob=random_erasing, color_jitter=color_jitter or None)
+    return _fuse_to_tensor_normalize(train, cfg["mean"], cfg["std"]), eval_transform(preprocessing), preprocessing
 
 
 def build_datasets(
@@ -364,11 +401,17 @@ def build_datasets(
     random_erasing: float = 0.0,
     color_jitter: float = 0.0,
     data_config: dict[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> DatasetBundle:
     """Datasets for ``data`` (an ImageFolder root) or, when ``data`` is ``None``, the embedded digits.
 
     ``augment=False`` gives the training split the validation preprocessing (e.g. for calibration).
+    ``preprocessing`` (what a model's file records) sets the default ``img_size`` and, for a folder, the
+    evaluation's resize, crop, mean and std.
     """
+    if preprocessing is not None:
+        img_size = preprocessing.img_size if img_size is None else img_size
+        data_config = preprocessing.to_dict() if data_config is None else data_config
     if img_size is not None:
         check_img_size(img_size, "img_size")
     if data is None:
@@ -376,8 +419,8 @@ def build_datasets(
     classes, samples = scan_image_folder(data)
     counts = {split: len(split_samples) for split, split_samples in samples.items()}
     size = 224 if img_size is None else img_size
-    train_tf, val_tf = folder_transforms(size, auto_augment=auto_augment, random_erasing=random_erasing,
-                                         color_jitter=color_jitter, data_config=data_config)
+    train_tf, val_tf, preprocessing = folder_transforms(size, auto_augment=auto_augment, color_jitter=color_jitter,
+                                                        random_erasing=random_erasing, data_config=data_config)
     root = Path(data)
     bundle = DatasetBundle(
         train=CheckedImageFolder(root / "train", samples["train"], classes, train_tf if augment else val_tf,
@@ -387,6 +430,7 @@ def build_datasets(
         img_size=size,
         name=str(root),
         classes=classes,
+        preprocessing=preprocessing,
     )
     logger.info("%s: %d classes, %d train / %d val images", root, len(classes), counts["train"], counts["val"])
     return bundle

@@ -191,18 +191,19 @@ def evaluate_checkpoint(
 ) -> dict:
     """Evaluate a saved model on the validation split of ``data`` (default: the digits data).
 
-    A training-time checkpoint is also converted and both forms are reported, with their largest
+    The images are prepared as the file records (its image size, resize and crop, mean and std), else at the
+    data's default size. A training-time checkpoint is also converted and both forms are reported, with their largest
     logit difference; a deploy checkpoint is evaluated as it is.
     """
     from repvgg.nn.convert import reparameterize_model
     from repvgg.training.data import build_datasets
     from repvgg.training.distributed import resolve_device
-    from repvgg.io.loading import load_model
+    from repvgg.io.loading import load_model, model_card
 
     check_int(batch_size, "batch_size", low=1)
     check_int(workers, "workers", low=0)
     model = load_model(weights, arch=arch)
-    bundle = build_datasets(data, img_size=img_size)
+    bundle = build_datasets(data, img_size=img_size, preprocessing=model_card(model).recorded_preprocessing)
     if model.num_classes != bundle.num_classes:
         raise ValueError(
             f"{weights} has {model.num_classes} classes but the data has {bundle.num_classes}; "

@@ -1,0 +1,106 @@
+"""``repvgg predict ARTIFACT INPUT...``: the top-k classes of new images, by name, from any model artifact."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+import time
+from typing import Any
+
+from repvgg.cli.flags import add_overwrite_flag, bounded_int
+from repvgg.cli.output import emit
+
+#: Inputs above this many batches are worth weighing the runtimes for (and get a progress bar).
+_WEIGH_FROM_BATCHES = 2
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from repvgg.predict import DTYPES, RUNTIMES
+
+    p = sub.add_parser(
+        "predict", help="classify images with a trained model (run folder, checkpoint, deploy file or ONNX)",
+        description="ARTIFACT is a run folder (its deploy.safetensors), a checkpoint (best.pt, last.pt, official, "
+                    "timm or mmpretrain files, hf-hub:ORG/REPO), a deploy .safetensors or an .onnx file (FP32, "
+                    "FP16 or INT8). INPUT is any mix of image files, folders (recursive, sorted) and glob patterns; "
+                    "- reads paths from standard input. Images are prepared as the artifact records (size, resize "
+                    "and crop, mean and std) and named by its class names. Prints path, top-k classes and "
+                    "probabilities; nothing is written unless --csv is given.")
+    p.add_argument("artifact", metavar="ARTIFACT")
+    p.add_argument("inputs", metavar="INPUT", nargs="+")
+    p.add_argument("--topk", type=bounded_int(1), default=5, help="classes per image")
+    p.add_argument("--csv", default=None, metavar="OUT", help="also write the predictions to this CSV file")
+    add_overwrite_flag(p, "an existing --csv file")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="auto: the fastest runtime that reproduces the model (ONNX Runtime for an ONNX file)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="precision of a model file (int8: calibrated on the first inputs, accuracy not checked)")
+    p.add_argument("--batch-size", type=bounded_int(1), default=32, help="images per forward pass")
+    p.add_argument("--workers", type=bounded_int(0), default=2, help="processes decoding images")
+    p.add_argument("--classes", default=None, metavar="FILE", help="class names, one a line, in place of the "
+                   "artifact's")
+    p.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
+                   help="an unreadable image stops the run (fail, exit 2) or is reported and skipped (skip)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (model files)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from repvgg.predict.inputs import expand_inputs
+    from repvgg.predict.predictor import Predictor
+    from repvgg.serialization import check_output_path, write_text
+    from repvgg.training.progress import progress_bar
+
+    paths = expand_inputs(args.inputs, stdin=sys.stdin if "-" in args.inputs else None)
+    if args.csv:
+        check_output_path(args.csv, reads=[args.artifact, args.classes, *paths], overwrite=args.overwrite,
+                          option="--csv")
+    many = len(paths) > _WEIGH_FROM_BATCHES * args.batch_size
+    predictor = Predictor(args.artifact, runtime=args.runtime, dtype=args.dtype, device=args.device,
+                          batch_size=args.batch_size, workers=args.workers if many else 0, classes=args.classes,
+                          calibration=paths if args.dtype == "int8" else None, measure=many)
+    bar = progress_bar(len(paths), "predict", enabled=many)
+    started = time.perf_counter()
+    try:
+        predictions = list(predictor.iter_predict(paths, topk=args.topk, bad_images=args.bad_images,
+                                                  on_batch=bar.update if bar is not None else None))
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - started
+    rows = [p.as_dict() for p in predictions]
+    skipped = [r for r in rows if r["error"]]
+    document = {"artifact": predictor.artifact, "runtime": predictor.backend, "dtype": predictor.dtype,
+                "preprocessing": predictor.preprocessing.to_dict(), "notes": list(predictor.card.notes),
+                "images": len(rows) - len(skipped), "skipped": len(skipped), "seconds": seconds,
+                "images_per_s": (len(rows) - len(skipped)) / max(seconds, 1e-9), "predictions": rows}
+    if args.csv:
+        write_text(args.csv, _csv(rows, min(args.topk, len(predictor.classes))))
+    emit(args, document, _table(document))
+    return 0
+
+
+def _table(document: dict[str, Any]) -> str:
+    lines = []
+    for row in document["predictions"]:
+        if row["error"]:
+            lines.append(f"{row['source']}\tskipped: {row['error']}")
+        else:
+            lines.append(row["source"] + "\t" + "  ".join(f"{c} {p:.3f}" for c, p in zip(row["classes"],
+                                                                                     row["probabilities"])))
+    logging.getLogger(__name__).info(
+        "%d images (%d skipped) on %s (%s) in %.2f s: %.0f images/s", document["images"], document["skipped"],
+        document["runtime"], document["dtype"], document["seconds"], document["images_per_s"])
+    return "\n".join(lines)
+
+
+def _csv(rows: list[dict[str, Any]], k: int) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["path", *[f"{name}{i}" for i in range(1, k + 1) for name in ("class", "probability")], "error"])
+    for row in rows:
+        ranked = [v for c, p in zip(row["classes"], row["probabilities"]) for v in (c, f"{p:.6f}")]
+        writer.writerow([row["source"], *ranked, *([""] * (2 * k - len(ranked))), row["error"] or ""])
+    return out.getvalue()

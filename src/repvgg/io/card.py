@@ -1,0 +1,233 @@
+"""What a model file says about its use: the class names and the evaluation preprocessing (a :class:`ModelCard`).
+
+Every file this package writes carries both, as two string fields: ``classes`` (a JSON list of names, one per
+output of the head) and ``preprocessing`` (a JSON object, :class:`Preprocessing`). They live in the safetensors
+metadata of deploy files, in training checkpoints (``best.pt``, ``last.pt``) beside the weights, and in the
+``metadata_props`` of ONNX files (FP32, FP16 and INT8). On load they are validated: malformed JSON, an unknown
+or ill-typed field, or a class count other than the head's is an error naming the file and the field.
+
+Files without them (official, timm, mmpretrain or older files) still work: :func:`resolve_card` fills in
+numbered classes and the model's default data configuration, and says so in :attr:`ModelCard.notes`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from repvgg.limits import check_img_size
+from repvgg.serialization import DictMixin
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "ModelCard", "Preprocessing", "read_card",
+           "read_class_names", "read_onnx_metadata", "resolve_card", "write_onnx_metadata"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+#: Most class names a file may declare (ImageNet-21k has 21,843).
+MAX_CLASSES = 1_000_000
+
+
+@dataclass(frozen=True)
+class Preprocessing(DictMixin):
+    """How an image becomes the model's input at evaluation: the short side resized (``interpolation``) to
+    ``img_size / crop_pct`` and the centre ``img_size`` x ``img_size`` cropped, then scaled to 0..1 and normalised
+    with ``mean`` and ``std`` per channel. ``grayscale`` images are read as grey and repeated to three channels
+    (the digits). The default is the official RepVGG evaluation (timm's too)."""
+
+    img_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    grayscale: bool = False
+
+    def __post_init__(self) -> None:
+        check_img_size(self.img_size, "img_size", low=1)
+        if isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float)) \
+                or not 0.05 <= self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be a number between 0.05 and 1, got {self.crop_pct!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if (not isinstance(values, (list, tuple)) or len(values) != 3
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                               for v in values)):
+                raise ValueError(f"{name} must be three finite numbers (one per RGB channel), got {values!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+        if not isinstance(self.grayscale, bool):
+            raise ValueError(f"grayscale must be true or false, got {self.grayscale!r}")
+
+    @property
+    def resize(self) -> int:
+        """The short side before the centre crop (timm's rule: ``floor(img_size / crop_pct)``)."""
+        return math.floor(self.img_size / self.crop_pct)
+
+    @classmethod
+    def from_data_config(cls, config: Mapping[str, Any], img_size: int) -> Preprocessing:
+        """From timm's data configuration (``resolve_data_config``: interpolation, crop_pct, mean, std)."""
+        default = cls()
+        return cls(img_size=img_size, crop_pct=float(config.get("crop_pct", default.crop_pct)),
+                   interpolation=str(config.get("interpolation", default.interpolation)),
+                   mean=tuple(config.get("mean", default.mean)), std=tuple(config.get("std", default.std)))
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A model's class names (one per output) and evaluation preprocessing, and how they were found.
+
+    ``declared`` names the fields that came from a file or the training data (``"classes"``,
+    ``"preprocessing"``); the others were filled in (numbered classes, the default preprocessing), which
+    ``notes`` says, and are not written into files made from this one.
+    """
+
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    declared: tuple[str, ...] = ("classes", "preprocessing")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))
+
+    @property
+    def recorded_preprocessing(self) -> Preprocessing | None:
+        """The preprocessing a file or the training data declared (``None`` where it was filled in)."""
+        return self.preprocessing if "preprocessing" in self.declared else None
+
+    def metadata(self) -> dict[str, str]:
+        """The string fields a file made from this model carries (the declared ones)."""
+        fields = {"classes": json.dumps(list(self.classes)),
+                  "preprocessing": json.dumps(self.preprocessing.to_dict())}
+        return {k: v for k, v in fields.items() if k in self.declared}
+
+    def with_classes(self, classes: Sequence[str], source: str) -> ModelCard:
+        """The card with ``classes`` (e.g. from ``--classes FILE``) in place of the file's, checked against
+        its count."""
+        classes = _check_classes(list(classes), source)
+        if len(classes) != len(self.classes):
+            raise ValueError(f"{source} holds {len(classes)} class names but the model has {len(self.classes)} "
+                             "outputs; give one name per line, one per class")
+        return replace(self, classes=tuple(classes), notes=tuple(n for n in self.notes if "names no classes" not in n),
+                       declared=tuple(sorted({*self.declared, "classes"})))
+
+
+def _check_classes(value: Any, source: str) -> list[str]:
+    if not isinstance(value, list) or not value or len(value) > MAX_CLASSES:
+        raise ValueError(f"{source} must be a non-empty list of at most {MAX_CLASSES} class names")
+    bad = next((v for v in value if not isinstance(v, str) or not v.strip() or "\n" in v), None)
+    if bad is not None or len(value) != len(set(value)):
+        what = f"{bad!r:.80} is not a name" if bad is not None else "names repeat"
+        raise ValueError(f"{source} must hold distinct, non-empty class names ({what})")
+    return value
+
+
+def card_from_metadata(metadata: Mapping[str, Any], source: str | os.PathLike[str],
+                       num_classes: int | None) -> tuple[list[str] | None, Preprocessing | None]:
+    """The ``classes`` and ``preprocessing`` a file declares (``None`` where absent), validated: a malformed
+    field, or a class count other than ``num_classes``, is a ValueError naming the file and the field."""
+    classes = preprocessing = None
+    if "classes" in metadata:
+        field_name = f"{source}: metadata field 'classes'"
+        classes = _check_classes(_json_field(metadata["classes"], field_name, list), field_name)
+        if num_classes is not None and len(classes) != num_classes:
+            raise ValueError(f"{field_name} names {len(classes)} classes but the model has {num_classes} outputs; "
+                             "the file is inconsistent (pass --classes FILE to name them yourself)")
+    if "preprocessing" in metadata:
+        field_name = f"{source}: metadata field 'preprocessing'"
+        fields = _json_field(metadata["preprocessing"], field_name, dict)
+        try:
+            preprocessing = Preprocessing.from_dict(fields)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{field_name} is not a valid preprocessing: {err}") from None
+    return classes, preprocessing
+
+
+def _json_field(raw: Any, field_name: str, kind: type) -> Any:
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, kind):
+        expected = "a JSON list" if kind is list else "a JSON object"
+        raise ValueError(f"{field_name} must be {expected}, got {str(raw)[:80]!r}")
+    return value
+
+
+def resolve_card(metadata: Mapping[str, Any], source: str | os.PathLike[str], num_classes: int,
+                 default: Preprocessing | None = None) -> ModelCard:
+    """The card of a file whose head has ``num_classes`` outputs: what its metadata declares (validated), numbered
+    classes and ``default`` preprocessing (the official evaluation) where it declares nothing, with a note."""
+    classes, preprocessing = card_from_metadata(metadata, source, num_classes)
+    declared = tuple(name for name, value in (("classes", classes), ("preprocessing", preprocessing)) if value)
+    notes = []
+    if classes is None:
+        classes = [str(i) for i in range(num_classes)]
+        notes.append(f"{source} names no classes: they are numbered 0..{num_classes - 1} "
+                     "(pass --classes FILE to name them)")
+    if preprocessing is None:
+        preprocessing = default or Preprocessing()
+        notes.append(f"{source} records no preprocessing: using the default ({_describe(preprocessing)})")
+    return ModelCard(tuple(classes), preprocessing, tuple(notes), declared)
+
+
+def _describe(p: Preprocessing) -> str:
+    return (f"{p.img_size}x{p.img_size}, short side {p.resize} {p.interpolation}, centre crop, "
+            f"mean {list(p.mean)}, std {list(p.std)}")
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict (the weights are not loaded)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {prop.key: prop.value for prop in proto.metadata_props}
+
+
+def write_onnx_metadata(path: str | os.PathLike[str], metadata: Mapping[str, str]) -> None:
+    """Add (or replace) ``metadata`` in the ``metadata_props`` of the ONNX file at ``path``, in place.
+
+    Meant for a file this package is still writing (in its staging folder); the weights stay where they are.
+    """
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in metadata]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *metadata.items()]:
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+
+
+def read_card(path: str | os.PathLike[str], num_classes: int | None = None) -> tuple[list[str] | None,
+                                                                                    Preprocessing | None]:
+    """The class names and preprocessing recorded in any file this package reads (``.safetensors``, a torch
+    checkpoint or ``.onnx``), validated; ``None`` where the file records none."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return card_from_metadata(read_onnx_metadata(path), path, num_classes)
+    from repvgg.io.weights import read_checkpoint
+
+    _, metadata = read_checkpoint(path)
+    return card_from_metadata(metadata, path, num_classes)
+
+
+def read_class_names(path: str | os.PathLike[str]) -> list[str]:
+    """Class names from a text file, one a line (blank lines at the end ignored), as ``--classes`` reads them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class names file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (UnicodeDecodeError, OSError) as err:
+        raise ValueError(f"cannot read class names from {path}: {err}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return _check_classes([line.strip() for line in lines], f"class names file {path}")

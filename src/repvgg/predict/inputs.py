@@ -1,0 +1,104 @@
+"""What ``repvgg predict`` reads: image files, folders and glob patterns expanded in a stable order, and a dataset
+that decodes them in DataLoader workers, reporting an unreadable file instead of raising in the worker."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from repvgg.training.data import load_rgb
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "collate_images", "expand_inputs"]
+
+#: Files a folder or a glob contributes (an image named explicitly is read whatever its name).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_GLOB_CHARS = set("*?[")
+
+
+def _folder_images(folder: Path) -> list[str]:
+    """Images anywhere below ``folder``, sorted folder by folder; a folder reached twice (a link) is read once."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS))
+    return found
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike[str]], *, stdin: Iterable[str] | None = None) -> list[str]:
+    """The image files ``inputs`` name, in order: a file as it is, a folder's images (recursive, sorted), a glob
+    pattern's matches (sorted; ``**`` recurses), and for ``-`` the paths in ``stdin``, one a line. A file named
+    twice is read once.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a pattern that matches nothing.
+        ValueError: a folder without images, or nothing to read at all.
+    """
+    paths: list[str] = []
+    for item in inputs:
+        text = os.fspath(item)
+        if text == "-":
+            if stdin is None:
+                raise ValueError("'-' reads paths from standard input, which is not available here")
+            paths.extend(expand_inputs([line.strip() for line in stdin if line.strip()]))
+            continue
+        path = Path(text)
+        if path.is_dir():
+            images = _folder_images(path)
+            if not images:
+                raise ValueError(f"{text} holds no images ({', '.join(IMAGE_EXTENSIONS)}, in any sub-folder)")
+            paths.extend(images)
+        elif path.exists():
+            paths.append(text)
+        elif _GLOB_CHARS & set(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            files = [m for m in matches if Path(m).is_file() and m.lower().endswith(IMAGE_EXTENSIONS)]
+            files += [i for m in matches if Path(m).is_dir() for i in _folder_images(Path(m))]
+            if not files:
+                raise FileNotFoundError(f"no image matches the pattern {text}")
+            paths.extend(files)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {text}")
+    unique = list(dict.fromkeys(paths))
+    if not unique:
+        raise ValueError("no images to predict: name image files, folders or glob patterns (or - for stdin)")
+    return unique
+
+
+class ImageFiles(Dataset):
+    """``(input tensor or None, index, error)`` per image: decoded (8-bit RGB; 16-bit grey scaled, not clipped)
+    and prepared by ``transform``; a file that cannot be read gives ``None`` and the reason, naming the file."""
+
+    def __init__(self, paths: list[str], transform: Callable[[Any], Tensor]) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor | None, int, str]:
+        try:
+            return self.transform(load_rgb(self.paths[index])), index, ""
+        except ValueError as err:
+            return None, index, str(err)
+
+
+def collate_images(items: list[tuple[Tensor | None, int, str]]) -> tuple[Tensor | None, list[int],
+                                                                         list[tuple[int, str]]]:
+    """A batch of :class:`ImageFiles` items: ``(the readable images stacked, their indices, (index, error) of the
+    others)``."""
+    good = [(image, index) for image, index, _ in items if image is not None]
+    bad = [(index, error) for image, index, error in items if image is None]
+    images = torch.stack([image for image, _ in good]) if good else None
+    return images, [index for _, index in good], bad

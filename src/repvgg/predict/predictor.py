@@ -1,0 +1,284 @@
+"""Classify new images with a trained model: any artifact this package reads, its own class names and
+preprocessing, the fastest runtime that reproduces it.
+
+``Predictor(artifact)`` opens a run folder (its ``deploy.safetensors``), a checkpoint (``best.pt``, ``last.pt``,
+official, timm or mmpretrain files, ``hf-hub:`` references), a deploy safetensors file, or an ONNX file (FP32,
+FP16 or INT8). A model file runs through :func:`~repvgg.perf.fast.optimize_for_inference` (every runtime it
+weighs, each checked against the model); an ONNX file through ONNX Runtime, or OpenVINO when asked. Images are
+prepared as the artifact records (:mod:`repvgg.io.card`), so the CLI, the Python API, ``eval`` and the artifacts
+of one run all see the same pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from repvgg.io.card import ModelCard, Preprocessing, read_class_names, read_onnx_metadata, resolve_card
+from repvgg.io.hub import HUB_PREFIX
+from repvgg.io.onnx_run import ONNX_RUNTIMES, onnx_runner
+from repvgg.limits import check_int
+from repvgg.predict import DTYPES, RUNTIMES
+from repvgg.predict.inputs import ImageFiles, collate_images, expand_inputs
+from repvgg.training.data import eval_transform, load_rgb
+
+__all__ = ["Prediction", "Predictor", "locate_artifact", "RUNTIMES", "DTYPES"]
+
+logger = logging.getLogger(__name__)
+
+#: Images of the inputs that calibrate INT8 when a model file is asked to run in ``int8``.
+CALIBRATION_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's top-k classes (names and indices) and their softmax probabilities; ``error`` says why an
+    image was skipped (its lists are then empty)."""
+
+    source: str
+    classes: tuple[str, ...]
+    indices: tuple[int, ...]
+    probabilities: tuple[float, ...]
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def locate_artifact(artifact: str | os.PathLike[str]) -> tuple[str, Path | str]:
+    """``("onnx", path)`` or ``("weights", path or hf-hub reference)``; a run folder gives its deploy file.
+
+    Raises:
+        FileNotFoundError: the artifact does not exist, or a run folder has no deploy file yet.
+    """
+    if isinstance(artifact, str) and artifact.startswith(HUB_PREFIX):
+        return "weights", artifact
+    path = Path(artifact)
+    if path.is_dir():
+        deploy = path / "deploy.safetensors"
+        if not deploy.is_file():
+            raise FileNotFoundError(f"{path} has no deploy.safetensors (the run has not finished); pass one of its "
+                                    "checkpoints instead, e.g. " + str(path / "best.pt"))
+        return "weights", deploy
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    return ("onnx" if path.suffix == ".onnx" else "weights"), path
+
+
+class Predictor:
+    """Top-k classes of new images from a trained model artifact (see the module docstring).
+
+    Args:
+        artifact: a run folder, a weights file or ``hf-hub:`` reference, or an ``.onnx`` file.
+        runtime: ``"auto"`` or one of :data:`RUNTIMES` (an ONNX file: ``onnxruntime`` or ``openvino``).
+        dtype: a model file's precision, one of :data:`DTYPES`; ``int8`` is calibrated on ``calibration``
+            (image paths or batches) and its accuracy is not checked (``repvgg quantize`` measures it).
+        device: ``"cpu"`` or ``"cuda[:N]"`` (model files).
+        batch_size: images per forward pass (and the batch the runtimes are weighed at).
+        workers: DataLoader processes decoding images (0: in this process).
+        classes: class names in place of the artifact's: a list, or a text file with one name a line.
+        measure: time the runtimes and take the fastest (``False``: the first that reproduces the model).
+    """
+
+    def __init__(self, artifact: str | os.PathLike[str], *, runtime: str = "auto", dtype: str = "float32",
+                 device: str = "cpu", batch_size: int = 32, workers: int = 0,
+                 classes: Sequence[str] | str | os.PathLike[str] | None = None, calibration: Any = None,
+                 measure: bool = True) -> None:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        self.batch_size = check_int(batch_size, "batch_size", low=1)
+        self.workers = check_int(workers, "workers", low=0)
+        self.kind, path = locate_artifact(artifact)
+        self.artifact = str(path)
+        if self.kind == "onnx":
+            self.card, self._run, self.backend, self.dtype, self.reason = _open_onnx(Path(path), runtime, dtype)
+        else:
+            self.card, self._run, self.backend, self.dtype, self.reason = _open_weights(
+                path, runtime, dtype, device, self.batch_size, calibration, measure, self._prepare_calibration)
+        if classes is not None:
+            names = read_class_names(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
+            self.card = self.card.with_classes(names, f"--classes {classes}" if not isinstance(classes, list)
+                                               else "classes=")
+        self.transform = eval_transform(self.card.preprocessing)
+        for note in self.card.notes:
+            logger.warning("%s", note)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.card.classes
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.card.preprocessing
+
+    def _prepare_calibration(self, calibration: Any, preprocessing: Preprocessing) -> Any:
+        """Image paths become batches prepared like the inputs; batches pass through."""
+        if not (isinstance(calibration, (list, tuple)) and calibration
+                and isinstance(calibration[0], (str, os.PathLike))):
+            return calibration
+        transform = eval_transform(preprocessing)
+        images = [transform(load_rgb(p)) for p in list(calibration)[:CALIBRATION_IMAGES]]
+        return [torch.stack(images[i: i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+
+    @torch.no_grad()
+    def logits(self, batch: Tensor) -> Tensor:
+        """The model's float32 logits for a batch already prepared (:attr:`transform`)."""
+        return self._run(batch.float())
+
+    def predict(self, inputs: Any, *, topk: int = 5, bad_images: str = "fail") -> list[Prediction]:
+        """Top-``topk`` predictions of ``inputs``: image paths, folders and glob patterns (as the CLI expands
+        them), PIL images, uint8 ``(3, H, W)`` image tensors (prepared like files), or float tensors already
+        prepared (``(3, H, W)`` or a ``(N, 3, H, W)`` batch). See :meth:`iter_predict`."""
+        return list(self.iter_predict(inputs, topk=topk, bad_images=bad_images))
+
+    def iter_predict(self, inputs: Any, *, topk: int = 5, bad_images: str = "fail",
+                     on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:
+        """:meth:`predict`, one prediction at a time in input order; ``on_batch(n)`` after each batch of ``n``.
+
+        Raises:
+            ValueError: an unreadable image with ``bad_images="fail"`` (the file named; with ``"skip"`` it gives a
+                prediction whose ``error`` says why), an empty input, or a bad ``topk``.
+        """
+        if bad_images not in ("fail", "skip"):
+            raise ValueError(f"bad_images must be 'fail' or 'skip', got {bad_images!r}")
+        k = min(check_int(topk, "topk", low=1), len(self.classes))
+        for sources, images, errors in self._batches(inputs):
+            if errors and bad_images == "fail":
+                raise ValueError(f"{errors[0][1]}. Remove or replace the file, or pass --bad-images skip to report "
+                                 "and skip unreadable images")
+            results: dict[int, Prediction] = {i: Prediction(sources[i], (), (), (), error) for i, error in errors}
+            if images is not None:
+                probabilities = torch.softmax(self.logits(images[1]).float(), dim=1)
+                if not torch.isfinite(probabilities).all():
+                    raise ValueError(f"the model gave a NaN or infinite output for {sources[images[0][0]]} or "
+                                     "another image of its batch; its predictions cannot be trusted")
+                top = probabilities.topk(k, dim=1)
+                for row, index in enumerate(images[0]):
+                    indices = tuple(int(i) for i in top.indices[row])
+                    results[index] = Prediction(sources[index], tuple(self.classes[i] for i in indices), indices,
+                                                tuple(float(p) for p in top.values[row]))
+            yield from (results[i] for i in sorted(results))
+            if on_batch is not None:
+                on_batch(len(results))
+
+    def _batches(self, inputs: Any) -> Iterator[tuple[dict[int, str], tuple[list[int], Tensor] | None,
+                                                      list[tuple[int, str]]]]:
+        """``(sources by index, (indices, prepared batch) or None, (index, error) of unreadable images)``."""
+        if isinstance(inputs, Tensor) and inputs.dim() == 4:
+            inputs = list(inputs)
+        if isinstance(inputs, (str, os.PathLike)) or not isinstance(inputs, Iterable):
+            inputs = [inputs]
+        inputs = list(inputs)
+        if not inputs:
+            raise ValueError("no images to predict")
+        if all(isinstance(item, (str, os.PathLike)) for item in inputs):
+            paths = expand_inputs(inputs)
+            loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size,
+                                num_workers=self.workers, collate_fn=collate_images)
+            start = 0
+            for images, indices, errors in loader:
+                sources = {start + i: paths[start + i] for i in range(len(indices) + len(errors))}
+                yield (sources, None if images is None else ([start + i for i in indices], images),
+                       [(start + i, e) for i, e in errors])
+                start += len(indices) + len(errors)
+            return
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start: start + self.batch_size]
+            prepared = torch.stack([self._prepare(item) for item in chunk])
+            sources = {start + i: f"<input {start + i}>" for i in range(len(chunk))}
+            yield sources, (list(sources), prepared), []
+
+    def _prepare(self, item: Any) -> Tensor:
+        if isinstance(item, Tensor):
+            if item.dtype == torch.uint8:
+                from torchvision.transforms.functional import to_pil_image
+
+                return self.transform(to_pil_image(item))
+            if item.dim() != 3 or not item.is_floating_point():
+                raise ValueError(f"a tensor input must be a uint8 image or a prepared float (3, H, W) tensor, got "
+                                 f"{item.dtype} of shape {tuple(item.shape)}")
+            return item.float()
+        if hasattr(item, "convert"):  # a PIL image
+            return self.transform(item.convert("RGB"))
+        raise TypeError(f"cannot predict a {type(item).__name__}: give paths, PIL images or tensors")
+
+
+def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch_size: int, calibration: Any,
+                  measure: bool, prepare_calibration: Callable[[Any, Preprocessing], Any]
+                  ) -> tuple[ModelCard, Callable[[Tensor], Tensor], str, str, str]:
+    """A model file through the fast path: ``(card, runner, backend, dtype, why it was chosen)``."""
+    from repvgg.io.loading import load_model, model_card
+    from repvgg.nn.convert import reparameterize_model
+    from repvgg.perf.fast import optimize_for_inference
+    from repvgg.training.distributed import resolve_device
+
+    model = load_model(path).eval()
+    if getattr(model, "features_only", False) or not getattr(model, "num_classes", 0):
+        raise ValueError(f"{path} holds a backbone without a classifier; predict needs a model with its head")
+    card = model_card(model)
+    plain = reparameterize_model(model) if not model.deploy else model
+    size = card.preprocessing.img_size
+    target = resolve_device(device)
+    example = torch.randn(batch_size, model.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    if dtype == "int8":
+        calibration = prepare_calibration(calibration, card.preprocessing)
+        if not calibration:
+            raise ValueError("int8 needs calibration images (the CLI calibrates on the first "
+                             f"{CALIBRATION_IMAGES} inputs); or quantize with `repvgg quantize` and predict with "
+                             "its INT8 file, whose accuracy it measured")
+    runner = optimize_for_inference(plain, example.to(target), dtype=dtype, calibration=calibration,
+                                    candidates=None if runtime == "auto" else [runtime], measure=measure)
+    precision = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(runner.dtype,
+                                                                                                  "int8")
+
+    def run(batch: Tensor) -> Tensor:
+        return runner(batch.to(target)).float().cpu()
+
+    return card, run, runner.backend, precision, runner.reason
+
+
+def _open_onnx(path: Path, runtime: str, dtype: str) -> tuple[ModelCard, Callable[[Tensor], Tensor], str, str, str]:
+    """An ONNX file through ONNX Runtime (or OpenVINO): ``(card, runner, backend, dtype, why)``."""
+    if dtype != "float32":
+        raise ValueError(f"an ONNX file runs in the precision it was written in; --dtype {dtype} applies to model "
+                         "files (quantize to INT8 with `repvgg quantize`)")
+    backend = "onnxruntime" if runtime == "auto" else runtime
+    if backend not in ONNX_RUNTIMES:
+        raise ValueError(f"an ONNX file runs on {' or '.join(ONNX_RUNTIMES)}, not {runtime}")
+    from repvgg.quant.qdq import quantized_conv_count
+
+    metadata = read_onnx_metadata(path)
+    channels, height, width, input_type = _onnx_input(path)
+    runner = onnx_runner(path, backend)
+    size = height or width or 224
+    probe = runner(torch.zeros(2, channels or 3, size, size))
+    if not isinstance(probe, Tensor) or probe.dim() != 2:
+        raise ValueError(f"{path} does not look like a classifier: its output is not one (batch, classes) tensor")
+    card = resolve_card(metadata, path, int(probe.shape[1]), default=Preprocessing(img_size=size))
+    if height and card.preprocessing.img_size not in (height, width):
+        raise ValueError(f"{path}: metadata field 'preprocessing' gives img_size {card.preprocessing.img_size}, but "
+                         f"the graph takes {height}x{width} inputs; the file is inconsistent")
+    precision = "int8" if quantized_conv_count(path)[0] else input_type
+    return card, runner, backend, precision, "an ONNX file runs on " + backend
+
+
+def _onnx_input(path: Path) -> tuple[int | None, int | None, int | None, str]:
+    """The first input's static channels, height and width (``None`` where dynamic) and its type."""
+    import onnx
+
+    tensor_type = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type
+    values = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    if len(values) != 4:
+        raise ValueError(f"{path} takes a {len(values)}-d input; an image classifier takes (batch, 3, H, W)")
+    return values[1], values[2], values[3], "float16" if tensor_type.elem_type == onnx.TensorProto.FLOAT16 \
+        else "float32"
