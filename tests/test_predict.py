@@ -212,6 +212,9 @@ def test_the_python_api_gives_what_the_cli_gives(run: dict[str, Path], capsys: p
     from_paths = predictor.predict([str(folder)], topk=2)
     cli = _predict(capsys, str(run["run"]), str(folder), "--topk", "2", "--runtime", "eager")["predictions"]
     assert [p.as_dict() for p in from_paths] == cli
+    in_small_batches = repvgg.Predictor(run["run"], runtime="eager", batch_size=3, workers=2).predict([str(folder)],
+                                                                                                    topk=2)
+    assert [p.as_dict() for p in in_small_batches] == cli
     pil = [Image.open(folder / f"{i}.png") for i in range(3)]
     assert [p.classes for p in predictor.predict(pil, topk=2)] == [p.classes for p in from_paths[:3]]
     prepared = torch.stack([predictor.transform(image.convert("RGB")) for image in pil])

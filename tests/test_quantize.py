@@ -108,6 +108,12 @@ def test_quantization_aware_training_exports_a_qdq_int8_model(trained_qa: Path, 
     config = load_checkpoint(run / "last.pt")["config"]
     assert config["qat"] is True and config["lr"] == pytest.approx(0.05 * 64 / 256 / 10) and config["model"] == \
         "qarepvgg_tiny"
+    from repvgg.io.card import read_card
+
+    digits = [str(i) for i in range(10)]  # the QAT run's own INT8 file and the one quantize wrote name the classes
+    for int8 in (run / "int8.onnx", out):
+        classes, preprocessing = read_card(int8, num_classes=10)
+        assert classes == digits and preprocessing.img_size == 32 and preprocessing.grayscale
     session = onnxruntime_session(out)  # any input size: the QAT export has dynamic height and width
     assert session.run(None, {session.get_inputs()[0].name: torch.randn(2, 3, 48, 48).numpy()})[0].shape == (2, 10)
     # QAT needs a trained model to start from

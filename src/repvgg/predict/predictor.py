@@ -185,12 +185,9 @@ class Predictor:
             paths = expand_inputs(inputs)
             loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size,
                                 num_workers=self.workers, collate_fn=collate_images)
-            start = 0
-            for images, indices, errors in loader:
-                sources = {start + i: paths[start + i] for i in range(len(indices) + len(errors))}
-                yield (sources, None if images is None else ([start + i for i in indices], images),
-                       [(start + i, e) for i, e in errors])
-                start += len(indices) + len(errors)
+            for images, indices, errors in loader:  # indices into ``paths``
+                sources = {i: paths[i] for i in [*indices, *(i for i, _ in errors)]}
+                yield sources, None if images is None else (indices, images), errors
             return
         for start in range(0, len(inputs), self.batch_size):
             chunk = inputs[start: start + self.batch_size]
