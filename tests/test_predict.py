@@ -228,3 +228,15 @@ def test_export_and_quantize_default_to_the_trained_size(run: dict[str, Path]) -
     for name in ("fp32", "int8"):
         dims = onnx.load(str(run[name])).graph.input[0].type.tensor_type.shape.dim
         assert [d.dim_value for d in dims[1:]] == [3, 32, 32], name
+
+
+def test_a_model_file_runs_in_int8_when_asked(run: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    val = run["data"] / "val"
+    paths = sorted(str(p) for p in val.rglob("*.png"))
+    fp32 = repvgg.Predictor(run["run"], runtime="onnxruntime").predict(paths, topk=1)
+    int8 = repvgg.Predictor(run["run"], runtime="onnxruntime", dtype="int8", calibration=paths)
+    assert int8.dtype == "int8" and "its accuracy is not checked" in caplog.text  # honoured, with a warning
+    agree = np.mean([a.classes == b.classes for a, b in zip(fp32, int8.predict(paths, topk=1))])
+    assert agree >= 0.9
+    with pytest.raises(ValueError, match="int8 needs calibration images"):
+        repvgg.Predictor(run["run"], runtime="onnxruntime", dtype="int8")
