@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from repvgg.serialization import atomic_write
 
-__all__ = ["pyplot", "plot_curves", "plot_throughput", "plot_training_curves", "save_figure"]
+__all__ = ["pyplot", "plot_curves", "plot_points", "plot_throughput", "plot_training_curves", "save_figure"]
 
 
 def pyplot():
@@ -109,5 +109,37 @@ def plot_throughput(result: Any, path: str | os.PathLike[str], dtype: str = "flo
     ax.set_title(f"Throughput vs size: {where}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+def plot_points(points: Sequence[tuple[str, float, float, str]], path: str | os.PathLike[str], *, xlabel: str,
+                ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
+                legend: str = "best") -> Path:
+    """A labelled scatter plot: ``(label, x, y, group)`` points, one colour and legend entry per group (placed at
+    matplotlib's ``legend`` location)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+    groups = list(dict.fromkeys(group for *_, group in points))
+    for group, color in zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
+        chosen = [p for p in points if p[3] == group]
+        ax.scatter([p[1] for p in chosen], [p[2] for p in chosen], color=color, s=40, label=group, zorder=3)
+        for label, x, y, _ in chosen:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    for use_log, axis, set_scale in ((logx, ax.xaxis, ax.set_xscale), (logy, ax.yaxis, ax.set_yscale)):
+        if use_log:
+            set_scale("log")
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(ScalarFormatter())  # 1, 2, 5, 10 rather than 10^0, 10^1
+            axis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.margins(x=0.08, y=0.15)  # room for the labels and the legend
+    ax.legend(fontsize=7, loc=legend)
     fig.tight_layout()
     return save_figure(fig, path, dpi=120)

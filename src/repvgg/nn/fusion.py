@@ -151,12 +151,40 @@ def fuse_conv_bn_modules(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     return fused
 
 
+#: Batch norms whose forward is the norm and then only these submodules, in this order (timm's ``BatchNormAct2d``:
+#: norm, dropout, activation): they fold into the conv and leave the submodules behind.
+_NORM_THEN = ("drop", "act")
+
+
+def _foldable(module: nn.Module) -> bool:
+    """A batch norm that is nothing but the norm (torch's and frozen ones), or the norm followed by
+    :data:`_NORM_THEN` (timm's norm-activation layers); anything else is left alone."""
+    if not is_batchnorm(module):
+        return False
+    children = [name for name, _ in module.named_children()]
+    if not children:
+        return type(module).__module__.startswith("torch") or not isinstance(module, _BatchNorm) \
+            or type(module).forward is _BatchNorm.forward
+    return type(module).__name__ == "BatchNormAct2d" and children == [c for c in _NORM_THEN if c in children]
+
+
+class _NormLeafTracer(torch.fx.Tracer):
+    """``torch.fx`` tracing that keeps every batch norm (timm's norm-activation layers too) as one module call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    return torch.fx.GraphModule(model, _NormLeafTracer().trace(model))
+
+
 def _fusable_pairs(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
-    """(conv node, bn node) pairs where a batch norm reads the output of a Conv2d used by nothing else."""
+    """(conv node, bn node) pairs where a foldable batch norm reads the output of a Conv2d used by nothing else."""
     modules = dict(graph_module.named_modules())
     pairs = []
     for node in graph_module.graph.nodes:
-        if node.op != "call_module" or not is_batchnorm(modules.get(node.target, nn.Identity())):
+        if node.op != "call_module" or not _foldable(modules.get(node.target, nn.Identity())):
             continue
         source = node.args[0] if node.args else None
         if (
@@ -172,7 +200,7 @@ def _fusable_pairs(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.No
 def count_conv_bn_pairs(model: nn.Module) -> int:
     """Number of conv -> BN pairs :func:`fuse_conv_bn` would fold (0 if ``model`` cannot be traced)."""
     try:
-        traced = torch.fx.symbolic_trace(model)
+        traced = _trace(model)
     except Exception:  # noqa: BLE001 - tracing fails in many model-specific ways
         return 0
     return len(_fusable_pairs(traced))
@@ -189,16 +217,23 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
     """
     model = copy.deepcopy(model).eval()
     try:
-        traced = torch.fx.symbolic_trace(model)
+        traced = _trace(model)
     except Exception as err:  # noqa: BLE001
         log.warning("conv-BN fusion skipped for %s: torch.fx cannot trace it (%s)", type(model).__name__, err)
         return model
     modules = dict(traced.named_modules())
     pairs = _fusable_pairs(traced)
     for conv_node, bn_node in pairs:
-        fused = fuse_conv_bn_modules(modules[conv_node.target], modules[bn_node.target])
+        bn = modules[bn_node.target]
+        fused = fuse_conv_bn_modules(modules[conv_node.target], bn)
         parent_name, _, attr = conv_node.target.rpartition(".")
         setattr(traced.get_submodule(parent_name) if parent_name else traced, attr, fused)
+        after = [child for _, child in bn.named_children()]
+        if after:  # what the norm layer did after normalising (dropout, activation) stays, in its place
+            parent_name, _, attr = bn_node.target.rpartition(".")
+            setattr(traced.get_submodule(parent_name) if parent_name else traced, attr, nn.Sequential(*after))
+            bn_node.args = (conv_node,)
+            continue
         bn_node.replace_all_uses_with(conv_node)
         traced.graph.erase_node(bn_node)
     traced.graph.lint()

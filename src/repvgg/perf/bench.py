@@ -235,10 +235,10 @@ def _build_entries(config: BenchConfig, precision: str, example: Tensor, result:
             except (ValueError, ImportError) as err:
                 log.warning("no timm peer for %s: %s", name, err)
     for name in config.baselines:
-        from repvgg.nn.baselines import torchvision_baseline
+        from repvgg.nn.baselines import baseline
 
         log.info("building %s (conv-BN fused%s)", name, ", fast path" if config.fast else "")
-        fused = torchvision_baseline(name, num_classes=config.num_classes).eval()
+        fused = baseline(name, num_classes=config.num_classes).eval()
         if floating:
             entries.append(_eager_entry(name, "fused", copy.deepcopy(fused), example, fused(example.float()), batch))
         if config.fast:

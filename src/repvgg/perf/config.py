@@ -23,8 +23,9 @@ class BenchConfig(RunConfig):
     """
 
     models: tuple[str, ...] = option(("repvgg_a0",), "comma-separated RepVGG names")
-    baselines: tuple[str, ...] = option(("resnet18",), "comma-separated torchvision baselines among "
-                                                       "resnet18/34/50/101/152 and vgg16, or 'none'")
+    baselines: tuple[str, ...] = option(("resnet18",), "comma-separated baselines: torchvision classifiers "
+                                                       "(resnet50, efficientnet_b0, regnet_x_3_2gf, vgg16, ...) or "
+                                                       "timm:NAME, conv-BN folded; or 'none'")
     peer: bool = option(True, "time timm's re-parameterized RepVGG of the same name too")
     device: str = option("cpu", "cpu or cuda[:N]")
     batch_size: int | None = option(None, "throughput batch size", default_help="8 on CPU, 128 on CUDA", low=1)
@@ -56,15 +57,14 @@ class BenchConfig(RunConfig):
             raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("CUDA was requested but torch.cuda.is_available() is False")
-        from repvgg.nn.baselines import TORCHVISION_BASELINES
+        from repvgg.nn.baselines import check_baseline_name
         from repvgg.nn.registry import canonical_name, get_spec
 
         for name in self.models:
             get_spec(name)  # unknown names fail here, with close matches, before any work
         models = tuple(canonical_name(name) for name in self.models)
-        bad = [b for b in self.baselines if b not in TORCHVISION_BASELINES]
-        if bad:
-            raise ValueError(f"unknown baseline(s) {bad}; choose from {', '.join(TORCHVISION_BASELINES)}")
+        for name in self.baselines:
+            check_baseline_name(name)  # unknown names fail here, with close matches, before any work
         unknown = [d for d in self.dtypes if d not in DTYPES]
         if unknown or not self.dtypes:
             raise ValueError(f"dtypes must be among {', '.join(DTYPES)}, got {list(self.dtypes)}")
