@@ -17,7 +17,7 @@ from torch import Tensor
 from repvgg.limits import check_img_size, check_int
 from repvgg.serialization import check_output_path
 from repvgg.io.card import ModelCard, Preprocessing, resolve_card
-from repvgg.io.weights import (HEAD_PREFIX, check_state_dict, checkpoint_num_classes, is_deploy_state_dict,
+from repvgg.io.weights import (check_state_dict, is_head_key, checkpoint_num_classes, is_deploy_state_dict,
                                load_state_dict_into, read_checkpoint, save_weights, stem_in_chans)
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
 from repvgg.nn.model import RepVGG, RepVGGSpec
@@ -133,13 +133,13 @@ def infer_architecture(state_dict: Mapping[str, Tensor]) -> str:
     deploy = is_deploy_state_dict(state_dict)
     in_chans = stem_in_chans(state_dict)
     wanted = {k: tuple(v.shape) for k, v in state_dict.items()
-              if not k.endswith("num_batches_tracked") and not k.startswith(HEAD_PREFIX)}
+              if not k.endswith("num_batches_tracked") and not is_head_key(k)}
     # Fused networks of a RepVGG and its quantization-friendly twin are identical: name the RepVGG one.
     for name in sorted(list_models(), key=lambda n: (n.startswith("qarepvgg_"), n)):
         with torch.device("meta"):
             candidate = build_model(name, deploy=deploy, num_classes=1, in_chans=in_chans)
         have = {k: tuple(v.shape) for k, v in candidate.state_dict().items()
-                if not k.endswith("num_batches_tracked") and not k.startswith(HEAD_PREFIX)}
+                if not k.endswith("num_batches_tracked") and not is_head_key(k)}
         if have == wanted:
             return name
     raise ValueError(

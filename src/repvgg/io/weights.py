@@ -38,6 +38,8 @@ __all__ = [
     "timm_to_official",
     "official_to_timm",
     "mmpretrain_to_official",
+    "repvggplus_to_official",
+    "is_head_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,12 @@ StateDict = dict[str, Tensor]
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 HEAD_PREFIX = "linear."
+_AUX_CLASSIFIER = re.compile(r"^stage\w*_aux\.3\.")
+
+
+def is_head_key(key: str) -> bool:
+    """A key whose shape follows the number of classes: the classifier's, or an auxiliary head's linear layer."""
+    return key.startswith(HEAD_PREFIX) or bool(_AUX_CLASSIFIER.match(key))
 
 _TIMM_TO_OFFICIAL: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
     (r"^stem\.", "stage0."),
@@ -111,6 +119,29 @@ def mmpretrain_to_official(state_dict: Mapping[str, Tensor]) -> StateDict:
     return _rename(state_dict, _MMPRETRAIN_TO_OFFICIAL)
 
 
+def _is_repvggplus_format(keys: list[str]) -> bool:
+    return any(k.startswith(("stage1.blocks.", "stage3_first.blocks.")) for k in keys)
+
+
+def repvggplus_to_official(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Rename the official RepVGGplus layout (``stageN.blocks.i``, stage 3 split into ``stage3_first`` and
+    ``stage3_second``) to this package's (``stageN.i``; ``stage3`` in one, the second half numbered on).
+
+    The auxiliary heads (``stage1_aux`` ...), the post-SE (``post_se``), the stem and the head keep their names.
+    """
+    first = {int(k.split(".")[2]) for k in state_dict if k.startswith("stage3_first.blocks.")}
+    offset = max(first) + 1 if first else 0
+
+    def rename(key: str) -> str:
+        match = re.match(r"^stage3_(first|second)\.blocks\.(\d+)\.(.*)$", key)
+        if match:
+            index = int(match[2]) + (offset if match[1] == "second" else 0)
+            return f"stage3.{index}.{match[3]}"
+        return re.sub(r"^stage(\d)\.blocks\.", r"stage\1.", key)
+
+    return {rename(k): v for k, v in state_dict.items()}
+
+
 def _is_mmpretrain_format(keys: list[str]) -> bool:
     return any(k.startswith(("backbone.stem.", "backbone.stage_")) for k in keys)
 
@@ -167,6 +198,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
         state_dict = timm_to_official(state_dict)
     elif _is_mmpretrain_format(list(state_dict)):
         state_dict = mmpretrain_to_official(state_dict)
+    elif _is_repvggplus_format(list(state_dict)):
+        state_dict = repvggplus_to_official(state_dict)
     return state_dict, metadata
 
 
@@ -270,9 +303,9 @@ def check_state_dict(
     target = model.state_dict()
     has_head = any(k.startswith(HEAD_PREFIX) for k in target)
     incoming = {k: v for k, v in state_dict.items()
-                if not (k.startswith(HEAD_PREFIX) and (skip_head or not has_head))}
+                if not (is_head_key(k) and (skip_head or not has_head or k not in target))}
     if skip_head:
-        target_check = {k: v for k, v in target.items() if not k.startswith(HEAD_PREFIX)}
+        target_check = {k: v for k, v in target.items() if not is_head_key(k)}
     else:
         target_check = target
 

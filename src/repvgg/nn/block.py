@@ -99,6 +99,8 @@ class RepVGGBlock(nn.Module):
         dilation: dilation of the 3x3 conv; padding follows it so the spatial size is that of a
             plain ``padding=1`` conv at ``dilation=1``.
         use_se: squeeze-and-excitation before the ReLU (RepVGG-D2se).
+        post_se: squeeze-and-excitation after the ReLU, a quarter of the channels wide (RepVGGplus's "pse",
+            key ``post_se``); kept as it is at conversion, like ``use_se``.
         use_identity: keep the identity branch (it exists only when ``in_channels == out_channels``
             and ``stride == 1``).
         use_1x1: keep the 1x1 branch.
@@ -121,6 +123,7 @@ class RepVGGBlock(nn.Module):
         groups: int = 1,
         dilation: int = 1,
         use_se: bool = False,
+        post_se: bool = False,
         use_identity: bool = True,
         use_1x1: bool = True,
         identity_bn: bool = True,
@@ -145,6 +148,7 @@ class RepVGGBlock(nn.Module):
         self.has_identity = use_identity and in_channels == out_channels and stride == 1
 
         self.se: nn.Module = SEBlock(out_channels) if use_se else nn.Identity()
+        self.post_se: nn.Module = SEBlock(out_channels, reduction=4) if post_se else nn.Identity()
         self.nonlinearity = nn.ReLU(inplace=True)  # its input is always a fresh tensor: saves one activation
 
         self.rbr_reparam: nn.Conv2d | None = None
@@ -185,7 +189,7 @@ class RepVGGBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rbr_reparam is not None:
-            return self.nonlinearity(self.se(self.rbr_reparam(x)))
+            return self.post_se(self.nonlinearity(self.se(self.rbr_reparam(x))))
         assert self.rbr_dense is not None
         out = self.rbr_dense(x)
         if self.rbr_1x1 is not None:
@@ -194,7 +198,7 @@ class RepVGGBlock(nn.Module):
             out = out + self.rbr_identity(x)
         if self.post_bn is not None:
             out = self.post_bn(out)
-        return self.nonlinearity(self.se(out))
+        return self.post_se(self.nonlinearity(self.se(out)))
 
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
         """The 3x3 kernel and bias of the single conv equal to this block's branches at inference time.

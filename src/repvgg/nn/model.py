@@ -19,9 +19,12 @@ from repvgg.nn.block import RepVGGBlock
 from repvgg.nn.fusion import is_batchnorm
 from repvgg.serialization import DictMixin
 
-__all__ = ["RepVGGSpec", "RepVGG"]
+__all__ = ["AUX_POSITIONS", "RepVGGSpec", "RepVGG", "aux_head"]
 
 NUM_STAGES = 5
+#: Where a training-only auxiliary classifier can sit: after stage 1, after stage 2, after the first half of stage
+#: 3 (RepVGGplus's ``stage1_aux``, ``stage2_aux``, ``stage3_first_aux``).
+AUX_POSITIONS = ("stage1", "stage2", "stage3_first")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class RepVGGSpec(DictMixin):
         groupwise_start: 1-based index of the first groupwise layer, counting the stem as layer 1;
             every second layer after it is groupwise too (the paper's 3rd, 5th, 7th, ...).
         use_se: squeeze-and-excitation in every block (RepVGG-D2se).
+        post_se: squeeze-and-excitation after every block's ReLU (RepVGGplus's "pse").
+        aux_heads: where training-only auxiliary classifiers sit, among :data:`AUX_POSITIONS` (RepVGGplus:
+            after stage 1, after stage 2, after the first half of stage 3); each is a stride-2 3x3
+            conv-BN-ReLU, global pooling and a linear layer, and conversion removes them.
         base_widths: widths before scaling (the paper's 64, 64, 128, 256, 512).
         strides: stride of the first layer of each stage.
         dilations: dilation of the 3x3 convs of each stage (used for dense prediction).
@@ -51,6 +58,8 @@ class RepVGGSpec(DictMixin):
     groups: int = 1
     groupwise_start: int = 3
     use_se: bool = False
+    post_se: bool = False
+    aux_heads: tuple[str, ...] = ()
     base_widths: tuple[int, ...] = (64, 64, 128, 256, 512)
     strides: tuple[int, ...] = (2, 2, 2, 2, 2)
     dilations: tuple[int, ...] = (1, 1, 1, 1, 1)
@@ -62,7 +71,7 @@ class RepVGGSpec(DictMixin):
     quant_friendly: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("depths", "base_widths", "strides", "dilations", "width_multipliers"):
+        for name in ("depths", "base_widths", "strides", "dilations", "width_multipliers", "aux_heads"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("depths", "base_widths", "strides", "dilations"):
             values = getattr(self, name)
@@ -72,6 +81,12 @@ class RepVGGSpec(DictMixin):
             raise ValueError(f"width_multipliers must be two positive numbers (a, b), got {self.width_multipliers!r}")
         if not isinstance(self.groups, int) or self.groups < 1:
             raise ValueError(f"groups must be a positive int, got {self.groups!r}")
+        unknown = [h for h in self.aux_heads if h not in AUX_POSITIONS]
+        if unknown or len(set(self.aux_heads)) != len(self.aux_heads):
+            raise ValueError(f"aux_heads must be distinct positions among {', '.join(AUX_POSITIONS)}, got "
+                             f"{self.aux_heads!r}")
+        if "stage3_first" in self.aux_heads and self.depths[3] < 2:
+            raise ValueError("an auxiliary head after the first half of stage 3 needs at least 2 layers there")
         if self.dilated_layers is not None and self.dilated_layers < 0:
             raise ValueError(f"dilated_layers must be >= 0 or None, got {self.dilated_layers!r}")
         # Bounds first, so that a file's metadata declaring an absurd network is refused in microseconds.
@@ -141,7 +156,7 @@ class RepVGG(nn.Module):
 
     # Python-only conveniences TorchScript need not compile (``torch.jit.script`` works on both forms).
     __jit_unused_properties__ = ["deploy", "stages"]
-    __jit_ignored_attributes__ = ["feature_info", "spec", "pretrained_cfg", "card"]
+    __jit_ignored_attributes__ = ["feature_info", "spec", "pretrained_cfg", "card", "aux_positions"]
 
     def __init__(
         self,
@@ -184,7 +199,7 @@ class RepVGG(nn.Module):
         for cfg in layers:
             stage = cfg.pop("stage")
             stages[stage].append(RepVGGBlock(
-                **cfg, use_se=spec.use_se, use_identity=spec.use_identity, use_1x1=spec.use_1x1,
+                **cfg, use_se=spec.use_se, post_se=spec.post_se, use_identity=spec.use_identity, use_1x1=spec.use_1x1,
                 identity_bn=spec.identity_bn, post_bn=spec.post_bn, quant_friendly=spec.quant_friendly,
                 deploy=deploy,
             ))
@@ -218,6 +233,11 @@ class RepVGG(nn.Module):
         else:
             self.gap = nn.AdaptiveAvgPool2d(1)
             self.linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # Training-only classifiers (RepVGGplus), named as the official release names them.
+        self.aux_positions: list[str] = [] if deploy or features_only or num_classes == 0 else list(spec.aux_heads)
+        for position in self.aux_positions:
+            width = spec.widths[3] if position == "stage3_first" else spec.widths[int(position[-1])]
+            setattr(self, f"{position}_aux", aux_head(width, num_classes))
         self._freeze()
 
     @property
@@ -226,8 +246,15 @@ class RepVGG(nn.Module):
 
     @property
     def deploy(self) -> bool:
-        """True when every block is fused."""
-        return all(b.deploy for b in self.modules() if isinstance(b, RepVGGBlock))
+        """True when every block is fused and no training-only head is left."""
+        return not self.aux_positions and all(b.deploy for b in self.modules() if isinstance(b, RepVGGBlock))
+
+    def reparameterize(self) -> None:
+        """Drop the training-only auxiliary heads (:func:`~repvgg.nn.convert.reparameterize_model` calls this and
+        fuses every block); the model then returns a tensor in every mode."""
+        for position in self.aux_positions:
+            delattr(self, f"{position}_aux")
+        self.aux_positions = []
 
     def _freeze(self) -> None:
         for stage in self.stages[: self.frozen_stages + 1]:
@@ -251,7 +278,9 @@ class RepVGG(nn.Module):
         self.grad_checkpointing = enable
 
     def switch_to_deploy(self) -> None:
-        """Fuse every block in place (the name other RepVGG code bases' export scripts call)."""
+        """Fuse every block in place and drop the auxiliary heads (the name other RepVGG code bases' export
+        scripts call)."""
+        self.reparameterize()
         for module in self.modules():
             if isinstance(module, RepVGGBlock):
                 module.reparameterize()
@@ -272,6 +301,10 @@ class RepVGG(nn.Module):
             raise RuntimeError("this model was built with features_only=True and has no classifier head")
         self.num_classes = num_classes
         self.linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        for position in self.aux_positions:  # the auxiliary classifiers follow the main one
+            setattr(self, f"{position}_aux", aux_head(getattr(self, f"{position}_aux")[3].in_features, num_classes))
+        if num_classes == 0:
+            self.reparameterize()
 
     @torch.jit.unused
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -363,10 +396,46 @@ class RepVGG(nn.Module):
             self.reset_classifier(0)
         return wanted
 
-    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+    @torch.jit.unused
+    def forward_with_aux(self, x: Tensor) -> dict[str, Tensor]:
+        """The main logits and each auxiliary head's (``main``, ``stage1_aux``, ``stage2_aux``,
+        ``stage3_first_aux``), as the official RepVGGplus returns them in training."""
+        outputs: dict[str, Tensor] = {}
+
+        def run(blocks: list[nn.Module], x: Tensor) -> Tensor:
+            for block in blocks:
+                use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
+                x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+            return x
+
+        x = run([self.stage0, *self.stage1], x)
+        for position, blocks in (("stage1", []), ("stage2", list(self.stage2)),
+                                 ("stage3_first", list(self.stage3)[: len(self.stage3) // 2])):
+            x = run(blocks, x)
+            if position in self.aux_positions:
+                outputs[f"{position}_aux"] = getattr(self, f"{position}_aux")(x)
+        x = run([*list(self.stage3)[len(self.stage3) // 2:], *self.stage4], x)
+        return {"main": self.forward_head(x), **outputs}
+
+    def forward(self, x: Tensor) -> Any:
+        """The logits (``features_only``: the stage feature maps); in training, a model with auxiliary heads returns
+        :meth:`forward_with_aux`'s dict."""
         if self.features_only:
             return self.forward_stages(x)
+        if not torch.jit.is_scripting():  # (TorchScript compiles the inference forward only)
+            if self.training and self.aux_positions:
+                return self.forward_with_aux(x)
         return self.forward_head(self.forward_features(x))
+
+
+def aux_head(channels: int, num_classes: int) -> nn.Sequential:
+    """An auxiliary classifier as RepVGGplus builds it: a stride-2 3x3 conv-BN-ReLU (keys ``0.conv``, ``0.bn``),
+    global average pooling, flattening and a linear layer (``3``)."""
+    downsample = nn.Sequential()
+    downsample.add_module("conv", nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False))
+    downsample.add_module("bn", nn.BatchNorm2d(channels))
+    downsample.add_module("relu", nn.ReLU())
+    return nn.Sequential(downsample, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
 
 
 class FeatureInfo(list):

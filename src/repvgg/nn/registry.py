@@ -44,13 +44,23 @@ MODEL_SPECS.update({
     "qa" + name: dataclasses.replace(spec, quant_friendly=True)
     for name, spec in list(MODEL_SPECS.items()) if name[len("repvgg_")] in "ab" or name.startswith("repvgg_tiny")
 })
+#: RepVGGplus (the official release, not in the paper): deeper, a post-ReLU SE in every block, and training-only
+#: auxiliary classifiers after stages 1 and 2 and after the first half of stage 3.
+_PLUS_AUX = ("stage1", "stage2", "stage3_first")
+MODEL_SPECS.update({
+    "repvggplus_l2pse": RepVGGSpec(_D, (2.5, 5.0), post_se=True, aux_heads=_PLUS_AUX),
+    "repvggplus_tiny": RepVGGSpec((1, 2, 2, 4, 1), (0.5, 1.0), post_se=True, aux_heads=_PLUS_AUX),
+})
 
 
 def canonical_name(name: str) -> str:
-    """The registry key for ``name``: lower case, ``_`` for ``-``, a ``repvgg_`` (or ``qarepvgg_``) prefix
-    ("RepVGG-A0" -> "repvgg_a0", "a0" -> "repvgg_a0", "QARepVGG-A0" -> "qarepvgg_a0")."""
+    """The registry key for ``name``: lower case, ``_`` for ``-``, a ``repvgg_`` (or ``qarepvgg_``, ``repvggplus_``)
+    prefix ("RepVGG-A0" -> "repvgg_a0", "a0" -> "repvgg_a0", "QARepVGG-A0" -> "qarepvgg_a0", "RepVGGplus-L2pse" and
+    "plus_l2pse" -> "repvggplus_l2pse")."""
     key = name.strip().lower().replace("-", "_")
-    for family in ("qarepvgg", "repvgg"):
+    if key.startswith("plus_"):  # "plus_l2pse" -> "repvggplus_l2pse"
+        key = "repvggplus" + key[len("plus"):]
+    for family in ("qarepvgg", "repvggplus", "repvgg"):
         if key.startswith(family):
             return f"{family}_{key.removeprefix(family).lstrip('_')}"
     return f"repvgg_{key}"

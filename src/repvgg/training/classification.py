@@ -59,6 +59,7 @@ class ClassificationTask:
         self.criterion: nn.Module = nn.CrossEntropyLoss()
         self.mixer: Any = None
         self.resumed: Mapping[str, Any] | None = None
+        self.aux_heads: list[str] = []  # the model's training-only classifiers, each with its own loss
 
     def default_output(self, config: TrainConfig) -> Path:
         return default_output_dir(config)
@@ -90,6 +91,7 @@ class ClassificationTask:
             load_state_dict_into(model, state_dict, source=config.weights, skip_head=skip_head)
         if config.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        self.aux_heads = [f"{position}_aux" for position in getattr(model, "aux_positions", [])]
         return model.to(device=device, memory_format=self.memory_format)
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
@@ -111,15 +113,27 @@ class ClassificationTask:
         targets = labels
         if self.mixer is not None:
             images, targets = self.mixer(images, labels)
-        logits = net(images)
+        output = net(images)
+        logits = output["main"] if isinstance(output, dict) else output
         loss = self.criterion(logits, targets)
+        parts = [loss.detach()]  # the main loss, then each auxiliary head's: recorded apart
+        for name in self.aux_heads:
+            aux_loss = self.criterion(output[name], targets)
+            parts.append(aux_loss.detach())
+            loss = loss + self.config.aux_weight * aux_loss
         if self.config.custom_l2:
             loss = loss + 0.5 * self.config.weight_decay * custom_l2(model)
         correct = (logits.detach().argmax(1) == labels).sum()
-        return StepOutput(loss, labels.numel(), correct.reshape(1))
+        extra = torch.stack(parts) * labels.numel() if self.aux_heads else correct.new_zeros(0)
+        return StepOutput(loss, labels.numel(), torch.cat([correct.reshape(1).to(extra.dtype), extra]))
 
     def train_metrics(self, sums: Tensor) -> dict[str, float]:
-        return {"train_loss": float(sums[0] / sums[1]), "train_top1": float(100 * sums[2] / sums[1])}
+        images = sums[1]
+        metrics = {"train_loss": float(sums[0] / images), "train_top1": float(100 * sums[2] / images)}
+        if self.aux_heads:  # the main loss and each auxiliary loss, unweighted
+            names = ["main", *self.aux_heads]
+            metrics.update({f"train_{name}_loss": float(total / images) for name, total in zip(names, sums[3:])})
+        return metrics
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         report = evaluate_models([model], loader, self.device,

@@ -90,6 +90,8 @@ class TrainConfig(LoopConfig):
     color_jitter: float = option(0.0, "colour jitter for folders (timm): brightness, contrast and saturation "
                                       "by up to this fraction (timm's recipe: 0.4); 0 = off, as in the paper")
     cutmix: float = option(0.0, "cutmix alpha (timm); 0 = off")
+    aux_weight: float = option(0.1, "weight of each auxiliary classifier's loss (models with auxiliary heads: "
+                                    "RepVGGplus); the main loss has weight 1")
     auto_augment: str | None = option(None, "timm policy for folders: 'rand-m9-mstd0.5' (RandAugment) or "
                                             "'original' (AutoAugment)", default_help="none")
     channels_last: bool = option(False, "channels_last memory format (CUDA only; on CPU training stays contiguous)")

@@ -1,0 +1,113 @@
+"""RepVGGplus: post-SE blocks, training-only auxiliary classifiers, exact conversion, the official key layout, and
+training with the auxiliary losses."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import repvgg
+from conftest import randomize_bn
+from repvgg.cli import main
+from repvgg.nn.registry import MODEL_SPECS
+
+PLUS = sorted(name for name, spec in MODEL_SPECS.items() if spec.aux_heads)
+
+
+def _float64_error(model: torch.nn.Module, size: int) -> float:
+    model = randomize_bn(model).eval().double()
+    plain = repvgg.reparameterize_model(model)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference, fused = model(x), plain(x)
+    assert isinstance(fused, torch.Tensor) and not hasattr(plain, "stage1_aux")
+    return float((fused - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("name", PLUS)
+def test_every_repvggplus_converts_exactly(name: str) -> None:
+    assert set(PLUS) >= {"repvggplus_l2pse", "repvggplus_tiny"}
+    model = repvgg.create_model(name, num_classes=10)
+    assert model.spec.post_se and [type(b.post_se).__name__ for b in model.stage1] == ["SEBlock"] * len(model.stage1)
+    assert _float64_error(model, 32) <= 1e-5
+
+
+def test_the_auxiliary_heads_are_training_only() -> None:
+    model = randomize_bn(repvgg.create_model("repvggplus_tiny", num_classes=7)).train()
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert set(out) == {"main", "stage1_aux", "stage2_aux", "stage3_first_aux"}
+    assert all(v.shape == (2, 7) for v in out.values())
+    model.eval()
+    with torch.no_grad():
+        main_logits = model(x)
+    assert isinstance(main_logits, torch.Tensor) and main_logits.shape == (2, 7)
+    plain = repvgg.reparameterize_model(model)
+    assert plain.deploy and isinstance(plain.train()(x), torch.Tensor)  # converted: a tensor in every mode
+    deploy = repvgg.create_model("repvggplus_tiny", num_classes=7, deploy=True)
+    assert not any("aux" in k for k in deploy.state_dict())
+    deploy.load_state_dict(plain.state_dict())
+    # the timm interface
+    model.eval()
+    features = model.forward_features(x)
+    assert torch.equal(model.forward_head(features), model(x))
+    model.reset_classifier(4)
+    assert model.train()(x)["stage2_aux"].shape == (2, 4)
+    backbone = repvgg.create_model("repvggplus_tiny", features_only=True, out_indices=(1, 3))
+    assert [f.shape[1] for f in backbone.eval()(x)] == [backbone.spec.widths[1], backbone.spec.widths[3]]
+
+
+def _official_layout(state_dict: dict[str, torch.Tensor], stage3_blocks: int) -> dict[str, torch.Tensor]:
+    """This package's keys written as the official repvggplus.py names them (``stageN.blocks.i``, stage 3 split)."""
+    half = stage3_blocks // 2
+
+    def rename(key: str) -> str:
+        match = re.match(r"^stage(\d)\.(\d+)\.(.*)$", key)
+        if not match:
+            return key
+        stage, index, rest = int(match[1]), int(match[2]), match[3]
+        if stage == 3:
+            return f"stage3_first.blocks.{index}.{rest}" if index < half else \
+                f"stage3_second.blocks.{index - half}.{rest}"
+        return f"stage{stage}.blocks.{index}.{rest}"
+
+    return {rename(k): v for k, v in state_dict.items()}
+
+
+def test_official_files_load_with_their_architecture_inferred(tmp_path: Path) -> None:
+    model = randomize_bn(repvgg.create_model("repvggplus_tiny", num_classes=10)).eval()
+    official = _official_layout(model.state_dict(), len(model.stage3))
+    assert {"stage3_first.blocks.0.post_se.down.weight", "stage1_aux.3.weight", "stage3_second.blocks.0.rbr_dense"
+            ".conv.weight"} <= set(official)
+    torch.save(official, tmp_path / "RepVGGplus-tiny-train.pth")
+    loaded = repvgg.load_model(tmp_path / "RepVGGplus-tiny-train.pth").eval()
+    assert loaded.name == "repvggplus_tiny" and loaded.aux_positions == ["stage1", "stage2", "stage3_first"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        assert all(torch.equal(a, b) for a, b in zip(loaded.train()(x).values(), model.train()(x).values()))
+    plain = repvgg.reparameterize_model(model)
+    torch.save(_official_layout(plain.state_dict(), len(plain.stage3)), tmp_path / "RepVGGplus-tiny-deploy.pth")
+    fused = repvgg.load_model(tmp_path / "RepVGGplus-tiny-deploy.pth")
+    with torch.no_grad():
+        assert fused.deploy and torch.equal(fused(x), plain(x))
+    assert main(["convert", str(tmp_path / "RepVGGplus-tiny-train.pth"), str(tmp_path / "plus.safetensors"),
+                 "--img-size", "64"]) == 0
+
+
+def test_training_records_the_main_and_auxiliary_losses(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--model", "repvggplus_tiny", "--epochs", "2", "--no-inference-speed", "--device", "cpu",
+                 "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        parts = [row[f"train_{name}_loss"] for name in ("stage1_aux", "stage2_aux", "stage3_first_aux")]
+        assert row["train_loss"] == pytest.approx(row["train_main_loss"] + 0.1 * sum(parts), rel=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prediction_agreement"] == 1.0 and summary["val_top1"] == summary["val_top1_deploy"]
+    trained = repvgg.load_model(out / "last.pt")  # converted after training: the same function in float64
+    assert trained.aux_positions and _float64_error(trained, 32) <= 1e-5
