@@ -111,3 +111,8 @@ def test_training_records_the_main_and_auxiliary_losses(tmp_path: Path) -> None:
     assert summary["prediction_agreement"] == 1.0 and summary["val_top1"] == summary["val_top1_deploy"]
     trained = repvgg.load_model(out / "last.pt")  # converted after training: the same function in float64
     assert trained.aux_positions and _float64_error(trained, 32) <= 1e-5
+
+
+def test_the_flagships_weights_say_where_they_live() -> None:
+    with pytest.raises(ValueError, match="RepVGGplus-L2pse-train256-acc84.06.pth.*github.com/DingXiaoH/RepVGG"):
+        repvgg.create_model("repvggplus_l2pse", pretrained=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["HUB_PREFIX", "PRETRAINED", "hub_file", "pretrained_file"]
+__all__ = ["HUB_PREFIX", "OFFICIAL_ONLY", "PRETRAINED", "hub_file", "pretrained_file"]
 
 HUB_PREFIX = "hf-hub:"
 
@@ -19,6 +19,13 @@ PRETRAINED: dict[str, str] = {
     name: f"timm/{name}.rvgg_in1k"
     for name in ("repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b1g4", "repvgg_b2",
                  "repvgg_b2g4", "repvgg_b3", "repvgg_b3g4", "repvgg_d2se")
+}
+
+#: Registry name -> (file, where it lives) for weights published only by the official release (not on the hub):
+#: pass the downloaded file as ``weights=PATH``; it loads as it is, its architecture inferred.
+OFFICIAL_ONLY: dict[str, tuple[str, str]] = {
+    "repvggplus_l2pse": ("RepVGGplus-L2pse-train256-acc84.06.pth",
+                         "the Google Drive and Baidu links of https://github.com/DingXiaoH/RepVGG's README"),
 }
 
 _DEFAULT_FILE = "model.safetensors"
@@ -58,6 +65,10 @@ def pretrained_file(name: str) -> Path:
     Raises:
         ValueError: no published weights for ``name`` (the list says which have them).
     """
+    if name in OFFICIAL_ONLY:
+        filename, where = OFFICIAL_ONLY[name]
+        raise ValueError(f"{name}'s ImageNet weights are published by the official release only, as {filename} "
+                         f"({where}), not on the Hugging Face hub: download it and pass weights=PATH")
     if name not in PRETRAINED:
         raise ValueError(f"no pretrained weights are published for {name!r}; models with ImageNet weights: "
                          f"{', '.join(sorted(PRETRAINED))}")
