@@ -116,3 +116,47 @@ def test_training_records_the_main_and_auxiliary_losses(tmp_path: Path) -> None:
 def test_the_flagships_weights_say_where_they_live() -> None:
     with pytest.raises(ValueError, match="RepVGGplus-L2pse-train256-acc84.06.pth.*github.com/DingXiaoH/RepVGG"):
         repvgg.create_model("repvggplus_l2pse", pretrained=True)
+
+
+def _gradients(parts: int, *, bn_statistics: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The gradients one step of ``repvgg train`` computes on a fixed batch of 8, over ``parts`` micro-batches."""
+    from repvgg.training.accumulate import accumulate_gradients
+    from repvgg.training.classification import ClassificationTask
+    from repvgg.training.config import TrainConfig
+
+    torch.manual_seed(0)  # the same weights for every call
+    model = randomize_bn(repvgg.create_model("repvggplus_tiny", num_classes=10)).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d) and bn_statistics == "running":
+            module.eval()  # normalised by the running statistics: each image independent of the others
+    task = ClassificationTask()
+    task.config = TrainConfig(custom_l2=True)
+    task.aux_heads = ["stage1_aux", "stage2_aux", "stage3_first_aux"]
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    sums = accumulate_gradients(task, model, model, batch, parts=parts, scaler=scaler, amp_dtype=None,
+                                distributed=False)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sums
+
+
+def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:
+    whole, whole_sums = _gradients(1, bn_statistics="running")
+    for parts in (2, 4):
+        split, sums = _gradients(parts, bn_statistics="running")
+        assert split.keys() == whole.keys() and any("aux" in k for k in whole)
+        for name, grad in whole.items():
+            assert torch.allclose(split[name], grad, rtol=1e-4, atol=1e-7), name
+        assert torch.allclose(sums, whole_sums, rtol=1e-6)  # losses, images, correct and auxiliary losses
+    # BatchNorm in training mode normalises each micro-batch by its own statistics: not the same gradients
+    whole, _ = _gradients(1, bn_statistics="batch")
+    split, _ = _gradients(4, bn_statistics="batch")
+    difference = max(float((split[n] - g).norm() / g.norm()) for n, g in whole.items() if g.norm() > 0)
+    assert difference > 1e-3
+
+
+def test_accumulation_steps_must_divide_the_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--model", "repvgg_tiny", "--epochs", "1", "--batch-size", "64", "--accumulation-steps", "3",
+                 "--output", str(tmp_path / "run")]) == 2
+    assert "--accumulation-steps 3 must divide the 64 images" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -29,6 +29,11 @@ class LoopConfig(RunConfig):
     lr: float | None = option(None, "base learning rate")
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(1e-4, "weight decay on kernels")
+    accumulation_steps: int = option(1, "split each batch into this many micro-batches whose gradients add up to "
+                                        "the batch's (less memory, the same optimizer steps; BatchNorm then sees "
+                                        "micro-batch statistics)", low=1)
+    clip_grad: float | None = option(None, "clip the gradients' global L2 norm to this value before each step",
+                                     default_help="off")
     ema_decay: float = option(0.0, "weight EMA decay, e.g. 0.9998; 0 = off (the EMA weights are evaluated and saved)")
     amp: bool = option(False, "mixed precision: float16 on CUDA, bfloat16 on a CPU with native BF16 (AVX512-BF16 "
                               "or AMX); elsewhere float32, said in the log")
@@ -53,6 +58,7 @@ class LoopConfig(RunConfig):
             (self.momentum >= 0, "momentum must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
+            (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 (leave it out to not clip)"),
         ])
 
     @property

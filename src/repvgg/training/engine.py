@@ -32,6 +32,7 @@ from repvgg.nn.complexity import count_parameters
 from repvgg.nn.convert import check_conversion, reparameterize_model
 from repvgg.serialization import write_json
 from repvgg.perf.environment import cpu_features
+from repvgg.training.accumulate import accumulate_gradients, clip_gradients
 from repvgg.training.config import LoopConfig
 from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, run_distributed
 from repvgg.training.loaders import eval_loader, seed_epoch, train_loader
@@ -258,6 +259,11 @@ def _batch_plan(task: Task, config: Any, ctx: DistContext, train_images: int) ->
     if config.batch_size % ctx.world_size or local_batch < task.min_local_batch:
         raise ValueError(f"batch size {config.batch_size} must be a multiple of the {ctx.world_size} processes "
                          f"with at least {task.min_local_batch} image(s) per process")
+    steps = config.accumulation_steps
+    if local_batch % steps or local_batch // steps < task.min_local_batch:
+        raise ValueError(f"--accumulation-steps {steps} must divide the {local_batch} images each process takes per "
+                         f"step into micro-batches of at least {task.min_local_batch}; change --batch-size or "
+                         "--accumulation-steps")
     steps_per_epoch = train_images // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"the training set ({train_images} images) is smaller than one batch "
@@ -289,17 +295,14 @@ def _train_step(run: _Run, batch: Any) -> None:
     run.lr = run.task.learning_rate(state.global_step, run.total_steps, run.steps_per_epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = run.lr
-    with torch.autocast(run.ctx.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-        out = run.task.training_step(run.net, run.model, batch)
     run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(out.loss).backward()
+    step_sums = accumulate_gradients(run.task, run.net, run.model, batch, parts=run.config.accumulation_steps,
+                                     scaler=run.scaler, amp_dtype=run.amp_dtype, distributed=run.ctx.distributed)
+    clip_gradients(run.model, run.optimizer, run.scaler, run.config.clip_grad)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     if run.ema is not None:
         run.ema.update(run.model, step=state.global_step)
-    loss = out.loss.detach().double().reshape(1)
-    step_sums = torch.cat([loss * out.images, loss.new_tensor([out.images]),
-                           out.sums.detach().to(loss.device, torch.float64).reshape(-1)])
     state.epoch_sums = step_sums if state.epoch_sums is None else state.epoch_sums + step_sums
     state.global_step += 1
     state.step_in_epoch += 1

@@ -1,0 +1,58 @@
+"""One optimizer step's gradients, over micro-batches (``--accumulation-steps``) and clipped (``--clip-grad``).
+
+A batch cut into N consecutive micro-batches, each one's mean loss weighted by its share of the images, gives the
+gradient of the whole batch's mean loss (up to float rounding): the same optimizer steps with 1/N of the
+activation memory. What is not the same: BatchNorm normalises each micro-batch by its own statistics in training
+and updates its running statistics once per micro-batch, and mixup/cutmix pair images within a micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["accumulate_gradients", "clip_gradients", "micro_batches"]
+
+
+def micro_batches(batch: Any, parts: int) -> list[Any]:
+    """``batch`` (tensors, or tuples and dicts of them, batch first) cut into ``parts`` consecutive micro-batches."""
+    if parts == 1:
+        return [batch]
+    leaves, spec = tree_flatten(batch)
+    chunks = [leaf.tensor_split(parts) if isinstance(leaf, Tensor) else [leaf] * parts for leaf in leaves]
+    return [tree_unflatten([chunk[i] for chunk in chunks], spec) for i in range(parts)]
+
+
+def accumulate_gradients(task: Any, net: nn.Module, model: nn.Module, batch: Any, *, parts: int, scaler: Any,
+                         amp_dtype: torch.dtype | None, distributed: bool) -> Tensor:
+    """Back-propagate ``batch``'s mean loss through ``parts`` micro-batches (``task.training_step`` on each); the
+    step's sums ``[loss * images, images, *the task's sums]``. Under DDP the gradients are averaged over the
+    processes once, with the last micro-batch."""
+    pieces = micro_batches(batch, parts)
+    images = sum(int(tree_flatten(piece)[0][0].shape[0]) for piece in pieces)
+    device_type = next(model.parameters()).device.type
+    totals: Tensor | None = None
+    for i, piece in enumerate(pieces):
+        sync = contextlib.nullcontext() if i == len(pieces) - 1 or not distributed else net.no_sync()
+        with sync:
+            with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = task.training_step(net, model, piece)
+            scaler.scale(out.loss * (out.images / images)).backward()
+        loss = out.loss.detach().double().reshape(1)
+        sums = torch.cat([loss * out.images, loss.new_tensor([out.images]),
+                          out.sums.detach().to(loss.device, torch.float64).reshape(-1)])
+        totals = sums if totals is None else totals + sums
+    assert totals is not None
+    return totals
+
+
+def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, max_norm: float | None) -> None:
+    """Scale the accumulated gradients down to a global L2 norm of at most ``max_norm`` (``None``: leave them)."""
+    if max_norm is None:
+        return
+    scaler.unscale_(optimizer)  # clip the true gradients, not float16-scaled ones
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
