@@ -160,3 +160,21 @@ def test_accumulation_steps_must_divide_the_batch(tmp_path: Path, capsys: pytest
                  "--output", str(tmp_path / "run")]) == 2
     assert "--accumulation-steps 3 must divide the 64 images" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_separate_test_size_evaluates_at_it(tmp_path: Path) -> None:
+    from conftest import write_image_folder
+    from repvgg.io.card import read_card
+    from repvgg.training.data import build_datasets
+
+    folder = build_datasets(str(write_image_folder(tmp_path / "data")), img_size=32, test_size=40)
+    assert folder.train[0][0].shape[-1] == 32 and folder.val[0][0].shape[-1] == 40
+    assert folder.preprocessing.img_size == 40 and folder.preprocessing.resize == 45  # 40 / 0.875
+    digits = build_datasets(None, img_size=32, test_size=48)
+    assert digits.train[0][0].shape[-1] == 32 and digits.val[0][0].shape[-1] == 48
+    out = tmp_path / "run"
+    assert main(["train", "--model", "repvgg_tiny", "--epochs", "1", "--img-size", "32", "--test-size", "48",
+                 "--no-inference-speed", "--device", "cpu", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["img_size"], summary["test_size"]) == (32, 48) and summary["prediction_agreement"] == 1.0
+    assert read_card(out / "deploy.safetensors", 10)[1].img_size == 48  # deployed at the size it was evaluated at

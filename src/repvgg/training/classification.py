@@ -48,7 +48,7 @@ class ClassificationTask:
     command = "train"
     score = "val_top1"
     min_local_batch = 1
-    fixed_on_resume = ("model", "model_overrides", "val_fraction", "qat", "img_size")
+    fixed_on_resume = ("model", "model_overrides", "val_fraction", "qat", "img_size", "test_size")
     input_fields = ("data", "weights")
 
     def __init__(self) -> None:
@@ -68,7 +68,8 @@ class ClassificationTask:
               resumed: Mapping[str, Any] | None = None) -> tuple[TrainConfig, Dataset]:
         self.device, self.resumed = ctx.device, resumed
         self.memory_format = training_memory_format(config.channels_last, ctx.device)
-        self.bundle = build_datasets(config.data, img_size=config.img_size, val_fraction=config.val_fraction,
+        self.bundle = build_datasets(config.data, img_size=config.img_size, test_size=config.test_size,
+                                     val_fraction=config.val_fraction,
                                      auto_augment=config.auto_augment, bad_images=config.bad_images,
                                      random_erasing=config.random_erasing, color_jitter=config.color_jitter,
                                      data_config=_model_data_config(config) if config.data else None)
@@ -99,8 +100,9 @@ class ClassificationTask:
 
     def describe(self, model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> str:
         b = self.bundle
+        test = b.preprocessing.img_size
         return (f"{model.name} on {b.name}: {len(b.train)} train / {len(b.val)} val images, {b.num_classes} classes, "
-                f"{b.img_size}x{b.img_size}")
+                f"{b.img_size}x{b.img_size}" + (f", evaluated at {test}x{test}" if test != b.img_size else ""))
 
     def learning_rate(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
         warmup_steps = int(round(self.config.resolved_warmup_epochs * steps_per_epoch))
@@ -155,6 +157,7 @@ class ClassificationTask:
             "dataset": self.bundle.name,
             "num_classes": self.bundle.num_classes,
             "img_size": self.bundle.img_size,
+            "test_size": self.bundle.preprocessing.img_size,
             "val_images": report.images,
             "val_top1": report.top1[0],
             "val_top5": report.top5[0],

@@ -86,6 +86,9 @@ class TrainConfig(LoopConfig):
     data: str | None = option(None, "ImageFolder root with train/ and val/", default_help="the embedded digits data")
     img_size: int | None = option(None, "input resolution", default_help="32 for digits, 224 for folders", low=8,
                                   high=MAX_IMG_SIZE)
+    test_size: int | None = option(None, "evaluation resolution, when it differs from --img-size (RepVGGplus trains "
+                                         "at 256 and evaluates at 320)", default_help="--img-size", low=8,
+                                   high=MAX_IMG_SIZE)
     warmup_epochs: float | None = option(None, "linear warm-up epochs",
                                          default_help="5 for >= 100 epochs, else 1; 0 with --qat")
     label_smoothing: float = option(0.1, "label smoothing")

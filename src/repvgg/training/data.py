@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -123,16 +124,18 @@ class DigitsDataset(Dataset):
         return image, int(self.labels[index])
 
 
-def _digits_bundle(img_size: int, val_fraction: float, *, augment: bool = True) -> DatasetBundle:
+def _digits_bundle(img_size: int, val_fraction: float, *, augment: bool = True,
+                   test_size: int | None = None) -> DatasetBundle:
     x_train, y_train, x_val, y_val = digits_split(val_fraction)
+    test_size = test_size or img_size
     return DatasetBundle(
         train=DigitsDataset(x_train, y_train, img_size, train=augment),
-        val=DigitsDataset(x_val, y_val, img_size, train=False),
+        val=DigitsDataset(x_val, y_val, test_size, train=False),
         num_classes=10,
         img_size=img_size,
         name="sklearn-digits",
         classes=[str(i) for i in range(10)],
-        preprocessing=digits_preprocessing(img_size),
+        preprocessing=digits_preprocessing(test_size),
     )
 
 
@@ -402,25 +405,33 @@ def build_datasets(
     color_jitter: float = 0.0,
     data_config: dict[str, Any] | None = None,
     preprocessing: Preprocessing | None = None,
+    test_size: int | None = None,
 ) -> DatasetBundle:
     """Datasets for ``data`` (an ImageFolder root) or, when ``data`` is ``None``, the embedded digits.
 
     ``augment=False`` gives the training split the validation preprocessing (e.g. for calibration).
     ``preprocessing`` (what a model's file records) sets the default ``img_size`` and, for a folder, the
-    evaluation's resize, crop, mean and std.
+    evaluation's resize, crop, mean and std. ``test_size`` evaluates at another resolution than ``img_size``
+    trains at (RepVGGplus: 256 and 320); the validation split and ``preprocessing`` of the bundle are at it.
     """
+    if test_size is not None:
+        check_img_size(test_size, "test_size")
     if preprocessing is not None:
         img_size = preprocessing.img_size if img_size is None else img_size
         data_config = preprocessing.to_dict() if data_config is None else data_config
     if img_size is not None:
         check_img_size(img_size, "img_size")
     if data is None:
-        return _digits_bundle(32 if img_size is None else img_size, val_fraction, augment=augment)
+        return _digits_bundle(32 if img_size is None else img_size, val_fraction, augment=augment,
+                              test_size=test_size)
     classes, samples = scan_image_folder(data)
     counts = {split: len(split_samples) for split, split_samples in samples.items()}
     size = 224 if img_size is None else img_size
     train_tf, val_tf, preprocessing = folder_transforms(size, auto_augment=auto_augment, color_jitter=color_jitter,
                                                         random_erasing=random_erasing, data_config=data_config)
+    if test_size is not None and test_size != size:
+        preprocessing = dataclasses.replace(preprocessing, img_size=test_size)
+        val_tf = eval_transform(preprocessing)
     root = Path(data)
     bundle = DatasetBundle(
         train=CheckedImageFolder(root / "train", samples["train"], classes, train_tf if augment else val_tf,
