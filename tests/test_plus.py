@@ -178,3 +178,24 @@ def test_a_separate_test_size_evaluates_at_it(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["img_size"], summary["test_size"]) == (32, 48) and summary["prediction_agreement"] == 1.0
     assert read_card(out / "deploy.safetensors", 10)[1].img_size == 48  # deployed at the size it was evaluated at
+
+
+def test_bench_reports_both_forms_of_a_repvggplus() -> None:
+    from repvgg.perf.bench import BenchConfig, run_benchmark
+
+    result = run_benchmark(BenchConfig(models=("plus_tiny",), baselines=(), peer=False, batch_size=2, warmup=0,
+                                       rounds=1, latency=False, memory=False, fast=False, reference_conv=False,
+                                       img_size=64))
+    train, plain = result.row("repvggplus_tiny", "train"), result.row("repvggplus_tiny", "plain")
+    assert train.params > plain.params and plain.deviation <= 1e-5 and plain.throughput > 0
+
+
+def test_a_recipe_is_a_preset_that_flags_override(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--recipe", "repvggplus", "--epochs", "3", "--print-config", "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert (config["model"], config["epochs"], config["weight_decay"], config["img_size"], config["test_size"],
+            config["mixup"], config["aux_weight"]) == ("repvggplus_l2pse", 3, 4e-5, 256, 320, 0.2, 0.1)
+    assert main(["train", "--recipe", "paper-heavy", "--print-config", "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert (config["epochs"], config["auto_augment"], config["label_smoothing"]) == (200, "original", 0.1)
+    assert main(["train", "--recipe", "paper-medium", "--print-config"]) == 2

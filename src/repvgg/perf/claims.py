@@ -138,16 +138,17 @@ def _build(name: str) -> nn.Module:
 
 
 def measure_models(names: Sequence[str], *, device: str = "cpu", runtime: str = "channels_last", batch_size: int = 8,
-                   warmup: int = 1, rounds: int = 3) -> dict[str, ModelMeasurement]:
-    """Count and time ``names`` (registered RepVGGs or baselines), each at its size (:data:`MODEL_SIZES`, else 224)
-    through ``runtime`` of the fast path (checked against the eager model), in interleaved rounds, medians."""
+                   warmup: int = 1, rounds: int = 3, img_size: int | None = None) -> dict[str, ModelMeasurement]:
+    """Count and time ``names`` (registered RepVGGs or baselines), each at ``img_size`` or its own size
+    (:data:`MODEL_SIZES`, else 224) through ``runtime`` of the fast path (checked against the eager model), in
+    interleaved rounds, medians."""
     from repvgg.perf.fast import optimize_for_inference
 
     target = torch.device(device)
     measurements: dict[str, ModelMeasurement] = {}
     calls: dict[str, Callable[[], Any]] = {}
     for name in names:
-        size = MODEL_SIZES.get(name, 224)
+        size = img_size or MODEL_SIZES.get(name, 224)
         model = _build(name)
         meta = copy.deepcopy(model).to("meta")
         measurements[name] = ModelMeasurement(name, size, count_parameters(model), count_macs(meta, (1, 3, size, size)))

@@ -16,7 +16,24 @@ from typing import Any, Mapping, TypeVar
 from repvgg.limits import MAX_IMG_SIZE
 from repvgg.options import RunConfig, option
 
-__all__ = ["AblationConfig", "LoopConfig", "TrainConfig", "load_config_file", "resolve_run_config"]
+__all__ = ["AblationConfig", "LoopConfig", "RECIPES", "TrainConfig", "load_config_file", "resolve_run_config"]
+
+#: ``--recipe`` presets: the paper's two ImageNet recipes and the official release's RepVGGplus recipe. A recipe
+#: sets these fields; a resumed run, a ``--config`` file and flags override it (``--print-config`` shows the result).
+#: The learning rate follows the paper's rule, 0.1 x batch / 256 (the official code's too).
+RECIPES: dict[str, dict[str, Any]] = {
+    # 120 epochs, random-resized crop and flip only (light and middle models: A0-A2, B0-B2 and their g2/g4)
+    "paper-light": dict(epochs=120, batch_size=256, weight_decay=1e-4, label_smoothing=0.0, mixup=0.0,
+                        auto_augment=None, warmup_epochs=5.0),
+    # 200 epochs with label smoothing, mixup and AutoAugment (the heavy models: B2g4, B3, B3g4)
+    "paper-heavy": dict(epochs=200, batch_size=256, weight_decay=1e-4, label_smoothing=0.1, mixup=0.2,
+                        auto_augment="original", warmup_epochs=5.0),
+    # the official RepVGGplus-L2pse command: 300 epochs, weight decay 4e-5, RandAugment at magnitude 15 (timm's, the
+    # nearest to the official "raug15"), mixup 0.2, train at 256 and evaluate at 320, auxiliary losses at 0.1
+    "repvggplus": dict(model="repvggplus_l2pse", epochs=300, batch_size=256, weight_decay=4e-5, label_smoothing=0.1,
+                       mixup=0.2, auto_augment="rand-m15-mstd0.5", warmup_epochs=5.0, img_size=256, test_size=320,
+                       aux_weight=0.1, custom_l2=False),
+}
 
 C = TypeVar("C", bound=RunConfig)
 
@@ -82,6 +99,10 @@ class TrainConfig(LoopConfig):
     lr: float | None = option(None, "base learning rate",
                               default_help="0.1 x batch size / 256 for folders, 0.05 x for the digits; "
                                            "1/10 of it with --qat")
+    recipe: str | None = option(None, "a preset of the options below: paper-light (120 epochs), paper-heavy (200, "
+                                      "label smoothing, mixup, AutoAugment) or repvggplus (the official RepVGGplus "
+                                      "recipe); flags override it", default_help="none",
+                                choices=tuple(RECIPES))
     model: str = option("repvgg_a0", "registered model name (see `repvgg info`)")
     data: str | None = option(None, "ImageFolder root with train/ and val/", default_help="the embedded digits data")
     img_size: int | None = option(None, "input resolution", default_help="32 for digits, 224 for folders", low=8,
@@ -214,4 +235,9 @@ def resolve_run_config(
     base.update({k: v for k, v in (flags or {}).items() if v is not None})
     if config_file:
         base["config_file"] = str(config_file)
+    recipe = base.get("recipe")
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+        base = {**RECIPES[recipe], **base}  # what the recipe sets, unless given otherwise
     return config_cls.from_dict(base)
