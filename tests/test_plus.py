@@ -20,10 +20,11 @@ PLUS = sorted(name for name, spec in MODEL_SPECS.items() if spec.aux_heads)
 
 def _float64_error(model: torch.nn.Module, size: int) -> float:
     model = randomize_bn(model).eval().double()
-    plain = repvgg.reparameterize_model(model)
     x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        reference, fused = model(x), plain(x)
+        reference = model(x)
+        plain = repvgg.reparameterize_model(model, inplace=True)  # in place: L2pse is 1.2 GB in float64
+        fused = plain(x)
     assert isinstance(fused, torch.Tensor) and not hasattr(plain, "stage1_aux")
     return float((fused - reference).norm() / reference.norm())
 
