@@ -102,7 +102,7 @@ def test_official_files_load_with_their_architecture_inferred(tmp_path: Path) ->
 
 def test_training_records_the_main_and_auxiliary_losses(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["train", "--model", "repvggplus_tiny", "--epochs", "2", "--no-inference-speed", "--device", "cpu",
+    assert main(["train", "--model", "repvggplus_tiny", "--epochs", "1", "--no-inference-speed", "--device", "cpu",
                  "--output", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for row in rows:

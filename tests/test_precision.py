@@ -174,8 +174,8 @@ def test_amp_trains_in_bf16_where_the_cpu_has_it_and_converts_exactly(tmp_path: 
     monkeypatch.setattr(ClassificationTask, "training_step", recording)
     monkeypatch.setattr(engine, "cpu_features", lambda: AMX)  # the capability faked: bf16 is emulated here
     out = tmp_path / "run"
-    # 359 training images: 2 steps (bfloat16 is emulated on most test machines, hence slow)
-    assert main(["train", "--model", "repvgg_tiny", "--epochs", "1", "--batch-size", "128", "--val-fraction", "0.8",
+    # 89 training images: 1 step of 64 (bfloat16 is emulated on most test machines, hence slow)
+    assert main(["train", "--model", "repvgg_tiny", "--epochs", "1", "--batch-size", "64", "--val-fraction", "0.95",
                  "--device", "cpu", "--amp", "--no-inference-speed", "--output", str(out)]) == 0
     assert seen and all(enabled and dtype == torch.bfloat16 for enabled, dtype in seen)
     summary = json.loads((out / "summary.json").read_text())

@@ -242,20 +242,17 @@ def test_a_model_file_runs_in_int8_when_asked(run: dict[str, Path], caplog: pyte
         repvgg.Predictor(run["run"], runtime="onnxruntime", dtype="int8")
 
 
-def test_a_hub_reference_predicts_with_the_card_of_its_file(run: dict[str, Path], tmp_path: Path) -> None:
-    import os
-    import sys
-
-    from conftest import run_process
-    from test_hub import REPO_ROOT, _hub_cache
+def test_a_hub_reference_predicts_with_the_card_of_its_file(run: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+    from test_hub import _hub_cache
 
     cache = _hub_cache(tmp_path / "hub", "someone/digits-a0", {})
     snapshot = next((cache / "models--someone--digits-a0" / "snapshots").iterdir())
     shutil.copyfile(run["run"] / "deploy.safetensors", snapshot / "model.safetensors")
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
-    result = run_process([sys.executable, "-m", "repvgg", "predict", "hf-hub:someone/digits-a0",
-                          str(run["data"] / "val" / "class_2"), "--topk", "1", "--runtime", "eager", "--json"],
-                         timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    document = json.loads(result.stdout)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # a local hub cache, offline: nothing downloads
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    document = _predict(capsys, "hf-hub:someone/digits-a0", str(run["data"] / "val" / "class_2"), "--topk", "1")
     assert [r["classes"] for r in document["predictions"]] == [["class_2"]] * 8 and not document["notes"]

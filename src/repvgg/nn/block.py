@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from repvgg.nn.fusion import fold_batchnorm, fold_norm, identity_kernel, pad_kernel_to
 
-__all__ = ["RepVGGBlock", "SEBlock", "ConvBN"]
+__all__ = ["RepVGGBlock", "SEBlock", "ConvBN", "aux_head"]
 
 
 class ConvBN(nn.Sequential):
@@ -256,3 +256,13 @@ class RepVGGBlock(nn.Module):
             parts.append(f"dilation={self.dilation}")
         parts.append(f"deploy={self.deploy}")
         return ", ".join(parts)
+
+
+def aux_head(channels: int, num_classes: int) -> nn.Sequential:
+    """An auxiliary classifier as RepVGGplus builds it: a stride-2 3x3 conv-BN-ReLU (keys ``0.conv``, ``0.bn``),
+    global average pooling, flattening and a linear layer (``3``)."""
+    downsample = nn.Sequential()
+    downsample.add_module("conv", nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False))
+    downsample.add_module("bn", nn.BatchNorm2d(channels))
+    downsample.add_module("relu", nn.ReLU())
+    return nn.Sequential(downsample, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))

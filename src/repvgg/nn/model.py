@@ -15,11 +15,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from repvgg.limits import MAX_CHANNELS, MAX_STAGE_DEPTH
-from repvgg.nn.block import RepVGGBlock
+from repvgg.nn.block import RepVGGBlock, aux_head
 from repvgg.nn.fusion import is_batchnorm
 from repvgg.serialization import DictMixin
 
-__all__ = ["AUX_POSITIONS", "RepVGGSpec", "RepVGG", "aux_head"]
+__all__ = ["AUX_POSITIONS", "RepVGGSpec", "RepVGG"]
 
 NUM_STAGES = 5
 #: Where a training-only auxiliary classifier can sit: after stage 1, after stage 2, after the first half of stage
@@ -426,16 +426,6 @@ class RepVGG(nn.Module):
             if self.training and self.aux_positions:
                 return self.forward_with_aux(x)
         return self.forward_head(self.forward_features(x))
-
-
-def aux_head(channels: int, num_classes: int) -> nn.Sequential:
-    """An auxiliary classifier as RepVGGplus builds it: a stride-2 3x3 conv-BN-ReLU (keys ``0.conv``, ``0.bn``),
-    global average pooling, flattening and a linear layer (``3``)."""
-    downsample = nn.Sequential()
-    downsample.add_module("conv", nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False))
-    downsample.add_module("bn", nn.BatchNorm2d(channels))
-    downsample.add_module("relu", nn.ReLU())
-    return nn.Sequential(downsample, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
 
 
 class FeatureInfo(list):

@@ -85,7 +85,8 @@ class Predictor:
         batch_size: images per forward pass (and the batch the runtimes are weighed at).
         workers: DataLoader processes decoding images (0: in this process).
         classes: class names in place of the artifact's: a list, or a text file with one name a line.
-        measure: time the runtimes and take the fastest (``False``: the first that reproduces the model).
+        measure: time the runtimes and take the fastest (``False``: PyTorch eager for ``runtime="auto"`` in float32,
+            else the first runtime that reproduces the model; what the CLI does for two batches or fewer).
     """
 
     def __init__(self, artifact: str | os.PathLike[str], *, runtime: str = "auto", dtype: str = "float32",
@@ -233,8 +234,14 @@ def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch
             raise ValueError("int8 needs calibration images (the CLI calibrates on the first "
                              f"{CALIBRATION_IMAGES} inputs); or quantize with `repvgg quantize` and predict with "
                              "its INT8 file, whose accuracy it measured")
+    if runtime != "auto":
+        candidates = [runtime]
+    elif not measure and dtype == "float32":
+        candidates = ["eager"]  # for a few images, building another runtime costs more than it saves
+    else:
+        candidates = None
     runner = optimize_for_inference(plain, example.to(target), dtype=dtype, calibration=calibration,
-                                    candidates=None if runtime == "auto" else [runtime], measure=measure)
+                                    candidates=candidates, measure=measure)
     precision = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(runner.dtype,
                                                                                                   "int8")
 
