@@ -56,9 +56,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 # Under pytest-xdist each worker gets its share of the cores: two workers with two threads each on a 2-core
-# machine would spin against each other.
+# machine would spin against each other. The processes a test starts (torchrun-style runs, the CLI) inherit the
+# share through OMP_NUM_THREADS.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _SHARE = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_SHARE)
+    os.environ["OMP_NUM_THREADS"] = str(_SHARE)
 
 
 @pytest.fixture(autouse=True)
