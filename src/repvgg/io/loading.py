@@ -101,13 +101,15 @@ def _default_preprocessing(model: torch.nn.Module) -> Preprocessing:
     return Preprocessing.from_data_config(cfg, int(size))
 
 
-def attach_card(model: torch.nn.Module, metadata: Mapping[str, Any], source: str) -> None:
-    """Set ``model.card`` from a file's metadata (validated against the head) and make ``model.pretrained_cfg``
-    (what timm's data helpers read) say the same preprocessing. A model without a head gets no card."""
+def attach_card(model: torch.nn.Module, metadata: Mapping[str, Any] | ModelCard, source: str) -> None:
+    """Set ``model.card`` from a file's metadata (validated against the head), or to a card already resolved, and
+    make ``model.pretrained_cfg`` (what timm's data helpers read) say the same preprocessing. A model without a
+    head gets no card."""
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if num_classes < 1 or getattr(model, "features_only", False):
         return
-    card = resolve_card(metadata, source, num_classes, default=_default_preprocessing(model))
+    card = metadata if isinstance(metadata, ModelCard) else \
+        resolve_card(metadata, source, num_classes, default=_default_preprocessing(model))
     model.card = card
     p = card.preprocessing
     cfg = getattr(model, "pretrained_cfg", None)
@@ -219,7 +221,7 @@ def load_model(
     if isinstance(spec_or_name, RepVGGSpec) and "arch" in metadata:
         model.name = str(metadata["arch"])
     load_state_dict_into(model, state_dict, source=str(path))
-    attach_card(model, metadata, str(path))
+    attach_card(model, getattr(probe, "card", metadata), str(path))  # the card the probe's check resolved
     if deploy and not file_deploy:
         model = reparameterize_model(model, inplace=True)
     return model

@@ -10,7 +10,7 @@ import difflib
 import fnmatch
 from typing import Any, Sequence
 
-from repvgg.nn.model import RepVGG, RepVGGSpec
+from repvgg.nn.model import AUX_POSITIONS, RepVGG, RepVGGSpec
 
 __all__ = ["MODEL_SPECS", "canonical_name", "list_models", "get_spec", "register_model", "build_model"]
 
@@ -46,10 +46,9 @@ MODEL_SPECS.update({
 })
 #: RepVGGplus (the official release, not in the paper): deeper, a post-ReLU SE in every block, and training-only
 #: auxiliary classifiers after stages 1 and 2 and after the first half of stage 3.
-_PLUS_AUX = ("stage1", "stage2", "stage3_first")
 MODEL_SPECS.update({
-    "repvggplus_l2pse": RepVGGSpec(_D, (2.5, 5.0), post_se=True, aux_heads=_PLUS_AUX),
-    "repvggplus_tiny": RepVGGSpec((1, 2, 2, 4, 1), (0.5, 1.0), post_se=True, aux_heads=_PLUS_AUX),
+    "repvggplus_l2pse": RepVGGSpec(_D, (2.5, 5.0), post_se=True, aux_heads=AUX_POSITIONS),
+    "repvggplus_tiny": RepVGGSpec((1, 2, 2, 4, 1), (0.5, 1.0), post_se=True, aux_heads=AUX_POSITIONS),
 })
 
 

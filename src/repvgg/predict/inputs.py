@@ -13,32 +13,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from repvgg.training.data import load_rgb
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFiles", "collate_images", "expand_inputs"]
+from repvgg.training.data import image_files, load_rgb
 
-#: Files a folder or a glob contributes (an image named explicitly is read whatever its name).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+__all__ = ["ImageFiles", "collate_images", "expand_inputs"]
+
 _GLOB_CHARS = set("*?[")
 
 
-def _folder_images(folder: Path) -> list[str]:
-    """Images anywhere below ``folder``, sorted folder by folder; a folder reached twice (a link) is read once."""
-    found: list[str] = []
-    seen: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs.sort()
-        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS))
-    return found
-
-
 def expand_inputs(inputs: Iterable[str | os.PathLike[str]], *, stdin: Iterable[str] | None = None) -> list[str]:
-    """The image files ``inputs`` name, in order: a file as it is, a folder's images (recursive, sorted), a glob
+    """The image files ``inputs`` name, in order: a file as it is (whatever its name), a folder's images
+    (torchvision's image extensions, recursive, sorted), a glob
     pattern's matches (sorted; ``**`` recurses), and for ``-`` the paths in ``stdin``, one a line. A file named
     twice is read once.
 
@@ -56,16 +42,16 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]], *, stdin: Iterable[s
             continue
         path = Path(text)
         if path.is_dir():
-            images = _folder_images(path)
+            images = image_files(path)
             if not images:
-                raise ValueError(f"{text} holds no images ({', '.join(IMAGE_EXTENSIONS)}, in any sub-folder)")
+                raise ValueError(f"{text} holds no images ({', '.join(IMG_EXTENSIONS)}, in any sub-folder)")
             paths.extend(images)
         elif path.exists():
             paths.append(text)
         elif _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(text, recursive=True))
-            files = [m for m in matches if Path(m).is_file() and m.lower().endswith(IMAGE_EXTENSIONS)]
-            files += [i for m in matches if Path(m).is_dir() for i in _folder_images(Path(m))]
+            files = [m for m in matches if Path(m).is_file() and m.lower().endswith(IMG_EXTENSIONS)]
+            files += [i for m in matches if Path(m).is_dir() for i in image_files(Path(m))]
             if not files:
                 raise FileNotFoundError(f"no image matches the pattern {text}")
             paths.extend(files)

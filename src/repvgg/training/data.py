@@ -37,6 +37,7 @@ __all__ = [
     "build_datasets",
     "check_image_folder",
     "load_rgb",
+    "image_files",
     "open_image",
     "ToNormalizedTensor",
     "scan_class_folders",
@@ -190,23 +191,32 @@ def scan_class_folders(split_root: str | Path) -> tuple[list[str], list[tuple[st
     followed once: a folder reached again through a link (a loop such as ``a/loop -> .``, or two links
     to one folder) is not scanned again, so no image is counted twice.
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     split_root = Path(split_root)
     classes = sorted(entry.name for entry in os.scandir(split_root) if entry.is_dir())
-    samples: list[tuple[str, int]] = []
     seen: set[str] = set()
-    for index, name in enumerate(classes):
-        for folder, dirs, files in os.walk(split_root / name, followlinks=True):
-            real = os.path.realpath(folder)
-            if real in seen:
-                dirs[:] = []
-                continue
-            seen.add(real)
-            dirs.sort()
-            samples.extend((os.path.join(folder, f), index) for f in sorted(files)
-                           if f.lower().endswith(IMG_EXTENSIONS))
+    samples = [(path, index) for index, name in enumerate(classes) for path in image_files(split_root / name, seen)]
     return classes, samples
+
+
+def image_files(folder: str | Path, seen: set[str] | None = None) -> list[str]:
+    """The image files (torchvision's image extensions) anywhere below ``folder``, sorted folder by folder.
+
+    Directory links are followed once: a folder already in ``seen`` (real paths, shared between calls that must not
+    count an image twice) is skipped, so a loop such as ``a/loop -> .`` ends.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    seen = set() if seen is None else seen
+    found: list[str] = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS))
+    return found
 
 
 def check_image_folder(root: str | Path) -> tuple[list[str], dict[str, int]]:
