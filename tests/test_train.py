@@ -62,6 +62,17 @@ def test_train_cli_on_digits_writes_everything(tmp_path: Path, capsys: pytest.Ca
     assert evaluated["form"] == "deploy" and evaluated["val_top1"] == pytest.approx(summary["val_top1_deploy"])
 
 
+def test_loader_workers_end_with_the_run(tmp_path: Path) -> None:
+    # Left to the garbage collector, persistent workers outlive the run and can each stall a later collection
+    # for PyTorch's 5 s status timeout.
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    train(TrainConfig(model="repvgg_tiny", epochs=1, batch_size=64, img_size=16, val_fraction=0.8, workers=2,
+                      device="cpu", inference_speed=False, output=str(tmp_path / "run")))
+    assert set(multiprocessing.active_children()) <= before
+
+
 def test_train_on_an_image_folder(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "data")
     # the optional recipe pieces run too: RandAugment, cutmix, channels_last, gradient checkpointing

@@ -7,9 +7,9 @@ precision, weight EMA and SyncBatchNorm, stop requests (:mod:`~repvgg.training.s
 per-epoch evaluation, ``best.pt`` / ``last.pt`` / ``metrics.jsonl`` (in that order, so the metrics never
 list an epoch whose checkpoint failed to write), and the final conversion of the trained model with its check.
 
-A task (:class:`Task`) is a small object that builds its data and model, does one training step,
-evaluates, and compares and saves the converted model. :func:`fit` reads like a table of contents:
-start (restore or begin), epochs (each :func:`_run_epoch` then :func:`_end_epoch`), finish.
+A task (:class:`Task`) builds its data and model, does one training step, evaluates, and compares and saves
+the converted model. :func:`fit` reads like a table of contents: start (restore or begin), epochs (each
+:func:`_run_epoch` then :func:`_end_epoch`), finish; the loaders' worker processes end with the run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from repvgg.perf.environment import cpu_features
 from repvgg.training.accumulate import accumulate_gradients, clip_gradients
 from repvgg.training.config import LoopConfig
 from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, run_distributed
-from repvgg.training.loaders import eval_loader, seed_epoch, train_loader
+from repvgg.training.loaders import closing_loaders, eval_loader, seed_epoch, train_loader
 from repvgg.training.optim import build_optimizer
 from repvgg.training.progress import diverged_error, duration, progress_bar, write_metrics
 from repvgg.training.run_folder import (check_continuation, check_data_is_there, check_run_folder, check_same_data,
@@ -110,12 +110,11 @@ class _Run:
     epochs_this_run: int = 0
     lr: float = 0.0
     stop_after_epoch: bool = False  # a stop request or the step budget ended the epoch's last step
+    amp_dtype: torch.dtype | None = None  # autocast's precision under --amp (autocast_dtype)
 
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.config.epochs
-
-    amp_dtype: torch.dtype | None = None  # autocast's precision under --amp (autocast_dtype)
 
     def checkpoint(self) -> dict[str, Any]:
         return {
@@ -150,14 +149,15 @@ def fit(task: Task, config: C, trackers: Sequence[Tracker] = ()) -> dict[str, An
 
 def _fit(task: Task, config: C, ctx: DistContext, trackers: list[Tracker]) -> dict[str, Any]:
     run = _start(task, config, ctx, trackers)
-    with run.stopper.installed():
-        while run.state.epoch < run.config.epochs:
-            if not _run_epoch(run):
-                return _interrupted(run)
-            stop = _end_epoch(run)
-            if stop and run.state.epoch < run.config.epochs:
-                return _interrupted(run)
-    return _finish(run)
+    with closing_loaders(run.loader, run.val_loader):
+        with run.stopper.installed():
+            while run.state.epoch < run.config.epochs:
+                if not _run_epoch(run):
+                    return _interrupted(run)
+                stop = _end_epoch(run)
+                if stop and run.state.epoch < run.config.epochs:
+                    return _interrupted(run)
+        return _finish(run)
 
 
 # --- start: check everything, restore or begin, then open the folder ----------------------------

@@ -7,7 +7,9 @@ in-order validation shard, so sums over processes are exact.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -15,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from repvgg.training.distributed import DistContext, EpochSampler, SeededSamples, ShardSampler
 
-__all__ = ["eval_loader", "seed_epoch", "train_loader"]
+__all__ = ["closing_loaders", "eval_loader", "seed_epoch", "train_loader"]
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -47,3 +49,22 @@ def eval_loader(dataset: Dataset, *, batch_size: int, workers: int, ctx: DistCon
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       sampler=ShardSampler(len(dataset), ctx.rank, ctx.world_size),
                       pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
+
+
+@contextlib.contextmanager
+def closing_loaders(*loaders: DataLoader | None) -> Iterator[None]:
+    """Stop the loaders' persistent worker processes when the block ends, however it ends.
+
+    Left to the garbage collector, a finished run's workers outlive it, and when the collector closes their
+    queues before the loader's iterator, each worker waits out PyTorch's 5 s status timeout before it is killed.
+    """
+    try:
+        yield
+    finally:
+        for loader in loaders:
+            iterator = getattr(loader, "_iterator", None)  # where PyTorch keeps a persistent loader's workers
+            if iterator is not None:
+                loader._iterator = None  # type: ignore[union-attr]
+                shutdown = getattr(iterator, "_shutdown_workers", None)
+                if callable(shutdown):
+                    shutdown()
