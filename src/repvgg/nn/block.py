@@ -28,7 +28,9 @@ Submodule names are those of the official release, because they are the checkpoi
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -181,11 +183,11 @@ class RepVGGBlock(nn.Module):
         """True once the block is a single fused conv (built with ``deploy=True`` or reparameterized)."""
         return self.rbr_reparam is not None
 
-    def _make_fused_conv(self) -> nn.Conv2d:
-        return nn.Conv2d(
-            self.in_channels, self.out_channels, 3, stride=self.stride, padding=self.dilation,
-            dilation=self.dilation, groups=self.groups, bias=True,
-        )
+    def _make_fused_conv(self, *, initialize: bool = True, **factory: Any) -> nn.Conv2d:
+        """The block's single 3x3 conv; ``initialize=False`` leaves its memory unset (it is about to be filled)."""
+        build = nn.Conv2d if initialize else functools.partial(torch.nn.utils.skip_init, nn.Conv2d)
+        return build(self.in_channels, self.out_channels, 3, stride=self.stride, padding=self.dilation,
+                     dilation=self.dilation, groups=self.groups, bias=True, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rbr_reparam is not None:
@@ -239,7 +241,7 @@ class RepVGGBlock(nn.Module):
         if self.rbr_reparam is not None:
             return
         kernel, bias = self.equivalent_kernel_bias()
-        fused = self._make_fused_conv().to(device=kernel.device, dtype=kernel.dtype)
+        fused = self._make_fused_conv(initialize=False, device=kernel.device, dtype=kernel.dtype)
         fused.weight.copy_(kernel)
         fused.bias.copy_(bias)
         self.rbr_reparam = fused

@@ -133,7 +133,8 @@ def fuse_conv_bn_modules(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     if conv.bias is not None:
         scale, _ = fold_batchnorm(None, bn)
         bias = bias + conv.bias.to(_FUSION_DTYPE) * scale
-    fused = nn.Conv2d(
+    fused = torch.nn.utils.skip_init(  # no random initialisation of weights that are overwritten next
+        nn.Conv2d,
         conv.in_channels,
         conv.out_channels,
         conv.kernel_size,
