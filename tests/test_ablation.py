@@ -13,7 +13,7 @@ from repvgg.cli import main
 from repvgg import create_model
 
 SMOKE = ["--model", "repvgg_tiny", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--val-fraction", "0.8",
-         "--device", "cpu"]
+         "--img-size", "16", "--device", "cpu"]
 
 
 def test_branch_configurations_switch_the_branches() -> None:

@@ -27,7 +27,7 @@ from repvgg.training.classification import ClassificationTask, train
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import load_rgb, scan_class_folders
 
-TINY = ["--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "128"]  # 11 steps per epoch
+TINY = ["--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "128", "--img-size", "16"]  # 11 steps per epoch
 
 
 def _train(out: Path, *extra: str) -> int:

@@ -24,7 +24,8 @@ from repvgg.segmentation.config import SegTrainConfig
 from repvgg.training.config import TrainConfig
 
 TIMING = {"epoch_time_s", "train_images_per_s", "data_wait_s_per_step"}
-DIGITS = ["train", "--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "128", "--no-inference-speed"]
+DIGITS = ["train", "--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "128", "--img-size", "16",
+          "--no-inference-speed"]
 
 
 def _tree(root: Path, *, skip: Path | None = None) -> dict[str, str]:

@@ -134,7 +134,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, s
 @pytest.mark.timeout(1500)
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "repvgg", "train", *TINY, "--epochs", "200", "--output", str(out)]
+    cmd = [sys.executable, "-m", "repvgg", "train", *TINY, "--img-size", "16", "--epochs", "200", "--output", str(out)]
     with started_process(cmd, tmp_path / "logs", env={**os.environ, "OMP_NUM_THREADS": "1"}) as proc:
         # Hang detectors only: the first epoch takes seconds here and minutes on the slowest machine.
         assert wait_for((out / "last.pt").exists, proc, timeout=900), (tmp_path / "logs" / "stderr.txt").read_text()
@@ -152,7 +152,7 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
 def test_two_process_gloo_run(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
-           "-m", "repvgg", "train", *TINY, "--epochs", "1", "--output", str(out)]
+           "-m", "repvgg", "train", *TINY, "--img-size", "16", "--epochs", "1", "--output", str(out)]
     result = run_process(cmd, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -264,8 +264,8 @@ def test_tensorboard_and_custom_trackers_receive_the_scalars(tmp_path: Path) -> 
 
     recorder = Recorder()
     out = tmp_path / "run"
-    train(TrainConfig(model="repvgg_tiny", epochs=2, batch_size=64, device="cpu", output=str(out), log_interval=5,
-                      tensorboard=True), trackers=[recorder])
+    train(TrainConfig(model="repvgg_tiny", epochs=2, batch_size=64, img_size=16, device="cpu", output=str(out),
+                      log_interval=5, tensorboard=True), trackers=[recorder])
     assert recorder.closed and [e for e, _ in recorder.epochs] == [1, 2]
     assert [s for s, _ in recorder.steps] == [5, 10, 15, 20, 27, 32, 37, 42]  # every 5th step of each epoch
     assert {"train_loss", "lr"} <= set(recorder.steps[0][1]) and "val_top1" in recorder.epochs[0][1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -62,11 +63,24 @@ def test_wrapped_and_ddp_prefixed_checkpoints_are_unwrapped(tmp_path: Path) -> N
         torch.testing.assert_close(model(x), source(x))
 
 
+def _timm_model(name: str) -> tuple[torch.nn.Module, dict[str, object]]:
+    """timm's ``name`` and the overrides that give our matching model: repvgg_d2se (133M parameters) keeps its
+    layout (depths, SE) at 2/5 of its widths."""
+    if name != "repvgg_d2se":
+        return timm.create_model(name, num_classes=10), {}
+    from timm.models.byobnet import ByobNet, model_cfgs
+
+    cfg = model_cfgs[name]
+    narrow = dataclasses.replace(cfg, blocks=tuple(dataclasses.replace(b, c=b.c * 2 // 5) for b in cfg.blocks))
+    return ByobNet(narrow, num_classes=10), {"width_multipliers": (1.0, 2.0)}
+
+
 @pytest.mark.parametrize("name", ["repvgg_a0", "repvgg_b1g4", "repvgg_d2se"])
 def test_timm_state_dicts_load_and_give_timm_outputs(name: str, tmp_path: Path) -> None:
-    reference = randomize_bn(timm.create_model(name, num_classes=10)).eval()
+    timm_model, overrides = _timm_model(name)
+    reference = randomize_bn(timm_model).eval()
     torch.save(reference.state_dict(), tmp_path / "timm.pth")
-    model = create_model(name, weights=tmp_path / "timm.pth").eval()
+    model = create_model(name, weights=tmp_path / "timm.pth", **overrides).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))
