@@ -33,7 +33,7 @@ from repvgg.predict.inputs import expand_inputs
 from repvgg.predict.predictor import Predictor
 from repvgg.report import markdown_table
 from repvgg.serialization import write_json, write_text
-from repvgg.training.data import digits_split
+from repvgg.training.digits import digits_split
 from repvgg.training.evaluate import evaluate_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"

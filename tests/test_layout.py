@@ -1,4 +1,5 @@
-"""The package's architecture: imports point one way (no cycles, lazy imports included)."""
+"""The package's architecture: imports point one way (no cycles, lazy imports included), modules and functions stay
+short."""
 
 from __future__ import annotations
 
@@ -120,3 +121,35 @@ def test_the_layout_page_matches_the_tree() -> None:
                if p.name not in ("__init__.py", "__main__.py")}
     covered = {m for m in modules if m in listed or any(m.startswith(d) for d in listed if d.endswith("/"))}
     assert modules == covered, f"modules missing from docs/layout.md: {sorted(modules - covered)}"
+
+
+#: Limits that keep every module and function readable in one sitting.
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 100
+
+
+def oversized(sources: dict[str, str]) -> list[str]:
+    """Modules over :data:`MAX_MODULE_LINES` lines and functions (methods and nested ones too) over
+    :data:`MAX_FUNCTION_LINES`, as ``"name: N lines"``."""
+    found = []
+    for name, text in sorted(sources.items()):
+        if (n := len(text.splitlines())) > MAX_MODULE_LINES:
+            found.append(f"{name}: {n} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
+                    found.append(f"{name}:{node.lineno} {node.name}: {n} lines")
+    return found
+
+
+def test_modules_and_functions_stay_within_their_limits() -> None:
+    sources = {p.relative_to(PACKAGE).as_posix(): p.read_text() for p in PACKAGE.rglob("*.py")}
+    assert len(sources) > 30
+    assert oversized(sources) == []
+
+
+def test_the_size_check_finds_what_it_looks_for() -> None:
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    long_function = f"def f():\n{body}"
+    assert oversized({"a.py": long_function}) == [f"a.py:1 f: {MAX_FUNCTION_LINES + 1} lines"]
+    assert oversized({"b.py": "x = 1\n" * (MAX_MODULE_LINES + 1)}) == [f"b.py: {MAX_MODULE_LINES + 1} lines"]
+    assert oversized({"c.py": "x = 1\n" * MAX_MODULE_LINES}) == []

@@ -16,8 +16,8 @@ from PIL import Image
 from repvgg.io.checkpoint import load_checkpoint
 from repvgg.cli import main
 from repvgg.training.config import TrainConfig
-from repvgg.training.data import (ToNormalizedTensor, build_datasets, check_image_folder, digits_split,
-                                  folder_transforms)
+from repvgg.training.data import ToNormalizedTensor, build_datasets, check_image_folder, folder_transforms
+from repvgg.training.digits import digits_split
 from repvgg.training.engine import training_memory_format
 from repvgg.training.classification import train
 

@@ -1,7 +1,6 @@
 """Datasets for training and evaluation: the embedded digits default and ImageNet-style folders.
 
-* Digits: the real handwritten-digit images shipped with scikit-learn (1,797 8x8 images, 10 classes),
-  split once with a fixed seed (stratified), upscaled to a small RGB resolution.
+* Digits (:mod:`~repvgg.training.digits`): the handwritten-digit images shipped with scikit-learn.
 * Folders: ``ROOT/train/<class>/<image>`` and ``ROOT/val/<class>/<image>`` (the ImageNet layout), scanned
   once, with timm's transforms resolved from the model (``create_transform``): RandomResizedCrop + flip
   (optionally AutoAugment/RandAugment, colour jitter and random erasing) for training; resize to size / crop ratio and
@@ -20,20 +19,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, Preprocessing
 from repvgg.limits import check_img_size
+from repvgg.training.digits import DigitsDataset, digits_preprocessing, digits_split
 
 __all__ = [
-    "DIGITS_SPLIT_SEED",
     "DatasetBundle",
-    "DigitsDataset",
-    "digits_preprocessing",
     "eval_transform",
-    "digits_split",
     "build_datasets",
     "check_image_folder",
     "load_rgb",
@@ -47,7 +42,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DIGITS_SPLIT_SEED = 0
 _EXPECTED_LAYOUT = (
     "expected ROOT/train/<class_name>/<image files> and ROOT/val/<class_name>/<image files> "
     "(the ImageNet layout), with the same class folders in train/ and val/"
@@ -70,59 +64,6 @@ class DatasetBundle:
     def card(self) -> ModelCard:
         """The class names and evaluation preprocessing a model trained on this data carries into its files."""
         return ModelCard(tuple(self.classes), self.preprocessing)
-
-
-def digits_preprocessing(img_size: int) -> Preprocessing:
-    """The digits' evaluation preprocessing as it applies to an image file: grey, the whole image resized
-    (bilinear) to ``img_size``, ``(x - 0.5) / 0.5``; bright strokes on a dark ground, as in the data."""
-    return Preprocessing(img_size=img_size, crop_pct=1.0, interpolation="bilinear", mean=(0.5, 0.5, 0.5),
-                         std=(0.5, 0.5, 0.5), grayscale=True)
-
-
-def digits_split(val_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The digits images (float, 0..1, shape ``(N, 8, 8)``) split into train and val, stratified.
-
-    The split seed is fixed (:data:`DIGITS_SPLIT_SEED`), so every run sees the same validation set.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    idx_train, idx_val = train_test_split(
-        list(range(len(labels))), test_size=val_fraction, random_state=DIGITS_SPLIT_SEED,
-        stratify=labels.numpy(),
-    )
-    return images[idx_train], labels[idx_train], images[idx_val], labels[idx_val]
-
-
-class DigitsDataset(Dataset):
-    """Digits upscaled (bilinear) to ``img_size`` and repeated to 3 channels, normalised to mean 0 / std 1.
-
-    Training augmentation: a random shift of up to ``img_size // 16`` pixels (zero fill), drawn
-    from the global torch RNG, so it is reproducible under the training loop's seeding.
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, img_size: int, *, train: bool) -> None:
-        big = F.interpolate(images[:, None], size=(img_size, img_size), mode="bilinear", align_corners=False)
-        big = (big - 0.5) / 0.5
-        self.images = big.expand(-1, 3, -1, -1).contiguous()
-        self.labels = labels
-        self.train = train
-        self.max_shift = max(1, img_size // 16)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = self.images[index]
-        if self.train:
-            pad = self.max_shift
-            dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
-            padded = F.pad(image, (pad, pad, pad, pad), value=-1.0)
-            image = padded[:, dy:dy + image.shape[1], dx:dx + image.shape[2]]
-        return image, int(self.labels[index])
 
 
 def _digits_bundle(img_size: int, val_fraction: float, *, augment: bool = True,
