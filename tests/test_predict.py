@@ -104,7 +104,7 @@ def test_metadata_round_trips_through_every_artifact(run: dict[str, Path]) -> No
 def test_bad_metadata_and_a_class_count_mismatch_are_clear_errors(run: dict[str, Path], tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     tensors, metadata = read_safetensors(run["run"] / "deploy.safetensors")
-    cases = {"not-json": ({"classes": "[class_0"}, "metadata field 'classes' must be a JSON list"),
+    cases = {"not-json": ({"classes": "[class_0"}, "metadata field 'classes' is not valid JSON"),
              "count": ({"classes": json.dumps(["a", "b"])}, "names 2 classes but the model has 3 outputs"),
              "preprocessing": ({"preprocessing": json.dumps({"img_size": 32, "crop_pct": 3})},
                                "metadata field 'preprocessing' is not a valid preprocessing: crop_pct"),

@@ -50,7 +50,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_diverging_run_stops_with_exit_1_and_writes_no_model(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "2", "--lr", "1e6", "--output", str(out)]) == 1
+    assert main(["train", *TINY, "--epochs", "2", "--lr", "900", "--output", str(out)]) == 1
     err = capsys.readouterr().err
     assert "diverged" in err and "Traceback" not in err
     assert not (out / "deploy.safetensors").exists() and not (out / "summary.json").exists()

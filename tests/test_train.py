@@ -219,8 +219,7 @@ def test_corrupt_image_fails_naming_the_file_or_is_skipped(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="2.png"):
         bundle.train[index]
     skipping = build_datasets(str(root), img_size=32, bad_images="skip")
-    image, _ = skipping.train[index]
-    assert image.shape == (3, 32, 32) and skipping.train.skipped == 1
+    assert skipping.train[index] is None and skipping.train.take_skipped() == 1  # skipped, not replaced
     with pytest.raises(ValueError, match="class_0/2.png"):
         train(TrainConfig(model="repvgg_tiny", data=str(root), img_size=32, epochs=1, batch_size=4, device="cpu",
                           output=str(tmp_path / "run")))

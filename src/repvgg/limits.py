@@ -1,17 +1,29 @@
-"""Bounds on the sizes a user can ask for, and the one check of each: flags, config fields and file metadata.
+"""Bounds on everything an input can make this package allocate, and the one check of each.
 
-A value outside its bounds is refused with a message naming the option before anything is built or
-allocated (an input of 100,000 x 100,000 pixels would ask for hundreds of GB; a file declaring 40,000
-layers per stage would take minutes to describe). The ceilings are generous for real use: the paper
-trains at 224 and evaluates segmentation at 1024 x 2048 crops of 713 and 1024; RepVGG-B3 has 16 layers
-in its deepest stage and 2,560 channels in its widest.
+Flags, config fields, file metadata, JSON and YAML text, decoded images and the batches they make are all
+checked here, before anything is built or allocated: an input of 100,000 x 100,000 pixels would ask for
+hundreds of GB; a file declaring 40,000 layers per stage would take minutes to describe; a 300-byte YAML file
+of nested aliases expands to gigabytes. A value outside its bounds is a :class:`LimitExceeded` (a
+``ValueError``) naming the option and the limit. The ceilings are generous for real use: the paper trains at
+224 and evaluates segmentation at 1024 x 2048 crops of 713 and 1024; RepVGG-B3 has 16 layers in its deepest
+stage and 2,560 channels in its widest.
+
+Nothing here imports torch: the command line checks its flags before loading it.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+import reprlib
 from typing import Any
 
-__all__ = ["MAX_IMG_SIZE", "MAX_STAGE_DEPTH", "MAX_CHANNELS", "MIN_OPSET", "check_int", "check_img_size"]
+__all__ = ["ACTIVATION_FACTOR", "LimitExceeded", "MAX_CHANNELS", "MAX_CONFIG_BYTES", "MAX_IMAGE_PIXELS",
+           "MAX_IMG_SIZE", "MAX_JSON_BYTES", "MAX_NESTING", "MAX_STAGE_DEPTH", "MEMORY_SHARE", "MIN_OPSET", "brief",
+           "check_batch_memory", "check_float", "check_image_pixels", "check_img_size", "check_int", "machine_memory",
+           "nesting_depth", "parse_json"]
 
 #: Largest input side (pixels) of any command: training, evaluation, export, benchmarks.
 MAX_IMG_SIZE = 4096
@@ -21,18 +33,172 @@ MAX_STAGE_DEPTH = 256
 MAX_CHANNELS = 16384
 #: Oldest ONNX opset ``repvgg export`` writes (the ``torch.export``-based exporter's own minimum).
 MIN_OPSET = 18
+#: Most pixels of one image, decoded or resized for a model (8192 x 8192; a 48-megapixel photo fits). A 16-bit
+#: PNG of 13,000 x 13,000 pixels compresses to a few hundred KB and decodes to gigabytes.
+MAX_IMAGE_PIXELS = 8192 * 8192
+#: Most bytes of one JSON text a file or a flag holds (class names, preprocessing, a model spec).
+MAX_JSON_BYTES = 16 * 2**20
+#: Most bytes of a ``--config`` file.
+MAX_CONFIG_BYTES = 2**20
+#: Deepest nesting of lists and mappings in JSON or YAML input (a config or a spec needs 3).
+MAX_NESTING = 32
+#: A forward pass holds activations several times the size of its input (RepVGG's first stage alone is four
+#: times its input, and a training-time block has three branches): the input batch times this is what a batch
+#: is taken to need.
+ACTIVATION_FACTOR = 16
+#: The share of this machine's memory one batch may be taken to need.
+MEMORY_SHARE = 0.5
+
+
+class LimitExceeded(ValueError):
+    """An input asks for more than its bound (an image, a batch, a nested text): refused before allocating."""
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """A ``repr`` of ``value`` of at most ``limit`` characters, built without formatting all of it: a message never
+    echoes an unbounded input."""
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxlist, shortener.maxdict, shortener.maxtuple = 3, 8, 8, 8
+    shortener.maxstring = shortener.maxother = limit
+    text = shortener.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_int(value: Any, name: str, *, low: int, high: int | None = None) -> int:
     """``value`` as an int in ``[low, high]``; otherwise a ValueError naming ``name`` and the allowed range."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {brief(value)}")
     if value < low or (high is not None and value > high):
         allowed = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{name} must be {allowed}, got {value}")
+        raise ValueError(f"{name} must be {allowed}, got {brief(value)}")
     return value
+
+
+def check_float(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a finite float in its range (``low_open`` / ``high_open`` exclude the ends); otherwise a
+    ValueError naming ``name`` and the range. NaN and infinities are never a setting."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {brief(value)}")
+    number = float(value) if abs(value) < 1e308 else math.inf
+    below = low is not None and (number <= low if low_open else number < low)
+    above = high is not None and (number >= high if high_open else number > high)
+    if not math.isfinite(number) or below or above:
+        ends = [f"{'>' if low_open else '>='} {low:g}" if low is not None else "",
+                f"{'<' if high_open else '<='} {high:g}" if high is not None else ""]
+        allowed = " and ".join(e for e in ends if e) or "finite"
+        raise ValueError(f"{name} must be a finite number {allowed}, got {brief(value)}")
+    return number
 
 
 def check_img_size(value: Any, name: str = "img_size", *, low: int = 8) -> int:
     """An input side in pixels: at least ``low`` and at most :data:`MAX_IMG_SIZE`."""
     return check_int(value, name, low=low, high=MAX_IMG_SIZE)
+
+
+def check_image_pixels(width: int, height: int, what: str) -> None:
+    """Refuse an image of more than :data:`MAX_IMAGE_PIXELS` pixels, from its header or before a resize makes it.
+
+    Raises:
+        LimitExceeded: naming ``what`` (the file, or the resize a model's preprocessing asks for).
+    """
+    if width * height > MAX_IMAGE_PIXELS:
+        raise LimitExceeded(f"{what} is {width:,} x {height:,} pixels ({width * height / 1e6:,.1f} megapixels), "
+                            f"more than the {MAX_IMAGE_PIXELS / 1e6:.1f} megapixels an image may have "
+                            "(repvgg.limits.MAX_IMAGE_PIXELS); resize it first")
+
+
+def machine_memory() -> int | None:
+    """This machine's memory in bytes, or the control group's limit where that is lower (``None``: unknown)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as handle:
+                text = handle.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = int(text) if total is None else min(total, int(text))
+    return total
+
+
+def check_batch_memory(batch: int, shape: tuple[int, ...], option: str, *, element_bytes: int = 4,
+                       memory: int | None = None) -> None:
+    """Refuse a batch of ``batch`` inputs of ``shape`` (e.g. ``(3, H, W)``) whose forward pass would need more
+    than :data:`MEMORY_SHARE` of ``memory`` (default: :func:`machine_memory`), counting
+    :data:`ACTIVATION_FACTOR` times the input.
+
+    Raises:
+        LimitExceeded: naming ``option`` and what to lower.
+    """
+    memory = machine_memory() if memory is None else memory
+    needed = batch * math.prod(shape) * element_bytes * ACTIVATION_FACTOR
+    if memory is not None and needed > MEMORY_SHARE * memory:
+        fits = max(0, int(MEMORY_SHARE * memory // (math.prod(shape) * element_bytes * ACTIVATION_FACTOR)))
+        raise LimitExceeded(f"{option} {batch:,} of {'x'.join(map(str, shape))} inputs would need about "
+                            f"{_size(needed)} for one forward pass, and this machine has {_size(memory)}; lower "
+                            f"{option} (at most {fits:,} at this input size) or the input size")
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:,.0f} {unit}" if unit == "bytes" else f"{nbytes:,.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} PiB"  # pragma: no cover - the loop returns
+
+
+_JSON_TOKENS = re.compile(r'["\\\[\]{}]')
+
+
+def nesting_depth(text: str) -> int:
+    """The deepest nesting of ``[`` and ``{`` in JSON ``text`` (brackets inside strings do not count), found
+    without parsing it: a parser recurses once per level."""
+    depth = deepest = 0
+    in_string = escaped = False
+    last = -2
+    for match in _JSON_TOKENS.finditer(text):
+        char, at = match.group(), match.start()
+        if in_string:
+            if escaped and at == last + 1:
+                escaped = False
+            elif char == "\\":
+                escaped, last = True, at
+            elif char == '"':
+                in_string = False
+            continue
+        if char == '"':
+            in_string, escaped = True, False
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """Parse JSON ``text`` from a file or a flag, bounded first: at most :data:`MAX_JSON_BYTES` and
+    :data:`MAX_NESTING` levels deep.
+
+    Raises:
+        LimitExceeded: the text is too large or too deeply nested.
+        ValueError: it is not JSON (the message names ``what``, never the whole text).
+    """
+    if len(text) > MAX_JSON_BYTES:
+        raise LimitExceeded(f"{what} holds {len(text):,} bytes of JSON, more than the {MAX_JSON_BYTES:,} allowed")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{what} is not UTF-8 text") from None
+    if nesting_depth(text) > MAX_NESTING:
+        raise LimitExceeded(f"{what} nests lists or objects more than {MAX_NESTING} levels deep")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{what} is not valid JSON ({getattr(err, 'msg', type(err).__name__)} at character "
+                         f"{getattr(err, 'pos', '?')}): {brief(text)}") from None

@@ -10,31 +10,45 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from repvgg.limits import check_int
+from repvgg.limits import brief, check_float, check_int
 from repvgg.serialization import DictMixin, write_text
 
-__all__ = ["RunConfig", "option"]
+__all__ = ["RunConfig", "check_device_name", "option"]
+
+_DEVICE_NAME = re.compile(r"(auto|cpu|cuda(:\d{1,4})?)")
+
+
+def check_device_name(name: Any, option_name: str = "device") -> str:
+    """``name`` if it names a device this package runs on (``auto``, ``cpu``, ``cuda`` or ``cuda:N``); whether
+    it is there is checked when the device is used (:func:`repvgg.training.distributed.resolve_device`)."""
+    if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
+        raise ValueError(f"{option_name} must be auto, cpu, cuda or cuda:N (N >= 0), got {brief(name)}: this package "
+                         "runs on CPUs and CUDA GPUs")
+    return name
 
 C = TypeVar("C", bound="RunConfig")
 
 
 def option(default: Any = None, help: str = "", *, choices: Sequence[Any] | None = None,
            default_help: str | None = None, cli: bool = True, factory: Callable[[], Any] | None = None,
-           low: int | None = None, high: int | None = None) -> Any:
+           low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Any:
     """A config field with what the command line needs: its help text, choices, and how to show its default.
 
     ``default_help`` describes a default that is derived at run time (``None`` meaning "derive it");
     ``cli=False`` keeps a field off the command line (set it in a config file); ``low`` and ``high`` bound
-    an integer field, checked by the flag and by the config alike.
+    a number (``low_open`` and ``high_open`` exclude the ends), checked by the flag and by the config alike. A float
+    field is always finite.
     """
     metadata = {"help": help, "choices": choices, "default_help": default_help, "cli": cli, "low": low,
-                "high": high}
+                "high": high, "low_open": low_open, "high_open": high_open}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -78,6 +92,20 @@ def _describe(annotation: Any) -> str:
         annotation, getattr(annotation, "__name__", str(annotation)))
 
 
+def _check_bounds(f: dataclasses.Field, value: Any, *, real: bool) -> None:
+    """``value`` within field ``f``'s bounds; a number of a field that holds floats (``real``) is finite too."""
+    meta = f.metadata
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if real:
+        check_float(value, f.name, low=meta.get("low"), high=meta.get("high"), low_open=meta.get("low_open", False),
+                    high_open=meta.get("high_open", False))
+    elif isinstance(value, int) and meta.get("low") is not None:
+        check_int(value, f.name, low=int(meta["low"]), high=None if meta.get("high") is None else int(meta["high"]))
+    elif isinstance(value, int) and meta.get("high") is not None:
+        check_int(value, f.name, low=-2**63, high=int(meta["high"]))
+
+
 class RunConfig(DictMixin):
     """A run configuration: dict round trips plus overrides and a YAML copy in the run folder."""
 
@@ -97,18 +125,17 @@ class RunConfig(DictMixin):
 
     def _check_types(self) -> None:
         """Every field holds a value of its declared type and within its bounds (config files and checkpoints
-        are not trusted)."""
+        are not trusted); a float is finite."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not _has_type(value, hints[f.name]):
                 raise ValueError(f"invalid {type(self).__name__}: {f.name} must be {_describe(hints[f.name])}, "
-                                 f"got {value!r}")
-            if f.metadata.get("low") is not None and value is not None:
-                try:
-                    check_int(value, f.name, low=f.metadata["low"], high=f.metadata.get("high"))
-                except ValueError as err:
-                    raise ValueError(f"invalid {type(self).__name__}: {err}") from None
+                                 f"got {brief(value)}")
+            try:
+                _check_bounds(f, value, real=_has_type(0.5, hints[f.name]))
+            except ValueError as err:
+                raise ValueError(f"invalid {type(self).__name__}: {err}") from None
 
     def _check(self, checks: Sequence[tuple[bool, str]]) -> None:
         for ok, message in checks:

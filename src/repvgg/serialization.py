@@ -8,25 +8,31 @@ file formats can all build on it.
 * :func:`atomic_write` writes beside the target and renames: an interrupt or a failure (no space left, a
   file-size limit, a permission) leaves the previous file as it was and raises :class:`WriteFailed`
   naming the file and the cause. New files get the user's umask, like any other program's.
+* An output that is a symbolic link is written through: its target gets the new content and the link stays
+  (:func:`output_target`), as a shell redirection does; the rule above applies to the target.
+* :func:`write_csv` writes spreadsheet-safe CSV: a cell that a spreadsheet would run as a formula (starting
+  with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) is written with a leading ``'`` (OWASP's advice).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import errno
+import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 from repvgg.errors import WriteFailed
 
-__all__ = ["DictMixin", "atomic_write", "check_output_path", "staging_folder", "write_failed", "write_json",
-           "write_text"]
+__all__ = ["DictMixin", "atomic_write", "check_output_path", "commit_staged", "csv_cell", "output_target",
+           "staging_folder", "write_csv", "write_failed", "write_json", "write_text"]
 
 D = TypeVar("D", bound="DictMixin")
 
@@ -58,13 +64,22 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def output_target(path: PathLike) -> Path:
+    """Where writing ``path`` puts the bytes: the file itself, or the target of a symbolic link (links are written
+    through, never replaced by a file)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), overwrite: bool = False,
-                      option: str = "the output") -> Path:
+                      option: str = "the output", suffixes: tuple[str, ...] = ()) -> Path:
     """The output rule of every command, checked before any work: return ``path`` if it may be written.
 
     ``reads`` are the files and folders the command reads (weights, a config file, a data folder). A path
     that is one of those files, or lies inside one of those folders, is refused even with ``overwrite``;
-    an existing file is replaced only with ``overwrite``; a folder is never an output file.
+    an existing file is replaced only with ``overwrite``; a folder is never an output file. A symbolic link is
+    judged by its target, which is what gets written (:func:`output_target`). ``suffixes`` (e.g. ``(".onnx",)``)
+    are the names the output may end with, in any case, so a file is named for what it holds.
 
     Raises:
         ValueError: naming ``option`` (e.g. ``--json-out``) and what to do instead.
@@ -83,8 +98,12 @@ def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), 
                              "(inputs are never replaced, not even with --overwrite)")
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; name a file")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} {path} must end in {' or '.join(suffixes)} (a file is named for what it holds)")
     if path.exists() and not overwrite:
-        raise ValueError(f"{option} {path} already exists; pass --overwrite to replace it, or choose another name")
+        link = f" (a link to {output_target(path)})" if path.is_symlink() else ""
+        raise ValueError(f"{option} {path}{link} already exists; pass --overwrite to replace it, or choose another "
+                         "name")
     return path
 
 
@@ -135,7 +154,7 @@ def atomic_write(path: PathLike, *, errors: tuple[type[BaseException], ...] = (O
     default ``OSError``: no space, a file-size limit, permissions) become :class:`WriteFailed` naming the
     file and the cause. The parent folder is created; the file gets the user's umask.
     """
-    path = Path(path)
+    path = output_target(path)
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,15 +174,27 @@ def atomic_write(path: PathLike, *, errors: tuple[type[BaseException], ...] = (O
 @contextlib.contextmanager
 def staging_folder(path: PathLike) -> Iterator[Path]:
     """A temporary folder beside ``path`` for files that are checked before they are moved into place (with
-    ``os.replace``, inside the block); removed on the way out. A write failing in it is a :class:`WriteFailed`
-    naming ``path``."""
-    path = Path(path)
+    ``os.replace``, inside the block, through :func:`commit_staged`); removed on the way out. A write failing in it
+    is a :class:`WriteFailed` naming ``path``."""
+    path = output_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as staging:
             yield Path(staging)
     except OSError as err:
         raise write_failed(path, err) from err
+
+
+def commit_staged(staged: PathLike, path: PathLike) -> Path:
+    """Move a file checked in a :func:`staging_folder` into place as ``path`` (through a link to its target), in
+    one rename; a side file (an ONNX model's external weights) goes beside it under its own name."""
+    staged, target = Path(staged), output_target(path)
+    destination = target if staged.name == Path(path).name else target.parent / staged.name
+    try:
+        os.replace(staged, destination)
+    except OSError as err:
+        raise write_failed(destination, err) from err
+    return destination
 
 
 def write_text(path: PathLike, text: str) -> Path:
@@ -176,3 +207,24 @@ def write_text(path: PathLike, text: str) -> Path:
 def write_json(path: PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically."""
     return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """``value`` as a CSV cell a spreadsheet shows as text: a leading ``'`` before ``=``, ``+``, ``-``, ``@``, a tab
+    or a carriage return (OWASP's defence against formula injection), numbers left as they are."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write ``header`` and ``rows`` as CSV, atomically, every text cell spreadsheet-safe (:func:`csv_cell`)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    for row in [header, *rows]:
+        writer.writerow([csv_cell(v) for v in row])
+    return write_text(path, out.getvalue())

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from repvgg.limits import check_img_size
+from repvgg.io.formats import require_kind
+from repvgg.limits import MAX_IMAGE_PIXELS, LimitExceeded, brief, check_img_size, parse_json
 from repvgg.serialization import DictMixin
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "ModelCard", "Preprocessing", "read_card",
@@ -31,6 +32,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 #: Most class names a file may declare (ImageNet-21k has 21,843).
 MAX_CLASSES = 1_000_000
+#: The largest short side a preprocessing may resize images to (a square image then has the most pixels allowed).
+_MAX_RESIZE = math.isqrt(MAX_IMAGE_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -48,23 +51,28 @@ class Preprocessing(DictMixin):
     grayscale: bool = False
 
     def __post_init__(self) -> None:
-        check_img_size(self.img_size, "img_size", low=1)
+        check_img_size(self.img_size, "img_size")
         if isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float)) \
                 or not 0.05 <= self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be a number between 0.05 and 1, got {self.crop_pct!r}")
+            raise ValueError(f"crop_pct must be a number between 0.05 and 1, got {brief(self.crop_pct)}")
+        if self.resize > _MAX_RESIZE:  # what the fields imply: every image is resized to this short side
+            raise LimitExceeded(f"img_size {self.img_size} with crop_pct {self.crop_pct} resizes every image to a "
+                                f"short side of {self.resize:,} pixels, more than {_MAX_RESIZE:,} "
+                                "(repvgg.limits.MAX_IMAGE_PIXELS)")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
+                             f"{brief(self.interpolation)}")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if (not isinstance(values, (list, tuple)) or len(values) != 3
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                                for v in values)):
-                raise ValueError(f"{name} must be three finite numbers (one per RGB channel), got {values!r}")
+                raise ValueError(f"{name} must be three finite numbers (one per RGB channel), got {brief(values)}")
             object.__setattr__(self, name, tuple(float(v) for v in values))
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
         if not isinstance(self.grayscale, bool):
-            raise ValueError(f"grayscale must be true or false, got {self.grayscale!r}")
+            raise ValueError(f"grayscale must be true or false, got {brief(self.grayscale)}")
 
     @property
     def resize(self) -> int:
@@ -119,6 +127,31 @@ class ModelCard:
                        declared=tuple(sorted({*self.declared, "classes"})))
 
 
+    def label_map(self, data_classes: Sequence[str], data: str) -> list[int] | None:
+        """How the labels of data whose classes are ``data_classes`` (in their order) become this model's outputs:
+        ``None`` when they are the same classes in the same order (or the card names none, so position decides),
+        else the model's index of each data class, matched by name.
+
+        Raises:
+            ValueError: the names differ; the message names both lists.
+        """
+        data_classes = list(data_classes)
+        if "classes" not in self.declared or list(self.classes) == data_classes:
+            if len(data_classes) != len(self.classes):
+                raise ValueError(f"the model has {len(self.classes)} classes but {data} has {len(data_classes)}; "
+                                 "evaluate it on the data it was trained for")
+            return None
+        if sorted(self.classes) != sorted(data_classes):
+            only_model = sorted(set(self.classes) - set(data_classes))
+            only_data = sorted(set(data_classes) - set(self.classes))
+            raise ValueError(f"the classes of {data} are not the model's: {len(data_classes)} classes "
+                             f"{brief(data_classes)} in the data, {len(self.classes)} {brief(list(self.classes))} in "
+                             f"the model (only in the data: {brief(only_data)}; only in the model: "
+                             f"{brief(only_model)}); use the data the model was trained on")
+        index = {name: i for i, name in enumerate(self.classes)}
+        return [index[name] for name in data_classes]
+
+
 def _check_classes(value: Any, source: str) -> list[str]:
     if not isinstance(value, list) or not value or len(value) > MAX_CLASSES:
         raise ValueError(f"{source} must be a non-empty list of at most {MAX_CLASSES} class names")
@@ -151,13 +184,12 @@ def card_from_metadata(metadata: Mapping[str, Any], source: str | os.PathLike[st
 
 
 def _json_field(raw: Any, field_name: str, kind: type) -> Any:
-    try:
-        value = json.loads(raw) if isinstance(raw, str) else None
-    except json.JSONDecodeError:
-        value = None
+    expected = "a JSON list" if kind is list else "a JSON object"
+    if not isinstance(raw, str):
+        raise ValueError(f"{field_name} must be {expected} in a string, got a {type(raw).__name__}: {brief(raw)}")
+    value = parse_json(raw, field_name)
     if not isinstance(value, kind):
-        expected = "a JSON list" if kind is list else "a JSON object"
-        raise ValueError(f"{field_name} must be {expected}, got {str(raw)[:80]!r}")
+        raise ValueError(f"{field_name} must be {expected}, got {brief(raw)}")
     return value
 
 
@@ -184,11 +216,29 @@ def _describe(p: Preprocessing) -> str:
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file as a dict (the weights are not loaded)."""
-    import onnx
+    """The ``metadata_props`` of an ONNX file as a dict (the weights are not loaded).
 
-    proto = onnx.load(str(path), load_external_data=False)
-    return {prop.key: prop.value for prop in proto.metadata_props}
+    Raises:
+        ValueError: the file is not an ONNX model (by its content), or does not parse as one.
+    """
+    return {prop.key: prop.value for prop in load_onnx_proto(path).metadata_props}
+
+
+def load_onnx_proto(path: str | os.PathLike[str]) -> Any:
+    """The ONNX ``ModelProto`` of ``path`` without external weights, checked to be one: a file of another kind
+    (:func:`~repvgg.io.formats.require_kind`), one that does not parse, or one without a graph input is refused."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    require_kind(path, ("onnx",), "an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RecursionError, ValueError, OSError) as err:
+        raise ValueError(f"{path} does not parse as an ONNX model (truncated or corrupt?): "
+                         f"{str(err).strip()[:120] or type(err).__name__}") from None
+    if not proto.graph.input or not proto.graph.output:
+        raise ValueError(f"{path} is not an ONNX model: it has no graph with inputs and outputs")
+    return proto
 
 
 def write_onnx_metadata(path: str | os.PathLike[str], metadata: Mapping[str, str]) -> None:
@@ -211,7 +261,7 @@ def read_card(path: str | os.PathLike[str], num_classes: int | None = None) -> t
     """The class names and preprocessing recorded in any file this package reads (``.safetensors``, a torch
     checkpoint or ``.onnx``), validated; ``None`` where the file records none."""
     path = Path(path)
-    if path.suffix == ".onnx":
+    if require_kind(path, ("onnx", "safetensors", "torch"), "a model file") == "onnx":
         return card_from_metadata(read_onnx_metadata(path), path, num_classes)
     from repvgg.io.weights import read_checkpoint
 
@@ -225,7 +275,7 @@ def read_class_names(path: str | os.PathLike[str]) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"class names file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of a name
     except (UnicodeDecodeError, OSError) as err:
         raise ValueError(f"cannot read class names from {path}: {err}") from None
     while lines and not lines[-1].strip():

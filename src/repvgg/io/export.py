@@ -27,7 +27,7 @@ from repvgg.io.onnx_run import onnxruntime_session
 from repvgg.limits import MIN_OPSET, check_int
 from repvgg.nn.convert import (CONVERSION_TOLERANCE, OutputDeviation, check_conversion, is_reparameterizable,
                                reparameterize_model)
-from repvgg.serialization import check_output_path, staging_folder
+from repvgg.serialization import check_output_path, commit_staged, staging_folder
 
 __all__ = ["ExportReport", "export_onnx", "export_onnx_file", "needs_conversion", "onnxruntime_session",
            "resolve_model"]
@@ -246,10 +246,12 @@ def export_onnx(
     if opset is not None:
         check_int(opset, "opset", low=MIN_OPSET, high=onnx.defs.onnx_opset_version())
     reads = [] if isinstance(model_or_path, nn.Module) else [model_or_path]
-    path = check_output_path(path, reads=reads, overwrite=cfg.overwrite)
+    path = check_output_path(path, reads=reads, overwrite=cfg.overwrite, suffixes=(".onnx",))
     model = resolve_model(model_or_path, num_classes=cfg.num_classes)
     card = model_card(model)
     img_size = cfg.img_size or card.preprocessing.img_size  # the size it was trained and evaluated at
+    if img_size != card.preprocessing.img_size:  # the file records the size it takes, as quantize's does
+        card = dataclasses.replace(card, preprocessing=dataclasses.replace(card.preprocessing, img_size=img_size))
     converted = needs_conversion(model)
     if converted:
         log.info("the model is in training-time form: converting it to the plain form before export")
@@ -275,7 +277,7 @@ def export_onnx(
         check_conversion(deviation.relative, "the ONNX export (run by ONNX Runtime)",
                          tolerance=FP16_TOLERANCE if fp16 else CONVERSION_TOLERANCE)
         for staged_file in Path(staging).iterdir():
-            os.replace(staged_file, path.parent / staged_file.name)
+            commit_staged(staged_file, path)
     max_abs = deviation.max_abs_diff
     report = ExportReport(
         path=str(path),

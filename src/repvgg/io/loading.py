@@ -22,7 +22,7 @@ from repvgg.io.weights import (check_state_dict, is_head_key, checkpoint_num_cla
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
 from repvgg.nn.model import RepVGG, RepVGGSpec
 from repvgg.io.hub import HUB_PREFIX, hub_file, pretrained_file
-from repvgg.nn.registry import build_model, canonical_name, list_models
+from repvgg.nn.registry import build_model, canonical_name, check_arch, list_models
 
 __all__ = ["create_model", "load_model", "infer_architecture", "convert_checkpoint", "model_card", "resolve_weights"]
 
@@ -174,6 +174,9 @@ def _file_architecture(metadata: Mapping[str, Any], state_dict: Mapping[str, Ten
             if len(blocks) != spec.depths[stage]:
                 raise ValueError(f"{path}: metadata field 'spec' declares {spec.depths[stage]} layers in stage "
                                  f"{stage}, but the file holds weights for {len(blocks)}; the file is inconsistent")
+        if "arch" in metadata:  # the name must be what the spec describes (a report names the model by it)
+            check_arch(str(_metadata_field(metadata, "arch", str, path, None)), spec,
+                       _metadata_field(metadata, "spec_overrides", dict, path, {}), str(path))
         return spec
     if "arch" in metadata:
         return str(_metadata_field(metadata, "arch", str, path, None))
@@ -253,11 +256,9 @@ def convert_checkpoint(
         ConversionMismatch: the converted model does not compute what the source does.
     """
     source, destination = Path(source), Path(destination)
-    if destination.suffix != ".safetensors":
-        raise ValueError(f"the output must be a .safetensors file, got {destination}")
-    check_img_size(img_size, "img_size", low=1)
+    check_img_size(img_size, "img_size")
     check_int(batch_size, "batch_size", low=1)
-    check_output_path(destination, reads=[source], overwrite=overwrite)
+    check_output_path(destination, reads=[source], overwrite=overwrite, suffixes=(".safetensors",))
     model = load_model(source, arch=arch).eval()
     if model.deploy:
         raise ValueError(f"{source} is already fused (deploy weights); there is nothing to convert")

@@ -82,7 +82,10 @@ def openvino_model(path: str | os.PathLike[str], *, precision_hint: str = "f32",
 def onnx_runner(path: str | os.PathLike[str], runtime: str = "onnxruntime", *,
                 precision_hint: str = "f32") -> Callable[[Tensor], Any]:
     """A callable running ``path`` through ``runtime`` (one of :data:`ONNX_RUNTIMES`): a float32 batch in (cast to
-    the file's input type, e.g. float16), its output tensor (or a list, for several outputs) out, in float32."""
+    the file's input type, e.g. float16), its output tensor (or a list, for several outputs) out, in float32.
+
+    A file exported with a fixed batch size (``torch.onnx.export``'s default) takes any batch: it is run in slices
+    of its size, the last one padded."""
     if runtime == "onnxruntime":
         session = onnxruntime_session(path)
         name = session.get_inputs()[0].name
@@ -93,7 +96,7 @@ def onnx_runner(path: str | os.PathLike[str], runtime: str = "onnxruntime", *,
             outputs = [torch.from_numpy(o).float() for o in session.run(None, {name: x.numpy()})]
             return outputs[0] if len(outputs) == 1 else outputs
 
-        return run_onnxruntime
+        return _any_batch(run_onnxruntime, session.get_inputs()[0].shape[0])
     if runtime == "openvino":
         compiled = openvino_model(path, precision_hint=precision_hint)
         request, outputs = compiled.create_infer_request(), compiled.outputs
@@ -103,5 +106,30 @@ def onnx_runner(path: str | os.PathLike[str], runtime: str = "onnxruntime", *,
             tensors = [torch.from_numpy(result[o].copy()).float() for o in outputs]
             return tensors[0] if len(tensors) == 1 else tensors
 
-        return run_openvino
+        batch = compiled.inputs[0].get_partial_shape()[0]
+        return _any_batch(run_openvino, batch.get_length() if batch.is_static else None)
     raise ValueError(f"unknown ONNX runtime {runtime!r}; choose from {', '.join(ONNX_RUNTIMES)}")
+
+
+def _any_batch(run: Callable[[Tensor], Any], fixed: Any) -> Callable[[Tensor], Any]:
+    """``run`` for any batch size: as it is when the graph's batch is dynamic, else in slices of ``fixed`` images
+    (the last one padded with zeros, its padding dropped from the outputs)."""
+    if not isinstance(fixed, int) or fixed < 1:
+        return run
+
+    def run_in_slices(x: Tensor) -> Any:
+        if x.shape[0] == fixed:
+            return run(x)
+        parts = []
+        for start in range(0, x.shape[0], fixed):
+            part = x[start: start + fixed]
+            missing = fixed - part.shape[0]
+            if missing:
+                part = torch.cat([part, part.new_zeros((missing, *part.shape[1:]))])
+            output = run(part)
+            outputs = output if isinstance(output, list) else [output]
+            parts.append([o[: fixed - missing] for o in outputs])
+        joined = [torch.cat(pieces) for pieces in zip(*parts)]
+        return joined[0] if len(joined) == 1 else joined
+
+    return run_in_slices

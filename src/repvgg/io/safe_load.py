@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from repvgg.io.formats import require_kind
+
 __all__ = ["safe_load"]
 
 _UNSUPPORTED = re.compile(r"Unsupported (?:global|operand)[^.\n]*?(?:GLOBAL )?([\w.]+)")
@@ -24,12 +26,14 @@ def safe_load(path: str | os.PathLike[str], *, what: str = "a PyTorch weights fi
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
-        ValueError: the file needs code to unpickle (refused), or is truncated or not a torch file;
-            the message names the file.
+        ValueError: the file is not a PyTorch file (:func:`~repvgg.io.formats.require_kind`: an ONNX model, an
+            image, safetensors, random bytes), needs code to unpickle (refused), or is truncated or nested beyond
+            what can be read; the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    require_kind(path, ("torch",), what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -37,6 +41,8 @@ def safe_load(path: str | os.PathLike[str], *, what: str = "a PyTorch weights fi
         detail = f" (it pickles {found[1]})" if found else ""
         raise ValueError(f"{path} needs code to unpickle{detail}, which is refused: only tensors and plain data "
                          "are read. Re-save its state dict (or safetensors) where the file was made.") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests its data too deeply to be read as {what}") from None
     except Exception as err:  # torch raises several types for truncated or foreign files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"could not read {path} as {what} (truncated or corrupt?): {first}") from None

@@ -19,8 +19,11 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor, nn
 
+from repvgg.io.formats import require_kind
+from repvgg.limits import parse_json
 from repvgg.io.safe_load import safe_load
 from repvgg.nn.model import RepVGG
+from repvgg.nn.registry import spec_overrides
 from repvgg.serialization import atomic_write
 
 __all__ = [
@@ -162,8 +165,9 @@ def _unwrap(obj: Any, source: str) -> tuple[StateDict, dict[str, Any]]:
         if inner is None:
             break
         metadata.update({k: v for k, v in obj.items() if k != inner and not isinstance(v, (Tensor, Mapping))})
-        for key in ("arch", "spec", "deploy", "num_classes", "in_chans"):
-            if key in obj and key not in metadata:
+        for key in ("arch", "spec", "spec_overrides", "deploy", "num_classes", "in_chans", "classes",
+                    "preprocessing"):
+            if key in obj and key not in metadata:  # whatever their type: a wrong one is refused by field
                 metadata[key] = obj[key]
         obj = obj[inner]
     raise ValueError(
@@ -175,19 +179,20 @@ def _unwrap(obj: Any, source: str) -> tuple[StateDict, dict[str, Any]]:
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, Any]]:
     """Read a weights file into an official-format state dict and its metadata.
 
-    Accepts ``.safetensors`` and torch files (read with ``weights_only=True``); unwraps
+    Accepts safetensors and torch files, told apart by their content
+    (:func:`~repvgg.io.formats.require_kind`; torch files are read with ``weights_only=True``); unwraps
     ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints, strips a DDP ``module.`` prefix and
     translates timm and mmpretrain key names.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is truncated, not a checkpoint, or holds no state dict.
+        ValueError: the file is truncated, of another kind (an ONNX model, an image), or holds no state dict.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     metadata: dict[str, Any] = {}
-    if path.suffix == ".safetensors":
+    if require_kind(path, ("safetensors", "torch"), "a weights file") == "safetensors":
         state_dict, raw_meta = read_safetensors(path)
         metadata = _decode_metadata(raw_meta, path)
     else:
@@ -228,13 +233,11 @@ def _decode_metadata(raw: Mapping[str, str], path: Path) -> dict[str, Any]:
     def bad(key: str, expected: str) -> ValueError:
         return ValueError(f"{path}: metadata field {key!r} must be {expected}, got {raw[key][:80]!r}")
 
-    for key, expected in (("spec", "a JSON object"), ("out_indices", "a JSON list")):
+    objects = (("spec", "a JSON object"), ("spec_overrides", "a JSON object"), ("out_indices", "a JSON list"))
+    for key, expected in objects:
         if key in out:
-            try:
-                out[key] = json.loads(raw[key])
-            except json.JSONDecodeError:
-                raise bad(key, expected) from None
-            if not isinstance(out[key], dict if key == "spec" else list):
+            out[key] = parse_json(raw[key], f"{path}: metadata field {key!r}")
+            if not isinstance(out[key], list if key == "out_indices" else dict):
                 raise bad(key, expected)
     for key in ("deploy", "features_only"):
         if key in out:
@@ -364,8 +367,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], *, skip_head: b
 def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[str, str] | None = None) -> Path:
     """Write the model's weights as safetensors with metadata to rebuild it from the file alone.
 
-    Metadata: ``format``, ``arch`` (registry name), ``deploy`` (``"true"``/``"false"``), ``spec`` (JSON),
-    ``num_classes``, ``in_chans``, for a backbone ``features_only`` and ``out_indices``, plus ``extra``.
+    Metadata: ``format``, ``arch`` (registry name), ``deploy`` (``"true"``/``"false"``), ``spec`` (JSON) and
+    ``spec_overrides`` (JSON: where it differs from ``arch``'s registered spec), ``num_classes``, ``in_chans``, for a
+    backbone ``features_only`` and ``out_indices``, plus ``extra``.
     The file is written atomically (temp file + rename).
     """
     metadata = {
@@ -373,6 +377,7 @@ def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[
         "arch": model.name,
         "deploy": "true" if model.deploy else "false",
         "spec": json.dumps(model.spec.to_dict()),
+        "spec_overrides": json.dumps(spec_overrides(model.name, model.spec)),
         "num_classes": str(model.num_classes),
         "in_chans": str(model.in_chans),
         **({"features_only": "true", "out_indices": json.dumps(list(model.out_indices))}
@@ -385,10 +390,11 @@ def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[
 def write_safetensors(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str],
                       metadata: Mapping[str, str]) -> Path:
     """Write ``state_dict`` (moved to the CPU, contiguous) with string ``metadata`` as safetensors, atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_write(path) as tmp:
+    with atomic_write(path, errors=(OSError, SafetensorError)) as tmp:  # a short write: WriteFailed
         save_file(tensors, str(tmp), metadata=dict(metadata))
     return Path(path)
 

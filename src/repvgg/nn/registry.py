@@ -8,11 +8,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from repvgg.nn.model import AUX_POSITIONS, RepVGG, RepVGGSpec
 
-__all__ = ["MODEL_SPECS", "canonical_name", "list_models", "get_spec", "register_model", "build_model"]
+__all__ = ["MODEL_SPECS", "canonical_name", "check_arch", "list_models", "get_spec", "register_model", "build_model",
+           "spec_overrides"]
 
 _A = (1, 2, 4, 14, 1)
 _B = (1, 4, 6, 16, 1)
@@ -90,6 +91,37 @@ def get_spec(name: str) -> RepVGGSpec:
     close = difflib.get_close_matches(key, MODEL_SPECS, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown model {name!r}.{hint} Registered models: {', '.join(list_models())}.")
+
+
+def spec_overrides(name: str, spec: RepVGGSpec) -> dict[str, Any]:
+    """The fields in which ``spec`` differs from the spec registered as ``name`` (what ``create_model(name,
+    **overrides)`` changed); ``{}`` for a name that is not registered. Files record them beside ``arch``."""
+    key = canonical_name(name)
+    if key not in MODEL_SPECS:
+        return {}
+    registered, mine = MODEL_SPECS[key].to_dict(), spec.to_dict()
+    return {field: value for field, value in mine.items() if registered.get(field) != value}
+
+
+def check_arch(name: str, spec: RepVGGSpec, overrides: Mapping[str, Any], source: str) -> None:
+    """Refuse a file whose architecture name ``name`` is not what its ``spec`` describes: a registered name's spec
+    with ``overrides`` applied must be ``spec`` (an unregistered name is the spec's own).
+
+    Raises:
+        ValueError: naming the fields that differ.
+    """
+    key = canonical_name(name)
+    if key not in MODEL_SPECS:
+        return
+    try:
+        expected = dataclasses.replace(MODEL_SPECS[key], **overrides)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: metadata field 'spec_overrides' does not describe {name}'s options: {err}") \
+            from None
+    if expected != spec:
+        differ = [f.name for f in dataclasses.fields(RepVGGSpec) if getattr(expected, f.name) != getattr(spec, f.name)]
+        raise ValueError(f"{source}: metadata field 'arch' says {name}, but field 'spec' describes another network "
+                         f"(it differs in {', '.join(differ)}); the file is inconsistent (edited or mixed up?)")
 
 
 def register_model(name: str, spec: RepVGGSpec, *, overwrite: bool = False) -> None:

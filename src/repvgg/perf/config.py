@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from repvgg.limits import MAX_IMG_SIZE
-from repvgg.options import RunConfig, option
+from repvgg.limits import MAX_IMG_SIZE, check_batch_memory
+from repvgg.options import RunConfig, check_device_name, option
 
 __all__ = ["BenchConfig", "DTYPES"]
 
@@ -42,21 +42,21 @@ class BenchConfig(RunConfig):
                                                 default_help="all available on the device")
     reference_conv: bool = option(True, "time one large 3x3 conv, the FLOP rate's reference", cli=False)
     tf32: bool = option(False, "allow TensorFloat-32 for float32 on CUDA (off: true fp32)")
-    pause_s: float | None = option(None, "idle seconds before each timed CPU call", cli=False)
+    pause_s: float | None = option(None, "idle seconds before each timed CPU call", cli=False, low=0, high=60)
     num_classes: int = option(1000, "classifier outputs of every model", cli=False, low=1)
 
     def __post_init__(self) -> None:
         self._check_types()
+        check_device_name(self.device)
+        if self.device == "auto":
+            raise ValueError("device must be cpu or cuda[:N] (a benchmark names the device it times)")
 
     def resolved(self) -> BenchConfig:
         """This config with every device default filled in (and the arguments checked)."""
-        import torch
 
-        device = torch.device(self.device)
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("CUDA was requested but torch.cuda.is_available() is False")
+        from repvgg.training.distributed import resolve_device
+
+        device = resolve_device(self.device)
         from repvgg.nn.baselines import check_baseline_name
         from repvgg.nn.registry import canonical_name, get_spec
 
@@ -79,4 +79,6 @@ class BenchConfig(RunConfig):
             rounds=(50 if cuda else 10) if self.rounds is None else self.rounds,
             pause_s=(0.0 if cuda else 0.05) if self.pause_s is None else self.pause_s,
         )
+        assert resolved.batch_size is not None
+        check_batch_memory(resolved.batch_size, (3, self.img_size, self.img_size), "--batch-size")
         return resolved

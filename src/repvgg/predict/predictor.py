@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from repvgg.io.card import ModelCard, Preprocessing, read_class_names, read_onnx_metadata, resolve_card
+from repvgg.io.card import (ModelCard, Preprocessing, load_onnx_proto, read_class_names, read_onnx_metadata,
+                            resolve_card)
+from repvgg.io.formats import MODEL_KINDS, require_kind
 from repvgg.io.hub import HUB_PREFIX
 from repvgg.io.onnx_run import ONNX_RUNTIMES, onnx_runner
 from repvgg.limits import check_int
@@ -54,10 +56,12 @@ class Prediction:
 
 
 def locate_artifact(artifact: str | os.PathLike[str]) -> tuple[str, Path | str]:
-    """``("onnx", path)`` or ``("weights", path or hf-hub reference)``; a run folder gives its deploy file.
+    """``("onnx", path)`` or ``("weights", path or hf-hub reference)``, told apart by the file's content; a run folder
+    gives its deploy file.
 
     Raises:
         FileNotFoundError: the artifact does not exist, or a run folder has no deploy file yet.
+        ValueError: the file is not a model file (an image, an empty or unknown file).
     """
     if isinstance(artifact, str) and artifact.startswith(HUB_PREFIX):
         return "weights", artifact
@@ -70,7 +74,7 @@ def locate_artifact(artifact: str | os.PathLike[str]) -> tuple[str, Path | str]:
         return "weights", deploy
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    return ("onnx" if path.suffix == ".onnx" else "weights"), path
+    return ("onnx" if require_kind(path, MODEL_KINDS, "a model file") == "onnx" else "weights"), path
 
 
 class Predictor:
@@ -280,7 +284,7 @@ def _onnx_input(path: Path) -> tuple[int | None, int | None, int | None, str]:
     """The first input's static channels, height and width (``None`` where dynamic) and its type."""
     import onnx
 
-    tensor_type = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type
+    tensor_type = load_onnx_proto(path).graph.input[0].type.tensor_type
     values = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
     if len(values) != 4:
         raise ValueError(f"{path} takes a {len(values)}-d input; an image classifier takes (batch, 3, H, W)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from repvgg.limits import MAX_IMG_SIZE
-from repvgg.options import RunConfig, option
+from repvgg.options import RunConfig, check_device_name, option
 
 __all__ = ["CALIBRATION_METHODS", "QuantizeConfig"]
 
@@ -21,14 +21,16 @@ class QuantizeConfig(RunConfig):
     img_size: int | None = option(None, "input resolution",
                                   default_help="the size WEIGHTS records, else 32 digits / 224 folders", low=8,
                                   high=MAX_IMG_SIZE)
-    calib_images: int = option(256, "training images (validation preprocessing) that calibrate the activations")
+    calib_images: int = option(256, "training images (validation preprocessing) that calibrate the activations",
+                               low=1, high=100_000)
     calibration: str = option("minmax", "calibration method", choices=tuple(CALIBRATION_METHODS))
     speed_batch: int = option(8, "batch of the FP32/INT8 timing", low=1)
     speed_img_size: int | None = option(None, "input size of the FP32/INT8 timing", default_help="--img-size",
                                         low=8, high=MAX_IMG_SIZE)
     qat_epochs: int = option(0, "quantization-aware training instead of calibration: fine-tune the converted model "
                                 "this many epochs with fake INT8 (run folder OUT-qat beside OUT)", low=0)
-    qat_lr: float | None = option(None, "QAT learning rate", default_help="1/10 of training's")
+    qat_lr: float | None = option(None, "QAT learning rate", default_help="1/10 of training's", low=0, high=1000,
+                                  low_open=True)
     device: str = option("auto", "device of the QAT fine-tune: auto, cpu, cuda or cuda:N")
     runtime: str = option("auto", "runtime(s) of the FP32 vs INT8 timing; auto: ONNX Runtime and OpenVINO (if "
                                   "installed), naming the faster", choices=("auto", "onnxruntime", "openvino"))
@@ -37,11 +39,9 @@ class QuantizeConfig(RunConfig):
 
     def __post_init__(self) -> None:
         self._check_types()
+        check_device_name(self.device)
         self._check([
-            (self.calib_images >= 1, f"the calibration set must hold at least one image, got calib_images="
-                                     f"{self.calib_images}"),
             (self.calibration in CALIBRATION_METHODS,
              f"unknown calibration method {self.calibration!r}; choose from {', '.join(CALIBRATION_METHODS)}"),
-            (self.qat_lr is None or self.qat_lr > 0, "qat_lr must be > 0"),
             (self.runtime in ("auto", "onnxruntime", "openvino"), "runtime must be auto, onnxruntime or openvino"),
         ])

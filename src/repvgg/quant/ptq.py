@@ -36,9 +36,9 @@ from repvgg.perf.timing import time_interleaved
 from repvgg.quant.qat import train_qat
 from repvgg.quant.config import QuantizeConfig
 from repvgg.quant.qdq import batches, calibration_subset, evaluate_onnx, quantize_onnx, quantized_conv_count
-from repvgg.serialization import check_output_path, staging_folder
+from repvgg.serialization import check_output_path, commit_staged, staging_folder
 from repvgg.training.config import TrainConfig
-from repvgg.training.data import DatasetBundle, build_datasets
+from repvgg.training.data import DatasetBundle, Relabelled, build_datasets
 
 __all__ = ["QuantizeReport", "quantize_model", "runtime_speeds", "speed_runtimes"]
 
@@ -102,14 +102,10 @@ def _data_for(model: nn.Module, data: str | None, img_size: int | None) -> Datas
     """The data to calibrate and measure on, prepared as the model's file records (its size by default)."""
     card = model_card(model)
     bundle = build_datasets(data, img_size=img_size, augment=False, preprocessing=card.recorded_preprocessing)
-    if getattr(model, "num_classes", bundle.num_classes) != bundle.num_classes:
-        raise ValueError(f"the model has {model.num_classes} classes but the data has {bundle.num_classes}; "
-                         "quantize it with the data it was trained on (--data)")
-    if "classes" in card.declared and list(card.classes) != bundle.classes:
-        differ = next(i for i, (a, b) in enumerate(zip(card.classes, bundle.classes)) if a != b)
-        raise ValueError(f"the model's classes are not the data's (class {differ}: {card.classes[differ]!r} in the "
-                         f"model, {bundle.classes[differ]!r} in the data); quantize it with the data it was trained "
-                         "on (--data)")
+    label_map = card.label_map(bundle.classes, bundle.name)  # matched by name; a mismatch is refused
+    if label_map is not None:
+        bundle = dataclasses.replace(bundle, train=Relabelled(bundle.train, label_map),
+                                     val=Relabelled(bundle.val, label_map), classes=list(card.classes))
     return bundle
 
 
@@ -145,10 +141,8 @@ def quantize_model(
     """
     cfg = dataclasses.replace(config or QuantizeConfig(), **options)
     output = Path(output)
-    if output.suffix != ".onnx":
-        raise ValueError(f"the output must be an .onnx file, got {output}")
     reads = [cfg.data] + ([] if isinstance(weights, nn.Module) else [weights])
-    check_output_path(output, reads=reads, overwrite=cfg.overwrite)
+    check_output_path(output, reads=reads, overwrite=cfg.overwrite, suffixes=(".onnx",))
     qat_int8 = None
     if cfg.qat_epochs:
         if isinstance(weights, nn.Module):
@@ -213,7 +207,7 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
         else:
             fp32_speed, int8_speed = fp32, int8
         speeds = runtime_speeds(fp32_speed, int8_speed, speed_input, speed_runtimes(cfg.runtime))
-        os.replace(int8, output)
+        commit_staged(int8, output)
     fastest = max(speeds, key=lambda runtime: speeds[runtime]["int8"])
     fp32_rate, int8_rate = speeds[fastest]["fp32"], speeds[fastest]["int8"]
     return QuantizeReport(

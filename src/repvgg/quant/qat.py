@@ -29,6 +29,7 @@ from repvgg.nn.model import RepVGGSpec
 from repvgg.nn.registry import build_model
 from repvgg.training.classification import ClassificationTask
 from repvgg.training.config import TrainConfig
+from repvgg.training.data import collate_readable
 from repvgg.training.engine import fit
 from repvgg.quant.qdq import evaluate_onnx, export_fake_quant_onnx, qat_qconfig_mapping, quantized_conv_count
 
@@ -75,7 +76,7 @@ class QATTask(ClassificationTask):
     def build_model(self, config: TrainConfig, device: torch.device) -> nn.Module:
         source = self.source
         plain = reparameterize_model(source)
-        example, _ = next(iter(DataLoader(self.bundle.val, batch_size=16)))
+        example, _ = next(iter(DataLoader(self.bundle.val, batch_size=16, collate_fn=collate_readable)))
         with torch.no_grad():
             deviation = OutputDeviation()
             deviation.update(source(example), plain(example))
@@ -93,7 +94,7 @@ class QATTask(ClassificationTask):
              output: Path) -> None:
         from repvgg.plots import plot_training_curves
 
-        example, _ = next(iter(DataLoader(self.bundle.val, batch_size=2)))
+        example, _ = next(iter(DataLoader(self.bundle.val, batch_size=2, collate_fn=collate_readable)))
         int8 = export_fake_quant_onnx(model, example, output / "int8.onnx", metadata=self.bundle.card.metadata())
         quantized, convs = quantized_conv_count(int8)
         if quantized == 0:

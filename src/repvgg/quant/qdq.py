@@ -31,6 +31,7 @@ from repvgg.io.card import write_onnx_metadata
 from repvgg.io.onnx_run import onnx_runner, onnxruntime_session
 from repvgg.quant.config import CALIBRATION_METHODS
 from repvgg.serialization import atomic_write
+from repvgg.training.data import collate_readable
 from repvgg.training.evaluate import compare_models
 
 __all__ = ["CALIBRATION_METHODS", "Calibration", "batches", "calibration_batches", "calibration_subset",
@@ -40,7 +41,7 @@ __all__ = ["CALIBRATION_METHODS", "Calibration", "batches", "calibration_batches
 
 def batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``dataset`` in order, in batches of ``batch_size``."""
-    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_readable)
 
 
 #: Calibration images: a dataset of ``(image, label)`` samples, or an iterable (a list, a DataLoader) of image

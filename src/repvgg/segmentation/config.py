@@ -9,11 +9,12 @@ in PSPNet) and the paper's ``lr`` 0.01 with batch 16 and an ImageNet-pretrained 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from repvgg.limits import MAX_IMG_SIZE
 from repvgg.options import option
-from repvgg.training.config import LoopConfig
+from repvgg.training.config import MAX_LR, LoopConfig
 
 #: Layers dilated by the paper's "fast" segmentation backbones (the last five).
 FAST_DILATED_LAYERS = 5
@@ -39,7 +40,8 @@ class SegTrainConfig(LoopConfig):
     epochs: int = option(12, "training epochs (sized for the generated shapes)", low=1)
     batch_size: int = option(16, "global batch size over all processes, >= 2 per process", low=2)
     lr: float | None = option(None, "base learning rate of the poly schedule",
-                              default_help="0.05 generated data, 0.01 x batch/16 folders")
+                              default_help="0.05 generated data, 0.01 x batch/16 folders", low=0, high=MAX_LR,
+                              low_open=True)
     output: str | None = option(None, "run folder", default_help="runs/seg-<backbone>-<data>-<time>")
     log_interval: int = option(20, "steps between log lines (and tracked step scalars)", low=1)
     backbone: str = option("repvgg_tiny", "registered RepVGG name (see `repvgg info`) or resnet50/resnet101")
@@ -49,8 +51,8 @@ class SegTrainConfig(LoopConfig):
     head_channels: int = option(64, "width of the classifier's 3x3 conv (PSPNet: 512)", low=1, high=16384)
     aux_channels: int = option(32, "width of the auxiliary head's 3x3 conv, 0 = none (PSPNet: 256)", low=0,
                                high=16384)
-    aux_weight: float = option(AUX_LOSS_WEIGHT, "weight of the auxiliary loss")
-    dropout: float = option(0.1, "Dropout2d before the classifiers' last conv")
+    aux_weight: float = option(AUX_LOSS_WEIGHT, "weight of the auxiliary loss", low=0, high=100)
+    dropout: float = option(0.1, "Dropout2d before the classifiers' last conv", low=0, high=1, high_open=True)
     backbone_weights: str | None = option(None, "ImageNet weights file for the backbone (RepVGG formats or a "
                                                 "torchvision ResNet)")
     data: str | None = option(None, "folder with images/{train,val} and labels/{train,val}",
@@ -63,11 +65,12 @@ class SegTrainConfig(LoopConfig):
                                                      default_help="(0.75, 1.5) shapes, (0.5, 2.0) folders")
     val_size: int | None = option(None, "resize validation images to this square size",
                                   default_help="as they are", low=8, high=MAX_IMG_SIZE)
-    synthetic_train: int = option(400, "generated training scenes", low=1)
-    synthetic_val: int = option(100, "generated validation scenes", low=1)
+    synthetic_train: int = option(400, "generated training scenes", low=1, high=10**7)
+    synthetic_val: int = option(100, "generated validation scenes", low=1, high=10**7)
     synthetic_size: int = option(96, "generated scene size in pixels", low=8, high=MAX_IMG_SIZE)
-    synthetic_seed: int = option(0, "the generated data's seed, separate from the training seed")
-    poly_power: float = option(0.9, "power of the poly learning-rate decay")
+    synthetic_seed: int = option(0, "the generated data's seed, separate from the training seed", low=0,
+                                 high=2**32 - 1)
+    poly_power: float = option(0.9, "power of the poly learning-rate decay", low=0, high=100)
     baseline: str = option("resnet50", "ResNet PSPNet timed next to the model at the same input size",
                            choices=BASELINES)
 
@@ -75,10 +78,10 @@ class SegTrainConfig(LoopConfig):
         if self.scale_range is not None:
             self.scale_range = tuple(float(v) for v in self.scale_range)  # YAML gives lists
         super().__post_init__()
+        scales = self.scale_range or (1.0, 1.0)
         self._check([
-            (self.poly_power >= 0, "poly_power must be >= 0"),
-            (self.aux_weight >= 0, "aux_weight must be >= 0"),
-            (self.scale_range is None or len(self.scale_range) == 2, "scale_range must be two numbers"),
+            (len(scales) == 2 and all(math.isfinite(v) and 0.05 <= v <= 4 for v in scales) and scales[0] <= scales[1],
+             f"scale_range must be two numbers from 0.05 to 4, the smaller first, got {self.scale_range}"),
             (self.baseline in BASELINES, f"baseline must be one of {list(BASELINES)}"),
         ])
         if self.fast and self.dilated_layers not in (None, FAST_DILATED_LAYERS):

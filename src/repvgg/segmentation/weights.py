@@ -16,7 +16,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from repvgg.io.formats import require_kind
 from repvgg.io.safe_load import safe_load
+from repvgg.limits import parse_json
 from repvgg.io.weights import read_safetensors, write_safetensors
 from repvgg.segmentation.pspnet import PSPNet, SegmenterConfig, build_segmenter
 
@@ -53,15 +55,15 @@ def save_segmenter(
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     not_ours = (f"{path} is not a segmenter file written by `repvgg seg-train` (no segmenter configuration "
                 "inside); pass its deploy.safetensors, best.pt or last.pt")
-    if path.suffix == ".safetensors":
+    if require_kind(path, ("safetensors", "torch"), "a segmenter file") == "safetensors":
         state_dict, raw = read_safetensors(path)
         if raw.get("format") != SEGMENTER_FORMAT or "segmenter" not in raw:
             raise ValueError(not_ours)
         meta = {
-            "segmenter": json.loads(raw["segmenter"]),
+            "segmenter": parse_json(raw["segmenter"], f"{path}: metadata field 'segmenter'"),
             "deploy": raw.get("deploy") == "true",
-            "classes": json.loads(raw.get("classes", "null")),
-            "data": json.loads(raw.get("data", "null")),
+            "classes": parse_json(raw.get("classes", "null"), f"{path}: metadata field 'classes'"),
+            "data": parse_json(raw.get("data", "null"), f"{path}: metadata field 'data'"),
         }
         return state_dict, meta
     payload = safe_load(path, what="a seg-train checkpoint")

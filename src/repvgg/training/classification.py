@@ -22,10 +22,10 @@ from repvgg.io.weights import checkpoint_num_classes, load_state_dict_into, read
 from repvgg.io.loading import resolve_weights
 from repvgg.nn.complexity import count_parameters
 from repvgg.nn.model import RepVGG
-from repvgg.nn.registry import build_model
+from repvgg.nn.registry import build_model, spec_overrides
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, build_datasets
-from repvgg.training.distributed import DistContext
+from repvgg.training.distributed import DistContext, all_reduce
 from repvgg.training.engine import StepOutput, eval_loader, fit, training_memory_format
 from repvgg.training.evaluate import evaluate_models, measure_throughput
 from repvgg.training.optim import custom_l2, learning_rate
@@ -140,15 +140,28 @@ class ClassificationTask:
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         report = evaluate_models([model], loader, self.device,
                                  channels_last=self.memory_format == torch.channels_last)
-        return {"val_loss": report.loss[0], "val_top1": report.top1[0], "val_top5": report.top5[0]}
+        return {"val_loss": report.loss[0], "val_top1": report.top1[0], "val_top5": report.top5[0],
+                **self._skipped()}
+
+    def _skipped(self) -> dict[str, int]:
+        """Images skipped as unreadable (``--bad-images skip``) since the last call: in training (this epoch) and
+        in the evaluation just run, over every process; nothing for data that cannot skip (the digits)."""
+        splits = [(name, getattr(self.bundle, name)) for name in ("train", "val")]
+        if not all(hasattr(dataset, "take_skipped") for _, dataset in splits):
+            return {}
+        counts = torch.tensor([dataset.take_skipped() for _, dataset in splits], dtype=torch.float64)
+        all_reduce(counts, "sum")
+        return {f"{name}_skipped_images": int(count) for (name, _), count in zip(splits, counts)}
 
     def checkpoint_fields(self, model: RepVGG) -> dict[str, Any]:
-        return {"arch": model.name, "spec": model.spec.to_dict(), "num_classes": model.num_classes,
+        return {"arch": model.name, "spec": model.spec.to_dict(),
+                "spec_overrides": spec_overrides(model.name, model.spec), "num_classes": model.num_classes,
                 "in_chans": model.in_chans, **self.bundle.card.metadata()}
 
     def compare(self, model: RepVGG, plain: RepVGG, loader: DataLoader) -> dict[str, Any]:
         report = evaluate_models([model, plain], loader, self.device,
                                  channels_last=self.memory_format == torch.channels_last)
+        skipped = self._skipped()
         images, _ = next(iter(loader))
         speed = (measure_throughput([model, plain], images.to(self.device)) if self.config.inference_speed
                  else [None, None])
@@ -171,6 +184,7 @@ class ClassificationTask:
             "infer_images_per_s_train": speed[0],
             "infer_images_per_s_deploy": speed[1],
             "infer_batch_size": int(images.shape[0]),
+            **({"skipped_images": {"val": skipped["val_skipped_images"]}} if skipped else {}),
         }
 
     def save(self, model: RepVGG, plain: RepVGG, summary: dict[str, Any], history: list[dict[str, Any]],

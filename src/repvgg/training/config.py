@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 from repvgg.limits import MAX_IMG_SIZE
-from repvgg.options import RunConfig, option
+from repvgg.options import RunConfig, check_device_name, option
 
 __all__ = ["AblationConfig", "LoopConfig", "RECIPES", "TrainConfig", "load_config_file", "resolve_run_config"]
 
@@ -36,6 +36,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 C = TypeVar("C", bound=RunConfig)
+#: The largest learning rate a run accepts (the paper's is 0.1 at batch 256; a larger one is a typo).
+MAX_LR = 1000.0
+#: The most data-loading processes a run starts.
+MAX_WORKERS = 256
 
 @dataclass
 class LoopConfig(RunConfig):
@@ -43,20 +47,21 @@ class LoopConfig(RunConfig):
 
     epochs: int = option(30, "training epochs", low=1)
     batch_size: int = option(64, "global batch size over all processes", low=1)
-    lr: float | None = option(None, "base learning rate")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(1e-4, "weight decay on kernels")
+    lr: float | None = option(None, "base learning rate", low=0, high=MAX_LR, low_open=True)
+    momentum: float = option(0.9, "SGD momentum", low=0, high=1)
+    weight_decay: float = option(1e-4, "weight decay on kernels", low=0, high=1)
     accumulation_steps: int = option(1, "split each batch into this many micro-batches whose gradients add up to "
                                         "the batch's (less memory, the same optimizer steps; BatchNorm then sees "
                                         "micro-batch statistics)", low=1)
     clip_grad: float | None = option(None, "clip the gradients' global L2 norm to this value before each step",
-                                     default_help="off")
-    ema_decay: float = option(0.0, "weight EMA decay, e.g. 0.9998; 0 = off (the EMA weights are evaluated and saved)")
+                                     default_help="off", low=0, high=1e6, low_open=True)
+    ema_decay: float = option(0.0, "weight EMA decay, e.g. 0.9998; 0 = off (the EMA weights are evaluated and saved)",
+                              low=0, high=1, high_open=True)
     amp: bool = option(False, "mixed precision: float16 on CUDA, bfloat16 on a CPU with native BF16 (AVX512-BF16 "
                               "or AMX); elsewhere float32, said in the log")
     sync_bn: bool = option(False, "SyncBatchNorm across processes (CUDA only; per-process BN elsewhere)")
-    workers: int = option(0, "data-loading worker processes", low=0)
-    seed: int = option(0, "random seed of the training run")
+    workers: int = option(0, "data-loading worker processes", low=0, high=MAX_WORKERS)
+    seed: int = option(0, "random seed of the training run", low=0, high=2**32 - 1)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     output: str | None = option(None, "run folder", default_help="runs/<model>-<data>-<time>")
     resume: str | None = option(None, "continue exactly from a run folder or its last.pt")
@@ -70,13 +75,7 @@ class LoopConfig(RunConfig):
 
     def __post_init__(self) -> None:
         self._check_types()
-        self._check([
-            (self.lr is None or self.lr > 0, "lr must be > 0"),
-            (self.momentum >= 0, "momentum must be >= 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
-            (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 (leave it out to not clip)"),
-        ])
+        check_device_name(self.device)
 
     @property
     def resolved_lr(self) -> float:
@@ -98,7 +97,7 @@ class TrainConfig(LoopConfig):
                          low=1)
     lr: float | None = option(None, "base learning rate",
                               default_help="0.1 x batch size / 256 for folders, 0.05 x for the digits; "
-                                           "1/10 of it with --qat")
+                                           "1/10 of it with --qat", low=0, high=MAX_LR, low_open=True)
     recipe: str | None = option(None, "a preset of the options below: paper-light (120 epochs), paper-heavy (200, "
                                       "label smoothing, mixup, AutoAugment) or repvggplus (the official RepVGGplus "
                                       "recipe); flags override it", default_help="none",
@@ -111,17 +110,18 @@ class TrainConfig(LoopConfig):
                                          "at 256 and evaluates at 320)", default_help="--img-size", low=8,
                                    high=MAX_IMG_SIZE)
     warmup_epochs: float | None = option(None, "linear warm-up epochs",
-                                         default_help="5 for >= 100 epochs, else 1; 0 with --qat")
-    label_smoothing: float = option(0.1, "label smoothing")
+                                         default_help="5 for >= 100 epochs, else 1; 0 with --qat", low=0, high=1e4)
+    label_smoothing: float = option(0.1, "label smoothing", low=0, high=1, high_open=True)
     custom_l2: bool = option(False, "the official custom L2: plain L2 on the outer 3x3 taps, the fused centre "
                                     "tap normalised by the branches' BN scales")
-    mixup: float = option(0.0, "mixup alpha (timm); 0 = off")
-    random_erasing: float = option(0.0, "random erasing probability for folders (timm); 0 = off")
+    mixup: float = option(0.0, "mixup alpha (timm); 0 = off", low=0, high=100)
+    random_erasing: float = option(0.0, "random erasing probability for folders (timm); 0 = off", low=0, high=1)
     color_jitter: float = option(0.0, "colour jitter for folders (timm): brightness, contrast and saturation "
-                                      "by up to this fraction (timm's recipe: 0.4); 0 = off, as in the paper")
-    cutmix: float = option(0.0, "cutmix alpha (timm); 0 = off")
+                                      "by up to this fraction (timm's recipe: 0.4); 0 = off, as in the paper",
+                                 low=0, high=1)
+    cutmix: float = option(0.0, "cutmix alpha (timm); 0 = off", low=0, high=100)
     aux_weight: float = option(0.1, "weight of each auxiliary classifier's loss (models with auxiliary heads: "
-                                    "RepVGGplus); the main loss has weight 1")
+                                    "RepVGGplus); the main loss has weight 1", low=0, high=100)
     auto_augment: str | None = option(None, "timm policy for folders: 'rand-m9-mstd0.5' (RandAugment) or "
                                             "'original' (AutoAugment)", default_help="none")
     channels_last: bool = option(False, "channels_last memory format (CUDA only; on CPU training stays contiguous)")
@@ -132,22 +132,15 @@ class TrainConfig(LoopConfig):
                                              factory=dict, cli=False)
     bad_images: str = option("fail", "unreadable images: fail naming the file, or skip and count",
                              choices=("fail", "skip"))
-    val_fraction: float = option(0.2, "digits validation fraction (fixed split seed)")
+    val_fraction: float = option(0.2, "digits validation fraction (fixed split seed)", low=0, high=1, low_open=True,
+                                 high_open=True)
     inference_speed: bool = option(True, "time both forms at the end of the run (images/s in summary.json)")
     qat: bool = option(False, "quantization-aware training: fine-tune the converted model of --weights with fake "
                               "INT8 quantization and write int8.onnx (learning rate 1/10, no warm-up by default)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check([
-            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
-            (0 <= self.random_erasing <= 1, "random_erasing must be in [0, 1]"),
-            (0 <= self.color_jitter <= 1, "color_jitter must be in [0, 1]"),
-            (self.bad_images in ("fail", "skip"), "bad_images must be 'fail' or 'skip'"),
-            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
-            (self.warmup_epochs is None or self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
-        ])
+        self._check([(self.bad_images in ("fail", "skip"), "bad_images must be 'fail' or 'skip'")])
 
     @property
     def resolved_lr(self) -> float:
@@ -178,7 +171,8 @@ class AblationConfig(TrainConfig):
     model: str = option("repvgg_tiny_b", "registered model name to ablate (see `repvgg info`)")
     epochs: int = option(6, "training epochs of every run", low=1)
     lr: float | None = option(None, "base learning rate of every run",
-                              default_help="0.1 x batch size / 256, the paper's rule, on the digits too")
+                              default_help="0.1 x batch size / 256, the paper's rule, on the digits too", low=0,
+                              high=MAX_LR, low_open=True)
     inference_speed: bool = option(False, "time both forms at the end of every run (the converted models "
                                           "are identical in cost, which the ablation checks by counting)")
     output: str | None = option(None, "ablation folder (one run folder per configuration and seed inside)",

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, Preprocessing
-from repvgg.limits import check_img_size
+from repvgg.limits import LimitExceeded, check_image_pixels, check_img_size
 from repvgg.training.digits import DigitsDataset, digits_preprocessing, digits_split
 
 __all__ = [
@@ -38,6 +38,8 @@ __all__ = [
     "scan_class_folders",
     "scan_image_folder",
     "CheckedImageFolder",
+    "collate_readable",
+    "Relabelled",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,16 +86,26 @@ def _digits_bundle(img_size: int, val_fraction: float, *, augment: bool = True,
 def open_image(path: str | os.PathLike[str], *, what: str = "image", load: bool = True) -> Any:
     """The PIL image in ``path`` (its pixels read, or only its header with ``load=False``); close it after use.
 
-    Any failure (a missing, empty, truncated or foreign file) is a ValueError naming ``what`` and the file.
+    An image of more pixels than :data:`~repvgg.limits.MAX_IMAGE_PIXELS` is refused from its header, before its
+    pixels are decoded (a few hundred KB of PNG can decode to gigabytes). Any failure (a missing, empty, truncated,
+    foreign or too large file, a dangling or looping link) is a ValueError naming ``what`` and the file.
     """
     from PIL import Image
 
     try:
         image = Image.open(path)
+    except Exception as err:  # PIL and the OS raise several types for empty, truncated, foreign or missing files
+        raise ValueError(f"cannot read {what} {os.fspath(path)}: {err}") from err
+    try:
+        check_image_pixels(*image.size, f"{what} {os.fspath(path)}")
         if load:
             image.load()
         return image
-    except Exception as err:  # PIL raises several types for empty, truncated or foreign files
+    except LimitExceeded:
+        image.close()
+        raise
+    except Exception as err:
+        image.close()
         raise ValueError(f"cannot read {what} {os.fspath(path)}: {err}") from err
 
 
@@ -115,10 +127,11 @@ def _as_rgb(image: Any) -> Any:
     from PIL import Image
 
     if image.mode.startswith("I;16") or image.mode == "I":
-        values = np.asarray(image).astype(np.int64)
+        values = np.asarray(image)  # uint16 or int32: no wider copy of a large image
         if values.size and (values.min() < 0 or values.max() > 65535):
             raise ValueError(f"{image.mode} image with values outside 0..65535 (convert it to 8-bit)")
-        return Image.fromarray(np.round(values / 257).astype(np.uint8), "L").convert("RGB")
+        scaled = (values.astype(np.uint32) * 2 + 257) // 514  # round(v / 257) in integers
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
     if image.mode == "F":
         raise ValueError("floating-point image (convert it to 8-bit)")
     return image if image.mode == "RGB" else image.convert("RGB")
@@ -216,8 +229,9 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], dict[str, list[tuple
 class CheckedImageFolder(Dataset):
     """Labelled images (from :func:`scan_image_folder`) whose unreadable files are reported by name.
 
-    ``bad_images="fail"`` raises a ``ValueError`` naming the file; ``"skip"`` logs a warning naming
-    it, counts it (:attr:`skipped`, shared across loader workers) and serves the next image instead.
+    ``bad_images="fail"`` raises a ``ValueError`` naming the file; ``"skip"`` logs a warning naming it, counts it
+    (:meth:`take_skipped`, shared across loader workers) and gives ``None`` in its place, which
+    :func:`collate_readable` leaves out of the batch: a skipped image is neither trained on nor scored.
     """
 
     def __init__(self, root: str | Path, samples: list[tuple[str, int]], classes: list[str],
@@ -229,28 +243,56 @@ class CheckedImageFolder(Dataset):
         self.bad_images = bad_images
         self._skipped = multiprocessing.Value("i", 0)
 
-    @property
-    def skipped(self) -> int:
-        return int(self._skipped.value)
+    def take_skipped(self) -> int:
+        """The images skipped since the last call (over every loader worker), and start counting anew."""
+        with self._skipped.get_lock():
+            count, self._skipped.value = int(self._skipped.value), 0
+        return count
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        for attempt in range(len(self)):
-            path, target = self.samples[(index + attempt) % len(self)]
-            try:
-                image = load_rgb(path)
-            except ValueError as err:
-                if self.bad_images == "fail":
-                    raise ValueError(f"{err}. Remove or replace the file, or pass --bad-images skip to skip "
-                                     "unreadable images.") from err
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
-                logger.warning("skipping unreadable image %s (%s)", path, err)
-                continue
-            return self.transform(image), target
-        raise ValueError(f"no readable image in {self.root}")
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        path, target = self.samples[index]
+        try:
+            return self.transform(load_rgb(path)), target
+        except ValueError as err:  # unreadable, or too large to decode or resize
+            if self.bad_images == "fail":
+                raise ValueError(f"{err}. Remove or replace the file, or pass --bad-images skip to skip "
+                                 "unreadable images.") from err
+            with self._skipped.get_lock():
+                self._skipped.value += 1
+            logger.warning("skipping unreadable image %s (%s)", path, err)
+            return None
+
+
+class Relabelled(Dataset):
+    """``dataset`` with each label ``y`` replaced by ``label_map[y]`` (data classes matched to a model's by name)."""
+
+    def __init__(self, dataset: Dataset, label_map: list[int]) -> None:
+        self.dataset, self.label_map = dataset, label_map
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        return None if item is None else (item[0], self.label_map[item[1]])
+
+
+def collate_readable(items: list[Any]) -> Any:
+    """A batch of the samples that were read (``None`` marks a skipped image; see :class:`CheckedImageFolder`).
+
+    Raises:
+        ValueError: every image of the batch was skipped.
+    """
+    from torch.utils.data import default_collate
+
+    readable = [item for item in items if item is not None]
+    if not readable:
+        raise ValueError(f"all {len(items)} images of a batch were unreadable and skipped; check the data folder "
+                         "(the warnings above name the files)")
+    return default_collate(readable)
 
 
 #: The evaluation preprocessing of the official release (and timm's RepVGG weights): bilinear resize of
@@ -308,17 +350,26 @@ def eval_transform(preprocessing: Preprocessing) -> Callable[[Any], Tensor]:
     transform = create_transform(input_size=(3, p.img_size, p.img_size), interpolation=p.interpolation, mean=p.mean,
                                  std=p.std, is_training=False, crop_pct=p.crop_pct, crop_mode="center")
     transform = _fuse_to_tensor_normalize(transform, p.mean, p.std)
-    return _Grey(transform) if p.grayscale else transform
+    return _BoundedResize(transform, p.resize, p.grayscale)
 
 
-class _Grey:
-    """Make the image grey (three equal channels) before ``transform``."""
+class _BoundedResize:
+    """Refuse an image whose resize to short side ``resize`` would make more pixels than
+    :data:`~repvgg.limits.MAX_IMAGE_PIXELS` (a very elongated image), then run ``transform`` (on the image made
+    grey first for a ``grayscale`` model)."""
 
-    def __init__(self, transform: Callable[[Any], Tensor]) -> None:
-        self.transform = transform
+    def __init__(self, transform: Callable[[Any], Tensor], resize: int, grayscale: bool) -> None:
+        self.transform, self.resize, self.grayscale = transform, resize, grayscale
 
     def __call__(self, image: Any) -> Tensor:
-        return self.transform(image.convert("L").convert("RGB"))
+        width, height = image.size
+        short = max(1, min(width, height))
+        check_image_pixels(self.resize * width // short, self.resize * height // short,
+                           f"a {width} x {height} image resized to a short side of {self.resize}")
+        return self.transform(image.convert("L").convert("RGB") if self.grayscale else image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(resize={self.resize}, grayscale={self.grayscale}, {self.transform!r})"
 
 
 def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_erasing: float = 0.0,

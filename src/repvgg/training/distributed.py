@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
+from repvgg.options import check_device_name
+
 __all__ = [
     "DistContext", "init_distributed", "shutdown_distributed", "all_reduce", "backend_device_types",
     "collective_device", "EpochSampler", "SeededSamples", "ShardSampler", "sample_seed", "run_distributed",
@@ -47,7 +49,13 @@ class DistContext:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``"auto"`` picks the local CUDA device when there is one, else the CPU."""
+    """The device ``name`` names (``auto``, ``cpu``, ``cuda`` or ``cuda:N``), checked to be there: ``"auto"`` picks
+    the local CUDA device when there is one, else the CPU.
+
+    Raises:
+        ValueError: another name (``mps``, ``tpu``, ``cuda:-1``), or a CUDA device this machine does not have.
+    """
+    check_device_name(name, "--device")
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
@@ -56,6 +64,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise ValueError(f"--device {name} was requested but CUDA is not available; use --device cpu")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -196,23 +196,21 @@ def evaluate_checkpoint(
     logit difference; a deploy checkpoint is evaluated as it is.
     """
     from repvgg.nn.convert import reparameterize_model
-    from repvgg.training.data import build_datasets
+    from repvgg.training.data import Relabelled, build_datasets, collate_readable
     from repvgg.training.distributed import resolve_device
     from repvgg.io.loading import load_model, model_card
 
     check_int(batch_size, "batch_size", low=1)
     check_int(workers, "workers", low=0)
     model = load_model(weights, arch=arch)
-    bundle = build_datasets(data, img_size=img_size, preprocessing=model_card(model).recorded_preprocessing)
-    if model.num_classes != bundle.num_classes:
-        raise ValueError(
-            f"{weights} has {model.num_classes} classes but the data has {bundle.num_classes}; "
-            "evaluate it on the dataset it was trained for"
-        )
+    card = model_card(model)
+    bundle = build_datasets(data, img_size=img_size, preprocessing=card.recorded_preprocessing)
+    label_map = card.label_map(bundle.classes, bundle.name)  # matched by name; a mismatch is refused
+    val = bundle.val if label_map is None else Relabelled(bundle.val, label_map)
     torch_device = resolve_device(device)
     model = model.to(torch_device).eval()
     models = [model] if model.deploy else [model, reparameterize_model(model)]
-    loader = DataLoader(bundle.val, batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(val, batch_size=batch_size, num_workers=workers, collate_fn=collate_readable)
     report = evaluate_models(models, loader, torch_device)
     check_outputs(report.finite, report.relative_error, str(weights))
     result = {

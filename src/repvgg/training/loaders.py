@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from repvgg.training.data import collate_readable
 from repvgg.training.distributed import DistContext, EpochSampler, SeededSamples, ShardSampler
 
 __all__ = ["closing_loaders", "eval_loader", "seed_epoch", "train_loader"]
@@ -39,14 +40,15 @@ def train_loader(dataset: Dataset, *, seed: int, ctx: DistContext, local_batch: 
     sampler = EpochSampler(len(dataset), seed=seed, rank=ctx.rank, world_size=ctx.world_size)  # type: ignore[arg-type]
     # The loader's own generator keeps it from drawing on the global RNG, whose state a resume restores.
     loader = DataLoader(SeededSamples(dataset), batch_size=local_batch, sampler=sampler, drop_last=True,
-                        num_workers=workers, persistent_workers=workers > 0, pin_memory=ctx.device.type == "cuda",
+                        collate_fn=collate_readable, num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=ctx.device.type == "cuda",
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
 
 
 def eval_loader(dataset: Dataset, *, batch_size: int, workers: int, ctx: DistContext) -> DataLoader:
     """This process's in-order, disjoint validation shard (shards summed over processes are exact)."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_readable,
                       sampler=ShardSampler(len(dataset), ctx.rank, ctx.world_size),
                       pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
 
