@@ -161,7 +161,7 @@ def test_openvino_runs_the_same_int8_file(digits_int8) -> None:
 
 def test_amp_trains_in_bf16_where_the_cpu_has_it_and_converts_exactly(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from repvgg.training import engine
+    from repvgg.training import devices
     from repvgg.training.classification import ClassificationTask
 
     seen: list[tuple[bool, torch.dtype]] = []
@@ -172,7 +172,7 @@ def test_amp_trains_in_bf16_where_the_cpu_has_it_and_converts_exactly(tmp_path: 
         return step(self, net, model, batch)
 
     monkeypatch.setattr(ClassificationTask, "training_step", recording)
-    monkeypatch.setattr(engine, "cpu_features", lambda: AMX)  # the capability faked: bf16 is emulated here
+    monkeypatch.setattr(devices, "cpu_features", lambda: AMX)  # the capability faked: bf16 is emulated here
     out = tmp_path / "run"
     # 89 training images: 1 step of 64 (bfloat16 is emulated on most test machines, hence slow)
     assert main(["train", "--model", "repvgg_tiny", "--epochs", "1", "--batch-size", "64", "--val-fraction", "0.95",
@@ -184,12 +184,12 @@ def test_amp_trains_in_bf16_where_the_cpu_has_it_and_converts_exactly(tmp_path: 
 
 def test_amp_without_native_bf16_trains_in_float32_and_says_why(monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    from repvgg.training import engine
+    from repvgg.training import devices
 
-    monkeypatch.setattr(engine, "cpu_features", lambda: AVX2)
-    with caplog.at_level(logging.INFO, logger="repvgg.training.engine"):
-        assert engine.autocast_dtype(True, torch.device("cpu")) is None
+    monkeypatch.setattr(devices, "cpu_features", lambda: AVX2)
+    with caplog.at_level(logging.INFO, logger="repvgg.training.devices"):
+        assert devices.autocast_dtype(True, torch.device("cpu")) is None
     assert "no native BF16" in caplog.text and "AVX2" in caplog.text
-    monkeypatch.setattr(engine, "cpu_features", lambda: AMX)
-    assert engine.autocast_dtype(True, torch.device("cpu")) == torch.bfloat16
-    assert engine.autocast_dtype(False, torch.device("cpu")) is None
+    monkeypatch.setattr(devices, "cpu_features", lambda: AMX)
+    assert devices.autocast_dtype(True, torch.device("cpu")) == torch.bfloat16
+    assert devices.autocast_dtype(False, torch.device("cpu")) is None

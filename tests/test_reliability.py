@@ -25,7 +25,8 @@ from repvgg.serialization import atomic_write
 from repvgg.training import engine
 from repvgg.training.classification import ClassificationTask, train
 from repvgg.training.config import TrainConfig
-from repvgg.training.data import load_rgb, scan_class_folders
+from repvgg.training.data import scan_class_folders
+from repvgg.training.images import load_rgb
 
 TINY = ["--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "128", "--img-size", "16"]  # 11 steps per epoch
 

@@ -18,7 +18,7 @@ from repvgg.cli import main
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import ToNormalizedTensor, build_datasets, check_image_folder, folder_transforms
 from repvgg.training.digits import digits_split
-from repvgg.training.engine import training_memory_format
+from repvgg.training.devices import training_memory_format
 from repvgg.training.classification import train
 
 TINY = ["--model", "repvgg_tiny", "--device", "cpu", "--batch-size", "128"]  # 11 steps per epoch

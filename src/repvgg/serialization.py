@@ -1,6 +1,6 @@
 """Files every layer writes: dataclass <-> dict round trips, the one output rule and the one atomic write.
 
-Nothing here imports the rest of the package (but its errors), so the model spec, the run configs and the
+Nothing here imports the rest of the package (but its errors and limits), so the model spec, the run configs and the
 file formats can all build on it.
 
 * :func:`check_output_path` is the output rule of every command: an existing file is replaced only when the
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 from repvgg.errors import WriteFailed
+from repvgg.limits import brief
 
 __all__ = ["DictMixin", "atomic_write", "check_output_path", "commit_staged", "csv_cell", "output_target",
            "staging_folder", "write_csv", "write_failed", "write_json", "write_text"]
@@ -56,7 +57,7 @@ class DictMixin:
         normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(normalised) - known)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+            raise ValueError(f"unknown {cls.__name__} fields {brief(unknown)}; known fields: {sorted(known)}")
         return cls(**normalised)
 
 

@@ -75,6 +75,6 @@ def run(args: argparse.Namespace) -> int:
         emit(args, summary)
         return EXIT_INTERRUPTED
     keys = ("model", "dataset", "epochs", "val_top1", "val_top1_deploy", "max_abs_diff", "prediction_agreement",
-            "top1_int8", "int8_onnx", "output")
+            "deploy_from", "deploy_epoch", "top1_int8", "int8_onnx", "output")
     emit(args, summary, json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     return 0

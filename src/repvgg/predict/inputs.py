@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from repvgg.training.data import image_files, load_rgb
+from repvgg.training.images import image_files, load_rgb
 
 __all__ = ["ImageFiles", "collate_images", "expand_inputs"]
 

@@ -30,7 +30,8 @@ from repvgg.io.onnx_run import ONNX_RUNTIMES, onnx_runner
 from repvgg.limits import check_int
 from repvgg.predict import DTYPES, RUNTIMES
 from repvgg.predict.inputs import ImageFiles, collate_images, expand_inputs
-from repvgg.training.data import eval_transform, load_rgb
+from repvgg.training.data import eval_transform
+from repvgg.training.images import load_rgb
 
 __all__ = ["Prediction", "Predictor", "locate_artifact", "RUNTIMES", "DTYPES"]
 

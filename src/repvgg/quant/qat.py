@@ -54,7 +54,6 @@ def prepare_qat(plain: nn.Module, example: torch.Tensor) -> nn.Module:
 class QATTask(ClassificationTask):
     """Fine-tune a trained classifier's plain network with fake quantization (``repvgg train --qat``)."""
 
-    fixed_on_resume = ("weights", "val_fraction", "qat", "img_size")
 
     def setup(self, config: TrainConfig, ctx: Any, resumed: Mapping[str, Any] | None = None) -> tuple[TrainConfig, Any]:
         if not config.weights:

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from repvgg.segmentation.pspnet import IGNORE_INDEX
-from repvgg.training.data import load_rgb, open_image
+from repvgg.training.images import load_rgb, open_image
 from repvgg.segmentation.synthetic import SyntheticConfig, SyntheticShapes
 from repvgg.segmentation.transforms import JointTransform, apply_joint, eval_transform, train_transform
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from repvgg.nn.complexity import count_parameters
 from repvgg.training.distributed import DistContext
 from repvgg.training.engine import StepOutput, eval_loader, fit
-from repvgg.training.run_folder import data_identity
+from repvgg.training.run_folder import LOOP_CHANGEABLE, data_identity
 from repvgg.training.trackers import Tracker
 from repvgg.segmentation.config import FAST_DILATED_LAYERS, SegTrainConfig
 from repvgg.segmentation.data import SegmentationDataBundle, build_segmentation_data
@@ -97,8 +97,7 @@ class SegmentationTask:
     command = "seg-train"
     score = "val_miou"
     min_local_batch = 2  # BatchNorm in the pyramid pooling's 1x1 bin
-    fixed_on_resume = ("backbone", "fast", "dilated_layers", "head_channels", "aux_channels", "num_classes",
-                       "crop_size", "synthetic_size", "synthetic_seed")
+    changeable_on_resume = (*LOOP_CHANGEABLE, "aux_weight", "poly_power", "baseline")
     input_fields = ("data", "backbone_weights")
 
     def __init__(self) -> None:

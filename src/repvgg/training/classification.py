@@ -26,10 +26,11 @@ from repvgg.nn.registry import build_model, spec_overrides
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, build_datasets
 from repvgg.training.distributed import DistContext, all_reduce
-from repvgg.training.engine import StepOutput, eval_loader, fit, training_memory_format
+from repvgg.training.devices import training_memory_format
+from repvgg.training.engine import StepOutput, eval_loader, fit
 from repvgg.training.evaluate import evaluate_models, measure_throughput
 from repvgg.training.optim import custom_l2, learning_rate
-from repvgg.training.run_folder import data_identity
+from repvgg.training.run_folder import LOOP_CHANGEABLE, data_identity
 from repvgg.training.trackers import Tracker
 
 __all__ = ["ClassificationTask", "train", "default_output_dir"]
@@ -47,8 +48,9 @@ class ClassificationTask:
 
     command = "train"
     score = "val_top1"
-    min_local_batch = 1
-    fixed_on_resume = ("model", "model_overrides", "val_fraction", "qat", "img_size", "test_size")
+    min_local_batch = 2  # BatchNorm of a 1 x 1 map (the last stage at 32 x 32) needs two images
+    changeable_on_resume = (*LOOP_CHANGEABLE, "aux_weight", "bad_images", "inference_speed", "grad_checkpointing",
+                            "channels_last")
     input_fields = ("data", "weights")
 
     def __init__(self) -> None:
@@ -191,6 +193,8 @@ class ClassificationTask:
              output: Path) -> None:
         from repvgg.plots import plot_training_curves
 
+        if "skipped_images" in summary and history:  # the last epoch's training pass, beside the final evaluation's
+            summary["skipped_images"]["train"] = history[-1].get("train_skipped_images", 0)
         save_weights(plain, output / "deploy.safetensors", extra={"dataset": self.bundle.name,
                                                                    **self.bundle.card.metadata()})
         plot_training_curves(history, output / "curves.png", title=f"{model.name} on {self.bundle.name}")
@@ -198,10 +202,13 @@ class ClassificationTask:
         logger.info(
             "\n  training-time: top-1 %.2f%%  top-5 %.2f%%  %d params  %s img/s"
             "\n  converted:     top-1 %.2f%%  top-5 %.2f%%  %d params  %s img/s"
-            "\n  max |logit difference| %.3g, predictions agree on %.2f%% of %d images",
+            "\n  max |logit difference| %.3g, predictions agree on %.2f%% of %d images"
+            "\n  deploy.safetensors holds the %s weights (epoch %d); --deploy-from %s converts the %s ones",
             s["val_top1"], s["val_top5"], s["params_train"], _rate(s["infer_images_per_s_train"]),
             s["val_top1_deploy"], s["val_top5_deploy"], s["params_deploy"], _rate(s["infer_images_per_s_deploy"]),
             s["max_abs_diff"], 100 * s["prediction_agreement"], s["val_images"],
+            "last epoch's" if s["deploy_from"] == "last" else "best epoch's", s["deploy_epoch"],
+            "best" if s["deploy_from"] == "last" else "last", "best epoch's" if s["deploy_from"] == "last" else "last",
         )
 
 

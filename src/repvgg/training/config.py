@@ -7,13 +7,12 @@ so a run can be rebuilt and resumed from its output folder alone. Files are pars
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from repvgg.limits import MAX_IMG_SIZE
+from repvgg.limits import MAX_CONFIG_BYTES, MAX_IMG_SIZE, MAX_NESTING, LimitExceeded, parse_json
 from repvgg.options import RunConfig, check_device_name, option
 
 __all__ = ["AblationConfig", "LoopConfig", "RECIPES", "TrainConfig", "load_config_file", "resolve_run_config"]
@@ -70,12 +69,21 @@ class LoopConfig(RunConfig):
                                           low=1)
     log_interval: int = option(50, "steps between log lines (and tracked step scalars)", low=1)
     tensorboard: bool = option(False, "log step and epoch scalars for TensorBoard in the run folder's tensorboard/")
+    deploy_from: str = option("last", "the weights deploy.safetensors is converted from: the last epoch's (last) or "
+                                      "the best validated epoch's, as best.pt holds them (best)",
+                              choices=("last", "best"))
     config_file: str | None = option(None, "the --config file the options came from (an input: never written to)",
                                      cli=False)
+    run_id: str | None = option(None, "the run's identity, made when it starts: its checkpoints carry it", cli=False)
+    resume_changes: tuple[dict[str, Any], ...] = option((), "settings a resume changed: field, earlier and new value, "
+                                                            "and the epoch and step from which the new one applies",
+                                                        cli=False)
 
     def __post_init__(self) -> None:
         self._check_types()
         check_device_name(self.device)
+        self._check([(self.deploy_from in ("last", "best"), "deploy_from must be 'last' or 'best'")])
+        self.resume_changes = tuple(dict(change) for change in self.resume_changes)  # YAML gives a list
 
     @property
     def resolved_lr(self) -> float:
@@ -186,21 +194,57 @@ class AblationConfig(TrainConfig):
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict (keys checked later by :meth:`TrainConfig.from_dict`)."""
+    """Read a YAML or JSON config file into a dict (keys checked later by :meth:`TrainConfig.from_dict`).
+
+    The file is data, bounded before it is walked: at most :data:`~repvgg.limits.MAX_CONFIG_BYTES`, nested at most
+    :data:`~repvgg.limits.MAX_NESTING` levels, and without YAML aliases (``*name``), whose expansion is unbounded (a
+    few hundred bytes of nested aliases make gigabytes). Python tags (``!!python/object``) are refused too.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    import yaml
-
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise LimitExceeded(f"config file {path} holds {path.stat().st_size:,} bytes, more than the "
+                            f"{MAX_CONFIG_BYTES:,} a config may have")
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        # safe_load also refuses Python tags (!!python/object ...): a config is data, never code.
-        raise ValueError(f"could not read config file {path}: {err}") from err
+        text = path.read_text(encoding="utf-8-sig")
+    except (UnicodeDecodeError, OSError) as err:
+        raise ValueError(f"could not read config file {path}: {err}") from None
+    if path.suffix.lower() == ".json":
+        data = parse_json(text, f"config file {path}")
+    else:
+        data = _load_yaml(text, path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values, got {type(data).__name__}")
     return data
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    import yaml
+
+    class DataLoader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` without aliases and with a nesting bound (a config is plain data)."""
+
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config file",
+                                                  self.peek_event().start_mark)
+            self.depth += 1
+            try:
+                if self.depth > MAX_NESTING:
+                    raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_NESTING} levels deep",
+                                                      self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    try:
+        return yaml.load(text, Loader=DataLoader)  # noqa: S506 - a SafeLoader, aliases refused
+    except yaml.YAMLError as err:
+        # The safe loader refuses Python tags (!!python/object ...) too: a config is data, never code.
+        raise ValueError(f"could not read config file {path}: {' '.join(str(err).split())[:300]}") from None
 
 
 def resolve_run_config(

@@ -17,27 +17,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, Preprocessing
-from repvgg.limits import LimitExceeded, check_image_pixels, check_img_size
+from repvgg.limits import check_image_pixels, check_img_size
 from repvgg.training.digits import DigitsDataset, digits_preprocessing, digits_split
+from repvgg.training.images import image_files, load_rgb
 
 __all__ = [
     "DatasetBundle",
     "eval_transform",
     "build_datasets",
     "check_image_folder",
-    "load_rgb",
-    "image_files",
-    "open_image",
     "ToNormalizedTensor",
     "scan_class_folders",
     "scan_image_folder",
     "CheckedImageFolder",
+    "check_auto_augment",
     "collate_readable",
     "Relabelled",
 ]
@@ -83,60 +81,6 @@ def _digits_bundle(img_size: int, val_fraction: float, *, augment: bool = True,
     )
 
 
-def open_image(path: str | os.PathLike[str], *, what: str = "image", load: bool = True) -> Any:
-    """The PIL image in ``path`` (its pixels read, or only its header with ``load=False``); close it after use.
-
-    An image of more pixels than :data:`~repvgg.limits.MAX_IMAGE_PIXELS` is refused from its header, before its
-    pixels are decoded (a few hundred KB of PNG can decode to gigabytes). Any failure (a missing, empty, truncated,
-    foreign or too large file, a dangling or looping link) is a ValueError naming ``what`` and the file.
-    """
-    from PIL import Image
-
-    try:
-        image = Image.open(path)
-    except Exception as err:  # PIL and the OS raise several types for empty, truncated, foreign or missing files
-        raise ValueError(f"cannot read {what} {os.fspath(path)}: {err}") from err
-    try:
-        check_image_pixels(*image.size, f"{what} {os.fspath(path)}")
-        if load:
-            image.load()
-        return image
-    except LimitExceeded:
-        image.close()
-        raise
-    except Exception as err:
-        image.close()
-        raise ValueError(f"cannot read {what} {os.fspath(path)}: {err}") from err
-
-
-def load_rgb(path: str | os.PathLike[str]) -> Any:
-    """Open an image file as an 8-bit RGB PIL image; any failure is a ValueError naming the file.
-
-    16-bit grey images (PNG mode ``I;16``, or ``I`` holding 0..65535) are scaled to 8 bits rather
-    than clipped (``convert("RGB")`` alone turns them all white); other integer or float images are
-    refused, since their range is unknown.
-    """
-    with open_image(path) as image:
-        try:
-            return _as_rgb(image)
-        except Exception as err:  # an unknown range, or PIL failing to convert
-            raise ValueError(f"cannot read image {os.fspath(path)}: {err}") from err
-
-
-def _as_rgb(image: Any) -> Any:
-    from PIL import Image
-
-    if image.mode.startswith("I;16") or image.mode == "I":
-        values = np.asarray(image)  # uint16 or int32: no wider copy of a large image
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise ValueError(f"{image.mode} image with values outside 0..65535 (convert it to 8-bit)")
-        scaled = (values.astype(np.uint32) * 2 + 257) // 514  # round(v / 257) in integers
-        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
-    if image.mode == "F":
-        raise ValueError("floating-point image (convert it to 8-bit)")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def scan_class_folders(split_root: str | Path) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names and ``(image path, class index)`` samples of one split, in one pass over the tree.
 
@@ -150,27 +94,6 @@ def scan_class_folders(split_root: str | Path) -> tuple[list[str], list[tuple[st
     seen: set[str] = set()
     samples = [(path, index) for index, name in enumerate(classes) for path in image_files(split_root / name, seen)]
     return classes, samples
-
-
-def image_files(folder: str | Path, seen: set[str] | None = None) -> list[str]:
-    """The image files (torchvision's image extensions) anywhere below ``folder``, sorted folder by folder.
-
-    Directory links are followed once: a folder already in ``seen`` (real paths, shared between calls that must not
-    count an image twice) is skipped, so a loop such as ``a/loop -> .`` ends.
-    """
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    seen = set() if seen is None else seen
-    found: list[str] = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs.sort()
-        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS))
-    return found
 
 
 def check_image_folder(root: str | Path) -> tuple[list[str], dict[str, int]]:
@@ -372,6 +295,25 @@ class _BoundedResize:
         return f"{type(self).__name__}(resize={self.resize}, grayscale={self.grayscale}, {self.transform!r})"
 
 
+def check_auto_augment(policy: str | None) -> None:
+    """Refuse a timm augmentation policy timm cannot build (e.g. a typo in ``"rand-m9-mstd0.5"``), before a run
+    starts.
+
+    Raises:
+        ValueError: naming the policy and the forms timm takes.
+    """
+    if policy is None:
+        return
+    from timm.data import create_transform
+
+    try:
+        create_transform(input_size=(3, 32, 32), is_training=True, auto_augment=policy)
+    except Exception as err:  # timm asserts, or fails to parse, on an unknown policy
+        raise ValueError(f"--auto-augment {policy!r} is not a policy timm knows ({type(err).__name__}: "
+                         f"{str(err)[:120] or 'unknown policy'}); use e.g. 'rand-m9-mstd0.5' (RandAugment), "
+                         "'original' or 'v0' (AutoAugment) or 'augmix-m5-w4-d2' (AugMix)") from None
+
+
 def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_erasing: float = 0.0,
                       color_jitter: float = 0.0,
                       data_config: dict[str, Any] | None = None) -> tuple[Callable, Callable, Preprocessing]:
@@ -423,7 +365,13 @@ def build_datasets(
         data_config = preprocessing.to_dict() if data_config is None else data_config
     if img_size is not None:
         check_img_size(img_size, "img_size")
+    check_auto_augment(auto_augment)
     if data is None:
+        ignored = [flag for flag, value in (("--auto-augment", auto_augment), ("--random-erasing", random_erasing),
+                                            ("--color-jitter", color_jitter)) if value]
+        if ignored and augment:
+            logger.warning("%s: the embedded digits keep their own augmentation (small shifts); these options "
+                           "apply to image folders (--data)", ", ".join(ignored))
         return _digits_bundle(32 if img_size is None else img_size, val_fraction, augment=augment,
                               test_size=test_size)
     classes, samples = scan_image_folder(data)

@@ -14,10 +14,13 @@ the converted model. :func:`fit` reads like a table of contents: start (restore 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,53 +34,24 @@ from repvgg.io.checkpoint import capture_rng_state, load_checkpoint, restore_rng
 from repvgg.nn.complexity import count_parameters
 from repvgg.nn.convert import check_conversion, reparameterize_model
 from repvgg.serialization import write_json
-from repvgg.perf.environment import cpu_features
 from repvgg.training.accumulate import accumulate_gradients, clip_gradients
-from repvgg.training.config import LoopConfig
+from repvgg.training.config import LoopConfig, load_config_file
+from repvgg.training.devices import autocast_dtype
 from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, run_distributed
 from repvgg.training.loaders import closing_loaders, eval_loader, seed_epoch, train_loader
 from repvgg.training.optim import build_optimizer
 from repvgg.training.progress import diverged_error, duration, progress_bar, write_metrics
-from repvgg.training.run_folder import (check_continuation, check_data_is_there, check_run_folder, check_same_data,
-                                        locate_run, resolve_inputs, resumable_file)
+from repvgg.training.run_folder import (check_checkpoint_belongs, check_continuation, check_data_is_there,
+                                        check_run_folder, check_same_data, locate_run, lock_run_folder,
+                                        open_run_folder, resolve_inputs, resumable_file)
 from repvgg.training.stopping import CHECK_INTERVAL, StopRequest, shared_flags
 from repvgg.training.task import RunState, StepOutput, Task
 from repvgg.training.trackers import TensorBoardTracker, Tracker
 
 __all__ = ["RunState", "StepOutput", "Task", "eval_loader", "fit", "progress_bar", "run_distributed", "seed_epoch",
-           "train_loader", "training_memory_format", "write_metrics"]
+           "train_loader", "write_metrics"]
 
 logger = logging.getLogger(__name__)
-
-
-def training_memory_format(channels_last: bool, device: torch.device) -> torch.memory_format:
-    """The memory format to train in: channels-last only where it was asked for and the device is CUDA.
-
-    On CPUs without AVX-512, oneDNN's channels-last backward of a 1x1 convolution with 3 input channels
-    (the stem's 1x1 branch) can spin forever and ignores signals; on CPU the contiguous format is also
-    as fast for training, so channels-last there is declined with a log line, as ``--sync-bn`` is.
-    """
-    if not channels_last:
-        return torch.contiguous_format
-    if device.type != "cuda":
-        logger.info("--channels-last applies to CUDA only; training in the contiguous format on %s", device)
-        return torch.contiguous_format
-    return torch.channels_last
-
-
-def autocast_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
-    """The precision ``--amp`` trains in on ``device``: float16 on CUDA (with a gradient scaler), bfloat16 on a
-    CPU that computes it natively (AVX512-BF16 or AMX), else ``None`` with a log line saying why: emulated
-    bfloat16 would train slower than float32. The final conversion check compares float32 models either way."""
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and cpu_features().native_bf16:
-        return torch.bfloat16
-    logger.info("--amp: this %s has no native BF16 (%s; bfloat16 needs AVX512-BF16 or AMX) and would train slower "
-                "emulated; training in float32", device.type, cpu_features().describe())
-    return None
 
 
 C = TypeVar("C", bound=LoopConfig)
@@ -148,7 +122,13 @@ def fit(task: Task, config: C, trackers: Sequence[Tracker] = ()) -> dict[str, An
 
 
 def _fit(task: Task, config: C, ctx: DistContext, trackers: list[Tracker]) -> dict[str, Any]:
-    run = _start(task, config, ctx, trackers)
+    with contextlib.ExitStack() as held:  # the run folder's lock, from before its first check to the end
+        return _fit_locked(task, config, ctx, trackers, held)
+
+
+def _fit_locked(task: Task, config: C, ctx: DistContext, trackers: list[Tracker],
+                held: contextlib.ExitStack) -> dict[str, Any]:
+    run = _start(task, config, ctx, trackers, held)
     with closing_loaders(run.loader, run.val_loader):
         with run.stopper.installed():
             while run.state.epoch < run.config.epochs:
@@ -176,9 +156,11 @@ def _resume_checkpoint(task: Task, config: Any) -> dict[str, Any] | None:
     return resume
 
 
-def _checked_config(task: Task, config: Any, resume: dict[str, Any] | None) -> tuple[Any, Path, list[Path], dict]:
+def _checked_config(task: Task, config: Any, resume: dict[str, Any] | None, lock: Callable[[Path], None]
+                    ) -> tuple[Any, Path, list[Path], dict]:
     """The run's config (input paths resolved), its folder, the files ``--overwrite`` replaces, and the
-    paths as the user typed them. Refuses, before anything is written, whatever would lose or mix up work."""
+    paths as the user typed them. Refuses, before anything is written, whatever would lose or mix up work;
+    ``lock(folder)`` takes the run folder's lock before the folder is looked at."""
     output = locate_run(config.output, config.resume, lambda: task.default_output(config))
     config, given = resolve_inputs(config, task.input_fields)
     if resume is not None:
@@ -186,16 +168,26 @@ def _checked_config(task: Task, config: Any, resume: dict[str, Any] | None) -> t
         given = {**resume.get("paths_as_given", {}), **{k: v for k, v in given.items()
                                                         if v != resume["config"].get(k)}}
     reads = [getattr(config, f) for f in task.input_fields] + [config.config_file]
+    lock(output)
     replaced = check_run_folder(output, resume=resume is not None, overwrite=config.overwrite, reads=reads)
     if resume is not None:
-        config = check_continuation(resume, config, fixed=task.fixed_on_resume, paths=task.input_fields, output=output,
-                           source=str(config.resume))
+        if (output / "config.yaml").is_file():
+            check_checkpoint_belongs(resume, load_config_file(output / "config.yaml"), output, str(config.resume))
+        config = check_continuation(resume, config, changeable=task.changeable_on_resume, paths=task.input_fields,
+                                    output=output, source=str(config.resume))
+    else:
+        config = config.updated(run_id=uuid.uuid4().hex, resume_changes=[])
     return config.updated(output=str(output), overwrite=False), output, replaced, given
 
 
-def _start(task: Task, config: Any, ctx: DistContext, trackers: list[Tracker]) -> _Run:
+def _start(task: Task, config: Any, ctx: DistContext, trackers: list[Tracker], held: contextlib.ExitStack) -> _Run:
     resume = _resume_checkpoint(task, config)
-    config, output, replaced, given = _checked_config(task, config, resume)
+
+    def lock(folder: Path) -> None:
+        if ctx.is_main:
+            held.enter_context(lock_run_folder(folder))
+
+    config, output, replaced, given = _checked_config(task, config, resume, lock)
     device = ctx.device
     amp_dtype = autocast_dtype(config.amp, device)
     seed_epoch(config.seed, 0, ctx.rank)
@@ -273,16 +265,7 @@ def _batch_plan(task: Task, config: Any, ctx: DistContext, train_images: int) ->
 
 def _open_folder(run: _Run, replaced: list[Path]) -> None:
     """Create the run folder, remove what ``--overwrite`` replaces, write ``config.yaml``, start TensorBoard."""
-    from repvgg.serialization import write_failed
-
-    try:
-        run.output.mkdir(parents=True, exist_ok=True)
-        for path in replaced:
-            logger.info("--overwrite: removing %s", path)
-            path.unlink()
-    except OSError as err:
-        raise write_failed(run.output, err) from err
-    run.config.save(run.output / "config.yaml")
+    open_run_folder(run.output, replaced, run.config)
     if run.config.tensorboard:
         run.trackers.append(TensorBoardTracker(run.output / "tensorboard"))
 
@@ -435,10 +418,10 @@ def _finish(run: _Run) -> dict[str, Any]:
     """
     state, config, task = run.state, run.config, run.task
     with StopRequest("finishing the converted model and summary.json first").installed():
-        final = run.ema.module if run.ema is not None else run.model
+        final, deployed = _deployed_weights(run)
         final.eval()
         plain = reparameterize_model(final)
-        summary = {**task.compare(final, plain, run.val_loader), "epochs": config.epochs,
+        summary = {**task.compare(final, plain, run.val_loader), "epochs": config.epochs, **deployed,
                    f"best_{task.score}": state.best_score, "device": str(run.ctx.device),
                    "world_size": run.ctx.world_size,
                    "train_images_per_s": state.train_images / state.train_time_s if state.train_time_s > 0 else None,
@@ -448,3 +431,18 @@ def _finish(run: _Run) -> dict[str, Any]:
             task.save(final, plain, summary, state.history, run.output)
             write_json(run.output / "summary.json", summary)
     return summary
+
+
+def _deployed_weights(run: _Run) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained model that ``deploy_from`` names (the last epoch's weights, or ``best.pt``'s), and what the
+    summary says of it: which it is and its epoch."""
+    final = run.ema.module if run.ema is not None else run.model
+    history, score = run.state.history, run.task.score
+    if run.config.deploy_from == "last" or not history:
+        return final, {"deploy_from": "last", "deploy_epoch": len(history)}
+    best = max(range(len(history)), key=lambda i: (history[i][score], -i))  # the first best epoch, as best.pt
+    final = copy.deepcopy(final)
+    final.load_state_dict(load_checkpoint(run.output / "best.pt")["model"])
+    logger.info("--deploy-from best: converting the weights of epoch %d (%s %.4g), from best.pt", best + 1, score,
+                history[best][score])
+    return final, {"deploy_from": "best", "deploy_epoch": best + 1}

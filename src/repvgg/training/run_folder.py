@@ -7,30 +7,49 @@ anywhere finds them; a resume needs no initial weights file (``last.pt`` holds t
 a moved data folder is named again with ``--data``: it must be the same data (class names and image
 counts), not the same string.
 
-Resume is a continuation: what would break it (model, batch size, seed, data, image size) is refused
-before anything is written; ``--epochs`` may extend a run (the learning-rate schedule is then recomputed
-for the new total), but never undo finished epochs or "continue" a finished run with nothing to do.
+Resume is a continuation: a setting may change on resume only where the run can honour it from the step it
+reached (the task's :attr:`~repvgg.training.task.Task.changeable_on_resume`: the learning rate, the epochs, gradient
+clipping, ...); the change is applied, logged and recorded in the config with that step (``resume_changes``, the
+earlier value kept). Any other change (model, batch size, seed, recipe, augmentation, image size) is refused before
+anything is written. ``--epochs`` may extend a run (the learning-rate schedule is then recomputed for the new total),
+but never undo finished epochs or "continue" a finished run with nothing to do.
+
+While a run works in its folder it holds the folder's lock (:func:`lock_run_folder`): a second process aiming at the
+same folder is refused, naming the holder; a lock left by a process that was killed is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
-from repvgg.serialization import check_output_path
+from repvgg.limits import brief
+from repvgg.serialization import check_output_path, write_failed
 
-__all__ = ["RUN_FILES", "HUB_PREFIX", "locate_run", "check_run_folder", "resolve_inputs", "check_continuation",
-           "check_data_is_there", "check_same_data", "data_identity", "resumable_file"]
+__all__ = ["RUN_FILES", "HUB_PREFIX", "LOCK_FILE", "LOOP_CHANGEABLE", "PER_INVOCATION", "check_checkpoint_belongs",
+           "check_continuation", "check_data_is_there", "check_run_folder", "check_same_data", "data_identity",
+           "locate_run", "lock_run_folder", "open_run_folder", "resolve_inputs", "resumable_file"]
 
 logger = logging.getLogger(__name__)
 
 #: The files a run writes into its folder; a folder holding any of them holds a run.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "deploy.safetensors",
              "curves.png", "predictions.png", "int8.onnx")
-#: Config fields that run on every kind of job and decide the data order and the steps: never changed by a resume.
-LOOP_FIXED = ("batch_size", "seed")
+#: Config fields that concern one invocation only: never compared with the run's, never recorded.
+PER_INVOCATION = ("output", "resume", "overwrite", "stop_after_steps", "config_file", "workers", "log_interval",
+                  "tensorboard", "run_id", "resume_changes")
+#: Config fields of every training job that a resume may change (applied and recorded); a task adds its own.
+LOOP_CHANGEABLE = ("epochs", "lr", "momentum", "weight_decay", "clip_grad", "accumulation_steps", "device", "amp",
+                   "deploy_from")
+#: The lock file a running run holds in its folder.
+LOCK_FILE = ".lock"
 #: Weights references that are not local paths.
 HUB_PREFIX = "hf-hub:"
 
@@ -104,6 +123,103 @@ def check_run_folder(output: Path, *, resume: bool, overwrite: bool,
     return existing
 
 
+@contextlib.contextmanager
+def lock_run_folder(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock for the block: a second run aiming at the folder is refused, naming the holder.
+
+    The lock is the operating system's (``flock`` on :data:`LOCK_FILE`), so a process that is killed releases it
+    with its last breath: its stale lock file is taken over, and the log says whose it was. A folder this call
+    creates is removed again if the block leaves nothing but the lock in it (a run refused before its first write).
+
+    Raises:
+        ValueError: another process holds the folder's lock.
+        WriteFailed: the folder or its lock file cannot be created.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: runs are not locked
+        yield
+        return
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {folder} is a file, not a folder; choose a folder for the run")
+    created = not folder.exists()
+    lock = folder / LOCK_FILE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _locked(lock, fcntl)
+    except OSError as err:
+        raise write_failed(lock, err) from err
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # before unlocking: a process that opens the path now gets a new file, and the lock
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if the run wrote nothing
+
+
+def _locked(lock: Path, fcntl: Any) -> int:
+    """An open descriptor of ``lock`` holding its exclusive lock, with this process named in it."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 400).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"{lock.parent} is in use by another run ({holder}); wait until it ends, or choose "
+                             "another --output") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not a file its last holder has just removed
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        stale = os.read(fd, 400).decode("utf-8", "replace").strip()
+        if stale:
+            logger.info("%s: taking over the lock of %s, which is no longer running", lock.parent, stale)
+        os.ftruncate(fd, 0)
+        command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:3]))
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, `{command}`, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        return fd
+
+
+def check_checkpoint_belongs(checkpoint: Mapping[str, Any], recorded: Mapping[str, Any], folder: Path,
+                             source: str) -> None:
+    """Refuse to resume a checkpoint that is not the training state of the run in ``folder`` (another run's
+    ``last.pt`` copied in): it must carry the ``run_id`` of the folder's ``config.yaml`` (``recorded``; for runs
+    older than run ids: its model, seed and batch size)."""
+    saved = checkpoint.get("config") or {}
+    if recorded.get("run_id") and saved.get("run_id"):
+        keys: tuple[str, ...] = ("run_id",)
+    else:
+        keys = tuple(k for k in ("model", "backbone", "seed", "batch_size") if k in recorded or k in saved)
+    differ = [k for k in keys if recorded.get(k) != saved.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} {brief(saved.get(k), 40)} (config.yaml: {brief(recorded.get(k), 40)})"
+                          for k in differ)
+        raise ValueError(f"{source} is not the training state of the run in {folder}: it has {shown}. Put the run's "
+                         f"own last.pt back, or start a new run from this checkpoint's weights (--weights {source} "
+                         "--output NEW)")
+
+
+def open_run_folder(output: Path, replaced: Iterable[Path], config: Any) -> None:
+    """Create the run folder, remove the files ``--overwrite`` replaces, and write ``config.yaml`` (the first write
+    of a run, once everything is checked)."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        for path in replaced:
+            logger.info("--overwrite: removing %s", path)
+            path.unlink()
+    except OSError as err:
+        raise write_failed(output, err) from err
+    config.save(output / "config.yaml")
+
+
 def _is_local(value: Any) -> bool:
     """A path on this machine (not a hub reference, nor the generated segmentation data)."""
     return isinstance(value, str) and not value.startswith(HUB_PREFIX) and value != "synthetic"
@@ -132,28 +248,47 @@ def check_data_is_there(config: Any, checkpoint: Mapping[str, Any]) -> None:
                                 "place with --data (it is checked to hold the same classes and images)")
 
 
-def check_continuation(checkpoint: Mapping[str, Any], config: Any, *, fixed: Iterable[str], paths: Iterable[str],
-                       output: Path, source: str) -> Any:
+def check_continuation(checkpoint: Mapping[str, Any], config: Any, *, changeable: Iterable[str],
+                       paths: Iterable[str], output: Path, source: str) -> Any:
     """``config`` as the continuation of the run in ``checkpoint``, or a refusal (nothing is written yet).
 
-    ``fixed`` are the fields that may not change (those in ``paths`` compared resolved); a fixed field left
-    ``None`` ("derive it") takes the run's value. ``epochs`` may grow, but not undo finished epochs, and a
-    finished run needs a larger ``epochs`` to have anything to continue.
+    A field left ``None`` ("derive it") takes the run's value. A field that differs from the run's is applied if it
+    is in ``changeable`` (logged, and recorded in ``resume_changes`` with the step it takes effect at and the earlier
+    value); any other difference is refused, naming the fields (those in ``paths`` compared resolved; the data is
+    compared by its identity, not its path). ``epochs`` may grow, but not undo finished epochs, and a finished run
+    needs a larger ``epochs`` to have anything to continue.
     """
-    saved, paths, fixed = checkpoint["config"], set(paths), (*LOOP_FIXED, *fixed)
-    config = config.updated(**{k: saved[k] for k in fixed if getattr(config, k) is None and saved.get(k) is not None})
+    saved, paths, changeable = checkpoint["config"], set(paths), set(changeable)
+    names = [f for f in config.to_dict() if f not in PER_INVOCATION and f != "data"]
+    config = config.updated(**{k: saved[k] for k in names if getattr(config, k) is None and saved.get(k) is not None})
 
     def comparable(key: str, value: Any) -> Any:
         if key in paths and _is_local(value):
             return _resolved(value)
         return list(value) if isinstance(value, tuple) else value
 
-    changed = [k for k in fixed if comparable(k, saved.get(k)) != comparable(k, getattr(config, k))]
-    if changed:
+    changed = [k for k in names if k in saved and comparable(k, saved[k]) != comparable(k, getattr(config, k))]
+    refused = [k for k in changed if k not in changeable]
+    if refused:
         raise ValueError(f"{source} was trained with other "
-                         + ", ".join(f"{k} ({saved.get(k)!r}, not {getattr(config, k)!r})" for k in changed)
-                         + "; a resume continues the same run: resume without changing them, or start a new run "
-                           "(--weights takes the checkpoint's weights)")
+                         + ", ".join(f"{k} ({brief(saved.get(k), 40)}, not {brief(getattr(config, k), 40)})"
+                                     for k in refused)
+                         + "; a resume continues the same run, where only "
+                         + ", ".join(sorted(changeable)) + " may change: resume without changing the others, or "
+                           "start a new run (--weights takes the checkpoint's weights)")
+    _check_epochs(checkpoint, config, output)
+    step, epoch = int(checkpoint["global_step"]), int(checkpoint["epoch"])
+    changes = [{"field": k, "was": saved.get(k), "now": comparable(k, getattr(config, k)), "epoch": epoch,
+                "step": step} for k in changed]
+    for change in changes:
+        logger.info("resume: %s changes from %s to %s at step %d (epoch %d); config.yaml records the change",
+                    change["field"], change["was"], change["now"], step, epoch)
+    return config.updated(run_id=saved.get("run_id"),
+                          resume_changes=[*saved.get("resume_changes", []), *changes])
+
+
+def _check_epochs(checkpoint: Mapping[str, Any], config: Any, output: Path) -> None:
+    saved = checkpoint["config"]
     done, mid_epoch = int(checkpoint["epoch"]), int(checkpoint["step_in_epoch"]) > 0
     finished = (output / "summary.json").is_file() and done >= int(saved.get("epochs", done))
     if finished and config.epochs <= done:
@@ -163,10 +298,6 @@ def check_continuation(checkpoint: Mapping[str, Any], config: Any, *, fixed: Ite
     if config.epochs < done or (config.epochs == done and mid_epoch):
         raise ValueError(f"{output} has trained {done} epoch(s){' and part of the next' if mid_epoch else ''}; "
                          f"--epochs {config.epochs} would leave them out: pass --epochs {done + 1} or more")
-    if config.epochs != saved.get("epochs"):
-        logger.info("continuing with %d epochs instead of %s: the learning-rate schedule is recomputed for %d "
-                    "epochs from the step the run reached", config.epochs, saved.get("epochs"), config.epochs)
-    return config
 
 
 def data_identity(classes: Sequence[str], train: Sized, val: Sized) -> dict[str, Any]:

@@ -80,9 +80,10 @@ class Task(Protocol):
     score: str
     #: Images each process needs per batch (BatchNorm on a 1x1 pooled map needs 2).
     min_local_batch: int
-    #: Config fields a resumed run may not change (they decide the model's shape or what it trains on);
-    #: the batch size and the seed never change, and the data is compared by :meth:`data_identity`.
-    fixed_on_resume: tuple[str, ...]
+    #: Config fields a resumed run may change (applied from the step the run reached, and recorded); any other
+    #: change is refused. Start from :data:`~repvgg.training.run_folder.LOOP_CHANGEABLE`. The data may move: it is
+    #: compared by :meth:`data_identity`.
+    changeable_on_resume: tuple[str, ...]
     #: Config fields that are paths the run reads (stored resolved, checked never to be written to).
     input_fields: tuple[str, ...]
 

@@ -1,0 +1,89 @@
+"""Reading image files: the one way this package opens an image (bounded, errors naming the file) and finds the
+images in a folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from repvgg.limits import LimitExceeded, check_image_pixels
+
+__all__ = ["image_files", "load_rgb", "open_image"]
+
+
+def open_image(path: str | os.PathLike[str], *, what: str = "image", load: bool = True) -> Any:
+    """The PIL image in ``path`` (its pixels read, or only its header with ``load=False``); close it after use.
+
+    An image of more pixels than :data:`~repvgg.limits.MAX_IMAGE_PIXELS` is refused from its header, before its
+    pixels are decoded (a few hundred KB of PNG can decode to gigabytes). Any failure (a missing, empty, truncated,
+    foreign or too large file, a dangling or looping link) is a ValueError naming ``what`` and the file.
+    """
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+    except Exception as err:  # PIL and the OS raise several types for empty, truncated, foreign or missing files
+        raise ValueError(f"cannot read {what} {os.fspath(path)}: {err}") from err
+    try:
+        check_image_pixels(*image.size, f"{what} {os.fspath(path)}")
+        if load:
+            image.load()
+        return image
+    except LimitExceeded:
+        image.close()
+        raise
+    except Exception as err:
+        image.close()
+        raise ValueError(f"cannot read {what} {os.fspath(path)}: {err}") from err
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Any:
+    """Open an image file as an 8-bit RGB PIL image; any failure is a ValueError naming the file.
+
+    16-bit grey images (PNG mode ``I;16``, or ``I`` holding 0..65535) are scaled to 8 bits rather
+    than clipped (``convert("RGB")`` alone turns them all white); other integer or float images are
+    refused, since their range is unknown.
+    """
+    with open_image(path) as image:
+        try:
+            return _as_rgb(image)
+        except Exception as err:  # an unknown range, or PIL failing to convert
+            raise ValueError(f"cannot read image {os.fspath(path)}: {err}") from err
+
+
+def _as_rgb(image: Any) -> Any:
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image)  # uint16 or int32: no wider copy of a large image
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{image.mode} image with values outside 0..65535 (convert it to 8-bit)")
+        scaled = (values.astype(np.uint32) * 2 + 257) // 514  # round(v / 257) in integers
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        raise ValueError("floating-point image (convert it to 8-bit)")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def image_files(folder: str | Path, seen: set[str] | None = None) -> list[str]:
+    """The image files (torchvision's image extensions) anywhere below ``folder``, sorted folder by folder.
+
+    Directory links are followed once: a folder already in ``seen`` (real paths, shared between calls that must not
+    count an image twice) is skipped, so a loop such as ``a/loop -> .`` ends.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    seen = set() if seen is None else seen
+    found: list[str] = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS))
+    return found
