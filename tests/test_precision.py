@@ -18,7 +18,7 @@ from repvgg.cli import main
 from repvgg.perf import environment
 from repvgg.perf.environment import CPUFeatures
 from repvgg.perf.fast import optimize_for_inference, precisions_to_weigh
-from repvgg.perf.guard import Guard, validation_guard
+from repvgg.quant.guard import Guard, PrecisionRejected, validation_guard
 from repvgg.training.data import build_datasets
 
 AVX2 = CPUFeatures(avx2=True)
@@ -130,7 +130,7 @@ def test_auto_accepts_int8_when_the_guard_holds_and_rejects_a_broken_calibration
     runner = optimize_for_inference(model, example, dtype="auto", calibration=broken, validation=validation,
                                     candidates=["onnxruntime"], rounds=2, pause_s=0.0)
     assert _report(runner, "onnxruntime", "int8").status == "inaccurate" and runner.dtype == torch.float32
-    with pytest.raises(ValueError, match="accuracy guard"):
+    with pytest.raises(PrecisionRejected, match="fails the accuracy guard.*qarepvgg_"):  # asked for: refused
         optimize_for_inference(model, example, dtype="int8", calibration=broken, validation=validation,
                                candidates=["onnxruntime"])
 

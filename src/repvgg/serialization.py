@@ -86,11 +86,11 @@ def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), 
         ValueError: naming ``option`` (e.g. ``--json-out``) and what to do instead.
     """
     path = Path(path)
-    resolved = path.resolve()
+    resolved = Path(os.path.realpath(path))  # realpath: a link loop among the inputs is no error here
     for read in reads:
         if read is None:
             continue
-        source = Path(read).resolve()
+        source = Path(os.path.realpath(read))
         if source.is_dir() and _inside(resolved, source):
             raise ValueError(f"{option} {path} is inside {read}, which this command reads; write it somewhere "
                              "else (inputs are never written to, not even with --overwrite)")

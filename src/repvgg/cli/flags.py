@@ -15,9 +15,10 @@ import types
 import typing
 from typing import Any
 
-from repvgg.limits import MAX_IMG_SIZE, check_int
+from repvgg.limits import MAX_IMG_SIZE, check_float, check_int
 
-__all__ = ["HelpFormatter", "Parser", "UsageError", "add_config_flags", "add_overwrite_flag", "bounded_int",
+__all__ = ["HelpFormatter", "Parser", "UsageError", "add_config_flags", "add_guard_flags", "add_overwrite_flag",
+           "bounded_float", "bounded_int",
            "config_command", "config_flag_values", "image_size", "parse_list", "shown_default"]
 
 
@@ -60,6 +61,32 @@ def parse_list(text: str | None) -> tuple[str, ...]:
 
 #: An input side in pixels (``--img-size`` and friends): 8 to :data:`~repvgg.limits.MAX_IMG_SIZE`.
 image_size = bounded_int(8, MAX_IMG_SIZE)
+
+
+def add_guard_flags(parser: argparse.ArgumentParser) -> None:
+    """``--min-agreement`` and ``--max-top1-drop``: the accuracy guard's thresholds (:mod:`repvgg.quant.guard`), as
+    ``repvgg quantize`` takes them."""
+    from repvgg.quant.config import QuantizeConfig
+
+    fields = {f.name: f for f in dataclasses.fields(QuantizeConfig)}
+    for name in ("min_agreement", "max_top1_drop"):
+        f = fields[name]
+        parser.add_argument("--" + name.replace("_", "-"), type=bounded_float(f.metadata["low"], f.metadata["high"]),
+                            default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def bounded_float(low: float, high: float) -> Any:
+    """An argparse ``type`` for a finite number in ``[low, high]``."""
+
+    def parse(text: str) -> float:
+        try:
+            return check_float(float(text), "the value", low=low, high=high)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err) if "must be" in str(err) else f"expected a number, got "
+                                                                                    f"{text!r}") from None
+
+    parse.__name__ = "number"
+    return parse
 
 
 def add_overwrite_flag(parser: argparse.ArgumentParser, what: str = "an existing output file") -> None:

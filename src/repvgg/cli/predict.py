@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import sys
 import time
 from typing import Any
 
-from repvgg.cli.flags import add_overwrite_flag, bounded_int
-from repvgg.cli.output import emit
+from repvgg.cli.flags import add_guard_flags, add_overwrite_flag, bounded_int
+from repvgg.cli.output import emit, printable
+from repvgg.serialization import write_csv
 
 #: Inputs above this many batches are worth weighing the runtimes for (and get a progress bar).
 _WEIGH_FROM_BATCHES = 2
@@ -36,7 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="auto: the fastest runtime that reproduces the model (ONNX Runtime for an ONNX file)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="precision of a model file (int8: calibrated on the first inputs, accuracy not checked)")
+                   help="precision of a model file (int8: calibrated on the first 64 readable inputs and held to the "
+                        "accuracy guard on the next 64, against the float32 model's predictions)")
+    add_guard_flags(p)
     p.add_argument("--batch-size", type=bounded_int(1), default=32, help="images per forward pass")
     p.add_argument("--workers", type=bounded_int(0), default=2, help="processes decoding images")
     p.add_argument("--classes", default=None, metavar="FILE", help="class names, one a line, in place of the "
@@ -50,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from repvgg.predict.inputs import expand_inputs
     from repvgg.predict.predictor import Predictor
-    from repvgg.serialization import check_output_path, write_text
+    from repvgg.serialization import check_output_path
     from repvgg.training.progress import progress_bar
 
     paths = expand_inputs(args.inputs, stdin=sys.stdin if "-" in args.inputs else None)
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     many = len(paths) > _WEIGH_FROM_BATCHES * args.batch_size
     predictor = Predictor(args.artifact, runtime=args.runtime, dtype=args.dtype, device=args.device,
                           batch_size=args.batch_size, workers=args.workers if many else 0, classes=args.classes,
-                          calibration=paths if args.dtype == "int8" else None, measure=many)
+                          calibration=paths if args.dtype == "int8" else None, measure=many,
+                          min_agreement=args.min_agreement, max_top1_drop=args.max_top1_drop)
     bar = progress_bar(len(paths), "predict", enabled=many)
     started = time.perf_counter()
     try:
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                 "images": len(rows) - len(skipped), "skipped": len(skipped), "seconds": seconds,
                 "images_per_s": (len(rows) - len(skipped)) / max(seconds, 1e-9), "predictions": rows}
     if args.csv:
-        write_text(args.csv, _csv(rows, min(args.topk, len(predictor.classes))))
+        _write_csv(args.csv, rows, min(args.topk, len(predictor.classes)))
     emit(args, document, _table(document))
     return 0
 
@@ -85,22 +87,23 @@ def run(args: argparse.Namespace) -> int:
 def _table(document: dict[str, Any]) -> str:
     lines = []
     for row in document["predictions"]:
+        source = printable(row["source"])
         if row["error"]:
-            lines.append(f"{row['source']}\tskipped: {row['error']}")
+            lines.append(f"{source}\tskipped: {printable(row['error'])}")
         else:
-            lines.append(row["source"] + "\t" + "  ".join(f"{c} {p:.3f}" for c, p in zip(row["classes"],
-                                                                                     row["probabilities"])))
+            lines.append(source + "\t" + "  ".join(f"{printable(c)} {p:.3f}" for c, p in zip(row["classes"],
+                                                                                         row["probabilities"])))
     logging.getLogger(__name__).info(
         "%d images (%d skipped) on %s (%s) in %.2f s: %.0f images/s", document["images"], document["skipped"],
         document["runtime"], document["dtype"], document["seconds"], document["images_per_s"])
     return "\n".join(lines)
 
 
-def _csv(rows: list[dict[str, Any]], k: int) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["path", *[f"{name}{i}" for i in range(1, k + 1) for name in ("class", "probability")], "error"])
+def _write_csv(path: str, rows: list[dict[str, Any]], k: int) -> None:
+    """One row per image: its path, its top-``k`` classes and probabilities, and why it was skipped."""
+    header = ["path", *[f"{name}{i}" for i in range(1, k + 1) for name in ("class", "probability")], "error"]
+    lines = []
     for row in rows:
         ranked = [v for c, p in zip(row["classes"], row["probabilities"]) for v in (c, f"{p:.6f}")]
-        writer.writerow([row["source"], *ranked, *([""] * (2 * k - len(ranked))), row["error"] or ""])
-    return out.getvalue()
+        lines.append([row["source"], *ranked, *([""] * (2 * k - len(ranked))), row["error"] or ""])
+    write_csv(path, header, lines)

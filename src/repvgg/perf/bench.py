@@ -108,7 +108,7 @@ class BenchResult:
     fast_paths: dict[str, dict[str, Any]] = field(default_factory=dict)
     targets: list[TargetCheck] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # precision -> why it was not measured
-    #: ``"model/precision"`` -> the accuracy guard of a reduced precision (:class:`~repvgg.perf.guard.GuardResult`
+    #: ``"model/precision"`` -> the accuracy guard of a reduced precision (:class:`~repvgg.quant.guard.GuardResult`
     #: as a dict, plus ``data``), measured on a trained model of the same architecture by whoever has the data.
     guards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -162,7 +162,7 @@ def _selection_effort(device: torch.device) -> dict[str, int | None]:
 
 def _agreement(output: Any, reference: Tensor) -> tuple[float, float]:
     """``(relative deviation, top-1 agreement)`` of an output against the float32 reference on the same batch."""
-    from repvgg.perf.guard import output_deviation
+    from repvgg.quant.guard import output_deviation
 
     output = output.float() if isinstance(output, Tensor) else output
     deviation = output_deviation(output, reference)

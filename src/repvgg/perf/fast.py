@@ -2,7 +2,7 @@
 
 :func:`optimize_for_inference` prepares the model (RepVGG blocks fused into 3x3 convs, conv-BN pairs
 folded, eval mode), builds every candidate runtime that is available in every precision it weighs, checks
-what each computes (:mod:`repvgg.perf.guard`), times the accepted ones in interleaved rounds and returns the
+what each computes (:mod:`repvgg.quant.guard`), times the accepted ones in interleaved rounds and returns the
 fastest as a plain callable (float32 tensor in, float32 tensor out).
 
 The candidates are the runtimes of :mod:`repvgg.perf.runtimes` (the :data:`CANDIDATES` table, one module per
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from repvgg.nn.convert import is_reparameterizable, reparameterize_model
 from repvgg.nn.fusion import fuse_conv_bn, is_batchnorm
 from repvgg.perf.environment import device_supports_dtype, native_bf16
-from repvgg.perf.guard import DEFAULT_RTOL, Guard, output_deviation, validation_guard
+from repvgg.quant.guard import DEFAULT_RTOL, Guard, output_deviation, require_passing, validation_guard
 from repvgg.perf.runtimes import (CANDIDATES, TORCH_DTYPES, BuildContext, Candidate, Runner, Unsupported,
                                   default_candidates)
 from repvgg.perf.timing import make_timer, time_interleaved
@@ -232,6 +232,9 @@ def _guard(working: dict[tuple[str, str], Runner], reports: list[CandidateReport
         return
     results = validation_guard(prepared, {f"{n}/{p}": r for (n, p), r in reduced.items()}, validation, guard,
                                device=device)
+    if not automatic:  # a precision asked for by name: refused, with the remedies, when none of its runtimes holds
+        precision = ", ".join(sorted({p for _, p in reduced}))
+        require_passing(results, guard, precision, f"No {precision} runner is returned.")
     for key in reduced:
         result, report = results[f"{key[0]}/{key[1]}"], by_key[key]
         report.agreement, report.top1, report.top1_reference = result.agreement, result.top1, result.top1_reference
@@ -296,6 +299,9 @@ def optimize_for_inference(
     if not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     device = example_input.device
+    if example_input.dim() < 1 or example_input.shape[0] == 0 or example_input.numel() == 0:
+        raise ValueError(f"example_input holds no images (shape {tuple(example_input.shape)}); give a batch of at "
+                         "least one image, as the model will see it: it is what every runtime is checked on")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"optimize_for_inference supports 'cpu' and 'cuda' inputs, got {device.type!r}")
     names = list(candidates) if candidates is not None else default_candidates(device)

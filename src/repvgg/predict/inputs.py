@@ -26,7 +26,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]], *, stdin: Iterable[s
     """The image files ``inputs`` name, in order: a file as it is (whatever its name), a folder's images
     (torchvision's image extensions, recursive, sorted), a glob
     pattern's matches (sorted; ``**`` recurses), and for ``-`` the paths in ``stdin``, one a line. A file named
-    twice is read once.
+    twice (``a.png``, ``./a.png``, its absolute path or a link to it) is read once, where it was first named.
 
     Raises:
         FileNotFoundError: a path that does not exist, or a pattern that matches nothing.
@@ -57,7 +57,12 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]], *, stdin: Iterable[s
             paths.extend(files)
         else:
             raise FileNotFoundError(f"no such file or folder: {text}")
-    unique = list(dict.fromkeys(paths))
+    unique, seen = [], set()
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
     if not unique:
         raise ValueError("no images to predict: name image files, folders or glob patterns (or - for stdin)")
     return unique

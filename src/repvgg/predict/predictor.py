@@ -27,7 +27,9 @@ from repvgg.io.card import (ModelCard, Preprocessing, load_onnx_proto, read_clas
 from repvgg.io.formats import MODEL_KINDS, require_kind
 from repvgg.io.hub import HUB_PREFIX
 from repvgg.io.onnx_run import ONNX_RUNTIMES, onnx_runner
-from repvgg.limits import check_int
+from repvgg.limits import check_batch_memory, check_int
+from repvgg.options import check_device_name
+from repvgg.quant.guard import Guard
 from repvgg.predict import DTYPES, RUNTIMES
 from repvgg.predict.inputs import ImageFiles, collate_images, expand_inputs
 from repvgg.training.data import eval_transform
@@ -37,7 +39,7 @@ __all__ = ["Prediction", "Predictor", "locate_artifact", "RUNTIMES", "DTYPES"]
 
 logger = logging.getLogger(__name__)
 
-#: Images of the inputs that calibrate INT8 when a model file is asked to run in ``int8``.
+#: Images of the inputs that calibrate INT8 when a model file is asked to run in ``int8`` (as many more judge it).
 CALIBRATION_IMAGES = 64
 
 
@@ -82,35 +84,48 @@ class Predictor:
     """Top-k classes of new images from a trained model artifact (see the module docstring).
 
     Args:
-        artifact: a run folder, a weights file or ``hf-hub:`` reference, or an ``.onnx`` file.
+        artifact: a run folder, a weights file or ``hf-hub:`` reference, or an ONNX file (told apart by content).
         runtime: ``"auto"`` or one of :data:`RUNTIMES` (an ONNX file: ``onnxruntime`` or ``openvino``).
-        dtype: a model file's precision, one of :data:`DTYPES`; ``int8`` is calibrated on ``calibration``
-            (image paths or batches) and its accuracy is not checked (``repvgg quantize`` measures it).
-        device: ``"cpu"`` or ``"cuda[:N]"`` (model files).
-        batch_size: images per forward pass (and the batch the runtimes are weighed at).
+        dtype: a model file's precision, one of :data:`DTYPES`; ``int8`` is calibrated on ``calibration`` (image
+            paths or prepared batches; unreadable images are left out) and held to the accuracy guard
+            (:mod:`repvgg.quant.guard`) against the float32 model's own predictions on ``calibration`` images it
+            was not calibrated on: below ``min_agreement`` it is refused
+            (:class:`~repvgg.quant.guard.PrecisionRejected`).
+        device: ``"cpu"`` or ``"cuda[:N]"`` (model files; an ONNX file runs on the CPU).
+        batch_size: images per forward pass (and the batch the runtimes are weighed at), bounded by this machine's
+            memory (:func:`~repvgg.limits.check_batch_memory`).
         workers: DataLoader processes decoding images (0: in this process).
         classes: class names in place of the artifact's: a list, or a text file with one name a line.
         measure: time the runtimes and take the fastest (``False``: PyTorch eager for ``runtime="auto"`` in float32,
             else the first runtime that reproduces the model; what the CLI does for two batches or fewer).
+        min_agreement, max_top1_drop: the accuracy guard of ``dtype="int8"``.
     """
 
     def __init__(self, artifact: str | os.PathLike[str], *, runtime: str = "auto", dtype: str = "float32",
                  device: str = "cpu", batch_size: int = 32, workers: int = 0,
                  classes: Sequence[str] | str | os.PathLike[str] | None = None, calibration: Any = None,
-                 measure: bool = True) -> None:
+                 measure: bool = True, min_agreement: float = 0.995, max_top1_drop: float = 0.5) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
         self.batch_size = check_int(batch_size, "batch_size", low=1)
         self.workers = check_int(workers, "workers", low=0)
+        check_device_name(device, "--device")
+        guard = Guard(min_agreement, max_top1_drop)
         self.kind, path = locate_artifact(artifact)
         self.artifact = str(path)
         if self.kind == "onnx":
-            self.card, self._run, self.backend, self.dtype, self.reason = _open_onnx(Path(path), runtime, dtype)
+            if device not in ("cpu", "auto"):
+                raise ValueError(f"{path} is an ONNX file, which runs on the CPU here (ONNX Runtime's and OpenVINO's "
+                                 f"CPU runtimes), not on {device}: drop --device, or predict the model file it was "
+                                 f"exported from on {device}")
+            self.card, self._run, self.backend, self.dtype, self.reason = _open_onnx(Path(path), runtime, dtype,
+                                                                                      self.batch_size)
         else:
             self.card, self._run, self.backend, self.dtype, self.reason = _open_weights(
-                path, runtime, dtype, device, self.batch_size, calibration, measure, self._prepare_calibration)
+                path, runtime, dtype, device, self.batch_size, measure,
+                lambda p: self._calibration_images(calibration, p), guard)
         if classes is not None:
             names = read_class_names(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
             self.card = self.card.with_classes(names, f"--classes {classes}" if not isinstance(classes, list)
@@ -127,14 +142,28 @@ class Predictor:
     def preprocessing(self) -> Preprocessing:
         return self.card.preprocessing
 
-    def _prepare_calibration(self, calibration: Any, preprocessing: Preprocessing) -> Any:
-        """Image paths become batches prepared like the inputs; batches pass through."""
-        if not (isinstance(calibration, (list, tuple)) and calibration
-                and isinstance(calibration[0], (str, os.PathLike))):
-            return calibration
-        transform = eval_transform(preprocessing)
-        images = [transform(load_rgb(p)) for p in list(calibration)[:CALIBRATION_IMAGES]]
-        return [torch.stack(images[i: i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+    def _calibration_images(self, calibration: Any, preprocessing: Preprocessing) -> Tensor:
+        """Up to :data:`CALIBRATION_IMAGES` x 2 prepared images from ``calibration``: image paths decoded as the
+        inputs are (unreadable ones left out, with a warning; ``--bad-images`` then decides about them when they
+        are predicted), or batches of prepared images."""
+        wanted = 2 * CALIBRATION_IMAGES
+        if isinstance(calibration, Tensor):
+            calibration = [calibration]
+        items = list(calibration or [])
+        if items and all(isinstance(item, (str, os.PathLike)) for item in items):
+            loader = DataLoader(ImageFiles(expand_inputs(items)[:wanted], eval_transform(preprocessing)),
+                                batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate_images)
+            images = []
+            for batch, _, errors in loader:
+                for _, error in errors:
+                    logger.warning("calibration leaves out an unreadable image: %s", error)
+                images += [] if batch is None else list(batch)
+        else:
+            images = [image for item in items for image in (item[0] if isinstance(item, (tuple, list)) else item)]
+        if not images:
+            raise ValueError("int8 needs calibration images and none could be read (the CLI calibrates on the first "
+                             f"{wanted} inputs); or quantize with `repvgg quantize` and predict with its INT8 file")
+        return torch.stack(images[:wanted]).float()
 
     @torch.no_grad()
     def logits(self, batch: Tensor) -> Tensor:
@@ -144,7 +173,7 @@ class Predictor:
     def predict(self, inputs: Any, *, topk: int = 5, bad_images: str = "fail") -> list[Prediction]:
         """Top-``topk`` predictions of ``inputs``: image paths, folders and glob patterns (as the CLI expands
         them), PIL images, uint8 ``(3, H, W)`` image tensors (prepared like files), or float tensors already
-        prepared (``(3, H, W)`` or a ``(N, 3, H, W)`` batch). See :meth:`iter_predict`."""
+        prepared (``(3, H, W)`` or a ``(N, 3, H, W)`` batch), in any mix. See :meth:`iter_predict`."""
         return list(self.iter_predict(inputs, topk=topk, bad_images=bad_images))
 
     def iter_predict(self, inputs: Any, *, topk: int = 5, bad_images: str = "fail",
@@ -187,7 +216,7 @@ class Predictor:
         inputs = list(inputs)
         if not inputs:
             raise ValueError("no images to predict")
-        if all(isinstance(item, (str, os.PathLike)) for item in inputs):
+        if all(isinstance(item, (str, os.PathLike)) for item in inputs):  # files: decoded in the loader's workers
             paths = expand_inputs(inputs)
             loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size,
                                 num_workers=self.workers, collate_fn=collate_images)
@@ -195,29 +224,40 @@ class Predictor:
                 sources = {i: paths[i] for i in [*indices, *(i for i, _ in errors)]}
                 yield sources, None if images is None else (indices, images), errors
             return
-        for start in range(0, len(inputs), self.batch_size):
-            chunk = inputs[start: start + self.batch_size]
-            prepared = torch.stack([self._prepare(item) for item in chunk])
-            sources = {start + i: f"<input {start + i}>" for i in range(len(chunk))}
-            yield sources, (list(sources), prepared), []
+        entries = [(path, path) for item in inputs for path in
+                   (expand_inputs([item]) if isinstance(item, (str, os.PathLike)) else [item])]
+        for start in range(0, len(entries), self.batch_size):
+            prepared = [self._prepare(item) for _, item in entries[start: start + self.batch_size]]
+            sources = {start + i: source if isinstance(source, str) else f"<input {start + i}>"
+                       for i, (source, _) in enumerate(entries[start: start + self.batch_size])}
+            good = [start + i for i, (image, _) in enumerate(prepared) if image is not None]
+            errors = [(start + i, error) for i, (image, error) in enumerate(prepared) if image is None]
+            batch = torch.stack([image for image, _ in prepared if image is not None]) if good else None
+            yield sources, None if batch is None else (good, batch), errors
 
-    def _prepare(self, item: Any) -> Tensor:
+    def _prepare(self, item: Any) -> tuple[Tensor | None, str]:
+        """One input as the model's input, or ``None`` and why it could not be read (a file)."""
+        if isinstance(item, str):
+            try:
+                return self.transform(load_rgb(item)), ""
+            except ValueError as err:
+                return None, str(err)
         if isinstance(item, Tensor):
             if item.dtype == torch.uint8:
                 from torchvision.transforms.functional import to_pil_image
 
-                return self.transform(to_pil_image(item))
+                return self.transform(to_pil_image(item)), ""
             if item.dim() != 3 or not item.is_floating_point():
                 raise ValueError(f"a tensor input must be a uint8 image or a prepared float (3, H, W) tensor, got "
                                  f"{item.dtype} of shape {tuple(item.shape)}")
-            return item.float()
+            return item.float(), ""
         if hasattr(item, "convert"):  # a PIL image
-            return self.transform(item.convert("RGB"))
-        raise TypeError(f"cannot predict a {type(item).__name__}: give paths, PIL images or tensors")
+            return self.transform(item.convert("RGB")), ""
+        raise TypeError(f"cannot predict a {type(item).__name__}: give image paths, PIL images or tensors")
 
 
-def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch_size: int, calibration: Any,
-                  measure: bool, prepare_calibration: Callable[[Any, Preprocessing], Any]
+def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch_size: int, measure: bool,
+                  calibration_images: Callable[[Preprocessing], Tensor], guard: Guard
                   ) -> tuple[ModelCard, Callable[[Tensor], Tensor], str, str, str]:
     """A model file through the fast path: ``(card, runner, backend, dtype, why it was chosen)``."""
     from repvgg.io.loading import load_model, model_card
@@ -225,20 +265,18 @@ def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch
     from repvgg.perf.fast import optimize_for_inference
     from repvgg.training.distributed import resolve_device
 
+    target = resolve_device(device)
     model = load_model(path).eval()
     if getattr(model, "features_only", False) or not getattr(model, "num_classes", 0):
         raise ValueError(f"{path} holds a backbone without a classifier; predict needs a model with its head")
     card = model_card(model)
-    plain = reparameterize_model(model) if not model.deploy else model
     size = card.preprocessing.img_size
-    target = resolve_device(device)
+    check_batch_memory(batch_size, (model.in_chans, size, size), "--batch-size")
+    plain = reparameterize_model(model) if not model.deploy else model
     example = torch.randn(batch_size, model.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    calibration = validation = None
     if dtype == "int8":
-        calibration = prepare_calibration(calibration, card.preprocessing)
-        if not calibration:
-            raise ValueError("int8 needs calibration images (the CLI calibrates on the first "
-                             f"{CALIBRATION_IMAGES} inputs); or quantize with `repvgg quantize` and predict with "
-                             "its INT8 file, whose accuracy it measured")
+        calibration, validation = _int8_evidence(plain, calibration_images(card.preprocessing))
     if runtime != "auto":
         candidates = [runtime]
     elif not measure and dtype == "float32":
@@ -246,7 +284,8 @@ def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch
     else:
         candidates = None
     runner = optimize_for_inference(plain, example.to(target), dtype=dtype, calibration=calibration,
-                                    candidates=candidates, measure=measure)
+                                    validation=validation, candidates=candidates, measure=measure,
+                                    min_agreement=guard.min_agreement, max_top1_drop=guard.max_top1_drop)
     precision = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(runner.dtype,
                                                                                                   "int8")
 
@@ -256,7 +295,22 @@ def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch
     return card, run, runner.backend, precision, runner.reason
 
 
-def _open_onnx(path: Path, runtime: str, dtype: str) -> tuple[ModelCard, Callable[[Tensor], Tensor], str, str, str]:
+def _int8_evidence(plain: torch.nn.Module, images: Tensor) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """Calibration batches and the guard's validation batches from prepared ``images``, labelled with the float32
+    model's own predictions (what INT8 must agree with): the first :data:`CALIBRATION_IMAGES` calibrate and the
+    rest judge; with no more than that, every image does both, and the log says so."""
+    calibrate, rest = images[:CALIBRATION_IMAGES], images[CALIBRATION_IMAGES:]
+    judge = rest if len(rest) else calibrate
+    if not len(rest):
+        logger.warning("INT8 is judged on the %d image(s) it was calibrated on (more than %d inputs give it images "
+                       "of its own)", len(images), CALIBRATION_IMAGES)
+    with torch.no_grad():
+        labels = plain(judge).argmax(1)
+    return [calibrate], [(judge, labels)]
+
+
+def _open_onnx(path: Path, runtime: str, dtype: str, batch_size: int
+               ) -> tuple[ModelCard, Callable[[Tensor], Tensor], str, str, str]:
     """An ONNX file through ONNX Runtime (or OpenVINO): ``(card, runner, backend, dtype, why)``."""
     if dtype != "float32":
         raise ValueError(f"an ONNX file runs in the precision it was written in; --dtype {dtype} applies to model "
@@ -277,6 +331,8 @@ def _open_onnx(path: Path, runtime: str, dtype: str) -> tuple[ModelCard, Callabl
     if height and card.preprocessing.img_size not in (height, width):
         raise ValueError(f"{path}: metadata field 'preprocessing' gives img_size {card.preprocessing.img_size}, but "
                          f"the graph takes {height}x{width} inputs; the file is inconsistent")
+    check_batch_memory(batch_size, (channels or 3, card.preprocessing.img_size, card.preprocessing.img_size),
+                       "--batch-size")
     precision = "int8" if quantized_conv_count(path)[0] else input_type
     return card, runner, backend, precision, "an ONNX file runs on " + backend
 

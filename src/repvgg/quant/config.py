@@ -34,6 +34,11 @@ class QuantizeConfig(RunConfig):
     device: str = option("auto", "device of the QAT fine-tune: auto, cpu, cuda or cuda:N")
     runtime: str = option("auto", "runtime(s) of the FP32 vs INT8 timing; auto: ONNX Runtime and OpenVINO (if "
                                   "installed), naming the faster", choices=("auto", "onnxruntime", "openvino"))
+    min_agreement: float = option(0.995, "the accuracy guard: least share of validation images on which INT8 "
+                                         "predicts float32's class (not applied after --qat-epochs, which changes "
+                                         "the weights on purpose)", low=0, high=1)
+    max_top1_drop: float = option(0.5, "the accuracy guard: most top-1 points INT8 may lose against float32", low=0,
+                                  high=100)
     overwrite: bool = option(False, "replace an existing output file and QAT run folder (a file the command reads "
                                     "is never replaced)")
 

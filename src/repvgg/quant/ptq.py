@@ -3,9 +3,11 @@
 ``quantize_model(weights, "out.onnx")``: the model is loaded (and converted, with the conversion checked
 on a validation batch), exported to ONNX (checked against PyTorch), and quantized statically with ONNX
 Runtime's tools: QDQ format, per-channel symmetric INT8 weights, asymmetric UINT8 activations whose
-ranges come from ``calib_images`` training images (validation preprocessing). FP32 and INT8 are then
-evaluated on the whole validation set and timed against each other; the INT8 file is written only when
-its accuracy could be measured (finite outputs everywhere).
+ranges come from ``calib_images`` training images (validation preprocessing), the calibration the fast path's INT8
+runtimes use too (:func:`~repvgg.quant.qdq.quantize_onnx`). The INT8 file is judged against float32 on the whole
+validation set on every runtime that is timed, by the accuracy guard of ``optimize_for_inference``
+(:mod:`repvgg.quant.guard`): below it on every runtime, nothing is written and the run fails (exit 1) naming the
+remedies. FP32 and INT8 are timed against each other, and the runtime to use is the fastest that holds the guard.
 
 Why it matters for RepVGG: the fused kernel sums three differently scaled branches, so weight and
 activation ranges are wide and plain INT8 loses accuracy (QARepVGG, Chu et al., AAAI 2024); the
@@ -35,7 +37,8 @@ from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_
 from repvgg.perf.timing import time_interleaved
 from repvgg.quant.qat import train_qat
 from repvgg.quant.config import QuantizeConfig
-from repvgg.quant.qdq import batches, calibration_subset, evaluate_onnx, quantize_onnx, quantized_conv_count
+from repvgg.quant.guard import Guard, require_passing, validation_guard
+from repvgg.quant.qdq import batches, calibration_subset, quantize_onnx, quantized_conv_count
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, Relabelled, build_datasets
@@ -66,8 +69,10 @@ class QuantizeReport:
     convs: int
     converted: bool
     qat_epochs: int = 0
-    runtime: str = "onnxruntime"  # the runtime that ran the INT8 file fastest (the speeds above are its)
+    runtime: str = "onnxruntime"  # the fastest runtime whose INT8 holds the guard (the numbers above are its)
     speeds: dict[str, dict[str, float]] = field(default_factory=dict)  # images/s, FP32 and INT8, per runtime timed
+    accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)  # INT8 top-1, agreement, passed, per runtime
+    guard: dict[str, float] = field(default_factory=dict)  # the accuracy guard's thresholds
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,8 +196,13 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
         quantized, convs = quantized_conv_count(int8)
         if quantized == 0:
             raise RunFailed("ONNX Runtime quantized none of the convolutions; nothing was written")
-        log.info("evaluating FP32 and INT8 on %d validation images", len(bundle.val))
-        scores = evaluate_onnx([fp32, int8], bundle.val)
+        runtimes = speed_runtimes(cfg.runtime)
+        log.info("judging INT8 against float32 on %d validation images (%s)", len(bundle.val), ", ".join(runtimes))
+        # QAT fine-tunes the weights on purpose: its INT8 model is held to float32's accuracy, not its predictions
+        guard = Guard(0.0 if qat_int8 is not None else cfg.min_agreement, cfg.max_top1_drop)
+        results = validation_guard(plain, {runtime: onnx_runner(int8, runtime) for runtime in runtimes},
+                                   batches(bundle.val, 64), guard, device=torch.device("cpu"))
+        require_passing(results, guard, f"the INT8 {getattr(model, 'name', 'model')}")
         size = speed_img_size or val_batch.shape[-1]
         speed_input = torch.randn(speed_batch, val_batch.shape[1], size, size,
                                   generator=torch.Generator().manual_seed(0))
@@ -206,18 +216,22 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
                 quantize_onnx(fp32_speed, int8_speed, _Resized(calibration, size), method=method)
         else:
             fp32_speed, int8_speed = fp32, int8
-        speeds = runtime_speeds(fp32_speed, int8_speed, speed_input, speed_runtimes(cfg.runtime))
+        speeds = runtime_speeds(fp32_speed, int8_speed, speed_input, runtimes)
         commit_staged(int8, output)
-    fastest = max(speeds, key=lambda runtime: speeds[runtime]["int8"])
-    fp32_rate, int8_rate = speeds[fastest]["fp32"], speeds[fastest]["int8"]
+    # the runtime to use: the fastest whose INT8 holds the guard
+    fastest = max((r for r in runtimes if results[r].passed), key=lambda runtime: speeds[runtime]["int8"])
+    fp32_rate, int8_rate, chosen = speeds[fastest]["fp32"], speeds[fastest]["int8"], results[fastest]
     return QuantizeReport(
         output=str(output), model=getattr(model, "name", type(model).__name__), dataset=bundle.name,
         calibration="qat" if qat_int8 is not None else method,
-        calib_images=0 if qat_int8 is not None else len(calibration), val_images=scores["images"],
-        top1_fp32=scores["top1"][0], top1_int8=scores["top1"][1], agreement=scores["agreement"][1],
+        calib_images=0 if qat_int8 is not None else len(calibration), val_images=chosen.images,
+        top1_fp32=chosen.top1_reference, top1_int8=chosen.top1, agreement=chosen.agreement,
         int8_speedup=int8_rate / fp32_rate, fp32_images_per_s=fp32_rate, int8_images_per_s=int8_rate,
         speed_input=list(speed_input.shape), quantized_convs=quantized, convs=convs, converted=converted,
         qat_epochs=qat_epochs, runtime=fastest, speeds=speeds,
+        accuracy={r: {"top1_int8": results[r].top1, "agreement": results[r].agreement, "passed": results[r].passed}
+                  for r in runtimes},
+        guard={"min_agreement": guard.min_agreement, "max_top1_drop": guard.max_top1_drop},
     )
 
 
