@@ -1,7 +1,8 @@
 """The package's own failures: a run that could not produce a result it can vouch for.
 
 Bad input (a wrong argument, a missing or malformed file) is a ``ValueError`` or ``FileNotFoundError``
-(``repvgg`` exits with status 2). A :class:`RunFailed` is a run that went wrong on valid input (status 1).
+(``repvgg`` exits with status 2). A [`RunFailed`][repvgg.errors.RunFailed] is a run that went wrong on valid input
+(status 1).
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 __all__ = ["RunFailed", "ConversionMismatch", "TrainingDiverged", "WriteFailed", "EXIT_OK", "EXIT_RUN_FAILED",
            "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
-#: Exit statuses of every ``repvgg`` subcommand: success; a :class:`RunFailed`; bad input or usage; interrupted
-#: with a resumable checkpoint.
+#: Exit statuses of every ``repvgg`` subcommand: success; a [`RunFailed`][repvgg.errors.RunFailed]; bad input or usage;
+#: interrupted with a resumable checkpoint.
 EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 

@@ -41,7 +41,8 @@ def _builder(name: str, timm_name: str) -> Any:
 
 
 def register_timm_models(prefix: str = TIMM_PREFIX) -> list[str]:
-    """Register every model of :func:`repvgg.list_models` with timm as ``prefix + name``; the timm names.
+    """Register every model of [`repvgg.list_models`][repvgg.nn.registry.list_models] with timm as ``prefix + name``;
+    the timm names.
 
     Idempotent: names already registered are left as they are.
     """

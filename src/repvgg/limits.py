@@ -3,8 +3,8 @@
 Flags, config fields, file metadata, JSON and YAML text, decoded images and the batches they make are all
 checked here, before anything is built or allocated: an input of 100,000 x 100,000 pixels would ask for
 hundreds of GB; a file declaring 40,000 layers per stage would take minutes to describe; a 300-byte YAML file
-of nested aliases expands to gigabytes. A value outside its bounds is a :class:`LimitExceeded` (a
-``ValueError``) naming the option and the limit. The ceilings are generous for real use: the paper trains at
+of nested aliases expands to gigabytes. A value outside its bounds is a [`LimitExceeded`][repvgg.limits.LimitExceeded]
+(a ``ValueError``) naming the option and the limit. The ceilings are generous for real use: the paper trains at
 224 and evaluates segmentation at 1024 x 2048 crops of 713 and 1024; RepVGG-B3 has 16 layers in its deepest
 stage and 2,560 channels in its widest.
 
@@ -92,12 +92,13 @@ def check_float(value: Any, name: str, *, low: float | None = None, high: float 
 
 
 def check_img_size(value: Any, name: str = "img_size", *, low: int = 8) -> int:
-    """An input side in pixels: at least ``low`` and at most :data:`MAX_IMG_SIZE`."""
+    """An input side in pixels: at least ``low`` and at most [`MAX_IMG_SIZE`][repvgg.limits.MAX_IMG_SIZE]."""
     return check_int(value, name, low=low, high=MAX_IMG_SIZE)
 
 
 def check_image_pixels(width: int, height: int, what: str) -> None:
-    """Refuse an image of more than :data:`MAX_IMAGE_PIXELS` pixels, from its header or before a resize makes it.
+    """Refuse an image of more than [`MAX_IMAGE_PIXELS`][repvgg.limits.MAX_IMAGE_PIXELS] pixels, from its header or
+    before a resize makes it.
 
     Raises:
         LimitExceeded: naming ``what`` (the file, or the resize a model's preprocessing asks for).
@@ -128,8 +129,9 @@ def machine_memory() -> int | None:
 def check_batch_memory(batch: int, shape: tuple[int, ...], option: str, *, element_bytes: int = 4,
                        memory: int | None = None) -> None:
     """Refuse a batch of ``batch`` inputs of ``shape`` (e.g. ``(3, H, W)``) whose forward pass would need more
-    than :data:`MEMORY_SHARE` of ``memory`` (default: :func:`machine_memory`), counting
-    :data:`ACTIVATION_FACTOR` times the input.
+    than [`MEMORY_SHARE`][repvgg.limits.MEMORY_SHARE] of ``memory`` (default:
+    [`machine_memory`][repvgg.limits.machine_memory]), counting [`ACTIVATION_FACTOR`][repvgg.limits.ACTIVATION_FACTOR]
+    times the input.
 
     Raises:
         LimitExceeded: naming ``option`` and what to lower.
@@ -181,8 +183,8 @@ def nesting_depth(text: str) -> int:
 
 
 def parse_json(text: str | bytes, what: str) -> Any:
-    """Parse JSON ``text`` from a file or a flag, bounded first: at most :data:`MAX_JSON_BYTES` and
-    :data:`MAX_NESTING` levels deep.
+    """Parse JSON ``text`` from a file or a flag, bounded first: at most
+    [`MAX_JSON_BYTES`][repvgg.limits.MAX_JSON_BYTES] and [`MAX_NESTING`][repvgg.limits.MAX_NESTING] levels deep.
 
     Raises:
         LimitExceeded: the text is too large or too deeply nested.

@@ -1,9 +1,10 @@
 """Configurations as typed data: fields that carry their command-line help and bounds, checked on creation.
 
-A :class:`RunConfig` dataclass is built from defaults, files and flags alike (:meth:`~RunConfig.from_dict`:
-values are passed as they are, nothing is evaluated) and checks every field's type and bounds, so a
-config file, a checkpoint or a flag cannot smuggle in a value the code does not expect. The command line
-makes its flags from the fields (:mod:`repvgg.cli.flags`), so ``--help`` and behaviour cannot drift.
+A [`RunConfig`][repvgg.options.RunConfig] dataclass is built from defaults, files and flags alike
+([`from_dict`][repvgg.serialization.DictMixin.from_dict]: values are passed as they are, nothing is evaluated) and
+checks every field's type and bounds, so a config file, a checkpoint or a flag cannot smuggle in a value the code does
+not expect. The command line makes its flags from the fields (`repvgg.cli.flags`), so ``--help`` and behaviour cannot
+drift.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _DEVICE_NAME = re.compile(r"(auto|cpu|cuda(:\d{1,4})?)")
 
 def check_device_name(name: Any, option_name: str = "device") -> str:
     """``name`` if it names a device this package runs on (``auto``, ``cpu``, ``cuda`` or ``cuda:N``); whether
-    it is there is checked when the device is used (:func:`repvgg.training.distributed.resolve_device`)."""
+    it is there is checked when the device is used (`repvgg.training.distributed.resolve_device`)."""
     if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
         raise ValueError(f"{option_name} must be auto, cpu, cuda or cuda:N (N >= 0), got {brief(name)}: this package "
                          "runs on CPUs and CUDA GPUs")

@@ -8,7 +8,8 @@ from typing import Any, Mapping, Sequence
 
 from repvgg.serialization import atomic_write
 
-__all__ = ["pyplot", "plot_curves", "plot_points", "plot_throughput", "plot_training_curves", "save_figure"]
+__all__ = ["pyplot", "place_labels", "plot_curves", "plot_points", "plot_throughput", "plot_training_curves",
+           "save_figure"]
 
 
 def pyplot():
@@ -117,15 +118,13 @@ def plot_points(points: Sequence[tuple[str, float, float, str]], path: str | os.
                 ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
                 legend: str = "best") -> Path:
     """A labelled scatter plot: ``(label, x, y, group)`` points, one colour and legend entry per group (placed at
-    matplotlib's ``legend`` location)."""
+    matplotlib's ``legend`` location); no label covers another, a marker or the legend (`place_labels`)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
     groups = list(dict.fromkeys(group for *_, group in points))
     for group, color in zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4):
         chosen = [p for p in points if p[3] == group]
-        ax.scatter([p[1] for p in chosen], [p[2] for p in chosen], color=color, s=40, label=group, zorder=3)
-        for label, x, y, _ in chosen:
-            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.scatter([p[1] for p in chosen], [p[2] for p in chosen], color=color, s=_MARKER_AREA, label=group, zorder=3)
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     for use_log, axis, set_scale in ((logx, ax.xaxis, ax.set_xscale), (logy, ax.yaxis, ax.set_yscale)):
@@ -141,5 +140,63 @@ def plot_points(points: Sequence[tuple[str, float, float, str]], path: str | os.
     ax.grid(alpha=0.3, which="both")
     ax.margins(x=0.08, y=0.15)  # room for the labels and the legend
     ax.legend(fontsize=7, loc=legend)
-    fig.tight_layout()
+    fig.tight_layout()  # before the labels: they are placed in the final layout's pixels
+    place_labels(ax, [(label, x, y) for label, x, y, _ in points])
     return save_figure(fig, path, dpi=120)
+
+
+#: Scatter marker area (points^2) of ``plot_points``.
+_MARKER_AREA = 40
+
+#: Label positions tried in turn, as (dx, dy) offsets in points from the marker: beside it (right, then left; above,
+#: below, level with it), then nudged further up or down in steps, then above or below it.
+_NEAR = [(4, 3), (4, -3), (-4, 3), (-4, -3), (5, 0), (-5, 0)]
+_NUDGED = [(dx, sign * (3 + 5 * step)) for step in range(1, 7) for dx in (4, -4) for sign in (1, -1)]
+_LABEL_OFFSETS = _NEAR + _NUDGED + [(0, 6), (0, -6)]
+
+
+def place_labels(ax: Any, points: Sequence[tuple[str, float, float]], *, fontsize: float = 7) -> list[Any]:
+    """Annotate each ``(label, x, y)`` point at the first offset of a fixed list where its text overlaps no label
+    placed before it, no other marker and not the legend, and stays inside the axes; a label moved away from its
+    marker gets a thin leader line. Deterministic: the same points give the same figure. Call it after the layout
+    is final (limits, scales, ``tight_layout``): the check is done in the drawn figure's pixels.
+    """
+    fig = ax.figure
+    fig.canvas.draw()  # final limits, ticks and legend position
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend()
+    if legend is not None:  # keep the legend where it is now: "best" would otherwise move it to dodge the labels
+        legend.set_loc(tuple(ax.transAxes.inverted().transform(legend.get_window_extent(renderer).p0)))
+    inside = ax.get_window_extent(renderer)
+    taken = [legend.get_window_extent(renderer)] if legend is not None else []
+    radius = (_MARKER_AREA ** 0.5 / 2 + 1) * fig.dpi / 72  # a marker's half-width in pixels, plus a little air
+    markers = [ax.transData.transform((x, y)) for _, x, y in points]
+    from matplotlib.transforms import Bbox
+
+    marker_boxes = [Bbox.from_extents(mx - radius, my - radius, mx + radius, my + radius) for mx, my in markers]
+    texts = []
+    for i, (label, x, y) in enumerate(points):
+        obstacles = taken + marker_boxes[:i] + marker_boxes[i + 1:]
+        for offset in [*_LABEL_OFFSETS, None]:  # None: nowhere free, so the first position, as before
+            text = _annotate(ax, label, (x, y), offset or _LABEL_OFFSETS[0], fontsize, leader=False)
+            box = text.get_window_extent(renderer).padded(1)
+            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+            if offset is None or (fits and not any(box.overlaps(other) for other in obstacles)):
+                break
+            text.remove()
+        if offset is not None and offset not in _NEAR:  # the leader line is drawn, not weighed: it may cross
+            text.remove()
+            text = _annotate(ax, label, (x, y), offset, fontsize, leader=True)
+        taken.append(box)
+        texts.append(text)
+    return texts
+
+
+def _annotate(ax: Any, label: str, xy: tuple[float, float], offset: tuple[float, float], fontsize: float, *,
+              leader: bool) -> Any:
+    dx, dy = offset
+    return ax.annotate(label, xy, xytext=offset, textcoords="offset points", fontsize=fontsize,
+                       ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                       va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+                       arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 0, "shrinkB": 4}
+                       if leader else None)

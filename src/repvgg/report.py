@@ -1,7 +1,7 @@
 """Presenting results: markdown tables, and a benchmark's table, JSON and figure written together.
 
-Measuring code returns data (e.g. :class:`~repvgg.perf.bench.BenchResult`); this module and
-:mod:`repvgg.plots` present it.
+Measuring code returns data (e.g. [`BenchResult`][repvgg.perf.bench.BenchResult]); this module and
+`repvgg.plots` present it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def bench_table(result: Any) -> str:
-    """A :class:`~repvgg.perf.bench.BenchResult` as a markdown table, followed by the target ratios.
+    """A [`BenchResult`][repvgg.perf.bench.BenchResult] as a markdown table, followed by the target ratios.
 
     ``IQR`` is the interquartile range of the per-round times relative to their median: a noise
     figure (a few percent on a quiet machine; large values mean other work shared the CPU). ``vs FP32`` is a
@@ -89,7 +89,7 @@ def bench_header(result: Any, *, note: str = "") -> str:
 
 
 def write_bench_report(result: Any, folder: str | os.PathLike[str], stem: str, *, note: str = "") -> dict[str, Path]:
-    """``folder/stem.md`` (:func:`bench_header` and :func:`bench_table`), ``stem.json`` (every number) and
+    """``folder/stem.md`` (`bench_header` and `bench_table`), ``stem.json`` (every number) and
     ``stem.png`` (throughput against parameters) of a benchmark result."""
     folder = Path(folder)
     return {

@@ -3,15 +3,18 @@
 Nothing here imports the rest of the package (but its errors and limits), so the model spec, the run configs and the
 file formats can all build on it.
 
-* :func:`check_output_path` is the output rule of every command: an existing file is replaced only when the
-  user asked (``--overwrite``), and a file the command reads is never replaced, not even then.
-* :func:`atomic_write` writes beside the target and renames: an interrupt or a failure (no space left, a
-  file-size limit, a permission) leaves the previous file as it was and raises :class:`WriteFailed`
-  naming the file and the cause. New files get the user's umask, like any other program's.
+* [`check_output_path`][repvgg.serialization.check_output_path] is the output rule of every command: an existing file is
+  replaced only when the user asked (``--overwrite``), and a file the command reads is never replaced, not even then.
+* [`atomic_write`][repvgg.serialization.atomic_write] writes beside the target and renames: an interrupt or a failure
+  (no space left, a file-size limit, a permission) leaves the previous file as it was and raises
+  [`WriteFailed`][repvgg.errors.WriteFailed] naming the file and the cause. New files get the user's umask, like any
+  other program's.
 * An output that is a symbolic link is written through: its target gets the new content and the link stays
-  (:func:`output_target`), as a shell redirection does; the rule above applies to the target.
-* :func:`write_csv` writes spreadsheet-safe CSV: a cell that a spreadsheet would run as a formula (starting
-  with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) is written with a leading ``'`` (OWASP's advice).
+  ([`output_target`][repvgg.serialization.output_target]), as a shell redirection does; the rule above applies to the
+  target.
+* [`write_csv`][repvgg.serialization.write_csv] writes spreadsheet-safe CSV: a cell that a spreadsheet would run as a
+  formula (starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return) is written with a leading ``'``
+  (OWASP's advice).
 """
 
 from __future__ import annotations
@@ -79,8 +82,9 @@ def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), 
     ``reads`` are the files and folders the command reads (weights, a config file, a data folder). A path
     that is one of those files, or lies inside one of those folders, is refused even with ``overwrite``;
     an existing file is replaced only with ``overwrite``; a folder is never an output file. A symbolic link is
-    judged by its target, which is what gets written (:func:`output_target`). ``suffixes`` (e.g. ``(".onnx",)``)
-    are the names the output may end with, in any case, so a file is named for what it holds.
+    judged by its target, which is what gets written ([`output_target`][repvgg.serialization.output_target]).
+    ``suffixes`` (e.g. ``(".onnx",)``) are the names the output may end with, in any case, so a file is named for what
+    it holds.
 
     Raises:
         ValueError: naming ``option`` (e.g. ``--json-out``) and what to do instead.
@@ -152,8 +156,8 @@ def atomic_write(path: PathLike, *, errors: tuple[type[BaseException], ...] = (O
 
     A failure or an interrupt while writing removes the temporary file and leaves ``path`` as it was
     (the previous checkpoint, weights file or metrics stay intact). ``errors`` raised while writing (by
-    default ``OSError``: no space, a file-size limit, permissions) become :class:`WriteFailed` naming the
-    file and the cause. The parent folder is created; the file gets the user's umask.
+    default ``OSError``: no space, a file-size limit, permissions) become [`WriteFailed`][repvgg.errors.WriteFailed]
+    naming the file and the cause. The parent folder is created; the file gets the user's umask.
     """
     path = output_target(path)
     tmp: Path | None = None
@@ -175,8 +179,8 @@ def atomic_write(path: PathLike, *, errors: tuple[type[BaseException], ...] = (O
 @contextlib.contextmanager
 def staging_folder(path: PathLike) -> Iterator[Path]:
     """A temporary folder beside ``path`` for files that are checked before they are moved into place (with
-    ``os.replace``, inside the block, through :func:`commit_staged`); removed on the way out. A write failing in it
-    is a :class:`WriteFailed` naming ``path``."""
+    ``os.replace``, inside the block, through [`commit_staged`][repvgg.serialization.commit_staged]); removed on the way
+    out. A write failing in it is a [`WriteFailed`][repvgg.errors.WriteFailed] naming ``path``."""
     path = output_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,8 +191,9 @@ def staging_folder(path: PathLike) -> Iterator[Path]:
 
 
 def commit_staged(staged: PathLike, path: PathLike) -> Path:
-    """Move a file checked in a :func:`staging_folder` into place as ``path`` (through a link to its target), in
-    one rename; a side file (an ONNX model's external weights) goes beside it under its own name."""
+    """Move a file checked in a [`staging_folder`][repvgg.serialization.staging_folder] into place as ``path`` (through
+    a link to its target), in one rename; a side file (an ONNX model's external weights) goes beside it under its own
+    name."""
     staged, target = Path(staged), output_target(path)
     destination = target if staged.name == Path(path).name else target.parent / staged.name
     try:
@@ -223,7 +228,8 @@ def csv_cell(value: Any) -> str:
 
 
 def write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
-    """Write ``header`` and ``rows`` as CSV, atomically, every text cell spreadsheet-safe (:func:`csv_cell`)."""
+    """Write ``header`` and ``rows`` as CSV, atomically, every text cell spreadsheet-safe
+    ([`csv_cell`][repvgg.serialization.csv_cell])."""
     out = io.StringIO()
     writer = csv.writer(out)
     for row in [header, *rows]:

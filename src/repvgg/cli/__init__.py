@@ -2,8 +2,8 @@
 
 Each subcommand module defines ``add_parser(subparsers)``, which registers its parser and sets
 ``func`` to a function ``(args) -> exit code``. Exit statuses: 0 success, 1 the run failed
-(:class:`repvgg.errors.RunFailed`: diverged, a conversion that does not match), 2 bad input or usage,
-130 interrupted (a resumable checkpoint was saved).
+([`repvgg.errors.RunFailed`][repvgg.errors.RunFailed]: diverged, a conversion that does not match), 2 bad input or
+usage, 130 interrupted (a resumable checkpoint was saved).
 """
 
 from __future__ import annotations

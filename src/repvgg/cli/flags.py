@@ -1,10 +1,10 @@
 """Command-line flags generated from a config dataclass, so ``--help`` and behaviour cannot drift.
 
-Each field of a :class:`~repvgg.training.config.RunConfig` made with
-:func:`~repvgg.training.config.option` becomes ``--field-name`` with the field's type, choices and
+Each field of a [`RunConfig`][repvgg.options.RunConfig] made with
+`option` becomes ``--field-name`` with the field's type, choices and
 help, and its default shown as the dataclass holds it. The parser's own default is ``None`` ("not
 given"), so the precedence defaults < resumed run < ``--config`` file < flags is decided in one place
-(:func:`~repvgg.training.config.resolve_run_config`).
+(`resolve_run_config`).
 """
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ def parse_list(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-#: An input side in pixels (``--img-size`` and friends): 8 to :data:`~repvgg.limits.MAX_IMG_SIZE`.
+#: An input side in pixels (``--img-size`` and friends): 8 to [`MAX_IMG_SIZE`][repvgg.limits.MAX_IMG_SIZE].
 image_size = bounded_int(8, MAX_IMG_SIZE)
 
 
 def add_guard_flags(parser: argparse.ArgumentParser) -> None:
-    """``--min-agreement`` and ``--max-top1-drop``: the accuracy guard's thresholds (:mod:`repvgg.quant.guard`), as
-    ``repvgg quantize`` takes them."""
+    """``--min-agreement`` and ``--max-top1-drop``: the accuracy guard's thresholds
+    ([`repvgg.quant.guard`][repvgg.quant.guard]), as ``repvgg quantize`` takes them."""
     from repvgg.quant.config import QuantizeConfig
 
     fields = {f.name: f for f in dataclasses.fields(QuantizeConfig)}

@@ -1,13 +1,14 @@
-"""What a model file says about its use: the class names and the evaluation preprocessing (a :class:`ModelCard`).
+"""What a model file says about its use: the class names and the evaluation preprocessing (a
+[`ModelCard`][repvgg.io.card.ModelCard]).
 
 Every file this package writes carries both, as two string fields: ``classes`` (a JSON list of names, one per
-output of the head) and ``preprocessing`` (a JSON object, :class:`Preprocessing`). They live in the safetensors
-metadata of deploy files, in training checkpoints (``best.pt``, ``last.pt``) beside the weights, and in the
-``metadata_props`` of ONNX files (FP32, FP16 and INT8). On load they are validated: malformed JSON, an unknown
+output of the head) and ``preprocessing`` (a JSON object, [`Preprocessing`][repvgg.io.card.Preprocessing]). They live in
+the safetensors metadata of deploy files, in training checkpoints (``best.pt``, ``last.pt``) beside the weights, and in
+the ``metadata_props`` of ONNX files (FP32, FP16 and INT8). On load they are validated: malformed JSON, an unknown
 or ill-typed field, or a class count other than the head's is an error naming the file and the field.
 
-Files without them (official, timm, mmpretrain or older files) still work: :func:`resolve_card` fills in
-numbered classes and the model's default data configuration, and says so in :attr:`ModelCard.notes`.
+Files without them (official, timm, mmpretrain or older files) still work: `resolve_card` fills in
+numbered classes and the model's default data configuration, and says so in `ModelCard.notes`.
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 def load_onnx_proto(path: str | os.PathLike[str]) -> Any:
     """The ONNX ``ModelProto`` of ``path`` without external weights, checked to be one: a file of another kind
-    (:func:`~repvgg.io.formats.require_kind`), one that does not parse, or one without a graph input is refused."""
+    ([`require_kind`][repvgg.io.formats.require_kind]), one that does not parse, or one without a graph input is
+    refused."""
     import onnx
     from google.protobuf.message import DecodeError
 

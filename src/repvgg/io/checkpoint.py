@@ -1,8 +1,8 @@
 """Resumable training checkpoints: atomic writes and exact RNG state.
 
 A checkpoint is a plain dict of tensors and primitive values (loadable with ``weights_only=True``), written
-by :func:`repvgg.training.engine.fit`: ``task`` (the subcommand), ``model`` (official-format state dict),
-the task's fields to rebuild the model (``arch``, ``spec``, ``num_classes``, ``in_chans`` for
+by [`repvgg.training.engine.fit`][repvgg.training.engine.fit]: ``task`` (the subcommand), ``model`` (official-format
+state dict), the task's fields to rebuild the model (``arch``, ``spec``, ``num_classes``, ``in_chans`` for
 classification), ``config``, ``optimizer``, ``ema``, ``epoch``, ``step_in_epoch``, ``global_step``,
 ``best_score``, ``history`` and ``rng``. A classification checkpoint loads with
 ``repvgg.create_model(..., weights=...)`` / ``repvgg.load_model``.
@@ -69,7 +69,7 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
+    """Inverse of `capture_rng_state`."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]

@@ -12,7 +12,7 @@ __all__ = ["ExportConfig"]
 
 @dataclass(frozen=True)
 class ExportConfig(RunConfig):
-    """Options of :func:`repvgg.export_onnx` (``repvgg export``)."""
+    """Options of [`repvgg.export_onnx`][repvgg.io.export.export_onnx] (``repvgg export``)."""
 
     img_size: int | None = option(None, "input resolution", default_help="the size the checkpoint was trained at, "
                                   "else 224", low=8, high=MAX_IMG_SIZE)

@@ -43,7 +43,7 @@ _EXTERNAL_DATA_BYTES = 1_800_000_000
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What :func:`export_onnx` wrote and how closely ONNX Runtime reproduced PyTorch."""
+    """What [`export_onnx`][repvgg.io.export.export_onnx] wrote and how closely ONNX Runtime reproduced PyTorch."""
 
     path: str
     converted: bool
@@ -210,30 +210,30 @@ def export_onnx(
 ) -> ExportReport:
     """Export the converted model to ONNX, check the file, and compare ONNX Runtime with PyTorch.
 
-    A training-time model is converted first (:func:`repvgg.reparameterize_model`, a copy; the log
-    says so). The file has a dynamic batch dimension and carries the class names and preprocessing the model's
-    file records (:mod:`repvgg.io.card`, in ``metadata_props``); it is validated with ``onnx.checker`` and run
+    A training-time model is converted first ([`repvgg.reparameterize_model`][repvgg.nn.convert.reparameterize_model], a
+    copy; the log says so). The file has a dynamic batch dimension and carries the class names and preprocessing the
+    model's file records (`repvgg.io.card`, in ``metadata_props``); it is validated with ``onnx.checker`` and run
     with ONNX Runtime on a random batch of ``check_batch_size`` images (a size other than the one
     traced), and the deviation from the PyTorch output is reported. The file is written in a
     temporary folder beside ``path`` and moved into place only when the ONNX Runtime outputs are finite
-    and within :data:`~repvgg.nn.convert.CONVERSION_TOLERANCE` of PyTorch's (relative); the caller's
+    and within [`CONVERSION_TOLERANCE`][repvgg.nn.convert.CONVERSION_TOLERANCE] of PyTorch's (relative); the caller's
     model is not modified.
 
     Args:
-        model_or_path: an ``nn.Module``, a checkpoint file (any format :func:`repvgg.load_model`
-            reads) or a registered model name (random weights).
+        model_or_path: an ``nn.Module``, a checkpoint file (any format
+            [`repvgg.load_model`][repvgg.io.loading.load_model] reads) or a registered model name (random weights).
         path: the ``.onnx`` file to write.
-        config: the options (:class:`~repvgg.io.config.ExportConfig`): ``img_size`` (default: the size the
+        config: the options ([`ExportConfig`][repvgg.io.config.ExportConfig]): ``img_size`` (default: the size the
             model's file records, else 224), ``opset`` (from
-            :data:`~repvgg.limits.MIN_OPSET` to the newest the installed ``onnx`` knows; the file is checked
+            [`MIN_OPSET`][repvgg.limits.MIN_OPSET] to the newest the installed ``onnx`` knows; the file is checked
             to have it), ``num_classes`` of a model built by name, ``dynamic_hw`` (checked at ``img_size``
-            and a second size), ``fp16`` (compared with the float32 model within :data:`FP16_TOLERANCE`),
+            and a second size), ``fp16`` (compared with the float32 model within `FP16_TOLERANCE`),
             ``check_batch_size`` and ``overwrite``.
         **options: fields of ``config`` to replace, e.g. ``export_onnx(model, "m.onnx", img_size=32)``.
 
     Raises:
         ValueError: bad arguments, or ``path`` is a folder, the input, or (without ``overwrite``) an existing
-            file (:func:`~repvgg.serialization.check_output_path`).
+            file ([`check_output_path`][repvgg.serialization.check_output_path]).
         ConversionMismatch: ONNX Runtime does not reproduce the model; nothing is written.
     """
     import onnx

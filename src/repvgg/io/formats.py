@@ -2,13 +2,14 @@
 
 A file's name says what its writer meant, not what it holds: an ``.ONNX`` written by ``export``, a ``model.pt``
 that is really safetensors, a ``last.pt`` of random bytes and a PNG passed as the model are all told apart by
-their first bytes (:func:`identify_file`), and :func:`require_kind` turns a file of the wrong kind into a message
-that says what it is and what was expected.
+their first bytes ([`identify_file`][repvgg.io.formats.identify_file]), and
+[`require_kind`][repvgg.io.formats.require_kind] turns a file of the wrong kind into a message that says what it is and
+what was expected.
 
 * ``safetensors``: an 8-byte little-endian header length, then that many bytes of a JSON object;
 * ``torch``: a zip archive (``torch.save`` since PyTorch 1.6) or a legacy pickle stream;
 * ``onnx``: a protocol-buffer ``ModelProto``, which starts with one of its fields (``ir_version`` first, as every
-  exporter writes it); the parser confirms it (:func:`repvgg.io.card.read_onnx_metadata`);
+  exporter writes it); the parser confirms it (`repvgg.io.card.read_onnx_metadata`);
 * ``image``: PNG, JPEG, GIF, BMP, TIFF or WebP, named so a mix-up of arguments is clear;
 * ``empty`` and ``unknown``.
 """

@@ -1,7 +1,7 @@
 """Models from files: ``create_model`` with weights, ``load_model`` from a file alone, checkpoint conversion.
 
-This sits above both the registry (:mod:`repvgg.nn.registry`, which builds networks from names) and the
-file formats (:mod:`repvgg.io.weights`, which know nothing of the registry), so imports point one way.
+This sits above both the registry (`repvgg.nn.registry`, which builds networks from names) and the
+file formats (`repvgg.io.weights`, which know nothing of the registry), so imports point one way.
 """
 
 from __future__ import annotations
@@ -44,19 +44,20 @@ def create_model(
     """Build a RepVGG by name (or from a spec), optionally loading weights.
 
     Args:
-        name: a registered name (see :func:`repvgg.list_models`) or a :class:`RepVGGSpec`.
+        name: a registered name (see [`repvgg.list_models`][repvgg.nn.registry.list_models]) or a
+            [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec].
         weights: a checkpoint file in the official, timm, mmpretrain or this package's format
             (``.pth``/``.pt`` read with ``weights_only=True``, or ``.safetensors``), or a Hugging Face
             hub reference ``hf-hub:ORG/REPO[/FILE]`` (e.g. ``hf-hub:timm/repvgg_a0.rvgg_in1k``).
         pretrained: load the model's ImageNet weights (timm's, from the hub or its cache; see
-            :data:`repvgg.io.hub.PRETRAINED`); another ``num_classes`` keeps a fresh classifier.
+            `repvgg.io.hub.PRETRAINED`); another ``num_classes`` keeps a fresh classifier.
         num_classes: classifier outputs; defaults to the checkpoint's when ``weights`` is given,
             else 1000; 0 gives pooled features.
         in_chans: input image channels.
         deploy: build the fused inference-time network (load ``-deploy`` files into this).
         features_only: no head; ``forward`` returns the stage feature maps in ``out_indices``.
         out_indices: which stages (0-4) ``features_only`` returns.
-        **overrides: any :class:`RepVGGSpec` field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
+        **overrides: any [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec] field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
             ``use_identity=False``, for a custom architecture in one call.
     """
     if pretrained:
@@ -85,8 +86,8 @@ def create_model(
 
 def model_card(model: torch.nn.Module) -> ModelCard:
     """What ``model`` knows of its classes and preprocessing: the card of the file it was loaded from
-    (:func:`load_model`, :func:`create_model` with weights), else numbered classes and its default data
-    configuration (``pretrained_cfg``), with notes saying so."""
+    ([`load_model`][repvgg.io.loading.load_model], [`create_model`][repvgg.io.loading.create_model] with weights), else
+    numbered classes and its default data configuration (``pretrained_cfg``), with notes saying so."""
     card = getattr(model, "card", None)
     if isinstance(card, ModelCard):
         return card
@@ -246,7 +247,7 @@ def convert_checkpoint(
     """Convert a training-time weights file (official, timm or own) into a deploy ``.safetensors`` file.
 
     The two models are compared on a batch of ``batch_size`` random images before anything is written;
-    above a relative deviation of :data:`~repvgg.nn.convert.CONVERSION_TOLERANCE` (or with any NaN or
+    above a relative deviation of [`CONVERSION_TOLERANCE`][repvgg.nn.convert.CONVERSION_TOLERANCE] (or with any NaN or
     infinite output) nothing is written. The report gives the largest absolute and the relative output
     difference. An existing ``destination`` is only replaced with ``overwrite``; the source never is.
 

@@ -81,7 +81,7 @@ def openvino_model(path: str | os.PathLike[str], *, precision_hint: str = "f32",
 
 def onnx_runner(path: str | os.PathLike[str], runtime: str = "onnxruntime", *,
                 precision_hint: str = "f32") -> Callable[[Tensor], Any]:
-    """A callable running ``path`` through ``runtime`` (one of :data:`ONNX_RUNTIMES`): a float32 batch in (cast to
+    """A callable running ``path`` through ``runtime`` (one of `ONNX_RUNTIMES`): a float32 batch in (cast to
     the file's input type, e.g. float16), its output tensor (or a list, for several outputs) out, in float32.
 
     A file exported with a fixed batch size (``torch.onnx.export``'s default) takes any batch: it is run in slices

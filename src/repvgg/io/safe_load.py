@@ -26,7 +26,7 @@ def safe_load(path: str | os.PathLike[str], *, what: str = "a PyTorch weights fi
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
-        ValueError: the file is not a PyTorch file (:func:`~repvgg.io.formats.require_kind`: an ONNX model, an
+        ValueError: the file is not a PyTorch file ([`require_kind`][repvgg.io.formats.require_kind]: an ONNX model, an
             image, safetensors, random bytes), needs code to unpickle (refused), or is truncated or nested beyond
             what can be read; the message names the file.
     """

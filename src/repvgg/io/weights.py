@@ -5,7 +5,7 @@ The model's own state-dict keys are those of the official RepVGG release (``stag
 ``RepVGG-*-train.pth`` / ``-deploy.pth`` files load unchanged. timm's RepVGG naming (``stem``, ``stages``,
 ``conv_kxk``, ``conv_1x1``, ``identity``, ``reparam_conv``, ``attn.fc1``, ``head.fc``) is translated here.
 
-Files are never unpickled with code execution: :func:`~repvgg.io.safe_load.safe_load` or safetensors.
+Files are never unpickled with code execution: [`safe_load`][repvgg.io.safe_load.safe_load] or safetensors.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
     """Read a weights file into an official-format state dict and its metadata.
 
     Accepts safetensors and torch files, told apart by their content
-    (:func:`~repvgg.io.formats.require_kind`; torch files are read with ``weights_only=True``); unwraps
+    ([`require_kind`][repvgg.io.formats.require_kind]; torch files are read with ``weights_only=True``); unwraps
     ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints, strips a DDP ``module.`` prefix and
     translates timm and mmpretrain key names.
 
@@ -348,7 +348,7 @@ def load_state_dict_into(
     source: str = "state dict",
     skip_head: bool = False,
 ) -> None:
-    """Check a state dict against ``model`` completely (:func:`check_state_dict`), then load it; on any
+    """Check a state dict against ``model`` completely (`check_state_dict`), then load it; on any
     mismatch nothing changes.
 
     ``skip_head`` keeps the model's own classifier (fine-tuning on a new number of classes). A model

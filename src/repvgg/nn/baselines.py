@@ -6,8 +6,8 @@
 
 For a fair speed comparison the paper folds every conv-BN pair of the baselines into one biased conv, as
 RepVGG's conversion does for its own blocks (Ding et al., RepVGG, CVPR 2021, Sec. 4.1).
-:func:`repvgg.nn.fusion.fuse_conv_bn` does that for any module that ``torch.fx`` can trace (timm's
-norm-activation layers included), with the package's float64 fusion arithmetic. Weights are random: they time
+[`repvgg.nn.fusion.fuse_conv_bn`][repvgg.nn.fusion.fuse_conv_bn] does that for any module that ``torch.fx`` can trace
+(timm's norm-activation layers included), with the package's float64 fusion arithmetic. Weights are random: they time
 the same as trained ones, and the benchmark needs no downloads.
 
 torchvision and timm are imported only inside the functions that need them.

@@ -10,7 +10,7 @@ normalises the sum instead, which keeps the fused kernel's range narrow for INT8
 
     y = ReLU(BN(BN(conv3x3(x)) + conv1x1(x) + x))
 
-Inference time, after :meth:`RepVGGBlock.reparameterize`::
+Inference time, after [`RepVGGBlock.reparameterize`][repvgg.nn.block.RepVGGBlock.reparameterize]::
 
     y = ReLU(SE(conv3x3_with_bias(x)))
 

@@ -1,6 +1,6 @@
 """Parameter and multiply-add counts, computed from the modules themselves (nothing typed in).
 
-Multiply-adds come from :class:`torch.utils.flop_counter.FlopCounterMode` (convolutions and matmuls;
+Multiply-adds come from `torch.utils.flop_counter.FlopCounterMode` (convolutions and matmuls;
 BN, ReLU and additions are not counted, as in the paper's "Theo FLOPs"). Registered models are built on
 the ``meta`` device, so counting even RepVGG-D2se allocates no weight memory.
 """

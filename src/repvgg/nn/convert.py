@@ -32,7 +32,7 @@ def reparameterize_model(model: M, inplace: bool = False) -> M:
 
     Works for a RepVGG and for any network that uses RepVGG blocks as parts (a backbone inside a
     segmenter, say): every submodule with ``reparameterize()`` is fused (e.g. all
-    :class:`~repvgg.nn.block.RepVGGBlock`), the rest is left alone. Conversion always uses the BN running
+    [`RepVGGBlock`][repvgg.nn.block.RepVGGBlock]), the rest is left alone. Conversion always uses the BN running
     statistics, so the result is the same whether or not the caller called ``.eval()`` first.
 
     Args:
@@ -54,10 +54,11 @@ def reparameterize_model(model: M, inplace: bool = False) -> M:
 class OutputDeviation:
     """How far a model's outputs are from a reference model's, accumulated over batches.
 
-    :attr:`sums` holds the squared difference, the squared reference and the number of batches with a
-    NaN or infinite output of either model; :attr:`max_abs` the largest absolute difference. Both are
+    `sums` holds the squared difference, the squared reference and the number of batches with a
+    NaN or infinite output of either model; `max_abs` the largest absolute difference. Both are
     plain tensors, so a distributed caller can sum and max them over processes before reading
-    :attr:`relative`, which is NaN once any output was not finite: NaN never passes as "identical".
+    [`relative`][repvgg.nn.convert.OutputDeviation.relative], which is NaN once any output was not finite: NaN never
+    passes as "identical".
     """
 
     def __init__(self) -> None:
@@ -96,7 +97,8 @@ class OutputDeviation:
 
 def check_outputs(finite: Sequence[bool], relative_errors: Sequence[float], what: str) -> None:
     """Fail an evaluation whose models produced NaN or infinite outputs, or whose converted copies do not
-    compute what the first model does (:func:`check_conversion`): a broken model never gets a score.
+    compute what the first model does ([`check_conversion`][repvgg.nn.convert.check_conversion]): a broken model never
+    gets a score.
 
     Raises:
         RunFailed: non-finite outputs (broken weights, e.g. from a diverged run).

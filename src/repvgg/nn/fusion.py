@@ -43,7 +43,7 @@ def is_batchnorm(module: nn.Module) -> bool:
 def fold_norm(kernel: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor]:
     """Kernel and bias (float64) of one conv equal to ``norm(conv(x))`` with ``kernel``, at inference time.
 
-    ``norm`` is a batch norm (:func:`is_batchnorm`) or ``nn.Identity`` (no norm). Anything else, such
+    ``norm`` is a batch norm (`is_batchnorm`) or ``nn.Identity`` (no norm). Anything else, such
     as GroupNorm or LayerNorm, depends on the input and cannot be folded: a ValueError says which.
     """
     if isinstance(norm, nn.Identity):
@@ -76,7 +76,7 @@ def fold_batchnorm(kernel: Tensor | None, bn: nn.Module) -> tuple[Tensor, Tensor
     and only the per-channel scale is returned in place of a kernel: shape ``(C,)``).
     Returns ``(kernel * gamma / std, beta - mean * gamma / std)`` in float64. Differentiable with
     respect to the conv weight and the BN affine parameters; always uses the running statistics.
-    Any batch norm (:func:`is_batchnorm`) folds; another norm is a ValueError naming its type.
+    Any batch norm (`is_batchnorm`) folds; another norm is a ValueError naming its type.
     """
     _check_batchnorm(bn)
     mean, var = _running_stats(bn)
@@ -159,7 +159,7 @@ _NORM_THEN = ("drop", "act")
 
 def _foldable(module: nn.Module) -> bool:
     """A batch norm that is nothing but the norm (torch's and frozen ones), or the norm followed by
-    :data:`_NORM_THEN` (timm's norm-activation layers); anything else is left alone."""
+    `_NORM_THEN` (timm's norm-activation layers); anything else is left alone."""
     if not is_batchnorm(module):
         return False
     children = [name for name, _ in module.named_children()]
@@ -199,7 +199,8 @@ def _fusable_pairs(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.No
 
 
 def count_conv_bn_pairs(model: nn.Module) -> int:
-    """Number of conv -> BN pairs :func:`fuse_conv_bn` would fold (0 if ``model`` cannot be traced)."""
+    """Number of conv -> BN pairs [`fuse_conv_bn`][repvgg.nn.fusion.fuse_conv_bn] would fold (0 if ``model`` cannot be
+    traced)."""
     try:
         traced = _trace(model)
     except Exception:  # noqa: BLE001 - tracing fails in many model-specific ways

@@ -1,6 +1,7 @@
-"""The RepVGG network: an architecture description (:class:`RepVGGSpec`) and the one module that builds it.
+"""The RepVGG network: an architecture description ([`RepVGGSpec`][repvgg.nn.model.RepVGGSpec]) and the one module that
+builds it.
 
-Five stages of :class:`~repvgg.nn.block.RepVGGBlock` (the first stage is the single-layer stem); the
+Five stages of [`RepVGGBlock`][repvgg.nn.block.RepVGGBlock] (the first stage is the single-layer stem); the
 first layer of each stage has stride 2; widths ``min(64, 64a), 64a, 128a, 256a, 512b``; global average
 pooling and a linear head (Ding et al., RepVGG, CVPR 2021, Sec. 3.4, Table 2).
 """
@@ -39,7 +40,7 @@ class RepVGGSpec(DictMixin):
             every second layer after it is groupwise too (the paper's 3rd, 5th, 7th, ...).
         use_se: squeeze-and-excitation in every block (RepVGG-D2se).
         post_se: squeeze-and-excitation after every block's ReLU (RepVGGplus's "pse").
-        aux_heads: where training-only auxiliary classifiers sit, among :data:`AUX_POSITIONS` (RepVGGplus:
+        aux_heads: where training-only auxiliary classifiers sit, among `AUX_POSITIONS` (RepVGGplus:
             after stage 1, after stage 2, after the first half of stage 3); each is a stride-2 3x3
             conv-BN-ReLU, global pooling and a linear layer, and conversion removes them.
         base_widths: widths before scaling (the paper's 64, 64, 128, 256, 512).
@@ -48,7 +49,7 @@ class RepVGGSpec(DictMixin):
         dilated_layers: if set, only the last ``dilated_layers`` layers of the network use their
             stage's dilation (the paper's "fast" segmentation backbones); ``None`` = all of them.
         use_identity, use_1x1, identity_bn, post_bn: training-time branch switches of every
-            block (see :class:`~repvgg.nn.block.RepVGGBlock`); the fused network is the same for all.
+            block (see [`RepVGGBlock`][repvgg.nn.block.RepVGGBlock]); the fused network is the same for all.
         quant_friendly: QARepVGG's quantization-friendly block in every layer (the ``qarepvgg_*``
             models); it also fuses to the same plain network.
     """
@@ -135,7 +136,7 @@ class RepVGGSpec(DictMixin):
 
 
 class RepVGG(nn.Module):
-    """A RepVGG network built from a :class:`RepVGGSpec`.
+    """A RepVGG network built from a [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec].
 
     Attribute and state-dict names follow the official release: ``stage0`` (the stem, one block),
     ``stage1`` .. ``stage4`` (``nn.Sequential`` of blocks), ``gap`` and ``linear``.
@@ -250,8 +251,8 @@ class RepVGG(nn.Module):
         return not self.aux_positions and all(b.deploy for b in self.modules() if isinstance(b, RepVGGBlock))
 
     def reparameterize(self) -> None:
-        """Drop the training-only auxiliary heads (:func:`~repvgg.nn.convert.reparameterize_model` calls this and
-        fuses every block); the model then returns a tensor in every mode."""
+        """Drop the training-only auxiliary heads ([`reparameterize_model`][repvgg.nn.convert.reparameterize_model]
+        calls this and fuses every block); the model then returns a tensor in every mode."""
         for position in self.aux_positions:
             delattr(self, f"{position}_aux")
         self.aux_positions = []
@@ -419,7 +420,7 @@ class RepVGG(nn.Module):
 
     def forward(self, x: Tensor) -> Any:
         """The logits (``features_only``: the stage feature maps); in training, a model with auxiliary heads returns
-        :meth:`forward_with_aux`'s dict."""
+        [`forward_with_aux`][repvgg.nn.model.RepVGG.forward_with_aux]'s dict."""
         if self.features_only:
             return self.forward_stages(x)
         if not torch.jit.is_scripting():  # (TorchScript compiles the inference forward only)

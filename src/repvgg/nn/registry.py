@@ -1,6 +1,7 @@
-"""The model zoo: one table of named :class:`~repvgg.nn.model.RepVGGSpec` entries and ``build_model``.
+"""The model zoo: one table of named [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec] entries and ``build_model``.
 
-Building from a name knows nothing of files; :func:`repvgg.io.loading.create_model` adds weights on top.
+Building from a name knows nothing of files; [`repvgg.io.loading.create_model`][repvgg.io.loading.create_model] adds
+weights on top.
 """
 
 from __future__ import annotations
@@ -146,18 +147,20 @@ def build_model(
 ) -> RepVGG:
     """Build a RepVGG with fresh weights by registered name (or from a spec): the package's internal builder.
 
-    Users call :func:`repvgg.create_model`, which takes the same arguments and loads weights on top.
+    Users call [`repvgg.create_model`][repvgg.io.loading.create_model], which takes the same arguments and loads weights
+    on top.
 
     Args:
-        name: a registered name (see :func:`list_models`) or a :class:`RepVGGSpec`.
+        name: a registered name (see [`list_models`][repvgg.nn.registry.list_models]) or a
+            [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec].
         num_classes: classifier outputs.
         in_chans: input image channels.
         deploy: build the fused inference-time network (load ``-deploy`` files into this).
         features_only: no head; ``forward`` returns the stage feature maps in ``out_indices``.
         out_indices: which stages (0-4) ``features_only`` returns.
-        frozen_stages: stages kept frozen when fine-tuning a backbone (see :class:`~repvgg.nn.model.RepVGG`).
-        norm_eval: keep every BatchNorm in eval mode while training (see :class:`~repvgg.nn.model.RepVGG`).
-        **overrides: any :class:`RepVGGSpec` field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
+        frozen_stages: stages kept frozen when fine-tuning a backbone (see [`RepVGG`][repvgg.nn.model.RepVGG]).
+        norm_eval: keep every BatchNorm in eval mode while training (see [`RepVGG`][repvgg.nn.model.RepVGG]).
+        **overrides: any [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec] field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
             ``use_identity=False``, for a custom architecture in one call.
     """
     if isinstance(name, RepVGGSpec):

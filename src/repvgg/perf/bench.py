@@ -4,16 +4,17 @@ For each requested RepVGG variant the benchmark times three forms (Ding et al., 
 
 * ``train``: the training-time multi-branch network, in eval mode, run eagerly;
 * ``plain``: the converted network (one 3x3 conv + ReLU per layer), run eagerly;
-* ``fast``: the converted network through :func:`repvgg.perf.fast.optimize_for_inference`;
+* ``fast``: the converted network through
+  [`repvgg.perf.fast.optimize_for_inference`][repvgg.perf.fast.optimize_for_inference];
 
 next to torchvision's ResNets / VGG-16 with their conv-BN pairs fused (the paper's fair baselines),
 eagerly (``fused``) and through the same fast path, and timm's re-parameterized RepVGG of the same
 name run eagerly (``timm``, the peer implementation). All of them run in one process, in interleaved
-rounds after warm-up, and the median is reported (see :mod:`repvgg.perf.timing`).
+rounds after warm-up, and the median is reported (see `repvgg.perf.timing`).
 
 The FLOP rate puts each model's achieved GFLOP/s (2 x multiply-adds x images/s) next to that of one
 large 3x3 convolution run through the fast path in the same run: how close the model comes to the
-machine's practical limit. Peak memory of one forward pass comes from :mod:`repvgg.perf.memory`.
+machine's practical limit. Peak memory of one forward pass comes from `repvgg.perf.memory`.
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ class BenchResult:
     fast_paths: dict[str, dict[str, Any]] = field(default_factory=dict)
     targets: list[TargetCheck] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # precision -> why it was not measured
-    #: ``"model/precision"`` -> the accuracy guard of a reduced precision (:class:`~repvgg.quant.guard.GuardResult`
-    #: as a dict, plus ``data``), measured on a trained model of the same architecture by whoever has the data.
+    #: ``"model/precision"`` -> the accuracy guard of a reduced precision
+    #: ([`GuardResult`][repvgg.quant.guard.GuardResult] as a dict, plus ``data``), measured on a trained model of the
+    #: same architecture by whoever has the data.
     guards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -128,7 +130,7 @@ class BenchResult:
 
     def accepted(self, row: BenchRow) -> bool | None:
         """Whether a row's precision passed the accuracy guard: float32 always (the fast path checked it within
-        1e-4), a reduced precision only where :attr:`guards` says so (``None``: not checked)."""
+        1e-4), a reduced precision only where `guards` says so (``None``: not checked)."""
         if row.dtype == "float32":
             return True
         guard = self.guards.get(f"{row.model}/{row.dtype}/{row.backend}", self.guards.get(f"{row.model}/{row.dtype}"))

@@ -1,10 +1,10 @@
 """Every quantitative speed, FLOPs and parameter claim of the paper (as summarised in the seed), checked here.
 
-:data:`CLAIMS` holds each claim as data: what it compares, the paper's ratio (1080Ti, batch 128) and how it is
-judged. :func:`measure_models` builds every model the claims name (RepVGG converted, the baselines with their
+`CLAIMS` holds each claim as data: what it compares, the paper's ratio (1080Ti, batch 128) and how it is
+judged. `measure_models` builds every model the claims name (RepVGG converted, the baselines with their
 conv-BN pairs folded), counts parameters and multiply-adds, and times them in interleaved rounds through one
-runtime of the fast path; :func:`operator_density` times the operators behind "3x3 conv has about 4x the
-density"; :func:`judge` turns the measured ratios into a status. Nothing is written here; the script
+runtime of the fast path; `operator_density` times the operators behind "3x3 conv has about 4x the
+density"; `judge` turns the measured ratios into a status. Nothing is written here; the script
 ``benchmarks/paper_claims.py`` reports.
 
 A claim's status is computed from its measured ratio (subject / reference):
@@ -140,7 +140,7 @@ def _build(name: str) -> nn.Module:
 def measure_models(names: Sequence[str], *, device: str = "cpu", runtime: str = "channels_last", batch_size: int = 8,
                    warmup: int = 1, rounds: int = 3, img_size: int | None = None) -> dict[str, ModelMeasurement]:
     """Count and time ``names`` (registered RepVGGs or baselines), each at ``img_size`` or its own size
-    (:data:`MODEL_SIZES`, else 224) through ``runtime`` of the fast path (checked against the eager model), in
+    (`MODEL_SIZES`, else 224) through ``runtime`` of the fast path (checked against the eager model), in
     interleaved rounds, medians."""
     from repvgg.perf.fast import optimize_for_inference
 
@@ -177,7 +177,7 @@ def _operator(kernel: int, groups: int, channels: int) -> nn.Module:
 def operator_density(*, runtimes: Sequence[str] = ("eager", "channels_last", "onnxruntime"), channels: int = 128,
                      size: int = 56, batch_size: int = 8, device: str = "cpu", warmup: int = 2,
                      rounds: int = 5) -> list[dict[str, Any]]:
-    """GFLOP/s (2 x multiply-adds / s) of each of :data:`OPERATORS` on the same ``batch_size x channels x size x
+    """GFLOP/s (2 x multiply-adds / s) of each of `OPERATORS` on the same ``batch_size x channels x size x
     size`` feature map, on each runtime (one that cannot run an operator is left out, with a log line)."""
     from repvgg.perf.fast import optimize_for_inference
 

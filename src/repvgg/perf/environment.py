@@ -65,7 +65,7 @@ class CPUFeatures:
 
 @functools.lru_cache(maxsize=1)
 def cpu_features() -> CPUFeatures:
-    """This CPU's :class:`CPUFeatures`: from PyTorch's own CPU probe (``torch.cpu.get_capabilities``) where it
+    """This CPU's `CPUFeatures`: from PyTorch's own CPU probe (``torch.cpu.get_capabilities``) where it
     exists, else from the ``flags`` line of ``/proc/cpuinfo``; nothing is assumed."""
     probe = getattr(torch.cpu, "get_capabilities", None)
     if probe is not None:

@@ -1,11 +1,11 @@
 """The fastest way this package knows to run a model on a device, chosen by measuring and guarded by accuracy.
 
-:func:`optimize_for_inference` prepares the model (RepVGG blocks fused into 3x3 convs, conv-BN pairs
-folded, eval mode), builds every candidate runtime that is available in every precision it weighs, checks
-what each computes (:mod:`repvgg.quant.guard`), times the accepted ones in interleaved rounds and returns the
-fastest as a plain callable (float32 tensor in, float32 tensor out).
+[`optimize_for_inference`][repvgg.perf.fast.optimize_for_inference] prepares the model (RepVGG blocks fused into 3x3
+convs, conv-BN pairs folded, eval mode), builds every candidate runtime that is available in every precision it weighs,
+checks what each computes ([`repvgg.quant.guard`][repvgg.quant.guard]), times the accepted ones in interleaved rounds
+and returns the fastest as a plain callable (float32 tensor in, float32 tensor out).
 
-The candidates are the runtimes of :mod:`repvgg.perf.runtimes` (the :data:`CANDIDATES` table, one module per
+The candidates are the runtimes of `repvgg.perf.runtimes` (the `CANDIDATES` table, one module per
 runtime). By default the CPU tries eager, channels_last, torchscript, onnxruntime and openvino (compilation
 takes tens of seconds on a small CPU, so ``compile`` is tried only when asked for); CUDA tries eager,
 channels_last, cuda_graph and the two compiled forms.
@@ -77,10 +77,10 @@ class InferenceRunner:
     CPU tensors), whatever precision the runner computes in. Gradients are never recorded.
 
     Attributes:
-        backend: name of the chosen candidate (a runtime of :data:`CANDIDATES`).
+        backend: name of the chosen candidate (a runtime of `CANDIDATES`).
         device: where it computes.
         dtype: in which precision it computes (``torch.int8`` for the QDQ INT8 graph).
-        reports: one :class:`CandidateReport` per candidate and precision considered.
+        reports: one `CandidateReport` per candidate and precision considered.
         reason: one sentence on why this candidate was chosen.
         alternatives: the other accepted candidates, by ``(backend, precision)``, each taking and returning
             float32 tensors on the device (a benchmark times them side by side).
@@ -278,9 +278,9 @@ def optimize_for_inference(
             ``(images, labels)`` batches, at the example's height and width.
         validation: ``(images, labels)`` batches on which a reduced precision must keep its top-1 agreement
             with float32 at ``min_agreement`` and its top-1 accuracy within ``max_top1_drop`` points.
-        candidates: names from :data:`CANDIDATES` to consider (default :func:`default_candidates`).
+        candidates: names from `CANDIDATES` to consider (default `default_candidates`).
         measure: time the candidates and pick the fastest; ``False`` takes the first that works,
-            in :data:`CANDIDATES` order.
+            in `CANDIDATES` order.
         rtol: accepted relative L2 deviation from the eager model on the example (default 1e-4 for float32).
         min_agreement: see ``validation``.
         max_top1_drop: see ``validation``.

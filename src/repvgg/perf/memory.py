@@ -4,7 +4,7 @@ The paper's memory argument (Ding et al., RepVGG, CVPR 2021, Sec. 3.1): a multi-
 input alive until every branch has read it and holds each branch's output until the sum, so its peak
 is higher than that of a single conv that can drop its input as soon as it has run. On the GPU the
 caching allocator reports this peak directly. The CPU allocator keeps no such statistics, so
-:class:`LiveTensorTracker` intercepts every operator (a ``TorchDispatchMode``), adds the bytes of each
+`LiveTensorTracker` intercepts every operator (a ``TorchDispatchMode``), adds the bytes of each
 newly allocated storage and subtracts them when the storage is freed (a weak reference's callback),
 keeping the maximum. Parameters, buffers and the input are not counted: the figure is the working
 memory of the forward pass.
@@ -31,7 +31,7 @@ class LiveTensorTracker(TorchDispatchMode):
     """Count the bytes of tensor storages created while the mode is active and still alive.
 
     ``current`` is the number of bytes alive now, ``peak`` the maximum it reached, ``allocations``
-    the number of new storages seen. Storages that existed before (pass them to :meth:`ignore`,
+    the number of new storages seen. Storages that existed before (pass them to `ignore`,
     e.g. weights and the input) and storages an operator merely returns again (in-place ops, views)
     are not counted twice.
     """
@@ -85,7 +85,7 @@ def peak_forward_memory(model: Callable[[Tensor], Any], x: Tensor) -> int:
 
     On CUDA: the caching allocator's peak above what was allocated before the call (weights and the
     input excluded). On the CPU: the peak of live tensor bytes created during the call, counted by
-    :class:`LiveTensorTracker` (operators outside PyTorch, e.g. ONNX Runtime, are invisible to it).
+    `LiveTensorTracker` (operators outside PyTorch, e.g. ONNX Runtime, are invisible to it).
     """
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)

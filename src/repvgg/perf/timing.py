@@ -6,7 +6,7 @@ every candidate is timed once per round, in the same order, round after round (A
 the median over rounds is reported.
 
 CUDA work is asynchronous: a host clock read right after a launch measures the launch, not the work.
-:func:`cuda_timer` records CUDA events on the current stream around the call and waits for the end
+`cuda_timer` records CUDA events on the current stream around the call and waits for the end
 event before reading the elapsed time.
 """
 
@@ -128,7 +128,7 @@ def time_interleaved(
         fns: name -> zero-argument callable doing one unit of work (e.g. one batch).
         warmup: untimed calls per callable before the first round (>= 0).
         rounds: timed calls per callable (>= 1).
-        timer: how one call is timed (:func:`cpu_timer`, :func:`cuda_timer`, or a fake in tests).
+        timer: how one call is timed (`cpu_timer`, `cuda_timer`, or a fake in tests).
         order: the order within a round; must be a permutation of ``fns``' names.
         pause_s: idle seconds before each timed call (not timed). Runtimes with their own thread
             pools (ONNX Runtime, OpenVINO, OpenMP) spin for a while after a call; on a small CPU

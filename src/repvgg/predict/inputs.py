@@ -87,7 +87,7 @@ class ImageFiles(Dataset):
 
 def collate_images(items: list[tuple[Tensor | None, int, str]]) -> tuple[Tensor | None, list[int],
                                                                          list[tuple[int, str]]]:
-    """A batch of :class:`ImageFiles` items: ``(the readable images stacked, their indices, (index, error) of the
+    """A batch of `ImageFiles` items: ``(the readable images stacked, their indices, (index, error) of the
     others)``."""
     good = [(image, index) for image, index, _ in items if image is not None]
     bad = [(index, error) for image, index, error in items if image is None]

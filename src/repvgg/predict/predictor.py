@@ -3,9 +3,9 @@ preprocessing, the fastest runtime that reproduces it.
 
 ``Predictor(artifact)`` opens a run folder (its ``deploy.safetensors``), a checkpoint (``best.pt``, ``last.pt``,
 official, timm or mmpretrain files, ``hf-hub:`` references), a deploy safetensors file, or an ONNX file (FP32,
-FP16 or INT8). A model file runs through :func:`~repvgg.perf.fast.optimize_for_inference` (every runtime it
-weighs, each checked against the model); an ONNX file through ONNX Runtime, or OpenVINO when asked. Images are
-prepared as the artifact records (:mod:`repvgg.io.card`), so the CLI, the Python API, ``eval`` and the artifacts
+FP16 or INT8). A model file runs through [`optimize_for_inference`][repvgg.perf.fast.optimize_for_inference] (every
+runtime it weighs, each checked against the model); an ONNX file through ONNX Runtime, or OpenVINO when asked. Images
+are prepared as the artifact records (`repvgg.io.card`), so the CLI, the Python API, ``eval`` and the artifacts
 of one run all see the same pixels.
 """
 
@@ -85,20 +85,24 @@ class Predictor:
 
     Args:
         artifact: a run folder, a weights file or ``hf-hub:`` reference, or an ONNX file (told apart by content).
-        runtime: ``"auto"`` or one of :data:`RUNTIMES` (an ONNX file: ``onnxruntime`` or ``openvino``).
-        dtype: a model file's precision, one of :data:`DTYPES`; ``int8`` is calibrated on ``calibration`` (image
-            paths or prepared batches; unreadable images are left out) and held to the accuracy guard
-            (:mod:`repvgg.quant.guard`) against the float32 model's own predictions on ``calibration`` images it
-            was not calibrated on: below ``min_agreement`` it is refused
-            (:class:`~repvgg.quant.guard.PrecisionRejected`).
+        runtime: ``"auto"`` or one of [`RUNTIMES`][repvgg.predict.RUNTIMES] (an ONNX file: ``onnxruntime`` or
+            ``openvino``).
+        dtype: a model file's precision, one of [`DTYPES`][repvgg.predict.DTYPES]; ``int8`` is calibrated on
+            ``calibration`` (image paths or prepared batches; unreadable images are left out) and held to the accuracy
+            guard ([`repvgg.quant.guard`][repvgg.quant.guard]) against the float32 model's own predictions on
+            ``calibration`` images it was not calibrated on: below ``min_agreement`` it is refused
+            ([`PrecisionRejected`][repvgg.quant.guard.PrecisionRejected]).
         device: ``"cpu"`` or ``"cuda[:N]"`` (model files; an ONNX file runs on the CPU).
         batch_size: images per forward pass (and the batch the runtimes are weighed at), bounded by this machine's
-            memory (:func:`~repvgg.limits.check_batch_memory`).
+            memory ([`check_batch_memory`][repvgg.limits.check_batch_memory]).
         workers: DataLoader processes decoding images (0: in this process).
         classes: class names in place of the artifact's: a list, or a text file with one name a line.
         measure: time the runtimes and take the fastest (``False``: PyTorch eager for ``runtime="auto"`` in float32,
             else the first runtime that reproduces the model; what the CLI does for two batches or fewer).
-        min_agreement, max_top1_drop: the accuracy guard of ``dtype="int8"``.
+        min_agreement: the accuracy guard of ``dtype="int8"``: the least share of images (0 to 1) on which
+            its top-1 must agree with the float32 model's.
+        max_top1_drop: the accuracy guard of ``dtype="int8"``: the most top-1 points it may lose, the float32
+            model's predictions taken as the labels.
     """
 
     def __init__(self, artifact: str | os.PathLike[str], *, runtime: str = "auto", dtype: str = "float32",
@@ -143,7 +147,7 @@ class Predictor:
         return self.card.preprocessing
 
     def _calibration_images(self, calibration: Any, preprocessing: Preprocessing) -> Tensor:
-        """Up to :data:`CALIBRATION_IMAGES` x 2 prepared images from ``calibration``: image paths decoded as the
+        """Up to `CALIBRATION_IMAGES` x 2 prepared images from ``calibration``: image paths decoded as the
         inputs are (unreadable ones left out, with a warning; ``--bad-images`` then decides about them when they
         are predicted), or batches of prepared images."""
         wanted = 2 * CALIBRATION_IMAGES
@@ -167,18 +171,20 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, batch: Tensor) -> Tensor:
-        """The model's float32 logits for a batch already prepared (:attr:`transform`)."""
+        """The model's float32 logits for a batch already prepared (`transform`)."""
         return self._run(batch.float())
 
     def predict(self, inputs: Any, *, topk: int = 5, bad_images: str = "fail") -> list[Prediction]:
         """Top-``topk`` predictions of ``inputs``: image paths, folders and glob patterns (as the CLI expands
         them), PIL images, uint8 ``(3, H, W)`` image tensors (prepared like files), or float tensors already
-        prepared (``(3, H, W)`` or a ``(N, 3, H, W)`` batch), in any mix. See :meth:`iter_predict`."""
+        prepared (``(3, H, W)`` or a ``(N, 3, H, W)`` batch), in any mix. See
+        [`iter_predict`][repvgg.predict.predictor.Predictor.iter_predict]."""
         return list(self.iter_predict(inputs, topk=topk, bad_images=bad_images))
 
     def iter_predict(self, inputs: Any, *, topk: int = 5, bad_images: str = "fail",
                      on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:
-        """:meth:`predict`, one prediction at a time in input order; ``on_batch(n)`` after each batch of ``n``.
+        """[`predict`][repvgg.predict.predictor.Predictor.predict], one prediction at a time in input order;
+        ``on_batch(n)`` after each batch of ``n``.
 
         Raises:
             ValueError: an unreadable image with ``bad_images="fail"`` (the file named; with ``"skip"`` it gives a
@@ -297,7 +303,7 @@ def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch
 
 def _int8_evidence(plain: torch.nn.Module, images: Tensor) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
     """Calibration batches and the guard's validation batches from prepared ``images``, labelled with the float32
-    model's own predictions (what INT8 must agree with): the first :data:`CALIBRATION_IMAGES` calibrate and the
+    model's own predictions (what INT8 must agree with): the first `CALIBRATION_IMAGES` calibrate and the
     rest judge; with no more than that, every image does both, and the log says so."""
     calibrate, rest = images[:CALIBRATION_IMAGES], images[CALIBRATION_IMAGES:]
     judge = rest if len(rest) else calibrate

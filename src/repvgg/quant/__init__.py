@@ -1,2 +1,2 @@
-"""INT8: post-training quantization (:mod:`~repvgg.quant.ptq`), quantization-aware training
-(:mod:`~repvgg.quant.qat`) and the QDQ format both write (:mod:`~repvgg.quant.qdq`)."""
+"""INT8: post-training quantization (`ptq`), quantization-aware training
+(`qat`) and the QDQ format both write (`qdq`)."""

@@ -15,7 +15,7 @@ CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "
 
 @dataclass(frozen=True)
 class QuantizeConfig(RunConfig):
-    """Options of :func:`repvgg.quant.ptq.quantize_model` (``repvgg quantize``)."""
+    """Options of [`repvgg.quant.ptq.quantize_model`][repvgg.quant.ptq.quantize_model] (``repvgg quantize``)."""
 
     data: str | None = option(None, "ImageFolder root the model was trained on", default_help="the embedded digits")
     img_size: int | None = option(None, "input resolution",

@@ -9,7 +9,8 @@ is never chosen automatically.
 
 The same rule guards ``optimize_for_inference`` (a candidate below it is not chosen), ``repvgg quantize`` (an INT8
 file below it is not written: exit 1) and ``repvgg predict --dtype int8`` (judged against the float32 model's own
-predictions on the inputs): :func:`validation_guard` measures, :func:`require_passing` refuses with the remedies.
+predictions on the inputs): [`validation_guard`][repvgg.quant.guard.validation_guard] measures,
+[`require_passing`][repvgg.quant.guard.require_passing] refuses with the remedies.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def _labelled(validation: Iterable[Any]) -> Iterable[tuple[Tensor, Tensor]]:
 def validation_guard(reference: nn.Module, runners: Mapping[str, Any], validation: Iterable[Any],
                      guard: Guard, *, device: torch.device) -> dict[str, GuardResult]:
     """Judge each of ``runners`` against the float32 ``reference`` on the ``(images, labels)`` batches of
-    ``validation``, in one pass (:func:`~repvgg.training.evaluate.compare_models`).
+    ``validation``, in one pass ([`compare_models`][repvgg.training.evaluate.compare_models]).
 
     Raises:
         ValueError: a batch without labels, labels that are not class indices of the model, or no images.
@@ -141,7 +142,8 @@ def validation_guard(reference: nn.Module, runners: Mapping[str, Any], validatio
 
 def require_passing(results: Mapping[str, GuardResult], guard: Guard, what: str,
                     consequence: str = "Nothing was written.") -> None:
-    """Refuse when no result passed the guard: a :class:`PrecisionRejected` naming each result and the remedies.
+    """Refuse when no result passed the guard: a [`PrecisionRejected`][repvgg.quant.guard.PrecisionRejected] naming each
+    result and the remedies.
 
     Raises:
         PrecisionRejected: none of ``results`` passed (``what`` says what was judged, e.g. "the INT8 file").

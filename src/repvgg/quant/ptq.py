@@ -4,10 +4,11 @@
 on a validation batch), exported to ONNX (checked against PyTorch), and quantized statically with ONNX
 Runtime's tools: QDQ format, per-channel symmetric INT8 weights, asymmetric UINT8 activations whose
 ranges come from ``calib_images`` training images (validation preprocessing), the calibration the fast path's INT8
-runtimes use too (:func:`~repvgg.quant.qdq.quantize_onnx`). The INT8 file is judged against float32 on the whole
+runtimes use too (`quantize_onnx`). The INT8 file is judged against float32 on the whole
 validation set on every runtime that is timed, by the accuracy guard of ``optimize_for_inference``
-(:mod:`repvgg.quant.guard`): below it on every runtime, nothing is written and the run fails (exit 1) naming the
-remedies. FP32 and INT8 are timed against each other, and the runtime to use is the fastest that holds the guard.
+([`repvgg.quant.guard`][repvgg.quant.guard]): below it on every runtime, nothing is written and the run fails (exit 1)
+naming the remedies. FP32 and INT8 are timed against each other, and the runtime to use is the fastest that holds the
+guard.
 
 Why it matters for RepVGG: the fused kernel sums three differently scaled branches, so weight and
 activation ranges are wide and plain INT8 loses accuracy (QARepVGG, Chu et al., AAAI 2024); the
@@ -123,14 +124,14 @@ def quantize_model(
     """Convert (if needed), check, export and INT8-quantize a classifier; measure FP32 vs INT8.
 
     With ``qat_epochs`` the INT8 model comes from quantization-aware training instead
-    (:mod:`repvgg.quant.qat`): a QAT run in the folder ``<output stem>-qat`` beside ``output``
+    (`repvgg.quant.qat`): a QAT run in the folder ``<output stem>-qat`` beside ``output``
     fine-tunes the converted model, and its QDQ export is measured here like the post-training one.
 
     Args:
-        weights: a weights file (any format :func:`repvgg.load_model` reads, a run's ``best.pt``
-            included) or a model.
+        weights: a weights file (any format [`repvgg.load_model`][repvgg.io.loading.load_model] reads, a run's
+            ``best.pt`` included) or a model.
         output: the INT8 ``.onnx`` file to write.
-        config: the options (:class:`~repvgg.quant.config.QuantizeConfig`): ``data`` (an ImageFolder root;
+        config: the options ([`QuantizeConfig`][repvgg.quant.config.QuantizeConfig]): ``data`` (an ImageFolder root;
             ``None`` is the embedded digits), ``img_size`` (default: the size the weights file records),
             ``calib_images`` (training images, validation
             preprocessing, that set the activation ranges), ``calibration`` (``minmax``, ``entropy`` or

@@ -1,6 +1,6 @@
 """Quantization-aware training: fine-tune the converted (plain) network with fake quantization, export INT8.
 
-A task of the training engine (:func:`repvgg.training.engine.fit`), so a QAT run is resumable,
+A task of the training engine ([`repvgg.training.engine.fit`][repvgg.training.engine.fit]), so a QAT run is resumable,
 ``torchrun``-ready and checked like any other. The trained model (``--weights``) is converted to its plain
 form (checked on a validation batch), prepared with PyTorch's FX graph-mode QAT (``prepare_qat_fx``;
 the eager API is deprecated) using fake quantizers that match ONNX Runtime's QDQ INT8: per-channel

@@ -3,11 +3,11 @@
 An INT8 model here is an ONNX graph in which each quantized tensor passes through a QuantizeLinear /
 DequantizeLinear pair (QDQ): per-channel symmetric INT8 weights, per-tensor asymmetric UINT8 activations.
 ONNX Runtime fuses the pairs around a convolution into an INT8 convolution; TensorRT and OpenVINO read the
-same file. Post-training quantization (:mod:`repvgg.quant.ptq`) writes it with ONNX Runtime's static
-quantizer calibrated on images (:func:`quantize_onnx`); quantization-aware training (:mod:`repvgg.quant.qat`)
-trains with fake quantizers of the same scheme (:func:`qat_qconfig_mapping`) and exports them as QDQ pairs
-(:func:`export_fake_quant_onnx`). Both are inspected (:func:`quantized_conv_count`) and scored
-(:func:`evaluate_onnx`) the same way.
+same file. Post-training quantization (`repvgg.quant.ptq`) writes it with ONNX Runtime's static
+quantizer calibrated on images (`quantize_onnx`); quantization-aware training (`repvgg.quant.qat`)
+trains with fake quantizers of the same scheme (`qat_qconfig_mapping`) and exports them as QDQ pairs
+(`export_fake_quant_onnx`). Both are inspected (`quantized_conv_count`) and scored
+(`evaluate_onnx`) the same way.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def calibration_subset(dataset: Dataset, count: int, *, seed: int = 0) -> Datase
 def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Calibration, *, method: str = "minmax",
                   batch_size: int = 32) -> None:
     """Static INT8 quantization of an ONNX file (QDQ, per-channel INT8 weights, UINT8 activations) whose
-    activation ranges come from ``calibration`` (:data:`Calibration`)."""
+    activation ranges come from ``calibration`` (`Calibration`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in CALIBRATION_METHODS:
@@ -138,7 +138,7 @@ def qat_qconfig_mapping() -> Any:
 def export_fake_quant_onnx(model: nn.Module, example: torch.Tensor, path: Path, *,
                            metadata: Mapping[str, str] | None = None) -> Path:
     """The fake-quantized network as a QDQ ONNX file (dynamic batch, height and width), observers frozen, with
-    ``metadata`` (e.g. a :class:`~repvgg.io.card.ModelCard`'s) in its ``metadata_props``."""
+    ``metadata`` (e.g. a [`ModelCard`][repvgg.io.card.ModelCard]'s) in its ``metadata_props``."""
     model = copy.deepcopy(model).cpu().eval()
     model.apply(torch.ao.quantization.disable_observer)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), \
@@ -171,7 +171,7 @@ def quantized_conv_count(path: str | os.PathLike[str]) -> tuple[int, int]:
 
 def evaluate_onnx(paths: list[Path], dataset: Dataset, *, batch_size: int = 64) -> dict[str, Any]:
     """Top-1 of each ONNX file on ``dataset`` and how often each predicts what the first does
-    (:func:`~repvgg.training.evaluate.compare_models` over ONNX Runtime sessions).
+    ([`compare_models`][repvgg.training.evaluate.compare_models] over ONNX Runtime sessions).
 
     Raises:
         ValueError: the dataset is empty.

@@ -10,7 +10,7 @@ the first layers of the last two stages get stride 1 and their 3x3 convs dilatio
 equal to the dilation; the 1x1 branch keeps stride 1 and padding 0, so it stays aligned with the
 centre tap and still folds into the dilated 3x3 kernel. The "fast" variant dilates only the last 5
 layers of the network (the last 4 of paper stage 4 and the single layer of paper stage 5). All of
-this is expressed through :class:`~repvgg.nn.model.RepVGGSpec` fields (``strides``, ``dilations``,
+this is expressed through [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec] fields (``strides``, ``dilations``,
 ``dilated_layers``), never by editing conv attributes after construction.
 """
 
@@ -69,7 +69,7 @@ def create_repvgg_backbone(
     """A registered RepVGG as a dilated feature extractor returning ``[stage 3, stage 4]`` maps.
 
     Args:
-        name: any registered RepVGG name (see :func:`repvgg.list_models`).
+        name: any registered RepVGG name (see [`repvgg.list_models`][repvgg.nn.registry.list_models]).
         output_stride: 8 (the paper), 16 or 32.
         dilated_layers: only the last ``dilated_layers`` layers use their stage's dilation
             (5 = the paper's "fast" backbones); ``None`` dilates every layer of the dilated stages.
@@ -100,7 +100,7 @@ class ResNetBackbone(nn.Module):
     ImageNet state dict (without ``fc.*``) loads into it. Randomly initialised unless ``weights``
     names a local file; nothing is downloaded.
 
-    :meth:`reparameterize` folds every conv-BN pair into one biased conv, as the RepVGG paper does
+    `reparameterize` folds every conv-BN pair into one biased conv, as the RepVGG paper does
     for its baselines when timing them; ``deploy=True`` builds that fused form directly.
     """
 

@@ -153,11 +153,11 @@ def load_label(
 
 
 class SegmentationFolder(Dataset):
-    """Images and class-id label PNGs of one split of a folder laid out as :data:`EXPECTED_LAYOUT`.
+    """Images and class-id label PNGs of one split of a folder laid out as `EXPECTED_LAYOUT`.
 
     Items are ``(image, label)``: ``image`` a float tensor ``(3, H, W)`` normalised with the ImageNet
     mean and std, ``label`` a long tensor ``(H, W)``. Labels are checked when loaded
-    (:func:`load_label`); :meth:`verify` checks every file up front.
+    (`load_label`); `verify` checks every file up front.
     """
 
     def __init__(
@@ -186,7 +186,7 @@ class SegmentationFolder(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> tuple[Tensor, np.ndarray]:
-        """The image (uint8 ``(3, H, W)``) and checked label (:func:`load_label`), untransformed."""
+        """The image (uint8 ``(3, H, W)``) and checked label (`load_label`), untransformed."""
         image_path, label_path = self.samples[index]
         image = torch.from_numpy(np.array(load_rgb(image_path))).permute(2, 0, 1)
         height, width = image.shape[-2:]
@@ -232,8 +232,8 @@ def build_segmentation_data(
     """The datasets for a segmentation run: the synthetic shapes (``None`` or ``"synthetic"``) or a folder.
 
     Args:
-        data: ``None``/``"synthetic"`` for :class:`~repvgg.segmentation.synthetic.SyntheticShapes`, else
-            a folder laid out as :data:`EXPECTED_LAYOUT`.
+        data: ``None``/``"synthetic"`` for `SyntheticShapes`, else
+            a folder laid out as `EXPECTED_LAYOUT`.
         num_classes: folder data: the number of classes (or put a ``classes.txt`` in the folder).
         crop_size: training crop (default: the synthetic image size, 512 for folders).
         scale_range: random scaling before the crop (default (0.75, 1.5) synthetic, (0.5, 2.0) folders).

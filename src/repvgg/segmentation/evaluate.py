@@ -1,6 +1,6 @@
 """Judging a trained segmenter: its scores next to its converted copy's, speed against a ResNet PSPNet, tables.
 
-Speed follows the protocol of :func:`repvgg.training.evaluate.measure_throughput` (eval mode, interleaved
+Speed follows the protocol of `repvgg.training.evaluate.measure_throughput` (eval mode, interleaved
 rounds after warm-up, median) on one batch at the validation input size. The ResNet baseline is a
 PSPNet with the same head widths, randomly initialised (speed does not depend on the weights),
 with every conv-BN pair fused, as the RepVGG paper does for its baselines.

@@ -94,7 +94,7 @@ def _nanmean(values: Tensor) -> float:
 
 
 class ConfusionMatrix:
-    """Accumulates a confusion matrix over batches; :meth:`compute` turns it into metrics."""
+    """Accumulates a confusion matrix over batches; `compute` turns it into metrics."""
 
     def __init__(self, num_classes: int, *, ignore_index: int = IGNORE_INDEX) -> None:
         self.num_classes = num_classes
@@ -124,7 +124,7 @@ class SegmenterComparison:
 
     ``loss`` is the main-head cross-entropy per labelled pixel; ``max_abs_diff`` and ``agreement``
     (fraction of all pixels whose predicted class equals the first model's) and ``relative_error``
-    (:class:`~repvgg.nn.convert.OutputDeviation`, NaN if any output was not finite) have one entry per
+    ([`OutputDeviation`][repvgg.nn.convert.OutputDeviation], NaN if any output was not finite) have one entry per
     model after the first.
     """
 
@@ -147,7 +147,7 @@ def compare_segmenters(
     ignore_index: int = IGNORE_INDEX,
 ) -> SegmenterComparison:
     """Score every model (eval mode, restored afterwards) on every batch; compare the others' logits with the first's
-    (:func:`~repvgg.training.evaluate.compare_models`).
+    ([`compare_models`][repvgg.training.evaluate.compare_models]).
 
     Used to check that a converted segmenter computes what the training-time one does. In a
     distributed run each process passes its own shard; counts are summed and the largest

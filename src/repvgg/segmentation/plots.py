@@ -41,7 +41,7 @@ def class_colours(num_classes: int) -> np.ndarray:
 
 
 def colorize(label: Tensor | np.ndarray, num_classes: int, *, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """Class ids ``(H, W)`` to an RGB uint8 image ``(H, W, 3)``; ``ignore_index`` becomes :data:`IGNORE_COLOUR`."""
+    """Class ids ``(H, W)`` to an RGB uint8 image ``(H, W, 3)``; ``ignore_index`` becomes `IGNORE_COLOUR`."""
     ids = label.cpu().numpy() if isinstance(label, Tensor) else np.asarray(label)
     ids = ids.astype(np.int64)
     palette = class_colours(num_classes)

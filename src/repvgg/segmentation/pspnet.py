@@ -6,8 +6,8 @@ concatenated with the features), a 3x3 conv classifier, an auxiliary classifier 
 stage weighted 0.4 in the loss while training, and bilinear upsampling to the input size. The RepVGG
 paper (Sec. 4.3) swaps in RepVGG backbones, optionally "fast" ones that dilate only the last 5 layers.
 
-:meth:`PSPNet.reparameterize` drops the auxiliary head and fuses the backbone, so
-``repvgg.reparameterize_model(segmenter)`` converts the whole segmenter.
+[`PSPNet.reparameterize`][repvgg.segmentation.pspnet.PSPNet.reparameterize] drops the auxiliary head and fuses the
+backbone, so ``repvgg.reparameterize_model(segmenter)`` converts the whole segmenter.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ class SegmenterConfig(DictMixin):
 
 
 def list_backbones() -> list[str]:
-    """Every backbone name :func:`create_segmenter` accepts: the registered RepVGGs and the ResNets."""
+    """Every backbone name [`create_segmenter`][repvgg.segmentation.pspnet.create_segmenter] accepts: the registered
+    RepVGGs and the ResNets."""
     return sorted([*list_models(), *RESNET_DEPTHS])
 
 
@@ -172,13 +173,15 @@ class PSPNet(nn.Module):
     """PSPNet around any backbone whose forward returns ``[aux_features, features]``.
 
     ``forward(x)`` returns logits of shape ``(N, num_classes, H, W)`` (the input's size). In training
-    mode, when the model has an auxiliary head, it returns a :class:`SegmentationOutput` with the
-    auxiliary logits too (as torchvision's GoogLeNet does); :func:`segmentation_loss` takes either.
+    mode, when the model has an auxiliary head, it returns a
+    [`SegmentationOutput`][repvgg.segmentation.pspnet.SegmentationOutput] with the auxiliary logits too (as
+    torchvision's GoogLeNet does); [`segmentation_loss`][repvgg.segmentation.pspnet.segmentation_loss] takes either.
 
     Args:
-        backbone: the feature extractor (see :mod:`repvgg.segmentation.backbones`).
+        backbone: the feature extractor (see `repvgg.segmentation.backbones`).
         feature_channels: channels of ``(aux_features, features)``.
-        config: the :class:`SegmenterConfig` it was built from (kept for checkpoints).
+        config: the [`SegmenterConfig`][repvgg.segmentation.pspnet.SegmenterConfig] it was built from (kept for
+            checkpoints).
         deploy: build without the auxiliary head (the converted form).
     """
 
@@ -277,16 +280,16 @@ def create_segmenter(
     """Build a PSPNet segmenter by backbone name.
 
     Args:
-        backbone: any registered RepVGG name (see :func:`list_backbones`), or ``"resnet50"`` /
-            ``"resnet101"`` (torchvision, dilated like PSPNet, random init unless weights are given).
+        backbone: any registered RepVGG name (see [`list_backbones`][repvgg.segmentation.pspnet.list_backbones]), or
+            ``"resnet50"`` / ``"resnet101"`` (torchvision, dilated like PSPNet, random init unless weights are given).
         num_classes: output classes.
         fast: the paper's "fast" RepVGG backbone: dilate only the last 5 layers
             (shorthand for ``dilated_layers=5``).
         dilated_layers: dilate only the last N layers of a RepVGG backbone.
         deploy: build the converted form (fused backbone, no auxiliary head).
         backbone_weights: ImageNet weights file for the backbone.
-        **options: other :class:`SegmenterConfig` fields (``output_stride``, ``bins``,
-            ``head_channels``, ``aux_channels``, ``dropout``, ``in_chans``).
+        **options: other [`SegmenterConfig`][repvgg.segmentation.pspnet.SegmenterConfig] fields (``output_stride``,
+            ``bins``, ``head_channels``, ``aux_channels``, ``dropout``, ``in_chans``).
 
     Example::
 
@@ -323,9 +326,9 @@ def segmentation_loss(
     """Per-pixel cross-entropy over the labelled pixels, plus ``aux_weight`` times the auxiliary loss.
 
     ``output`` is what the segmenter returned (logits ``(N, C, H, W)`` or a
-    :class:`SegmentationOutput`); ``target`` holds class ids ``(N, H, W)``, ``ignore_index`` where
-    unlabelled. Pixels labelled ``ignore_index`` contribute nothing; a batch with no labelled pixel
-    gives a zero loss (still connected to the graph) rather than NaN.
+    [`SegmentationOutput`][repvgg.segmentation.pspnet.SegmentationOutput]); ``target`` holds class ids ``(N, H, W)``,
+    ``ignore_index`` where unlabelled. Pixels labelled ``ignore_index`` contribute nothing; a batch with no labelled
+    pixel gives a zero loss (still connected to the graph) rather than NaN.
     """
     logits = main_logits(output)
     if target.shape != logits.shape[:1] + logits.shape[2:]:

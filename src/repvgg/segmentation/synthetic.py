@@ -143,7 +143,7 @@ class SyntheticShapes(Dataset):
     ``image`` is a float tensor ``(3, H, W)`` normalised with the ImageNet mean and std, ``label``
     a long tensor ``(H, W)``. Scenes are generated on access (a fraction of a millisecond each),
     stored as uint8 like a decoded file, and are identical for the same ``config``; ``transform``
-    (e.g. :func:`~repvgg.segmentation.transforms.train_transform`) augments them jointly on uint8
+    (e.g. `train_transform`) augments them jointly on uint8
     before the normalisation.
     """
 

@@ -1,8 +1,8 @@
 """The segmentation job as a task of the training engine: a PSPNet on a multi-branch RepVGG, converted,
 and shown to segment the same.
 
-``train_segmenter(config)`` runs it through :func:`repvgg.training.engine.fit` (so a run is resumable and
-``torchrun``-ready like ``repvgg train``): data -> segmenter -> SGD with the poly learning rate and the
+``train_segmenter(config)`` runs it through [`repvgg.training.engine.fit`][repvgg.training.engine.fit] (so a run is
+resumable and ``torchrun``-ready like ``repvgg train``): data -> segmenter -> SGD with the poly learning rate and the
 auxiliary loss -> per-epoch validation and checkpoints -> the training-time segmenter and its converted
 copy scored on the same pixels and timed next to a ResNet PSPNet -> files in the run folder.
 """

@@ -1,10 +1,10 @@
 """Joint image/label transforms for segmentation, built on ``torchvision.transforms.v2``.
 
-Datasets hand over the image as a uint8 :class:`~torchvision.tv_tensors.Image` ``(3, H, W)`` and the
-class ids as a :class:`~torchvision.tv_tensors.Mask` ``(H, W)``. Geometry (random scale, pad, crop,
+Datasets hand over the image as a uint8 `Image` ``(3, H, W)`` and the
+class ids as a `Mask` ``(H, W)``. Geometry (random scale, pad, crop,
 flip, resize) runs jointly on those uint8 tensors: v2 resamples images bilinearly and masks by nearest
 neighbour (class ids must not be blended). Conversion to float and normalisation come last
-(:func:`to_model_input`), on the crop only, so the costly float work is done on the pixels the model
+(`to_model_input`), on the crop only, so the costly float work is done on the pixels the model
 sees. Padding is the ImageNet mean colour for images (close to 0 after normalisation) and the ignore
 index for labels, so padded pixels count in neither loss nor metrics. Randomness comes from the
 global torch RNG, so a seeded training loop (and DataLoader worker seeding) makes augmentation
@@ -35,7 +35,7 @@ __all__ = [
     "train_transform",
 ]
 
-#: A callable taking and returning ``(image, mask)``; :class:`torchvision.transforms.v2.Compose` is one.
+#: A callable taking and returning ``(image, mask)``; `torchvision.transforms.v2.Compose` is one.
 JointTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[Tensor, Tensor]]
 
 MEAN_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
@@ -127,7 +127,7 @@ def to_model_input(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 def apply_joint(transform: JointTransform | None, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Wrap a uint8 ``(3, H, W)`` image and ``(H, W)`` mask, apply ``transform`` jointly, then
-    :func:`to_model_input`."""
+    `to_model_input`."""
     image, mask = tv_tensors.Image(image), tv_tensors.Mask(mask)
     if transform is not None:
         image, mask = transform(image, mask)

@@ -1,10 +1,11 @@
 """Segmenter files: safetensors with the architecture in the metadata, and reading seg-train checkpoints.
 
-A file written by :func:`save_segmenter` rebuilds the segmenter from the file alone: its metadata
-holds ``format`` (``"repvgg-segmenter"``), ``arch``, ``deploy``, the :class:`SegmenterConfig` as
-JSON, the class names and a description of the data it was trained on (so ``repvgg seg-eval`` can
-rebuild the validation set). :func:`load_segmenter` reads those files and ``seg-train``'s
-``best.pt`` / ``last.pt``.
+A file written by [`save_segmenter`][repvgg.segmentation.weights.save_segmenter] rebuilds the segmenter from the file
+alone: its metadata holds ``format`` (``"repvgg-segmenter"``), ``arch``, ``deploy``, the
+[`SegmenterConfig`][repvgg.segmentation.pspnet.SegmenterConfig] as JSON, the class names and a description of the data
+it was trained on (so ``repvgg seg-eval`` can rebuild the validation set).
+[`load_segmenter`][repvgg.segmentation.weights.load_segmenter] reads those files and ``seg-train``'s ``best.pt`` /
+``last.pt``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def save_segmenter(
     """Write ``model``'s weights as safetensors, atomically, with the metadata to rebuild it.
 
     Args:
-        model: a training-time or converted :class:`PSPNet`.
+        model: a training-time or converted [`PSPNet`][repvgg.segmentation.pspnet.PSPNet].
         classes: class names, index = class id.
         data: a JSON-serialisable description of the training data (see ``repvgg seg-eval``).
     """
@@ -75,7 +76,8 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def load_segmenter(path: str | os.PathLike[str]) -> tuple[PSPNet, dict[str, Any]]:
-    """Rebuild a segmenter from a :func:`save_segmenter` file or a ``seg-train`` checkpoint.
+    """Rebuild a segmenter from a [`save_segmenter`][repvgg.segmentation.weights.save_segmenter] file or a ``seg-train``
+    checkpoint.
 
     Returns the model (on the CPU, eval mode) and the file's metadata: ``segmenter`` (config dict),
     ``deploy``, ``classes`` and ``data`` (``None`` where unknown).

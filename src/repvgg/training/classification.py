@@ -1,8 +1,8 @@
 """The main job as a task of the training engine: classify images with a multi-branch RepVGG, convert it,
 and show the plain model computes the same.
 
-``train(config)`` runs the whole job through :func:`repvgg.training.engine.fit` and returns the summary:
-data -> model -> SGD with warm-up and cosine decay (optionally mixup/cutmix, custom L2, EMA) -> per-epoch
+``train(config)`` runs the whole job through [`repvgg.training.engine.fit`][repvgg.training.engine.fit] and returns the
+summary: data -> model -> SGD with warm-up and cosine decay (optionally mixup/cutmix, custom L2, EMA) -> per-epoch
 validation and checkpoints -> the training-time model and its converted copy evaluated on the same
 batches -> ``deploy.safetensors`` and ``curves.png`` in the run folder.
 """

@@ -194,11 +194,12 @@ class AblationConfig(TrainConfig):
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict (keys checked later by :meth:`TrainConfig.from_dict`).
+    """Read a YAML or JSON config file into a dict (keys checked later by
+    [`TrainConfig.from_dict`][repvgg.serialization.DictMixin.from_dict]).
 
-    The file is data, bounded before it is walked: at most :data:`~repvgg.limits.MAX_CONFIG_BYTES`, nested at most
-    :data:`~repvgg.limits.MAX_NESTING` levels, and without YAML aliases (``*name``), whose expansion is unbounded (a
-    few hundred bytes of nested aliases make gigabytes). Python tags (``!!python/object``) are refused too.
+    The file is data, bounded before it is walked: at most [`MAX_CONFIG_BYTES`][repvgg.limits.MAX_CONFIG_BYTES], nested
+    at most [`MAX_NESTING`][repvgg.limits.MAX_NESTING] levels, and without YAML aliases (``*name``), whose expansion is
+    unbounded (a few hundred bytes of nested aliases make gigabytes). Python tags (``!!python/object``) are refused too.
     """
     path = Path(path)
     if not path.is_file():

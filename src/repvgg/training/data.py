@@ -1,6 +1,6 @@
 """Datasets for training and evaluation: the embedded digits default and ImageNet-style folders.
 
-* Digits (:mod:`~repvgg.training.digits`): the handwritten-digit images shipped with scikit-learn.
+* Digits (`digits`): the handwritten-digit images shipped with scikit-learn.
 * Folders: ``ROOT/train/<class>/<image>`` and ``ROOT/val/<class>/<image>`` (the ImageNet layout), scanned
   once, with timm's transforms resolved from the model (``create_transform``): RandomResizedCrop + flip
   (optionally AutoAugment/RandAugment, colour jitter and random erasing) for training; resize to size / crop ratio and
@@ -150,11 +150,11 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], dict[str, list[tuple
 
 
 class CheckedImageFolder(Dataset):
-    """Labelled images (from :func:`scan_image_folder`) whose unreadable files are reported by name.
+    """Labelled images (from `scan_image_folder`) whose unreadable files are reported by name.
 
     ``bad_images="fail"`` raises a ``ValueError`` naming the file; ``"skip"`` logs a warning naming it, counts it
-    (:meth:`take_skipped`, shared across loader workers) and gives ``None`` in its place, which
-    :func:`collate_readable` leaves out of the batch: a skipped image is neither trained on nor scored.
+    (`take_skipped`, shared across loader workers) and gives ``None`` in its place, which
+    `collate_readable` leaves out of the batch: a skipped image is neither trained on nor scored.
     """
 
     def __init__(self, root: str | Path, samples: list[tuple[str, int]], classes: list[str],
@@ -204,7 +204,7 @@ class Relabelled(Dataset):
 
 
 def collate_readable(items: list[Any]) -> Any:
-    """A batch of the samples that were read (``None`` marks a skipped image; see :class:`CheckedImageFolder`).
+    """A batch of the samples that were read (``None`` marks a skipped image; see `CheckedImageFolder`).
 
     Raises:
         ValueError: every image of the batch was skipped.
@@ -229,7 +229,7 @@ class ToNormalizedTensor:
     and ``std``, in one pass.
 
     The fused form of timm's ``MaybeToTensor`` + ``Normalize`` (the same values up to float rounding,
-    about a quarter less time per image); :func:`folder_transforms` puts it in their place, and the
+    about a quarter less time per image); `folder_transforms` puts it in their place, and the
     segmentation pipeline ends with it.
     """
 
@@ -252,7 +252,7 @@ class ToNormalizedTensor:
 
 
 def _fuse_to_tensor_normalize(transform: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
-    """Replace timm's ``MaybeToTensor``, ``Normalize`` pair in a ``Compose`` by :class:`ToNormalizedTensor`."""
+    """Replace timm's ``MaybeToTensor``, ``Normalize`` pair in a ``Compose`` by `ToNormalizedTensor`."""
     steps = getattr(transform, "transforms", None)
     if not isinstance(steps, list):
         return transform
@@ -278,8 +278,8 @@ def eval_transform(preprocessing: Preprocessing) -> Callable[[Any], Tensor]:
 
 class _BoundedResize:
     """Refuse an image whose resize to short side ``resize`` would make more pixels than
-    :data:`~repvgg.limits.MAX_IMAGE_PIXELS` (a very elongated image), then run ``transform`` (on the image made
-    grey first for a ``grayscale`` model)."""
+    [`MAX_IMAGE_PIXELS`][repvgg.limits.MAX_IMAGE_PIXELS] (a very elongated image), then run ``transform`` (on the image
+    made grey first for a ``grayscale`` model)."""
 
     def __init__(self, transform: Callable[[Any], Tensor], resize: int, grayscale: bool) -> None:
         self.transform, self.resize, self.grayscale = transform, resize, grayscale
@@ -325,7 +325,7 @@ def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_
     ``auto_augment`` policy (``"rand-m9-mstd0.5"`` RandAugment, ``"original"`` AutoAugment) and
     ``random_erasing`` (a probability), and ``color_jitter`` when it is above 0 (timm's own default is 0.4;
     the paper trains without). The conversion to a normalised tensor is fused into one step
-    (:class:`ToNormalizedTensor`).
+    (`ToNormalizedTensor`).
     """
     from timm.data import create_transform
 

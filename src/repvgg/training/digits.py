@@ -25,7 +25,7 @@ def digits_preprocessing(img_size: int) -> Preprocessing:
 def digits_split(val_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The digits images (float, 0..1, shape ``(N, 8, 8)``) split into train and val, stratified.
 
-    The split seed is fixed (:data:`DIGITS_SPLIT_SEED`), so every run sees the same validation set.
+    The split seed is fixed (`DIGITS_SPLIT_SEED`), so every run sees the same validation set.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

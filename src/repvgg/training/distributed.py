@@ -155,9 +155,9 @@ class EpochSampler(Sampler[tuple[int, int]]):
     Every process gets the same number of indices (the tail is dropped so the global batch is
     constant). ``skip`` drops the first indices of this process's shard, so a run resumed in the
     middle of an epoch continues with exactly the samples it had not seen yet. One sampler serves a
-    whole run: :meth:`set_epoch` moves it on (a persistent loader reads it afresh every epoch).
+    whole run: `set_epoch` moves it on (a persistent loader reads it afresh every epoch).
 
-    It yields ``(index, seed)`` keys for :class:`SeededSamples`: each sample's own augmentation seed, a
+    It yields ``(index, seed)`` keys for `SeededSamples`: each sample's own augmentation seed, a
     function of ``(seed, epoch, index)`` only.
     """
 
@@ -191,7 +191,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class SeededSamples(Dataset):
-    """A dataset read with ``(index, seed)`` keys (:class:`EpochSampler`'s).
+    """A dataset read with ``(index, seed)`` keys (`EpochSampler`'s).
 
     Each sample is loaded with Python's, NumPy's and torch's generators seeded from its key, so its
     augmentation is the same whichever worker or process loads it and however many there are: a

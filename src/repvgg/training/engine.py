@@ -1,15 +1,15 @@
 """The training engine: one loop that every training job (classification, segmentation, ...) plugs into.
 
 ``fit(task, config)`` owns what every run needs around its own loss and metrics: the process group
-under ``torchrun``, the run folder (:mod:`~repvgg.training.run_folder`), resume (exact, mid-epoch included,
+under ``torchrun``, the run folder (`run_folder`), resume (exact, mid-epoch included,
 metrics too), per-epoch seeding and a data order that makes resume exact, the epoch loop with mixed
-precision, weight EMA and SyncBatchNorm, stop requests (:mod:`~repvgg.training.stopping`), progress,
+precision, weight EMA and SyncBatchNorm, stop requests (`stopping`), progress,
 per-epoch evaluation, ``best.pt`` / ``last.pt`` / ``metrics.jsonl`` (in that order, so the metrics never
 list an epoch whose checkpoint failed to write), and the final conversion of the trained model with its check.
 
-A task (:class:`Task`) builds its data and model, does one training step, evaluates, and compares and saves
-the converted model. :func:`fit` reads like a table of contents: start (restore or begin), epochs (each
-:func:`_run_epoch` then :func:`_end_epoch`), finish; the loaders' worker processes end with the run.
+A task ([`Task`][repvgg.training.task.Task]) builds its data and model, does one training step, evaluates, and compares
+and saves the converted model. [`fit`][repvgg.training.engine.fit] reads like a table of contents: start (restore or
+begin), epochs (each `_run_epoch` then `_end_epoch`), finish; the loaders' worker processes end with the run.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ C = TypeVar("C", bound=LoopConfig)
 
 @dataclass
 class _Run:
-    """One invocation of :func:`fit` while it runs: what it trains, with what, and where it writes."""
+    """One invocation of [`fit`][repvgg.training.engine.fit] while it runs: what it trains, with what, and where it
+    writes."""
 
     task: Task
     config: Any
@@ -110,7 +111,7 @@ def fit(task: Task, config: C, trackers: Sequence[Tracker] = ()) -> dict[str, An
 
     Under ``torchrun`` every process calls this; only rank 0 logs and writes. A SIGINT/SIGTERM or
     ``stop_after_steps`` ends the run early with a resumable ``last.pt``; the summary then has
-    ``"interrupted": true``. ``trackers`` (:class:`~repvgg.training.trackers.Tracker`) receive the step and
+    ``"interrupted": true``. ``trackers`` ([`Tracker`][repvgg.training.trackers.Tracker]) receive the step and
     epoch scalars on the main process; ``config.tensorboard`` adds TensorBoard's. All are closed at the end.
     """
     trackers = list(trackers)

@@ -45,10 +45,10 @@ class EvalReport:
 
 @dataclass
 class Comparison:
-    """Several models run on the same batches (:func:`compare_models`).
+    """Several models run on the same batches ([`compare_models`][repvgg.training.evaluate.compare_models]).
 
     ``finite[i]`` is False when model ``i`` gave a NaN or infinite output on some batch; for every model
-    after the first, ``max_abs_diff`` and ``relative_error`` (:class:`~repvgg.nn.convert.OutputDeviation`,
+    after the first, ``max_abs_diff`` and ``relative_error`` ([`OutputDeviation`][repvgg.nn.convert.OutputDeviation],
     NaN once an output was not finite: never "identical") measure its outputs against the first model's, and
     ``agreement`` is the fraction of ``predictions`` (argmax over dim 1: a class per image, or per pixel) that
     equal the first model's.
@@ -129,8 +129,9 @@ def evaluate_models(
     *,
     channels_last: bool = False,
 ) -> EvalReport:
-    """Top-1, top-5 and loss of every model on every batch of ``loader`` (:func:`compare_models`: the others
-    compared with the first), summed over processes if distributed.
+    """Top-1, top-5 and loss of every model on every batch of ``loader``
+    ([`compare_models`][repvgg.training.evaluate.compare_models]: the others compared with the first), summed over
+    processes if distributed.
 
     Comparing a training-time model with its converted copy on identical inputs gives the largest
     absolute and the relative logit difference and the fraction of predictions that agree.
@@ -168,7 +169,7 @@ def measure_throughput(
     """Images/s of each model (eval mode) on ``batch``: interleaved rounds (A B A B ...) after warm-up, median.
 
     Interleaving makes the comparison fair on a noisy machine: background load hits every model
-    alike. CUDA work is timed with CUDA events (:mod:`repvgg.perf.timing`).
+    alike. CUDA work is timed with CUDA events (`repvgg.perf.timing`).
     """
     from repvgg.perf.timing import make_timer, time_interleaved
 

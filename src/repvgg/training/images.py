@@ -17,8 +17,8 @@ __all__ = ["image_files", "load_rgb", "open_image"]
 def open_image(path: str | os.PathLike[str], *, what: str = "image", load: bool = True) -> Any:
     """The PIL image in ``path`` (its pixels read, or only its header with ``load=False``); close it after use.
 
-    An image of more pixels than :data:`~repvgg.limits.MAX_IMAGE_PIXELS` is refused from its header, before its
-    pixels are decoded (a few hundred KB of PNG can decode to gigabytes). Any failure (a missing, empty, truncated,
+    An image of more pixels than [`MAX_IMAGE_PIXELS`][repvgg.limits.MAX_IMAGE_PIXELS] is refused from its header, before
+    its pixels are decoded (a few hundred KB of PNG can decode to gigabytes). Any failure (a missing, empty, truncated,
     foreign or too large file, a dangling or looping link) is a ValueError naming ``what`` and the file.
     """
     from PIL import Image

@@ -1,6 +1,6 @@
 """Data for the training loop: per-epoch seeding, the one persistent training loader of a run, validation shards.
 
-Each sample's augmentation comes from its own seed (:class:`~repvgg.training.distributed.SeededSamples`), so
+Each sample's augmentation comes from its own seed (`SeededSamples`), so
 neither the number of workers nor a resume changes what the model sees; every process reads a disjoint,
 in-order validation shard, so sums over processes are exact.
 """
@@ -34,7 +34,7 @@ def train_loader(dataset: Dataset, *, seed: int, ctx: DistContext, local_batch: 
     """One loader for the whole run and the sampler that moves it from epoch to epoch.
 
     Workers are persistent (started once, not every epoch); each sample's augmentation comes from its own
-    seed (:class:`SeededSamples`), so neither the workers nor a resume change what the model sees. Call
+    seed (`SeededSamples`), so neither the workers nor a resume change what the model sees. Call
     ``sampler.set_epoch(epoch, skip)`` before iterating an epoch.
     """
     sampler = EpochSampler(len(dataset), seed=seed, rank=ctx.rank, world_size=ctx.world_size)  # type: ignore[arg-type]

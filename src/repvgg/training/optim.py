@@ -60,8 +60,8 @@ def block_kernels(model: nn.Module) -> set[int]:
 def parameter_groups(model: nn.Module, weight_decay: float, *, custom_l2: bool = False) -> list[dict]:
     """Split trainable parameters into a decayed and a non-decayed group (official recipe).
 
-    With ``custom_l2`` the 3x3 and 1x1 kernels of training-time blocks (:func:`block_kernels`) move to
-    the non-decayed group, because :func:`custom_l2` regularises them; the identity BN scale stays
+    With ``custom_l2`` the 3x3 and 1x1 kernels of training-time blocks (`block_kernels`) move to
+    the non-decayed group, because `custom_l2` regularises them; the identity BN scale stays
     decayed, and fused blocks keep optimizer decay on their single kernel (custom L2 skips them).
     """
     skip = block_kernels(model) if custom_l2 else set()
@@ -84,7 +84,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, *, custom_l2: bool =
 
 def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float,
                     *, custom_l2: bool = False) -> torch.optim.SGD:
-    """SGD with momentum over :func:`parameter_groups`."""
+    """SGD with momentum over `parameter_groups`."""
     return torch.optim.SGD(
         parameter_groups(model, weight_decay, custom_l2=custom_l2), lr=lr, momentum=momentum,
     )

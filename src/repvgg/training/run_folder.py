@@ -8,13 +8,13 @@ a moved data folder is named again with ``--data``: it must be the same data (cl
 counts), not the same string.
 
 Resume is a continuation: a setting may change on resume only where the run can honour it from the step it
-reached (the task's :attr:`~repvgg.training.task.Task.changeable_on_resume`: the learning rate, the epochs, gradient
+reached (the task's `changeable_on_resume`: the learning rate, the epochs, gradient
 clipping, ...); the change is applied, logged and recorded in the config with that step (``resume_changes``, the
 earlier value kept). Any other change (model, batch size, seed, recipe, augmentation, image size) is refused before
 anything is written. ``--epochs`` may extend a run (the learning-rate schedule is then recomputed for the new total),
 but never undo finished epochs or "continue" a finished run with nothing to do.
 
-While a run works in its folder it holds the folder's lock (:func:`lock_run_folder`): a second process aiming at the
+While a run works in its folder it holds the folder's lock (`lock_run_folder`): a second process aiming at the
 same folder is refused, naming the holder; a lock left by a process that was killed is taken over.
 """
 
@@ -127,7 +127,7 @@ def check_run_folder(output: Path, *, resume: bool, overwrite: bool,
 def lock_run_folder(folder: Path) -> Iterator[None]:
     """Hold ``folder``'s lock for the block: a second run aiming at the folder is refused, naming the holder.
 
-    The lock is the operating system's (``flock`` on :data:`LOCK_FILE`), so a process that is killed releases it
+    The lock is the operating system's (``flock`` on `LOCK_FILE`), so a process that is killed releases it
     with its last breath: its stale lock file is taken over, and the log says whose it was. A folder this call
     creates is removed again if the block leaves nothing but the lock in it (a run refused before its first write).
 

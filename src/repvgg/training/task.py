@@ -1,5 +1,6 @@
-"""What a training job gives the engine (:class:`Task`, :class:`StepOutput`) and what the engine keeps of a run
-(:class:`RunState`, saved in every checkpoint)."""
+"""What a training job gives the engine ([`Task`][repvgg.training.task.Task],
+[`StepOutput`][repvgg.training.task.StepOutput]) and what the engine keeps of a run
+([`RunState`][repvgg.training.task.RunState], saved in every checkpoint)."""
 
 from __future__ import annotations
 
@@ -76,13 +77,14 @@ class Task(Protocol):
 
     #: The ``repvgg`` subcommand that runs the task (used in messages and to tell checkpoints apart).
     command: str
-    #: The validation metric (a key of :meth:`evaluate`'s result) whose best value selects ``best.pt``.
+    #: The validation metric (a key of [`evaluate`][repvgg.training.task.Task.evaluate]'s result) whose best value
+    #: selects ``best.pt``.
     score: str
     #: Images each process needs per batch (BatchNorm on a 1x1 pooled map needs 2).
     min_local_batch: int
     #: Config fields a resumed run may change (applied from the step the run reached, and recorded); any other
-    #: change is refused. Start from :data:`~repvgg.training.run_folder.LOOP_CHANGEABLE`. The data may move: it is
-    #: compared by :meth:`data_identity`.
+    #: change is refused. Start from `LOOP_CHANGEABLE`. The data may move: it is
+    #: compared by [`data_identity`][repvgg.training.task.Task.data_identity].
     changeable_on_resume: tuple[str, ...]
     #: Config fields that are paths the run reads (stored resolved, checked never to be written to).
     input_fields: tuple[str, ...]
@@ -119,7 +121,7 @@ class Task(Protocol):
         """Epoch metrics from ``[loss * images, images, *StepOutput.sums]`` summed over the epoch."""
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """Validation metrics of ``model`` (summed over processes), including :attr:`score`."""
+        """Validation metrics of ``model`` (summed over processes), including `score`."""
 
     def checkpoint_fields(self, model: nn.Module) -> dict[str, Any]:
         """What a checkpoint needs besides the weights to rebuild the model from the file alone."""

@@ -1,8 +1,8 @@
 """Experiment trackers: where a run's scalars go besides ``metrics.jsonl``.
 
-A tracker is any object with ``log_step``, ``log_epoch`` and ``close`` (:class:`Tracker`); pass your own
-(Weights & Biases, MLflow, ...) to :func:`repvgg.training.engine.fit`. ``--tensorboard`` adds
-:class:`TensorBoardTracker` (PyTorch's ``SummaryWriter``; the ``track`` extra installs TensorBoard).
+A tracker is any object with ``log_step``, ``log_epoch`` and ``close`` ([`Tracker`][repvgg.training.trackers.Tracker]);
+pass your own (Weights & Biases, MLflow, ...) to [`repvgg.training.engine.fit`][repvgg.training.engine.fit].
+``--tensorboard`` adds `TensorBoardTracker` (PyTorch's ``SummaryWriter``; the ``track`` extra installs TensorBoard).
 Only the main process of a distributed run tracks.
 """
 

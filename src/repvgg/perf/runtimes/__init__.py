@@ -1,7 +1,7 @@
-"""The runtimes the fast path weighs, one module each, behind one table (:data:`CANDIDATES`).
+"""The runtimes the fast path weighs, one module each, behind one table (`CANDIDATES`).
 
 ======================  =====  ====================================================================
-``eager``               both   PyTorch as it is (:mod:`.eager`)
+``eager``               both   PyTorch as it is (`.eager`)
 ``channels_last``       both   PyTorch with NHWC weights and activations (oneDNN / cuDNN prefer it)
 ``torchscript``         both   traced, frozen and ``torch.jit.optimize_for_inference``-d graph
 ``onnxruntime``         cpu    the model exported to ONNX and run by ONNX Runtime (float32, or QDQ INT8)
@@ -12,7 +12,7 @@
 ======================  =====  ====================================================================
 
 Adding a runtime is one module with a ``build_*(ctx) -> runner`` function (raising
-:class:`~repvgg.perf.runtimes.base.Unsupported` where it does not apply) and one row here.
+`Unsupported` where it does not apply) and one row here.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class BuildContext:
         return TORCH_DTYPES[self.precision]
 
     def model(self) -> nn.Module:
-        """A copy of the prepared model in :attr:`dtype`."""
+        """A copy of the prepared model in `dtype`."""
         return copy.deepcopy(self._prepared).to(self.dtype)
 
     def onnx_path(self) -> Path:
@@ -68,7 +68,7 @@ class BuildContext:
         return self._files["onnx"]
 
     def int8_onnx_path(self) -> Path:
-        """The QDQ INT8 graph (per-channel INT8 weights, UINT8 activations) calibrated on :attr:`calibration`."""
+        """The QDQ INT8 graph (per-channel INT8 weights, UINT8 activations) calibrated on `calibration`."""
         if self.calibration is None:
             raise Unsupported("INT8 needs calibration images (calibration=...)")
         if "int8" not in self._files:
@@ -80,5 +80,5 @@ class BuildContext:
         return self._files["int8"]
 
 
-#: A runtime's builder: a build context in, a runner out (or :class:`Unsupported`).
+#: A runtime's builder: a build context in, a runner out (or `Unsupported`).
 Builder = Callable[[BuildContext], Runner]
