@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/repvgg train $(ARGS)
 
-## make test: lint, then the whole test suite on CPU
+## make test: lint and type checks, then the whole test suite on CPU
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/python -m mypy src/repvgg
 	$(VENV)/bin/python -m pytest -q $(ARGS)

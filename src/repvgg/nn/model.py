@@ -1,5 +1,4 @@
-"""The RepVGG network: an architecture description ([`RepVGGSpec`][repvgg.nn.model.RepVGGSpec]) and the one module that
-builds it.
+"""The RepVGG network: its description ([`RepVGGSpec`][repvgg.nn.model.RepVGGSpec]) and the one module building it.
 
 Five stages of [`RepVGGBlock`][repvgg.nn.block.RepVGGBlock] (the first stage is the single-layer stem); the
 first layer of each stage has stride 2; widths ``min(64, 64a), 64a, 128a, 256a, 512b``; global average

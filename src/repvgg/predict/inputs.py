@@ -46,7 +46,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]], *, stdin: Iterable[s
             if not images:
                 raise ValueError(f"{text} holds no images ({', '.join(IMG_EXTENSIONS)}, in any sub-folder)")
             paths.extend(images)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():  # a link to nowhere is an unreadable image, said as one
             paths.append(text)
         elif _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(text, recursive=True))

@@ -43,15 +43,15 @@ def digits_split(val_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Ten
 class DigitsDataset(Dataset):
     """Digits upscaled (bilinear) to ``img_size`` and repeated to 3 channels, normalised to mean 0 / std 1.
 
-    Training augmentation: a random shift of up to ``img_size // 16`` pixels (zero fill), drawn
-    from the global torch RNG, so it is reproducible under the training loop's seeding.
+    Each image is upscaled when it is read, so a large ``img_size`` allocates one image at a time, not the whole
+    set. Training augmentation: a random shift of up to ``img_size // 16`` pixels (zero fill), drawn from the global
+    torch RNG, so it is reproducible under the training loop's seeding.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, img_size: int, *, train: bool) -> None:
-        big = F.interpolate(images[:, None], size=(img_size, img_size), mode="bilinear", align_corners=False)
-        big = (big - 0.5) / 0.5
-        self.images = big.expand(-1, 3, -1, -1).contiguous()
+        self.small = images
         self.labels = labels
+        self.img_size = img_size
         self.train = train
         self.max_shift = max(1, img_size // 16)
 
@@ -59,10 +59,12 @@ class DigitsDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = self.images[index]
+        size = self.img_size
+        big = F.interpolate(self.small[index][None, None], size=(size, size), mode="bilinear", align_corners=False)
+        image = ((big[0] - 0.5) / 0.5).expand(3, -1, -1)
         if self.train:
             pad = self.max_shift
             dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
             padded = F.pad(image, (pad, pad, pad, pad), value=-1.0)
-            image = padded[:, dy:dy + image.shape[1], dx:dx + image.shape[2]]
-        return image, int(self.labels[index])
+            image = padded[:, dy:dy + size, dx:dx + size]
+        return image.contiguous(), int(self.labels[index])

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from repvgg.limits import check_int
+from repvgg.limits import check_batch_memory, check_int
 from repvgg.nn.convert import OutputDeviation, check_outputs
 from repvgg.training.distributed import all_reduce
 
@@ -207,6 +207,8 @@ def evaluate_checkpoint(
     card = model_card(model)
     bundle = build_datasets(data, img_size=img_size, preprocessing=card.recorded_preprocessing)
     label_map = card.label_map(bundle.classes, bundle.name)  # matched by name; a mismatch is refused
+    size = bundle.preprocessing.img_size
+    check_batch_memory(batch_size, (model.in_chans, size, size), "--batch-size")
     val = bundle.val if label_map is None else Relabelled(bundle.val, label_map)
     torch_device = resolve_device(device)
     model = model.to(torch_device).eval()

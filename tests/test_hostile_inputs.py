@@ -1,0 +1,319 @@
+"""Hostile or careless input is bounded before anything is allocated and answered with a message, never a raw
+traceback: YAML and JSON bombs, absurd batches, cards and images, out-of-range numbers, devices this package does
+not run on, files that are not what their name says, fixed-batch ONNX files, a full disk quota."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import repvgg
+from conftest import run_process
+from repvgg.cli import main
+from repvgg.io.weights import read_safetensors, write_safetensors
+from repvgg.limits import MAX_IMAGE_PIXELS, LimitExceeded, parse_json
+
+TINY16 = ["--model", "repvgg_tiny", "--device", "cpu", "--img-size", "16", "--epochs", "1", "--no-inference-speed"]
+
+
+def _error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-epoch repvgg_tiny run on the digits at 16x16 (its files carry class names and preprocessing)."""
+    out = tmp_path_factory.mktemp("digits") / "run"
+    assert main(["train", *TINY16, "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def digit_pngs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("pngs")
+    paths = []
+    for i in range(4):
+        path = folder / f"{i}.png"
+        Image.fromarray((torch.rand(16, 16, 3) * 255).to(torch.uint8).numpy()).save(path)
+        paths.append(path)
+    return paths
+
+
+# --- 12: configuration files are data, bounded before they are walked ------------------------------------------
+
+def test_a_yaml_alias_bomb_is_refused_at_once_without_echoing_it(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    bomb = tmp_path / "bomb.yaml"
+    levels = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"{name}: &{name} [{','.join(['*' + previous] * 9)}]")
+    bomb.write_text("\n".join(levels) + "\n")  # ~500 bytes; expanded, 9^9 strings
+    started = time.perf_counter()
+    assert main(["train", "--config", str(bomb), "--output", str(tmp_path / "run")]) == 2
+    assert time.perf_counter() - started < 60  # a hang detector: refused before anything expands
+    err = _error(capsys)
+    assert "aliases (*name) are not allowed" in err and len(err) < 1000
+    assert not (tmp_path / "run").exists()
+
+
+def test_deeply_nested_config_and_json_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("lr: " + "[" * 200 + "]" * 200 + "\n")
+    assert main(["train", "--config", str(deep), "--print-config"]) == 2
+    assert "nested more than 32 levels" in _error(capsys)
+    deep_json = tmp_path / "deep.json"
+    deep_json.write_text('{"lr": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert main(["train", "--config", str(deep_json), "--print-config"]) == 2
+    assert "nests lists or objects more than 32 levels deep" in _error(capsys)
+    with pytest.raises(LimitExceeded):
+        parse_json('"[", ' * 10 + "[" * 40 + "]" * 40, "text")
+
+
+# --- 13, 14, 15: batches, cards and images bounded by what they imply --------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--batch-size", "100000000", "--no-fast", "--no-peer", "--baselines", "none"],
+    ["predict", "RUN", "PNG", "--batch-size", "1000000000"],
+    ["eval", "--weights", "RUN/deploy.safetensors", "--batch-size", "1000000000", "--img-size", "4096"],
+], ids=["bench", "predict", "eval"])
+def test_a_batch_larger_than_the_machine_is_refused_before_allocating(argv: list[str], digits_run: Path,
+                                                                      digit_pngs: list[Path],
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [a.replace("RUN", str(digits_run)).replace("PNG", str(digit_pngs[0])) for a in argv]
+    assert main(argv) == 2
+    err = _error(capsys)
+    assert "--batch-size" in err and "would need about" in err and "this machine has" in err
+
+
+def _with_preprocessing(run: Path, tmp_path: Path, **fields: object) -> Path:
+    tensors, metadata = read_safetensors(run / "deploy.safetensors")
+    preprocessing = {**json.loads(metadata["preprocessing"]), **fields}
+    path = tmp_path / "card.safetensors"
+    write_safetensors(tensors, path, {**metadata, "preprocessing": json.dumps(preprocessing)})
+    return path
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"img_size": 4096, "crop_pct": 0.05}, "resizes every image to a short side of 81,920 pixels"),
+    ({"img_size": 1}, "img_size must be between 8 and 4096, got 1"),
+], ids=["resize", "img_size"])
+def test_a_card_is_bounded_by_what_it_implies(fields: dict, message: str, digits_run: Path, digit_pngs: list[Path],
+                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    card = _with_preprocessing(digits_run, tmp_path, **fields)
+    assert main(["predict", str(card), str(digit_pngs[0])]) == 2
+    assert message in _error(capsys)
+    assert main(["eval", "--weights", str(card)]) == 2
+    assert message in _error(capsys)
+
+
+def test_an_image_the_resize_would_blow_up_is_skipped_like_an_unreadable_one(digits_run: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    card = _with_preprocessing(digits_run, tmp_path, img_size=1024, crop_pct=0.125)  # a short side of 8192: allowed
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (4000, 1)).save(strip)  # resized to 8192 high, 32.8 million pixels wide
+    assert main(["predict", str(card), str(strip), "--bad-images", "skip", "--batch-size", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["predictions"][0]
+    assert "4000 x 1 image resized to a short side of 8192" in row["error"] and "megapixels" in row["error"]
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares ``width`` x ``height`` 16-bit grey pixels but holds almost no data: its header alone
+    says what decoding it would cost."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decoded_pixels_are_bounded_from_the_header(digits_run: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    huge = _png_header_only(tmp_path / "huge.png", 13_000, 13_000)
+    assert 13_000 ** 2 > MAX_IMAGE_PIXELS and huge.stat().st_size < 1000
+    assert main(["predict", str(digits_run), str(huge)]) == 2
+    err = _error(capsys)
+    assert "13,000 x 13,000 pixels" in err and "MAX_IMAGE_PIXELS" in err
+    assert main(["predict", str(digits_run), str(huge), "--bad-images", "skip", "--json"]) == 0
+    assert "megapixels" in json.loads(capsys.readouterr().out)["predictions"][0]["error"]
+
+
+# --- 17 to 21, 25: numbers and devices refused before anything is written ----------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "1e300"], "lr must be a finite number > 0 and <= 1000"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--seed", "99999999999999999999999"], "must be between 0 and 4294967295"),
+    (["--aux-weight", "nan"], "aux_weight must be a finite number"),
+    (["--aux-weight", "-5"], "aux_weight must be a finite number >= 0 and <= 100"),
+    (["--batch-size", "1"], "at least 2 image(s) per process"),
+    (["--batch-size", "64", "--accumulation-steps", "64"], "micro-batches of at least 2"),
+    (["--auto-augment", "orignal"], "--auto-augment 'orignal' is not a policy timm knows"),
+    (["--device", "tpu"], "must be auto, cpu, cuda or cuda:N"),
+    (["--device", "mps"], "must be auto, cpu, cuda or cuda:N"),
+    (["--device", ""], "must be auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:-1"], "must be auto, cpu, cuda or cuda:N"),
+    (["--workers", "100000"], "between 0 and 256"),
+], ids=["lr-huge", "lr-nan", "seed", "aux-nan", "aux-negative", "batch-1", "micro-batch-1", "auto-augment",
+        "tpu", "mps", "empty-device", "cuda-minus-1", "workers"])
+def test_train_refuses_bad_numbers_before_writing(flags: list[str], message: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *TINY16, *flags, "--output", str(out)]) == 2  # the last --device given wins
+    assert message in _error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--weights", "RUN/deploy.safetensors", "--device", "tpu"],
+    ["predict", "RUN", "PNG", "--device", "cuda:-1"],
+    ["bench", "--device", "mps", "--baselines", "none"],
+    ["quantize", "RUN/best.pt", "OUT.onnx", "--qat-epochs", "1", "--device", "tpu"],
+], ids=["eval", "predict", "bench", "quantize"])
+def test_every_command_names_the_devices_it_runs_on(argv: list[str], digits_run: Path, digit_pngs: list[Path],
+                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [a.replace("RUN", str(digits_run)).replace("PNG", str(digit_pngs[0])).replace("OUT", str(tmp_path / "o"))
+            for a in argv]
+    assert main(argv) == 2
+    assert "must be auto, cpu, cuda or cuda:N" in _error(capsys)
+
+
+def test_the_digits_say_which_folder_options_they_ignore(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert main(["train", *TINY16, "--auto-augment", "rand-m9-mstd0.5", "--output", str(tmp_path / "r"),
+                 "--stop-after-steps", "1"]) == 130
+    assert "--auto-augment: the embedded digits keep their own augmentation" in caplog.text
+
+
+# --- 22: a write that hits the file-size limit is named ------------------------------------------------------
+
+@pytest.mark.timeout(300)
+def test_a_safetensors_write_over_the_file_size_limit_is_a_clear_failure(tmp_path: Path) -> None:
+    source = tmp_path / "train.safetensors"
+    repvgg.save_weights(repvgg.create_model("repvgg_tiny", num_classes=3), source)
+    out = tmp_path / "deploy.safetensors"
+    limit = 256 * 1024  # below the ~4.7 MB the converted model takes; the source was written before
+
+    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "from repvgg.cli import main; sys.exit(main(sys.argv[1:]))")
+    result = run_process([sys.executable, "-c", code, "convert", str(source), str(out), "--img-size", "32"],
+                         timeout=240)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and f"could not write {out}" in result.stderr
+    assert "file-size limit" in result.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["train.safetensors"]
+    assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] != limit  # the limit stayed in the child
+
+
+# --- 23, 24, 26, 27: what a file is, decided by its content -----------------------------------------------
+
+def test_a_fixed_batch_onnx_file_predicts_any_number_of_images(digits_run: Path, digit_pngs: list[Path],
+                                                               tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from repvgg.io.card import write_onnx_metadata
+
+    model = repvgg.load_model(digits_run / "deploy.safetensors").eval()
+    fixed = tmp_path / "fixed.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), str(fixed), dynamo=False, input_names=["input"])
+    write_onnx_metadata(fixed, model.card.metadata())  # torch.onnx.export's default: batch 1, fixed
+    assert main(["predict", str(fixed), *map(str, digit_pngs), "--json", "--topk", "1"]) == 0
+    onnx_rows = json.loads(capsys.readouterr().out)["predictions"]
+    assert main(["predict", str(digits_run), *map(str, digit_pngs), "--json", "--topk", "1"]) == 0
+    torch_rows = json.loads(capsys.readouterr().out)["predictions"]
+    assert len(onnx_rows) == 4 and [r["classes"] for r in onnx_rows] == [r["classes"] for r in torch_rows]
+
+
+@pytest.mark.parametrize("content, as_model, as_weights", [
+    (b"", "is an empty file", "is an empty file"),
+    (b"\x00\x01" + os.urandom(4096), "is not a file this package reads", "is not a file this package reads"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(64), "is an image", "is an image"),
+    (b"\x08\x07" + os.urandom(200), "does not parse as an ONNX model", "is an ONNX model"),
+], ids=["empty", "random", "png", "garbage-onnx"])
+def test_a_file_that_is_not_a_model_is_named_for_what_it_is(content: bytes, as_model: str, as_weights: str,
+                                                            digit_pngs: list[Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("model.onnx", "MODEL.ONNX", "last.pt", "weights.safetensors"):  # the name plays no part
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert main(["predict", str(path), str(digit_pngs[0])]) == 2, name
+        assert as_model in _error(capsys), name
+        resume = [["train", "--resume", str(path)]] if name == "last.pt" else []
+        for argv in (["eval", "--weights", str(path)], ["convert", str(path), str(tmp_path / "o.safetensors")],
+                     ["export", str(path), str(tmp_path / "o.onnx")], *resume):
+            assert main(argv) == 2, argv
+            assert as_weights in _error(capsys), (name, argv)
+
+
+def test_an_export_named_in_capitals_is_an_onnx_file(digits_run: Path, digit_pngs: list[Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    upper = tmp_path / "MODEL.ONNX"
+    assert main(["export", str(digits_run / "deploy.safetensors"), str(upper)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(upper), str(digit_pngs[0]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runtime"] == "onnxruntime"
+    renamed = tmp_path / "model.pt"  # an ONNX file under another name is still an ONNX file
+    renamed.write_bytes(upper.read_bytes())
+    assert main(["predict", str(renamed), str(digit_pngs[0]), "--json"]) == 0
+    assert main(["export", str(digits_run / "deploy.safetensors"), str(tmp_path / "model.safetensors")]) == 2
+    assert "must end in .onnx" in _error(capsys)
+
+
+def test_deeply_nested_metadata_is_refused_by_every_reader(digits_run: Path, digit_pngs: list[Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    tensors, metadata = read_safetensors(digits_run / "deploy.safetensors")
+    deep = "[" * 100_000 + "]" * 100_000
+    cases = {"classes": deep, "preprocessing": deep, "spec": deep}
+    for field, value in cases.items():
+        path = tmp_path / f"{field}.safetensors"
+        write_safetensors(tensors, path, {**metadata, field: value})
+        for argv in (["predict", str(path), str(digit_pngs[0])], ["eval", "--weights", str(path)],
+                     ["export", str(path), str(tmp_path / "o.onnx")],
+                     ["quantize", str(path), str(tmp_path / "q.onnx")],
+                     ["convert", str(path), str(tmp_path / "c.safetensors")]):
+            assert main(argv) == 2, (field, argv)
+            err = _error(capsys)
+            assert f"metadata field '{field}'" in err and "levels deep" in err, (field, argv, err)
+
+
+# --- 28, 29: the Python API checks its inputs ------------------------------------------------------------
+
+def test_optimize_for_inference_checks_its_example_and_validation(digits_run: Path) -> None:
+    from repvgg.quant.guard import Guard, validation_guard
+
+    model = repvgg.load_model(digits_run / "deploy.safetensors").eval()
+    example = torch.randn(4, 3, 16, 16)
+    with pytest.raises(ValueError, match="example_input holds no images"):
+        repvgg.optimize_for_inference(model, torch.randn(0, 3, 16, 16))
+    for labels, message in [(torch.tensor([-1, 0, 1, 2]), "class indices"),
+                            (torch.tensor([0, 1, 2, 50]), "from 0 to 9"),
+                            (torch.tensor([0, 1, 2, 1000]), "from 0 to 9"),
+                            (torch.tensor([0.0, 1.0, 2.0, 3.0]), "integer class indices"),
+                            (torch.tensor([0, 1]), "4 images but 2 labels")]:
+        with pytest.raises(ValueError, match=message):
+            validation_guard(model, {"same": model}, [(example, labels)], Guard(), device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"\(images, labels\) batches"):  # and through the fast path
+        repvgg.optimize_for_inference(model, example, dtype="int8", calibration=[torch.randn(8, 3, 16, 16)],
+                                      validation=[example], candidates=["onnxruntime"])
+
+
+def test_a_predictor_takes_paths_and_images_together(digits_run: Path, digit_pngs: list[Path]) -> None:
+    predictor = repvgg.Predictor(digits_run, measure=False)
+    image = Image.open(digit_pngs[1]).convert("RGB")
+    mixed = predictor.predict([str(digit_pngs[0]), image, digit_pngs[2]], topk=1)
+    alone = predictor.predict([str(p) for p in digit_pngs[:3]], topk=1)
+    assert [p.source for p in mixed] == [str(digit_pngs[0]), "<input 1>", str(digit_pngs[2])]
+    assert [p.classes for p in mixed] == [p.classes for p in alone]
+    with pytest.raises(TypeError, match="give image paths, PIL images or tensors"):
+        predictor.predict([str(digit_pngs[0]), 3.5])
