@@ -207,6 +207,17 @@ def test_run_benchmark_end_to_end_on_a_tiny_model(tmp_path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_fast_only_times_the_chosen_runtime_of_each_model() -> None:
+    result = run_benchmark(_tiny_config(baselines=("resnet18",), fast_only=True, latency=False, memory=False))
+    assert {(r.model, r.form) for r in result.rows} == {("repvgg_tiny", "fast"), ("resnet18", "fast"),
+                                                        (next(r.model for r in result.rows if r.form == "conv3x3"),
+                                                         "conv3x3")}
+    for name in ("repvgg_tiny", "resnet18"):  # each chosen with one runtime's copy of the model held at a time
+        assert "timed alone" in result.fast_paths[f"{name}/float32"]["reason"]
+    with pytest.raises(ValueError, match="cannot go with --no-fast"):
+        _tiny_config(fast=False, fast_only=True)
+
+
 def test_cli_bench_prints_table_and_writes_json_and_plot(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     code = main(["bench", "--models", "repvgg_tiny", "--baselines", "none", "--no-peer", "--img-size", "32",

@@ -82,6 +82,35 @@ def test_the_measured_fastest_candidate_wins(monkeypatch: pytest.MonkeyPatch) ->
     assert "fastest median" in runner.reason
 
 
+def test_one_at_a_time_holds_one_runtime_besides_the_fastest_so_far(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Conv2d(3, 4, 3)
+    alive: list[int] = []
+    peak: list[int] = []
+
+    class Copy:
+        """A runtime's copy of the model that counts how many copies are alive."""
+
+        def __init__(self, ctx, delay: float) -> None:
+            self.model, self.delay = ctx.model(), delay
+            alive.append(1)
+            peak.append(len(alive))
+
+        def __call__(self, x):
+            time.sleep(self.delay)
+            return self.model(x)
+
+        def __del__(self) -> None:
+            alive.pop()
+
+    for name, delay in (("slow", 0.02), ("fast", 0.0), ("slower", 0.04)):
+        monkeypatch.setitem(CANDIDATES, name, _fake(lambda ctx, d=delay: Copy(ctx, d)))
+    runner = optimize_for_inference(model, torch.randn(1, 3, 8, 8), candidates=["slow", "fast", "slower"],
+                                    warmup=0, rounds=3, pause_s=0.0, one_at_a_time=True)
+    assert runner.backend == "fast" and runner.alternatives == {} and "timed alone" in runner.reason
+    assert max(peak) <= 2 and len(alive) == 1  # the fastest so far and the one being timed; then the winner only
+    assert all(r.median_s is not None for r in runner.reports)
+
+
 def test_wrong_or_broken_candidates_are_ruled_out(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Conv2d(3, 4, 3)
 

@@ -192,9 +192,11 @@ def _fast_entries(name: str, module: nn.Module, config: BenchConfig, precision: 
     params, macs = _complexity(module, tuple(example.shape))
     module = module.to(device=device, dtype=torch.float32).eval()
     log.info("  choosing the fast path for %s in %s", name, precision)
+    # every runtime is a row of its own (every_runtime), or only the chosen one is kept: then it is chosen holding one
+    # runtime's copy of the model at a time (a VGG-16 is 0.5 GB a copy)
     runner = optimize_for_inference(module, example.float(), dtype=precision, candidates=config.candidates,
                                     calibration=calibration if precision == "int8" else None,
-                                    **_selection_effort(device))
+                                    one_at_a_time=not every_runtime, **_selection_effort(device))
     result.fast_paths[f"{name}/{precision}"] = {"backend": runner.backend, "reason": runner.reason,
                                                  "candidates": [asdict(r) for r in runner.reports]}
     reference = module(example.float())
@@ -223,12 +225,14 @@ def _build_entries(config: BenchConfig, precision: str, example: Tensor, result:
         train = build_model(name, num_classes=config.num_classes).eval()
         plain = reparameterize_model(train)
         reference = plain(example.float())
-        if floating:
+        if floating and not config.fast_only:
             entries += [_eager_entry(name, "train", copy.deepcopy(train), example, reference, batch),
                         _eager_entry(name, "plain", copy.deepcopy(plain), example, reference, batch)]
         if config.fast:
-            entries += _fast_entries(name, plain, config, precision, example, calibration, result, every_runtime=True)
-        if config.peer and floating:
+            entries += _fast_entries(name, plain, config, precision, example, calibration, result,
+                                     every_runtime=not config.fast_only)
+        del train, plain
+        if config.peer and floating and not config.fast_only:
             from repvgg.nn.baselines import timm_peer
 
             try:
@@ -241,11 +245,13 @@ def _build_entries(config: BenchConfig, precision: str, example: Tensor, result:
 
         log.info("building %s (conv-BN fused%s)", name, ", fast path" if config.fast else "")
         fused = baseline(name, num_classes=config.num_classes).eval()
-        if floating:
-            entries.append(_eager_entry(name, "fused", copy.deepcopy(fused), example, fused(example.float()), batch))
-        if config.fast:
+        reference = fused(example.float())
+        if config.fast:  # the fast path works on copies of its own: it goes first, before the eager row casts
             entries += _fast_entries(name, fused, config, precision, example, calibration, result,
                                      every_runtime=False)
+        if floating and not config.fast_only:
+            entries.append(_eager_entry(name, "fused", fused, example, reference, batch))
+        del fused
     if config.reference_conv and floating:
         entries.append(_reference_conv_entry(config, precision, example))
     return entries

@@ -38,6 +38,9 @@ class BenchConfig(RunConfig):
     latency: bool = option(True, "time the batch-1 latency too")
     memory: bool = option(True, "measure the peak forward memory too")
     fast: bool = option(True, "time the fast inference path too")
+    fast_only: bool = option(False, "time the fast path only: no training-time, eager converted, eager fused or timm "
+                                    "rows, and only the chosen runtime of each model (a fraction of the memory and "
+                                    "time)")
     candidates: tuple[str, ...] | None = option(None, "fast-path candidates to weigh, comma-separated",
                                                 default_help="all available on the device")
     reference_conv: bool = option(True, "time one large 3x3 conv, the FLOP rate's reference", cli=False)
@@ -48,6 +51,8 @@ class BenchConfig(RunConfig):
     def __post_init__(self) -> None:
         self._check_types()
         check_device_name(self.device)
+        if self.fast_only and not self.fast:
+            raise ValueError("--fast-only times the fast path: it cannot go with --no-fast")
         if self.device == "auto":
             raise ValueError("device must be cpu or cuda[:N] (a benchmark names the device it times)")
 

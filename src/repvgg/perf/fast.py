@@ -20,9 +20,10 @@ chosen only if it passes the accuracy guard on ``validation`` images, never with
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from torch import Tensor, nn
 from repvgg.nn.convert import is_reparameterizable, reparameterize_model
 from repvgg.nn.fusion import fuse_conv_bn, is_batchnorm
 from repvgg.perf.environment import device_supports_dtype, native_bf16
-from repvgg.quant.guard import DEFAULT_RTOL, Guard, output_deviation, require_passing, validation_guard
+from repvgg.quant.guard import (DEFAULT_RTOL, Guard, PrecisionRejected, output_deviation, require_passing,
+                                validation_guard)
 from repvgg.perf.runtimes import (CANDIDATES, TORCH_DTYPES, BuildContext, Candidate, Runner, Unsupported,
                                   default_candidates)
 from repvgg.perf.timing import make_timer, time_interleaved
@@ -189,9 +191,12 @@ def _build_one(name: str, ctx: BuildContext, reference: Any, rtol: float | None)
 
 
 def _build_candidates(names: Sequence[str], precisions: Sequence[str], prepared: nn.Module, example: Tensor,
-                      reference: Any, rtol: float | None, *, calibration: Any,
-                      first_only: bool) -> tuple[dict[tuple[str, str], Runner], list[CandidateReport]]:
-    """Build and check each candidate in each precision, in preference order; the working ones and a report on all."""
+                      reference: Any, rtol: float | None, *, calibration: Any, first_only: bool,
+                      on_built: Callable[[dict[tuple[str, str], Runner], list[CandidateReport], tuple[str, str]],
+                                         None] | None = None
+                      ) -> tuple[dict[tuple[str, str], Runner], list[CandidateReport]]:
+    """Build and check each candidate in each precision, in preference order; the working ones and a report on all.
+    ``on_built`` sees each working candidate as soon as it is built (and may drop it from ``working``)."""
     reports: list[CandidateReport] = []
     working: dict[tuple[str, str], Runner] = {}
     with tempfile.TemporaryDirectory(prefix="repvgg-fast-") as tmp:
@@ -206,9 +211,52 @@ def _build_candidates(names: Sequence[str], precisions: Sequence[str], prepared:
                 reports.append(report)
                 if runner is not None:
                     working[(name, precision)] = runner
+                    del runner
                     if first_only:
                         return working, reports
+                    if on_built is not None:
+                        on_built(working, reports, (name, precision))
     return working, reports
+
+
+class _FastestSoFar:
+    """Times each candidate alone as it is built and keeps only the fastest so far, so that one runtime's copy of a
+    large model is held at a time besides it (the timings are then not interleaved)."""
+
+    def __init__(self, check: Callable[[dict[tuple[str, str], Runner], list[CandidateReport]], None],
+                 example: Tensor, warmup: int, rounds: int, pause_s: float) -> None:
+        self.check, self.example = check, example
+        self.warmup, self.rounds, self.pause_s = warmup, rounds, pause_s
+        self.best: tuple[str, str] | None = None
+        self.medians: dict[tuple[str, str], float] = {}
+        self.rejected: PrecisionRejected | None = None  # raised if no candidate at all holds the guard
+
+    def __call__(self, working: dict[tuple[str, str], Runner], reports: list[CandidateReport],
+                 key: tuple[str, str]) -> None:
+        report = next(r for r in reports if (r.name, r.precision) == key)
+        try:
+            self.check({key: working[key]} if key[1] != "float32" else {}, reports)  # the accuracy guard, alone
+        except PrecisionRejected as err:
+            report.status, self.rejected = "inaccurate", err
+        if report.status != "ok":
+            del working[key]
+            return
+        label = f"{key[0]}/{key[1]}"
+        with torch.no_grad():
+            timing = time_interleaved({label: lambda r=working[key]: r(self.example)}, warmup=self.warmup,
+                                      rounds=self.rounds, timer=make_timer(self.example.device), pause_s=self.pause_s)
+        self.medians[key] = report.median_s = timing[label].median
+        loser = key if self.best is not None and self.medians[key] >= self.medians[self.best] else self.best
+        if loser is not None:
+            del working[loser]
+        self.best = key if loser != key else self.best
+        gc.collect()
+
+    def reason(self) -> str:
+        ranked = sorted(self.medians, key=self.medians.__getitem__)
+        return (f"fastest median over {self.rounds} rounds at batch {self.example.shape[0]}, each candidate timed "
+                "alone (one runtime's copy held at a time): "
+                + ", ".join(f"{n}/{p} {self.medians[(n, p)] * 1e3:.2f} ms" for n, p in ranked))
 
 
 def _guard(working: dict[tuple[str, str], Runner], reports: list[CandidateReport], prepared: nn.Module,
@@ -261,6 +309,7 @@ def optimize_for_inference(
     rounds: int | None = None,
     pause_s: float | None = None,
     fuse: bool = True,
+    one_at_a_time: bool = False,
 ) -> InferenceRunner:
     """Return the fastest verified way to run ``model`` on ``example_input``'s device.
 
@@ -289,6 +338,9 @@ def optimize_for_inference(
         pause_s: idle time before each timed call (default 50 ms on the CPU, where runtimes with
             their own spinning thread pools would otherwise slow whichever candidate runs next).
         fuse: fuse RepVGG blocks and conv-BN pairs on the copy first (exact, and faster eagerly).
+        one_at_a_time: build, check and time the candidates one after another, keeping only the fastest so far:
+            one runtime's copy of the model is held at a time besides it (for large models; the timings are then
+            not interleaved, and the runner has no ``alternatives``).
 
     Raises:
         ValueError: for an unknown candidate name or dtype, or if no candidate reproduces the eager output
@@ -321,9 +373,23 @@ def optimize_for_inference(
     reference = _reference_output(model, example_input)
     prepared = _prepare(model, device, fuse)
     example = example_input.to(device=device, dtype=torch.float32)
+
+    def check(candidates: dict[tuple[str, str], Runner], reports: list[CandidateReport]) -> None:
+        _guard(candidates, reports, prepared, validation, guard, automatic=automatic, device=device)
+
+    alone = None
+    if one_at_a_time and measure:
+        cuda = device.type == "cuda"
+        alone = _FastestSoFar(check, example, warmup=(10 if cuda else 2) if warmup is None else warmup,
+                              rounds=(20 if cuda else 5) if rounds is None else rounds,
+                              pause_s=(0.0 if cuda else 0.05) if pause_s is None else pause_s)
     working, reports = _build_candidates(names, precisions, prepared, example, reference, rtol,
-                                         calibration=calibration, first_only=not measure and validation is None)
-    _guard(working, reports, prepared, validation, guard, automatic=automatic, device=device)
+                                         calibration=calibration, first_only=not measure and validation is None,
+                                         on_built=alone)
+    if alone is None:
+        check(working, reports)
+    elif not working and alone.rejected is not None:
+        raise alone.rejected
     if not working:
         details = "; ".join(f"{r.name} ({r.precision}): {r.status} {r.detail}".strip() for r in reports)
         hint = (" On CUDA, TensorFloat-32 moves float32 results by ~1e-3: turn it off or pass a larger rtol."
@@ -331,6 +397,7 @@ def optimize_for_inference(
         raise ValueError(f"no candidate reproduces the eager model within its accuracy guard ({details}).{hint}")
     chosen, reason = _choose(working, reports, example, measure=measure, warmup=warmup, rounds=rounds,
                              pause_s=pause_s)
+    reason = alone.reason() if alone is not None else reason
     log.info("optimize_for_inference(%s, %s): %s in %s (%s)", type(model).__name__, device, chosen[0], chosen[1],
              reason)
     return InferenceRunner(working[chosen], backend=chosen[0], device=device, dtype=_PRECISION_DTYPES[chosen[1]],
