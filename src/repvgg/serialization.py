@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, ClassVar, Mapping, TypeVar
 
 from repvgg.errors import WriteFailed
 from repvgg.limits import brief
@@ -45,6 +45,9 @@ PathLike = str | os.PathLike[str]
 
 class DictMixin:
     """JSON-friendly dict round trips for dataclasses (specs and configs stored in checkpoints)."""
+
+    # Every user is a dataclass: declared so type checkers accept it where a dataclass is expected.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description (tuples become lists)."""

@@ -29,7 +29,6 @@ Submodule names are those of the official release, because they are the checkpoi
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -59,12 +58,13 @@ class ConvBN(nn.Sequential):
         groups: int = 1,
         norm: bool = True,
     ) -> None:
-        conv = nn.Conv2d(
+        super().__init__()
+        # assigned in order (keys conv.*, bn.*) as typed attributes; Sequential(OrderedDict(...)) leaves them untyped
+        self.conv: nn.Conv2d = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding,
             dilation=dilation, groups=groups, bias=False,
         )
-        bn: nn.Module = nn.BatchNorm2d(out_channels) if norm else nn.Identity()
-        super().__init__(OrderedDict(conv=conv, bn=bn))
+        self.bn: nn.Module = nn.BatchNorm2d(out_channels) if norm else nn.Identity()
 
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
         """Kernel and bias (float64) of one conv equal to this conv + BN at inference time."""
@@ -210,6 +210,7 @@ class RepVGGBlock(nn.Module):
         is formed in float64 and returned in the block's parameter dtype.
         """
         if self.rbr_reparam is not None:
+            assert self.rbr_reparam.bias is not None  # the fused conv is always built with a bias
             return self.rbr_reparam.weight, self.rbr_reparam.bias
         assert self.rbr_dense is not None
         dtype = self.rbr_dense.conv.weight.dtype
@@ -242,6 +243,7 @@ class RepVGGBlock(nn.Module):
             return
         kernel, bias = self.equivalent_kernel_bias()
         fused = self._make_fused_conv(initialize=False, device=kernel.device, dtype=kernel.dtype)
+        assert fused.bias is not None  # built with bias=True
         fused.weight.copy_(kernel)
         fused.bias.copy_(bias)
         self.rbr_reparam = fused

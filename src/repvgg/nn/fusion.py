@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -52,15 +53,27 @@ def fold_norm(kernel: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor]:
     return fold_batchnorm(kernel, norm)
 
 
-def _check_batchnorm(bn: nn.Module) -> None:
+class _FoldableNorm(Protocol):
+    """What folding reads from a batch norm (`is_batchnorm` checks the statistics and ``eps``)."""
+
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+
+def _check_batchnorm(bn: nn.Module) -> _FoldableNorm:
     if not is_batchnorm(bn):
         raise ValueError(
             f"cannot fold {type(bn).__name__} into a convolution: only batch norm (BatchNorm2d, SyncBatchNorm, "
             "frozen batch norm) has fixed statistics at inference time; use batch norm in the branches"
         )
+    # is_batchnorm checked the attributes by type; nn.Module's __getattr__ types every one as Tensor | Module
+    return cast(_FoldableNorm, bn)
 
 
-def _running_stats(bn: nn.Module) -> tuple[Tensor, Tensor]:
+def _running_stats(bn: _FoldableNorm) -> tuple[Tensor, Tensor]:
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
             f"{bn} has no running statistics (track_running_stats=False), so it cannot be folded into a "
@@ -78,12 +91,12 @@ def fold_batchnorm(kernel: Tensor | None, bn: nn.Module) -> tuple[Tensor, Tensor
     respect to the conv weight and the BN affine parameters; always uses the running statistics.
     Any batch norm (`is_batchnorm`) folds; another norm is a ValueError naming its type.
     """
-    _check_batchnorm(bn)
-    mean, var = _running_stats(bn)
+    norm = _check_batchnorm(bn)
+    mean, var = _running_stats(norm)
     mean = mean.to(_FUSION_DTYPE)
-    std = (var.to(_FUSION_DTYPE) + bn.eps).sqrt()
-    gamma = bn.weight.to(_FUSION_DTYPE) if bn.weight is not None else torch.ones_like(mean)
-    beta = bn.bias.to(_FUSION_DTYPE) if bn.bias is not None else torch.zeros_like(mean)
+    std = (var.to(_FUSION_DTYPE) + norm.eps).sqrt()
+    gamma = norm.weight.to(_FUSION_DTYPE) if norm.weight is not None else torch.ones_like(mean)
+    beta = norm.bias.to(_FUSION_DTYPE) if norm.bias is not None else torch.zeros_like(mean)
     scale = gamma / std
     bias = beta - mean * scale
     if kernel is None:
@@ -226,13 +239,15 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
     modules = dict(traced.named_modules())
     pairs = _fusable_pairs(traced)
     for conv_node, bn_node in pairs:
-        bn = modules[bn_node.target]
-        fused = fuse_conv_bn_modules(modules[conv_node.target], bn)
-        parent_name, _, attr = conv_node.target.rpartition(".")
+        conv_name, bn_name = conv_node.target, bn_node.target
+        assert isinstance(conv_name, str) and isinstance(bn_name, str)  # call_module nodes name their module
+        bn = modules[bn_name]
+        fused = fuse_conv_bn_modules(modules[conv_name], bn)
+        parent_name, _, attr = conv_name.rpartition(".")
         setattr(traced.get_submodule(parent_name) if parent_name else traced, attr, fused)
         after = [child for _, child in bn.named_children()]
         if after:  # what the norm layer did after normalising (dropout, activation) stays, in its place
-            parent_name, _, attr = bn_node.target.rpartition(".")
+            parent_name, _, attr = bn_name.rpartition(".")
             setattr(traced.get_submodule(parent_name) if parent_name else traced, attr, nn.Sequential(*after))
             bn_node.args = (conv_node,)
             continue
