@@ -20,10 +20,10 @@ import re
 import reprlib
 from typing import Any
 
-__all__ = ["ACTIVATION_FACTOR", "LimitExceeded", "MAX_CHANNELS", "MAX_CONFIG_BYTES", "MAX_IMAGE_PIXELS",
-           "MAX_IMG_SIZE", "MAX_JSON_BYTES", "MAX_NESTING", "MAX_STAGE_DEPTH", "MEMORY_SHARE", "MIN_OPSET", "brief",
-           "check_batch_memory", "check_float", "check_image_pixels", "check_img_size", "check_int", "machine_memory",
-           "nesting_depth", "parse_json"]
+__all__ = ["ACTIVATION_FACTOR", "LimitExceeded", "MAX_CHANNELS", "MAX_CLASSES", "MAX_CONFIG_BYTES", "MAX_IMAGE_PIXELS",
+           "MAX_IMG_SIZE", "MAX_JSON_BYTES", "MAX_LR", "MAX_NESTING", "MAX_RESIZE", "MAX_STAGE_DEPTH", "MAX_WORKERS",
+           "MEMORY_SHARE", "MIN_OPSET", "brief", "check_batch_memory", "check_float", "check_image_pixels",
+           "check_img_size", "check_int", "machine_memory", "nesting_depth", "parse_json"]
 
 #: Largest input side (pixels) of any command: training, evaluation, export, benchmarks.
 MAX_IMG_SIZE = 4096
@@ -36,6 +36,15 @@ MIN_OPSET = 18
 #: Most pixels of one image, decoded or resized for a model (8192 x 8192; a 48-megapixel photo fits). A 16-bit
 #: PNG of 13,000 x 13,000 pixels compresses to a few hundred KB and decodes to gigabytes.
 MAX_IMAGE_PIXELS = 8192 * 8192
+#: The longest side a model's preprocessing may resize an image to before its crop (a square image then has the most
+#: pixels allowed).
+MAX_RESIZE = math.isqrt(MAX_IMAGE_PIXELS)
+#: Most class names a file may declare (ImageNet-21k has 21,843).
+MAX_CLASSES = 1_000_000
+#: The largest learning rate a run accepts (the paper's is 0.1 at batch 256; a larger one is a typo).
+MAX_LR = 1000.0
+#: The most data-loading processes a run starts.
+MAX_WORKERS = 256
 #: Most bytes of one JSON text a file or a flag holds (class names, preprocessing, a model spec).
 MAX_JSON_BYTES = 16 * 2**20
 #: Most bytes of a ``--config`` file.

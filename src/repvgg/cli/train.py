@@ -8,6 +8,7 @@ from typing import Any
 
 from repvgg.cli.flags import config_command, config_flag_values
 from repvgg.cli.output import emit
+from repvgg.limits import parse_json
 from repvgg.errors import EXIT_INTERRUPTED
 from repvgg.options import RunConfig
 from repvgg.training.config import TrainConfig, resolve_run_config
@@ -40,10 +41,7 @@ def _parse_spec(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--spec expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--spec {key}: value must be JSON (e.g. [1,2,2,2,1], true, 2), got {value!r}") from err
+        overrides[key.strip()] = parse_json(value, f"--spec {key} (a JSON value, e.g. [1,2,2,2,1], true, 2)")
     return overrides
 
 

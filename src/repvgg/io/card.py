@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from repvgg.io.formats import require_kind
-from repvgg.limits import MAX_IMAGE_PIXELS, LimitExceeded, brief, check_img_size, parse_json
+from repvgg.limits import MAX_CLASSES, MAX_RESIZE, LimitExceeded, brief, check_img_size, parse_json
 from repvgg.serialization import DictMixin
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "ModelCard", "Preprocessing", "read_card",
@@ -31,10 +31,6 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "ModelCard", "Prep
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-#: Most class names a file may declare (ImageNet-21k has 21,843).
-MAX_CLASSES = 1_000_000
-#: The largest short side a preprocessing may resize images to (a square image then has the most pixels allowed).
-_MAX_RESIZE = math.isqrt(MAX_IMAGE_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -56,9 +52,9 @@ class Preprocessing(DictMixin):
         if isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float)) \
                 or not 0.05 <= self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be a number between 0.05 and 1, got {brief(self.crop_pct)}")
-        if self.resize > _MAX_RESIZE:  # what the fields imply: every image is resized to this short side
+        if self.resize > MAX_RESIZE:  # what the fields imply: every image is resized to this short side
             raise LimitExceeded(f"img_size {self.img_size} with crop_pct {self.crop_pct} resizes every image to a "
-                                f"short side of {self.resize:,} pixels, more than {_MAX_RESIZE:,} "
+                                f"short side of {self.resize:,} pixels, more than {MAX_RESIZE:,} "
                                 "(repvgg.limits.MAX_IMAGE_PIXELS)")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "

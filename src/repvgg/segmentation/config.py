@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from repvgg.limits import MAX_IMG_SIZE
+from repvgg.limits import MAX_IMG_SIZE, MAX_LR
 from repvgg.options import option
-from repvgg.training.config import MAX_LR, LoopConfig
+from repvgg.training.config import LoopConfig
 
 #: Layers dilated by the paper's "fast" segmentation backbones (the last five).
 FAST_DILATED_LAYERS = 5

@@ -8,7 +8,6 @@ multiply-adds of the converted models must be identical), so the inference cost 
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from repvgg.limits import parse_json
 from repvgg.nn.complexity import count_macs, count_parameters
 from repvgg.training.config import TrainConfig
 from repvgg.nn.convert import reparameterize_model
@@ -132,7 +132,7 @@ def run_ablation(
             run_dir = output / f"{name}-seed{seed}"
             summary_path = run_dir / "summary.json"
             if summary_path.is_file():
-                summary = json.loads(summary_path.read_text())
+                summary = parse_json(summary_path.read_text(), str(summary_path))
                 logger.info("%s seed %d: reusing finished run in %s", name, seed, run_dir)
             else:
                 logger.info("%s seed %d: training (%s)", name, seed, DESCRIPTIONS[name])
@@ -144,7 +144,8 @@ def run_ablation(
                 summary = train(config)
                 if summary.get("interrupted"):
                     raise KeyboardInterrupt(f"ablation interrupted during {run_dir}; run the same command to continue")
-            history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            history = [parse_json(line, str(run_dir / "metrics.jsonl"))
+                       for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             if result is None:
                 result = AblationResult(model=summary["model"], dataset=summary["dataset"], epochs=base.epochs,
                                         seeds=list(seeds))

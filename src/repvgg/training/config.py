@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from repvgg.limits import MAX_CONFIG_BYTES, MAX_IMG_SIZE, MAX_NESTING, LimitExceeded, parse_json
+from repvgg.limits import (MAX_CONFIG_BYTES, MAX_IMG_SIZE, MAX_LR, MAX_NESTING, MAX_WORKERS, LimitExceeded,
+                           parse_json)
 from repvgg.options import RunConfig, check_device_name, option
 
 __all__ = ["AblationConfig", "LoopConfig", "RECIPES", "TrainConfig", "load_config_file", "resolve_run_config"]
@@ -35,10 +36,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 C = TypeVar("C", bound=RunConfig)
-#: The largest learning rate a run accepts (the paper's is 0.1 at batch 256; a larger one is a typo).
-MAX_LR = 1000.0
-#: The most data-loading processes a run starts.
-MAX_WORKERS = 256
 
 @dataclass
 class LoopConfig(RunConfig):
