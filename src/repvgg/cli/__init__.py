@@ -14,7 +14,7 @@ import importlib
 import logging
 import sys
 import traceback
-from typing import Sequence
+from typing import Sequence, cast
 
 from repvgg import __version__
 from repvgg.cli.flags import HelpFormatter, Parser, UsageError
@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     parser.add_argument("--version", action="version", version=f"repvgg {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                parser_class=functools.partial(Parser, formatter_class=HelpFormatter))
+    # argparse only calls parser_class(**kwargs): a partial fixing the formatter is as good as a subclass
+    command_parser = cast("type[Parser]", functools.partial(Parser, formatter_class=HelpFormatter))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=command_parser)
     for name in _COMMANDS:
         importlib.import_module(f"repvgg.cli.{name}").add_parser(sub)
     for subparser in sub.choices.values():

@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     if args.print_config:
         return print_config(config, args)
+    assert isinstance(config, AblationConfig)  # the class add_parser gave config_command
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if args.table7:
         configs += [c for c in ("identity_no_bn", "post_bn") if c not in configs]
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             f"{result.same_inference_cost} ({sorted(set(result.converted_params.values()))} params)\n")
     if args.table:
         order = ranking(result.rows)
-        paper_order = sorted(PAPER_TOP1, key=PAPER_TOP1.get)
+        paper_order = sorted(PAPER_TOP1, key=PAPER_TOP1.__getitem__)
         agrees = ranking_agrees(result.rows)
         text += (f"ranking, worst to best: measured {' < '.join(order)}; paper {' < '.join(paper_order)}; "
                  f"agrees: {'n/a' if agrees is None else 'yes' if agrees else 'no'}\n")

@@ -119,7 +119,12 @@ def shown_default(f: dataclasses.Field) -> str:
     """How ``--help`` shows the default of config field ``f``."""
     if f.metadata.get("default_help"):
         return str(f.metadata["default_help"])
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return "required"
     if isinstance(default, bool):
         return "on" if default else "off"
     if isinstance(default, tuple):  # a comma-separated list, or a fixed number of values

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     if args.print_config:
         return print_config(config, args)
+    assert isinstance(config, SegTrainConfig)  # the class add_parser gave config_command
     summary = train_segmenter(config)
     if summary.get("interrupted"):
         emit(args, summary)

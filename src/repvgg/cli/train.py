@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     if args.print_config:
         return print_config(config, args)
+    assert isinstance(config, TrainConfig)  # the class add_parser gave config_command
     summary = (train_qat if config.qat else train)(config)
     if summary.get("interrupted"):
         emit(args, summary)

@@ -94,14 +94,14 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def ranking(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Table 6 configurations from worst to best mean validation top-1."""
     measured = {r["config"]: r["val_top1_mean"] for r in rows if r["config"] in TABLE6}
-    return sorted(measured, key=measured.get)
+    return sorted(measured, key=measured.__getitem__)
 
 
 def ranking_agrees(rows: Sequence[dict[str, Any]]) -> bool | None:
     order = ranking(rows)
     if len(order) < len(TABLE6):
         return None
-    return order == sorted(PAPER_TOP1, key=PAPER_TOP1.get)
+    return order == sorted(PAPER_TOP1, key=PAPER_TOP1.__getitem__)
 
 
 def run_ablation(
@@ -122,6 +122,8 @@ def run_ablation(
     unknown = [c for c in configs if c not in BRANCH_CONFIGS]
     if unknown:
         raise ValueError(f"unknown ablation configuration(s) {unknown}; choose from {list(BRANCH_CONFIGS)}")
+    if not configs:
+        raise ValueError(f"at least one ablation configuration is needed; choose from {list(BRANCH_CONFIGS)}")
     if not seeds:
         raise ValueError("at least one seed is needed")
     output = Path(output)
@@ -157,6 +159,7 @@ def run_ablation(
                 "output": str(run_dir),
             })
             img_size, classes = summary["img_size"], summary["num_classes"]
+        assert result is not None  # seeds is not empty, so the first run set it
         params, macs = converted_cost(base.model, overrides, img_size, classes)
         result.converted_params[name] = params
         result.converted_macs[name] = macs
