@@ -151,6 +151,8 @@ def export_onnx_file(
                 model, (example,), dynamo=True, verbose=False, opset_version=opset,
                 dynamic_shapes=dynamic_shapes, input_names=["input"], output_names=["output"],
             )
+        if program is None:  # dynamo=True returns the program; the fallback below handles anything else
+            raise RuntimeError("the torch.export-based exporter returned no program")
         program.save(str(path), external_data=external)
     except Exception as err:  # noqa: BLE001 - the exporter fails in many ways; the fallback is logged
         log.warning("torch.export-based ONNX export failed (%s: %s); using the TorchScript-based exporter",

@@ -66,7 +66,8 @@ def create_model(
         if not isinstance(name, str):
             raise ValueError("pretrained=True needs a registered model name")
         weights = pretrained_file(canonical_name(name))
-    state_dict, metadata = None, {}
+    state_dict: dict[str, Tensor] | None = None
+    metadata: dict[str, Any] = {}
     skip_head = False
     if weights is not None:
         path = resolve_weights(weights)
@@ -111,7 +112,7 @@ def attach_card(model: torch.nn.Module, metadata: Mapping[str, Any] | ModelCard,
         return
     card = metadata if isinstance(metadata, ModelCard) else \
         resolve_card(metadata, source, num_classes, default=_default_preprocessing(model))
-    model.card = card
+    setattr(model, "card", card)  # plain data: nn.Module types attribute assignment as Tensor | Module
     p = card.preprocessing
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):

@@ -128,6 +128,8 @@ def device_supports_dtype(device: torch.device | str, dtype: torch.dtype) -> boo
     if device.type == "cuda":
         return dtype == torch.float16 or torch.cuda.is_bf16_supported()
     mkldnn = getattr(torch.ops, "mkldnn", None)
+    if mkldnn is None:
+        return False
     try:
         if dtype == torch.bfloat16:
             return bool(mkldnn._is_mkldnn_bf16_supported())

@@ -57,12 +57,13 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]], *, stdin: Iterable[s
             paths.extend(files)
         else:
             raise FileNotFoundError(f"no such file or folder: {text}")
-    unique, seen = [], set()
-    for path in paths:
-        real = os.path.realpath(path)
+    unique: list[str] = []
+    seen: set[str] = set()
+    for name in paths:
+        real = os.path.realpath(name)
         if real not in seen:
             seen.add(real)
-            unique.append(path)
+            unique.append(name)
     if not unique:
         raise ValueError("no images to predict: name image files, folders or glob patterns (or - for stdin)")
     return unique

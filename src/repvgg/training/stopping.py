@@ -29,7 +29,7 @@ class StopRequest:
     def __init__(self, action: str = "saving a resumable checkpoint after this step") -> None:
         self.requested = False
         self.action = action
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[signal.Signals, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
