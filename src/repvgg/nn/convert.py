@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence, TypeVar
+from typing import Protocol, Sequence, TypeGuard, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,13 @@ CONVERSION_TOLERANCE = 1e-4
 M = TypeVar("M", bound=nn.Module)
 
 
-def is_reparameterizable(module: nn.Module) -> bool:
+class Reparameterizable(Protocol):
+    """A module that fuses itself in place."""
+
+    def reparameterize(self) -> None: ...
+
+
+def is_reparameterizable(module: nn.Module) -> TypeGuard[Reparameterizable]:
     """True for modules that know how to fuse themselves (they define ``reparameterize()``)."""
     return callable(getattr(module, "reparameterize", None))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 from repvgg.limits import MAX_IMG_SIZE, MAX_LR
 from repvgg.options import option
@@ -76,7 +77,8 @@ class SegTrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         if self.scale_range is not None:
-            self.scale_range = tuple(float(v) for v in self.scale_range)  # YAML gives lists
+            # YAML gives lists; the length is checked below
+            self.scale_range = cast("tuple[float, float]", tuple(float(v) for v in self.scale_range))
         super().__post_init__()
         scales = self.scale_range or (1.0, 1.0)
         self._check([

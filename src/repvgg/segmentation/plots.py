@@ -90,7 +90,8 @@ def plot_predictions(
                 ax.set_title(["input", "ground truth", "prediction"][col])
     palette = class_colours(num_classes) / 255.0
     handles = [Patch(color=tuple(palette[i]), label=name) for i, name in enumerate(class_names)]
-    handles.append(Patch(color=tuple(c / 255.0 for c in IGNORE_COLOUR), label="ignore"))
+    red, green, blue = IGNORE_COLOUR
+    handles.append(Patch(color=(red / 255.0, green / 255.0, blue / 255.0), label="ignore"))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from repvgg.serialization import DictMixin
 from repvgg.nn.convert import is_reparameterizable
+from repvgg.nn.model import RepVGG
 from repvgg.nn.registry import canonical_name as normalise_model_name
 from repvgg.nn.registry import get_spec, list_models
 from repvgg.segmentation.backbones import RESNET_DEPTHS, ResNetBackbone, create_repvgg_backbone
@@ -253,7 +254,7 @@ def build_segmenter(
             package reads, or a torchvision ResNet state dict file. Nothing is downloaded.
     """
     if config.is_resnet:
-        backbone: nn.Module = ResNetBackbone(
+        backbone: ResNetBackbone | RepVGG = ResNetBackbone(
             RESNET_DEPTHS[config.backbone], output_stride=config.output_stride, in_chans=config.in_chans,
             deploy=deploy, weights=backbone_weights,
         )
