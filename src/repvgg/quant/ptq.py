@@ -43,6 +43,7 @@ from repvgg.quant.qdq import batches, calibration_subset, quantize_onnx, quantiz
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, Relabelled, build_datasets
+from repvgg.training.loaders import dataset_size
 
 __all__ = ["QuantizeReport", "quantize_model", "runtime_speeds", "speed_runtimes"]
 
@@ -198,7 +199,8 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
         if quantized == 0:
             raise RunFailed("ONNX Runtime quantized none of the convolutions; nothing was written")
         runtimes = speed_runtimes(cfg.runtime)
-        log.info("judging INT8 against float32 on %d validation images (%s)", len(bundle.val), ", ".join(runtimes))
+        log.info("judging INT8 against float32 on %d validation images (%s)", dataset_size(bundle.val),
+                 ", ".join(runtimes))
         # QAT fine-tunes the weights on purpose: its INT8 model is held to float32's accuracy, not its predictions
         guard = Guard(0.0 if qat_int8 is not None else cfg.min_agreement, cfg.max_top1_drop)
         results = validation_guard(plain, {runtime: onnx_runner(int8, runtime) for runtime in runtimes},
@@ -243,7 +245,7 @@ class _Resized(Dataset):
         self.dataset, self.size = dataset, size
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return dataset_size(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.dataset[index]

@@ -33,6 +33,7 @@ from repvgg.quant.config import CALIBRATION_METHODS
 from repvgg.serialization import atomic_write
 from repvgg.training.data import collate_readable
 from repvgg.training.evaluate import compare_models
+from repvgg.training.loaders import dataset_size
 
 __all__ = ["CALIBRATION_METHODS", "Calibration", "batches", "calibration_batches", "calibration_subset",
            "evaluate_onnx", "export_fake_quant_onnx", "qat_qconfig_mapping", "quantize_onnx", "quantized_conv_count"]
@@ -84,13 +85,14 @@ class _CalibrationReader:
         self.index = 0
 
 
-def calibration_subset(dataset: Dataset, count: int, *, seed: int = 0) -> Dataset:
+def calibration_subset(dataset: Dataset, count: int, *, seed: int = 0) -> Subset:
     """``count`` images of ``dataset`` in a fixed random order (all of them if there are fewer)."""
     if count < 1:
         raise ValueError(f"the calibration set must hold at least one image, got calib_images={count}")
-    if len(dataset) == 0:
+    size = dataset_size(dataset)
+    if size == 0:
         raise ValueError("the calibration data is empty: the training split holds no images")
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:count].tolist()
     return Subset(dataset, order)
 
 

@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from repvgg.nn.complexity import count_parameters
 from repvgg.training.distributed import DistContext
 from repvgg.training.engine import StepOutput, eval_loader, fit
+from repvgg.training.loaders import dataset_size
 from repvgg.training.run_folder import LOOP_CHANGEABLE, data_identity
+from repvgg.training.task import TaskSetup
 from repvgg.training.trackers import Tracker
 from repvgg.segmentation.config import FAST_DILATED_LAYERS, SegTrainConfig
 from repvgg.segmentation.data import SegmentationDataBundle, build_segmentation_data
@@ -48,7 +50,7 @@ def poly_learning_rate(step: int, total_steps: int, base_lr: float, power: float
 
 
 def default_segmentation_output_dir(config: SegTrainConfig) -> Path:
-    dataset = "shapes" if config.synthetic else Path(config.data).name
+    dataset = "shapes" if config.synthetic or config.data is None else Path(config.data).name
     variant = "-fast" if config.fast else ""
     return Path("runs") / f"seg-{config.backbone}{variant}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -73,7 +75,7 @@ def segmenter_config(config: SegTrainConfig, num_classes: int) -> SegmenterConfi
 
 def _data_description(config: SegTrainConfig) -> dict[str, Any]:
     """What ``repvgg seg-eval`` needs to rebuild the validation set (stored with the weights)."""
-    if config.synthetic:
+    if config.synthetic or config.data is None:
         synthetic = dataclasses.asdict(synthetic_config(config))
         synthetic["size_range"] = list(synthetic["size_range"])
         return {"data": None, "synthetic": synthetic, "val_size": config.val_size}
@@ -91,18 +93,17 @@ def _build_data(config: SegTrainConfig) -> SegmentationDataBundle:
     )
 
 
-class SegmentationTask:
+class SegmentationTask(TaskSetup[SegTrainConfig, SegmentationDataBundle]):
     """Semantic segmentation with a PSPNet on the generated shapes or an image/label folder (``repvgg seg-train``)."""
 
     command = "seg-train"
     score = "val_miou"
     min_local_batch = 2  # BatchNorm in the pyramid pooling's 1x1 bin
-    changeable_on_resume = (*LOOP_CHANGEABLE, "aux_weight", "poly_power", "baseline")
-    input_fields = ("data", "backbone_weights")
+    changeable_on_resume: tuple[str, ...] = (*LOOP_CHANGEABLE, "aux_weight", "poly_power", "baseline")
+    input_fields: tuple[str, ...] = ("data", "backbone_weights")
 
     def __init__(self) -> None:
-        self.config: SegTrainConfig | None = None
-        self.bundle: SegmentationDataBundle | None = None
+        super().__init__()
         self.device = torch.device("cpu")
         self.val_batch_size = 1
         self.resumed: Mapping[str, Any] | None = None
@@ -118,7 +119,7 @@ class SegmentationTask:
         return self.config, self.bundle.train
 
     def data_identity(self) -> dict[str, Any]:
-        return data_identity(self.bundle.classes, self.bundle.train, self.bundle.val)
+        return data_identity(self.bundle.classes, dataset_size(self.bundle.train), dataset_size(self.bundle.val))
 
     def build_model(self, config: SegTrainConfig, device: torch.device) -> PSPNet:
         # a resume's weights come from its checkpoint: the backbone's initial file is not needed
@@ -131,8 +132,8 @@ class SegmentationTask:
 
     def describe(self, model: nn.Module, config: SegTrainConfig, steps_per_epoch: int) -> str:
         b = self.bundle
-        return (f"{model.name} on {b.name}: {len(b.train)} train / {len(b.val)} val images, {b.num_classes} classes, "
-                f"crop {b.crop_size}")
+        return (f"{model.name} on {b.name}: {dataset_size(b.train)} train / {dataset_size(b.val)} val images, "
+                f"{b.num_classes} classes, crop {b.crop_size}")
 
     def learning_rate(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
         return poly_learning_rate(step, total_steps, self.config.resolved_lr, self.config.poly_power)
@@ -196,7 +197,7 @@ class SegmentationTask:
         plot_segmentation_curves(history, output / "curves.png", title=f"{model.name} on {bundle.name}")
         samples = []
         with torch.no_grad():
-            for index in range(min(PREDICTION_SAMPLES, len(bundle.val))):
+            for index in range(min(PREDICTION_SAMPLES, dataset_size(bundle.val))):
                 image, label = bundle.val[index]
                 prediction = plain(image[None].to(device)).argmax(1)[0].cpu()
                 samples.append((image, label, prediction))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["accumulate_gradients", "clip_gradients", "micro_batches"]
@@ -37,7 +38,8 @@ def accumulate_gradients(task: Any, net: nn.Module, model: nn.Module, batch: Any
     device_type = next(model.parameters()).device.type
     totals: Tensor | None = None
     for i, piece in enumerate(pieces):
-        sync = contextlib.nullcontext() if i == len(pieces) - 1 or not distributed else net.no_sync()
+        defer = distributed and i < len(pieces) - 1  # DDP averages the gradients once, with the last micro-batch
+        sync = net.no_sync() if defer and isinstance(net, DistributedDataParallel) else contextlib.nullcontext()
         with sync:
             with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = task.training_step(net, model, piece)

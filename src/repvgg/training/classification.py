@@ -28,9 +28,11 @@ from repvgg.training.data import DatasetBundle, build_datasets
 from repvgg.training.distributed import DistContext, all_reduce
 from repvgg.training.devices import training_memory_format
 from repvgg.training.engine import StepOutput, eval_loader, fit
+from repvgg.training.loaders import dataset_size
 from repvgg.training.evaluate import evaluate_models, measure_throughput
 from repvgg.training.optim import custom_l2, learning_rate
 from repvgg.training.run_folder import LOOP_CHANGEABLE, data_identity
+from repvgg.training.task import TaskSetup
 from repvgg.training.trackers import Tracker
 
 __all__ = ["ClassificationTask", "train", "default_output_dir"]
@@ -43,19 +45,19 @@ def default_output_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-class ClassificationTask:
-    """Image classification on the digits or an ImageFolder tree (``repvgg train``)."""
+class ClassificationTask(TaskSetup[TrainConfig, DatasetBundle]):
+    """Image classification on the digits or an ImageFolder tree (``repvgg train``); a
+    [`Task`][repvgg.training.task.Task] of any ``nn.Module``, since its QAT subclass trains a prepared graph."""
 
     command = "train"
     score = "val_top1"
     min_local_batch = 2  # BatchNorm of a 1 x 1 map (the last stage at 32 x 32) needs two images
-    changeable_on_resume = (*LOOP_CHANGEABLE, "aux_weight", "bad_images", "inference_speed", "grad_checkpointing",
-                            "channels_last")
-    input_fields = ("data", "weights")
+    changeable_on_resume: tuple[str, ...] = (*LOOP_CHANGEABLE, "aux_weight", "bad_images", "inference_speed",
+                                              "grad_checkpointing", "channels_last")
+    input_fields: tuple[str, ...] = ("data", "weights")
 
     def __init__(self) -> None:
-        self.config: TrainConfig | None = None
-        self.bundle: DatasetBundle | None = None
+        super().__init__()
         self.device = torch.device("cpu")
         self.memory_format = torch.contiguous_format
         self.criterion: nn.Module = nn.CrossEntropyLoss()
@@ -82,9 +84,9 @@ class ClassificationTask:
         return self.config, self.bundle.train
 
     def data_identity(self) -> dict[str, Any]:
-        return data_identity(self.bundle.classes, self.bundle.train, self.bundle.val)
+        return data_identity(self.bundle.classes, dataset_size(self.bundle.train), dataset_size(self.bundle.val))
 
-    def build_model(self, config: TrainConfig, device: torch.device) -> RepVGG:
+    def build_model(self, config: TrainConfig, device: torch.device) -> nn.Module:
         model = build_model(config.model, num_classes=self.bundle.num_classes, **config.model_overrides)
         if config.weights and self.resumed is None:  # a resume's weights come from its checkpoint
             state_dict, _ = read_checkpoint(resolve_weights(config.weights))
@@ -95,7 +97,7 @@ class ClassificationTask:
         if config.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.aux_heads = [f"{position}_aux" for position in getattr(model, "aux_positions", [])]
-        return model.to(device=device, memory_format=self.memory_format)
+        return model.to(device).to(memory_format=self.memory_format)
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
         return eval_loader(self.bundle.val, batch_size=local_batch, workers=self.config.workers, ctx=ctx)
@@ -103,8 +105,9 @@ class ClassificationTask:
     def describe(self, model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> str:
         b = self.bundle
         test = b.preprocessing.img_size
-        return (f"{model.name} on {b.name}: {len(b.train)} train / {len(b.val)} val images, {b.num_classes} classes, "
-                f"{b.img_size}x{b.img_size}" + (f", evaluated at {test}x{test}" if test != b.img_size else ""))
+        return (f"{model.name} on {b.name}: {dataset_size(b.train)} train / {dataset_size(b.val)} val images, "
+                f"{b.num_classes} classes, {b.img_size}x{b.img_size}"
+                + (f", evaluated at {test}x{test}" if test != b.img_size else ""))
 
     def learning_rate(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
         warmup_steps = int(round(self.config.resolved_warmup_epochs * steps_per_epoch))
@@ -155,12 +158,13 @@ class ClassificationTask:
         all_reduce(counts, "sum")
         return {f"{name}_skipped_images": int(count) for (name, _), count in zip(splits, counts)}
 
-    def checkpoint_fields(self, model: RepVGG) -> dict[str, Any]:
+    def checkpoint_fields(self, model: nn.Module) -> dict[str, Any]:
+        assert isinstance(model, RepVGG)  # what build_model builds (QATTask, training another model, overrides this)
         return {"arch": model.name, "spec": model.spec.to_dict(),
                 "spec_overrides": spec_overrides(model.name, model.spec), "num_classes": model.num_classes,
                 "in_chans": model.in_chans, **self.bundle.card.metadata()}
 
-    def compare(self, model: RepVGG, plain: RepVGG, loader: DataLoader) -> dict[str, Any]:
+    def compare(self, model: nn.Module, plain: nn.Module, loader: DataLoader) -> dict[str, Any]:
         report = evaluate_models([model, plain], loader, self.device,
                                  channels_last=self.memory_format == torch.channels_last)
         skipped = self._skipped()
@@ -189,12 +193,13 @@ class ClassificationTask:
             **({"skipped_images": {"val": skipped["val_skipped_images"]}} if skipped else {}),
         }
 
-    def save(self, model: RepVGG, plain: RepVGG, summary: dict[str, Any], history: list[dict[str, Any]],
+    def save(self, model: nn.Module, plain: nn.Module, summary: dict[str, Any], history: list[dict[str, Any]],
              output: Path) -> None:
         from repvgg.plots import plot_training_curves
 
         if "skipped_images" in summary and history:  # the last epoch's training pass, beside the final evaluation's
             summary["skipped_images"]["train"] = history[-1].get("train_skipped_images", 0)
+        assert isinstance(plain, RepVGG)  # the converted copy of what build_model builds (QATTask overrides this)
         save_weights(plain, output / "deploy.safetensors", extra={"dataset": self.bundle.name,
                                                                    **self.bundle.card.metadata()})
         plot_training_curves(history, output / "curves.png", title=f"{model.name} on {self.bundle.name}")

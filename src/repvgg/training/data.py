@@ -333,7 +333,8 @@ def folder_transforms(img_size: int, *, auto_augment: str | None = None, random_
     preprocessing = Preprocessing.from_data_config(cfg, img_size)
     train = create_transform(input_size=(3, img_size, img_size), interpolation=cfg["interpolation"],
                              mean=cfg["mean"], std=cfg["std"], is_training=True, auto_augment=auto_augment,
-                             re_prob=random_erasing, color_jitter=color_jitter or None)
+                             # timm reads None as no colour jitter, but its annotation leaves None out
+                             re_prob=random_erasing, color_jitter=color_jitter or None)  # type: ignore[arg-type]
     return _fuse_to_tensor_normalize(train, cfg["mean"], cfg["std"]), eval_transform(preprocessing), preprocessing
 
 

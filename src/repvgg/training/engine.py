@@ -38,7 +38,7 @@ from repvgg.training.accumulate import accumulate_gradients, clip_gradients
 from repvgg.training.config import LoopConfig, load_config_file
 from repvgg.training.devices import autocast_dtype
 from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, run_distributed
-from repvgg.training.loaders import closing_loaders, eval_loader, seed_epoch, train_loader
+from repvgg.training.loaders import closing_loaders, dataset_size, eval_loader, seed_epoch, train_loader
 from repvgg.training.optim import build_optimizer
 from repvgg.training.progress import diverged_error, duration, progress_bar, write_metrics
 from repvgg.training.run_folder import (check_checkpoint_belongs, check_continuation, check_data_is_there,
@@ -78,8 +78,8 @@ class _Run:
     steps_per_epoch: int
     given_paths: dict[str, str]
     data_identity: dict[str, Any]
-    loader: DataLoader | None = None
-    sampler: EpochSampler | None = None
+    loader: DataLoader
+    sampler: EpochSampler
     stopper: StopRequest = field(default_factory=StopRequest)
     steps_this_run: int = 0
     epochs_this_run: int = 0
@@ -205,17 +205,17 @@ def _start(task: Task, config: Any, ctx: DistContext, trackers: list[Tracker], h
 
         ema = ModelEmaV3(model, decay=config.ema_decay)
     state = RunState() if resume is None else _restore(resume, model, optimizer, ema, ctx, str(config.resume))
-    local_batch, steps_per_epoch = _batch_plan(task, config, ctx, len(train_set))
-    run = _Run(task, config, ctx, output, trackers, model,
-               DistributedDataParallel(model) if ctx.distributed else model, optimizer, ema,
-               torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), state,
-               task.val_loader(local_batch, ctx), local_batch, steps_per_epoch, given, identity, amp_dtype=amp_dtype)
+    local_batch, steps_per_epoch = _batch_plan(task, config, ctx, dataset_size(train_set))
+    loader, sampler = train_loader(train_set, seed=config.seed, ctx=ctx, local_batch=local_batch,
+                                   workers=config.workers)
+    run = _Run(task, config, ctx, output, trackers, model, DistributedDataParallel(model) if ctx.distributed else model,
+               optimizer, ema, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), state,
+               task.val_loader(local_batch, ctx), local_batch, steps_per_epoch, given, identity, loader, sampler,
+               amp_dtype=amp_dtype)
     if ctx.is_main:  # everything is checked: the first write
         _open_folder(run, replaced)
     logger.info("%s, %d params, %d steps/epoch, lr %.4g", task.describe(model, config, steps_per_epoch),
                 count_parameters(model), steps_per_epoch, config.resolved_lr)
-    run.loader, run.sampler = train_loader(train_set, seed=config.seed, ctx=ctx, local_batch=local_batch,
-                                           workers=config.workers)
     return run
 
 
@@ -298,14 +298,14 @@ def _report_step(run: _Run, bar: Any) -> None:
     state, config = run.state, run.config
     logged = run.ctx.is_main and state.step_in_epoch % config.log_interval == 0
     if logged or (bar is not None and (state.step_in_epoch % 10 == 0 or state.step_in_epoch == run.steps_per_epoch)):
-        shown = {k: f"{v:.4g}" for k, v in run.task.train_metrics(state.epoch_sums).items()} | {"lr": f"{run.lr:.3g}"}
+        shown = {k: f"{v:.4g}" for k, v in run.task.train_metrics(state.sums).items()} | {"lr": f"{run.lr:.3g}"}
         if bar is not None:
             bar.set_postfix(shown, refresh=False)
         else:
             logger.info("epoch %d step %d/%d %s", state.epoch + 1, state.step_in_epoch, run.steps_per_epoch,
                         " ".join(f"{k} {v}" for k, v in shown.items()))
     if run.trackers and logged:
-        scalars = {**run.task.train_metrics(state.epoch_sums), "lr": run.lr}
+        scalars = {**run.task.train_metrics(state.sums), "lr": run.lr}
         for tracker in run.trackers:
             tracker.log_step(state.global_step, scalars)
     if bar is not None:
@@ -338,7 +338,7 @@ def _run_epoch(run: _Run) -> bool:
         if state.step_in_epoch % check_every == 0 or state.step_in_epoch == run.steps_per_epoch:
             signalled, bad_loss = shared_flags(run.stopper, state.epoch_sums)
             if bad_loss:
-                sums = state.epoch_sums
+                sums = state.sums
                 raise diverged_error(f"the training loss is {float(sums[0] / sums[1]):g}",
                                      f"epoch {state.epoch + 1}, step {state.step_in_epoch}", run.output, run.lr)
             stop = stop or signalled
@@ -357,7 +357,7 @@ def _run_epoch(run: _Run) -> bool:
 def _end_epoch(run: _Run) -> bool:
     """Evaluate, record and save the finished epoch; True if the run should stop now."""
     state, task = run.state, run.task
-    sums, started = state.epoch_sums, time.perf_counter() - state.epoch_time_s
+    sums, started = state.sums, time.perf_counter() - state.epoch_time_s
     eval_model = run.ema.module if run.ema is not None else run.model
     row = {"epoch": state.epoch + 1, **task.train_metrics(sums), **task.evaluate(eval_model, run.val_loader),
            "lr": run.lr, "epoch_time_s": state.epoch_time_s,

@@ -109,7 +109,7 @@ def compare_models(
             counts[-1] += predictions[0].numel()
     finally:
         for model, mode in zip(models, modes):
-            if mode is not None:
+            if isinstance(model, nn.Module) and mode is not None:
                 model.train(mode)
     all_reduce(counts, "sum")
     for deviation in deviations:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 
 import numpy as np
 import torch
@@ -18,7 +18,16 @@ from torch.utils.data import DataLoader, Dataset
 from repvgg.training.data import collate_readable
 from repvgg.training.distributed import DistContext, EpochSampler, SeededSamples, ShardSampler
 
-__all__ = ["closing_loaders", "eval_loader", "seed_epoch", "train_loader"]
+__all__ = ["closing_loaders", "dataset_size", "eval_loader", "seed_epoch", "train_loader"]
+
+
+def dataset_size(dataset: Dataset) -> int:
+    """The number of samples of a map-style ``dataset`` (torch's ``Dataset`` type declares no ``__len__``; the samplers
+    here need one): a TypeError names a dataset without."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no length: training and evaluation need a map-style dataset "
+                        "(with __len__ and __getitem__)")
+    return len(dataset)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -37,7 +46,7 @@ def train_loader(dataset: Dataset, *, seed: int, ctx: DistContext, local_batch: 
     seed (`SeededSamples`), so neither the workers nor a resume change what the model sees. Call
     ``sampler.set_epoch(epoch, skip)`` before iterating an epoch.
     """
-    sampler = EpochSampler(len(dataset), seed=seed, rank=ctx.rank, world_size=ctx.world_size)  # type: ignore[arg-type]
+    sampler = EpochSampler(dataset_size(dataset), seed=seed, rank=ctx.rank, world_size=ctx.world_size)
     # The loader's own generator keeps it from drawing on the global RNG, whose state a resume restores.
     loader = DataLoader(SeededSamples(dataset), batch_size=local_batch, sampler=sampler, drop_last=True,
                         collate_fn=collate_readable, num_workers=workers, persistent_workers=workers > 0,
@@ -49,7 +58,7 @@ def train_loader(dataset: Dataset, *, seed: int, ctx: DistContext, local_batch: 
 def eval_loader(dataset: Dataset, *, batch_size: int, workers: int, ctx: DistContext) -> DataLoader:
     """This process's in-order, disjoint validation shard (shards summed over processes are exact)."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_readable,
-                      sampler=ShardSampler(len(dataset), ctx.rank, ctx.world_size),
+                      sampler=ShardSampler(dataset_size(dataset), ctx.rank, ctx.world_size),
                       pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0)
 
 

@@ -39,18 +39,20 @@ __all__ = ["parameter_groups", "build_optimizer", "learning_rate", "custom_l2", 
 
 def _identity_scales(model: nn.Module) -> set[int]:
     """``id`` of the identity-branch BN scales (decayed in the official recipe, unlike other BN scales)."""
-    return {
-        id(module.rbr_identity.weight) for module in model.modules()
-        if isinstance(module, RepVGGBlock) and is_batchnorm(module.rbr_identity)
-        and module.rbr_identity.weight is not None
-    }
+    scales: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, RepVGGBlock) and module.rbr_identity is not None and is_batchnorm(module.rbr_identity):
+            weight = module.rbr_identity.weight
+            if isinstance(weight, Tensor):  # None for a BN without affine parameters
+                scales.add(id(weight))
+    return scales
 
 
 def block_kernels(model: nn.Module) -> set[int]:
     """``id`` of the 3x3 and 1x1 kernels of every training-time RepVGG block (custom L2 replaces their decay)."""
     ids: set[int] = set()
     for module in model.modules():
-        if isinstance(module, RepVGGBlock) and not module.deploy:
+        if isinstance(module, RepVGGBlock) and module.rbr_dense is not None:  # a training-time block
             ids.add(id(module.rbr_dense.conv.weight))
             if module.rbr_1x1 is not None:
                 ids.add(id(module.rbr_1x1.conv.weight))

@@ -26,7 +26,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -300,9 +300,9 @@ def _check_epochs(checkpoint: Mapping[str, Any], config: Any, output: Path) -> N
                          f"--epochs {config.epochs} would leave them out: pass --epochs {done + 1} or more")
 
 
-def data_identity(classes: Sequence[str], train: Sized, val: Sized) -> dict[str, Any]:
+def data_identity(classes: Sequence[str], train_images: int, val_images: int) -> dict[str, Any]:
     """What makes data the same data wherever it lies (recorded in checkpoints): class names and image counts."""
-    return {"classes": list(classes), "images": {"train": len(train), "val": len(val)}}
+    return {"classes": list(classes), "images": {"train": train_images, "val": val_images}}
 
 
 def check_same_data(recorded: Mapping[str, Any] | None, current: Mapping[str, Any], data: str | None,

@@ -1,6 +1,7 @@
 """What a training job gives the engine ([`Task`][repvgg.training.task.Task],
 [`StepOutput`][repvgg.training.task.StepOutput]) and what the engine keeps of a run
-([`RunState`][repvgg.training.task.RunState], saved in every checkpoint)."""
+([`RunState`][repvgg.training.task.RunState], saved in every checkpoint); [`TaskSetup`][repvgg.training.task.TaskSetup]
+holds what a task's ``setup`` resolves."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -16,9 +17,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from repvgg.training.distributed import DistContext
 
-__all__ = ["RunState", "StepOutput", "Task"]
+__all__ = ["RunState", "StepOutput", "Task", "TaskSetup"]
 
 logger = logging.getLogger(__name__)
+
+#: The model a task builds, and gets back to checkpoint, compare and save.
+M = TypeVar("M", bound=nn.Module)
+ConfigT = TypeVar("ConfigT")
+DataT = TypeVar("DataT")
+
 
 @dataclass
 class RunState:
@@ -41,6 +48,13 @@ class RunState:
 
     _PROGRESS = ("epoch_sums", "epoch_time_s", "epoch_data_wait_s", "epoch_steps_timed", "train_time_s",
                  "train_images")
+
+    @property
+    def sums(self) -> Tensor:
+        """The unfinished epoch's sums, once a step of it has run (in this invocation, or on the main process before
+        a resume)."""
+        assert self.epoch_sums is not None, "no training step of this epoch has run"
+        return self.epoch_sums
 
     def to_checkpoint(self) -> dict[str, Any]:
         progress = {k: getattr(self, k) for k in self._PROGRESS}
@@ -72,8 +86,38 @@ class StepOutput:
     sums: Tensor
 
 
-class Task(Protocol):
-    """One kind of training job. The engine calls these in the order listed, rank 0 only for ``save``."""
+class TaskSetup(Generic[ConfigT, DataT]):
+    """What a task's ``setup`` resolves, its run's ``config`` and its data ``bundle``, for its other methods to read;
+    reading either before ``setup`` is a RuntimeError."""
+
+    def __init__(self) -> None:
+        self._config: ConfigT | None = None
+        self._bundle: DataT | None = None
+
+    @property
+    def config(self) -> ConfigT:
+        if self._config is None:
+            raise RuntimeError(f"{type(self).__name__} has no config before setup()")
+        return self._config
+
+    @config.setter
+    def config(self, config: ConfigT) -> None:
+        self._config = config
+
+    @property
+    def bundle(self) -> DataT:
+        if self._bundle is None:
+            raise RuntimeError(f"{type(self).__name__} has no data before setup()")
+        return self._bundle
+
+    @bundle.setter
+    def bundle(self, bundle: DataT) -> None:
+        self._bundle = bundle
+
+
+class Task(Protocol[M]):
+    """One kind of training job. The engine calls these in the order listed, rank 0 only for ``save``; ``M`` is the
+    model it builds."""
 
     #: The ``repvgg`` subcommand that runs the task (used in messages and to tell checkpoints apart).
     command: str
@@ -102,7 +146,7 @@ class Task(Protocol):
     def data_identity(self) -> dict[str, Any]:
         """What makes the data the same data wherever it lies: class names and image counts."""
 
-    def build_model(self, config: Any, device: torch.device) -> nn.Module:
+    def build_model(self, config: Any, device: torch.device) -> M:
         """The training-time model on ``device`` (initial weights loaded and checked for a new run)."""
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
@@ -123,12 +167,12 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         """Validation metrics of ``model`` (summed over processes), including `score`."""
 
-    def checkpoint_fields(self, model: nn.Module) -> dict[str, Any]:
+    def checkpoint_fields(self, model: M) -> dict[str, Any]:
         """What a checkpoint needs besides the weights to rebuild the model from the file alone."""
 
-    def compare(self, model: nn.Module, plain: nn.Module, loader: DataLoader) -> dict[str, Any]:
+    def compare(self, model: M, plain: M, loader: DataLoader) -> dict[str, Any]:
         """Score the trained model and its converted copy on the same data; the summary's numbers."""
 
-    def save(self, model: nn.Module, plain: nn.Module, summary: dict[str, Any], history: list[dict[str, Any]],
+    def save(self, model: M, plain: M, summary: dict[str, Any], history: list[dict[str, Any]],
              output: Path) -> None:
         """Write the converted model and the task's figures; may add keys (e.g. speed) to ``summary``."""
