@@ -18,6 +18,7 @@ A claim's status is computed from its measured ratio (subject / reference):
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -155,7 +156,7 @@ def measure_models(names: Sequence[str], *, device: str = "cpu", runtime: str = 
         example = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)).to(target)
         runner = optimize_for_inference(model.to(target), example, candidates=[runtime], measure=False)
         measurements[name].runtime = runner.backend
-        calls[name] = (lambda r=runner, x=example: r(x))
+        calls[name] = functools.partial(runner, example)
         log.info("built %s (%d x %d, %.1f M parameters)", name, size, size, measurements[name].params / 1e6)
     timings = time_interleaved(calls, warmup=warmup, rounds=rounds, timer=make_timer(target),
                                pause_s=0.05 if target.type == "cpu" else 0.0)
@@ -235,10 +236,11 @@ def claim_ratio(claim: Claim, models: dict[str, ModelMeasurement], density: floa
     if claim.quantity == "segmentation throughput":
         a, b = segmentation.get(claim.subject), segmentation.get(claim.reference)
         return None if a is None or b is None else a / b
-    a, b = models.get(claim.subject), models.get(claim.reference)
-    if a is None or b is None:
+    subject, reference = models.get(claim.subject), models.get(claim.reference)
+    if subject is None or reference is None:
         return None
-    values = {"throughput": (a.throughput, b.throughput), "macs": (a.macs, b.macs), "params": (a.params, b.params)}
+    values = {"throughput": (subject.throughput, reference.throughput), "macs": (subject.macs, reference.macs),
+              "params": (subject.params, reference.params)}
     x, y = values[claim.quantity]
     return None if x is None or not y else x / y
 
