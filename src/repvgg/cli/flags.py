@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any
+from typing import Any, NoReturn
 
 from repvgg.limits import MAX_IMG_SIZE, check_float, check_int
 
@@ -30,7 +30,7 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are raised (exit status 2, and a JSON document with ``--json``)
     instead of printed and exited on the spot."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message}\n{self.format_usage().strip()}")
 
 

@@ -43,7 +43,7 @@ from repvgg.quant.qdq import batches, calibration_subset, quantize_onnx, quantiz
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, Relabelled, build_datasets
-from repvgg.training.loaders import dataset_size
+from repvgg.training.distributed import dataset_size
 
 __all__ = ["QuantizeReport", "quantize_model", "runtime_speeds", "speed_runtimes"]
 

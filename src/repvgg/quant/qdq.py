@@ -33,7 +33,7 @@ from repvgg.quant.config import CALIBRATION_METHODS
 from repvgg.serialization import atomic_write
 from repvgg.training.data import collate_readable
 from repvgg.training.evaluate import compare_models
-from repvgg.training.loaders import dataset_size
+from repvgg.training.distributed import dataset_size
 
 __all__ = ["CALIBRATION_METHODS", "Calibration", "batches", "calibration_batches", "calibration_subset",
            "evaluate_onnx", "export_fake_quant_onnx", "qat_qconfig_mapping", "quantize_onnx", "quantized_conv_count"]

@@ -20,9 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from repvgg.nn.complexity import count_parameters
-from repvgg.training.distributed import DistContext
+from repvgg.training.distributed import DistContext, dataset_size
 from repvgg.training.engine import StepOutput, eval_loader, fit
-from repvgg.training.loaders import dataset_size
 from repvgg.training.run_folder import LOOP_CHANGEABLE, data_identity
 from repvgg.training.task import TaskSetup
 from repvgg.training.trackers import Tracker

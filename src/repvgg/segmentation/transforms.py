@@ -93,7 +93,7 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     pair = (size, size) if isinstance(size, int) else tuple(size)
     if len(pair) != 2 or min(pair) < 1:
         raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
-    return pair  # type: ignore[return-value]
+    return pair[0], pair[1]
 
 
 def train_transform(

@@ -25,10 +25,9 @@ from repvgg.nn.model import RepVGG
 from repvgg.nn.registry import build_model, spec_overrides
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, build_datasets
-from repvgg.training.distributed import DistContext, all_reduce
+from repvgg.training.distributed import DistContext, all_reduce, dataset_size
 from repvgg.training.devices import training_memory_format
 from repvgg.training.engine import StepOutput, eval_loader, fit
-from repvgg.training.loaders import dataset_size
 from repvgg.training.evaluate import evaluate_models, measure_throughput
 from repvgg.training.optim import custom_l2, learning_rate
 from repvgg.training.run_folder import LOOP_CHANGEABLE, data_identity

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, Preprocessing
 from repvgg.limits import check_image_pixels, check_img_size
 from repvgg.training.digits import DigitsDataset, digits_preprocessing, digits_split
+from repvgg.training.distributed import dataset_size
 from repvgg.training.images import image_files, load_rgb
 
 __all__ = [
@@ -196,7 +197,7 @@ class Relabelled(Dataset):
         self.dataset, self.label_map = dataset, label_map
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return dataset_size(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
         item = self.dataset[index]

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import random
+from collections.abc import Sized
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -23,7 +24,8 @@ from repvgg.options import check_device_name
 
 __all__ = [
     "DistContext", "init_distributed", "shutdown_distributed", "all_reduce", "backend_device_types",
-    "collective_device", "EpochSampler", "SeededSamples", "ShardSampler", "sample_seed", "run_distributed",
+    "collective_device", "EpochSampler", "SeededSamples", "ShardSampler", "dataset_size", "sample_seed",
+    "run_distributed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -190,6 +192,15 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def dataset_size(dataset: Dataset) -> int:
+    """The number of samples of a map-style ``dataset`` (torch's ``Dataset`` type declares no ``__len__``; the samplers
+    here need one): a TypeError names a dataset without."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"{type(dataset).__name__} has no length: training and evaluation need a map-style dataset "
+                        "(with __len__ and __getitem__)")
+    return len(dataset)
+
+
 class SeededSamples(Dataset):
     """A dataset read with ``(index, seed)`` keys (`EpochSampler`'s).
 
@@ -203,7 +214,7 @@ class SeededSamples(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return dataset_size(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         return self.__getitems__([key])[0]

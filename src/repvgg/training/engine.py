@@ -37,8 +37,8 @@ from repvgg.serialization import write_json
 from repvgg.training.accumulate import accumulate_gradients, clip_gradients
 from repvgg.training.config import LoopConfig, load_config_file
 from repvgg.training.devices import autocast_dtype
-from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, run_distributed
-from repvgg.training.loaders import closing_loaders, dataset_size, eval_loader, seed_epoch, train_loader
+from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, dataset_size, run_distributed
+from repvgg.training.loaders import closing_loaders, eval_loader, seed_epoch, train_loader
 from repvgg.training.optim import build_optimizer
 from repvgg.training.progress import diverged_error, duration, progress_bar, write_metrics
 from repvgg.training.run_folder import (check_checkpoint_belongs, check_continuation, check_data_is_there,

@@ -9,25 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from repvgg.training.data import collate_readable
-from repvgg.training.distributed import DistContext, EpochSampler, SeededSamples, ShardSampler
+from repvgg.training.distributed import DistContext, EpochSampler, SeededSamples, ShardSampler, dataset_size
 
-__all__ = ["closing_loaders", "dataset_size", "eval_loader", "seed_epoch", "train_loader"]
-
-
-def dataset_size(dataset: Dataset) -> int:
-    """The number of samples of a map-style ``dataset`` (torch's ``Dataset`` type declares no ``__len__``; the samplers
-    here need one): a TypeError names a dataset without."""
-    if not isinstance(dataset, Sized):
-        raise TypeError(f"{type(dataset).__name__} has no length: training and evaluation need a map-style dataset "
-                        "(with __len__ and __getitem__)")
-    return len(dataset)
+__all__ = ["closing_loaders", "eval_loader", "seed_epoch", "train_loader"]
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -75,8 +66,8 @@ def closing_loaders(*loaders: DataLoader | None) -> Iterator[None]:
     finally:
         for loader in loaders:
             iterator = getattr(loader, "_iterator", None)  # where PyTorch keeps a persistent loader's workers
-            if iterator is not None:
-                loader._iterator = None  # type: ignore[union-attr]
+            if loader is not None and iterator is not None:
+                loader._iterator = None
                 shutdown = getattr(iterator, "_shutdown_workers", None)
                 if callable(shutdown):
                     shutdown()
