@@ -20,6 +20,7 @@ machine's practical limit. Peak memory of one forward pass comes from `repvgg.pe
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -156,13 +157,21 @@ def _reference_conv(channels: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=True)).eval()
 
 
-def _selection_effort(device: torch.device) -> dict[str, int | None]:
-    """Timing effort of the fast path's choice: brief on a small CPU (the budget is one minute),
-    longer on CUDA (cuDNN autotuning and graph capture happen in the warm-up)."""
-    return {"warmup": 1, "rounds": 3} if device.type == "cpu" else {"warmup": 5, "rounds": 10}
+def _selection_effort(device: torch.device) -> tuple[int, int]:
+    """``(warmup, rounds)`` of the fast path's choice: brief on a small CPU (the budget is one minute), longer on
+    CUDA (cuDNN autotuning and graph capture happen in the warm-up)."""
+    return (1, 3) if device.type == "cpu" else (5, 10)
 
 
-def _agreement(output: Any, reference: Tensor) -> tuple[float, float]:
+def _on_float32(run: Callable[[Tensor], Any], x: Tensor) -> Any:
+    return run(x.float())
+
+
+def _on_fixed_input(run: Callable[[Tensor], Any], fixed: Tensor, _x: Tensor) -> Any:
+    return run(fixed)
+
+
+def _agreement(output: Any, reference: Tensor) -> tuple[float, float | None]:
     """``(relative deviation, top-1 agreement)`` of an output against the float32 reference on the same batch."""
     from repvgg.quant.guard import output_deviation
 
@@ -194,21 +203,22 @@ def _fast_entries(name: str, module: nn.Module, config: BenchConfig, precision: 
     log.info("  choosing the fast path for %s in %s", name, precision)
     # every runtime is a row of its own (every_runtime), or only the chosen one is kept: then it is chosen holding one
     # runtime's copy of the model at a time (a VGG-16 is 0.5 GB a copy)
+    warmup, rounds = _selection_effort(device)
     runner = optimize_for_inference(module, example.float(), dtype=precision, candidates=config.candidates,
                                     calibration=calibration if precision == "int8" else None,
-                                    one_at_a_time=not every_runtime, **_selection_effort(device))
+                                    one_at_a_time=not every_runtime, warmup=warmup, rounds=rounds)
     result.fast_paths[f"{name}/{precision}"] = {"backend": runner.backend, "reason": runner.reason,
                                                  "candidates": [asdict(r) for r in runner.reports]}
     reference = module(example.float())
-    runs = {runner.backend: runner}
+    runs: dict[str, Callable[[Tensor], Any]] = {runner.backend: runner}
     if every_runtime:
         runs.update({backend: run for (backend, _), run in runner.alternatives.items()})
     entries = []
     for backend, run in runs.items():
         row = BenchRow(name, "fast" if backend == runner.backend else "runtime", backend, precision, params, macs,
-                       config.batch_size)
+                       config.batch)
         row.deviation, row.agreement = _agreement(run(example.float()), reference)
-        entries.append(_Entry(row, lambda x, r=run: r(x.float()), None))
+        entries.append(_Entry(row, functools.partial(_on_float32, run), None))
     return entries
 
 
@@ -218,7 +228,7 @@ def _build_entries(config: BenchConfig, precision: str, example: Tensor, result:
     from repvgg.nn.registry import build_model
 
     floating = precision != "int8"
-    batch = config.batch_size
+    batch = config.batch
     entries: list[_Entry] = []
     for name in config.models:
         log.info("building %s (training-time, converted%s)", name, ", fast path" if config.fast else "")
@@ -262,15 +272,16 @@ def _reference_conv_entry(config: BenchConfig, precision: str, example: Tensor) 
     from repvgg.perf.fast import optimize_for_inference
 
     channels, size = 256, max(config.img_size // 4, 8)
-    conv_input = torch.randn(config.batch_size, channels, size, size, device=example.device, dtype=example.dtype)
+    conv_input = torch.randn(config.batch, channels, size, size, device=example.device, dtype=example.dtype)
     conv = _reference_conv(channels)
     log.info("building the reference conv (3x3, %d->%d channels, %dx%d)", channels, channels, size, size)
     params, macs = _complexity(conv, tuple(conv_input.shape))
+    warmup, rounds = _selection_effort(example.device)
     runner = optimize_for_inference(conv.to(example.device), conv_input, dtype=precision,
-                                    candidates=config.candidates, **_selection_effort(example.device))
+                                    candidates=config.candidates, warmup=warmup, rounds=rounds)
     row = BenchRow(f"conv3x3 {channels}ch {size}x{size}", "conv3x3", runner.backend, precision, params, macs,
-                   config.batch_size)
-    return _Entry(row, lambda _x, r=runner, i=conv_input: r(i), None)
+                   config.batch)
+    return _Entry(row, functools.partial(_on_fixed_input, runner, conv_input), None)
 
 
 def _skip_reason(device: torch.device, precision: str) -> str | None:
@@ -287,7 +298,7 @@ def _skip_reason(device: torch.device, precision: str) -> str | None:
 def _generated_calibration(config: BenchConfig, device: torch.device) -> list[Tensor]:
     """INT8's calibration in a benchmark: generated images (random normal, seeded), said so in the report."""
     gen = torch.Generator().manual_seed(0)
-    return [torch.randn(config.batch_size, 3, config.img_size, config.img_size, generator=gen).to(device)
+    return [torch.randn(config.batch, 3, config.img_size, config.img_size, generator=gen).to(device)
             for _ in range(4)]
 
 
@@ -317,19 +328,19 @@ def run_benchmark(config: BenchConfig | None = None) -> BenchResult:
             result.skipped[dtype_name] = skipped
             continue
         dtype = _DTYPES.get(dtype_name, torch.float32)  # INT8 runners take float32 batches
-        example = torch.randn(config.batch_size, 3, config.img_size, config.img_size, device=device, dtype=dtype)
+        example = torch.randn(config.batch, 3, config.img_size, config.img_size, device=device, dtype=dtype)
         entries = _build_entries(config, dtype_name, example, result, _generated_calibration(config, device))
 
         log.info("timing %d models at batch %d, %s, %s: %d warm-up + %d interleaved rounds",
                  len(entries), config.batch_size, dtype_name, device, config.warmup, config.rounds)
         timings = time_interleaved(
-            {e.row.label: (lambda e=e, x=example: e.run(x)) for e in entries},
+            {e.row.label: functools.partial(e.run, example) for e in entries},
             warmup=config.warmup, rounds=config.rounds, timer=timer, pause_s=config.pause_s or 0.0,
             on_round=_progress("throughput"),
         )
         for e in entries:
             t = timings[e.row.label]
-            e.row.throughput = t.throughput(config.batch_size)
+            e.row.throughput = t.throughput(config.batch)
             e.row.spread = t.spread()
             e.row.gflops = 2 * e.row.macs * e.row.throughput / 1e9
             if e.row.spread > 0.2:
@@ -339,7 +350,7 @@ def run_benchmark(config: BenchConfig | None = None) -> BenchResult:
             single = example[:1].clone()
             log.info("timing latency at batch 1")
             latency = time_interleaved(
-                {e.row.label: (lambda e=e, x=single: e.run(x)) for e in entries if e.row.form != "conv3x3"},
+                {e.row.label: functools.partial(e.run, single) for e in entries if e.row.form != "conv3x3"},
                 warmup=config.warmup, rounds=config.rounds, timer=timer, pause_s=config.pause_s or 0.0,
                 on_round=_progress("latency"),
             )
@@ -407,12 +418,13 @@ def _fastest_accepted_vs_timm(result: BenchResult, name: str, threshold: float |
     """The fastest row of RepVGG ``name`` whose precision passed the accuracy guard, against timm's eager float32
     model: the speed a deployment gets from this package over the usual one."""
     timm = result.row(name, "timm", "float32")
-    rows = [r for r in result.rows if r.model == name and r.form in ("plain", "fast", "runtime") and r.throughput
-            and result.accepted(r)]
-    if not rows or timm is None or not timm.throughput:
+    timm_rate = timm.throughput if timm is not None else None
+    rated = [(r, r.throughput) for r in result.rows if r.model == name and r.form in ("plain", "fast", "runtime")
+             and r.throughput and result.accepted(r)]
+    if not rated or not timm_rate:
         return None
-    best = max(rows, key=lambda r: r.throughput)
+    best, rate = max(((r, t) for r, t in rated if t is not None), key=lambda pair: pair[1])
     guard = result.guards.get(f"{name}/{best.dtype}/{best.backend}", result.guards.get(f"{name}/{best.dtype}"))
     note = (f"accuracy guard: {guard['detail']}" if guard else "float32: within 1e-4 of the eager model")
     return TargetCheck(f"{name}: fastest accepted row ({best.backend}, {best.dtype}) / timm eager float32",
-                       best.dtype, best.throughput / timm.throughput, threshold, note)
+                       best.dtype, rate / timm_rate, threshold, note)

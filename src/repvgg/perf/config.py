@@ -56,6 +56,13 @@ class BenchConfig(RunConfig):
         if self.device == "auto":
             raise ValueError("device must be cpu or cuda[:N] (a benchmark names the device it times)")
 
+    @property
+    def batch(self) -> int:
+        """The throughput batch size of a resolved config (`resolved()` fills in the device's default)."""
+        if self.batch_size is None:
+            raise ValueError("this BenchConfig has no batch size yet: use config.resolved()")
+        return self.batch_size
+
     def resolved(self) -> BenchConfig:
         """This config with every device default filled in (and the arguments checked)."""
 
@@ -84,6 +91,5 @@ class BenchConfig(RunConfig):
             rounds=(50 if cuda else 10) if self.rounds is None else self.rounds,
             pause_s=(0.0 if cuda else 0.05) if self.pause_s is None else self.pause_s,
         )
-        assert resolved.batch_size is not None
-        check_batch_memory(resolved.batch_size, (3, self.img_size, self.img_size), "--batch-size")
+        check_batch_memory(resolved.batch, (3, self.img_size, self.img_size), "--batch-size")
         return resolved

@@ -20,6 +20,7 @@ chosen only if it passes the accuracy guard on ``validation`` images, never with
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import logging
 import tempfile
@@ -243,7 +244,7 @@ class _FastestSoFar:
             return
         label = f"{key[0]}/{key[1]}"
         with torch.no_grad():
-            timing = time_interleaved({label: lambda r=working[key]: r(self.example)}, warmup=self.warmup,
+            timing = time_interleaved({label: functools.partial(working[key], self.example)}, warmup=self.warmup,
                                       rounds=self.rounds, timer=make_timer(self.example.device), pause_s=self.pause_s)
         self.medians[key] = report.median_s = timing[label].median
         loser = key if self.best is not None and self.medians[key] >= self.medians[self.best] else self.best
@@ -346,22 +347,8 @@ def optimize_for_inference(
         ValueError: for an unknown candidate name or dtype, or if no candidate reproduces the eager output
             (and passes the accuracy guard).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
-    if not isinstance(example_input, Tensor):
-        raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
+    names = _checked_arguments(model, example_input, candidates)
     device = example_input.device
-    if example_input.dim() < 1 or example_input.shape[0] == 0 or example_input.numel() == 0:
-        raise ValueError(f"example_input holds no images (shape {tuple(example_input.shape)}); give a batch of at "
-                         "least one image, as the model will see it: it is what every runtime is checked on")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"optimize_for_inference supports 'cpu' and 'cuda' inputs, got {device.type!r}")
-    names = list(candidates) if candidates is not None else default_candidates(device)
-    unknown = [n for n in names if n not in CANDIDATES]
-    if unknown:
-        raise ValueError(f"unknown candidate(s) {unknown}; choose from {', '.join(CANDIDATES)}")
-    if not names:
-        raise ValueError("candidates is empty")
     precisions = precisions_to_weigh(dtype, example_input, calibration=calibration)
     guard = Guard(min_agreement, max_top1_drop)
     automatic = dtype == "auto"
@@ -377,12 +364,8 @@ def optimize_for_inference(
     def check(candidates: dict[tuple[str, str], Runner], reports: list[CandidateReport]) -> None:
         _guard(candidates, reports, prepared, validation, guard, automatic=automatic, device=device)
 
-    alone = None
-    if one_at_a_time and measure:
-        cuda = device.type == "cuda"
-        alone = _FastestSoFar(check, example, warmup=(10 if cuda else 2) if warmup is None else warmup,
-                              rounds=(20 if cuda else 5) if rounds is None else rounds,
-                              pause_s=(0.0 if cuda else 0.05) if pause_s is None else pause_s)
+    alone = _FastestSoFar(check, example, *_effort(device, warmup, rounds, pause_s)) if one_at_a_time and measure \
+        else None
     working, reports = _build_candidates(names, precisions, prepared, example, reference, rtol,
                                          calibration=calibration, first_only=not measure and validation is None,
                                          on_built=alone)
@@ -405,6 +388,35 @@ def optimize_for_inference(
                            alternatives={key: run for key, run in working.items() if key != chosen})
 
 
+def _checked_arguments(model: Any, example_input: Any, candidates: Sequence[str] | None) -> list[str]:
+    """The candidates to weigh, once the model, the example and the names are checked."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
+    if example_input.dim() < 1 or example_input.shape[0] == 0 or example_input.numel() == 0:
+        raise ValueError(f"example_input holds no images (shape {tuple(example_input.shape)}); give a batch of at "
+                         "least one image, as the model will see it: it is what every runtime is checked on")
+    if example_input.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"optimize_for_inference supports 'cpu' and 'cuda' inputs, got {example_input.device.type!r}")
+    names = list(candidates) if candidates is not None else default_candidates(example_input.device)
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise ValueError(f"unknown candidate(s) {unknown}; choose from {', '.join(CANDIDATES)}")
+    if not names:
+        raise ValueError("candidates is empty")
+    return names
+
+
+def _effort(device: torch.device, warmup: int | None, rounds: int | None,
+            pause_s: float | None) -> tuple[int, int, float]:
+    """Warm-up calls, timed rounds and the idle pause before each timed call: as given, else the device's
+    defaults (CUDA: 10, 20, none; the CPU: 2, 5 and 50 ms, so that one runtime's spinning threads settle)."""
+    cuda = device.type == "cuda"
+    return ((10 if cuda else 2) if warmup is None else warmup, (20 if cuda else 5) if rounds is None else rounds,
+            (0.0 if cuda else 0.05) if pause_s is None else pause_s)
+
+
 def _choose(working: dict[tuple[str, str], Runner], reports: list[CandidateReport], example: Tensor, *,
             measure: bool, warmup: int | None, rounds: int | None,
             pause_s: float | None) -> tuple[tuple[str, str], str]:
@@ -412,13 +424,10 @@ def _choose(working: dict[tuple[str, str], Runner], reports: list[CandidateRepor
     if not measure or len(working) == 1:
         reason = "the only candidate that works" if measure else "first working candidate (not measured)"
         return next(iter(working)), reason
-    cuda = example.device.type == "cuda"
-    warmup = (10 if cuda else 2) if warmup is None else warmup
-    rounds = (20 if cuda else 5) if rounds is None else rounds
-    pause_s = (0.0 if cuda else 0.05) if pause_s is None else pause_s
+    warmup, rounds, pause_s = _effort(example.device, warmup, rounds, pause_s)
     labels = {key: f"{key[0]}/{key[1]}" for key in working}
     with torch.no_grad():
-        timings = time_interleaved({labels[k]: (lambda r=runner: r(example)) for k, runner in working.items()},
+        timings = time_interleaved({labels[k]: functools.partial(runner, example) for k, runner in working.items()},
                                    warmup=warmup, rounds=rounds, timer=make_timer(example.device), pause_s=pause_s)
     for report in reports:
         key = (report.name, report.precision)
