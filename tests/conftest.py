@@ -64,6 +64,19 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ["OMP_NUM_THREADS"] = str(_SHARE)
 
 
+#: The files that take longest (seconds of one worker on a 2-core machine), run first: with one file per worker
+#: (``--dist loadfile``), a long file that starts last keeps one worker busy while the other waits.
+LONGEST_FIRST = ("test_train.py", "test_segmentation_train.py", "test_precision.py", "test_quantize.py",
+                 "test_timm_interface.py", "test_run_mixups.py", "test_reliability.py", "test_model.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the collected tests so the longest files come first (see :data:`LONGEST_FIRST`), the rest as collected;
+    every worker orders them alike, so the schedule stays deterministic."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -57,10 +57,12 @@ def test_int8_calibration_leaves_out_unreadable_images(digits: dict[str, Path], 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     inputs = [str(broken), str(digits["images"])]
-    report = _predict(capsys, str(digits["run"]), *inputs, "--dtype", "int8", "--bad-images", "skip", *NO_GUARD)
+    report = _predict(capsys, str(digits["run"]), *inputs, "--dtype", "int8", "--bad-images", "skip", "--runtime",
+                      "onnxruntime", *NO_GUARD)
     assert report["dtype"] == "int8" and report["images"] == 12 and report["skipped"] == 1
     assert "calibration leaves out an unreadable image" in caplog.text
-    assert main(["predict", str(digits["run"]), *inputs, "--dtype", "int8", *NO_GUARD]) == 2  # fail: named
+    assert main(["predict", str(digits["run"]), *inputs, "--dtype", "int8", "--runtime", "onnxruntime",
+                 *NO_GUARD]) == 2  # fail: named
     assert "broken.png" in _error(capsys)
 
 
@@ -121,7 +123,8 @@ def test_quantize_writes_nothing_below_the_guard_and_names_the_remedies(digits: 
     err = _error(capsys)
     assert "fails the accuracy guard" in err and "onnxruntime:" in err and REMEDIES in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hostile.safetensors"]
-    assert main(["quantize", str(hostile), str(out), "--calib-images", "64", "--json", *NO_GUARD]) == 0
+    assert main(["quantize", str(hostile), str(out), "--calib-images", "64", "--runtime", "onnxruntime", "--json",
+                 *NO_GUARD]) == 0
     report = json.loads(capsys.readouterr().out)
     assert out.is_file() and report["agreement"] < 0.995 and report["guard"]["min_agreement"] == 0
     assert set(report["accuracy"]) == set(report["speeds"])  # scored on every runtime it timed
