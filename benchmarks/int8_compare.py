@@ -5,7 +5,8 @@
 For each model (repvgg_a0, qarepvgg_a0) and seed: `repvgg train` with the default recipe on the embedded
 digits, then `repvgg quantize` of its best.pt twice: post-training (ONNX Runtime static quantization,
 MinMax calibration on 256 training images) and QAT (`--qat-epochs`, default 2). Every INT8 model is
-evaluated on the whole validation set with ONNX Runtime; the INT8 / FP32 throughput ratio is measured at
+evaluated on the whole validation set with ONNX Runtime, with the accuracy guard lifted (this comparison measures
+what INT8 loses, where `repvgg quantize` would refuse it); the INT8 / FP32 throughput ratio is measured at
 batch 8, 224x224 (interleaved medians). Run folders go to runs/int8-compare/ (a finished run is reused,
 so an interrupted comparison continues); results to benchmarks/results/int8.{md,json,png}.
 """
@@ -63,8 +64,10 @@ def main() -> int:
             results = {}
             for kind, extra in (("ptq", {}), ("qat", {"qat_epochs": args.qat_epochs})):
                 log.info("%s seed %d: %s", model, seed, kind)
+                # the guard lifted: this comparison measures what INT8 loses, including what the guard refuses
                 report = quantize_model(run / "best.pt", run / f"{kind}.onnx", speed_batch=8, speed_img_size=224,
-                                        overwrite=True, device="cpu", **extra)
+                                        overwrite=True, device="cpu", min_agreement=0.0, max_top1_drop=100.0,
+                                        **extra)
                 results[kind] = report.as_dict()
             rows.append({"model": model, "seed": seed, "fp32": results["ptq"]["top1_fp32"],
                          "ptq": results["ptq"]["top1_int8"], "qat": results["qat"]["top1_int8"],

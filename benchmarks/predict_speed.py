@@ -53,8 +53,10 @@ def configurations(run: Path, work: Path) -> dict[str, dict]:
     """What to time: each artifact on each runtime installed."""
     fp32, int8 = work / "fp32.onnx", work / "int8.onnx"
     assert repvgg(["export", str(run / "deploy.safetensors"), str(fp32)]) == 0
+    # plain RepVGG-A0 loses about a point in INT8 on the digits, more than the accuracy guard's default 0.5: the limit
+    # is raised to time the file (docs/int8.md: the quantization-friendly qarepvgg_a0 keeps the default)
     assert repvgg(["quantize", str(run / "deploy.safetensors"), str(int8), "--runtime", "onnxruntime",
-                   "--json"]) == 0
+                   "--min-agreement", "0.95", "--max-top1-drop", "2", "--json"]) == 0
     rows = {"deploy file, eager": dict(artifact=run, runtime="eager"),
             "deploy file, auto (fast path)": dict(artifact=run, runtime="auto"),
             "ONNX FP32, ONNX Runtime": dict(artifact=fp32, runtime="onnxruntime"),
