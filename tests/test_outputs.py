@@ -182,3 +182,10 @@ def test_the_table_keeps_one_row_per_image(digits: dict[str, Path], tmp_path: Pa
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all(line.count("\t") == 1 for line in lines)  # the one tab between path and classes
     assert any("new\\nline.png" in line for line in lines) and all("ze\\tro" in line for line in lines)
+
+
+def test_markdown_tables_escape_what_would_break_a_row() -> None:
+    from repvgg.report import markdown_table
+
+    table = markdown_table(["class", "IoU"], [["a|b", 1], ["new\nline\tand\x1b[31m", 2]])
+    assert len(table.splitlines()) == 4 and "a\\|b" in table and "new\\nline\\tand\\x1b[31m" in table

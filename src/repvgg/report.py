@@ -14,12 +14,24 @@ from typing import Any, Sequence
 from repvgg.plots import plot_throughput
 from repvgg.serialization import write_json, write_text
 
-__all__ = ["bench_header", "bench_table", "markdown_table", "write_bench_report"]
+__all__ = ["bench_header", "bench_table", "markdown_table", "printable", "write_bench_report"]
+
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(32), 127]} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+                                                          ord("\\"): "\\\\"}
+
+
+def printable(text: str) -> str:
+    """``text`` for one cell of a printed table: newlines, tabs, carriage returns and other control characters
+    (in a file name or a class name) written as escapes (``\\n``, ``\\t``, ``\\x1b``), so each row stays one
+    line and the terminal shows what is there."""
+    return text.translate(_CONTROL)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured markdown table with columns padded for reading in a terminal."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    """A GitHub-flavoured markdown table with columns padded for reading in a terminal; a cell's control characters
+    and ``|`` are escaped (a class name or path cannot break its row)."""
+    cells = [[printable(str(c)).replace("|", "\\|") for c in header]] + \
+        [[printable(str(c)).replace("|", "\\|") for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
     def line(row: list[str]) -> str:

@@ -10,17 +10,7 @@ from typing import Any
 
 from repvgg.serialization import check_output_path, write_json
 
-__all__ = ["add_json_flag", "add_json_out_flag", "check_json_out", "emit", "emit_error", "printable", "write_json_out"]
-
-_CONTROL = {i: f"\\x{i:02x}" for i in [*range(32), 127]} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
-                                                          ord("\\"): "\\\\"}
-
-
-def printable(text: str) -> str:
-    """``text`` for one cell of a printed table: newlines, tabs, carriage returns and other control characters
-    (in a file name or a class name) written as escapes (``\\n``, ``\\t``, ``\\x1b``), so each row stays one
-    line and the terminal shows what is there."""
-    return text.translate(_CONTROL)
+__all__ = ["add_json_flag", "add_json_out_flag", "check_json_out", "emit", "emit_error", "write_json_out"]
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,8 @@ import time
 from typing import Any
 
 from repvgg.cli.flags import add_guard_flags, add_overwrite_flag, bounded_int
-from repvgg.cli.output import emit, printable
+from repvgg.cli.output import emit
+from repvgg.report import printable
 from repvgg.serialization import write_csv
 
 #: Inputs above this many batches are worth weighing the runtimes for (and get a progress bar).
