@@ -163,7 +163,8 @@ def test_output_deviation_compares_nested_outputs() -> None:
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bfloat16 convolutions on this CPU")
 def test_reduced_precision_is_used_only_when_asked_and_checked_loosely(tiny_train: nn.Module) -> None:
     x = torch.randn(2, 3, 32, 32)
-    runner = optimize_for_inference(tiny_train, x, dtype=torch.bfloat16, candidates=["eager", "onnxruntime"])
+    runner = optimize_for_inference(tiny_train, x, dtype=torch.bfloat16, candidates=["eager", "onnxruntime"],
+                                    check_accuracy=False)
     assert runner.dtype == torch.bfloat16 and runner.backend == "eager"  # ONNX Runtime is float32 only
     assert {r.name: r.status for r in runner.reports}["onnxruntime"] == "unavailable"
     assert relative_error(runner(x).float(), _eager(tiny_train, x)) <= 5e-2

@@ -87,14 +87,17 @@ def test_deeply_nested_config_and_json_are_refused(tmp_path: Path, capsys: pytes
     ["bench", "--batch-size", "100000000", "--no-fast", "--no-peer", "--baselines", "none"],
     ["predict", "RUN", "PNG", "--batch-size", "1000000000"],
     ["eval", "--weights", "RUN/deploy.safetensors", "--batch-size", "1000000000", "--img-size", "4096"],
-], ids=["bench", "predict", "eval"])
+    ["quantize", "RUN/deploy.safetensors", "OUT.onnx", "--speed-batch", "100000000"],
+], ids=["bench", "predict", "eval", "quantize-speed-batch"])
 def test_a_batch_larger_than_the_machine_is_refused_before_allocating(argv: list[str], digits_run: Path,
                                                                       digit_pngs: list[Path],
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [a.replace("RUN", str(digits_run)).replace("PNG", str(digit_pngs[0])) for a in argv]
+    out = str(digits_run.parent / "q")
+    argv = [a.replace("RUN", str(digits_run)).replace("PNG", str(digit_pngs[0])).replace("OUT", out) for a in argv]
     assert main(argv) == 2
     err = _error(capsys)
-    assert "--batch-size" in err and "would need about" in err and "this machine has" in err
+    assert "batch" in err and "would need about" in err and "this machine has" in err
+    assert not (digits_run.parent / "q.onnx").exists()
 
 
 def _with_preprocessing(run: Path, tmp_path: Path, **fields: object) -> Path:
@@ -167,14 +170,36 @@ def test_decoded_pixels_are_bounded_from_the_header(digits_run: Path, tmp_path: 
     (["--device", ""], "must be auto, cpu, cuda or cuda:N"),
     (["--device", "cuda:-1"], "must be auto, cpu, cuda or cuda:N"),
     (["--workers", "100000"], "between 0 and 256"),
+    (["--img-size", "4096"], "--batch-size 64 per micro-batch of 3x4096x4096 inputs would need about"),
+    (["--spec", "base_widths=[16384,16384,16384,16384,16384]", "--spec", "width_multipliers=[1,1]"],
+     "parameters and would need about"),
+    (["--spec", "nonexistent=1"], "--spec: unknown argument(s) ['nonexistent']"),
+    (["--spec", 'use_identity="no"'], "use_identity must be true or false, got 'no'"),
+    (["--val-fraction", "0.0001"], "does not split the 1797 digits into two sets"),
 ], ids=["lr-huge", "lr-nan", "seed", "aux-nan", "aux-negative", "batch-1", "micro-batch-1", "auto-augment",
-        "tpu", "mps", "empty-device", "cuda-minus-1", "workers"])
+        "tpu", "mps", "empty-device", "cuda-minus-1", "workers", "img-size-memory", "spec-memory", "spec-unknown",
+        "spec-type", "val-fraction"])
 def test_train_refuses_bad_numbers_before_writing(flags: list[str], message: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert main(["train", *TINY16, *flags, "--output", str(out)]) == 2  # the last --device given wins
     assert message in _error(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--weights", "RUN/deploy.safetensors", "--workers", "100000"], "between 0 and 256"),
+    (["predict", "RUN", "PNG", "--workers", "100000"], "between 0 and 256"),
+    (["export", "repvgg_a0", "OUT.onnx", "--num-classes", "1000000000"], "num_classes must be between 0 and 1000000"),
+    (["eval", "--weights", "RUN"], "is a folder; name a weights file"),
+], ids=["eval-workers", "predict-workers", "num-classes", "run-folder-as-weights"])
+def test_other_commands_bound_what_they_start(argv: list[str], message: str, digits_run: Path,
+                                              digit_pngs: list[Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [a.replace("RUN", str(digits_run)).replace("PNG", str(digit_pngs[0])).replace("OUT", str(tmp_path / "o"))
+            for a in argv]
+    assert main(argv) == 2
+    assert message in _error(capsys)
 
 
 @pytest.mark.parametrize("argv", [
@@ -317,3 +342,83 @@ def test_a_predictor_takes_paths_and_images_together(digits_run: Path, digit_png
     assert [p.classes for p in mixed] == [p.classes for p in alone]
     with pytest.raises(TypeError, match="give image paths, PIL images or tensors"):
         predictor.predict([str(digit_pngs[0]), 3.5])
+
+
+# --- what a second red team found: file headers, in-memory images, interrupts -----------------------------
+
+def test_an_onnx_file_declaring_huge_or_empty_inputs_is_refused_before_running(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str],
+                                                                           digit_pngs: list[Path]) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    for side, message in ((50_000, "the input's height must be between 8 and 4096"),
+                          (0, "the input's height must be between 8 and 4096")):
+        graph = helper.make_graph(
+            [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["output"])], "g",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, side, side])],
+            [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3])])
+        path = tmp_path / f"side{side}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+        assert main(["predict", str(path), str(digit_pngs[0])]) == 2
+        assert message in _error(capsys)
+
+
+def test_in_memory_images_are_prepared_like_files(digits_run: Path, tmp_path: Path) -> None:
+    deep = (torch.arange(16 * 16, dtype=torch.int32).reshape(16, 16) * 250).numpy().astype("uint16")
+    Image.fromarray(deep).save(tmp_path / "deep.png")  # a full-range 16-bit grey image
+    predictor = repvgg.Predictor(digits_run, measure=False)
+    from_file, in_memory = predictor.predict([str(tmp_path / "deep.png"), Image.open(tmp_path / "deep.png")], topk=3)
+    assert from_file.classes == in_memory.classes
+    assert from_file.probabilities == pytest.approx(in_memory.probabilities, abs=1e-6)
+    with pytest.raises(ValueError, match="floating-point image"):
+        predictor.predict([Image.fromarray(deep.astype("float32"))])
+    with pytest.raises(ValueError, match="has no pixels"):
+        predictor.predict([Image.new("RGB", (0, 0))])
+    with pytest.raises(ValueError, match=r"a uint8 image tensor is \(1 or 3, H, W\)"):
+        predictor.predict([torch.zeros(16, 16, 3, dtype=torch.uint8)])  # HWC
+    with pytest.raises(ValueError, match="a uint8 image tensor is 20,000 x 20,000 pixels"):
+        predictor.predict([torch.zeros(1, 1, 1, dtype=torch.uint8).expand(3, 20_000, 20_000)])  # no memory
+
+
+def test_a_pipe_among_the_inputs_is_unreadable_not_waited_on(digits_run: Path, digit_pngs: list[Path],
+                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.png")
+    (folder / "a.png").write_bytes(digit_pngs[0].read_bytes())
+    assert main(["predict", str(digits_run), str(folder), "--bad-images", "skip", "--json"]) == 0
+    rows = {Path(r["source"]).name: r["error"] for r in json.loads(capsys.readouterr().out)["predictions"]}
+    assert rows["a.png"] is None and "not a regular file" in rows["pipe.png"]
+
+
+def test_an_interrupt_the_exporter_swallows_still_stops_the_export(digits_run: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from repvgg.io.export import export_onnx_file
+
+    calls = []
+
+    def interrupted_inside(*args, **kwargs):  # an exporter that catches the interrupt and fails another way
+        calls.append(kwargs.get("dynamo"))
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        raise RuntimeError("torch._dynamo has no attribute 'exc'")
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted_inside)
+    model = repvgg.load_model(digits_run / "deploy.safetensors").eval()
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx_file(model, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx")
+    assert calls == [True] and not (tmp_path / "m.onnx").exists()  # no fallback after the interrupt
+
+
+def test_reduced_precision_evidence_comes_from_every_part_of_the_inputs() -> None:
+    from repvgg.predict.predictor import _spread
+
+    spread = _spread(list(range(300)), 128)
+    assert len(spread) == 128 and spread[0] == 0 and spread[-1] >= 297 and spread == sorted(set(spread))
+    assert _spread([1, 2, 3], 128) == [1, 2, 3]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,33 @@ def test_markdown_tables_escape_what_would_break_a_row() -> None:
 
     table = markdown_table(["class", "IoU"], [["a|b", 1], ["new\nline\tand\x1b[31m", 2]])
     assert len(table.splitlines()) == 4 and "a\\|b" in table and "new\\nline\\tand\\x1b[31m" in table
+
+
+
+def test_outputs_never_replace_a_device_or_a_pipe_and_keep_a_files_mode(digits: dict[str, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    pipe = tmp_path / "pipe.csv"
+    os.mkfifo(pipe)
+    link = tmp_path / "out.csv"
+    link.symlink_to("/dev/null")
+    for target in (pipe, link):
+        assert main(["predict", str(digits["run"]), str(digits["images"]), "--csv", str(target), "--overwrite"]) == 2
+        assert "is not a regular file (a device, a pipe or a socket)" in _error(capsys)
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    private = tmp_path / "private.csv"
+    private.write_text("old\n")
+    private.chmod(0o600)
+    _predict(capsys, str(digits["run"]), str(digits["images"]), "--csv", str(private), "--overwrite")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and private.read_text().startswith("path,")
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped(digits: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    odd = os.fsdecode(b"a\xff\xfeb.png")
+    (folder / odd).write_bytes((digits["images"] / "00.png").read_bytes())
+    _predict(capsys, str(digits["run"]), str(folder), "--csv", str(tmp_path / "out.csv"))
+    assert "a\\xff\\xfeb.png" in (tmp_path / "out.csv").read_text(encoding="utf-8")
+    assert main(["predict", str(digits["run"]), str(folder)]) == 0
+    assert "a\\xff\\xfeb.png" in capsys.readouterr().out

@@ -141,9 +141,11 @@ def test_no_reduced_precision_is_chosen_without_validation(digits_int8, caplog: 
     runner = optimize_for_inference(model, example, dtype="auto", calibration=calibration, candidates=["onnxruntime"],
                                     rounds=2, pause_s=0.0)
     assert runner.dtype == torch.float32 and {r.precision for r in runner.reports} == {"float32"}
+    with pytest.raises(ValueError, match="held to the accuracy guard on labelled validation images"):
+        optimize_for_inference(model, example, dtype="int8", calibration=calibration, candidates=["onnxruntime"])
     with caplog.at_level(logging.WARNING, logger="repvgg.perf.fast"):
         explicit = optimize_for_inference(model, example, dtype="int8", calibration=calibration,
-                                          candidates=["onnxruntime"])
+                                          candidates=["onnxruntime"], check_accuracy=False)
     assert explicit.dtype == torch.int8 and "accuracy is not checked" in caplog.text  # the user's choice, said
 
 

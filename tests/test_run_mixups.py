@@ -123,6 +123,36 @@ def test_a_checkpoint_from_another_run_is_refused(partial: Path, tmp_path: Path,
     assert _files(run) == before
 
 
+def test_a_best_pt_from_another_run_is_refused_and_deploy_from_best_needs_the_runs_own(
+        partial: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one = tmp_path / "one"
+    assert main([*T, "--output", str(one)]) == 0
+    other = tmp_path / "other"
+    assert main([*T, "--output", str(other), "--seed", "3"]) == 0
+    run = tmp_path / "run"
+    shutil.copytree(one, run)
+    shutil.copyfile(other / "best.pt", run / "best.pt")  # a better epoch from elsewhere
+    before = _files(run)
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--deploy-from", "best"]) == 2
+    assert "best.pt is not the training state of the run in" in _error(capsys)
+    (run / "best.pt").unlink()
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--deploy-from", "best"]) == 2
+    assert "--deploy-from best converts the run's best.pt, which" in _error(capsys)
+    assert _files(run) == {k: v for k, v in before.items() if k != "best.pt"}  # refused before training
+
+
+def test_qat_fine_tunes_at_the_size_the_weights_were_trained_at(tmp_path: Path) -> None:
+    from repvgg.quant.qat import QATTask
+    from repvgg.training.config import TrainConfig
+    from repvgg.training.distributed import DistContext
+
+    one = tmp_path / "one"
+    assert main([*T, "--output", str(one)]) == 0
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), in_group=False)
+    config, _ = QATTask().setup(TrainConfig(qat=True, weights=str(one / "best.pt")), ctx, None)
+    assert config.img_size == 16  # what the weights' card records, not the digits' default 32
+
+
 # --- 4: skip means skip --------------------------------------------------------------------------------
 
 def test_skipped_images_are_left_out_and_counted(tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ from typing import Any
 __all__ = ["ACTIVATION_FACTOR", "LimitExceeded", "MAX_CHANNELS", "MAX_CLASSES", "MAX_CONFIG_BYTES", "MAX_IMAGE_PIXELS",
            "MAX_IMG_SIZE", "MAX_JSON_BYTES", "MAX_LR", "MAX_NESTING", "MAX_RESIZE", "MAX_STAGE_DEPTH", "MAX_WORKERS",
            "MEMORY_SHARE", "MIN_OPSET", "brief", "check_batch_memory", "check_float", "check_image_pixels",
-           "check_img_size", "check_int", "machine_memory", "nesting_depth", "parse_json"]
+           "check_img_size", "check_int", "check_parameter_memory", "check_workers", "machine_memory", "nesting_depth",
+           "parse_json"]
 
 #: Largest input side (pixels) of any command: training, evaluation, export, benchmarks.
 MAX_IMG_SIZE = 4096
@@ -100,6 +101,13 @@ def check_float(value: Any, name: str, *, low: float | None = None, high: float 
     return number
 
 
+def check_workers(value: Any, name: str = "workers", *, batches: int | None = None) -> int:
+    """Data-loading processes: from 0 to [`MAX_WORKERS`][repvgg.limits.MAX_WORKERS], and no more than the ``batches``
+    they will load (a process that would get no batch is not started)."""
+    workers = check_int(value, name, low=0, high=MAX_WORKERS)
+    return workers if batches is None else min(workers, max(0, batches))
+
+
 def check_img_size(value: Any, name: str = "img_size", *, low: int = 8) -> int:
     """An input side in pixels: at least ``low`` and at most [`MAX_IMG_SIZE`][repvgg.limits.MAX_IMG_SIZE]."""
     return check_int(value, name, low=low, high=MAX_IMG_SIZE)
@@ -112,6 +120,8 @@ def check_image_pixels(width: int, height: int, what: str) -> None:
     Raises:
         LimitExceeded: naming ``what`` (the file, or the resize a model's preprocessing asks for).
     """
+    if width < 1 or height < 1:
+        raise ValueError(f"{what} has no pixels ({width} x {height})")
     if width * height > MAX_IMAGE_PIXELS:
         raise LimitExceeded(f"{what} is {width:,} x {height:,} pixels ({width * height / 1e6:,.1f} megapixels), "
                             f"more than the {MAX_IMAGE_PIXELS / 1e6:.1f} megapixels an image may have "
@@ -136,22 +146,42 @@ def machine_memory() -> int | None:
 
 
 def check_batch_memory(batch: int, shape: tuple[int, ...], option: str, *, element_bytes: int = 4,
-                       memory: int | None = None) -> None:
+                       memory: int | None = None, held: bool = False, per: str = "") -> None:
     """Refuse a batch of ``batch`` inputs of ``shape`` (e.g. ``(3, H, W)``) whose forward pass would need more
     than [`MEMORY_SHARE`][repvgg.limits.MEMORY_SHARE] of ``memory`` (default:
     [`machine_memory`][repvgg.limits.machine_memory]), counting [`ACTIVATION_FACTOR`][repvgg.limits.ACTIVATION_FACTOR]
-    times the input.
+    times the input; ``held`` images are only kept (calibration images), not run at once. ``per`` says what the
+    batch is (e.g. `` per micro-batch``).
 
     Raises:
         LimitExceeded: naming ``option`` and what to lower.
     """
     memory = machine_memory() if memory is None else memory
-    needed = batch * math.prod(shape) * element_bytes * ACTIVATION_FACTOR
+    per_input = math.prod(shape) * element_bytes * (1 if held else ACTIVATION_FACTOR)
+    needed = batch * per_input
     if memory is not None and needed > MEMORY_SHARE * memory:
-        fits = max(0, int(MEMORY_SHARE * memory // (math.prod(shape) * element_bytes * ACTIVATION_FACTOR)))
-        raise LimitExceeded(f"{option} {batch:,} of {'x'.join(map(str, shape))} inputs would need about "
-                            f"{_size(needed)} for one forward pass, and this machine has {_size(memory)}; lower "
-                            f"{option} (at most {fits:,} at this input size) or the input size")
+        fits = max(0, int(MEMORY_SHARE * memory // per_input))
+        use = "to hold them" if held else "for one forward pass"
+        raise LimitExceeded(f"{option} {batch:,}{per} of {'x'.join(map(str, shape))} inputs would need about "
+                            f"{_size(needed)} {use}, and this machine has {_size(memory)}; lower {option} (at most "
+                            f"{fits:,}{per} at this input size) or the input size")
+
+
+def check_parameter_memory(parameters: int, what: str, *, memory: int | None = None) -> None:
+    """Refuse a model of ``parameters`` float32 parameters that would need more than
+    [`MEMORY_SHARE`][repvgg.limits.MEMORY_SHARE] of ``memory`` (default:
+    [`machine_memory`][repvgg.limits.machine_memory]) to train: its weights, gradients, optimizer state and a converted
+    copy, four times its weights.
+
+    Raises:
+        LimitExceeded: naming ``what`` (the model) and its size.
+    """
+    memory = machine_memory() if memory is None else memory
+    needed = 4 * 4 * parameters
+    if memory is not None and needed > MEMORY_SHARE * memory:
+        raise LimitExceeded(f"{what} has about {parameters:,} parameters and would need about {_size(needed)} to "
+                            f"build and train, and this machine has {_size(memory)}; choose a smaller network (its "
+                            "widths, depths or number of classes)")
 
 
 def _size(nbytes: float) -> str:

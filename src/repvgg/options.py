@@ -18,10 +18,11 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from repvgg.limits import brief, check_float, check_int
+from repvgg.limits import (MAX_CONFIG_BYTES, MAX_NESTING, LimitExceeded, brief, check_float, check_int,
+                           parse_json)
 from repvgg.serialization import DictMixin, write_text
 
-__all__ = ["RunConfig", "check_device_name", "option"]
+__all__ = ["RunConfig", "check_device_name", "check_field_types", "load_config_file", "option"]
 
 _DEVICE_NAME = re.compile(r"(auto|cpu|cuda(:\d{1,4})?)")
 
@@ -107,6 +108,17 @@ def _check_bounds(f: dataclasses.Field, value: Any, *, real: bool) -> None:
         check_int(value, f.name, low=-2**63, high=int(meta["high"]))
 
 
+def check_field_types(instance: Any) -> None:
+    """Every field of the dataclass ``instance`` holds a value of its declared type (``true``, not ``"no"``, for a
+    flag; an int, not a float, for a count); files and flags are not trusted. A ValueError names the field."""
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if not _has_type(value, hints[f.name]):
+            raise ValueError(f"invalid {type(instance).__name__}: {f.name} must be {_describe(hints[f.name])}, got "
+                             f"{brief(value)}")
+
+
 class RunConfig(DictMixin):
     """A run configuration: dict round trips plus overrides and a YAML copy in the run folder."""
 
@@ -127,12 +139,10 @@ class RunConfig(DictMixin):
     def _check_types(self) -> None:
         """Every field holds a value of its declared type and within its bounds (config files and checkpoints
         are not trusted); a float is finite."""
+        check_field_types(self)
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not _has_type(value, hints[f.name]):
-                raise ValueError(f"invalid {type(self).__name__}: {f.name} must be {_describe(hints[f.name])}, "
-                                 f"got {brief(value)}")
             try:
                 _check_bounds(f, value, real=_has_type(0.5, hints[f.name]))
             except ValueError as err:
@@ -142,3 +152,58 @@ class RunConfig(DictMixin):
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid {type(self).__name__}: {message}")
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict (keys checked later by
+    [`TrainConfig.from_dict`][repvgg.serialization.DictMixin.from_dict]).
+
+    The file is data, bounded before it is walked: at most [`MAX_CONFIG_BYTES`][repvgg.limits.MAX_CONFIG_BYTES], nested
+    at most [`MAX_NESTING`][repvgg.limits.MAX_NESTING] levels, and without YAML aliases (``*name``), whose expansion is
+    unbounded (a few hundred bytes of nested aliases make gigabytes). Python tags (``!!python/object``) are refused too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise LimitExceeded(f"config file {path} holds {path.stat().st_size:,} bytes, more than the "
+                            f"{MAX_CONFIG_BYTES:,} a config may have")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (UnicodeDecodeError, OSError) as err:
+        raise ValueError(f"could not read config file {path}: {err}") from None
+    if path.suffix.lower() == ".json":
+        data = parse_json(text, f"config file {path}")
+    else:
+        data = _load_yaml(text, path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values, got {type(data).__name__}")
+    return data
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    import yaml
+
+    class DataLoader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` without aliases and with a nesting bound (a config is plain data)."""
+
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config file",
+                                                  self.peek_event().start_mark)
+            self.depth += 1
+            try:
+                if self.depth > MAX_NESTING:
+                    raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_NESTING} levels deep",
+                                                      self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    try:
+        return yaml.load(text, Loader=DataLoader)  # noqa: S506 - a SafeLoader, aliases refused
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of thousands of digits
+        # The safe loader refuses Python tags (!!python/object ...) too: a config is data, never code.
+        raise ValueError(f"could not read config file {path}: {' '.join(str(err).split())[:300]}") from None

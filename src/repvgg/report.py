@@ -12,19 +12,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from repvgg.plots import plot_throughput
-from repvgg.serialization import write_json, write_text
+from repvgg.serialization import readable_text, write_json, write_text
 
 __all__ = ["bench_header", "bench_table", "markdown_table", "printable", "write_bench_report"]
 
 _CONTROL = {i: f"\\x{i:02x}" for i in [*range(32), 127]} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
                                                           ord("\\"): "\\\\"}
+# the bidirectional controls, which reorder what a terminal shows after them
+_CONTROL |= {c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
 
 
 def printable(text: str) -> str:
-    """``text`` for one cell of a printed table: newlines, tabs, carriage returns and other control characters
-    (in a file name or a class name) written as escapes (``\\n``, ``\\t``, ``\\x1b``), so each row stays one
-    line and the terminal shows what is there."""
-    return text.translate(_CONTROL)
+    """``text`` for one cell of a printed table: newlines, tabs, carriage returns, other control characters and the
+    bidirectional controls (in a file name or a class name) written as escapes (``\\n``, ``\\t``, ``\\x1b``,
+    ``\\u202e``), and file-name bytes that are not UTF-8 too, so each row stays one line and the terminal shows what
+    is there."""
+    return readable_text(text.translate(_CONTROL))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -27,6 +27,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from repvgg.errors import WriteFailed
 from repvgg.limits import brief
 
 __all__ = ["DictMixin", "atomic_write", "check_output_path", "commit_staged", "csv_cell", "output_target",
-           "staging_folder", "write_csv", "write_failed", "write_json", "write_text"]
+           "readable_text", "staging_folder", "write_csv", "write_failed", "write_json", "write_text"]
 
 D = TypeVar("D", bound="DictMixin")
 
@@ -106,6 +107,7 @@ def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), 
                              "(inputs are never replaced, not even with --overwrite)")
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; name a file")
+    _refuse_special(path, f"{option} {path}")
     if suffixes and path.suffix.lower() not in suffixes:
         raise ValueError(f"{option} {path} must end in {' or '.join(suffixes)} (a file is named for what it holds)")
     if path.exists() and not overwrite:
@@ -113,6 +115,18 @@ def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), 
         raise ValueError(f"{option} {path}{link} already exists; pass --overwrite to replace it, or choose another "
                          "name")
     return path
+
+
+def _refuse_special(path: Path, what: str) -> None:
+    """A device, a pipe or a socket (or a link to one) is never an output: replacing it with a file (``/dev/null``
+    under ``--overwrite``) would break whatever uses it."""
+    try:
+        mode = path.stat().st_mode  # follows links: /dev/stdout is judged by what it leads to
+    except OSError:  # not there (or not reachable): a new file
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ValueError(f"{what} is not a regular file (a device, a pipe or a socket), which is never written or "
+                         "replaced; name a file")
 
 
 def _user_umask() -> int:
@@ -162,6 +176,7 @@ def atomic_write(path: PathLike, *, errors: tuple[type[BaseException], ...] = (O
     default ``OSError``: no space, a file-size limit, permissions) become [`WriteFailed`][repvgg.errors.WriteFailed]
     naming the file and the cause. The parent folder is created; the file gets the user's umask.
     """
+    _refuse_special(Path(path), "the output")
     path = output_target(path)
     tmp: Path | None = None
     try:
@@ -170,7 +185,8 @@ def atomic_write(path: PathLike, *, errors: tuple[type[BaseException], ...] = (O
         os.close(fd)
         tmp = Path(name)
         yield tmp
-        os.chmod(tmp, 0o666 & ~_user_umask())  # mkstemp's 0600 is for the temporary file only
+        # mkstemp's 0600 is for the temporary file only: a replaced file keeps its mode, a new one gets the umask's
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_user_umask())
         os.replace(tmp, path)
     except errors as err:
         raise write_failed(path, err) from err
@@ -221,12 +237,19 @@ def write_json(path: PathLike, data: Any) -> Path:
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
+def readable_text(text: str) -> str:
+    """``text`` as valid Unicode: bytes of a file name that are not UTF-8 (decoded by Python as lone surrogates) are
+    written as escapes (``\\xff``), so the name can be printed and saved as text."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def csv_cell(value: Any) -> str:
     """``value`` as a CSV cell a spreadsheet shows as text: a leading ``'`` before ``=``, ``+``, ``-``, ``@``, a tab
-    or a carriage return (OWASP's defence against formula injection), numbers left as they are."""
+    or a carriage return (OWASP's defence against formula injection), numbers left as they are, file-name bytes that
+    are not UTF-8 escaped ([`readable_text`][repvgg.serialization.readable_text])."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    text = str(value)
+    text = readable_text(str(value))
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from repvgg.cli.flags import bounded_int, image_size
+from repvgg.limits import MAX_WORKERS
 from repvgg.cli.output import add_json_out_flag, check_json_out, emit, write_json_out
 
 
@@ -14,11 +15,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "deploy.safetensors) or an official/timm file")
     p.add_argument("--model", default=None, help="model name, for files without architecture metadata "
                    "(inferred from parameter shapes when omitted)")
-    p.add_argument("--data", default=None, help="ImageFolder root with val/ (default: the digits data)")
+    p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/, whose val/ images are "
+                   "evaluated (default: the digits data)")
     p.add_argument("--img-size", type=image_size, default=None,
                    help="input resolution (default 32 digits / 224 folders)")
     p.add_argument("--batch-size", type=bounded_int(1), default=64, help="evaluation batch size")
-    p.add_argument("--workers", type=bounded_int(0), default=0, help="data-loading workers")
+    p.add_argument("--workers", type=bounded_int(0, MAX_WORKERS), default=0, help="data-loading workers")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     add_json_out_flag(p)
     p.set_defaults(func=run)

@@ -6,9 +6,11 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from repvgg.cli.flags import add_guard_flags, add_overwrite_flag, bounded_int
+from repvgg.limits import MAX_WORKERS
 from repvgg.cli.output import emit
 from repvgg.report import printable
 from repvgg.serialization import write_csv
@@ -36,11 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="auto: the fastest runtime that reproduces the model (ONNX Runtime for an ONNX file)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="precision of a model file (int8: calibrated on the first 64 readable inputs and held to the "
-                        "accuracy guard on the next 64, against the float32 model's predictions)")
+                   help="precision of a model file (int8: calibrated on 64 readable inputs spread over all of them and "
+                        "held to the accuracy guard on 64 others, against the float32 model's predictions)")
     add_guard_flags(p)
     p.add_argument("--batch-size", type=bounded_int(1), default=32, help="images per forward pass")
-    p.add_argument("--workers", type=bounded_int(0), default=2, help="processes decoding images")
+    p.add_argument("--workers", type=bounded_int(0, MAX_WORKERS), default=2, help="processes decoding images")
     p.add_argument("--classes", default=None, metavar="FILE", help="class names, one a line, in place of the "
                    "artifact's")
     p.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
@@ -57,12 +59,13 @@ def run(args: argparse.Namespace) -> int:
 
     paths = expand_inputs(args.inputs, stdin=sys.stdin if "-" in args.inputs else None)
     if args.csv:
-        check_output_path(args.csv, reads=[args.artifact, args.classes, *paths], overwrite=args.overwrite,
+        folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]  # never written into either
+        check_output_path(args.csv, reads=[args.artifact, args.classes, *paths, *folders], overwrite=args.overwrite,
                           option="--csv")
     many = len(paths) > _WEIGH_FROM_BATCHES * args.batch_size
     predictor = Predictor(args.artifact, runtime=args.runtime, dtype=args.dtype, device=args.device,
                           batch_size=args.batch_size, workers=args.workers if many else 0, classes=args.classes,
-                          calibration=paths if args.dtype == "int8" else None, measure=many,
+                          calibration=paths if args.dtype != "float32" else None, measure=many,
                           min_agreement=args.min_agreement, max_top1_drop=args.max_top1_drop)
     bar = progress_bar(len(paths), "predict", enabled=many)
     started = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from repvgg.cli.flags import bounded_int, image_size
+from repvgg.limits import MAX_WORKERS
 from repvgg.cli.output import add_json_out_flag, check_json_out, emit, write_json_out
 
 
@@ -16,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-size", type=image_size, default=None, help="resize validation images to this square size "
                    "(default: as stored in the file, else as they are)")
     p.add_argument("--batch-size", type=bounded_int(1), default=16, help="evaluation batch size, as seg-train")
-    p.add_argument("--workers", type=bounded_int(0), default=0, help="data-loading worker processes")
+    p.add_argument("--workers", type=bounded_int(0, MAX_WORKERS), default=0, help="data-loading worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--baseline", default="resnet50", choices=["resnet50", "resnet101", "none"],
                    help="ResNet PSPNet timed next to the model at the same input size")

@@ -52,6 +52,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
                                 flags=config_flag_values(args, config_cls))
     if getattr(args, "spec", None):
         config = config.updated(model_overrides={**config.model_overrides, **_parse_spec(args.spec)})
+    if getattr(config, "model_overrides", None):  # checked now, so that --print-config shows only what builds
+        from repvgg.nn.registry import spec_with
+
+        try:
+            spec_with(config.model, config.model_overrides)
+        except TypeError as err:
+            raise ValueError(f"--spec: {err}") from None
     return config
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from repvgg.errors import ConversionMismatch, RunFailed
 from repvgg.io.config import ExportConfig
 from repvgg.io.onnx_run import onnxruntime_session
-from repvgg.limits import MIN_OPSET, check_int
+from repvgg.limits import MIN_OPSET, check_batch_memory, check_int
 from repvgg.nn.convert import (CONVERSION_TOLERANCE, OutputDeviation, check_conversion, is_reparameterizable,
                                reparameterize_model)
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
@@ -78,6 +78,9 @@ def resolve_model(model_or_path: nn.Module | str | os.PathLike[str], *, num_clas
     from repvgg.nn.registry import build_model
 
     path = Path(model_or_path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name a model file (of a run folder: {path / 'deploy.safetensors'} or "
+                         f"{path / 'best.pt'}) or a registered model name")
     if path.is_file():
         model = load_model(path)
         if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
@@ -138,6 +141,45 @@ def export_onnx_file(
         example = torch.cat([example, example])
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = nbytes > _EXTERNAL_DATA_BYTES
+    with _noticing_interrupts() as interrupted:
+        _export(model, example, path, opset=opset, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,
+                external=external, interrupted=interrupted)
+    if interrupted:  # an interrupt the exporter caught and carried on after
+        raise KeyboardInterrupt("interrupted during the ONNX export")
+    return path
+
+
+@contextlib.contextmanager
+def _noticing_interrupts() -> Iterator[list[int]]:
+    """Note a SIGINT that arrives in the block to stop the program (and let it raise as usual): the exporter catches
+    much of what happens inside it, an interrupt included, and neither it nor the fallback must carry on after one. A
+    handler of the caller's (a run finishing its files first) keeps its say; an ignored SIGINT stays ignored."""
+    import signal
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def note(signum: int, frame: Any) -> None:
+        if previous in (signal.default_int_handler, signal.SIG_DFL):  # an interrupt that stops the program
+            received.append(signum)
+            raise KeyboardInterrupt
+        if callable(previous):  # a handler of the caller's (a run finishing its files first): its decision
+            previous(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _export(model: nn.Module, example: Tensor, path: Path, *, opset: int | None, dynamic_batch: bool,
+            dynamic_hw: bool, external: bool, interrupted: list[int]) -> None:
+    """The ``torch.export``-based exporter, else the TorchScript-based one (unless the user interrupted the first)."""
     try:
         from torch.export import Dim
 
@@ -155,6 +197,8 @@ def export_onnx_file(
             raise RuntimeError("the torch.export-based exporter returned no program")
         program.save(str(path), external_data=external)
     except Exception as err:  # noqa: BLE001 - the exporter fails in many ways; the fallback is logged
+        if interrupted:
+            raise KeyboardInterrupt("interrupted during the ONNX export; nothing was written") from err
         log.warning("torch.export-based ONNX export failed (%s: %s); using the TorchScript-based exporter",
                     type(err).__name__, err)
         import warnings
@@ -167,7 +211,6 @@ def export_onnx_file(
                 dynamic_axes={"input": {0: "batch", **({2: "height", 3: "width"} if dynamic_hw else {})},
                               "output": {0: "batch"}} if dynamic_batch or dynamic_hw else None,
             )
-    return path
 
 
 def _written_opset(path: Path, requested: int | None) -> int:
@@ -264,6 +307,7 @@ def export_onnx(
     exported = copy.deepcopy(model).half() if fp16 else model
     dtype = torch.float16 if fp16 else torch.float32
     channels = _input_channels(model)
+    check_batch_memory(max(2, check_batch_size), (channels, img_size, img_size), "the check batch")
     example = torch.randn(2, channels, img_size, img_size, dtype=dtype)
     sizes = [img_size, img_size + max(8, img_size // 2)] if dynamic_hw else [img_size]
     with staging_folder(path) as staging:

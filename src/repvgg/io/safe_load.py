@@ -21,8 +21,9 @@ __all__ = ["safe_load"]
 _UNSUPPORTED = re.compile(r"Unsupported (?:global|operand)[^.\n]*?(?:GLOBAL )?([\w.]+)")
 
 
-def safe_load(path: str | os.PathLike[str], *, what: str = "a PyTorch weights file") -> Any:
-    """The contents of the torch file ``path`` (on the CPU), read without running any pickled code.
+def safe_load(path: str | os.PathLike[str], *, what: str = "a PyTorch weights file", mmap: bool = False) -> Any:
+    """The contents of the torch file ``path`` (on the CPU), read without running any pickled code; with ``mmap``
+    its tensors are mapped from the file instead of read (to look at the rest).
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
@@ -35,7 +36,7 @@ def safe_load(path: str | os.PathLike[str], *, what: str = "a PyTorch weights fi
         raise FileNotFoundError(f"{what} not found: {path}")
     require_kind(path, ("torch",), what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = _UNSUPPORTED.search(str(err))
         detail = f" (it pickles {found[1]})" if found else ""

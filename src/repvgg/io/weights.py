@@ -189,6 +189,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
         ValueError: the file is truncated, of another kind (an ONNX model, an image), or holds no state dict.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name a weights file (of a run folder: {path / 'deploy.safetensors'} "
+                         f"or {path / 'best.pt'})")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     metadata: dict[str, Any] = {}

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from repvgg.limits import MAX_CHANNELS, MAX_STAGE_DEPTH
 from repvgg.nn.block import RepVGGBlock, aux_head
 from repvgg.nn.fusion import is_batchnorm
+from repvgg.options import check_field_types
 from repvgg.serialization import DictMixin
 
 __all__ = ["AUX_POSITIONS", "RepVGGSpec", "RepVGG"]
@@ -73,22 +74,21 @@ class RepVGGSpec(DictMixin):
     def __post_init__(self) -> None:
         for name in ("depths", "base_widths", "strides", "dilations", "width_multipliers", "aux_heads"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_field_types(self)  # a spec from a file or a --spec flag: true is a flag, "no" is not
         for name in ("depths", "base_widths", "strides", "dilations"):
             values = getattr(self, name)
             if len(values) != NUM_STAGES or not all(isinstance(v, int) and v >= 1 for v in values):
                 raise ValueError(f"{name} must be {NUM_STAGES} positive ints (one per stage), got {values!r}")
-        if len(self.width_multipliers) != 2 or not all(m > 0 for m in self.width_multipliers):
+        if len(self.width_multipliers) != 2 or not all(0 < m < MAX_CHANNELS for m in self.width_multipliers):
             raise ValueError(f"width_multipliers must be two positive numbers (a, b), got {self.width_multipliers!r}")
-        if not isinstance(self.groups, int) or self.groups < 1:
-            raise ValueError(f"groups must be a positive int, got {self.groups!r}")
+        if self.groups < 1 or (self.dilated_layers or 0) < 0:  # their types are checked above
+            raise ValueError(f"groups must be >= 1, dilated_layers >= 0, got {self.groups}, {self.dilated_layers}")
         unknown = [h for h in self.aux_heads if h not in AUX_POSITIONS]
         if unknown or len(set(self.aux_heads)) != len(self.aux_heads):
             raise ValueError(f"aux_heads must be distinct positions among {', '.join(AUX_POSITIONS)}, got "
                              f"{self.aux_heads!r}")
         if "stage3_first" in self.aux_heads and self.depths[3] < 2:
             raise ValueError("an auxiliary head after the first half of stage 3 needs at least 2 layers there")
-        if self.dilated_layers is not None and self.dilated_layers < 0:
-            raise ValueError(f"dilated_layers must be >= 0 or None, got {self.dilated_layers!r}")
         # Bounds first, so that a file's metadata declaring an absurd network is refused in microseconds.
         if max(self.depths) > MAX_STAGE_DEPTH:
             raise ValueError(f"depths must be at most {MAX_STAGE_DEPTH} layers per stage, got {self.depths!r}")

@@ -11,10 +11,13 @@ import difflib
 import fnmatch
 from typing import Any, Mapping, Sequence
 
+import torch
+
+from repvgg.limits import MAX_CHANNELS, MAX_CLASSES, brief, check_int, check_parameter_memory
 from repvgg.nn.model import AUX_POSITIONS, RepVGG, RepVGGSpec
 
 __all__ = ["MODEL_SPECS", "canonical_name", "check_arch", "list_models", "get_spec", "register_model", "build_model",
-           "spec_overrides"]
+           "spec_overrides", "spec_parameter_count", "spec_with"]
 
 _A = (1, 2, 4, 14, 1)
 _B = (1, 4, 6, 16, 1)
@@ -91,7 +94,7 @@ def get_spec(name: str) -> RepVGGSpec:
         return MODEL_SPECS[key]
     close = difflib.get_close_matches(key, MODEL_SPECS, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown model {name!r}.{hint} Registered models: {', '.join(list_models())}.")
+    raise ValueError(f"unknown model {brief(name)}.{hint} Registered models: {', '.join(list_models())}.")
 
 
 def spec_overrides(name: str, spec: RepVGGSpec) -> dict[str, Any]:
@@ -133,6 +136,36 @@ def register_model(name: str, spec: RepVGGSpec, *, overwrite: bool = False) -> N
     MODEL_SPECS[key] = spec
 
 
+def spec_parameter_count(spec: RepVGGSpec, in_chans: int = 3, num_classes: int = 1000) -> int:
+    """About how many parameters the training-time network of ``spec`` has (3x3 and 1x1 kernels, their norms, SE,
+    the heads), known before anything is built."""
+    total, channels = 0, in_chans
+    for layer in spec.layer_configs():
+        out = layer["out_channels"]
+        total += out * (channels // layer["groups"]) * 10 + 6 * out
+        total += 2 * out * max(1, out // 16) + out if spec.use_se or spec.post_se else 0
+        channels = out
+    aux = sum(spec.widths[int(h[5])] ** 2 * 9 + spec.widths[int(h[5])] * num_classes for h in spec.aux_heads)
+    return total + aux + channels * num_classes + num_classes
+
+
+def spec_with(name: str | RepVGGSpec, overrides: Mapping[str, Any]) -> RepVGGSpec:
+    """The spec of ``name`` (a registered name or a spec) with ``overrides`` applied, each checked.
+
+    Raises:
+        TypeError: an override that is not a [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec] field.
+        ValueError: an unknown name, or a value of the wrong type or out of bounds.
+    """
+    spec = name if isinstance(name, RepVGGSpec) else get_spec(name)
+    if not overrides:
+        return spec
+    known = {f.name for f in dataclasses.fields(RepVGGSpec)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown argument(s) {brief(unknown)} for create_model; RepVGGSpec fields are {sorted(known)}")
+    return dataclasses.replace(spec, **overrides)
+
+
 def build_model(
     name: str | RepVGGSpec,
     *,
@@ -163,15 +196,11 @@ def build_model(
         **overrides: any [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec] field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
             ``use_identity=False``, for a custom architecture in one call.
     """
-    if isinstance(name, RepVGGSpec):
-        spec, arch_name = name, "repvgg_custom"
-    else:
-        spec, arch_name = get_spec(name), canonical_name(name)
-    if overrides:
-        known = {f.name for f in dataclasses.fields(RepVGGSpec)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(f"unknown argument(s) {unknown} for create_model; RepVGGSpec fields are {sorted(known)}")
-        spec = dataclasses.replace(spec, **overrides)
+    spec = spec_with(name, overrides)
+    arch_name = "repvgg_custom" if isinstance(name, RepVGGSpec) else canonical_name(name)
+    check_int(num_classes, "num_classes", low=0, high=MAX_CLASSES)
+    check_int(in_chans, "in_chans", low=1, high=MAX_CHANNELS)
+    if torch.get_default_device().type != "meta":  # a meta model allocates nothing: files are checked on one first
+        check_parameter_memory(spec_parameter_count(spec, in_chans, num_classes), arch_name)
     return RepVGG(spec, num_classes=num_classes, in_chans=in_chans, deploy=deploy, features_only=features_only,
                   out_indices=out_indices, name=arch_name, frozen_stages=frozen_stages, norm_eval=norm_eval)

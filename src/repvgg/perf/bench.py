@@ -204,9 +204,11 @@ def _fast_entries(name: str, module: nn.Module, config: BenchConfig, precision: 
     # every runtime is a row of its own (every_runtime), or only the chosen one is kept: then it is chosen holding one
     # runtime's copy of the model at a time (a VGG-16 is 0.5 GB a copy)
     warmup, rounds = _selection_effort(device)
+    # a benchmark times every precision; whether a reduced one is accurate is judged apart (BenchResult.guards)
     runner = optimize_for_inference(module, example.float(), dtype=precision, candidates=config.candidates,
                                     calibration=calibration if precision == "int8" else None,
-                                    one_at_a_time=not every_runtime, warmup=warmup, rounds=rounds)
+                                    one_at_a_time=not every_runtime, warmup=warmup, rounds=rounds,
+                                    check_accuracy=False)
     result.fast_paths[f"{name}/{precision}"] = {"backend": runner.backend, "reason": runner.reason,
                                                  "candidates": [asdict(r) for r in runner.reports]}
     reference = module(example.float())
@@ -278,7 +280,7 @@ def _reference_conv_entry(config: BenchConfig, precision: str, example: Tensor) 
     params, macs = _complexity(conv, tuple(conv_input.shape))
     warmup, rounds = _selection_effort(example.device)
     runner = optimize_for_inference(conv.to(example.device), conv_input, dtype=precision,
-                                    candidates=config.candidates, warmup=warmup, rounds=rounds)
+                                    candidates=config.candidates, warmup=warmup, rounds=rounds, check_accuracy=False)
     row = BenchRow(f"conv3x3 {channels}ch {size}x{size}", "conv3x3", runner.backend, precision, params, macs,
                    config.batch)
     return _Entry(row, functools.partial(_on_fixed_input, runner, conv_input), None)

@@ -168,7 +168,9 @@ def _build_one(name: str, ctx: BuildContext, reference: Any, rtol: float | None)
     """Build one candidate in ``ctx.precision`` and check it on the example: the runner (or ``None``) and its report."""
     precision = ctx.precision
     if ctx.example.device.type not in CANDIDATES[name].devices or precision not in CANDIDATES[name].precisions:
-        return None, CandidateReport(name, "unavailable", f"not for {ctx.example.device.type} in {precision}",
+        candidate = CANDIDATES[name]
+        return None, CandidateReport(name, "unavailable", f"{name} runs in {', '.join(candidate.precisions)} on "
+                                     f"{', '.join(candidate.devices)}, not in {precision} on {ctx.example.device.type}",
                                      precision=precision)
     try:
         runner = CANDIDATES[name].build(ctx)
@@ -311,6 +313,7 @@ def optimize_for_inference(
     pause_s: float | None = None,
     fuse: bool = True,
     one_at_a_time: bool = False,
+    check_accuracy: bool = True,
 ) -> InferenceRunner:
     """Return the fastest verified way to run ``model`` on ``example_input``'s device.
 
@@ -339,6 +342,9 @@ def optimize_for_inference(
         pause_s: idle time before each timed call (default 50 ms on the CPU, where runtimes with
             their own spinning thread pools would otherwise slow whichever candidate runs next).
         fuse: fuse RepVGG blocks and conv-BN pairs on the copy first (exact, and faster eagerly).
+        check_accuracy: a reduced precision asked for by name (``dtype="int8"``, ``"bfloat16"``, ``"float16"``) is
+            held to the accuracy guard on ``validation``, which it then needs; ``False`` takes it unchecked (the
+            caller measures its accuracy elsewhere, as a benchmark does), and the log says so.
         one_at_a_time: build, check and time the candidates one after another, keeping only the fastest so far:
             one runtime's copy of the model is held at a time besides it (for large models; the timings are then
             not interleaved, and the runner has no ``alternatives``).
@@ -352,6 +358,10 @@ def optimize_for_inference(
     precisions = precisions_to_weigh(dtype, example_input, calibration=calibration)
     guard = Guard(min_agreement, max_top1_drop)
     automatic = dtype == "auto"
+    if not automatic and precisions != ["float32"] and validation is None and check_accuracy:
+        raise ValueError(f"dtype={precisions[0]!r} is a reduced precision, held to the accuracy guard on labelled "
+                         "validation images: pass validation=[(images, labels), ...] (batches the model has not been "
+                         "calibrated on), or check_accuracy=False to take it unchecked")
     if automatic and validation is None and len(precisions) > 1:
         log.info("dtype='auto' without validation images: only float32 is weighed (a reduced precision is chosen "
                  "only after it passes the accuracy guard)")

@@ -22,18 +22,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from repvgg.io.card import (ModelCard, Preprocessing, load_onnx_proto, read_class_names, read_onnx_metadata,
-                            resolve_card)
+from repvgg.io.card import (ModelCard, Preprocessing, card_from_metadata, load_onnx_proto, read_class_names,
+                            read_onnx_metadata, resolve_card)
 from repvgg.io.formats import MODEL_KINDS, require_kind
 from repvgg.io.hub import HUB_PREFIX
 from repvgg.io.onnx_run import ONNX_RUNTIMES, onnx_runner
-from repvgg.limits import check_batch_memory, check_int
+from repvgg.limits import (MAX_CHANNELS, MAX_IMG_SIZE, check_batch_memory, check_image_pixels, check_int,
+                           check_workers)
 from repvgg.options import check_device_name
 from repvgg.quant.guard import Guard
 from repvgg.predict import DTYPES, RUNTIMES
 from repvgg.predict.inputs import ImageFiles, collate_images, expand_inputs
 from repvgg.training.data import eval_transform
-from repvgg.training.images import load_rgb
+from repvgg.training.images import as_rgb, load_rgb
 
 __all__ = ["Prediction", "Predictor", "locate_artifact", "RUNTIMES", "DTYPES"]
 
@@ -87,11 +88,11 @@ class Predictor:
         artifact: a run folder, a weights file or ``hf-hub:`` reference, or an ONNX file (told apart by content).
         runtime: ``"auto"`` or one of [`RUNTIMES`][repvgg.predict.RUNTIMES] (an ONNX file: ``onnxruntime`` or
             ``openvino``).
-        dtype: a model file's precision, one of [`DTYPES`][repvgg.predict.DTYPES]; ``int8`` is calibrated on
-            ``calibration`` (image paths or prepared batches; unreadable images are left out) and held to the accuracy
-            guard ([`repvgg.quant.guard`][repvgg.quant.guard]) against the float32 model's own predictions on
-            ``calibration`` images it was not calibrated on: below ``min_agreement`` it is refused
-            ([`PrecisionRejected`][repvgg.quant.guard.PrecisionRejected]).
+        dtype: a model file's precision, one of [`DTYPES`][repvgg.predict.DTYPES]. A reduced one (``bfloat16``,
+            ``int8``) is held to the accuracy guard ([`repvgg.quant.guard`][repvgg.quant.guard]) against the
+            float32 model's own predictions on ``calibration`` (image paths or prepared batches, sampled evenly;
+            unreadable images are left out), and ``int8`` is calibrated on other images of it: below
+            ``min_agreement`` it is refused ([`PrecisionRejected`][repvgg.quant.guard.PrecisionRejected]).
         device: ``"cpu"`` or ``"cuda[:N]"`` (model files; an ONNX file runs on the CPU).
         batch_size: images per forward pass (and the batch the runtimes are weighed at), bounded by this machine's
             memory ([`check_batch_memory`][repvgg.limits.check_batch_memory]).
@@ -114,7 +115,7 @@ class Predictor:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
         self.batch_size = check_int(batch_size, "batch_size", low=1)
-        self.workers = check_int(workers, "workers", low=0)
+        self.workers = check_workers(workers)
         check_device_name(device, "--device")
         guard = Guard(min_agreement, max_top1_drop)
         self.kind, path = locate_artifact(artifact)
@@ -147,16 +148,18 @@ class Predictor:
         return self.card.preprocessing
 
     def _calibration_images(self, calibration: Any, preprocessing: Preprocessing) -> Tensor:
-        """Up to `CALIBRATION_IMAGES` x 2 prepared images from ``calibration``: image paths decoded as the
-        inputs are (unreadable ones left out, with a warning; ``--bad-images`` then decides about them when they
-        are predicted), or batches of prepared images."""
+        """Up to `CALIBRATION_IMAGES` x 2 prepared images from ``calibration``, evenly spread over all of it: image
+        paths decoded as the inputs are (unreadable ones left out, with a warning; ``--bad-images`` then decides about
+        them when they are predicted), or batches of prepared images."""
         wanted = 2 * CALIBRATION_IMAGES
         if isinstance(calibration, Tensor):
             calibration = [calibration]
         items = list(calibration or [])
         if items and all(isinstance(item, (str, os.PathLike)) for item in items):
-            loader = DataLoader(ImageFiles(expand_inputs(items)[:wanted], eval_transform(preprocessing)),
-                                batch_size=self.batch_size, num_workers=self.workers, collate_fn=collate_images)
+            chosen = _spread(expand_inputs(items), wanted)  # from every part of the inputs, not only their start
+            loader = DataLoader(ImageFiles(chosen, eval_transform(preprocessing)), batch_size=self.batch_size,
+                                num_workers=check_workers(self.workers, batches=-(-len(chosen) // self.batch_size)),
+                                collate_fn=collate_images)
             images = []
             for batch, _, errors in loader:
                 for _, error in errors:
@@ -165,9 +168,10 @@ class Predictor:
         else:
             images = [image for item in items for image in (item[0] if isinstance(item, (tuple, list)) else item)]
         if not images:
-            raise ValueError("int8 needs calibration images and none could be read (the CLI calibrates on the first "
-                             f"{wanted} inputs); or quantize with `repvgg quantize` and predict with its INT8 file")
-        return torch.stack(images[:wanted]).float()
+            raise ValueError("a reduced precision needs images to calibrate on and be judged on, and none could be "
+                             f"read (the CLI takes {wanted} of the inputs); or quantize with `repvgg quantize` and "
+                             "predict with its INT8 file")
+        return torch.stack(_spread(images, wanted)).float()
 
     @torch.no_grad()
     def logits(self, batch: Tensor) -> Tensor:
@@ -224,8 +228,9 @@ class Predictor:
             raise ValueError("no images to predict")
         if all(isinstance(item, (str, os.PathLike)) for item in inputs):  # files: decoded in the loader's workers
             paths = expand_inputs(inputs)
-            loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size,
-                                num_workers=self.workers, collate_fn=collate_images)
+            workers = check_workers(self.workers, batches=-(-len(paths) // self.batch_size))
+            loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size, num_workers=workers,
+                                collate_fn=collate_images)
             for images, indices, errors in loader:  # indices into ``paths``
                 sources = {i: paths[i] for i in [*indices, *(i for i, _ in errors)]}
                 yield sources, None if images is None else (indices, images), errors
@@ -242,7 +247,8 @@ class Predictor:
             yield sources, None if batch is None else (good, batch), errors
 
     def _prepare(self, item: Any) -> tuple[Tensor | None, str]:
-        """One input as the model's input, or ``None`` and why it could not be read (a file)."""
+        """One input as the model's input, or ``None`` and why it could not be read (a file). An image in memory is
+        prepared as a file is (bounded, 16-bit grey scaled, an unknown range refused)."""
         if isinstance(item, str):
             try:
                 return self.transform(load_rgb(item)), ""
@@ -252,13 +258,20 @@ class Predictor:
             if item.dtype == torch.uint8:
                 from torchvision.transforms.functional import to_pil_image
 
-                return self.transform(to_pil_image(item)), ""
+                if item.dim() != 3 or item.shape[0] not in (1, 3):
+                    raise ValueError(f"a uint8 image tensor is (1 or 3, H, W), got shape {tuple(item.shape)}")
+                check_image_pixels(item.shape[2], item.shape[1], "a uint8 image tensor")
+                return self.transform(as_rgb(to_pil_image(item), "a uint8 image tensor")), ""
             if item.dim() != 3 or not item.is_floating_point():
                 raise ValueError(f"a tensor input must be a uint8 image or a prepared float (3, H, W) tensor, got "
                                  f"{item.dtype} of shape {tuple(item.shape)}")
+            size = self.preprocessing.img_size
+            if tuple(item.shape) != (3, size, size):
+                raise ValueError(f"a prepared tensor must be (3, {size}, {size}), as the model's preprocessing makes "
+                                 f"it; got {tuple(item.shape)} (give the image itself to have it prepared)")
             return item.float(), ""
-        if hasattr(item, "convert"):  # a PIL image
-            return self.transform(item.convert("RGB")), ""
+        if hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
+            return self.transform(as_rgb(item, "a PIL image")), ""
         raise TypeError(f"cannot predict a {type(item).__name__}: give image paths, PIL images or tensors")
 
 
@@ -281,8 +294,9 @@ def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch
     plain = reparameterize_model(model) if not model.deploy else model
     example = torch.randn(batch_size, model.in_chans, size, size, generator=torch.Generator().manual_seed(0))
     calibration = validation = None
-    if dtype == "int8":
-        calibration, validation = _int8_evidence(plain, calibration_images(card.preprocessing))
+    if dtype != "float32":  # a reduced precision is held to the guard on the inputs; INT8 calibrates on them too
+        calibration, validation = _reduced_precision_evidence(plain, calibration_images(card.preprocessing))
+        calibration = calibration if dtype == "int8" else None
     if runtime != "auto":
         candidates = [runtime]
     elif not measure and dtype == "float32":
@@ -301,15 +315,25 @@ def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch
     return card, run, runner.backend, precision, runner.reason
 
 
-def _int8_evidence(plain: torch.nn.Module, images: Tensor) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
-    """Calibration batches and the guard's validation batches from prepared ``images``, labelled with the float32
-    model's own predictions (what INT8 must agree with): the first `CALIBRATION_IMAGES` calibrate and the
-    rest judge; with no more than that, every image does both, and the log says so."""
-    calibrate, rest = images[:CALIBRATION_IMAGES], images[CALIBRATION_IMAGES:]
-    judge = rest if len(rest) else calibrate
-    if not len(rest):
-        logger.warning("INT8 is judged on the %d image(s) it was calibrated on (more than %d inputs give it images "
-                       "of its own)", len(images), CALIBRATION_IMAGES)
+def _spread(items: Sequence[Any], count: int) -> list[Any]:
+    """At most ``count`` of ``items``, evenly spaced over all of them, in order."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
+
+
+def _reduced_precision_evidence(plain: torch.nn.Module, images: Tensor
+                                ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """INT8's calibration batches and the guard's validation batches from prepared ``images`` (spread over the inputs),
+    labelled with the float32 model's own predictions (what INT8 must agree with): every other image calibrates and
+    the rest judge, so both come from every part of the inputs; with no more than `CALIBRATION_IMAGES`, every
+    image does both, and the log says so."""
+    if len(images) > CALIBRATION_IMAGES:
+        calibrate, judge = images[0::2], images[1::2]
+    else:
+        calibrate = judge = images
+        logger.warning("the reduced precision is judged on the %d image(s) INT8 would calibrate on (more than %d "
+                       "inputs give it images of its own)", len(images), CALIBRATION_IMAGES)
     with torch.no_grad():
         labels = plain(judge).argmax(1)
     return [calibrate], [(judge, labels)]
@@ -327,10 +351,13 @@ def _open_onnx(path: Path, runtime: str, dtype: str, batch_size: int
     from repvgg.quant.qdq import quantized_conv_count
 
     metadata = read_onnx_metadata(path)
-    channels, height, width, input_type = _onnx_input(path)
+    batch, channels, height, width, input_type = _onnx_input(path)
+    _, recorded = card_from_metadata(metadata, path, None)  # the size the file says it takes, checked
+    size = height or width or (recorded.img_size if recorded else 224)
+    # what one forward pass of the graph's own batch allocates, bounded before the probe runs it
+    check_batch_memory(batch or 1, (channels or 3, size, size), f"{path}: the graph's batch")
     runner = onnx_runner(path, backend)
-    size = height or width or 224
-    probe = runner(torch.zeros(2, channels or 3, size, size))
+    probe = runner(torch.zeros(batch or 1, channels or 3, size, size))
     if not isinstance(probe, Tensor) or probe.dim() != 2:
         raise ValueError(f"{path} does not look like a classifier: its output is not one (batch, classes) tensor")
     card = resolve_card(metadata, path, int(probe.shape[1]), default=Preprocessing(img_size=size))
@@ -343,13 +370,19 @@ def _open_onnx(path: Path, runtime: str, dtype: str, batch_size: int
     return card, runner, backend, precision, "an ONNX file runs on " + backend
 
 
-def _onnx_input(path: Path) -> tuple[int | None, int | None, int | None, str]:
-    """The first input's static channels, height and width (``None`` where dynamic) and its type."""
+def _onnx_input(path: Path) -> tuple[int | None, int | None, int | None, int | None, str]:
+    """The first input's static batch, channels, height and width (``None`` where dynamic), each checked to be a
+    size this package runs (a channel count up to `MAX_CHANNELS`, sides from 8 to `MAX_IMG_SIZE`), and its type."""
     import onnx
 
     tensor_type = load_onnx_proto(path).graph.input[0].type.tensor_type
     values = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
     if len(values) != 4:
         raise ValueError(f"{path} takes a {len(values)}-d input; an image classifier takes (batch, 3, H, W)")
-    return values[1], values[2], values[3], "float16" if tensor_type.elem_type == onnx.TensorProto.FLOAT16 \
+    batch, channels, height, width = values
+    for value, name, low, high in ((batch, "batch", 1, None), (channels, "channels", 1, MAX_CHANNELS),
+                                   (height, "height", 8, MAX_IMG_SIZE), (width, "width", 8, MAX_IMG_SIZE)):
+        if value is not None:
+            check_int(value, f"{path}: the input's {name}", low=low, high=high)
+    return batch, channels, height, width, "float16" if tensor_type.elem_type == onnx.TensorProto.FLOAT16 \
         else "float32"

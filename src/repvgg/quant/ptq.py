@@ -38,12 +38,13 @@ from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_
 from repvgg.perf.timing import time_interleaved
 from repvgg.quant.qat import train_qat
 from repvgg.quant.config import QuantizeConfig
+from repvgg.limits import check_batch_memory
 from repvgg.quant.guard import Guard, require_passing, validation_guard
+from repvgg.training.distributed import dataset_size
 from repvgg.quant.qdq import batches, calibration_subset, quantize_onnx, quantized_conv_count
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, Relabelled, build_datasets
-from repvgg.training.distributed import dataset_size
 
 __all__ = ["QuantizeReport", "quantize_model", "runtime_speeds", "speed_runtimes"]
 
@@ -172,6 +173,9 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
     model = load_model(weights) if not isinstance(weights, nn.Module) else weights
     model = model.eval()
     bundle = _data_for(model, data, img_size)
+    side = bundle.preprocessing.img_size  # what the timing and the calibration will allocate, bounded first
+    check_batch_memory(speed_batch, (3, speed_img_size or side, speed_img_size or side), "--speed-batch")
+    check_batch_memory(min(calib_images, dataset_size(bundle.train)), (3, side, side), "--calib-images", held=True)
     calibration = calibration_subset(bundle.train, calib_images)
     val_batch, _ = next(iter(batches(bundle.val, 16)))
 
@@ -206,6 +210,10 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
         results = validation_guard(plain, {runtime: onnx_runner(int8, runtime) for runtime in runtimes},
                                    batches(bundle.val, 64), guard, device=torch.device("cpu"))
         require_passing(results, guard, f"the INT8 {getattr(model, 'name', 'model')}")
+        judged_on = next(iter(results.values())).images
+        if judged_on < 100:
+            log.warning("the accuracy guard judged INT8 on only %d validation images (one image is %.1f%% of the "
+                        "agreement): its verdict is weak; give more validation images", judged_on, 100 / judged_on)
         size = speed_img_size or val_batch.shape[-1]
         speed_input = torch.randn(speed_batch, val_batch.shape[1], size, size,
                                   generator=torch.Generator().manual_seed(0))

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from repvgg.errors import RunFailed
-from repvgg.io.loading import load_model
+from repvgg.io.loading import load_model, model_card
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
 from repvgg.nn.model import RepVGGSpec
 from repvgg.nn.registry import build_model
@@ -31,7 +31,9 @@ from repvgg.training.classification import ClassificationTask
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import collate_readable
 from repvgg.training.engine import fit
-from repvgg.quant.qdq import evaluate_onnx, export_fake_quant_onnx, qat_qconfig_mapping, quantized_conv_count
+from repvgg.io.onnx_run import onnx_runner
+from repvgg.quant.guard import Guard, require_passing, validation_guard
+from repvgg.quant.qdq import batches, export_fake_quant_onnx, qat_qconfig_mapping, quantized_conv_count
 
 __all__ = ["QATTask", "prepare_qat", "train_qat"]
 
@@ -66,6 +68,9 @@ class QATTask(ClassificationTask):
             self.source.name = described["arch"]
         else:
             self.source = load_model(config.weights).eval()
+            recorded = model_card(self.source).recorded_preprocessing
+            if config.img_size is None and recorded is not None:  # fine-tuned at the size it was trained at
+                config = config.updated(img_size=recorded.img_size)
         config, train_set = super().setup(config.updated(model=self.source.name), ctx, resumed)
         if self.source.num_classes != self.bundle.num_classes:
             raise ValueError(f"{config.weights} has {self.source.num_classes} classes but the data has "
@@ -99,8 +104,17 @@ class QATTask(ClassificationTask):
         if quantized == 0:
             int8.unlink()
             raise RunFailed("the QAT export holds no quantized convolution; nothing was written")
-        scores = evaluate_onnx([int8], self.bundle.val)
-        summary.update(top1_int8=scores["top1"][0], int8_onnx=str(int8), quantized_convs=quantized, convs=convs)
+        # held to the accuracy guard against the float32 model it fine-tuned (its weights changed on purpose: the
+        # top-1 drop counts, not the agreement)
+        guard = Guard(min_agreement=0.0)
+        judged = validation_guard(self.source, {"onnxruntime": onnx_runner(int8)}, batches(self.bundle.val, 64), guard,
+                                  device=torch.device("cpu"))["onnxruntime"]
+        if not judged.passed:
+            int8.unlink()
+            require_passing({"onnxruntime": judged}, guard, "the QAT INT8 model",
+                            "int8.onnx was not written; the fine-tuned checkpoints were.")
+        summary.update(top1_int8=judged.top1, top1_source=judged.top1_reference, int8_onnx=str(int8),
+                       quantized_convs=quantized, convs=convs)
         plot_training_curves(history, output / "curves.png", title=f"QAT of {summary['model']} on {self.bundle.name}")
         logger.info("QAT: fake-quantized top-1 %.2f%%, INT8 (ONNX Runtime) top-1 %.2f%%, %d of %d convs quantized",
                     summary["val_top1"], summary["top1_int8"], quantized, convs)

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from repvgg.limits import check_workers
 from repvgg.nn.complexity import count_parameters
 from repvgg.nn.convert import check_outputs, reparameterize_model
 from repvgg.training.evaluate import measure_throughput
@@ -153,6 +154,7 @@ def evaluate_segmenter_file(
     from repvgg.training.distributed import resolve_device
     from repvgg.segmentation.weights import load_segmenter
 
+    check_workers(workers)
     model, meta = load_segmenter(weights)
     config = model.config
     bundle = _validation_data(meta, config, data, val_size)
@@ -162,7 +164,9 @@ def evaluate_segmenter_file(
     torch_device = resolve_device(device)
     model = model.to(torch_device)
     models = [model] if model.deploy else [model, reparameterize_model(model)]
-    loader = DataLoader(bundle.val, batch_size=batch_size if bundle.uniform_val_size else 1, num_workers=workers)
+    per_batch = batch_size if bundle.uniform_val_size else 1
+    loader = DataLoader(bundle.val, batch_size=per_batch,
+                        num_workers=check_workers(workers, batches=-(-len(bundle.val) // per_batch)))
     comparison = compare_segmenters(models, loader, config.num_classes, device=torch_device)
     check_outputs(comparison.finite, comparison.relative_error, str(weights))
     class_names = meta.get("classes") or bundle.classes

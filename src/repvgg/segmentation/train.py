@@ -117,6 +117,10 @@ class SegmentationTask(TaskSetup[SegTrainConfig, SegmentationDataBundle]):
         self.config = config.updated(lr=config.resolved_lr)  # saved resolved, not as "derive it"
         return self.config, self.bundle.train
 
+    def input_shape(self) -> tuple[int, ...]:
+        side = max(self.bundle.crop_size, self.config.val_size or 0, self.config.synthetic_size)
+        return (3, side, side)
+
     def data_identity(self) -> dict[str, Any]:
         return data_identity(self.bundle.classes, dataset_size(self.bundle.train), dataset_size(self.bundle.val))
 

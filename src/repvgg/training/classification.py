@@ -82,6 +82,10 @@ class ClassificationTask(TaskSetup[TrainConfig, DatasetBundle]):
         self.criterion, self.mixer = _loss_function(self.config, self.bundle.num_classes)
         return self.config, self.bundle.train
 
+    def input_shape(self) -> tuple[int, ...]:
+        side = max(self.bundle.img_size, self.bundle.preprocessing.img_size)  # training or evaluation, the larger
+        return (3, side, side)
+
     def data_identity(self) -> dict[str, Any]:
         return data_identity(self.bundle.classes, dataset_size(self.bundle.train), dataset_size(self.bundle.val))
 

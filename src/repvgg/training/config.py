@@ -7,14 +7,12 @@ so a run can be rebuilt and resumed from its output folder alone. Files are pars
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from repvgg.limits import (MAX_CONFIG_BYTES, MAX_IMG_SIZE, MAX_LR, MAX_NESTING, MAX_WORKERS, LimitExceeded,
-                           parse_json)
-from repvgg.options import RunConfig, check_device_name, option
+from repvgg.limits import MAX_IMG_SIZE, MAX_LR, MAX_WORKERS
+from repvgg.options import RunConfig, check_device_name, load_config_file, option
 
 __all__ = ["AblationConfig", "LoopConfig", "RECIPES", "TrainConfig", "load_config_file", "resolve_run_config"]
 
@@ -188,61 +186,6 @@ class AblationConfig(TrainConfig):
         # The paper's rule on the digits too: at half of it 6 epochs leave the full block behind 1x1-only.
         return 0.1
 
-
-
-def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict (keys checked later by
-    [`TrainConfig.from_dict`][repvgg.serialization.DictMixin.from_dict]).
-
-    The file is data, bounded before it is walked: at most [`MAX_CONFIG_BYTES`][repvgg.limits.MAX_CONFIG_BYTES], nested
-    at most [`MAX_NESTING`][repvgg.limits.MAX_NESTING] levels, and without YAML aliases (``*name``), whose expansion is
-    unbounded (a few hundred bytes of nested aliases make gigabytes). Python tags (``!!python/object``) are refused too.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise LimitExceeded(f"config file {path} holds {path.stat().st_size:,} bytes, more than the "
-                            f"{MAX_CONFIG_BYTES:,} a config may have")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (UnicodeDecodeError, OSError) as err:
-        raise ValueError(f"could not read config file {path}: {err}") from None
-    if path.suffix.lower() == ".json":
-        data = parse_json(text, f"config file {path}")
-    else:
-        data = _load_yaml(text, path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of option names to values, got {type(data).__name__}")
-    return data
-
-
-def _load_yaml(text: str, path: Path) -> Any:
-    import yaml
-
-    class DataLoader(yaml.SafeLoader):
-        """``yaml.SafeLoader`` without aliases and with a nesting bound (a config is plain data)."""
-
-        depth = 0
-
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            if self.check_event(yaml.AliasEvent):
-                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config file",
-                                                  self.peek_event().start_mark)
-            self.depth += 1
-            try:
-                if self.depth > MAX_NESTING:
-                    raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_NESTING} levels deep",
-                                                      self.peek_event().start_mark)
-                return super().compose_node(parent, index)
-            finally:
-                self.depth -= 1
-
-    try:
-        return yaml.load(text, Loader=DataLoader)  # noqa: S506 - a SafeLoader, aliases refused
-    except yaml.YAMLError as err:
-        # The safe loader refuses Python tags (!!python/object ...) too: a config is data, never code.
-        raise ValueError(f"could not read config file {path}: {' '.join(str(err).split())[:300]}") from None
 
 
 def resolve_run_config(

@@ -182,8 +182,8 @@ class CheckedImageFolder(Dataset):
             return self.transform(load_rgb(path)), target
         except ValueError as err:  # unreadable, or too large to decode or resize
             if self.bad_images == "fail":
-                raise ValueError(f"{err}. Remove or replace the file, or pass --bad-images skip to skip "
-                                 "unreadable images.") from err
+                raise ValueError(f"{err}. Remove or replace the file (train can skip unreadable images with "
+                                 "--bad-images skip)") from err
             with self._skipped.get_lock():
                 self._skipped.value += 1
             logger.warning("skipping unreadable image %s (%s)", path, err)

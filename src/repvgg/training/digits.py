@@ -33,10 +33,12 @@ def digits_split(val_fraction: float = 0.2) -> tuple[Tensor, Tensor, Tensor, Ten
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.long)
-    idx_train, idx_val = train_test_split(
-        list(range(len(labels))), test_size=val_fraction, random_state=DIGITS_SPLIT_SEED,
-        stratify=labels.numpy(),
-    )
+    try:
+        idx_train, idx_val = train_test_split(list(range(len(labels))), test_size=val_fraction,
+                                              random_state=DIGITS_SPLIT_SEED, stratify=labels.numpy())
+    except ValueError as err:  # a split too small to hold every digit
+        raise ValueError(f"--val-fraction {val_fraction} does not split the {len(labels)} digits into two sets that "
+                         f"each hold all 10 classes ({err}); choose a fraction from about 0.01 to 0.99") from None
     return images[idx_train], labels[idx_train], images[idx_val], labels[idx_val]
 
 

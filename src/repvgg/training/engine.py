@@ -1,11 +1,10 @@
 """The training engine: one loop that every training job (classification, segmentation, ...) plugs into.
 
-``fit(task, config)`` owns what every run needs around its own loss and metrics: the process group
-under ``torchrun``, the run folder (`run_folder`), resume (exact, mid-epoch included,
-metrics too), per-epoch seeding and a data order that makes resume exact, the epoch loop with mixed
-precision, weight EMA and SyncBatchNorm, stop requests (`stopping`), progress,
-per-epoch evaluation, ``best.pt`` / ``last.pt`` / ``metrics.jsonl`` (in that order, so the metrics never
-list an epoch whose checkpoint failed to write), and the final conversion of the trained model with its check.
+``fit(task, config)`` owns what every run needs around its own loss and metrics: the process group under
+``torchrun``, the run folder (`run_folder`), resume (exact, mid-epoch included, metrics too), per-epoch seeding and a
+data order that makes resume exact, the epoch loop with mixed precision, weight EMA and SyncBatchNorm, stop requests
+(`stopping`), progress, per-epoch evaluation, ``best.pt`` / ``last.pt`` / ``metrics.jsonl`` (in that order: the
+metrics never list an epoch whose checkpoint failed to write), and the final conversion of the model with its check.
 
 A task ([`Task`][repvgg.training.task.Task]) builds its data and model, does one training step, evaluates, and compares
 and saves the converted model. [`fit`][repvgg.training.engine.fit] reads like a table of contents: start (restore or
@@ -30,20 +29,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from repvgg.limits import check_batch_memory
 from repvgg.io.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from repvgg.nn.complexity import count_parameters
 from repvgg.nn.convert import check_conversion, reparameterize_model
 from repvgg.serialization import write_json
 from repvgg.training.accumulate import accumulate_gradients, clip_gradients
-from repvgg.training.config import LoopConfig, load_config_file
+from repvgg.training.config import LoopConfig
 from repvgg.training.devices import autocast_dtype
 from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, dataset_size, run_distributed
 from repvgg.training.loaders import closing_loaders, eval_loader, seed_epoch, train_loader
 from repvgg.training.optim import build_optimizer
 from repvgg.training.progress import diverged_error, duration, progress_bar, write_metrics
 from repvgg.training.run_folder import (check_checkpoint_belongs, check_continuation, check_data_is_there,
-                                        check_run_folder, check_same_data, locate_run, lock_run_folder,
-                                        open_run_folder, resolve_inputs, resumable_file)
+                                        check_resumed_files, check_run_folder, check_same_data, locate_run,
+                                        lock_run_folder, open_run_folder, resolve_inputs, resumable_file)
 from repvgg.training.stopping import CHECK_INTERVAL, StopRequest, shared_flags
 from repvgg.training.task import RunState, StepOutput, Task
 from repvgg.training.trackers import TensorBoardTracker, Tracker
@@ -172,8 +172,7 @@ def _checked_config(task: Task, config: Any, resume: dict[str, Any] | None, lock
     lock(output)
     replaced = check_run_folder(output, resume=resume is not None, overwrite=config.overwrite, reads=reads)
     if resume is not None:
-        if (output / "config.yaml").is_file():
-            check_checkpoint_belongs(resume, load_config_file(output / "config.yaml"), output, str(config.resume))
+        check_resumed_files(resume, output, str(config.resume), config.deploy_from)
         config = check_continuation(resume, config, changeable=task.changeable_on_resume, paths=task.input_fields,
                                     output=output, source=str(config.resume))
     else:
@@ -261,6 +260,7 @@ def _batch_plan(task: Task, config: Any, ctx: DistContext, train_images: int) ->
     if steps_per_epoch < 1:
         raise ValueError(f"the training set ({train_images} images) is smaller than one batch "
                          f"({config.batch_size}); lower --batch-size")
+    check_batch_memory(local_batch // steps, task.input_shape(), "--batch-size", per=" per micro-batch")
     return local_batch, steps_per_epoch
 
 
@@ -442,8 +442,8 @@ def _deployed_weights(run: _Run) -> tuple[nn.Module, dict[str, Any]]:
     if run.config.deploy_from == "last" or not history:
         return final, {"deploy_from": "last", "deploy_epoch": len(history)}
     best = max(range(len(history)), key=lambda i: (history[i][score], -i))  # the first best epoch, as best.pt
-    final = copy.deepcopy(final)
-    final.load_state_dict(load_checkpoint(run.output / "best.pt")["model"])
-    logger.info("--deploy-from best: converting the weights of epoch %d (%s %.4g), from best.pt", best + 1, score,
-                history[best][score])
+    payload, final = load_checkpoint(run.output / "best.pt"), copy.deepcopy(final)
+    check_checkpoint_belongs(payload, run.config.to_dict(), run.output, str(run.output / "best.pt"))  # not copied in
+    final.load_state_dict(payload["model"])
+    logger.info("--deploy-from best: converting epoch %d (%s %.4g) from best.pt", best + 1, score, history[best][score])
     return final, {"deploy_from": "best", "deploy_epoch": best + 1}

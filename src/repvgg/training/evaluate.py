@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from repvgg.limits import check_batch_memory, check_int
+from repvgg.limits import check_batch_memory, check_int, check_workers
 from repvgg.nn.convert import OutputDeviation, check_outputs
 from repvgg.training.distributed import all_reduce
 
@@ -198,11 +198,11 @@ def evaluate_checkpoint(
     """
     from repvgg.nn.convert import reparameterize_model
     from repvgg.training.data import Relabelled, build_datasets, collate_readable
-    from repvgg.training.distributed import resolve_device
+    from repvgg.training.distributed import dataset_size, resolve_device
     from repvgg.io.loading import load_model, model_card
 
     check_int(batch_size, "batch_size", low=1)
-    check_int(workers, "workers", low=0)
+    check_workers(workers)
     model = load_model(weights, arch=arch)
     card = model_card(model)
     bundle = build_datasets(data, img_size=img_size, preprocessing=card.recorded_preprocessing)
@@ -213,6 +213,7 @@ def evaluate_checkpoint(
     torch_device = resolve_device(device)
     model = model.to(torch_device).eval()
     models = [model] if model.deploy else [model, reparameterize_model(model)]
+    workers = check_workers(workers, batches=-(-dataset_size(val) // batch_size))  # none without a batch to load
     loader = DataLoader(val, batch_size=batch_size, num_workers=workers, collate_fn=collate_readable)
     report = evaluate_models(models, loader, torch_device)
     check_outputs(report.finite, report.relative_error, str(weights))

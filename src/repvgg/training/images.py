@@ -4,6 +4,7 @@ images in a folder."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from repvgg.limits import LimitExceeded, check_image_pixels
 
-__all__ = ["image_files", "load_rgb", "open_image"]
+__all__ = ["as_rgb", "image_files", "load_rgb", "open_image"]
 
 
 def open_image(path: str | os.PathLike[str], *, what: str = "image", load: bool = True) -> Any:
@@ -24,6 +25,8 @@ def open_image(path: str | os.PathLike[str], *, what: str = "image", load: bool 
     from PIL import Image
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block the read; a device never ends
+            raise ValueError("not a regular file (a pipe, a device or a socket)")
         image = Image.open(path)
     except Exception as err:  # PIL and the OS raise several types for empty, truncated, foreign or missing files
         raise ValueError(f"cannot read {what} {os.fspath(path)}: {err}") from err
@@ -48,13 +51,22 @@ def load_rgb(path: str | os.PathLike[str]) -> Any:
     refused, since their range is unknown.
     """
     with open_image(path) as image:
-        try:
-            return _as_rgb(image)
-        except Exception as err:  # an unknown range, or PIL failing to convert
-            raise ValueError(f"cannot read image {os.fspath(path)}: {err}") from err
+        return as_rgb(image, f"image {os.fspath(path)}")
 
 
-def _as_rgb(image: Any) -> Any:
+def as_rgb(image: Any, what: str = "the image") -> Any:
+    """An image (a file's, or one given in memory) as 8-bit RGB, as [`load_rgb`][repvgg.training.images.load_rgb]
+    reads files: bounded by [`MAX_IMAGE_PIXELS`][repvgg.limits.MAX_IMAGE_PIXELS], 16-bit grey scaled, an unknown
+    range refused; any failure is a ValueError naming ``what``."""
+    width, height = image.size
+    check_image_pixels(width, height, what)
+    try:
+        return _converted(image)
+    except Exception as err:  # an unknown range, or PIL failing to convert
+        raise ValueError(f"cannot read {what}: {err}") from err
+
+
+def _converted(image: Any) -> Any:
     from PIL import Image
 
     if image.mode.startswith("I;16") or image.mode == "I":

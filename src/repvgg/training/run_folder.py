@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from repvgg.limits import brief
+from repvgg.options import load_config_file
 from repvgg.serialization import check_output_path, write_failed
 
 __all__ = ["RUN_FILES", "HUB_PREFIX", "LOCK_FILE", "LOOP_CHANGEABLE", "PER_INVOCATION", "check_checkpoint_belongs",
+           "check_resumed_files",
            "check_continuation", "check_data_is_there", "check_run_folder", "check_same_data", "data_identity",
            "locate_run", "lock_run_folder", "open_run_folder", "resolve_inputs", "resumable_file"]
 
@@ -186,6 +188,22 @@ def _locked(lock: Path, fcntl: Any) -> int:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, `{command}`, since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         return fd
+
+
+def check_resumed_files(checkpoint: Mapping[str, Any], folder: Path, source: str, deploy_from: str) -> None:
+    """Refuse a resume whose folder holds another run's files: ``config.yaml`` and ``best.pt`` must be the run of
+    ``checkpoint`` (its ``run_id``), and ``--deploy-from best`` needs the run's ``best.pt`` once an epoch is done."""
+    from repvgg.io.safe_load import safe_load
+
+    if (folder / "config.yaml").is_file():
+        check_checkpoint_belongs(checkpoint, load_config_file(folder / "config.yaml"), folder, source)
+    best = folder / "best.pt"
+    if best.is_file():  # its weights are mapped, not read: only its config is looked at
+        check_checkpoint_belongs(safe_load(best, what="a training checkpoint", mmap=True), checkpoint["config"],
+                                 folder, str(best))
+    elif deploy_from == "best" and int(checkpoint["epoch"]) >= 1:
+        raise ValueError(f"--deploy-from best converts the run's best.pt, which {folder} no longer holds; resume with "
+                         "--deploy-from last, or put the run's best.pt back")
 
 
 def check_checkpoint_belongs(checkpoint: Mapping[str, Any], recorded: Mapping[str, Any], folder: Path,

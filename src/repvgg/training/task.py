@@ -149,6 +149,10 @@ class Task(Protocol[M]):
     def build_model(self, config: Any, device: torch.device) -> M:
         """The training-time model on ``device`` (initial weights loaded and checked for a new run)."""
 
+    def input_shape(self) -> tuple[int, ...]:
+        """One input image's shape ``(C, H, W)`` at the largest size the run uses (training or evaluation): what a
+        batch's memory is bounded by."""
+
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
         """This process's validation shard."""
 
