@@ -43,6 +43,8 @@ def test_every_repvggplus_converts_exactly(name: str) -> None:
 def test_the_auxiliary_heads_are_training_only() -> None:
     model = randomize_bn(repvgg.create_model("repvggplus_tiny", num_classes=7)).train()
     x = torch.randn(2, 3, 64, 64)
+    assert model(x).shape == (2, 7)  # a tensor, as timm's models answer, until the auxiliary outputs are asked for
+    model.set_aux_outputs()
     out = model(x)
     assert set(out) == {"main", "stage1_aux", "stage2_aux", "stage3_first_aux"}
     assert all(v.shape == (2, 7) for v in out.values())
@@ -93,6 +95,8 @@ def test_official_files_load_with_their_architecture_inferred(tmp_path: Path) ->
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+        loaded.set_aux_outputs()
+        model.set_aux_outputs()
         assert all(torch.equal(a, b) for a, b in zip(loaded.train()(x).values(), model.train()(x).values()))
     plain = repvgg.reparameterize_model(model)
     torch.save(_official_layout(plain.state_dict(), len(plain.stage3)), tmp_path / "RepVGGplus-tiny-deploy.pth")
@@ -136,6 +140,7 @@ def _gradients(parts: int, *, bn_statistics: str) -> tuple[dict[str, torch.Tenso
     task = ClassificationTask()
     task.config = TrainConfig(custom_l2=True)
     task.aux_heads = ["stage1_aux", "stage2_aux", "stage3_first_aux"]
+    model.set_aux_outputs()
     gen = torch.Generator().manual_seed(1)
     batch = (torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen))
     scaler = torch.amp.GradScaler("cpu", enabled=False)

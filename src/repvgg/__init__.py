@@ -16,7 +16,7 @@ _EXPORTS = {
     "Preprocessing": "repvgg.io.card",
     "RepVGG": "repvgg.nn.model",
     "RepVGGBlock": "repvgg.nn.block",
-    "RepVGGSpec": "repvgg.nn.model",
+    "RepVGGSpec": "repvgg.nn.spec",
     "SEBlock": "repvgg.nn.block",
     "create_model": "repvgg.io.loading",
     "export_onnx": "repvgg.io.export",

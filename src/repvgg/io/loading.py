@@ -20,7 +20,8 @@ from repvgg.io.card import ModelCard, Preprocessing, resolve_card
 from repvgg.io.weights import (check_state_dict, is_head_key, checkpoint_num_classes, is_deploy_state_dict,
                                load_state_dict_into, read_checkpoint, save_weights, stem_in_chans)
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
-from repvgg.nn.model import RepVGG, RepVGGSpec
+from repvgg.nn.model import RepVGG
+from repvgg.nn.spec import RepVGGSpec
 from repvgg.io.hub import HUB_PREFIX, hub_file, pretrained_file
 from repvgg.nn.registry import build_model, canonical_name, check_arch, list_models
 
@@ -39,13 +40,14 @@ def create_model(
     deploy: bool = False,
     features_only: bool = False,
     out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+    global_pool: str = "avg",
     **overrides: Any,
 ) -> RepVGG:
     """Build a RepVGG by name (or from a spec), optionally loading weights.
 
     Args:
         name: a registered name (see [`repvgg.list_models`][repvgg.nn.registry.list_models]) or a
-            [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec].
+            [`RepVGGSpec`][repvgg.nn.spec.RepVGGSpec].
         weights: a checkpoint file in the official, timm, mmpretrain or this package's format
             (``.pth``/``.pt`` read with ``weights_only=True``, or ``.safetensors``), or a Hugging Face
             hub reference ``hf-hub:ORG/REPO[/FILE]`` (e.g. ``hf-hub:timm/repvgg_a0.rvgg_in1k``).
@@ -57,7 +59,8 @@ def create_model(
         deploy: build the fused inference-time network (load ``-deploy`` files into this).
         features_only: no head; ``forward`` returns the stage feature maps in ``out_indices``.
         out_indices: which stages (0-4) ``features_only`` returns.
-        **overrides: any [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec] field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
+        global_pool: ``"avg"``, or ``""`` to return the last stage's unpooled map (with ``num_classes=0``).
+        **overrides: any [`RepVGGSpec`][repvgg.nn.spec.RepVGGSpec] field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
             ``use_identity=False``, for a custom architecture in one call.
     """
     if pretrained:
@@ -77,7 +80,8 @@ def create_model(
             num_classes = file_classes
         skip_head = pretrained and file_classes is not None and num_classes != file_classes
     model = build_model(name, num_classes=1000 if num_classes is None else num_classes, in_chans=in_chans,
-                        deploy=deploy, features_only=features_only, out_indices=out_indices, **overrides)
+                        deploy=deploy, features_only=features_only, out_indices=out_indices,
+                        global_pool=global_pool, **overrides)
     if state_dict is not None:
         load_state_dict_into(model, state_dict, source=str(weights), skip_head=skip_head)
         if not skip_head:

@@ -1,141 +1,28 @@
-"""The RepVGG network: its description ([`RepVGGSpec`][repvgg.nn.model.RepVGGSpec]) and the one module building it.
+"""The RepVGG network: the one module building a [`RepVGGSpec`][repvgg.nn.spec.RepVGGSpec].
 
 Five stages of [`RepVGGBlock`][repvgg.nn.block.RepVGGBlock] (the first stage is the single-layer stem); the
 first layer of each stage has stride 2; widths ``min(64, 64a), 64a, 128a, 256a, 512b``; global average
 pooling and a linear head (Ding et al., RepVGG, CVPR 2021, Sec. 3.4, Table 2).
 """
 
-from __future__ import annotations
-
-from dataclasses import dataclass
+# No postponed annotations here: torch.fx copies ``forward``'s annotations into the code it generates, and
+# TorchScript cannot read a string there (timm's FX-then-script test).
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from repvgg.limits import MAX_CHANNELS, MAX_STAGE_DEPTH
 from repvgg.nn.block import RepVGGBlock, aux_head
+from repvgg.nn.features import FeatureInfo
 from repvgg.nn.fusion import is_batchnorm
-from repvgg.options import check_field_types
-from repvgg.serialization import DictMixin
+from repvgg.nn.spec import AUX_POSITIONS, NUM_STAGES, RepVGGSpec
 
-__all__ = ["AUX_POSITIONS", "RepVGGSpec", "RepVGG"]
-
-NUM_STAGES = 5
-#: Where a training-only auxiliary classifier can sit: after stage 1, after stage 2, after the first half of stage
-#: 3 (RepVGGplus's ``stage1_aux``, ``stage2_aux``, ``stage3_first_aux``).
-AUX_POSITIONS = ("stage1", "stage2", "stage3_first")
-
-
-@dataclass(frozen=True)
-class RepVGGSpec(DictMixin):
-    """Everything that defines a RepVGG architecture, as plain data.
-
-    Attributes:
-        depths: layers per stage; stage 0 is the stem (A: 1, 2, 4, 14, 1; B: 1, 4, 6, 16, 1).
-        width_multipliers: ``(a, b)``; ``a`` scales stages 0-3, ``b`` the last stage.
-        groups: groups of the groupwise layers (1 = dense everywhere).
-        groupwise_start: 1-based index of the first groupwise layer, counting the stem as layer 1;
-            every second layer after it is groupwise too (the paper's 3rd, 5th, 7th, ...).
-        use_se: squeeze-and-excitation in every block (RepVGG-D2se).
-        post_se: squeeze-and-excitation after every block's ReLU (RepVGGplus's "pse").
-        aux_heads: where training-only auxiliary classifiers sit, among `AUX_POSITIONS` (RepVGGplus:
-            after stage 1, after stage 2, after the first half of stage 3); each is a stride-2 3x3
-            conv-BN-ReLU, global pooling and a linear layer, and conversion removes them.
-        base_widths: widths before scaling (the paper's 64, 64, 128, 256, 512).
-        strides: stride of the first layer of each stage.
-        dilations: dilation of the 3x3 convs of each stage (used for dense prediction).
-        dilated_layers: if set, only the last ``dilated_layers`` layers of the network use their
-            stage's dilation (the paper's "fast" segmentation backbones); ``None`` = all of them.
-        use_identity, use_1x1, identity_bn, post_bn: training-time branch switches of every
-            block (see [`RepVGGBlock`][repvgg.nn.block.RepVGGBlock]); the fused network is the same for all.
-        quant_friendly: QARepVGG's quantization-friendly block in every layer (the ``qarepvgg_*``
-            models); it also fuses to the same plain network.
-    """
-
-    depths: tuple[int, ...]
-    width_multipliers: tuple[float, float]
-    groups: int = 1
-    groupwise_start: int = 3
-    use_se: bool = False
-    post_se: bool = False
-    aux_heads: tuple[str, ...] = ()
-    base_widths: tuple[int, ...] = (64, 64, 128, 256, 512)
-    strides: tuple[int, ...] = (2, 2, 2, 2, 2)
-    dilations: tuple[int, ...] = (1, 1, 1, 1, 1)
-    dilated_layers: int | None = None
-    use_identity: bool = True
-    use_1x1: bool = True
-    identity_bn: bool = True
-    post_bn: bool = False
-    quant_friendly: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("depths", "base_widths", "strides", "dilations", "width_multipliers", "aux_heads"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        check_field_types(self)  # a spec from a file or a --spec flag: true is a flag, "no" is not
-        for name in ("depths", "base_widths", "strides", "dilations"):
-            values = getattr(self, name)
-            if len(values) != NUM_STAGES or not all(isinstance(v, int) and v >= 1 for v in values):
-                raise ValueError(f"{name} must be {NUM_STAGES} positive ints (one per stage), got {values!r}")
-        if len(self.width_multipliers) != 2 or not all(0 < m < MAX_CHANNELS for m in self.width_multipliers):
-            raise ValueError(f"width_multipliers must be two positive numbers (a, b), got {self.width_multipliers!r}")
-        if self.groups < 1 or (self.dilated_layers or 0) < 0:  # their types are checked above
-            raise ValueError(f"groups must be >= 1, dilated_layers >= 0, got {self.groups}, {self.dilated_layers}")
-        unknown = [h for h in self.aux_heads if h not in AUX_POSITIONS]
-        if unknown or len(set(self.aux_heads)) != len(self.aux_heads):
-            raise ValueError(f"aux_heads must be distinct positions among {', '.join(AUX_POSITIONS)}, got "
-                             f"{self.aux_heads!r}")
-        if "stage3_first" in self.aux_heads and self.depths[3] < 2:
-            raise ValueError("an auxiliary head after the first half of stage 3 needs at least 2 layers there")
-        # Bounds first, so that a file's metadata declaring an absurd network is refused in microseconds.
-        if max(self.depths) > MAX_STAGE_DEPTH:
-            raise ValueError(f"depths must be at most {MAX_STAGE_DEPTH} layers per stage, got {self.depths!r}")
-        if max(self.widths) > MAX_CHANNELS or min(self.widths) < 1:
-            raise ValueError(f"the widths {self.widths} (base_widths x width_multipliers) must be between 1 and "
-                             f"{MAX_CHANNELS} channels")
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """Output channels of each stage."""
-        a, b = self.width_multipliers
-        stem = min(self.base_widths[0], int(self.base_widths[0] * a))
-        body = [int(w * a) for w in self.base_widths[1:-1]]
-        return (stem, *body, int(self.base_widths[-1] * b))
-
-    @property
-    def num_layers(self) -> int:
-        return sum(self.depths)
-
-    def layer_configs(self) -> list[dict[str, int]]:
-        """Per-layer ``stage``, ``in_channels``, ``out_channels``, ``stride``, ``groups``, ``dilation``."""
-        layers: list[dict[str, int]] = []
-        in_ch = -1  # filled with in_chans by the network
-        first_dilated = self.num_layers - self.dilated_layers if self.dilated_layers is not None else 0
-        for stage, (depth, width) in enumerate(zip(self.depths, self.widths)):
-            for i in range(depth):
-                index = len(layers)
-                one_based = index + 1
-                groupwise = (
-                    self.groups > 1 and one_based >= self.groupwise_start
-                    and (one_based - self.groupwise_start) % 2 == 0
-                )
-                layers.append(dict(
-                    stage=stage,
-                    in_channels=in_ch,
-                    out_channels=width,
-                    stride=self.strides[stage] if i == 0 else 1,
-                    groups=self.groups if groupwise else 1,
-                    dilation=self.dilations[stage] if index >= first_dilated else 1,
-                ))
-                in_ch = width
-        return layers
-
+__all__ = ["AUX_POSITIONS", "RepVGGSpec", "RepVGG"]  # the spec re-exported: where users have imported it from
 
 
 class RepVGG(nn.Module):
-    """A RepVGG network built from a [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec].
+    """A RepVGG network built from a [`RepVGGSpec`][repvgg.nn.spec.RepVGGSpec].
 
     Attribute and state-dict names follow the official release: ``stage0`` (the stem, one block),
     ``stage1`` .. ``stage4`` (``nn.Sequential`` of blocks), ``gap`` and ``linear``.
@@ -147,7 +34,9 @@ class RepVGG(nn.Module):
         deploy: build the fused, inference-time form directly.
         features_only: drop the head; ``forward`` returns the feature maps of ``out_indices``.
         out_indices: stage indices (0-4) returned by ``forward`` when ``features_only``
-            (strides 2, 4, 8, 16, 32 with the default spec).
+            (strides 2, 4, 8, 16, 32 with the default spec); ``feature_info`` describes these maps.
+        global_pool: ``"avg"``, or ``""`` for no pooling: with ``num_classes=0`` the model then returns the last
+            stage's unpooled map (timm's convention).
         name: registry name (kept for checkpoints and summaries).
         frozen_stages: stages ``0..frozen_stages`` are frozen (no gradients, BN in eval mode); -1 = none.
             With ``norm_eval`` these are mmdetection/mmsegmentation's backbone options.
@@ -156,7 +45,7 @@ class RepVGG(nn.Module):
 
     # Python-only conveniences TorchScript need not compile (``torch.jit.script`` works on both forms).
     __jit_unused_properties__ = ["deploy", "stages"]
-    __jit_ignored_attributes__ = ["feature_info", "spec", "pretrained_cfg", "card", "aux_positions"]
+    __jit_ignored_attributes__ = ["feature_info", "spec", "pretrained_cfg", "default_cfg", "card", "aux_positions"]
 
     def __init__(
         self,
@@ -167,6 +56,7 @@ class RepVGG(nn.Module):
         deploy: bool = False,
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        global_pool: str = "avg",
         name: str = "repvgg_custom",
         frozen_stages: int = -1,
         norm_eval: bool = False,
@@ -183,6 +73,7 @@ class RepVGG(nn.Module):
         out_indices = tuple(out_indices)
         if not out_indices or any(i not in range(NUM_STAGES) for i in out_indices):
             raise ValueError(f"out_indices must be stage indices in 0..{NUM_STAGES - 1}, got {out_indices!r}")
+        _check_global_pool(global_pool, num_classes)
         self.spec = spec
         self.name = name
         self.num_classes = num_classes
@@ -190,6 +81,7 @@ class RepVGG(nn.Module):
         self.features_only = features_only
         self.out_indices: list[int] = list(out_indices)
         self.grad_checkpointing = False
+        self.aux_outputs = False
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
 
@@ -212,26 +104,29 @@ class RepVGG(nn.Module):
         self.stage3 = nn.Sequential(*stages[3])
         self.stage4 = nn.Sequential(*stages[4])
 
-        reduction = 1
+        reduction, side = 1, 224
         info = []
         for i, (stride, width) in enumerate(zip(spec.strides, spec.widths)):
-            reduction *= stride
+            reduction, side = reduction * stride, -(-side // stride)  # a padded 3x3 conv of stride s: ceil(n / s)
             info.append(dict(num_chs=width, reduction=reduction, module=f"stage{i}"))
-        self.feature_info = FeatureInfo(info)
-        # What timm's data helpers (resolve_model_data_config) read: the official evaluation preprocessing.
+        self.feature_info = FeatureInfo(info, out_indices if features_only else range(NUM_STAGES))
+        # What timm reads: its data helpers (resolve_model_data_config) the official evaluation preprocessing, its
+        # model tests the architecture and the final map's size at that input.
         self.pretrained_cfg: dict[str, Any] = dict(
-            input_size=(in_chans, 224, 224), interpolation="bilinear", crop_pct=0.875, crop_mode="center",
-            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), num_classes=num_classes,
-            first_conv="stage0.rbr_dense.conv", classifier="linear",
+            architecture=name, input_size=(in_chans, 224, 224), pool_size=(side, side), interpolation="bilinear",
+            crop_pct=0.875, crop_mode="center", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+            num_classes=num_classes, first_conv="stage0.rbr_dense.conv", classifier="linear",
         )
+        self.default_cfg = self.pretrained_cfg  # the older name timm's tools still read
         self.num_features = spec.widths[-1]
         self.head_hidden_size = self.num_features
 
+        self.global_pool = global_pool
         if features_only:
             self.gap = None
             self.linear = None
         else:
-            self.gap = nn.AdaptiveAvgPool2d(1)
+            self.gap = _pooling(global_pool)
             self.linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         # Training-only classifiers (RepVGGplus), named as the official release names them.
         self.aux_positions: list[str] = [] if deploy or features_only or num_classes == 0 else list(spec.aux_heads)
@@ -262,7 +157,7 @@ class RepVGG(nn.Module):
             for param in stage.parameters():
                 param.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> RepVGG:
+    def train(self, mode: bool = True) -> "RepVGG":
         """As ``nn.Module.train``, keeping frozen stages and (with ``norm_eval``) every BatchNorm in eval mode."""
         super().train(mode)
         if mode:
@@ -272,6 +167,12 @@ class RepVGG(nn.Module):
                     if is_batchnorm(module):
                         module.eval()
         return self
+
+    def set_aux_outputs(self, enable: bool = True) -> None:
+        """In training, return the auxiliary heads' logits too (the dict of
+        [`forward_with_aux`][repvgg.nn.model.RepVGG.forward_with_aux]), as the official RepVGGplus does; off by default,
+        so the model answers with a tensor like any timm model."""
+        self.aux_outputs = enable
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass to save memory while training."""
@@ -294,11 +195,15 @@ class RepVGG(nn.Module):
         return self.linear
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A fresh classifier for ``num_classes`` outputs (0: none, the model returns pooled features)."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"RepVGG pools by average only, got global_pool={global_pool!r}")
+        """A fresh classifier for ``num_classes`` outputs (0: none, the model returns pooled features, or with
+        ``global_pool=""`` the unpooled map)."""
         if self.features_only:
             raise RuntimeError("this model was built with features_only=True and has no classifier head")
+        if global_pool is not None:
+            _check_global_pool(global_pool, num_classes)
+            self.global_pool, self.gap = global_pool, _pooling(global_pool)
+        else:
+            _check_global_pool(self.global_pool, num_classes)
         self.num_classes = num_classes
         self.linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         for position in self.aux_positions:  # the auxiliary classifiers follow the main one
@@ -353,10 +258,12 @@ class RepVGG(nn.Module):
         return self._all_stages(x, 4)[-1]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool the last feature map and classify it (``pre_logits``: the pooled features only)."""
+        """Pool the last feature map and classify it (``pre_logits``: the pooled features only; with
+        ``global_pool=""``, the map unpooled)."""
         if self.gap is None or self.linear is None:
             raise RuntimeError("this model was built with features_only=True and has no classifier head")
-        x = torch.flatten(self.gap(x), 1)
+        if self.global_pool:
+            x = torch.flatten(self.gap(x), 1)
         return x if pre_logits else self.linear(x)
 
     def forward_intermediates(
@@ -418,33 +325,24 @@ class RepVGG(nn.Module):
         return {"main": self.forward_head(x), **outputs}
 
     def forward(self, x: Tensor) -> Any:
-        """The logits (``features_only``: the stage feature maps); in training, a model with auxiliary heads returns
+        """The logits (``features_only``: the stage feature maps); in training, after
+        [`set_aux_outputs`][repvgg.nn.model.RepVGG.set_aux_outputs], a model with auxiliary heads returns
         [`forward_with_aux`][repvgg.nn.model.RepVGG.forward_with_aux]'s dict."""
         if self.features_only:
             return self.forward_stages(x)
         if not torch.jit.is_scripting():  # (TorchScript compiles the inference forward only)
-            if self.training and self.aux_positions:
+            if self.training and self.aux_outputs and self.aux_positions:
                 return self.forward_with_aux(x)
         return self.forward_head(self.forward_features(x))
 
 
-class FeatureInfo(list):
-    """Stage descriptions (``num_chs``, ``reduction``, ``module``) as timm's ``FeatureInfo`` answers them: a
-    list of dicts (what timm's feature wrappers read) with ``channels()``, ``reduction()`` and
-    ``module_name()``."""
+def _check_global_pool(global_pool: str, num_classes: int) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    if global_pool == "" and num_classes:
+        raise ValueError("global_pool='' leaves the feature map unpooled, which a linear classifier cannot take: "
+                         "give num_classes=0 with it")
 
-    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
-        if idx is None:
-            return [info[key] for info in self]
-        if isinstance(idx, int):
-            return self[idx][key]
-        return [self[i][key] for i in idx]
 
-    def channels(self, idx: int | Sequence[int] | None = None) -> Any:
-        return self.get("num_chs", idx)
-
-    def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
-        return self.get("reduction", idx)
-
-    def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
-        return self.get("module", idx)
+def _pooling(global_pool: str) -> nn.Module:
+    return nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()

@@ -1,4 +1,4 @@
-"""The model zoo: one table of named [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec] entries and ``build_model``.
+"""The model zoo: one table of named [`RepVGGSpec`][repvgg.nn.spec.RepVGGSpec] entries and ``build_model``.
 
 Building from a name knows nothing of files; [`repvgg.io.loading.create_model`][repvgg.io.loading.create_model] adds
 weights on top.
@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from repvgg.limits import MAX_CHANNELS, MAX_CLASSES, brief, check_int, check_parameter_memory
-from repvgg.nn.model import AUX_POSITIONS, RepVGG, RepVGGSpec
+from repvgg.nn.model import RepVGG
+from repvgg.nn.spec import AUX_POSITIONS, RepVGGSpec
 
 __all__ = ["MODEL_SPECS", "canonical_name", "check_arch", "list_models", "get_spec", "register_model", "build_model",
            "spec_overrides", "spec_parameter_count", "spec_with"]
@@ -153,7 +154,7 @@ def spec_with(name: str | RepVGGSpec, overrides: Mapping[str, Any]) -> RepVGGSpe
     """The spec of ``name`` (a registered name or a spec) with ``overrides`` applied, each checked.
 
     Raises:
-        TypeError: an override that is not a [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec] field.
+        TypeError: an override that is not a [`RepVGGSpec`][repvgg.nn.spec.RepVGGSpec] field.
         ValueError: an unknown name, or a value of the wrong type or out of bounds.
     """
     spec = name if isinstance(name, RepVGGSpec) else get_spec(name)
@@ -174,6 +175,7 @@ def build_model(
     deploy: bool = False,
     features_only: bool = False,
     out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+    global_pool: str = "avg",
     frozen_stages: int = -1,
     norm_eval: bool = False,
     **overrides: Any,
@@ -185,15 +187,16 @@ def build_model(
 
     Args:
         name: a registered name (see [`list_models`][repvgg.nn.registry.list_models]) or a
-            [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec].
+            [`RepVGGSpec`][repvgg.nn.spec.RepVGGSpec].
         num_classes: classifier outputs.
         in_chans: input image channels.
         deploy: build the fused inference-time network (load ``-deploy`` files into this).
         features_only: no head; ``forward`` returns the stage feature maps in ``out_indices``.
         out_indices: which stages (0-4) ``features_only`` returns.
+        global_pool: ``"avg"``, or ``""`` to return the last stage's unpooled map (with ``num_classes=0``).
         frozen_stages: stages kept frozen when fine-tuning a backbone (see [`RepVGG`][repvgg.nn.model.RepVGG]).
         norm_eval: keep every BatchNorm in eval mode while training (see [`RepVGG`][repvgg.nn.model.RepVGG]).
-        **overrides: any [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec] field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
+        **overrides: any [`RepVGGSpec`][repvgg.nn.spec.RepVGGSpec] field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
             ``use_identity=False``, for a custom architecture in one call.
     """
     spec = spec_with(name, overrides)
@@ -203,4 +206,5 @@ def build_model(
     if torch.get_default_device().type != "meta":  # a meta model allocates nothing: files are checked on one first
         check_parameter_memory(spec_parameter_count(spec, in_chans, num_classes), arch_name)
     return RepVGG(spec, num_classes=num_classes, in_chans=in_chans, deploy=deploy, features_only=features_only,
-                  out_indices=out_indices, name=arch_name, frozen_stages=frozen_stages, norm_eval=norm_eval)
+                  out_indices=out_indices, global_pool=global_pool, name=arch_name, frozen_stages=frozen_stages,
+                  norm_eval=norm_eval)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from repvgg.errors import RunFailed
 from repvgg.io.loading import load_model, model_card
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
-from repvgg.nn.model import RepVGGSpec
+from repvgg.nn.spec import RepVGGSpec
 from repvgg.nn.registry import build_model
 from repvgg.training.classification import ClassificationTask
 from repvgg.training.config import TrainConfig

@@ -10,7 +10,7 @@ the first layers of the last two stages get stride 1 and their 3x3 convs dilatio
 equal to the dilation; the 1x1 branch keeps stride 1 and padding 0, so it stays aligned with the
 centre tap and still folds into the dilated 3x3 kernel. The "fast" variant dilates only the last 5
 layers of the network (the last 4 of paper stage 4 and the single layer of paper stage 5). All of
-this is expressed through [`RepVGGSpec`][repvgg.nn.model.RepVGGSpec] fields (``strides``, ``dilations``,
+this is expressed through [`RepVGGSpec`][repvgg.nn.spec.RepVGGSpec] fields (``strides``, ``dilations``,
 ``dilated_layers``), never by editing conv attributes after construction.
 """
 

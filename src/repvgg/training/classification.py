@@ -100,6 +100,8 @@ class ClassificationTask(TaskSetup[TrainConfig, DatasetBundle]):
         if config.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.aux_heads = [f"{position}_aux" for position in getattr(model, "aux_positions", [])]
+        if self.aux_heads:
+            model.set_aux_outputs(True)
         return model.to(device).to(memory_format=self.memory_format)
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
