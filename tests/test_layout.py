@@ -78,8 +78,8 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 #: models they run. A module takes the layer of the longest entry that names it.
 LAYERS = ["repvgg.errors", "repvgg.limits", "repvgg.serialization", "repvgg.options", "repvgg.lazy", "repvgg.plots",
           "repvgg.report", "repvgg.nn", "repvgg.io", "repvgg.perf.timing", "repvgg.perf.memory",
-          "repvgg.perf.environment", "repvgg.training", "repvgg.segmentation", "repvgg.integrations", "repvgg.quant",
-          "repvgg.perf", "repvgg.predict", "repvgg.cli", "repvgg.__main__"]
+          "repvgg.perf.environment", "repvgg.training", "repvgg.dense", "repvgg.segmentation", "repvgg.detection",
+          "repvgg.integrations", "repvgg.quant", "repvgg.perf", "repvgg.predict", "repvgg.cli", "repvgg.__main__"]
 
 
 def layer(module: str, order: list[str] = LAYERS) -> int | None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from repvgg.dense.scenes import IGNORE_INDEX
 from repvgg.serialization import DictMixin
 from repvgg.nn.convert import is_reparameterizable
 from repvgg.nn.model import RepVGG
@@ -43,8 +44,6 @@ __all__ = [
     "main_logits",
 ]
 
-#: Label value of pixels that count in neither the loss nor the metrics (Cityscapes/VOC convention).
-IGNORE_INDEX = 255
 #: Weight of the auxiliary loss (PSPNet).
 
 
