@@ -48,6 +48,8 @@ MAX_LR = 1000.0
 MAX_WORKERS = 256
 #: Most bytes of one JSON text a file or a flag holds (class names, preprocessing, a model spec).
 MAX_JSON_BYTES = 16 * 2**20
+#: Largest COCO annotation file read (COCO 2017's training annotations are 448 MB).
+MAX_ANNOTATION_BYTES = 2**30
 #: Most bytes of a ``--config`` file.
 MAX_CONFIG_BYTES = 2**20
 #: Deepest nesting of lists and mappings in JSON or YAML input (a config or a spec needs 3).
@@ -221,16 +223,18 @@ def nesting_depth(text: str) -> int:
     return deepest
 
 
-def parse_json(text: str | bytes, what: str) -> Any:
-    """Parse JSON ``text`` from a file or a flag, bounded first: at most
-    [`MAX_JSON_BYTES`][repvgg.limits.MAX_JSON_BYTES] and [`MAX_NESTING`][repvgg.limits.MAX_NESTING] levels deep.
+def parse_json(text: str | bytes, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse JSON ``text`` from a file or a flag, bounded first: at most ``max_bytes``
+    ([`MAX_JSON_BYTES`][repvgg.limits.MAX_JSON_BYTES] unless the caller holds a larger kind of file, such as
+    [`MAX_ANNOTATION_BYTES`][repvgg.limits.MAX_ANNOTATION_BYTES]) and [`MAX_NESTING`][repvgg.limits.MAX_NESTING]
+    levels deep.
 
     Raises:
         LimitExceeded: the text is too large or too deeply nested.
         ValueError: it is not JSON (the message names ``what``, never the whole text).
     """
-    if len(text) > MAX_JSON_BYTES:
-        raise LimitExceeded(f"{what} holds {len(text):,} bytes of JSON, more than the {MAX_JSON_BYTES:,} allowed")
+    if len(text) > max_bytes:
+        raise LimitExceeded(f"{what} holds {len(text):,} bytes of JSON, more than the {max_bytes:,} allowed")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")

@@ -32,6 +32,11 @@ def is_reparameterizable(module: nn.Module) -> TypeGuard[Reparameterizable]:
     return callable(getattr(module, "reparameterize", None))
 
 
+def is_converted(model: nn.Module) -> bool:
+    """True when no module of ``model`` is left to fuse (every one with ``reparameterize()`` is in its deploy form)."""
+    return not any(is_reparameterizable(m) and not getattr(m, "deploy", False) for m in model.modules())
+
+
 @torch.no_grad()
 def reparameterize_model(model: M, inplace: bool = False) -> M:
     """Fuse every block of ``model`` that has a ``reparameterize()`` method and return the model in eval mode.
