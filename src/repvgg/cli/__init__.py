@@ -25,13 +25,13 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT
 
 #: Optional dependencies and the extra that installs each (the core needs torch, torchvision, safetensors,
 #: pyyaml and tqdm only).
-OPTIONAL_MODULES = {"timm": "train", "sklearn": "train", "matplotlib": "train", "onnx": "deploy",
-                    "onnxruntime": "deploy", "onnxscript": "deploy", "openvino": "deploy", "huggingface_hub": "hub",
-                    "tensorboard": "track"}
+OPTIONAL_MODULES = {"timm": "train", "sklearn": "train", "matplotlib": "train", "pycocotools": "train",
+                    "onnx": "deploy", "onnxruntime": "deploy", "onnxscript": "deploy", "openvino": "deploy",
+                    "huggingface_hub": "hub", "tensorboard": "track"}
 
 #: Subcommand modules under ``repvgg.cli``, in the order ``--help`` lists them.
 _COMMANDS = ["train", "evaluate", "predict", "convert", "quantize", "ablate", "info", "bench", "export", "seg_train",
-             "seg_eval"]
+             "seg_eval", "det_train", "det_eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

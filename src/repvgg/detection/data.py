@@ -143,9 +143,10 @@ class DetectionDataBundle:
         return len(self.classes)
 
 
-def build_detection_data(data: str | os.PathLike[str] | None, *, image_size: int, max_objects: int,
+def build_detection_data(data: str | os.PathLike[str] | None, *, image_size: int, max_objects: int | None = None,
                          synthetic: SyntheticConfig | None = None, augment: bool = True) -> DetectionDataBundle:
-    """A COCO folder's splits (``data``), or the generated scenes (``data=None``), checked and ready to train."""
+    """A COCO folder's splits (``data``), or the generated scenes (``data=None``), checked and ready to train;
+    ``max_objects=None`` pads each image's boxes to the most any image holds."""
     if data is None:
         config = synthetic or SyntheticConfig()
         sets = {split: (coco_from_scenes(config, split), _scene_reader(config, split)) for split in ("train", "val")}
@@ -165,7 +166,8 @@ def build_detection_data(data: str | os.PathLike[str] | None, *, image_size: int
                          f"{val.classes}")
     if not any(len(b) for b in val.boxes):
         raise ValueError(f"{val.source} holds no (non-crowd) box: there is nothing to score detections against")
-    options: dict[str, Any] = dict(image_size=image_size, max_objects=max_objects)
+    most = max(len(b) for b in (*train.boxes, *val.boxes))
+    options: dict[str, Any] = dict(image_size=image_size, max_objects=most if max_objects is None else max_objects)
     return DetectionDataBundle(
         name, DetectionSet(train, read_train, transform=train_transform() if augment else None, **options),
         DetectionSet(val, read_val, **options), list(train.classes))

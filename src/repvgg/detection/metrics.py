@@ -13,11 +13,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from repvgg.detection.coco import CocoSet
+from repvgg.errors import ConversionMismatch, RunFailed
 
-__all__ = ["AP_NAMES", "DetectorComparison", "box_deviation", "coco_scores", "compare_detectors", "detect"]
+__all__ = ["AP_NAMES", "BOX_TOLERANCE_PX", "DetectorComparison", "box_deviation", "check_same_detections",
+           "coco_scores", "compare_detectors", "comparison_summary", "detect"]
 
 #: COCOeval's first six statistics, by the names metrics.jsonl gives them.
 AP_NAMES = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
+
+#: How far a converted detector's boxes may lie from the training-time detector's, in pixels.
+BOX_TOLERANCE_PX = 1e-3
 
 Detections = list[dict[str, Tensor]]
 
@@ -30,6 +35,9 @@ def detect(model: nn.Module, loader: DataLoader, device: torch.device | str = "c
     found: Detections = []
     for images, _, _, _, scales in loader:
         outputs = model(list((images.to(device).float() / 255).unbind(0)))
+        if not all(torch.isfinite(o["boxes"]).all() and torch.isfinite(o["scores"]).all() for o in outputs):
+            raise RunFailed(f"{getattr(model, 'name', 'the detector')} gave NaN or infinite boxes or scores, so its "
+                            "weights are broken (a diverged run?); no score is reported")
         for output, scale in zip(outputs, scales.tolist()):
             found.append({"boxes": output["boxes"].cpu() / scale, "scores": output["scores"].cpu(),
                           "labels": output["labels"].cpu()})
@@ -109,3 +117,18 @@ def comparison_summary(comparison: DetectorComparison) -> dict[str, Any]:
     return {**{f"val_{k}": v for k, v in trained.items()}, **{f"val_{k}_deploy": v for k, v in converted.items()},
             "labels_agree": comparison.labels_agree[0], "max_box_deviation_px": comparison.max_box_deviation[0],
             "val_images": comparison.images}
+
+
+def check_same_detections(summary: dict[str, Any], what: str) -> None:
+    """Refuse a converted detector that does not detect what its source does: other labels on some image, a box
+    more than [`BOX_TOLERANCE_PX`][repvgg.detection.metrics.BOX_TOLERANCE_PX] away, or another AP.
+
+    Raises:
+        ConversionMismatch: naming ``what`` and what differs; the caller then writes nothing.
+    """
+    same_ap = all(summary.get(f"val_{k}") == summary.get(f"val_{k}_deploy") for k in AP_NAMES)
+    if not (summary["labels_agree"] and summary["max_box_deviation_px"] <= BOX_TOLERANCE_PX and same_ap):
+        raise ConversionMismatch(
+            f"{what} does not detect what its source does (labels agree: {summary['labels_agree']}, largest box "
+            f"deviation {summary['max_box_deviation_px']:.3g} px, AP {summary['val_ap']:.4f} vs "
+            f"{summary['val_ap_deploy']:.4f}); nothing was written")

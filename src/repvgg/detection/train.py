@@ -24,10 +24,9 @@ from repvgg.dense.scenes import SyntheticConfig
 from repvgg.detection.config import DetTrainConfig
 from repvgg.detection.data import DetectionDataBundle, build_detection_data
 from repvgg.detection.detector import Detector, build_detector
-from repvgg.detection.metrics import compare_detectors, comparison_summary
+from repvgg.detection.metrics import check_same_detections, compare_detectors, comparison_summary
 from repvgg.detection.plots import plot_detection_curves, plot_detections
 from repvgg.detection.weights import save_detector
-from repvgg.errors import ConversionMismatch
 from repvgg.nn.complexity import count_parameters
 from repvgg.training.distributed import DistContext, dataset_size
 from repvgg.training.engine import StepOutput, fit
@@ -37,12 +36,10 @@ from repvgg.training.run_folder import LOOP_CHANGEABLE, data_identity
 from repvgg.training.task import TaskSetup
 from repvgg.training.trackers import Tracker
 
-__all__ = ["BOX_TOLERANCE_PX", "DetectionTask", "train_detector"]
+__all__ = ["DetectionTask", "train_detector"]
 
 logger = logging.getLogger(__name__)
 
-#: How far a converted detector's boxes may lie from the training-time detector's, in pixels.
-BOX_TOLERANCE_PX = 1e-3
 #: Validation images drawn in ``predictions.png``.
 PREDICTION_SAMPLES = 8
 
@@ -146,13 +143,7 @@ class DetectionTask(TaskSetup[DetTrainConfig, DetectionDataBundle]):
         features = compare_models([model.backbone, plain.backbone], _normalised(loader, model),
                                   output=lambda maps: torch.cat([m.flatten(1) for m in maps.values()], 1))
         summary |= {"max_abs_diff": features.max_abs_diff[0], "relative_error": features.relative_error[0]}
-        same_ap = all(summary[f"val_{k}"] == summary[f"val_{k}_deploy"] or summary[f"val_{k}"] != summary[f"val_{k}"]
-                      for k in ("ap", "ap50", "ap75"))
-        if not (summary["labels_agree"] and summary["max_box_deviation_px"] <= BOX_TOLERANCE_PX and same_ap):
-            raise ConversionMismatch(
-                f"the converted detector does not detect what the trained one does (labels agree: "
-                f"{summary['labels_agree']}, largest box deviation {summary['max_box_deviation_px']:.3g} px, AP "
-                f"{summary['val_ap']:.4f} vs {summary['val_ap_deploy']:.4f}); nothing was written")
+        check_same_detections(summary, "the converted detector")
         return {"model": model.name, "detector": model.config.to_dict(), "dataset": self.bundle.name,
                 "classes": list(self.bundle.classes), **summary,
                 "params_train": count_parameters(model), "params_deploy": count_parameters(plain)}

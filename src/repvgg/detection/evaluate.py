@@ -1,0 +1,81 @@
+"""Scoring a saved detector (``repvgg det-eval``): COCO metrics of the file's detector and, for a training-time file,
+of its converted copy on the same images, with the AP difference and the largest box deviation."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+from torch.utils.data import DataLoader
+
+from repvgg.dense.scenes import SyntheticConfig
+from repvgg.detection.data import DetectionDataBundle, build_detection_data
+from repvgg.detection.metrics import AP_NAMES, check_same_detections, compare_detectors, comparison_summary
+from repvgg.detection.weights import load_detector
+from repvgg.limits import check_workers
+from repvgg.nn.convert import reparameterize_model
+from repvgg.report import markdown_table
+
+__all__ = ["ap_table", "evaluate_detector_file"]
+
+
+def _validation_data(meta: Mapping[str, Any], image_size: int, data: str | None) -> DetectionDataBundle:
+    """The data ``data`` names, else what the file was trained on (its stored description)."""
+    trained_on = meta.get("data") or {}
+    if data is None:
+        data = trained_on.get("data")
+    if data is None:
+        settings = dict(trained_on.get("synthetic") or {})
+        if "size_range" in settings:
+            settings["size_range"] = tuple(settings["size_range"])
+        return build_detection_data(None, image_size=image_size, synthetic=SyntheticConfig(**settings), augment=False)
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"the data folder {data!r} does not exist; pass --data with the COCO folder to "
+                                "evaluate on")
+    return build_detection_data(data, image_size=image_size, augment=False)
+
+
+def evaluate_detector_file(weights: str | os.PathLike[str], *, data: str | None = None, batch_size: int = 16,
+                           workers: int = 0, device: str = "auto") -> dict[str, Any]:
+    """Score a ``det-train`` file (``deploy.safetensors``, ``best.pt``, ``last.pt``) with COCO's metrics on the
+    validation set of ``data`` (a COCO folder; default: the data the file records). A training-time file is
+    converted too, both forms are scored, and the converted one must detect the same (labels, boxes within
+    1e-3 px, AP)."""
+    from repvgg.training.distributed import resolve_device
+
+    check_workers(workers)
+    model, meta = load_detector(weights)
+    bundle = _validation_data(meta, model.config.image_size, data)
+    if bundle.classes != list(meta.get("classes") or bundle.classes):
+        raise ValueError(f"{weights} detects {meta['classes']} but the data's categories are {bundle.classes}; "
+                         "evaluate it on data with the categories it was trained on")
+    torch_device = resolve_device(device)
+    model = model.to(torch_device)
+    models = [model] if model.deploy else [model, reparameterize_model(model)]
+    loader = DataLoader(bundle.val, batch_size=batch_size,
+                        num_workers=check_workers(workers, batches=-(-len(bundle.val) // batch_size)))
+    comparison = compare_detectors(models, loader, bundle.val.coco, torch_device)
+    result: dict[str, Any] = {"weights": os.fspath(weights), "model": model.name,
+                              "form": "converted" if model.deploy else "training-time", "dataset": bundle.name,
+                              "classes": bundle.classes, "val_images": comparison.images}
+    if len(models) == 1:
+        result |= {f"val_{k}": v for k, v in comparison.scores[0].items()}
+    else:
+        result |= comparison_summary(comparison)
+        result["ap_difference"] = result["val_ap_deploy"] - result["val_ap"]
+        check_same_detections(result, f"the converted copy of {weights}")
+    return result
+
+
+def ap_table(result: Mapping[str, Any]) -> str:
+    """Markdown: COCO's metrics (in %) of the detector and, when both were scored, of its converted copy."""
+    both = "val_ap_deploy" in result
+    header = ["metric", result.get("form", "model")] + (["converted"] if both else [])
+
+    def cell(value: Any) -> str:
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+    rows = [[name.replace("_", " ").replace("ap", "AP"), cell(result.get(f"val_{name}"))]
+            + ([cell(result.get(f"val_{name}_deploy"))] if both else []) for name in AP_NAMES]
+    return markdown_table(header, rows)
