@@ -153,3 +153,13 @@ def test_the_size_check_finds_what_it_looks_for() -> None:
     assert oversized({"a.py": long_function}) == [f"a.py:1 f: {MAX_FUNCTION_LINES + 1} lines"]
     assert oversized({"b.py": "x = 1\n" * (MAX_MODULE_LINES + 1)}) == [f"b.py: {MAX_MODULE_LINES + 1} lines"]
     assert oversized({"c.py": "x = 1\n" * MAX_MODULE_LINES}) == []
+
+
+def test_the_dense_tasks_share_only_what_lies_below_them() -> None:
+    """Segmentation and detection stand side by side: neither imports the other."""
+    graph = import_graph()
+    assert any(t.startswith("repvgg.dense") for t in graph["repvgg.detection.train"])
+    for module, targets in graph.items():
+        for one, other in (("repvgg.segmentation", "repvgg.detection"), ("repvgg.detection", "repvgg.segmentation")):
+            if module.startswith(one):
+                assert not any(t.startswith(other) for t in targets), (module, targets)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from repvgg.detection.detector import DETECTOR_KINDS, DetectorConfig
 from repvgg.limits import MAX_IMG_SIZE, MAX_LR
 from repvgg.options import option
 from repvgg.training.config import LoopConfig
 
-__all__ = ["DetTrainConfig"]
+__all__ = ["DETECTOR_KINDS", "DetTrainConfig"]
+
+#: The detectors torchvision builds for us.
+DETECTOR_KINDS = ("fcos", "retinanet")
 
 
 @dataclass
@@ -33,7 +35,7 @@ class DetTrainConfig(LoopConfig):
     log_interval: int = option(20, "steps between log lines (and tracked step scalars)", low=1)
     backbone: str = option("repvgg_a0", "registered RepVGG, QARepVGG or RepVGGplus name (see `repvgg info`)")
     kind: str = option("fcos", "the detector (torchvision's)", choices=DETECTOR_KINDS)
-    fpn_channels: int = option(64, "feature pyramid width, a multiple of 32 (the papers: 256)", low=32, high=4096)
+    fpn_channels: int = option(64, "feature pyramid width, a multiple of 32 (the papers: 256)", low=64, high=4096)
     head_convs: int = option(2, "3x3 convs in each head tower (the papers: 4)", low=0, high=16)
     image_size: int = option(128, "images are letterboxed to this square size", low=32, high=MAX_IMG_SIZE)
     max_objects: int = option(100, "most objects an image may hold", low=1, high=10_000)
@@ -53,8 +55,3 @@ class DetTrainConfig(LoopConfig):
     @property
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else 0.01 * self.batch_size / 16
-
-    def detector_config(self, num_classes: int) -> DetectorConfig:
-        """The architecture this run trains, for ``num_classes`` classes."""
-        return DetectorConfig(backbone=self.backbone, num_classes=num_classes, kind=self.kind,
-                              fpn_channels=self.fpn_channels, head_convs=self.head_convs, image_size=self.image_size)

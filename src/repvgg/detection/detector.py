@@ -27,6 +27,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
+from repvgg.detection.config import DETECTOR_KINDS
 from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD
 from repvgg.io.loading import create_model
 from repvgg.limits import MAX_CLASSES, MAX_IMG_SIZE, check_float, check_int
@@ -37,8 +38,6 @@ from repvgg.serialization import DictMixin
 __all__ = ["DETECTOR_KINDS", "Detector", "DetectorConfig", "FCOSDetector", "FeaturePyramid", "RetinaNetDetector",
            "build_detector", "create_detector"]
 
-#: The detectors torchvision builds for us.
-DETECTOR_KINDS = ("fcos", "retinanet")
 #: Groups of the heads' GroupNorm (FCOS's head fixes 32).
 NORM_GROUPS = 32
 
@@ -52,7 +51,8 @@ class DetectorConfig(DictMixin):
         num_classes: object classes (no background class).
         kind: ``"fcos"`` (anchor-free, the default) or ``"retinanet"``.
         out_indices: the backbone stages the pyramid reads (2, 3, 4: strides 8, 16, 32).
-        fpn_channels: the pyramid's width, a multiple of 32 (the heads' GroupNorm groups); 256 in the papers.
+        fpn_channels: the pyramid's width, a multiple of 32 from 64 (the heads normalise in 32 groups of at least two
+            channels); 256 in the papers.
         head_convs: 3x3 convs in each head tower (4 in the papers).
         image_size: the longer side images are resized to, in and out of training.
         score_threshold: detections scoring below it are dropped.
@@ -79,10 +79,12 @@ class DetectorConfig(DictMixin):
         if self.kind not in DETECTOR_KINDS:
             raise ValueError(f"kind must be one of {', '.join(DETECTOR_KINDS)}, got {self.kind!r}")
         check_int(self.num_classes, "num_classes", low=1, high=MAX_CLASSES)
-        check_int(self.fpn_channels, "fpn_channels", low=NORM_GROUPS, high=4096)
-        if self.fpn_channels % NORM_GROUPS:
-            raise ValueError(f"fpn_channels must be a multiple of {NORM_GROUPS} (the heads normalise in "
-                             f"{NORM_GROUPS} groups), got {self.fpn_channels}")
+        if not isinstance(self.fpn_channels, int) or self.fpn_channels % NORM_GROUPS or not \
+                2 * NORM_GROUPS <= self.fpn_channels <= 4096:
+            # a group of one channel has one value to normalise on a 1x1 map (P7 of a small image): GroupNorm refuses
+            raise ValueError(f"fpn_channels must be a multiple of {NORM_GROUPS} from {2 * NORM_GROUPS} to 4096 (the "
+                             f"heads normalise in {NORM_GROUPS} groups of at least two channels), got "
+                             f"{self.fpn_channels!r}")
         check_int(self.head_convs, "head_convs", low=0, high=16)
         check_int(self.image_size, "image_size", low=32, high=MAX_IMG_SIZE)
         check_int(self.detections_per_image, "detections_per_image", low=1, high=10_000)

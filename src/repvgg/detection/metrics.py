@@ -30,17 +30,21 @@ Detections = list[dict[str, Tensor]]
 @torch.no_grad()
 def detect(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> Detections:
     """Run ``model`` over a loader of [`DetectionSet`][repvgg.detection.data.DetectionSet] batches; each image's
-    ``boxes`` (in its original pixels), ``scores`` and ``labels``, in the data set's order (``loader`` in order)."""
+    ``boxes`` (in its original pixels, clipped to the image: the letterbox's padding is not part of it), ``scores`` and
+    ``labels``, in the data set's order (``loader`` in order)."""
     model.eval()
+    records = loader.dataset.coco.images  # type: ignore[attr-defined]
     found: Detections = []
-    for images, _, _, _, scales in loader:
+    for images, _, _, indices, scales in loader:
         outputs = model(list((images.to(device).float() / 255).unbind(0)))
         if not all(torch.isfinite(o["boxes"]).all() and torch.isfinite(o["scores"]).all() for o in outputs):
             raise RunFailed(f"{getattr(model, 'name', 'the detector')} gave NaN or infinite boxes or scores, so its "
                             "weights are broken (a diverged run?); no score is reported")
-        for output, scale in zip(outputs, scales.tolist()):
-            found.append({"boxes": output["boxes"].cpu() / scale, "scores": output["scores"].cpu(),
-                          "labels": output["labels"].cpu()})
+        for output, index, scale in zip(outputs, indices.tolist(), scales.tolist()):
+            record = records[index]
+            limit = torch.tensor([record["width"], record["height"]] * 2, dtype=torch.float32)
+            boxes = (output["boxes"].cpu() / scale).clamp(min=torch.zeros(4), max=limit)
+            found.append({"boxes": boxes, "scores": output["scores"].cpu(), "labels": output["labels"].cpu()})
     return found
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from repvgg.dense.scenes import SyntheticConfig
 from repvgg.detection.config import DetTrainConfig
 from repvgg.detection.data import DetectionDataBundle, build_detection_data
-from repvgg.detection.detector import Detector, build_detector
+from repvgg.detection.detector import Detector, DetectorConfig, build_detector
 from repvgg.detection.metrics import check_same_detections, compare_detectors, comparison_summary
 from repvgg.detection.plots import plot_detection_curves, plot_detections
 from repvgg.detection.weights import save_detector
@@ -36,7 +36,7 @@ from repvgg.training.run_folder import LOOP_CHANGEABLE, data_identity
 from repvgg.training.task import TaskSetup
 from repvgg.training.trackers import Tracker
 
-__all__ = ["DetectionTask", "train_detector"]
+__all__ = ["DetectionTask", "detector_config", "train_detector"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,12 @@ def _data_description(config: DetTrainConfig) -> dict[str, Any]:
         synthetic = dataclasses.asdict(_synthetic(config))
         return {"data": None, "synthetic": synthetic | {"size_range": list(synthetic["size_range"])}}
     return {"data": str(Path(config.data or "").resolve()), "synthetic": None}
+
+
+def detector_config(config: DetTrainConfig, num_classes: int) -> DetectorConfig:
+    """The architecture ``config`` trains, for ``num_classes`` classes."""
+    return DetectorConfig(backbone=config.backbone, num_classes=num_classes, kind=config.kind,
+                          fpn_channels=config.fpn_channels, head_convs=config.head_convs, image_size=config.image_size)
 
 
 def _targets(boxes: Tensor, labels: Tensor) -> list[dict[str, Tensor]]:
@@ -98,7 +104,7 @@ class DetectionTask(TaskSetup[DetTrainConfig, DetectionDataBundle]):
 
     def build_model(self, config: DetTrainConfig, device: torch.device) -> Detector:
         weights = config.backbone_weights if self.resumed is None else None  # a resume's come from its checkpoint
-        return build_detector(config.detector_config(self.bundle.num_classes), backbone_weights=weights).to(device)
+        return build_detector(detector_config(config, self.bundle.num_classes), backbone_weights=weights).to(device)
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
         # COCO's AP is not a sum over shards: every process scores the whole validation set, in order

@@ -1,0 +1,174 @@
+"""Detection: the detector on RepVGG features converted exactly, COCO folders read and checked, det-train through the
+engine (resume, outputs), and det-eval's COCO metrics equal to pycocotools' own on the same detections."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import randomize_bn
+from repvgg import reparameterize_model
+from repvgg.dense.scenes import SyntheticConfig, scene
+from repvgg.detection import (DetTrainConfig, build_detection_data, compare_detectors, create_detector, load_detector,
+                              read_coco, save_detector, train_detector)
+from repvgg.detection.data import DetectionSet
+from repvgg.detection.evaluate import evaluate_detector_file
+from repvgg.detection.metrics import check_same_detections, comparison_summary, detect
+from repvgg.errors import ConversionMismatch
+from repvgg.io.checkpoint import load_checkpoint
+
+#: Categories with the ids an exporter may give (not contiguous, not from 0).
+CATEGORIES = [{"id": 3, "name": "circle"}, {"id": 7, "name": "square"}, {"id": 11, "name": "triangle"},
+              {"id": 20, "name": "cross"}]
+TINY = dict(backbone="repvgg_tiny", image_size=64, fpn_channels=64, head_convs=1)
+
+
+def write_coco_folder(root: Path, train: int = 8, val: int = 4, size: int = 64) -> Path:
+    """A COCO folder from generated scenes: PNGs (the val images 16 px wider than tall, so letterboxing shows) and
+    ``annotations/instances_{train,val}.json`` with exporter-style category ids and one crowd box."""
+    config = SyntheticConfig(image_size=size, num_train=train, num_val=val, seed=5)
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").mkdir()
+    for split, count in (("train", train), ("val", val)):
+        images, annotations = [], []
+        for index in range(count):
+            drawn = scene(config, split, index)
+            pixels = np.rint(drawn.image * 255).astype(np.uint8)
+            if split == "val":
+                pixels = pixels[: size - 16]  # 64 wide, 48 tall
+            name = f"{split}_{index}.png"
+            Image.fromarray(pixels).save(root / "images" / name)
+            images.append({"id": 100 + index, "file_name": name, "width": size, "height": pixels.shape[0]})
+            for (x1, y1, x2, y2), cls in zip(drawn.boxes.tolist(), drawn.classes.tolist()):
+                y2 = min(y2, pixels.shape[0])
+                if y2 - y1 >= 2:
+                    annotations.append({"id": len(annotations) + 1, "image_id": 100 + index, "iscrowd": 0,
+                                        "category_id": CATEGORIES[cls - 1]["id"], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                        "area": (x2 - x1) * (y2 - y1)})
+        annotations.append({"id": len(annotations) + 1, "image_id": 100, "category_id": 3, "iscrowd": 1,
+                            "bbox": [0, 0, 20, 20], "area": 400})
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
+    return root
+
+
+@pytest.mark.parametrize("kind", ["fcos", "retinanet"])
+def test_the_converted_detector_detects_the_same(kind: str) -> None:
+    model = randomize_bn(create_detector("repvgg_tiny", 4, kind=kind, image_size=64, fpn_channels=64,
+                                         score_threshold=0.0)).eval()
+    plain = reparameterize_model(model)
+    assert plain.deploy and not model.deploy
+    bundle = build_detection_data(None, image_size=64, synthetic=SyntheticConfig(num_train=2, num_val=6), augment=False)
+    loader = torch.utils.data.DataLoader(bundle.val, batch_size=3)
+    summary = comparison_summary(compare_detectors([model, plain], loader, bundle.val.coco))
+    assert summary["labels_agree"] and summary["max_box_deviation_px"] <= 1e-3
+    assert summary["val_ap"] == summary["val_ap_deploy"]
+    check_same_detections(summary, "the converted detector")
+    with pytest.raises(ConversionMismatch, match="box deviation"):
+        check_same_detections(summary | {"max_box_deviation_px": 0.01}, "a converted detector")
+
+
+def test_feature_pyramid_follows_the_backbones_taps() -> None:
+    model = create_detector("repvgg_a0", 3, out_indices=(2, 3, 4))
+    assert model.backbone.strides == [8, 16, 32, 64, 128]
+    maps = model.backbone(torch.randn(1, 3, 128, 128))
+    assert [m.shape[-1] for m in maps.values()] == [16, 8, 4, 2, 1] and all(m.shape[1] == 64 for m in maps.values())
+    for width in (48, 32):  # 32 groups of one channel would have one value to normalise on P7's 1x1 map
+        with pytest.raises(ValueError, match="multiple of 32 from 64"):
+            create_detector("repvgg_a0", 3, fpn_channels=width)
+
+
+def _break(root: Path, change) -> Path:
+    path = root / "annotations" / "instances_val.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["annotations"][0].update(bbox=[50, 10, 30, 10]), "outside the 64x48 image"),
+    (lambda d: d["annotations"][0].update(bbox=[5, 5, 0, 10]), "zero area"),
+    (lambda d: d["annotations"][0].update(category_id=99), "category 99"),
+    (lambda d: d["annotations"][0].update(image_id=12345), "image 12345"),
+    (lambda d: d["images"][1].update(file_name="gone.png"), "'gone.png'"),
+])
+def test_each_bad_annotation_is_named(tmp_path: Path, change, message: str) -> None:
+    root = write_coco_folder(tmp_path / "coco", train=2, val=2)
+    path = _break(root, change)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+        build_detection_data(root, image_size=64)
+    assert str(path) in str(err.value)
+    if "gone" not in message and "image 12345" not in message:
+        assert "annotation 1 " in str(err.value)  # the annotation's id
+
+
+def test_a_coco_folder_reads_with_its_categories_and_crowds(tmp_path: Path) -> None:
+    root = write_coco_folder(tmp_path / "coco", train=2, val=2)
+    coco = read_coco(root / "annotations" / "instances_val.json")
+    assert coco.classes == ["circle", "square", "triangle", "cross"] and coco.category_ids == [3, 7, 11, 20]
+    crowd = sum(a["iscrowd"] for a in coco.gt["annotations"])
+    assert crowd == 1 and sum(len(b) for b in coco.boxes) == len(coco.gt["annotations"]) - crowd
+    image, boxes, labels, index, scale = DetectionSet(coco, lambda i: torch.zeros(3, 48, 64, dtype=torch.uint8),
+                                                      image_size=128, max_objects=8)[0]
+    assert image.shape == (3, 128, 128) and float(scale) == 2.0
+    assert torch.allclose(boxes[labels >= 0] / 2, torch.from_numpy(coco.boxes[0]))
+
+
+def test_det_eval_scores_as_pycocotools_does_on_the_same_detections(tmp_path: Path) -> None:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    root = write_coco_folder(tmp_path / "coco")
+    model = randomize_bn(create_detector("repvgg_tiny", 4, image_size=64, fpn_channels=64, score_threshold=0.0))
+    save_detector(model, tmp_path / "det.safetensors", classes=[c["name"] for c in CATEGORIES],
+                  data={"data": str(root), "synthetic": None})
+    result = evaluate_detector_file(tmp_path / "det.safetensors", batch_size=2)
+    # the same detections, written as a COCO results file and scored by pycocotools from the files on disk
+    loaded, _ = load_detector(tmp_path / "det.safetensors")
+    bundle = build_detection_data(root, image_size=64, augment=False)
+    found = detect(loaded, torch.utils.data.DataLoader(bundle.val, batch_size=2))
+    image_ids = [image["id"] for image in json.loads((root / "annotations/instances_val.json").read_text())["images"]]
+    rows = [{"image_id": image_id, "category_id": CATEGORIES[label]["id"], "score": score,
+             "bbox": [x1, y1, x2 - x1, y2 - y1]}
+            for image_id, d in zip(image_ids, found)
+            for (x1, y1, x2, y2), score, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist())]
+    assert rows and max(r["bbox"][1] + r["bbox"][3] for r in rows) <= 48 + 1e-3  # in the 64x48 image's pixels
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    truth = COCO(str(root / "annotations/instances_val.json"))
+    evaluation = COCOeval(truth, truth.loadRes(str(tmp_path / "results.json")), "bbox")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    assert result["val_ap"] == pytest.approx(evaluation.stats[0], abs=1e-12)
+    assert result["val_ap50"] == pytest.approx(evaluation.stats[1], abs=1e-12)
+    assert result["form"] == "training-time" and result["labels_agree"] and result["ap_difference"] == 0
+
+
+def test_det_train_on_a_coco_folder_resumes_exactly(tmp_path: Path) -> None:
+    root = write_coco_folder(tmp_path / "coco", train=8, val=4)
+    common = dict(TINY, data=str(root), epochs=2, batch_size=4, max_objects=8)  # 2 steps per epoch
+    full = train_detector(DetTrainConfig(**common, output=str(tmp_path / "full")))
+    for name in ("summary.json", "metrics.jsonl", "deploy.safetensors", "best.pt", "curves.png", "predictions.png"):
+        assert (tmp_path / "full" / name).is_file(), name
+    row = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train_classification_loss", "train_bbox_regression_loss", "train_bbox_ctrness_loss", "val_ap", "val_ap50",
+            "val_ap75", "val_ap_small"} <= set(row)
+    assert full["labels_agree"] and full["max_box_deviation_px"] <= 1e-3 and full["val_ap"] == full["val_ap_deploy"]
+    part = train_detector(DetTrainConfig(**common, output=str(tmp_path / "part"), stop_after_steps=1))
+    assert part["interrupted"] is True
+    train_detector(DetTrainConfig(**common, output=str(tmp_path / "part"), resume=str(tmp_path / "part")))
+    a, b = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("full", "part"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    def measured(run: str) -> list[dict]:  # every row without its timings
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if not k.endswith(("_s", "_per_s", "_per_step"))} for row in rows]
+
+    assert len(measured("full")) == 2 and measured("full") == measured("part")
+    deployed, meta = load_detector(tmp_path / "full" / "deploy.safetensors")
+    assert deployed.deploy and meta["classes"] == ["circle", "square", "triangle", "cross"]
