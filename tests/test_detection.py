@@ -172,3 +172,19 @@ def test_det_train_on_a_coco_folder_resumes_exactly(tmp_path: Path) -> None:
     assert len(measured("full")) == 2 and measured("full") == measured("part")
     deployed, meta = load_detector(tmp_path / "full" / "deploy.safetensors")
     assert deployed.deploy and meta["classes"] == ["circle", "square", "triangle", "cross"]
+
+
+def test_a_detector_backbone_from_a_deploy_file(tmp_path: Path) -> None:
+    """The backbone of a detector may come from a converted classifier: expanded into training-time blocks that
+    compute the classifier's features."""
+    from repvgg import create_model, save_weights
+
+    fused = reparameterize_model(randomize_bn(create_model("qarepvgg_tiny", num_classes=5)))
+    save_weights(fused, tmp_path / "deploy.safetensors")
+    detector = create_detector("qarepvgg_tiny", 4, backbone_weights=tmp_path / "deploy.safetensors").eval()
+    assert not detector.deploy
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = fused.forward_intermediates(x, indices=[2, 3, 4], intermediates_only=True)
+        got = detector.backbone.body(x)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, expected))

@@ -14,6 +14,7 @@ from conftest import randomize_bn, relative_error
 from repvgg import create_model, load_model, read_checkpoint, reparameterize_model, save_weights
 from repvgg.io.loading import infer_architecture
 from repvgg.io.weights import load_weights, official_to_timm, timm_to_official
+from repvgg.nn.block import RepVGGBlock
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -140,12 +141,32 @@ def test_official_file_without_metadata_is_recognised(tmp_path: Path) -> None:
     assert relative_error(plain(x), source(x)) <= 1e-5
 
 
-def test_deploy_file_into_training_model_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name, overrides", [("repvgg_tiny", {}), ("qarepvgg_tiny", {}), ("repvggplus_tiny", {}),
+                                             ("repvgg_tiny", {"post_bn": True, "use_se": True})])
+def test_a_deploy_file_expands_into_training_blocks_that_compute_the_same(tmp_path: Path, name: str,
+                                                                           overrides: dict) -> None:
+    """Users ask to train a converted model further: its fused kernels go into the 3x3 branches, the other branches
+    start at zero, and the training-time model computes what the deploy file does (before any step)."""
+    fused = reparameterize_model(randomize_bn(create_model(name, num_classes=10, **overrides)))
+    save_weights(fused, tmp_path / "deploy.safetensors")
+    model = create_model(name, num_classes=10, weights=tmp_path / "deploy.safetensors", **overrides).eval()
+    assert not model.deploy
+    blocks = [m for m in model.modules() if isinstance(m, RepVGGBlock)]
+    assert all(not b.rbr_1x1.conv.weight.any() for b in blocks if b.rbr_1x1 is not None)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(model(x), fused(x)) <= 1e-5
+        assert relative_error(reparameterize_model(model)(x), fused(x)) <= 1e-5  # and converts back to it
+    trained = load_model(tmp_path / "deploy.safetensors", deploy=False)
+    assert not trained.deploy and relative_error(trained.eval()(x), fused(x)) <= 1e-5
+
+
+def test_a_deploy_file_of_another_architecture_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     fused = reparameterize_model(create_model("repvgg_tiny", num_classes=10))
     torch.save(fused.state_dict(), tmp_path / "deploy.pth")
-    model = create_model("repvgg_tiny", num_classes=10)
+    model = create_model("repvgg_tiny", num_classes=10, width_multipliers=(0.75, 1.0))
     before = _snapshot(model)
-    with pytest.raises(ValueError, match="deploy=True"):
+    with pytest.raises(ValueError, match="needs a fused kernel of shape"):
         load_weights(model, tmp_path / "deploy.pth")
     assert _unchanged(model, before)
 

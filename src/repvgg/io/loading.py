@@ -202,19 +202,19 @@ def load_model(
 
     The architecture comes from ``arch``, else the file's metadata (this package's files), else by
     matching the parameter shapes against the registry (official and timm files). Training-time or
-    deploy form follows the file unless ``deploy`` says otherwise.
+    deploy form follows the file unless ``deploy`` says otherwise: ``deploy=False`` on a fused file expands it into
+    training-time blocks that compute the same function (to train it further).
     """
 
     state_dict, metadata = read_checkpoint(resolve_weights(path))
     file_deploy = is_deploy_state_dict(state_dict)
-    if deploy is False and file_deploy:
-        raise ValueError(f"{path} holds fused (deploy) weights; a fused model cannot be turned back into branches.")
     spec_or_name = arch if arch is not None else _file_architecture(metadata, state_dict, path)
     if num_classes is None:
         num_classes = checkpoint_num_classes(state_dict) or 1000
     options = dict(num_classes=num_classes, in_chans=_metadata_field(metadata, "in_chans", int, path,
                                                                      stem_in_chans(state_dict)),
-                   deploy=file_deploy, features_only=_metadata_field(metadata, "features_only", bool, path, False),
+                   deploy=file_deploy and deploy is not False,
+                   features_only=_metadata_field(metadata, "features_only", bool, path, False),
                    out_indices=tuple(_metadata_field(metadata, "out_indices", list, path, [0, 1, 2, 3, 4])))
     try:
         # The file's description is checked against its tensors on the meta device first: a small file

@@ -10,6 +10,7 @@ Files are never unpickled with code execution: [`safe_load`][repvgg.io.safe_load
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from repvgg.io.formats import require_kind
 from repvgg.limits import parse_json
 from repvgg.io.safe_load import safe_load
+from repvgg.nn.block import RepVGGBlock
 from repvgg.nn.model import RepVGG
 from repvgg.nn.registry import spec_overrides
 from repvgg.serialization import atomic_write
@@ -31,6 +33,7 @@ __all__ = [
     "read_safetensors",
     "write_safetensors",
     "checkpoint_num_classes",
+    "expand_fused_state_dict",
     "is_deploy_state_dict",
     "check_state_dict",
     "load_state_dict_into",
@@ -273,11 +276,6 @@ def _deploy_mismatch(model: nn.Module, state_dict: Mapping[str, Tensor], source:
     file_branches = any(".rbr_dense." in k for k in state_dict)
     model_fused = any(".rbr_reparam." in k for k in model_keys)
     model_branches = any(".rbr_dense." in k for k in model_keys)
-    if file_fused and not file_branches and model_branches and not model_fused:
-        return (
-            f"{source} holds fused (deploy) weights but the model is the training-time, multi-branch form. "
-            "Build it with create_model(..., deploy=True) to load these weights."
-        )
     if file_branches and not file_fused and model_fused and not model_branches:
         return (
             f"{source} holds training-time (multi-branch) weights but the model is fused (deploy=True). "
@@ -285,6 +283,38 @@ def _deploy_mismatch(model: nn.Module, state_dict: Mapping[str, Tensor], source:
             "or convert the file with `repvgg convert`."
         )
     return None
+
+
+def _is_expansion(model: nn.Module, state_dict: Mapping[str, Tensor]) -> bool:
+    """A fused (deploy) file offered to a training-time model."""
+    model_keys = model.state_dict().keys()
+    return is_deploy_state_dict(state_dict) and any(".rbr_dense." in k for k in model_keys)
+
+
+def expand_fused_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> StateDict:
+    """The training-time state dict of ``model`` that computes what the fused ``state_dict`` does: each block's fused
+    kernel and bias set into its branches ([`RepVGGBlock.load_fused`][repvgg.nn.block.RepVGGBlock.load_fused]), the
+    other tensors (SE, the head) as they are. ``model`` is left unchanged; on the meta device only shapes are checked.
+
+    Raises:
+        ValueError: a block's fused kernel or bias is missing from the file, or shaped for another block.
+    """
+    twin = copy.deepcopy(model)
+    for name, block in twin.named_modules():
+        if not isinstance(block, RepVGGBlock) or block.deploy:
+            continue
+        kernel, bias = state_dict.get(f"{name}.rbr_reparam.weight"), state_dict.get(f"{name}.rbr_reparam.bias")
+        shape = (block.out_channels, block.in_channels // block.groups, 3, 3)
+        if kernel is None or bias is None or tuple(kernel.shape) != shape or tuple(bias.shape) != shape[:1]:
+            found = None if kernel is None else tuple(kernel.shape)
+            raise ValueError(f"{source} does not match the architecture of {getattr(model, 'name', 'the model')}: "
+                             f"block {name} needs a fused kernel of shape {shape} and a bias, the file has {found}. "
+                             "Check that the model name (and groups/SE options) match the file.")
+        device = next(block.parameters()).device  # the meta device when only shapes are checked
+        block.load_fused(kernel.to(device), bias.to(device))
+    expanded = dict(twin.state_dict())
+    expanded.update({k: v for k, v in state_dict.items() if ".rbr_reparam." not in k})
+    return expanded
 
 
 def check_state_dict(
@@ -300,12 +330,20 @@ def check_state_dict(
     before any memory is allocated for the model it describes.
 
     Raises:
-        ValueError: deploy/training-time mismatch, wrong number of classes, missing or unexpected
+        ValueError: training-time weights for a fused model, wrong number of classes, missing or unexpected
             keys, or shape mismatches; the message says what to do.
+
+    Fused (deploy) weights for a training-time model are expanded into its branches
+    ([`expand_fused_state_dict`][repvgg.io.weights.expand_fused_state_dict]).
     """
     mismatch = _deploy_mismatch(model, state_dict, source)
     if mismatch:
         raise ValueError(mismatch)
+    if _is_expansion(model, state_dict):
+        state_dict = expand_fused_state_dict(model, state_dict, source)
+        logger.info("%s holds converted weights: expanded into training-time blocks that compute the same "
+                    "function (the 3x3 branches hold the fused kernels, the 1x1 and identity branches start at zero)",
+                    source)
     target = model.state_dict()
     has_head = any(k.startswith(HEAD_PREFIX) for k in target)
     incoming = {k: v for k, v in state_dict.items()

@@ -252,6 +252,34 @@ class RepVGGBlock(nn.Module):
         self.rbr_identity = None
         self.post_bn = None
 
+    @torch.no_grad()
+    def load_fused(self, kernel: Tensor, bias: Tensor) -> None:
+        """Set this block to compute a fused conv's ``kernel`` and ``bias`` at inference time: the inverse of
+        [`reparameterize`][repvgg.nn.block.RepVGGBlock.reparameterize], so that a converted model can train again.
+
+        Every BN passes its input through (mean 0, variance 1 - eps, weight 1, bias 0); the 1x1 and identity
+        branches start at zero where they have weights; the 3x3 branch holds the rest (the fused kernel, less the
+        QA block's parameter-free identity), and the bias sits in the last BN.
+        """
+        if self.rbr_reparam is not None:
+            self.rbr_reparam.weight.copy_(kernel)
+            assert self.rbr_reparam.bias is not None
+            self.rbr_reparam.bias.copy_(bias)
+            return
+        assert self.rbr_dense is not None
+        norms = [m for m in (self.rbr_dense.bn, self.rbr_1x1 and self.rbr_1x1.bn, self.post_bn)
+                 if isinstance(m, nn.BatchNorm2d)]
+        for norm in norms:
+            _pass_through(norm, weight=1.0)
+        if isinstance(self.rbr_identity, nn.BatchNorm2d):
+            _pass_through(self.rbr_identity, weight=0.0)
+        if self.rbr_1x1 is not None:
+            self.rbr_1x1.conv.weight.zero_()
+        self.rbr_dense.conv.weight.zero_()
+        rest_kernel, rest_bias = self.equivalent_kernel_bias()  # what has no weights to zero (QA's identity)
+        self.rbr_dense.conv.weight.copy_(kernel - rest_kernel)
+        norms[-1].bias.copy_(bias - rest_bias)
+
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}", f"stride={self.stride}"]
         if self.groups != 1:
@@ -260,6 +288,15 @@ class RepVGGBlock(nn.Module):
             parts.append(f"dilation={self.dilation}")
         parts.append(f"deploy={self.deploy}")
         return ", ".join(parts)
+
+
+def _pass_through(norm: nn.BatchNorm2d, *, weight: float) -> None:
+    """Set ``norm`` to compute ``weight * x`` at inference time (mean 0, variance 1 - eps, bias 0)."""
+    assert norm.running_mean is not None and norm.running_var is not None  # a BN of the block tracks statistics
+    norm.running_mean.zero_()
+    norm.running_var.fill_(1.0 - norm.eps)
+    norm.weight.fill_(weight)
+    norm.bias.zero_()
 
 
 def aux_head(channels: int, num_classes: int) -> nn.Sequential:
