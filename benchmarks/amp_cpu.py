@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from repvgg.nn.registry import build_model
-from repvgg.perf.environment import cpu_features, environment
-from repvgg.perf.timing import time_interleaved
+from repvgg.measure.environment import cpu_features, environment
+from repvgg.measure.timing import time_interleaved
 from repvgg.report import markdown_table
 from repvgg.serialization import write_json, write_text
 

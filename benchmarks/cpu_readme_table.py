@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from repvgg.cli import main as repvgg_main
 from repvgg.io.loading import load_model
 from repvgg.perf.bench import BenchConfig, check_targets, run_benchmark
-from repvgg.perf.environment import cpu_features
+from repvgg.measure.environment import cpu_features
 from repvgg.perf.fast import optimize_for_inference
 from repvgg.report import write_bench_report
 from repvgg.training.data import build_datasets

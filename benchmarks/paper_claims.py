@@ -25,7 +25,7 @@ import torch
 
 from repvgg.perf.claims import (CLAIMS, ModelMeasurement, density_ratio, evaluate_claims, measure_models, models_of,
                                 operator_density, published_top1, segmentation_speeds)
-from repvgg.perf.environment import cpu_features, environment
+from repvgg.measure.environment import cpu_features, environment
 from repvgg.plots import plot_points
 from repvgg.report import markdown_table
 from repvgg.serialization import write_json, write_text

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from repvgg.perf.claims import measure_models
-from repvgg.perf.environment import cpu_features, environment
+from repvgg.measure.environment import cpu_features, environment
 from repvgg.report import markdown_table
 from repvgg.serialization import write_json, write_text
 

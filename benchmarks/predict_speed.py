@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 
 from repvgg.cli import main as repvgg
-from repvgg.perf.environment import cpu_features, environment
-from repvgg.perf.timing import time_interleaved
+from repvgg.measure.environment import cpu_features, environment
+from repvgg.measure.timing import time_interleaved
 from repvgg.predict.inputs import expand_inputs
 from repvgg.predict.predictor import Predictor
 from repvgg.report import markdown_table

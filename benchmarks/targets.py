@@ -6,7 +6,7 @@ A0 depends on what the CPU computes natively: INT8 and BF16 matrix units (AMX) g
 products (VNNI) less, AVX2 alone least.
 """
 
-from repvgg.perf.environment import CPUFeatures
+from repvgg.measure.environment import CPUFeatures
 
 
 def cpu_targets(features: CPUFeatures) -> dict[str, dict[str, float]]:

@@ -22,8 +22,8 @@ from repvgg.plots import plot_throughput as plot_results
 from repvgg.report import bench_table as results_table
 from repvgg.cli import main
 from repvgg.cli.flags import parse_list
-from repvgg.perf.memory import LiveTensorTracker, peak_forward_memory
-from repvgg.perf.timing import TimingResult, time_interleaved
+from repvgg.measure.memory import LiveTensorTracker, peak_forward_memory
+from repvgg.measure.timing import TimingResult, time_interleaved
 
 
 def _recorder(log: list[str], name: str):
@@ -238,7 +238,7 @@ def test_cli_bench_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[
 
 def test_int8_rows_for_every_runtime_with_their_deviation(monkeypatch: pytest.MonkeyPatch) -> None:
     from repvgg.perf import bench
-    from repvgg.perf.environment import CPUFeatures
+    from repvgg.measure.environment import CPUFeatures
 
     monkeypatch.setattr(bench, "native_bf16", lambda device: False)
     monkeypatch.setattr(bench, "cpu_features", lambda: CPUFeatures(avx2=True))

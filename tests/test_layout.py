@@ -77,8 +77,8 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 #: ``perf`` sit low (every job times and probes); its fast path and benchmark sit above ``quant``, whose INT8
 #: models they run. A module takes the layer of the longest entry that names it.
 LAYERS = ["repvgg.errors", "repvgg.limits", "repvgg.serialization", "repvgg.options", "repvgg.lazy", "repvgg.plots",
-          "repvgg.report", "repvgg.nn", "repvgg.io", "repvgg.perf.timing", "repvgg.perf.memory",
-          "repvgg.perf.environment", "repvgg.training", "repvgg.dense", "repvgg.segmentation", "repvgg.detection",
+          "repvgg.report", "repvgg.nn", "repvgg.io", "repvgg.measure", "repvgg.training", "repvgg.dense",
+          "repvgg.segmentation", "repvgg.detection",
           "repvgg.integrations", "repvgg.quant", "repvgg.perf", "repvgg.predict", "repvgg.cli", "repvgg.__main__"]
 
 
@@ -103,6 +103,13 @@ def test_layers_point_one_way() -> None:
     unlayered, upward = layer_violations(import_graph())
     assert not unlayered, f"modules in no layer (add them to LAYERS and docs/layout.md): {unlayered}"
     assert not upward, upward
+
+
+def test_a_folder_is_one_floor() -> None:
+    """No layer is a part of another's folder: a folder split across floors lets its low part be imported from below
+    while its high part imports from above, which is how imports come to run up a floor unseen."""
+    nested = [(inner, outer) for inner in LAYERS for outer in LAYERS if inner.startswith(outer + ".")]
+    assert nested == []
 
 
 def test_the_layer_check_finds_what_it_looks_for() -> None:

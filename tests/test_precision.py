@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 import repvgg
 from repvgg.cli import main
-from repvgg.perf import environment
-from repvgg.perf.environment import CPUFeatures
+from repvgg.measure import environment
+from repvgg.measure.environment import CPUFeatures
 from repvgg.perf.fast import optimize_for_inference, precisions_to_weigh
 from repvgg.quant.guard import Guard, PrecisionRejected, validation_guard
 from repvgg.training.data import build_datasets

@@ -1,1 +1,2 @@
-"""Inference speed: interleaved timing, peak memory, the fast inference path and the benchmark."""
+"""Inference speed: the fast inference path (runtimes and precisions weighed), the benchmark and the paper's speed
+claims; it measures with [`repvgg.measure`][repvgg.measure]."""

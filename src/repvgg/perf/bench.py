@@ -10,11 +10,11 @@ For each requested RepVGG variant the benchmark times three forms (Ding et al., 
 next to torchvision's ResNets / VGG-16 with their conv-BN pairs fused (the paper's fair baselines),
 eagerly (``fused``) and through the same fast path, and timm's re-parameterized RepVGG of the same
 name run eagerly (``timm``, the peer implementation). All of them run in one process, in interleaved
-rounds after warm-up, and the median is reported (see `repvgg.perf.timing`).
+rounds after warm-up, and the median is reported (see `repvgg.measure.timing`).
 
 The FLOP rate puts each model's achieved GFLOP/s (2 x multiply-adds x images/s) next to that of one
 large 3x3 convolution run through the fast path in the same run: how close the model comes to the
-machine's practical limit. Peak memory of one forward pass comes from `repvgg.perf.memory`.
+machine's practical limit. Peak memory of one forward pass comes from `repvgg.measure.memory`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from repvgg.perf.config import BenchConfig
 from repvgg.nn.complexity import count_macs, count_parameters
-from repvgg.perf.environment import cpu_features, device_supports_dtype, environment, native_bf16, set_tf32
-from repvgg.perf.memory import peak_forward_memory
-from repvgg.perf.timing import make_timer, synchronize, time_interleaved
+from repvgg.measure.environment import cpu_features, device_supports_dtype, environment, native_bf16, set_tf32
+from repvgg.measure.memory import peak_forward_memory
+from repvgg.measure.timing import make_timer, synchronize, time_interleaved
 
 __all__ = [
     "PAPER_PAIRS",

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from repvgg.nn.complexity import count_macs, count_parameters
-from repvgg.perf.timing import make_timer, time_interleaved
+from repvgg.measure.timing import make_timer, time_interleaved
 
 __all__ = ["CLAIMS", "MODEL_SIZES", "OPERATORS", "PAPER_TOP1", "Claim", "ClaimResult", "ModelMeasurement",
            "claim_ratio", "density_ratio", "evaluate_claims", "judge", "measure_models", "models_of",

@@ -34,12 +34,12 @@ from torch import Tensor, nn
 
 from repvgg.nn.convert import is_reparameterizable, reparameterize_model
 from repvgg.nn.fusion import fuse_conv_bn, is_batchnorm
-from repvgg.perf.environment import device_supports_dtype, native_bf16
+from repvgg.measure.environment import device_supports_dtype, native_bf16
 from repvgg.quant.guard import (DEFAULT_RTOL, Guard, PrecisionRejected, output_deviation, require_passing,
                                 validation_guard)
 from repvgg.perf.runtimes import (CANDIDATES, TORCH_DTYPES, BuildContext, Candidate, Runner, Unsupported,
                                   default_candidates)
-from repvgg.perf.timing import make_timer, time_interleaved
+from repvgg.measure.timing import make_timer, time_interleaved
 
 __all__ = ["CANDIDATES", "Candidate", "CandidateReport", "InferenceRunner", "default_candidates", "default_rtol",
            "optimize_for_inference", "output_deviation", "precisions_to_weigh"]

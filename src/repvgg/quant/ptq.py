@@ -35,7 +35,7 @@ from repvgg.io.export import export_onnx_file
 from repvgg.io.onnx_run import ONNX_RUNTIMES, onnx_runner
 from repvgg.io.loading import load_model, model_card
 from repvgg.nn.convert import OutputDeviation, check_conversion, reparameterize_model
-from repvgg.perf.timing import time_interleaved
+from repvgg.measure.timing import time_interleaved
 from repvgg.quant.qat import train_qat
 from repvgg.quant.config import QuantizeConfig
 from repvgg.limits import check_batch_memory

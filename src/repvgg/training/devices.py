@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from repvgg.perf.environment import cpu_features
+from repvgg.measure.environment import cpu_features
 
 __all__ = ["autocast_dtype", "training_memory_format"]
 

@@ -169,9 +169,9 @@ def measure_throughput(
     """Images/s of each model (eval mode) on ``batch``: interleaved rounds (A B A B ...) after warm-up, median.
 
     Interleaving makes the comparison fair on a noisy machine: background load hits every model
-    alike. CUDA work is timed with CUDA events (`repvgg.perf.timing`).
+    alike. CUDA work is timed with CUDA events (`repvgg.measure.timing`).
     """
-    from repvgg.perf.timing import make_timer, time_interleaved
+    from repvgg.measure.timing import make_timer, time_interleaved
 
     for model in models:
         model.eval()

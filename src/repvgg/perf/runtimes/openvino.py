@@ -5,7 +5,7 @@ thread. Used when ``openvino`` is installed (the ``deploy`` extra)."""
 from __future__ import annotations
 
 from repvgg.io.onnx_run import onnx_runner
-from repvgg.perf.environment import cpu_features
+from repvgg.measure.environment import cpu_features
 from repvgg.perf.runtimes.base import BuildContext, Runner, Unsupported
 
 __all__ = ["build_openvino"]

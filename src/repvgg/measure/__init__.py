@@ -1,0 +1,2 @@
+"""Measuring tools every job uses: interleaved timing, peak memory, and what the machine is (CPU features,
+threads, versions)."""
