@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from repvgg.dense.scenes import SyntheticConfig
+from repvgg.dense.task import DenseTask
 from repvgg.detection.config import DetTrainConfig
 from repvgg.detection.data import DetectionDataBundle, build_detection_data
 from repvgg.detection.detector import Detector, DetectorConfig, build_detector
@@ -32,8 +33,7 @@ from repvgg.training.distributed import DistContext, dataset_size
 from repvgg.training.engine import StepOutput, fit
 from repvgg.training.evaluate import compare_models
 from repvgg.training.optim import learning_rate
-from repvgg.training.run_folder import LOOP_CHANGEABLE, data_identity
-from repvgg.training.task import TaskSetup
+from repvgg.training.run_folder import LOOP_CHANGEABLE
 from repvgg.training.trackers import Tracker
 
 __all__ = ["DetectionTask", "detector_config", "train_detector"]
@@ -68,19 +68,15 @@ def _targets(boxes: Tensor, labels: Tensor) -> list[dict[str, Tensor]]:
     return [{"boxes": b[keep], "labels": c[keep]} for b, c in zip(boxes, labels) for keep in [c >= 0]]
 
 
-class DetectionTask(TaskSetup[DetTrainConfig, DetectionDataBundle]):
+class DetectionTask(DenseTask[DetTrainConfig, DetectionDataBundle]):
     """Object detection on the generated scenes or a COCO folder (``repvgg det-train``)."""
 
     command = "det-train"
     score = "val_ap"
-    min_local_batch = 2  # BatchNorm in the backbone
     changeable_on_resume: tuple[str, ...] = LOOP_CHANGEABLE
-    input_fields: tuple[str, ...] = ("data", "backbone_weights")
 
     def __init__(self) -> None:
         super().__init__()
-        self.device = torch.device("cpu")
-        self.resumed: Mapping[str, Any] | None = None
         self.loss_names: list[str] = []
 
     def default_output(self, config: DetTrainConfig) -> Path:
@@ -89,22 +85,18 @@ class DetectionTask(TaskSetup[DetTrainConfig, DetectionDataBundle]):
 
     def setup(self, config: DetTrainConfig, ctx: DistContext,
               resumed: Mapping[str, Any] | None = None) -> tuple[DetTrainConfig, Dataset]:
-        self.device, self.resumed = ctx.device, resumed
-        self.bundle = build_detection_data(config.data, image_size=config.image_size, max_objects=config.max_objects,
-                                           synthetic=_synthetic(config) if config.synthetic else None)
-        self.config = config.updated(lr=config.resolved_lr)
+        bundle = build_detection_data(config.data, image_size=config.image_size, max_objects=config.max_objects,
+                                      synthetic=_synthetic(config) if config.synthetic else None)
+        self.start(config, ctx, resumed, bundle)
         self.loss_names = ["classification", "bbox_regression"] + (["bbox_ctrness"] if config.kind == "fcos" else [])
         return self.config, self.bundle.train
 
     def input_shape(self) -> tuple[int, ...]:
         return (3, self.config.image_size, self.config.image_size)
 
-    def data_identity(self) -> dict[str, Any]:
-        return data_identity(self.bundle.classes, dataset_size(self.bundle.train), dataset_size(self.bundle.val))
-
     def build_model(self, config: DetTrainConfig, device: torch.device) -> Detector:
-        weights = config.backbone_weights if self.resumed is None else None  # a resume's come from its checkpoint
-        return build_detector(detector_config(config, self.bundle.num_classes), backbone_weights=weights).to(device)
+        return build_detector(detector_config(config, self.bundle.num_classes),
+                              backbone_weights=self.initial_backbone_weights).to(device)
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
         # COCO's AP is not a sum over shards: every process scores the whole validation set, in order

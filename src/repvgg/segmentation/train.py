@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from repvgg.dense.task import DenseTask
 from repvgg.nn.complexity import count_parameters
 from repvgg.training.distributed import DistContext, dataset_size
 from repvgg.training.engine import StepOutput, eval_loader, fit
-from repvgg.training.run_folder import LOOP_CHANGEABLE, data_identity
-from repvgg.training.task import TaskSetup
+from repvgg.training.run_folder import LOOP_CHANGEABLE
 from repvgg.training.trackers import Tracker
 from repvgg.segmentation.config import FAST_DILATED_LAYERS, SegTrainConfig
 from repvgg.segmentation.data import SegmentationDataBundle, build_segmentation_data
@@ -92,42 +92,32 @@ def _build_data(config: SegTrainConfig) -> SegmentationDataBundle:
     )
 
 
-class SegmentationTask(TaskSetup[SegTrainConfig, SegmentationDataBundle]):
+class SegmentationTask(DenseTask[SegTrainConfig, SegmentationDataBundle]):
     """Semantic segmentation with a PSPNet on the generated shapes or an image/label folder (``repvgg seg-train``)."""
 
     command = "seg-train"
     score = "val_miou"
-    min_local_batch = 2  # BatchNorm in the pyramid pooling's 1x1 bin
     changeable_on_resume: tuple[str, ...] = (*LOOP_CHANGEABLE, "aux_weight", "poly_power", "baseline")
-    input_fields: tuple[str, ...] = ("data", "backbone_weights")
 
     def __init__(self) -> None:
         super().__init__()
-        self.device = torch.device("cpu")
         self.val_batch_size = 1
-        self.resumed: Mapping[str, Any] | None = None
 
     def default_output(self, config: SegTrainConfig) -> Path:
         return default_segmentation_output_dir(config)
 
     def setup(self, config: SegTrainConfig, ctx: DistContext,
               resumed: Mapping[str, Any] | None = None) -> tuple[SegTrainConfig, Dataset]:
-        self.device, self.resumed = ctx.device, resumed
-        self.bundle = _build_data(config)
-        self.config = config.updated(lr=config.resolved_lr)  # saved resolved, not as "derive it"
+        self.start(config, ctx, resumed, _build_data(config))
         return self.config, self.bundle.train
 
     def input_shape(self) -> tuple[int, ...]:
         side = max(self.bundle.crop_size, self.config.val_size or 0, self.config.synthetic_size)
         return (3, side, side)
 
-    def data_identity(self) -> dict[str, Any]:
-        return data_identity(self.bundle.classes, dataset_size(self.bundle.train), dataset_size(self.bundle.val))
-
     def build_model(self, config: SegTrainConfig, device: torch.device) -> PSPNet:
-        # a resume's weights come from its checkpoint: the backbone's initial file is not needed
-        weights = config.backbone_weights if self.resumed is None else None
-        return build_segmenter(segmenter_config(config, self.bundle.num_classes), backbone_weights=weights).to(device)
+        return build_segmenter(segmenter_config(config, self.bundle.num_classes),
+                               backbone_weights=self.initial_backbone_weights).to(device)
 
     def val_loader(self, local_batch: int, ctx: DistContext) -> DataLoader:
         self.val_batch_size = local_batch if self.bundle.uniform_val_size else 1
