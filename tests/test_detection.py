@@ -188,3 +188,33 @@ def test_a_detector_backbone_from_a_deploy_file(tmp_path: Path) -> None:
         expected = fused.forward_intermediates(x, indices=[2, 3, 4], intermediates_only=True)
         got = detector.backbone.body(x)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, expected))
+
+
+def test_export_writes_a_detector_that_onnx_runtime_and_openvino_run(tmp_path: Path) -> None:
+    """The exported graph (resize, normalisation, decoding, NMS) detects what the converted detector does, in ONNX
+    Runtime and in OpenVINO, on images of another size than the training one."""
+    from repvgg.cli import main
+    from repvgg.detection.export import run_onnx_detector
+    from repvgg.detection.metrics import box_deviation
+    from repvgg.io.card import read_onnx_metadata
+    from repvgg.io.onnx_run import onnxruntime_session, openvino_model
+
+    # no top-k cut among near-equal random scores: every detection over the threshold is kept
+    model = randomize_bn(create_detector("repvgg_tiny", 4, image_size=64, score_threshold=0.05,
+                                         detections_per_image=1000))
+    save_detector(model, tmp_path / "det.pt.safetensors", classes=["a", "b", "c", "d"],
+                  data={"data": None, "synthetic": {"image_size": 64, "num_train": 2, "num_val": 3}})
+    assert main(["export", str(tmp_path / "det.pt.safetensors"), str(tmp_path / "det.onnx")]) == 0
+    assert json.loads(read_onnx_metadata(tmp_path / "det.onnx")["classes"]) == ["a", "b", "c", "d"]
+    plain = reparameterize_model(model)
+    session = onnxruntime_session(tmp_path / "det.onnx")
+    compiled = openvino_model(tmp_path / "det.onnx")  # float32 (OpenVINO may pick BF16 on its own)
+    image = torch.rand(3, 48, 80, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = plain([image])[0]
+    assert len(expected["labels"]) > 0
+    by_openvino = dict(zip(("boxes", "scores", "labels"),
+                           (torch.from_numpy(v) for v in compiled(image.numpy()).values())))
+    for got in (run_onnx_detector(session, image), by_openvino):
+        same, gap = box_deviation(expected, got)
+        assert same and gap <= 1e-3

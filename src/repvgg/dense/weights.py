@@ -22,7 +22,29 @@ from repvgg.io.weights import read_safetensors, write_safetensors
 from repvgg.limits import parse_json
 from repvgg.nn.convert import is_converted
 
-__all__ = ["load_dense_state", "read_dense_model", "save_dense_model"]
+__all__ = ["DENSE_KINDS", "dense_kind", "load_dense_state", "read_dense_model", "save_dense_model"]
+
+#: The dense models' files, by the kind their metadata name.
+DENSE_KINDS = ("segmenter", "detector")
+
+
+def dense_kind(path: str | os.PathLike[str]) -> str | None:
+    """``"segmenter"`` or ``"detector"`` for a file of a dense model (its safetensors metadata, or the configuration
+    a ``seg-train`` / ``det-train`` checkpoint holds), else ``None``; only the header of a safetensors file is read."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    kind = require_kind(path, ("safetensors", "torch", "onnx", "image"), "a model file")
+    if kind == "safetensors":
+        with safe_open(str(path), "pt") as handle:
+            declared = (handle.metadata() or {}).get("format", "")
+        return next((k for k in DENSE_KINDS if declared == f"repvgg-{k}"), None)
+    if kind == "torch":
+        payload = safe_load(path, what="a checkpoint")
+        return next((k for k in DENSE_KINDS if isinstance(payload, dict) and k in payload), None)
+    return None
 
 
 def save_dense_model(model: nn.Module, path: str | os.PathLike[str], *, kind: str, config: Any,

@@ -17,10 +17,10 @@ from repvgg.limits import check_workers
 from repvgg.nn.convert import reparameterize_model
 from repvgg.report import markdown_table
 
-__all__ = ["ap_table", "evaluate_detector_file"]
+__all__ = ["ap_table", "evaluate_detector_file", "validation_data"]
 
 
-def _validation_data(meta: Mapping[str, Any], image_size: int, data: str | None) -> DetectionDataBundle:
+def validation_data(meta: Mapping[str, Any], image_size: int, data: str | None) -> DetectionDataBundle:
     """The data ``data`` names, else what the file was trained on (its stored description)."""
     trained_on = meta.get("data") or {}
     if data is None:
@@ -46,7 +46,7 @@ def evaluate_detector_file(weights: str | os.PathLike[str], *, data: str | None 
 
     check_workers(workers)
     model, meta = load_detector(weights)
-    bundle = _validation_data(meta, model.config.image_size, data)
+    bundle = validation_data(meta, model.config.image_size, data)
     if bundle.classes != list(meta.get("classes") or bundle.classes):
         raise ValueError(f"{weights} detects {meta['classes']} but the data's categories are {bundle.classes}; "
                          "evaluate it on data with the categories it was trained on")

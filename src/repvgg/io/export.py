@@ -29,8 +29,8 @@ from repvgg.nn.convert import (CONVERSION_TOLERANCE, OutputDeviation, check_conv
                                reparameterize_model)
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
 
-__all__ = ["ExportReport", "export_onnx", "export_onnx_file", "needs_conversion", "onnxruntime_session",
-           "resolve_model"]
+__all__ = ["ExportReport", "export_onnx", "export_onnx_file", "needs_conversion", "noticing_interrupts",
+           "onnxruntime_session", "resolve_model"]
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def export_onnx_file(
         example = torch.cat([example, example])
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = nbytes > _EXTERNAL_DATA_BYTES
-    with _noticing_interrupts() as interrupted:
+    with noticing_interrupts() as interrupted:
         _export(model, example, path, opset=opset, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw,
                 external=external, interrupted=interrupted)
     if interrupted:  # an interrupt the exporter caught and carried on after
@@ -150,7 +150,7 @@ def export_onnx_file(
 
 
 @contextlib.contextmanager
-def _noticing_interrupts() -> Iterator[list[int]]:
+def noticing_interrupts() -> Iterator[list[int]]:
     """Note a SIGINT that arrives in the block to stop the program (and let it raise as usual): the exporter catches
     much of what happens inside it, an interrupt included, and neither it nor the fallback must carry on after one. A
     handler of the caller's (a run finishing its files first) keeps its say; an ignored SIGINT stays ignored."""
