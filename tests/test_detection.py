@@ -218,3 +218,38 @@ def test_export_writes_a_detector_that_onnx_runtime_and_openvino_run(tmp_path: P
     for got in (run_onnx_detector(session, image), by_openvino):
         same, gap = box_deviation(expected, got)
         assert same and gap <= 1e-3
+
+
+def test_predict_draws_the_boxes_it_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """predict on a detector: --json's boxes are the ones drawn by --draw (yellow outlines where --json puts them,
+    the image untouched away from them), and --csv holds the same rows."""
+    from repvgg.cli import main
+
+    model = randomize_bn(create_detector("repvgg_tiny", 4, image_size=64, score_threshold=0.0, detections_per_image=3))
+    save_detector(model, tmp_path / "det.safetensors", classes=["circle", "square", "triangle", "cross"])
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):
+        pixels = np.rint(scene(SyntheticConfig(image_size=64), "val", index).image * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"s{index}.png")
+    args = ["predict", str(tmp_path / "det.safetensors"), str(images), "--score-threshold", "0", "--json",
+            "--draw", str(tmp_path / "drawn"), "--csv", str(tmp_path / "boxes.csv")]
+    assert main(args) == 0
+    document = json.loads(capsys.readouterr().out)
+    rows = document["predictions"]
+    assert document["task"] == "detection" and sum(len(r["detections"]) for r in rows) > 0
+    for row in rows:
+        drawn = np.asarray(Image.open(tmp_path / "drawn" / Path(row["source"]).name)).astype(int)
+        original = np.asarray(Image.open(row["source"])).astype(int)
+        near = np.zeros(original.shape[:2], bool)
+        for detection in row["detections"]:
+            x1, y1, x2, y2 = (int(round(v)) for v in detection["box"])
+            x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, 63), min(y2, 63)
+            assert (drawn[y1:y2 + 1, x1] == [255, 255, 0]).all(axis=1).mean() > 0.5  # the left edge is outlined
+            near[max(y1 - 2, 0):y2 + 3, max(x1 - 2, 0):x2 + 3] = True  # the box
+            near[max(y1 - 2, 0):y1 + 16, max(x1 - 2, 0):x1 + 80] = True  # its label
+        assert (drawn[~near] == original[~near]).all()
+    lines = (tmp_path / "boxes.csv").read_text().splitlines()
+    assert lines[0] == "path,class,score,x1,y1,x2,y2,error"
+    assert len(lines) - 1 == sum(len(r["detections"]) for r in rows)
+    assert main(args) == 2  # the drawings exist: not replaced without --overwrite

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from repvgg.cli.flags import add_guard_flags, add_overwrite_flag, bounded_int
+from repvgg.cli.flags import add_guard_flags, add_overwrite_flag, bounded_float, bounded_int
 from repvgg.limits import MAX_WORKERS
 from repvgg.cli.output import emit
 from repvgg.report import printable
@@ -48,6 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
                    help="an unreadable image stops the run (fail, exit 2) or is reported and skipped (skip)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (model files)")
+    p.add_argument("--score-threshold", type=bounded_float(0.0, 1.0), default=0.3,
+                   help="detectors: boxes scoring below this are left out")
+    p.add_argument("--draw", default=None, metavar="DIR", help="detectors: write each image with its boxes drawn "
+                   "into DIR (as <name>.png)")
     p.set_defaults(func=run)
 
 
@@ -58,6 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from repvgg.training.progress import progress_bar
 
     paths = expand_inputs(args.inputs, stdin=sys.stdin if "-" in args.inputs else None)
+    from repvgg.detection.predict import detection_artifact
+
+    if detection_artifact(args.artifact) is not None:
+        return _predict_boxes(args, paths)
+    if args.draw:
+        raise ValueError("--draw draws a detector's boxes; ARTIFACT is a classifier")
     if args.csv:
         folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]  # never written into either
         check_output_path(args.csv, reads=[args.artifact, args.classes, *paths, *folders], overwrite=args.overwrite,
@@ -111,3 +121,45 @@ def _write_csv(path: str, rows: list[dict[str, Any]], k: int) -> None:
         ranked = [v for c, p in zip(row["classes"], row["probabilities"]) for v in (c, f"{p:.6f}")]
         lines.append([row["source"], *ranked, *([""] * (2 * k - len(ranked))), row["error"] or ""])
     write_csv(path, header, lines)
+
+
+def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
+    """A detector: each image's boxes (class, score, x1 y1 x2 y2), as a table, --json, --csv and --draw images."""
+    from repvgg.detection.predict import DetectionPredictor, draw_targets, save_drawing
+    from repvgg.io.card import read_class_names
+    from repvgg.serialization import check_output_path
+
+    if args.dtype != "float32":
+        raise ValueError("a detector predicts in float32 here; quantize it with `repvgg quantize` for INT8")
+    folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]
+    reads = [args.artifact, args.classes, *paths, *folders]
+    if args.csv:
+        check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv")
+    targets = draw_targets(paths, args.draw, overwrite=args.overwrite) if args.draw else {}
+    classes = read_class_names(args.classes) if args.classes else None
+    predictor = DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=args.score_threshold,
+                                   classes=classes, device=args.device)
+    draw = (lambda path, image, found: save_drawing(image, found, predictor.classes, targets[path])) \
+        if targets else None
+    started = time.perf_counter()
+    rows = [d.as_dict() for d in predictor.iter_predict(paths, bad_images=args.bad_images, on_image=draw)]
+    seconds = time.perf_counter() - started
+    skipped = sum(1 for r in rows if r["error"])
+    document = {"artifact": predictor.artifact, "runtime": predictor.backend, "task": "detection",
+                "score_threshold": args.score_threshold, "images": len(rows) - skipped, "skipped": skipped,
+                "seconds": seconds, "predictions": rows}
+    if args.csv:
+        write_csv(args.csv, ["path", "class", "score", "x1", "y1", "x2", "y2", "error"],
+                  [[r["source"], d["class"], d["score"], *d["box"], ""] for r in rows for d in r["detections"]]
+                  + [[r["source"], "", "", "", "", "", "", r["error"]] for r in rows if r["error"]])
+    lines = []
+    for row in rows:
+        source = printable(row["source"])
+        if row["error"]:
+            lines.append(f"{source}\tskipped: {printable(row['error'])}")
+            continue
+        boxes = "  ".join(f"{printable(d['class'])} {d['score']:.3f} [{' '.join(f'{v:.1f}' for v in d['box'])}]"
+                          for d in row["detections"])
+        lines.append(f"{source}\t{boxes or 'no detection'}")
+    emit(args, document, "\n".join(lines))
+    return 0

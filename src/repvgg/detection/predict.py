@@ -1,0 +1,180 @@
+"""Detecting objects in new images with a trained detector: a ``det-train`` file (or its run folder) run by PyTorch,
+or an exported ``.onnx`` detector run by ONNX Runtime or OpenVINO. Each image's boxes come back in its own pixels,
+named by the artifact's classes; ``repvgg predict`` prints them, writes them as CSV and draws them."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from repvgg.dense.weights import dense_kind
+from repvgg.detection.export import run_onnx_detector
+from repvgg.detection.weights import load_detector
+from repvgg.io.card import read_onnx_metadata
+from repvgg.io.formats import identify_file
+from repvgg.io.onnx_run import onnxruntime_session, openvino_model
+from repvgg.limits import check_float
+from repvgg.training.images import load_rgb
+
+__all__ = ["DEFAULT_SCORE_THRESHOLD", "DetectionPredictor", "ImageDetections", "draw_targets", "detection_artifact",
+           "save_drawing"]
+
+#: ``on_image(path, image, detections)``: what a caller does with each readable image (e.g. draw it).
+ImageHook = Callable[[str, Any, dict[str, Tensor]], None]
+#: Detections scoring below this are not reported unless the user asks.
+DEFAULT_SCORE_THRESHOLD = 0.3
+
+
+def detection_artifact(artifact: str | os.PathLike[str]) -> Path | None:
+    """The detector file ``artifact`` names (a run folder gives its ``deploy.safetensors``), or ``None`` when it is
+    not a detector: a ``det-train`` file or an ONNX file exported from one, told by content."""
+    path = Path(artifact)
+    if path.is_dir():
+        path = path / "deploy.safetensors"
+    if not path.is_file():
+        return None
+    if identify_file(path) == "onnx":
+        return path if read_onnx_metadata(path).get("task") == "detection" else None
+    return path if dense_kind(path) == "detector" else None
+
+
+@dataclass
+class ImageDetections:
+    """One image's detections: ``boxes`` as ``[x1, y1, x2, y2]`` in its pixels, best first; ``error`` when the image
+    could not be read (and was skipped)."""
+
+    source: str
+    classes: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    boxes: list[list[float]] = field(default_factory=list)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "error": self.error,
+                "detections": [{"class": c, "score": s, "box": b} for c, s, b in zip(self.classes, self.scores,
+                                                                                    self.boxes)]}
+
+
+class DetectionPredictor:
+    """Boxes in new images from a detector artifact.
+
+    Args:
+        artifact: a ``det-train`` run folder or file (``deploy.safetensors``, ``best.pt``, ``last.pt``; a
+            training-time one is converted), or an exported ``.onnx`` detector.
+        runtime: ``"auto"`` (PyTorch for a model file, ONNX Runtime for an ONNX file), ``"pytorch"``,
+            ``"onnxruntime"`` or ``"openvino"`` (the last two for an ONNX file).
+        score_threshold: detections scoring below it are left out.
+        classes: names in place of the artifact's.
+        device: where PyTorch runs a model file.
+    """
+
+    def __init__(self, artifact: str | os.PathLike[str], *, runtime: str = "auto",
+                 score_threshold: float = DEFAULT_SCORE_THRESHOLD, classes: Sequence[str] | None = None,
+                 device: str = "cpu") -> None:
+        from repvgg.nn.convert import reparameterize_model
+
+        path = detection_artifact(artifact)
+        if path is None:
+            raise ValueError(f"{os.fspath(artifact)} is not a detector (a det-train file, its run folder, or an ONNX "
+                             "file exported from one)")
+        self.score_threshold = check_float(score_threshold, "--score-threshold", low=0, high=1)
+        self.artifact = str(path)
+        if identify_file(path) == "onnx":
+            if runtime not in ("auto", "onnxruntime", "openvino"):
+                raise ValueError(f"an ONNX detector runs on onnxruntime or openvino, not {runtime}")
+            if device != "cpu":
+                raise ValueError("an ONNX detector runs on the CPU here; use the det-train file for --device cuda")
+            self.backend = "openvino" if runtime == "openvino" else "onnxruntime"
+            self.classes = list(json.loads(read_onnx_metadata(path).get("classes", "null")) or [])
+            self._run = self._onnx_runner(path)
+        else:
+            if runtime not in ("auto", "pytorch"):
+                raise ValueError(f"a detector file runs on pytorch; export it to ONNX for {runtime}")
+            model, meta = load_detector(path)
+            model = (model if model.deploy else reparameterize_model(model)).to(device).eval()
+            self.backend, self.classes = "pytorch", list(meta.get("classes") or [])
+            self._run = lambda image: {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        if classes is not None:
+            self.classes = list(classes)
+        if not self.classes:
+            raise ValueError(f"{path} records no class names; give them with --classes")
+
+    def _onnx_runner(self, path: Path) -> Callable[[Tensor], dict[str, Tensor]]:
+        if self.backend == "onnxruntime":
+            session = onnxruntime_session(path)
+            return lambda image: run_onnx_detector(session, image)
+        compiled = openvino_model(path)
+        return lambda image: dict(zip(("boxes", "scores", "labels"),
+                                      (torch.from_numpy(v) for v in compiled(image.numpy()).values())))
+
+    @torch.no_grad()
+    def detect(self, image: Any) -> dict[str, Tensor]:
+        """One PIL image's (or uint8 ``(3, H, W)`` tensor's) detections over the score threshold."""
+        from torchvision.transforms.v2 import functional as F
+
+        tensor = image if isinstance(image, Tensor) else F.pil_to_tensor(image.convert("RGB"))
+        found = self._run(tensor.float() / 255)
+        keep = found["scores"] >= self.score_threshold
+        labels = found["labels"][keep].long()
+        if len(labels) and int(labels.max()) >= len(self.classes):
+            raise ValueError(f"the detector predicts class {int(labels.max())} but names only {len(self.classes)}")
+        return {"boxes": found["boxes"][keep].float(), "scores": found["scores"][keep].float(), "labels": labels}
+
+    def iter_predict(self, paths: Sequence[str], *, bad_images: str = "fail",
+                     on_image: ImageHook | None = None) -> Iterator[ImageDetections]:
+        """Each path's detections in order; an unreadable image stops (``"fail"``, a ValueError naming it) or is
+        reported and skipped (``"skip"``). ``on_image(path, image, detections)`` sees every readable image."""
+        for path in paths:
+            try:
+                image = load_rgb(path)
+            except ValueError as err:
+                if bad_images == "fail":
+                    raise
+                yield ImageDetections(path, error=str(err))
+                continue
+            found = self.detect(image)
+            if on_image is not None:
+                on_image(path, image, found)
+            yield ImageDetections(path, [self.classes[int(c)] for c in found["labels"]],
+                                  [round(float(s), 6) for s in found["scores"]],
+                                  [[round(float(v), 3) for v in box] for box in found["boxes"]])
+
+
+def draw_targets(paths: Sequence[str], folder: str | os.PathLike[str], *, overwrite: bool = False) -> dict[str, Path]:
+    """Where ``--draw`` writes each image: ``FOLDER/<name>.png`` (``<name>-2.png``, ... when two inputs share a
+    name), every one checked by the output rule before anything is written."""
+    from repvgg.serialization import check_output_path
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--draw {folder} is a file; name a folder for the drawn images")
+    targets: dict[str, Path] = {}
+    taken: set[str] = set()
+    for path in paths:
+        stem, n = Path(path).stem or "image", 1
+        name = f"{stem}.png"
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}.png"
+        taken.add(name)
+        targets[path] = check_output_path(folder / name, reads=paths, overwrite=overwrite, option="--draw")
+    return targets
+
+
+def save_drawing(image: Any, detections: dict[str, Tensor], classes: Sequence[str], path: Path) -> None:
+    """``image`` with ``detections`` drawn (class name and score on each box), written atomically as PNG."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    from repvgg.detection.plots import draw_detections
+    from repvgg.serialization import atomic_write
+
+    drawn = draw_detections(F.pil_to_tensor(image), detections, classes, threshold=0.0)
+    with atomic_write(path) as staged:
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(staged, format="PNG")
