@@ -253,3 +253,23 @@ def test_predict_draws_the_boxes_it_reports(tmp_path: Path, capsys: pytest.Captu
     assert lines[0] == "path,class,score,x1,y1,x2,y2,error"
     assert len(lines) - 1 == sum(len(r["detections"]) for r in rows)
     assert main(args) == 2  # the drawings exist: not replaced without --overwrite
+
+
+def test_quantize_writes_an_int8_detector_judged_by_its_ap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """quantize of a detector: the backbone and pyramid in INT8 (QDQ), the head in float, the AP of both files
+    measured on the validation images; a guard that cannot be met writes nothing."""
+    from repvgg.cli import main
+    from repvgg.quant.guard import PrecisionRejected, require_ap
+
+    model = randomize_bn(create_detector("qarepvgg_tiny", 4, image_size=64))
+    save_detector(model, tmp_path / "det.safetensors", classes=["circle", "square", "triangle", "cross"],
+                  data={"data": None, "synthetic": {"image_size": 64, "num_train": 8, "num_val": 4}})
+    assert main(["quantize", str(tmp_path / "det.safetensors"), str(tmp_path / "int8.onnx"), "--calib-images", "4",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration_images"] == 4 and report["val_images"] == 4
+    assert 0 < report["quantized_convs"] < report["convs"]  # the head's convs stay in float
+    assert report["ap_drop"] <= 1.0 and (tmp_path / "int8.onnx").is_file()
+    with pytest.raises(PrecisionRejected, match="--max-ap-drop"):
+        require_ap(0.50, 0.48, 1.0, "an INT8 detector")
+    require_ap(0.50, 0.495, 1.0, "an INT8 detector")

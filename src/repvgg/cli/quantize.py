@@ -22,9 +22,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from repvgg.dense.weights import dense_kind
     from repvgg.quant.ptq import quantize_model
 
     config = QuantizeConfig.from_dict(config_flag_values(args, QuantizeConfig))
+    if dense_kind(args.weights) == "detector":
+        return _quantize_detector(args, config)
     report = quantize_model(args.weights, args.output, config)
+    emit(args, report.as_dict())
+    return 0
+
+
+def _quantize_detector(args: argparse.Namespace, config: QuantizeConfig) -> int:
+    """A det-train file: backbone and pyramid in INT8, the head in float, judged by COCO AP."""
+    from repvgg.quant.detector import quantize_detector
+
+    if config.qat_epochs:
+        raise ValueError("--qat-epochs fine-tunes classifiers; a detector is quantized by calibration (train a "
+                         "qarepvgg_* backbone for an INT8-friendly detector)")
+    report = quantize_detector(args.weights, args.output, calib_images=config.calib_images,
+                               calibration=config.calibration, max_ap_drop=config.max_ap_drop,
+                               overwrite=config.overwrite)
     emit(args, report.as_dict())
     return 0

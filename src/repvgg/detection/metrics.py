@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,11 +28,14 @@ Detections = list[dict[str, Tensor]]
 
 
 @torch.no_grad()
-def detect(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> Detections:
-    """Run ``model`` over a loader of [`DetectionSet`][repvgg.detection.data.DetectionSet] batches; each image's
+def detect(model: nn.Module | Callable[[list[Tensor]], Any], loader: DataLoader,
+           device: torch.device | str = "cpu") -> Detections:
+    """Run ``model`` (a detector, or any callable taking a list of images and giving torchvision's detections, such
+    as an ONNX runner) over a loader of [`DetectionSet`][repvgg.detection.data.DetectionSet] batches; each image's
     ``boxes`` (in its original pixels, clipped to the image: the letterbox's padding is not part of it), ``scores`` and
     ``labels``, in the data set's order (``loader`` in order)."""
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
     records = loader.dataset.coco.images  # type: ignore[attr-defined]
     found: Detections = []
     for images, _, _, indices, scales in loader:
@@ -102,7 +105,7 @@ class DetectorComparison:
     images: int = 0
 
 
-def compare_detectors(models: Sequence[nn.Module], loader: DataLoader, coco: CocoSet,
+def compare_detectors(models: Sequence[nn.Module | Callable[[list[Tensor]], Any]], loader: DataLoader, coco: CocoSet,
                       device: torch.device | str = "cpu") -> DetectorComparison:
     """Run each model over ``loader`` (in order) and score it on ``coco``; compare every model's boxes with the
     first's."""

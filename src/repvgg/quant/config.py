@@ -39,6 +39,8 @@ class QuantizeConfig(RunConfig):
                                          "the weights on purpose)", low=0, high=1)
     max_top1_drop: float = option(0.5, "the accuracy guard: most top-1 points INT8 may lose against float32", low=0,
                                   high=100)
+    max_ap_drop: float = option(1.0, "detectors: the accuracy guard: most COCO AP points INT8 may lose against "
+                                      "float32", low=0, high=100)
     overwrite: bool = option(False, "replace an existing output file and QAT run folder (a file the command reads "
                                     "is never replaced)")
 

@@ -10,7 +10,9 @@ is never chosen automatically.
 The same rule guards ``optimize_for_inference`` (a candidate below it is not chosen), ``repvgg quantize`` (an INT8
 file below it is not written: exit 1) and ``repvgg predict --dtype int8`` (judged against the float32 model's own
 predictions on the inputs): [`validation_guard`][repvgg.quant.guard.validation_guard] measures,
-[`require_passing`][repvgg.quant.guard.require_passing] refuses with the remedies.
+[`require_passing`][repvgg.quant.guard.require_passing] refuses with the remedies. A detector is judged by the COCO AP
+it keeps on its validation images ([`require_ap`][repvgg.quant.guard.require_ap]: at most
+[`DEFAULT_MAX_AP_DROP`][repvgg.quant.guard.DEFAULT_MAX_AP_DROP] points lost), with the same remedies.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from torch.utils._pytree import tree_flatten
 from repvgg.errors import RunFailed
 from repvgg.training.evaluate import compare_models
 
-__all__ = ["DEFAULT_RTOL", "Guard", "GuardResult", "PrecisionRejected", "REMEDIES", "output_deviation",
-           "require_passing", "validation_guard"]
+__all__ = ["DEFAULT_MAX_AP_DROP", "DEFAULT_RTOL", "Guard", "GuardResult", "PrecisionRejected", "REMEDIES",
+           "output_deviation", "require_ap", "require_passing", "validation_guard"]
+
+#: Most COCO AP points (of 100) an INT8 detector may lose against float32.
+DEFAULT_MAX_AP_DROP = 1.0
 
 #: Largest relative L2 deviation from the eager float32 output on the example, per precision (``None``: INT8
 #: is judged on validation images only).
@@ -153,3 +158,20 @@ def require_passing(results: Mapping[str, GuardResult], guard: Guard, what: str,
     measured = "; ".join(f"{name}: {result.describe()}" for name, result in results.items())
     raise PrecisionRejected(f"{what} fails the accuracy guard ({guard.describe()} points): {measured}. "
                             f"{consequence} To get an accurate INT8 model, {REMEDIES}")
+
+
+def require_ap(fp32_ap: float, reduced_ap: float, max_drop: float, what: str,
+               consequence: str = "Nothing was written.") -> None:
+    """Refuse a reduced-precision detector whose COCO AP (in [0, 1]) is more than ``max_drop`` points (of 100) below
+    float32's, or not a number.
+
+    Raises:
+        PrecisionRejected: naming ``what``, both APs and the remedies.
+    """
+    drop = 100 * (fp32_ap - reduced_ap)
+    if drop <= max_drop:  # NaN fails too
+        return
+    raise PrecisionRejected(f"{what} fails the accuracy guard: COCO AP {100 * reduced_ap:.2f} against float32's "
+                            f"{100 * fp32_ap:.2f}, {drop:.2f} points lost (at most {max_drop:g} allowed). "
+                            f"{consequence} To get an accurate INT8 detector, "
+                            + REMEDIES.replace("--min-agreement, --max-top1-drop", "--max-ap-drop"))

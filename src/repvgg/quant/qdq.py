@@ -36,7 +36,8 @@ from repvgg.training.evaluate import compare_models
 from repvgg.training.distributed import dataset_size
 
 __all__ = ["CALIBRATION_METHODS", "Calibration", "batches", "calibration_batches", "calibration_subset",
-           "evaluate_onnx", "export_fake_quant_onnx", "qat_qconfig_mapping", "quantize_onnx", "quantized_conv_count"]
+           "evaluate_onnx", "export_fake_quant_onnx", "qat_qconfig_mapping", "quantize_onnx", "quantize_static_qdq",
+           "quantized_conv_count"]
 
 
 
@@ -100,17 +101,24 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Calibration, *,
                   batch_size: int = 32) -> None:
     """Static INT8 quantization of an ONNX file (QDQ, per-channel INT8 weights, UINT8 activations) whose
     activation ranges come from ``calibration`` (`Calibration`)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
     session = onnxruntime_session(fp32_path)
     expected = session.get_inputs()[0].shape
     arrays = calibration_batches(calibration, batch_size)
     if list(arrays[0].shape[1:]) != [d for d in expected[1:]]:
         raise ValueError(f"calibration images have shape {tuple(arrays[0].shape[1:])} but the model takes "
                          f"{tuple(expected[1:])}; calibrate on the data the model was trained for")
-    reader = _CalibrationReader(arrays, session.get_inputs()[0].name)
+    quantize_static_qdq(fp32_path, int8_path, arrays, session.get_inputs()[0].name, method=method)
+
+
+def quantize_static_qdq(fp32_path: Path, int8_path: Path, inputs: list[np.ndarray], input_name: str, *,
+                        method: str = "minmax", nodes: list[str] | None = None) -> None:
+    """ONNX Runtime's static quantizer in this package's QDQ scheme, its activation ranges from running ``inputs``
+    (each a whole input of the graph); ``nodes`` restricts it to those nodes (the rest stays in float)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+    reader = _CalibrationReader(inputs, input_name)
     # ONNX Runtime's recommended preparation: shape inference and graph optimisation before quantizing.
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -119,7 +127,7 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Calibration, *,
     quantize_static(
         str(prepared), str(int8_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]), nodes_to_quantize=nodes,
         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
     )
     prepared.unlink()

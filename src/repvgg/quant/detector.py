@@ -1,0 +1,100 @@
+"""INT8 detectors (``repvgg quantize`` of a ``det-train`` file): the exported detector with its backbone and feature
+pyramid quantized by ONNX Runtime (QDQ, calibrated on training images) and its head left in float, as detectors are
+deployed where a head's outputs need the range (ultralytics keeps RT-DETR's head in float). The INT8 file is written
+only if its COCO AP on the validation set is within the guard's limit of the float32 file's
+([`require_ap`][repvgg.quant.guard.require_ap])."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from repvgg.detection.evaluate import validation_data
+from repvgg.detection.export import export_detector, run_onnx_detector
+from repvgg.detection.metrics import coco_scores, detect
+from repvgg.detection.weights import load_detector
+from repvgg.io.card import read_onnx_metadata, write_onnx_metadata
+from repvgg.io.onnx_run import onnxruntime_session
+from repvgg.limits import check_int
+from repvgg.quant.guard import DEFAULT_MAX_AP_DROP, require_ap
+from repvgg.quant.qdq import calibration_subset, quantize_static_qdq, quantized_conv_count
+from repvgg.serialization import check_output_path, commit_staged, staging_folder
+
+__all__ = ["DetectorQuantizeReport", "QUANTIZED_PARTS", "quantize_detector"]
+
+#: The parts of the exported graph that are quantized (node name prefixes); the head stays in float.
+QUANTIZED_PARTS = ("/backbone/",)
+
+
+@dataclass(frozen=True)
+class DetectorQuantizeReport:
+    """What [`quantize_detector`][repvgg.quant.detector.quantize_detector] wrote and measured."""
+
+    path: str
+    calibration_images: int
+    val_images: int
+    ap_fp32: float
+    ap50_fp32: float
+    ap_int8: float
+    ap50_int8: float
+    ap_drop: float  # points of 100
+    max_ap_drop: float
+    quantized_convs: int
+    convs: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _onnx_detector(path: Path) -> Any:
+    session = onnxruntime_session(path)
+    return lambda images: [run_onnx_detector(session, image) for image in images]
+
+
+def quantize_detector(weights: str | os.PathLike[str], output: str | os.PathLike[str], *, calib_images: int = 64,
+                      calibration: str = "minmax", max_ap_drop: float = DEFAULT_MAX_AP_DROP,
+                      overwrite: bool = False) -> DetectorQuantizeReport:
+    """Quantize the detector in ``weights`` to an INT8 ONNX file at ``output``, calibrated on ``calib_images``
+    training images of the data it records, and scored against its float32 export on the validation images.
+
+    Raises:
+        PrecisionRejected: INT8 loses more than ``max_ap_drop`` AP points; nothing is written.
+    """
+    check_int(calib_images, "calib_images", low=1, high=100_000)
+    output = check_output_path(output, reads=[weights], overwrite=overwrite, suffixes=(".onnx",))
+    model, meta = load_detector(weights)
+    bundle = validation_data(meta, model.config.image_size, None)
+    calibration_set = calibration_subset(bundle.train, calib_images)
+    inputs = [(calibration_set[i][0].float() / 255).numpy() for i in range(len(calibration_set))]
+    loader = DataLoader(bundle.val, batch_size=8)
+    with staging_folder(output) as staging:
+        fp32 = Path(staging) / "fp32.onnx"
+        export_detector(weights, fp32)
+        staged = Path(staging) / output.name
+        nodes = _quantizable_convs(fp32)
+        quantize_static_qdq(fp32, staged, inputs, "image", method=calibration, nodes=nodes)
+        write_onnx_metadata(staged, read_onnx_metadata(fp32) | {"precision": "int8",
+                                                               "quantized": json.dumps(list(QUANTIZED_PARTS))})
+        fp32_scores = coco_scores(bundle.val.coco, detect(_onnx_detector(fp32), loader))
+        int8_scores = coco_scores(bundle.val.coco, detect(_onnx_detector(staged), loader))
+        require_ap(fp32_scores["ap"], int8_scores["ap"], max_ap_drop, f"the INT8 detector for {weights}")
+        quantized, total = quantized_conv_count(staged)
+        fp32.unlink()
+        commit_staged(staged, output)
+    return DetectorQuantizeReport(str(output), len(inputs), len(bundle.val), fp32_scores["ap"], fp32_scores["ap50"],
+                                  int8_scores["ap"], int8_scores["ap50"],
+                                  100 * (fp32_scores["ap"] - int8_scores["ap"]), max_ap_drop, quantized, total)
+
+
+def _quantizable_convs(path: Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return [n.name for n in graph.node if n.op_type == "Conv" and n.name.startswith(QUANTIZED_PARTS)]
+
+
