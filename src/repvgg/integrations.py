@@ -17,7 +17,7 @@ import torch
 from repvgg.io.loading import create_model
 from repvgg.nn.model import RepVGG
 from repvgg.nn.registry import build_model, list_models
-from repvgg.segmentation.backbones import dilated_stage_settings
+from repvgg.dense.backbones import dilated_stage_settings
 
 __all__ = ["TIMM_PREFIX", "default_cfgs", "register_timm_models"]
 

@@ -27,6 +27,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
+from repvgg.dense.backbones import RESNET_DEPTHS, ResNetBackbone
 from repvgg.detection.config import DETECTOR_KINDS
 from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD
 from repvgg.io.loading import create_model
@@ -47,7 +48,8 @@ class DetectorConfig(DictMixin):
     """Everything that defines a detector, as plain data (stored with its weights to rebuild it).
 
     Attributes:
-        backbone: a registered RepVGG name (``"repvgg_a0"``, ``"qarepvgg_a0"``, ``"repvggplus_tiny"``, ...).
+        backbone: a registered RepVGG name (``"repvgg_a0"``, ``"qarepvgg_a0"``, ``"repvggplus_tiny"``, ...), or
+            ``"resnet18"`` / ``"resnet34"`` / ``"resnet50"`` / ``"resnet101"`` (torchvision's, the speed baselines).
         num_classes: object classes (no background class).
         kind: ``"fcos"`` (anchor-free, the default) or ``"retinanet"``.
         out_indices: the backbone stages the pyramid reads (2, 3, 4: strides 8, 16, 32).
@@ -75,7 +77,8 @@ class DetectorConfig(DictMixin):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_indices", tuple(self.out_indices))
-        object.__setattr__(self, "backbone", canonical_name(self.backbone))
+        if self.backbone not in RESNET_DEPTHS:
+            object.__setattr__(self, "backbone", canonical_name(self.backbone))
         if self.kind not in DETECTOR_KINDS:
             raise ValueError(f"kind must be one of {', '.join(DETECTOR_KINDS)}, got {self.kind!r}")
         check_int(self.num_classes, "num_classes", low=1, high=MAX_CLASSES)
@@ -163,8 +166,13 @@ def build_detector(config: DetectorConfig, *, backbone_weights: str | os.PathLik
                    deploy: bool = False) -> Detector:
     """The detector ``config`` describes (training-time blocks unless ``deploy``), its backbone loaded from
     ``backbone_weights`` when given (any weights file the package reads; the classifier in it is ignored)."""
-    body = create_model(config.backbone, weights=backbone_weights, in_chans=config.in_chans, deploy=deploy,
-                        features_only=True, out_indices=config.out_indices)
+    body: nn.Module
+    if config.backbone in RESNET_DEPTHS:
+        body = ResNetBackbone(RESNET_DEPTHS[config.backbone], output_stride=32, out_indices=config.out_indices,
+                              in_chans=config.in_chans, deploy=deploy, weights=backbone_weights)
+    else:
+        body = create_model(config.backbone, weights=backbone_weights, in_chans=config.in_chans, deploy=deploy,
+                            features_only=True, out_indices=config.out_indices)
     backbone = FeaturePyramid(body, config.fpn_channels)
     anchors = _anchors(config, backbone.strides)
     detector_class: Any = FCOSDetector if config.kind == "fcos" else RetinaNetDetector

@@ -4,7 +4,6 @@ Not imported by ``import repvgg``; use ``import repvgg.segmentation`` (names loa
 loading needs numpy and Pillow, the ResNet baselines torchvision (all installed with torchvision).
 
 =================  ============================================================================
-``backbones``      dilated RepVGG (normal and "fast") and ResNet-50/101 feature extractors
 ``pspnet``         ``SegmenterConfig``, ``PSPNet``, ``create_segmenter``, ``segmentation_loss``
 ``synthetic``      the embedded default data: generated shape scenes with per-pixel labels
 ``data``           a folder of images and label PNGs, and ``build_segmentation_data``
@@ -30,7 +29,7 @@ _EXPORTS = {
     "IGNORE_INDEX": "repvgg.segmentation.pspnet",
     "PSPNet": "repvgg.segmentation.pspnet",
     "PyramidPooling": "repvgg.segmentation.pspnet",
-    "ResNetBackbone": "repvgg.segmentation.backbones",
+    "ResNetBackbone": "repvgg.dense.backbones",
     "SHAPE_CLASSES": "repvgg.segmentation.synthetic",
     "SegTrainConfig": "repvgg.segmentation.config",
     "SegmentationDataBundle": "repvgg.segmentation.data",
@@ -45,7 +44,7 @@ _EXPORTS = {
     "build_segmenter": "repvgg.segmentation.pspnet",
     "compare_segmenters": "repvgg.segmentation.metrics",
     "confusion_matrix": "repvgg.segmentation.metrics",
-    "create_repvgg_backbone": "repvgg.segmentation.backbones",
+    "create_repvgg_backbone": "repvgg.dense.backbones",
     "create_segmenter": "repvgg.segmentation.pspnet",
     "evaluate_segmenter": "repvgg.segmentation.metrics",
     "evaluate_segmenter_file": "repvgg.segmentation.evaluate",

@@ -28,7 +28,8 @@ from repvgg.nn.convert import is_reparameterizable
 from repvgg.nn.model import RepVGG
 from repvgg.nn.registry import canonical_name as normalise_model_name
 from repvgg.nn.registry import get_spec, list_models
-from repvgg.segmentation.backbones import RESNET_DEPTHS, ResNetBackbone, create_repvgg_backbone
+from repvgg.dense.backbones import RESNET_DEPTHS as _ALL_RESNETS
+from repvgg.dense.backbones import ResNetBackbone, create_repvgg_backbone
 from repvgg.segmentation.config import AUX_LOSS_WEIGHT, FAST_DILATED_LAYERS
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
     "main_logits",
 ]
 
+#: The ResNet baselines of the paper's segmentation table (their bottleneck blocks dilate to output stride 8).
+RESNET_DEPTHS = {name: _ALL_RESNETS[name] for name in ("resnet50", "resnet101")}
 #: Weight of the auxiliary loss (PSPNet).
 
 
@@ -178,7 +181,7 @@ class PSPNet(nn.Module):
     torchvision's GoogLeNet does); [`segmentation_loss`][repvgg.segmentation.pspnet.segmentation_loss] takes either.
 
     Args:
-        backbone: the feature extractor (see `repvgg.segmentation.backbones`).
+        backbone: the feature extractor (see [`repvgg.dense.backbones`][repvgg.dense.backbones]).
         feature_channels: channels of ``(aux_features, features)``.
         config: the [`SegmenterConfig`][repvgg.segmentation.pspnet.SegmenterConfig] it was built from (kept for
             checkpoints).

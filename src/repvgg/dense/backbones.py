@@ -1,9 +1,10 @@
-"""Dilated backbones for dense prediction: RepVGG (normal and "fast") and torchvision ResNet-50/101.
+"""The backbones' feature taps for dense prediction: RepVGG (normal and "fast") and torchvision's ResNets, each
+returning the maps of the stages in ``out_indices`` at an ``output_stride``, described by a timm-style
+[`FeatureInfo`][repvgg.nn.features.FeatureInfo].
 
-Every backbone here maps an image to two feature maps, ``[aux_features, features]``: the outputs of
-the last two stages (RepVGG stages 3 and 4, ResNet ``layer3`` and ``layer4``), both at
-``output_stride`` (8 by default). PSPNet puts its pyramid pooling on the second and its auxiliary
-head on the first (Zhao et al., PSPNet, CVPR 2017; Ding et al., RepVGG, CVPR 2021, Sec. 4.3).
+Segmentation reads the last two stages at output stride 8 (PSPNet puts its pyramid pooling on the last and its
+auxiliary head on the one before; Zhao et al., PSPNet, CVPR 2017; Ding et al., RepVGG, CVPR 2021, Sec. 4.3);
+detection reads stages 2-4 at their natural strides 8, 16 and 32 for a feature pyramid.
 
 RepVGG (paper stages counted from 1 = the stem, so paper stages 4 and 5 are our stage indices 3 and 4):
 the first layers of the last two stages get stride 1 and their 3x3 convs dilation 2 and 4, padding
@@ -17,15 +18,15 @@ this is expressed through [`RepVGGSpec`][repvgg.nn.spec.RepVGGSpec] fields (``st
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from repvgg.nn.fusion import fuse_conv_bn_modules, is_batchnorm
-from repvgg.nn.model import RepVGG
 from repvgg.io.loading import create_model
 from repvgg.io.safe_load import safe_load
+from repvgg.nn.features import FeatureInfo
+from repvgg.nn.fusion import fuse_conv_bn_modules, is_batchnorm
+from repvgg.nn.model import RepVGG
 
 __all__ = [
     "RESNET_DEPTHS",
@@ -34,8 +35,8 @@ __all__ = [
     "create_repvgg_backbone",
 ]
 
-#: The ResNet baselines of the paper's segmentation table.
-RESNET_DEPTHS: dict[str, int] = {"resnet50": 50, "resnet101": 101}
+#: torchvision's ResNets, the baselines the dense tasks are timed against (BN folded as RepVGG's is).
+RESNET_DEPTHS: dict[str, int] = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 
 #: The two stages the segmenter reads (auxiliary head, pyramid pooling).
 FEATURE_STAGES = (3, 4)
@@ -65,8 +66,9 @@ def create_repvgg_backbone(
     in_chans: int = 3,
     deploy: bool = False,
     weights: str | os.PathLike[str] | None = None,
+    out_indices: tuple[int, ...] = FEATURE_STAGES,
 ) -> RepVGG:
-    """A registered RepVGG as a dilated feature extractor returning ``[stage 3, stage 4]`` maps.
+    """A registered RepVGG as a (dilated) feature extractor returning the maps of ``out_indices``.
 
     Args:
         name: any registered RepVGG name (see [`repvgg.list_models`][repvgg.nn.registry.list_models]).
@@ -78,6 +80,7 @@ def create_repvgg_backbone(
         weights: an ImageNet checkpoint for the backbone (official, timm or this package's format);
             the classifier in the file is ignored. Strides and dilations do not change any
             weight shape, so classification weights load as they are.
+        out_indices: the stages returned (default: stages 3 and 4, what the segmenter reads).
     """
     strides, dilations = dilated_stage_settings(output_stride)
     return create_model(
@@ -86,7 +89,7 @@ def create_repvgg_backbone(
         in_chans=in_chans,
         deploy=deploy,
         features_only=True,
-        out_indices=FEATURE_STAGES,
+        out_indices=out_indices,
         strides=strides,
         dilations=dilations,
         dilated_layers=dilated_layers,
@@ -94,7 +97,8 @@ def create_repvgg_backbone(
 
 
 class ResNetBackbone(nn.Module):
-    """torchvision's ResNet-50/101 with dilated last stages, returning ``[layer3, layer4]`` maps.
+    """torchvision's ResNet-18/34/50/101 (the deeper two with dilated last stages), returning the maps of
+    ``out_indices`` (stage 1 = ``layer1`` ... stage 4 = ``layer4``; ``[layer3, layer4]`` by default).
 
     Attribute names are torchvision's (``conv1``, ``bn1``, ``layer1`` .. ``layer4``), so a torchvision
     ImageNet state dict (without ``fc.*``) loads into it. Randomly initialised unless ``weights``
@@ -109,17 +113,22 @@ class ResNetBackbone(nn.Module):
         depth: int = 50,
         *,
         output_stride: int = 8,
+        out_indices: tuple[int, ...] = FEATURE_STAGES,
         in_chans: int = 3,
         deploy: bool = False,
         weights: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
-        from torchvision.models import resnet101, resnet50
+        from torchvision.models import resnet18, resnet34, resnet50, resnet101
 
-        builders = {50: resnet50, 101: resnet101}
+        builders = {18: resnet18, 34: resnet34, 50: resnet50, 101: resnet101}
         if depth not in builders:
-            raise ValueError(f"ResNet depth must be 50 or 101, got {depth!r}")
+            raise ValueError(f"ResNet depth must be one of {sorted(builders)}, got {depth!r}")
+        if not out_indices or not set(out_indices) <= {1, 2, 3, 4} or sorted(set(out_indices)) != list(out_indices):
+            raise ValueError(f"out_indices must be increasing stage indices among 1-4, got {out_indices!r}")
         strides, _ = dilated_stage_settings(output_stride)
+        if depth < 50 and output_stride != 32:
+            raise ValueError(f"ResNet-{depth}'s basic blocks cannot dilate: use output_stride 32 (or ResNet-50/101)")
         # torchvision's flags are per stage after layer1: True turns the stride-2 of that stage into
         # dilation (layer2, layer3, layer4 = our stages 2, 3, 4).
         replace = [strides[2] == 1, strides[3] == 1, strides[4] == 1]
@@ -134,11 +143,13 @@ class ResNetBackbone(nn.Module):
         self.maxpool = net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         reduction = [2, 4, 4 * strides[2], 4 * strides[2] * strides[3], 4 * strides[2] * strides[3] * strides[4]]
-        channels = [64, 256, 512, 1024, 2048]
-        self.feature_info: list[dict[str, Any]] = [
-            dict(num_chs=c, reduction=r, module=m)
-            for c, r, m in zip(channels, reduction, ["relu", "layer1", "layer2", "layer3", "layer4"])
-        ]
+        width = 4 if depth >= 50 else 1  # a bottleneck block widens its output 4 times
+        channels = [64, 64 * width, 128 * width, 256 * width, 512 * width]
+        self.out_indices = tuple(out_indices)
+        self.feature_info = FeatureInfo(
+            [dict(num_chs=c, reduction=r, module=m)
+             for c, r, m in zip(channels, reduction, ["relu", "layer1", "layer2", "layer3", "layer4"])],
+            self.out_indices)
         if deploy:
             self.reparameterize()
 
@@ -149,15 +160,17 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
-        aux = self.layer3(x)
-        return [aux, self.layer4(aux)]
+        maps = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            maps.append(x)
+        return [maps[i - 1] for i in self.out_indices]
 
     def _conv_bn_pairs(self) -> list[tuple[nn.Module, str, str]]:
         pairs: list[tuple[nn.Module, str, str]] = [(self, "conv1", "bn1")]
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]  # Bottleneck blocks
+                pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
                 if block.downsample is not None:
                     pairs.append((block.downsample, "0", "1"))
         return pairs
