@@ -54,7 +54,7 @@ class CocoSet:
 
 
 def read_coco(path: str | os.PathLike[str]) -> CocoSet:
-    """Read and check a COCO instances file (at most [`MAX_ANNOTATION_BYTES`][repvgg.limits.MAX_ANNOTATION_BYTES])."""
+    """Read and check a COCO instances file (at most ``repvgg.limits.MAX_ANNOTATION_BYTES``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no annotation file {path}: a COCO data folder holds "

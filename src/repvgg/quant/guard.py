@@ -12,7 +12,7 @@ file below it is not written: exit 1) and ``repvgg predict --dtype int8`` (judge
 predictions on the inputs): [`validation_guard`][repvgg.quant.guard.validation_guard] measures,
 [`require_passing`][repvgg.quant.guard.require_passing] refuses with the remedies. A detector is judged by the COCO AP
 it keeps on its validation images ([`require_ap`][repvgg.quant.guard.require_ap]: at most
-[`DEFAULT_MAX_AP_DROP`][repvgg.quant.guard.DEFAULT_MAX_AP_DROP] points lost), with the same remedies.
+`DEFAULT_MAX_AP_DROP` points lost), with the same remedies.
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ class PSPNet(nn.Module):
     torchvision's GoogLeNet does); [`segmentation_loss`][repvgg.segmentation.pspnet.segmentation_loss] takes either.
 
     Args:
-        backbone: the feature extractor (see [`repvgg.dense.backbones`][repvgg.dense.backbones]).
+        backbone: the feature extractor (see ``repvgg.dense.backbones``).
         feature_channels: channels of ``(aux_features, features)``.
         config: the [`SegmenterConfig`][repvgg.segmentation.pspnet.SegmenterConfig] it was built from (kept for
             checkpoints).
