@@ -242,6 +242,41 @@ def test_a_safetensors_write_over_the_file_size_limit_is_a_clear_failure(tmp_pat
     assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] != limit  # the limit stayed in the child
 
 
+@pytest.mark.timeout(300)
+def test_running_out_of_memory_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    """Under an address-space limit (``ulimit -v``) the memory bound uses the limit, and an allocation that fails
+    all the same (the bound is an estimate; here the check batch's, made to fail as the allocator does) ends with a
+    message saying what to lower, and --json's error document."""
+    source = tmp_path / "train.safetensors"
+    repvgg.save_weights(repvgg.create_model("repvgg_tiny", num_classes=3), source)
+    limit = 8 * 2**30  # what importing torch and OpenBLAS's buffers need, and more
+    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
+            "from repvgg.limits import machine_memory; assert machine_memory() <= " + str(limit) + "; "
+            "import torch; torch.randn = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("
+            "'DefaultCPUAllocator: can\\'t allocate memory: you tried to allocate 2147483648 bytes.'))" + "; "
+            "from repvgg.cli import main; sys.exit(main(sys.argv[1:]))")
+    out = tmp_path / "deploy.safetensors"
+    result = run_process([sys.executable, "-c", code, "convert", str(source), str(out), "--img-size", "32",
+                          "--json"], timeout=240)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "ran out of memory (2.0 GiB at once)" in result.stderr
+    assert "Lower --batch-size or --img-size" in result.stderr and json.loads(result.stdout)["exit_status"] == 1
+    assert not out.exists()
+
+
+def test_a_huge_prepared_batch_is_predicted_in_slices(digits_run: Path) -> None:
+    """A (N, 3, H, W) tensor is run batch_size images at a time, never listed image by image: ten million views of
+    one image stream out without allocating them."""
+    predictor = repvgg.Predictor(digits_run, batch_size=4)
+    size = predictor.preprocessing.img_size
+    huge = torch.zeros(1, 3, size, size).expand(10**7, 3, size, size)
+    stream = predictor.iter_predict(huge, topk=1)
+    first = [next(stream) for _ in range(6)]
+    assert [p.source for p in first] == [f"<input {i}>" for i in range(6)] and len({p.indices for p in first}) == 1
+    with pytest.raises(ValueError, match="prepared tensor must be"):
+        next(predictor.iter_predict(torch.zeros(2, 3, size + 1, size + 1)))
+
+
 # --- 23, 24, 26, 27: what a file is, decided by its content -----------------------------------------------
 
 def test_a_fixed_batch_onnx_file_predicts_any_number_of_images(digits_run: Path, digit_pngs: list[Path],

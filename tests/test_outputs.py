@@ -208,6 +208,11 @@ def test_outputs_never_replace_a_device_or_a_pipe_and_keep_a_files_mode(digits: 
     private.chmod(0o600)
     _predict(capsys, str(digits["run"]), str(digits["images"]), "--csv", str(private), "--overwrite")
     assert stat.S_IMODE(private.stat().st_mode) == 0o600 and private.read_text().startswith("path,")
+    staged = tmp_path / "private.onnx"  # the writers that check a file in a staging folder before moving it in
+    staged.write_text("old\n")
+    staged.chmod(0o600)
+    assert main(["export", str(digits["run"] / "deploy.safetensors"), str(staged), "--overwrite"]) == 0
+    assert stat.S_IMODE(staged.stat().st_mode) == 0o600 and staged.stat().st_size > 1000
 
 
 def test_a_file_name_that_is_not_utf8_is_written_escaped(digits: dict[str, Path], tmp_path: Path,

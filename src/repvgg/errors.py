@@ -7,8 +7,8 @@ Bad input (a wrong argument, a missing or malformed file) is a ``ValueError`` or
 
 from __future__ import annotations
 
-__all__ = ["RunFailed", "ConversionMismatch", "TrainingDiverged", "WriteFailed", "EXIT_OK", "EXIT_RUN_FAILED",
-           "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
+__all__ = ["RunFailed", "ConversionMismatch", "OutOfMemory", "TrainingDiverged", "WriteFailed", "EXIT_OK",
+           "EXIT_RUN_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
 #: Exit statuses of every ``repvgg`` subcommand: success; a [`RunFailed`][repvgg.errors.RunFailed]; bad input or usage;
 #: interrupted with a resumable checkpoint.
@@ -29,3 +29,8 @@ class TrainingDiverged(RunFailed):
 
 class WriteFailed(RunFailed):
     """A file could not be written (no space, a file-size limit, permissions); its previous version is intact."""
+
+
+class OutOfMemory(RunFailed):
+    """The machine (or the process's limits) could not give the memory a step needed; what was written before is
+    intact."""

@@ -131,11 +131,17 @@ def check_image_pixels(width: int, height: int, what: str) -> None:
 
 
 def machine_memory() -> int | None:
-    """This machine's memory in bytes, or the control group's limit where that is lower (``None``: unknown)."""
+    """This machine's memory in bytes, or the control group's limit or the process's address-space limit
+    (``ulimit -v``) where one is lower (``None``: unknown)."""
+    import resource
+
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         total = None
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if address_space != resource.RLIM_INFINITY:
+        total = address_space if total is None else min(total, address_space)
     for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
             with open(limit_file) as handle:
@@ -247,3 +253,24 @@ def parse_json(text: str | bytes, what: str, *, max_bytes: int = MAX_JSON_BYTES)
     except (json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{what} is not valid JSON ({getattr(err, 'msg', type(err).__name__)} at character "
                          f"{getattr(err, 'pos', '?')}): {brief(text)}") from None
+
+
+#: What the allocators say when memory runs out (PyTorch's CPU allocator, C++'s, CUDA's).
+_ALLOCATION_FAILURES = ("can't allocate memory", "std::bad_alloc", "out of memory", "not enough memory")
+
+
+def out_of_memory(err: BaseException, doing: str = "") -> Exception | None:
+    """An [`OutOfMemory`][repvgg.errors.OutOfMemory] saying what to lower when ``err`` is an allocation failure
+    (a ``MemoryError``, or an allocator's ``RuntimeError``), else ``None``: the one place that tells them apart."""
+    from repvgg.errors import OutOfMemory
+
+    text = str(err)
+    if not isinstance(err, MemoryError) and not (isinstance(err, RuntimeError) and
+                                                 any(sign in text for sign in _ALLOCATION_FAILURES)):
+        return None
+    wanted = re.search(r"allocate (\d+) bytes", text)
+    size = f" ({int(wanted.group(1)) / 2**30:.1f} GiB at once)" if wanted else ""
+    memory = machine_memory()
+    has = f"; this process may use about {memory / 2**30:.1f} GiB" if memory else ""
+    return OutOfMemory(f"ran out of memory{' ' + doing if doing else ''}{size}{has}. Lower --batch-size or "
+                       "--img-size (or --calib-images, --speed-batch), or free memory, and run it again")

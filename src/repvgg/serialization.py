@@ -185,14 +185,19 @@ def atomic_write(path: PathLike, *, errors: tuple[type[BaseException], ...] = (O
         os.close(fd)
         tmp = Path(name)
         yield tmp
-        # mkstemp's 0600 is for the temporary file only: a replaced file keeps its mode, a new one gets the umask's
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_user_umask())
+        _take_mode(tmp, path)
         os.replace(tmp, path)
     except errors as err:
         raise write_failed(path, err) from err
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def _take_mode(new: Path, path: Path) -> None:
+    """Give ``new`` the mode it will have as ``path``: a replaced file keeps its own (a private 0600 file stays
+    private), a new one gets the user's umask (not the 0600 of a temporary file)."""
+    os.chmod(new, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_user_umask())
 
 
 @contextlib.contextmanager
@@ -216,6 +221,7 @@ def commit_staged(staged: PathLike, path: PathLike) -> Path:
     staged, target = Path(staged), output_target(path)
     destination = target if staged.name == Path(path).name else target.parent / staged.name
     try:
+        _take_mode(staged, destination)
         os.replace(staged, destination)
     except OSError as err:
         raise write_failed(destination, err) from err

@@ -20,6 +20,7 @@ from repvgg import __version__
 from repvgg.cli.flags import HelpFormatter, Parser, UsageError
 from repvgg.cli.output import add_json_flag, emit_error
 from repvgg.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, RunFailed
+from repvgg.limits import out_of_memory
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
@@ -68,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except RunFailed as err:
         return _fail(args, err, EXIT_RUN_FAILED)
+    except (MemoryError, RuntimeError) as err:  # an allocator's failure is the machine's limit, not a bug
+        if (oom := out_of_memory(err)) is None:
+            raise
+        return _fail(args, oom, EXIT_RUN_FAILED)
     except (ValueError, OSError) as err:  # bad input, or a file the user named that cannot be read
         return _fail(args, err, EXIT_BAD_INPUT)
     except ModuleNotFoundError as err:

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from repvgg.limits import check_img_size, check_int
+from repvgg.limits import check_batch_memory, check_img_size, check_int
 from repvgg.serialization import check_output_path
 from repvgg.io.card import ModelCard, Preprocessing, resolve_card
 from repvgg.io.weights import (check_state_dict, is_head_key, checkpoint_num_classes, is_deploy_state_dict,
@@ -268,6 +268,7 @@ def convert_checkpoint(
     model = load_model(source, arch=arch).eval()
     if model.deploy:
         raise ValueError(f"{source} is already fused (deploy weights); there is nothing to convert")
+    check_batch_memory(2 * batch_size, (model.in_chans, img_size, img_size), "the check batch (--img-size)")
     plain = reparameterize_model(model)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, model.in_chans, img_size, img_size, generator=gen)

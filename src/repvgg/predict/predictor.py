@@ -27,7 +27,7 @@ from repvgg.io.card import (ModelCard, Preprocessing, card_from_metadata, load_o
 from repvgg.io.formats import MODEL_KINDS, require_kind
 from repvgg.io.hub import HUB_PREFIX
 from repvgg.io.onnx_run import ONNX_RUNTIMES, onnx_runner
-from repvgg.limits import (MAX_CHANNELS, MAX_IMG_SIZE, check_batch_memory, check_image_pixels, check_int,
+from repvgg.limits import (MAX_CHANNELS, MAX_IMG_SIZE, check_batch_memory, check_image_pixels, check_int, out_of_memory,
                            check_workers)
 from repvgg.options import check_device_name
 from repvgg.quant.guard import Guard
@@ -187,8 +187,8 @@ class Predictor:
 
     def iter_predict(self, inputs: Any, *, topk: int = 5, bad_images: str = "fail",
                      on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:
-        """[`predict`][repvgg.predict.predictor.Predictor.predict], one prediction at a time in input order;
-        ``on_batch(n)`` after each batch of ``n``.
+        """[`predict`][repvgg.predict.predictor.Predictor.predict], one prediction at a time in input order (a
+        ``(N, 3, H, W)`` batch is run in slices of ``batch_size``); ``on_batch(n)`` after each batch of ``n``.
 
         Raises:
             ValueError: an unreadable image with ``bad_images="fail"`` (the file named; with ``"skip"`` it gives a
@@ -203,7 +203,10 @@ class Predictor:
                                  "and skip unreadable images")
             results: dict[int, Prediction] = {i: Prediction(sources[i], (), (), (), error) for i, error in errors}
             if images is not None:
-                probabilities = torch.softmax(self.logits(images[1]).float(), dim=1)
+                try:
+                    probabilities = torch.softmax(self.logits(images[1]).float(), dim=1)
+                except (MemoryError, RuntimeError) as err:
+                    raise out_of_memory(err, "predicting a batch") or err
                 if not torch.isfinite(probabilities).all():
                     raise ValueError(f"the model gave a NaN or infinite output for {sources[images[0][0]]} or "
                                      "another image of its batch; its predictions cannot be trusted")
@@ -219,8 +222,9 @@ class Predictor:
     def _batches(self, inputs: Any) -> Iterator[tuple[dict[int, str], tuple[list[int], Tensor] | None,
                                                       list[tuple[int, str]]]]:
         """``(sources by index, (indices, prepared batch) or None, (index, error) of unreadable images)``."""
-        if isinstance(inputs, Tensor) and inputs.dim() == 4:
-            inputs = list(inputs)
+        if isinstance(inputs, Tensor) and inputs.dim() == 4:  # a prepared batch: sliced, never listed image by image
+            yield from self._tensor_batches(inputs)
+            return
         if isinstance(inputs, (str, os.PathLike)) or not isinstance(inputs, Iterable):
             inputs = [inputs]
         inputs = list(inputs)
@@ -245,6 +249,17 @@ class Predictor:
             errors = [(start + i, error) for i, (image, error) in enumerate(prepared) if image is None]
             batch = torch.stack([image for image, _ in prepared if image is not None]) if good else None
             yield sources, None if batch is None else (good, batch), errors
+
+    def _tensor_batches(self, batch: Tensor) -> Iterator[tuple[dict[int, str], tuple[list[int], Tensor],
+                                                              list[tuple[int, str]]]]:
+        """A ``(N, 3, H, W)`` float tensor of prepared images in slices of ``batch_size``."""
+        if len(batch) == 0:
+            raise ValueError("no images to predict")
+        self._prepare(batch[0])  # the shape and type rules of a prepared image, checked once
+        for start in range(0, len(batch), self.batch_size):
+            piece = batch[start: start + self.batch_size].float()
+            indices = list(range(start, start + len(piece)))
+            yield {i: f"<input {i}>" for i in indices}, (indices, piece), []
 
     def _prepare(self, item: Any) -> tuple[Tensor | None, str]:
         """One input as the model's input, or ``None`` and why it could not be read (a file). An image in memory is
