@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     text += ap_table(result) + "\n"
     if "max_box_deviation_px" in result:
         text += (f"\nconverted vs training-time: AP difference {100 * result['ap_difference']:.4f} points, labels "
-                 f"agree: {result['labels_agree']}, largest box deviation {result['max_box_deviation_px']:.3g} px\n")
+                 f"agree: {result['labels_agree']}, largest box deviation before NMS "
+                 f"{result['max_box_deviation_px']:.3g} px\n")
     emit(args, result, text)
     write_json_out(args, result, reads=[args.weights, args.data])
     return 0

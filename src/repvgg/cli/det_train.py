@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     text = (f"## {summary['model']} on {summary['dataset']}, {summary['epochs']} epochs\n\n"
             f"{ap_table(summary | {'form': 'training-time'})}\n\n"
             f"converted vs training-time: labels agree on all {summary['val_images']} images: "
-            f"{summary['labels_agree']}, largest box deviation {summary['max_box_deviation_px']:.3g} px\n"
+            f"{summary['labels_agree']}, largest box deviation before NMS {summary['max_box_deviation_px']:.3g} px\n"
             + json.dumps({k: summary[k] for k in ("val_ap", "val_ap50", "val_ap_deploy", "val_ap50_deploy",
                                                   "train_time_s", "output")}, indent=2))
     emit(args, summary, text)

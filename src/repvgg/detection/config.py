@@ -23,7 +23,7 @@ DETECTOR_KINDS = ("fcos", "retinanet")
 class DetTrainConfig(LoopConfig):
     """Everything a detection run needs. ``lr=None`` means ``0.01 * batch_size / 16`` (FCOS's 0.01 at batch 16)."""
 
-    epochs: int = option(10, "training epochs (sized for the generated scenes)", low=1)
+    epochs: int = option(8, "training epochs (sized for the generated scenes)", low=1)
     batch_size: int = option(16, "global batch size over all processes, >= 2 per process", low=2)
     lr: float | None = option(None, "base learning rate (cosine schedule after a linear warm-up)",
                               default_help="0.01 x batch/16", low=0, high=MAX_LR, low_open=True)

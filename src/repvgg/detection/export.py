@@ -4,7 +4,8 @@ non-maximum suppression (ONNX ``NonMaxSuppression``) in one graph, which ONNX Ru
 The graph takes one float image ``(3, H, W)`` in [0, 1] of any size and returns ``boxes`` ``(N, 4)`` (``x1, y1, x2,
 y2`` in the input's pixels), ``scores`` ``(N,)`` and ``labels`` ``(N,)`` (class indices, named by the file's
 ``classes``). It is written only after ONNX Runtime detected what PyTorch does on validation images: the same
-labels, boxes within [`BOX_TOLERANCE_PX`][repvgg.detection.metrics.BOX_TOLERANCE_PX].
+labels, boxes within [`BOX_TOLERANCE_PX`][repvgg.detection.metrics.BOX_TOLERANCE_PX] (where two overlapping boxes of a
+class score within float rounding of each other, NMS may keep either: such a pair counts as the same detection).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from repvgg.detection.evaluate import validation_data
-from repvgg.detection.metrics import BOX_TOLERANCE_PX, box_deviation
+from repvgg.detection.metrics import BOX_TOLERANCE_PX, SCORE_TOLERANCE, box_deviation, differs_by_ties_only
 from repvgg.detection.weights import load_detector
 from repvgg.errors import ConversionMismatch
 from repvgg.io.card import write_onnx_metadata
@@ -104,15 +105,21 @@ def _parity(path: Path, model: Any, samples: list[torch.Tensor]) -> tuple[float,
     """ONNX Runtime against PyTorch on ``samples``: the largest box deviation and the detections compared, or a
     ConversionMismatch."""
     session = onnxruntime_session(path)
-    worst, count = 0.0, 0
+    worst, count, swaps = 0.0, 0, 0
     for index, image in enumerate(samples):
         expected = model([image])[0]
         got = run_onnx_detector(session, image)
         finite = all(bool(torch.isfinite(got[k].float()).all()) for k in ("boxes", "scores"))
         same, gap = box_deviation(expected, got)
+        if finite and same and gap > BOX_TOLERANCE_PX and differs_by_ties_only(expected, got):
+            gap = 0.0  # two near-equal overlapping boxes, NMS keeping the other one: not a deviation of the graph
+            swaps += 1
         if not (finite and same and gap <= BOX_TOLERANCE_PX):
             raise ConversionMismatch(f"ONNX Runtime does not detect what PyTorch does on validation image {index} "
                                      f"(labels agree: {same}, largest box deviation {gap:.3g} px, finite: {finite}); "
                                      "nothing was written")
         worst, count = max(worst, gap), count + len(expected["labels"])
+    if swaps:
+        log.info("on %d of %d validation images NMS kept the other of two near-equal overlapping boxes (scores within "
+                 "%g)", swaps, len(samples), SCORE_TOLERANCE)
     return worst, count

@@ -15,14 +15,20 @@ from torch.utils.data import DataLoader
 from repvgg.detection.coco import CocoSet
 from repvgg.errors import ConversionMismatch, RunFailed
 
-__all__ = ["AP_NAMES", "BOX_TOLERANCE_PX", "DetectorComparison", "box_deviation", "check_same_detections",
-           "coco_scores", "compare_detectors", "comparison_summary", "detect"]
+__all__ = ["AP_NAMES", "AP_TOLERANCE", "BOX_TOLERANCE_PX", "SCORE_TOLERANCE", "DetectorComparison", "box_deviation",
+           "candidate_deviation", "candidates", "check_same_detections", "coco_scores", "compare_detectors",
+           "comparison_summary", "detect", "differs_by_ties_only"]
 
 #: COCOeval's first six statistics, by the names metrics.jsonl gives them.
 AP_NAMES = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
 
-#: How far a converted detector's boxes may lie from the training-time detector's, in pixels.
+#: How far a converted detector's boxes may lie from the training-time detector's, in pixels: every anchor's decoded
+#: box, before the score threshold and non-maximum suppression.
 BOX_TOLERANCE_PX = 1e-3
+#: How far its scores may lie from the training-time detector's (probabilities).
+SCORE_TOLERANCE = 1e-4
+#: How far its AP (in [0, 1]) may lie from the training-time detector's: 0.01 points of 100.
+AP_TOLERANCE = 1e-4
 
 Detections = list[dict[str, Tensor]]
 
@@ -94,14 +100,78 @@ def box_deviation(a: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[bool, flo
     return True, float(max(gaps.amin(1).max(), gaps.amin(0).max()))
 
 
+def differs_by_ties_only(a: dict[str, Tensor], b: dict[str, Tensor], *, iou: float = 0.5) -> bool:
+    """True when every box of one answer without a counterpart in the other (same label, within
+    [`BOX_TOLERANCE_PX`][repvgg.detection.metrics.BOX_TOLERANCE_PX]) stands for an overlapping box there of the same
+    label and a score within [`SCORE_TOLERANCE`][repvgg.detection.metrics.SCORE_TOLERANCE]: non-maximum suppression
+    kept the other of two near-ties, which the last bits of a score decide."""
+    from torchvision.ops import box_iou
+
+    if sorted(a["labels"].tolist()) != sorted(b["labels"].tolist()):
+        return False
+    for x, y in ((a, b), (b, a)):
+        for box, score, label in zip(x["boxes"], x["scores"], x["labels"]):
+            same = y["labels"] == label
+            others, other_scores = y["boxes"][same], y["scores"][same]
+            if len(others) and float((others - box).abs().amax(-1).min()) <= BOX_TOLERANCE_PX:
+                continue
+            near = (box_iou(box[None], others)[0] >= iou) & ((other_scores - score).abs() <= SCORE_TOLERANCE)
+            if not bool(near.any()):
+                return False
+    return True
+
+
+@torch.no_grad()
+def candidates(model: Any, images: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Every anchor's decoded box ``(N, A, 4)`` (in the resized image's pixels) and class scores ``(N, A, C)`` of a
+    torchvision FCOS or RetinaNet, before the score threshold, the top-k cut and non-maximum suppression: what a
+    converted detector must reproduce (NMS itself is discontinuous: two boxes of near-equal score that overlap are
+    kept or dropped by the last bits of their scores)."""
+    batch, _ = model.transform(images)
+    features = list(model.backbone(batch.tensors).values())
+    out = model.head(features)
+    anchors = model.anchor_generator(batch, features)
+    boxes, scores = [], []
+    for i, anchor in enumerate(anchors):
+        logits = torch.sigmoid(out["cls_logits"][i])
+        if "bbox_ctrness" in out:  # FCOS
+            boxes.append(model.box_coder.decode(out["bbox_regression"][i], anchor))
+            scores.append(torch.sqrt(logits * torch.sigmoid(out["bbox_ctrness"][i])))
+        else:
+            boxes.append(model.box_coder.decode_single(out["bbox_regression"][i], anchor))
+            scores.append(logits)
+    return torch.stack(boxes), torch.stack(scores)
+
+
+def candidate_deviation(models: Sequence[nn.Module], loader: DataLoader, device: torch.device | str = "cpu"
+                        ) -> tuple[float, float]:
+    """The largest box deviation (in the images' original pixels) and score deviation of the second detector's
+    candidates from the first's ([`candidates`][repvgg.detection.metrics.candidates]) over ``loader``."""
+    box_gap, score_gap = 0.0, 0.0
+    for model in models:
+        model.eval()
+    for images, _, _, _, scales in loader:
+        batch = list((images.to(device).float() / 255).unbind(0))
+        (boxes_a, scores_a), (boxes_b, scores_b) = (candidates(m, batch) for m in models)
+        per_image = (boxes_a - boxes_b).abs().amax(dim=(1, 2)).cpu() / scales
+        box_gap = max(box_gap, float(per_image.max()))
+        score_gap = max(score_gap, float((scores_a - scores_b).abs().max()))
+        if not (torch.isfinite(boxes_b).all() and torch.isfinite(scores_b).all()):
+            return float("nan"), float("nan")
+    return box_gap, score_gap
+
+
 @dataclass
 class DetectorComparison:
-    """Detectors scored on the same images: COCO metrics of each, and how far each strays from the first."""
+    """Detectors scored on the same images: COCO metrics of each, and how far each strays from the first: its
+    candidates' boxes and scores before NMS, its final detections' labels and the largest shift of a final box."""
 
     scores: list[dict[str, float]]
     detections: list[Detections]
     labels_agree: list[bool] = field(default_factory=list)  # per detector after the first: on every image
-    max_box_deviation: list[float] = field(default_factory=list)  # pixels, over every box of every image
+    max_detection_shift: list[float] = field(default_factory=list)  # pixels, a final box from its closest match
+    max_box_deviation: list[float] = field(default_factory=list)  # pixels, every candidate box (modules only)
+    max_score_deviation: list[float] = field(default_factory=list)
     images: int = 0
 
 
@@ -111,10 +181,14 @@ def compare_detectors(models: Sequence[nn.Module | Callable[[list[Tensor]], Any]
     first's."""
     found = [detect(model, loader, device) for model in models]
     comparison = DetectorComparison([coco_scores(coco, d) for d in found], found, images=len(found[0]))
-    for other in found[1:]:
+    for model, other in zip(models[1:], found[1:]):
         pairs = [box_deviation(a, b) for a, b in zip(found[0], other)]
         comparison.labels_agree.append(all(same for same, _ in pairs))
-        comparison.max_box_deviation.append(max((gap for _, gap in pairs), default=0.0))
+        comparison.max_detection_shift.append(max((gap for _, gap in pairs), default=0.0))
+        if isinstance(models[0], nn.Module) and isinstance(model, nn.Module):
+            box_gap, score_gap = candidate_deviation([models[0], model], loader, device)
+            comparison.max_box_deviation.append(box_gap)
+            comparison.max_score_deviation.append(score_gap)
     return comparison
 
 
@@ -123,19 +197,24 @@ def comparison_summary(comparison: DetectorComparison) -> dict[str, Any]:
     trained, converted = comparison.scores[0], comparison.scores[1]
     return {**{f"val_{k}": v for k, v in trained.items()}, **{f"val_{k}_deploy": v for k, v in converted.items()},
             "labels_agree": comparison.labels_agree[0], "max_box_deviation_px": comparison.max_box_deviation[0],
-            "val_images": comparison.images}
+            "max_score_deviation": comparison.max_score_deviation[0],
+            "max_detection_shift_px": comparison.max_detection_shift[0], "val_images": comparison.images}
 
 
 def check_same_detections(summary: dict[str, Any], what: str) -> None:
-    """Refuse a converted detector that does not detect what its source does: other labels on some image, a box
-    more than [`BOX_TOLERANCE_PX`][repvgg.detection.metrics.BOX_TOLERANCE_PX] away, or another AP.
+    """Refuse a converted detector that does not detect what its source does: a candidate box more than
+    [`BOX_TOLERANCE_PX`][repvgg.detection.metrics.BOX_TOLERANCE_PX] away or a score more than
+    [`SCORE_TOLERANCE`][repvgg.detection.metrics.SCORE_TOLERANCE] (before NMS), other labels on some image, or an AP
+    more than [`AP_TOLERANCE`][repvgg.detection.metrics.AP_TOLERANCE] away (NaN fails every test).
 
     Raises:
         ConversionMismatch: naming ``what`` and what differs; the caller then writes nothing.
     """
-    same_ap = all(summary.get(f"val_{k}") == summary.get(f"val_{k}_deploy") for k in AP_NAMES)
-    if not (summary["labels_agree"] and summary["max_box_deviation_px"] <= BOX_TOLERANCE_PX and same_ap):
+    same_ap = all(abs(summary[f"val_{k}"] - summary[f"val_{k}_deploy"]) <= AP_TOLERANCE
+                  for k in AP_NAMES if f"val_{k}" in summary)
+    if not (summary["labels_agree"] and summary["max_box_deviation_px"] <= BOX_TOLERANCE_PX
+            and summary["max_score_deviation"] <= SCORE_TOLERANCE and same_ap):
         raise ConversionMismatch(
-            f"{what} does not detect what its source does (labels agree: {summary['labels_agree']}, largest box "
-            f"deviation {summary['max_box_deviation_px']:.3g} px, AP {summary['val_ap']:.4f} vs "
-            f"{summary['val_ap_deploy']:.4f}); nothing was written")
+            f"{what} does not detect what its source does (boxes before NMS up to {summary['max_box_deviation_px']:.3g}"
+            f" px apart, scores up to {summary['max_score_deviation']:.3g}, labels agree: {summary['labels_agree']}, "
+            f"AP {summary['val_ap']:.4f} vs {summary['val_ap_deploy']:.4f}); nothing was written")

@@ -156,7 +156,7 @@ class DetectionTask(DenseTask[DetTrainConfig, DetectionDataBundle]):
                         title=f"{model.name} (converted), val AP50 {100 * summary['val_ap50_deploy']:.1f}")
         s = summary
         logger.info("\n  training-time: AP %.2f  AP50 %.2f  %d params\n  converted:     AP %.2f  AP50 %.2f  %d params"
-                    "\n  labels agree on all %d images: %s; largest box deviation %.3g px",
+                    "\n  labels agree on all %d images: %s; largest box deviation before NMS %.3g px",
                     100 * s["val_ap"], 100 * s["val_ap50"], s["params_train"], 100 * s["val_ap_deploy"],
                     100 * s["val_ap50_deploy"], s["params_deploy"], s["val_images"], s["labels_agree"],
                     s["max_box_deviation_px"])
