@@ -101,6 +101,7 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Calibration, *,
                   batch_size: int = 32) -> None:
     """Static INT8 quantization of an ONNX file (QDQ, per-channel INT8 weights, UINT8 activations) whose
     activation ranges come from ``calibration`` (`Calibration`)."""
+    _check_method(method)
     session = onnxruntime_session(fp32_path)
     expected = session.get_inputs()[0].shape
     arrays = calibration_batches(calibration, batch_size)
@@ -110,14 +111,18 @@ def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: Calibration, *,
     quantize_static_qdq(fp32_path, int8_path, arrays, session.get_inputs()[0].name, method=method)
 
 
+def _check_method(method: str) -> None:
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+
+
 def quantize_static_qdq(fp32_path: Path, int8_path: Path, inputs: list[np.ndarray], input_name: str, *,
                         method: str = "minmax", nodes: list[str] | None = None) -> None:
     """ONNX Runtime's static quantizer in this package's QDQ scheme, its activation ranges from running ``inputs``
     (each a whole input of the graph); ``nodes`` restricts it to those nodes (the rest stays in float)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(CALIBRATION_METHODS)}")
+    _check_method(method)
     reader = _CalibrationReader(inputs, input_name)
     # ONNX Runtime's recommended preparation: shape inference and graph optimisation before quantizing.
     from onnxruntime.quantization.shape_inference import quant_pre_process
