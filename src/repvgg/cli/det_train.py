@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from typing import Any
+
 from repvgg.cli.flags import config_command
-from repvgg.cli.output import emit
-from repvgg.cli.train import add_common_arguments, print_config, resolve_config
+from repvgg.cli.train import add_common_arguments, run_training
 from repvgg.detection.config import DetTrainConfig
-from repvgg.errors import EXIT_INTERRUPTED
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,22 +26,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.detection.evaluate import ap_table
     from repvgg.detection.train import train_detector
 
-    config = resolve_config(args)
-    if args.print_config:
-        return print_config(config, args)
-    assert isinstance(config, DetTrainConfig)  # the class add_parser gave config_command
-    summary = train_detector(config)
-    if summary.get("interrupted"):
-        emit(args, summary)
-        return EXIT_INTERRUPTED
-    text = (f"## {summary['model']} on {summary['dataset']}, {summary['epochs']} epochs\n\n"
+    return run_training(args, train_detector, _report)
+
+
+def _report(summary: dict[str, Any]) -> str:
+    from repvgg.detection.evaluate import ap_table
+
+    return (f"## {summary['model']} on {summary['dataset']}, {summary['epochs']} epochs\n\n"
             f"{ap_table(summary | {'form': 'training-time'})}\n\n"
             f"converted vs training-time: labels agree on all {summary['val_images']} images: "
             f"{summary['labels_agree']}, largest box deviation before NMS {summary['max_box_deviation_px']:.3g} px\n"
             + json.dumps({k: summary[k] for k in ("val_ap", "val_ap50", "val_ap_deploy", "val_ap50_deploy",
                                                   "train_time_s", "output")}, indent=2))
-    emit(args, summary, text)
-    return 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from typing import Any
+
 from repvgg.cli.flags import config_command
-from repvgg.cli.output import emit
-from repvgg.errors import EXIT_INTERRUPTED
-from repvgg.cli.train import add_common_arguments, print_config, resolve_config
+from repvgg.cli.train import add_common_arguments, run_training
 from repvgg.segmentation.config import SegTrainConfig
 
 
@@ -25,24 +25,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.segmentation.evaluate import iou_table, speed_table
     from repvgg.segmentation.train import train_segmenter
 
-    config = resolve_config(args)
-    if args.print_config:
-        return print_config(config, args)
-    assert isinstance(config, SegTrainConfig)  # the class add_parser gave config_command
-    summary = train_segmenter(config)
-    if summary.get("interrupted"):
-        emit(args, summary)
-        return EXIT_INTERRUPTED
+    return run_training(args, train_segmenter, _report)
+
+
+def _report(summary: dict[str, Any]) -> str | None:
+    from repvgg.segmentation.evaluate import iou_table, speed_table
+
     if "speed" not in summary:  # not the main process of a distributed run
-        return 0
-    text = (f"## {summary['model']} on {summary['dataset']}, {summary['epochs']} epochs\n\n{iou_table(summary)}\n"
+        return None
+    return (f"## {summary['model']} on {summary['dataset']}, {summary['epochs']} epochs\n\n{iou_table(summary)}\n"
             f"\nconverted vs training-time: max |logit difference| {summary['max_abs_diff']:.3g}, "
             f"predicted classes agree on {100 * summary['pixel_agreement']:.4f}% of pixels\n\n"
             f"{speed_table(summary['speed'], summary['speed_input'])}\n"
             + json.dumps({k: summary[k] for k in ("val_miou", "val_miou_deploy", "pixel_accuracy", "max_abs_diff",
                                                   "train_time_s", "output")}, indent=2))
-    emit(args, summary, text)
-    return 0

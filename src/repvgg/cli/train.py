@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import Any, Callable
 
 from repvgg.cli.flags import config_command, config_flag_values
 from repvgg.cli.output import emit
@@ -68,19 +68,36 @@ def print_config(config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_training(args: argparse.Namespace, job: Callable[[Any], dict[str, Any]],
+                 report: Callable[[dict[str, Any]], str | None]) -> int:
+    """What every training command does: resolve the config (or print it), run ``job`` on it, and show its summary
+    through ``report`` (an interrupted run: the resumable state, exit 130; ``None``: nothing to show, as on the other
+    processes of a distributed run)."""
+    config = resolve_config(args)
+    if args.print_config:
+        return print_config(config, args)
+    summary = job(config)
+    if summary.get("interrupted"):
+        emit(args, summary)
+        return EXIT_INTERRUPTED
+    text = report(summary)
+    if text is not None:
+        emit(args, summary, text)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from repvgg.training.classification import train
     from repvgg.quant.qat import train_qat
 
-    config = resolve_config(args)
-    if args.print_config:
-        return print_config(config, args)
-    assert isinstance(config, TrainConfig)  # the class add_parser gave config_command
-    summary = (train_qat if config.qat else train)(config)
-    if summary.get("interrupted"):
-        emit(args, summary)
-        return EXIT_INTERRUPTED
+    def job(config: Any) -> dict[str, Any]:
+        assert isinstance(config, TrainConfig)  # the class add_parser gave config_command
+        return (train_qat if config.qat else train)(config)
+
+    return run_training(args, job, _report)
+
+
+def _report(summary: dict[str, Any]) -> str:
     keys = ("model", "dataset", "epochs", "val_top1", "val_top1_deploy", "max_abs_diff", "prediction_agreement",
             "deploy_from", "deploy_epoch", "top1_int8", "int8_onnx", "output")
-    emit(args, summary, json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
-    return 0
+    return json.dumps({k: summary[k] for k in keys if k in summary}, indent=2)
