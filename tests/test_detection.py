@@ -255,21 +255,58 @@ def test_predict_draws_the_boxes_it_reports(tmp_path: Path, capsys: pytest.Captu
     assert main(args) == 2  # the drawings exist: not replaced without --overwrite
 
 
-def test_quantize_writes_an_int8_detector_judged_by_its_ap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """quantize of a detector: the backbone and pyramid in INT8 (QDQ), the head in float, the AP of both files
-    measured on the validation images; a guard that cannot be met writes nothing."""
+@pytest.fixture(scope="module")
+def trained_qa_detector(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A QARepVGG FCOS trained for a few seconds on small generated scenes (AP about 20, AP50 about 50): enough for
+    deployment to have something to lose."""
+    out = tmp_path_factory.mktemp("qa") / "run"
+    summary = train_detector(DetTrainConfig(backbone="qarepvgg_tiny", image_size=64, head_convs=1, epochs=5,
+                                            synthetic_train=192, synthetic_val=48, batch_size=16, lr=0.02,
+                                            output=str(out)))
+    assert summary["val_ap50"] > 0.2, summary["val_ap50"]
+    return out, summary
+
+
+def test_the_exported_detector_scores_the_same_ap_in_both_runtimes(trained_qa_detector: tuple[Path, dict],
+                                                                  tmp_path: Path) -> None:
+    """The ONNX detector run by ONNX Runtime and by OpenVINO on the whole validation set: AP within 0.1 point of the
+    training-time detector's."""
+    from repvgg.detection.export import export_detector, run_onnx_detector
+    from repvgg.detection.metrics import coco_scores
+    from repvgg.io.onnx_run import onnxruntime_session, openvino_model
+
+    run, summary = trained_qa_detector
+    export_detector(run / "deploy.safetensors", tmp_path / "det.onnx")
+    session, compiled = onnxruntime_session(tmp_path / "det.onnx"), openvino_model(tmp_path / "det.onnx")
+    runners = {
+        "onnxruntime": lambda images: [run_onnx_detector(session, image) for image in images],
+        "openvino": lambda images: [dict(zip(("boxes", "scores", "labels"), (torch.from_numpy(v) for v in
+                                                                         compiled(image.numpy()).values())))
+                                    for image in images],
+    }
+    _, meta = load_detector(run / "deploy.safetensors")
+    val = build_detection_data(None, image_size=64, synthetic=SyntheticConfig(**dict(
+        meta["data"]["synthetic"], size_range=tuple(meta["data"]["synthetic"]["size_range"]))), augment=False).val
+    for name, runner in runners.items():
+        ap = coco_scores(val.coco, detect(runner, torch.utils.data.DataLoader(val, batch_size=8)))["ap"]
+        assert abs(ap - summary["val_ap"]) <= 1e-3, (name, ap, summary["val_ap"])
+
+
+def test_quantize_writes_an_int8_detector_judged_by_its_ap(trained_qa_detector: tuple[Path, dict], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """quantize of a QARepVGG detector: the backbone and pyramid in INT8 (QDQ), the head in float, and its AP on the
+    validation images within 1 point of the training-time detector's; a guard that cannot be met writes nothing."""
     from repvgg.cli import main
     from repvgg.quant.guard import PrecisionRejected, require_ap
 
-    model = randomize_bn(create_detector("qarepvgg_tiny", 4, image_size=64))
-    save_detector(model, tmp_path / "det.safetensors", classes=["circle", "square", "triangle", "cross"],
-                  data={"data": None, "synthetic": {"image_size": 64, "num_train": 8, "num_val": 4}})
-    assert main(["quantize", str(tmp_path / "det.safetensors"), str(tmp_path / "int8.onnx"), "--calib-images", "4",
+    run, summary = trained_qa_detector
+    assert main(["quantize", str(run / "deploy.safetensors"), str(tmp_path / "int8.onnx"), "--calib-images", "32",
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["calibration_images"] == 4 and report["val_images"] == 4
+    assert report["calibration_images"] == 32 and report["val_images"] == 48
     assert 0 < report["quantized_convs"] < report["convs"]  # the head's convs stay in float
-    assert report["ap_drop"] <= 1.0 and (tmp_path / "int8.onnx").is_file()
+    assert abs(report["ap_fp32"] - summary["val_ap"]) <= 1e-3 and (tmp_path / "int8.onnx").is_file()
+    assert 100 * abs(report["ap_int8"] - summary["val_ap"]) <= 1.0
     with pytest.raises(PrecisionRejected, match="--max-ap-drop"):
         require_ap(0.50, 0.48, 1.0, "an INT8 detector")
     require_ap(0.50, 0.495, 1.0, "an INT8 detector")
