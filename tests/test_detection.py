@@ -260,8 +260,8 @@ def trained_qa_detector(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     """A QARepVGG FCOS trained for a few seconds on small generated scenes (AP about 20, AP50 about 50): enough for
     deployment to have something to lose."""
     out = tmp_path_factory.mktemp("qa") / "run"
-    summary = train_detector(DetTrainConfig(backbone="qarepvgg_tiny", image_size=64, head_convs=1, epochs=5,
-                                            synthetic_train=192, synthetic_val=48, batch_size=16, lr=0.02,
+    summary = train_detector(DetTrainConfig(backbone="qarepvgg_tiny", image_size=64, head_convs=1, epochs=4,
+                                            synthetic_train=160, synthetic_val=48, batch_size=16, lr=0.02,
                                             output=str(out)))
     assert summary["val_ap50"] > 0.2, summary["val_ap50"]
     return out, summary

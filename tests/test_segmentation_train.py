@@ -209,7 +209,7 @@ def test_poly_learning_rate() -> None:
 
 
 def test_config_file_flags_and_errors(tmp_path: Path) -> None:
-    from repvgg.cli.seg_train import resolve_config
+    from repvgg.cli.train import resolve_config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("backbone: repvgg_tiny_b\nepochs: 7\nscale-range: [0.5, 1.0]\nfast: true\n")
