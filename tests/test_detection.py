@@ -261,7 +261,7 @@ def trained_qa_detector(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     deployment to have something to lose."""
     out = tmp_path_factory.mktemp("qa") / "run"
     summary = train_detector(DetTrainConfig(backbone="qarepvgg_tiny", image_size=64, head_convs=1, epochs=4,
-                                            synthetic_train=160, synthetic_val=48, batch_size=16, lr=0.02,
+                                            synthetic_train=160, synthetic_val=32, batch_size=16, lr=0.02,
                                             output=str(out)))
     assert summary["val_ap50"] > 0.2, summary["val_ap50"]
     return out, summary
@@ -303,7 +303,7 @@ def test_quantize_writes_an_int8_detector_judged_by_its_ap(trained_qa_detector: 
     assert main(["quantize", str(run / "deploy.safetensors"), str(tmp_path / "int8.onnx"), "--calib-images", "32",
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["calibration_images"] == 32 and report["val_images"] == 48
+    assert report["calibration_images"] == 32 and report["val_images"] == 32
     assert 0 < report["quantized_convs"] < report["convs"]  # the head's convs stay in float
     assert abs(report["ap_fp32"] - summary["val_ap"]) <= 1e-3 and (tmp_path / "int8.onnx").is_file()
     assert 100 * abs(report["ap_int8"] - summary["val_ap"]) <= 1.0
