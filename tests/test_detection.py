@@ -194,10 +194,9 @@ def test_export_writes_a_detector_that_onnx_runtime_and_openvino_run(tmp_path: P
     """The exported graph (resize, normalisation, decoding, NMS) detects what the converted detector does, in ONNX
     Runtime and in OpenVINO, on images of another size than the training one."""
     from repvgg.cli import main
-    from repvgg.detection.export import run_onnx_detector
+    from repvgg.detection.export import onnx_detector
     from repvgg.detection.metrics import box_deviation
     from repvgg.io.card import read_onnx_metadata
-    from repvgg.io.onnx_run import onnxruntime_session, openvino_model
 
     # no top-k cut among near-equal random scores: every detection over the threshold is kept
     model = randomize_bn(create_detector("repvgg_tiny", 4, image_size=64, score_threshold=0.05,
@@ -207,15 +206,12 @@ def test_export_writes_a_detector_that_onnx_runtime_and_openvino_run(tmp_path: P
     assert main(["export", str(tmp_path / "det.pt.safetensors"), str(tmp_path / "det.onnx")]) == 0
     assert json.loads(read_onnx_metadata(tmp_path / "det.onnx")["classes"]) == ["a", "b", "c", "d"]
     plain = reparameterize_model(model)
-    session = onnxruntime_session(tmp_path / "det.onnx")
-    compiled = openvino_model(tmp_path / "det.onnx")  # float32 (OpenVINO may pick BF16 on its own)
     image = torch.rand(3, 48, 80, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = plain([image])[0]
     assert len(expected["labels"]) > 0
-    by_openvino = dict(zip(("boxes", "scores", "labels"),
-                           (torch.from_numpy(v) for v in compiled(image.numpy()).values())))
-    for got in (run_onnx_detector(session, image), by_openvino):
+    for runtime in ("onnxruntime", "openvino"):
+        got = onnx_detector(tmp_path / "det.onnx", runtime)(image)
         same, gap = box_deviation(expected, got)
         assert same and gap <= 1e-3
 
@@ -271,19 +267,15 @@ def test_the_exported_detector_scores_the_same_ap_in_both_runtimes(trained_qa_de
                                                                   tmp_path: Path) -> None:
     """The ONNX detector run by ONNX Runtime and by OpenVINO on the whole validation set: AP within 0.1 point of the
     training-time detector's."""
-    from repvgg.detection.export import export_detector, run_onnx_detector
+    from repvgg.detection.export import export_detector, onnx_detector
     from repvgg.detection.metrics import coco_scores
-    from repvgg.io.onnx_run import onnxruntime_session, openvino_model
 
     run, summary = trained_qa_detector
     export_detector(run / "deploy.safetensors", tmp_path / "det.onnx")
-    session, compiled = onnxruntime_session(tmp_path / "det.onnx"), openvino_model(tmp_path / "det.onnx")
-    runners = {
-        "onnxruntime": lambda images: [run_onnx_detector(session, image) for image in images],
-        "openvino": lambda images: [dict(zip(("boxes", "scores", "labels"), (torch.from_numpy(v) for v in
-                                                                         compiled(image.numpy()).values())))
-                                    for image in images],
-    }
+    runners = {}
+    for runtime in ("onnxruntime", "openvino"):
+        one = onnx_detector(tmp_path / "det.onnx", runtime)
+        runners[runtime] = lambda images, one=one: [one(image) for image in images]
     _, meta = load_detector(run / "deploy.safetensors")
     val = build_detection_data(None, image_size=64, synthetic=SyntheticConfig(**dict(
         meta["data"]["synthetic"], size_range=tuple(meta["data"]["synthetic"]["size_range"]))), augment=False).val

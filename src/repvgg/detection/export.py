@@ -16,7 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,12 +26,12 @@ from repvgg.detection.weights import load_detector
 from repvgg.errors import ConversionMismatch
 from repvgg.io.card import write_onnx_metadata
 from repvgg.io.export import noticing_interrupts
-from repvgg.io.onnx_run import onnxruntime_session
+from repvgg.io.onnx_run import onnxruntime_session, openvino_model
 from repvgg.limits import MIN_OPSET, check_int
 from repvgg.nn.convert import reparameterize_model
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
 
-__all__ = ["DETECTOR_OUTPUTS", "DetectorExport", "export_detector", "run_onnx_detector"]
+__all__ = ["DETECTOR_OUTPUTS", "DetectorExport", "export_detector", "onnx_detector"]
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,22 @@ class DetectorExport:
         return dict(self.__dict__)
 
 
-def run_onnx_detector(session: Any, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One float ``(3, H, W)`` image in [0, 1] through an exported detector (an ONNX Runtime session): its
-    ``boxes``, ``scores`` and ``labels``."""
-    outputs = session.run(None, {session.get_inputs()[0].name: image.float().numpy()})
+def onnx_detector(path: str | os.PathLike[str], runtime: str = "onnxruntime") -> Callable[[torch.Tensor],
+                                                                                        dict[str, torch.Tensor]]:
+    """An exported detector as a callable: one float ``(3, H, W)`` image in [0, 1] in, its ``boxes``, ``scores`` and
+    ``labels`` out, run by ONNX Runtime or by OpenVINO (in float32: left to itself on a CPU with BF16 units, OpenVINO
+    may compute in BF16)."""
+    if runtime == "onnxruntime":
+        session = onnxruntime_session(path)
+        name = session.get_inputs()[0].name
+        return lambda image: _named(session.run(None, {name: image.float().numpy()}))
+    if runtime == "openvino":
+        compiled = openvino_model(path)
+        return lambda image: _named(list(compiled(image.float().numpy()).values()))
+    raise ValueError(f"an ONNX detector runs on onnxruntime or openvino, not {runtime!r}")
+
+
+def _named(outputs: list[Any]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(value) for name, value in zip(DETECTOR_OUTPUTS, outputs)}
 
 
@@ -104,11 +116,11 @@ def export_detector(weights: str | os.PathLike[str], path: str | os.PathLike[str
 def _parity(path: Path, model: Any, samples: list[torch.Tensor]) -> tuple[float, int]:
     """ONNX Runtime against PyTorch on ``samples``: the largest box deviation and the detections compared, or a
     ConversionMismatch."""
-    session = onnxruntime_session(path)
+    run = onnx_detector(path)
     worst, count, swaps = 0.0, 0, 0
     for index, image in enumerate(samples):
         expected = model([image])[0]
-        got = run_onnx_detector(session, image)
+        got = run(image)
         finite = all(bool(torch.isfinite(got[k].float()).all()) for k in ("boxes", "scores"))
         same, gap = box_deviation(expected, got)
         if finite and same and gap > BOX_TOLERANCE_PX and differs_by_ties_only(expected, got):

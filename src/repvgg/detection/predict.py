@@ -14,11 +14,10 @@ import torch
 from torch import Tensor
 
 from repvgg.dense.weights import dense_kind
-from repvgg.detection.export import run_onnx_detector
+from repvgg.detection.export import onnx_detector
 from repvgg.detection.weights import load_detector
 from repvgg.io.card import read_onnx_metadata
 from repvgg.io.formats import identify_file
-from repvgg.io.onnx_run import onnxruntime_session, openvino_model
 from repvgg.limits import check_float
 from repvgg.training.images import load_rgb
 
@@ -92,7 +91,7 @@ class DetectionPredictor:
                 raise ValueError("an ONNX detector runs on the CPU here; use the det-train file for --device cuda")
             self.backend = "openvino" if runtime == "openvino" else "onnxruntime"
             self.classes = list(json.loads(read_onnx_metadata(path).get("classes", "null")) or [])
-            self._run = self._onnx_runner(path)
+            self._run = onnx_detector(path, self.backend)
         else:
             if runtime not in ("auto", "pytorch"):
                 raise ValueError(f"a detector file runs on pytorch; export it to ONNX for {runtime}")
@@ -104,14 +103,6 @@ class DetectionPredictor:
             self.classes = list(classes)
         if not self.classes:
             raise ValueError(f"{path} records no class names; give them with --classes")
-
-    def _onnx_runner(self, path: Path) -> Callable[[Tensor], dict[str, Tensor]]:
-        if self.backend == "onnxruntime":
-            session = onnxruntime_session(path)
-            return lambda image: run_onnx_detector(session, image)
-        compiled = openvino_model(path)
-        return lambda image: dict(zip(("boxes", "scores", "labels"),
-                                      (torch.from_numpy(v) for v in compiled(image.numpy()).values())))
 
     @torch.no_grad()
     def detect(self, image: Any) -> dict[str, Tensor]:

@@ -15,11 +15,10 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from repvgg.detection.evaluate import validation_data
-from repvgg.detection.export import export_detector, run_onnx_detector
+from repvgg.detection.export import export_detector, onnx_detector
 from repvgg.detection.metrics import coco_scores, detect
 from repvgg.detection.weights import load_detector
 from repvgg.io.card import read_onnx_metadata, write_onnx_metadata
-from repvgg.io.onnx_run import onnxruntime_session
 from repvgg.limits import check_int
 from repvgg.quant.guard import DEFAULT_MAX_AP_DROP, require_ap
 from repvgg.quant.qdq import calibration_subset, quantize_static_qdq, quantized_conv_count
@@ -52,8 +51,8 @@ class DetectorQuantizeReport:
 
 
 def _onnx_detector(path: Path) -> Any:
-    session = onnxruntime_session(path)
-    return lambda images: [run_onnx_detector(session, image) for image in images]
+    run = onnx_detector(path)
+    return lambda images: [run(image) for image in images]
 
 
 def quantize_detector(weights: str | os.PathLike[str], output: str | os.PathLike[str], *, calib_images: int = 64,
