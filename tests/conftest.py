@@ -66,9 +66,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 #: The files that take longest (seconds of one worker on a 2-core machine), run first: with one file per worker
 #: (``--dist loadfile``), a long file that starts last keeps one worker busy while the other waits.
-LONGEST_FIRST = ("test_train.py", "test_segmentation_train.py", "test_precision.py", "test_detection.py",
-                 "test_quantize.py", "test_timm_interface.py", "test_run_mixups.py", "test_reliability.py",
-                 "test_model.py")
+LONGEST_FIRST = ("test_train.py", "test_detection.py", "test_precision.py", "test_segmentation_train.py",
+                 "test_hostile_inputs.py", "test_timm_interface.py", "test_reliability.py", "test_model.py",
+                 "test_quantize.py", "test_fast.py", "test_run_safety.py", "test_predict.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -96,12 +96,12 @@ def test_the_validation_guard_holds_both_thresholds() -> None:
 
 @pytest.fixture(scope="module")
 def digits_int8(tmp_path_factory: pytest.TempPathFactory):
-    """A QARepVGG trained on the digits (8 epochs of 11 steps), its calibration and validation batches."""
+    """A QARepVGG trained on the digits at 24x24 (8 epochs of 11 steps), its calibration and validation batches."""
     out = tmp_path_factory.mktemp("int8") / "run"
-    assert main(["train", "--model", "qarepvgg_tiny", "--epochs", "8", "--batch-size", "128", "--device", "cpu",
-                 "--no-inference-speed", "--output", str(out)]) == 0
+    assert main(["train", "--model", "qarepvgg_tiny", "--epochs", "8", "--batch-size", "128", "--img-size", "24",
+                 "--device", "cpu", "--no-inference-speed", "--output", str(out)]) == 0
     model = repvgg.load_model(out / "deploy.safetensors")
-    bundle = build_datasets(None, augment=False)
+    bundle = build_datasets(None, img_size=24, augment=False)
     calibration = [images for images, _ in DataLoader(bundle.train, batch_size=128)][:6]
     validation = list(DataLoader(bundle.val, batch_size=120))
     return model, calibration, validation
@@ -114,7 +114,7 @@ def _report(runner, name: str, precision: str):
 def test_auto_accepts_int8_when_the_guard_holds_and_rejects_a_broken_calibration(digits_int8) -> None:
     model, calibration, validation = digits_int8
     example = validation[0][0][:8]
-    # The guard's thresholds are settable: a 32x32 model of 1.7M parameters is allowed one more flip in 500.
+    # The guard's thresholds are settable: a 24x24 model of 1.7M parameters is allowed one more flip in 500.
     guard = dict(min_agreement=0.99, max_top1_drop=1.0)
     runner = optimize_for_inference(model, example, dtype="auto", calibration=calibration, validation=validation,
                                     candidates=["onnxruntime"], rounds=2, pause_s=0.0, **guard)

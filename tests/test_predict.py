@@ -45,7 +45,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert main(["export", str(deploy), str(files["fp16"]), "--fp16"]) == 0
     with contextlib.redirect_stdout(io.StringIO()) as report:
         assert main(["quantize", str(deploy), str(files["int8"]), "--data", str(data), "--calib-images",
-                     "24", "--runtime", "onnxruntime"]) == 0
+                     "24", "--runtime", "onnxruntime", "--speed-rounds", "3"]) == 0
     files["quantize_report"] = json.loads(report.getvalue())
     return files
 

@@ -18,7 +18,8 @@ from repvgg.io.export import export_onnx_file, onnxruntime_session
 @pytest.fixture(scope="module")
 def trained_qa(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("qa") / "run"
-    assert main(["train", "--model", "qarepvgg_tiny", "--epochs", "2", "--device", "cpu", "--output", str(out)]) == 0
+    assert main(["train", "--model", "qarepvgg_tiny", "--epochs", "2", "--img-size", "16", "--device", "cpu",
+                 "--output", str(out)]) == 0
     return out
 
 
@@ -27,7 +28,7 @@ def test_quantize_a_trained_run_writes_a_checked_int8_model(trained_qa: Path, tm
     out = tmp_path / "int8.onnx"
     # two epochs of a tiny model: the guard's limits raised by the user, as the refusal suggests
     assert main(["quantize", str(trained_qa / "best.pt"), str(out), "--calib-images", "64", "--min-agreement", "0.97",
-                 "--max-top1-drop", "2"]) == 0
+                 "--max-top1-drop", "2", "--speed-rounds", "3"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["guard"] == {"min_agreement": 0.97, "max_top1_drop": 2.0}
     for runtime, accuracy in report["accuracy"].items():  # every runtime timed was scored, and the one named holds
@@ -43,7 +44,7 @@ def test_quantize_a_trained_run_writes_a_checked_int8_model(trained_qa: Path, tm
     quantized, convs = quantized_conv_count(out)
     assert quantized == convs == report["convs"]
     session = onnxruntime_session(out)  # runs in ONNX Runtime, dynamic batch
-    logits = session.run(None, {session.get_inputs()[0].name: torch.randn(5, 3, 32, 32).numpy()})[0]
+    logits = session.run(None, {session.get_inputs()[0].name: torch.randn(5, 3, 16, 16).numpy()})[0]
     assert logits.shape == (5, 10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx"]  # no staging files left
     # --runtime auto timed every runtime installed and named the one that ran INT8 fastest
@@ -57,7 +58,8 @@ def test_quantize_times_the_runtime_asked_for(trained_qa: Path, tmp_path: Path,
     pytest.importorskip("openvino", reason="OpenVINO is not installed (the deploy extra installs it)")
     out = tmp_path / "int8.onnx"
     assert main(["quantize", str(trained_qa / "best.pt"), str(out), "--calib-images", "64", "--runtime",
-                 "openvino", "--min-agreement", "0.97", "--max-top1-drop", "2"]) == 0
+                 "openvino", "--min-agreement", "0.97", "--max-top1-drop", "2", "--speed-rounds",
+                 "3"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["runtime"] == "openvino" and set(report["speeds"]) == {"openvino"}
 
@@ -104,7 +106,8 @@ def test_a_mis_shaped_calibration_set_is_refused(tmp_path: Path) -> None:
 def test_quantization_aware_training_exports_a_qdq_int8_model(trained_qa: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "qat.onnx"
-    assert main(["quantize", str(trained_qa / "best.pt"), str(out), "--qat-epochs", "1", "--device", "cpu"]) == 0
+    assert main(["quantize", str(trained_qa / "best.pt"), str(out), "--qat-epochs", "1", "--device", "cpu",
+                 "--speed-rounds", "3"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["calibration"] == "qat" and report["qat_epochs"] == 1
     assert report["quantized_convs"] == report["convs"] > 0 and abs(report["top1_int8"] - report["top1_fp32"]) <= 5
@@ -119,7 +122,7 @@ def test_quantization_aware_training_exports_a_qdq_int8_model(trained_qa: Path, 
     digits = [str(i) for i in range(10)]  # the QAT run's own INT8 file and the one quantize wrote name the classes
     for int8 in (run / "int8.onnx", out):
         classes, preprocessing = read_card(int8, num_classes=10)
-        assert classes == digits and preprocessing.img_size == 32 and preprocessing.grayscale
+        assert classes == digits and preprocessing.img_size == 16 and preprocessing.grayscale
     session = onnxruntime_session(out)  # any input size: the QAT export has dynamic height and width
     assert session.run(None, {session.get_inputs()[0].name: torch.randn(2, 3, 48, 48).numpy()})[0].shape == (2, 10)
     # QAT needs a trained model to start from

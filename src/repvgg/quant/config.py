@@ -25,6 +25,8 @@ class QuantizeConfig(RunConfig):
                                low=1, high=100_000)
     calibration: str = option("minmax", "calibration method", choices=tuple(CALIBRATION_METHODS))
     speed_batch: int = option(8, "batch of the FP32/INT8 timing", low=1)
+    speed_rounds: int = option(15, "interleaved rounds of the FP32/INT8 timing (the medians are reported)", low=1,
+                               high=10_000)
     speed_img_size: int | None = option(None, "input size of the FP32/INT8 timing", default_help="--img-size",
                                         low=8, high=MAX_IMG_SIZE)
     qat_epochs: int = option(0, "quantization-aware training instead of calibration: fine-tune the converted model "

@@ -135,9 +135,9 @@ def quantize_model(
         output: the INT8 ``.onnx`` file to write.
         config: the options ([`QuantizeConfig`][repvgg.quant.config.QuantizeConfig]): ``data`` (an ImageFolder root;
             ``None`` is the embedded digits), ``img_size`` (default: the size the weights file records),
-            ``calib_images`` (training images, validation
-            preprocessing, that set the activation ranges), ``calibration`` (``minmax``, ``entropy`` or
-            ``percentile``), ``speed_batch`` and ``speed_img_size`` (the batch timed for ``int8_speedup``),
+            ``calib_images`` (training images, validation preprocessing, that set the activation ranges),
+            ``calibration`` (``minmax``, ``entropy`` or ``percentile``), ``speed_batch``, ``speed_img_size`` and
+            ``speed_rounds`` (the timing behind ``int8_speedup``),
             ``qat_epochs``, ``qat_lr`` and ``device`` (quantization-aware training instead of calibration),
             ``overwrite`` (the output and the QAT run folder).
         **options: fields of ``config`` to replace, e.g. ``quantize_model(w, "int8.onnx", calib_images=64)``.
@@ -227,7 +227,7 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
                 quantize_onnx(fp32_speed, int8_speed, _Resized(calibration, size), method=method)
         else:
             fp32_speed, int8_speed = fp32, int8
-        speeds = runtime_speeds(fp32_speed, int8_speed, speed_input, runtimes)
+        speeds = runtime_speeds(fp32_speed, int8_speed, speed_input, runtimes, rounds=cfg.speed_rounds)
         commit_staged(int8, output)
     # the runtime to use: the fastest whose INT8 holds the guard
     fastest = max((r for r in runtimes if results[r].passed), key=lambda runtime: speeds[runtime]["int8"])
