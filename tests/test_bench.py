@@ -243,7 +243,7 @@ def test_int8_rows_for_every_runtime_with_their_deviation(monkeypatch: pytest.Mo
     monkeypatch.setattr(bench, "native_bf16", lambda device: False)
     monkeypatch.setattr(bench, "cpu_features", lambda: CPUFeatures(avx2=True))
     result = run_benchmark(_tiny_config(dtypes=("float32", "bfloat16", "int8"), candidates=None, latency=False,
-                                        memory=False))
+                                        memory=False, reference_conv=False))  # the reference: end to end above
     int8 = [r for r in result.rows if r.dtype == "int8"]
     assert {r.backend for r in int8} >= {"onnxruntime"} and all(r.form in ("fast", "runtime") for r in int8)
     assert all(r.throughput > 0 and r.deviation is not None and 0 <= r.agreement <= 1 for r in int8)
