@@ -39,7 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="auto: the fastest runtime that reproduces the model (ONNX Runtime for an ONNX file)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="precision of a model file (int8: calibrated on 64 readable inputs spread over all of them and "
-                        "held to the accuracy guard on 64 others, against the float32 model's predictions)")
+                        "held to the accuracy guard on 64 others, against the float32 model's predictions; auto: the "
+                        "fastest precision the guard accepts)")
     add_guard_flags(p)
     p.add_argument("--batch-size", type=bounded_int(1), default=32, help="images per forward pass")
     p.add_argument("--workers", type=bounded_int(0, MAX_WORKERS), default=2, help="processes decoding images")

@@ -3,5 +3,6 @@
 
 #: ``runtime=``: ``auto`` (the fast path's choice, or ONNX Runtime for an ONNX file) or one runtime by name.
 RUNTIMES = ("auto", "eager", "channels_last", "torchscript", "onnxruntime", "openvino", "compile")
-#: ``dtype=``: what [`optimize_for_inference`][repvgg.perf.fast.optimize_for_inference] computes in (model files only).
-DTYPES = ("float32", "bfloat16", "int8")
+#: ``dtype=``: what [`optimize_for_inference`][repvgg.perf.fast.optimize_for_inference] computes in (model files only);
+#: ``auto`` is the fastest of the three that the accuracy guard accepts.
+DTYPES = ("float32", "bfloat16", "int8", "auto")

@@ -92,7 +92,8 @@ class Predictor:
             ``int8``) is held to the accuracy guard ([`repvgg.quant.guard`][repvgg.quant.guard]) against the
             float32 model's own predictions on ``calibration`` (image paths or prepared batches, sampled evenly;
             unreadable images are left out), and ``int8`` is calibrated on other images of it: below
-            ``min_agreement`` it is refused ([`PrecisionRejected`][repvgg.quant.guard.PrecisionRejected]).
+            ``min_agreement`` it is refused ([`PrecisionRejected`][repvgg.quant.guard.PrecisionRejected]);
+            ``auto`` takes the fastest of float32 and the reduced ones the guard accepts.
         device: ``"cpu"`` or ``"cuda[:N]"`` (model files; an ONNX file runs on the CPU).
         batch_size: images per forward pass (and the batch the runtimes are weighed at), bounded by this machine's
             memory ([`check_batch_memory`][repvgg.limits.check_batch_memory]).
@@ -127,8 +128,9 @@ class Predictor:
                                  f"exported from on {device}")
             self.card, self._run, self.backend, self.dtype, self.reason = _open_onnx(Path(path), runtime, dtype,
                                                                                       self.batch_size)
+            self.name = Path(path).stem
         else:
-            self.card, self._run, self.backend, self.dtype, self.reason = _open_weights(
+            self.card, self._run, self.backend, self.dtype, self.reason, self.name = _open_weights(
                 path, runtime, dtype, device, self.batch_size, measure,
                 lambda p: self._calibration_images(calibration, p), guard)
         if classes is not None:
@@ -178,6 +180,32 @@ class Predictor:
         """The model's float32 logits for a batch already prepared (`transform`)."""
         return self._run(batch.float())
 
+    def rank(self, logits: Tensor, topk: int, *, what: str = "an image"
+             ) -> list[tuple[tuple[str, ...], tuple[int, ...], tuple[float, ...]]]:
+        """Each row of ``logits``: its top-``topk`` class names, indices and softmax probabilities.
+
+        Raises:
+            ValueError: a NaN or infinite output (naming ``what``): its predictions cannot be trusted.
+        """
+        probabilities = torch.softmax(logits.float(), dim=1)
+        if not torch.isfinite(probabilities).all():
+            raise ValueError(f"the model gave a NaN or infinite output for {what}; its predictions cannot be trusted")
+        top = probabilities.topk(min(topk, len(self.classes)), dim=1)
+        rows = []
+        for values, picked in zip(top.values.tolist(), top.indices.tolist()):
+            rows.append((tuple(self.classes[i] for i in picked), tuple(picked), tuple(values)))
+        return rows
+
+    def prepare_encoded(self, data: bytes, what: str = "the uploaded image") -> Tensor:
+        """An encoded image (PNG, JPEG, ... bytes) prepared as a file of it is: bounded by
+        [`MAX_IMAGE_PIXELS`][repvgg.limits.MAX_IMAGE_PIXELS] from its header, 16-bit grey scaled.
+
+        Raises:
+            ValueError: not an image, or a broken one; [`LimitExceeded`][repvgg.limits.LimitExceeded]: too many
+                pixels.
+        """
+        return self.transform(load_rgb(data, what=what))
+
     def predict(self, inputs: Any, *, topk: int = 5, bad_images: str = "fail") -> list[Prediction]:
         """Top-``topk`` predictions of ``inputs``: image paths, folders and glob patterns (as the CLI expands
         them), PIL images, uint8 ``(3, H, W)`` image tensors (prepared like files), or float tensors already
@@ -204,17 +232,12 @@ class Predictor:
             results: dict[int, Prediction] = {i: Prediction(sources[i], (), (), (), error) for i, error in errors}
             if images is not None:
                 try:
-                    probabilities = torch.softmax(self.logits(images[1]).float(), dim=1)
+                    logits = self.logits(images[1])
                 except (MemoryError, RuntimeError) as err:
                     raise out_of_memory(err, "predicting a batch") or err
-                if not torch.isfinite(probabilities).all():
-                    raise ValueError(f"the model gave a NaN or infinite output for {sources[images[0][0]]} or "
-                                     "another image of its batch; its predictions cannot be trusted")
-                top = probabilities.topk(k, dim=1)
-                for row, index in enumerate(images[0]):
-                    indices = tuple(int(i) for i in top.indices[row])
-                    results[index] = Prediction(sources[index], tuple(self.classes[i] for i in indices), indices,
-                                                tuple(float(p) for p in top.values[row]))
+                ranked = self.rank(logits, k, what=f"{sources[images[0][0]]} or another image of its batch")
+                for (classes, indices, probabilities), index in zip(ranked, images[0]):
+                    results[index] = Prediction(sources[index], classes, indices, probabilities)
             yield from (results[i] for i in sorted(results))
             if on_batch is not None:
                 on_batch(len(results))
@@ -292,8 +315,8 @@ class Predictor:
 
 def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch_size: int, measure: bool,
                   calibration_images: Callable[[Preprocessing], Tensor], guard: Guard
-                  ) -> tuple[ModelCard, Callable[[Tensor], Tensor], str, str, str]:
-    """A model file through the fast path: ``(card, runner, backend, dtype, why it was chosen)``."""
+                  ) -> tuple[ModelCard, Callable[[Tensor], Tensor], str, str, str, str]:
+    """A model file through the fast path: ``(card, runner, backend, dtype, why it was chosen, model name)``."""
     from repvgg.io.loading import load_model, model_card
     from repvgg.nn.convert import reparameterize_model
     from repvgg.perf.fast import optimize_for_inference
@@ -311,7 +334,7 @@ def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch
     calibration = validation = None
     if dtype != "float32":  # a reduced precision is held to the guard on the inputs; INT8 calibrates on them too
         calibration, validation = _reduced_precision_evidence(plain, calibration_images(card.preprocessing))
-        calibration = calibration if dtype == "int8" else None
+        calibration = calibration if dtype in ("int8", "auto") else None
     if runtime != "auto":
         candidates = [runtime]
     elif not measure and dtype == "float32":
@@ -327,7 +350,7 @@ def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch
     def run(batch: Tensor) -> Tensor:
         return runner(batch.to(target)).float().cpu()
 
-    return card, run, runner.backend, precision, runner.reason
+    return card, run, runner.backend, precision, runner.reason, str(getattr(model, "name", None) or "model")
 
 
 def _spread(items: Sequence[Any], count: int) -> list[Any]:

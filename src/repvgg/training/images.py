@@ -3,6 +3,7 @@ images in a folder."""
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
@@ -15,23 +16,36 @@ from repvgg.limits import LimitExceeded, check_image_pixels
 __all__ = ["as_rgb", "image_files", "load_rgb", "open_image"]
 
 
-def open_image(path: str | os.PathLike[str], *, what: str = "image", load: bool = True) -> Any:
+def open_image(path: str | os.PathLike[str] | bytes, *, what: str = "image", load: bool = True) -> Any:
     """The PIL image in ``path`` (its pixels read, or only its header with ``load=False``); close it after use.
+    ``path`` may also be an image's encoded bytes (an upload), then named by ``what`` alone.
 
     An image of more pixels than [`MAX_IMAGE_PIXELS`][repvgg.limits.MAX_IMAGE_PIXELS] is refused from its header, before
     its pixels are decoded (a few hundred KB of PNG can decode to gigabytes). Any failure (a missing, empty, truncated,
-    foreign or too large file, a dangling or looping link) is a ValueError naming ``what`` and the file.
+    foreign or too large file, a dangling or looping link) is a ValueError naming ``what`` and the file; a too large
+    one is a [`LimitExceeded`][repvgg.limits.LimitExceeded].
     """
     from PIL import Image
 
+    named = what if isinstance(path, bytes) else f"{what} {os.fspath(path)}"
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block the read; a device never ends
-            raise ValueError("not a regular file (a pipe, a device or a socket)")
-        image = Image.open(path)
+        if isinstance(path, bytes):
+            image = Image.open(io.BytesIO(path))
+        else:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block the read; a device never ends
+                raise ValueError("not a regular file (a pipe, a device or a socket)")
+            image = Image.open(path)
+    except Image.UnidentifiedImageError as err:
+        if not isinstance(path, bytes):
+            raise ValueError(f"cannot read {named}: {err}") from err
+        raise ValueError(f"cannot read {named}: not an image format Pillow reads (PNG, JPEG, BMP, GIF, WebP, ...)") \
+            from err
+    except Image.DecompressionBombError as err:  # Pillow's own limit, far above ours, refuses from the header too
+        raise LimitExceeded(f"{named} has more pixels than an image may have ({err}); resize it first") from err
     except Exception as err:  # PIL and the OS raise several types for empty, truncated, foreign or missing files
-        raise ValueError(f"cannot read {what} {os.fspath(path)}: {err}") from err
+        raise ValueError(f"cannot read {named}: {err}") from err
     try:
-        check_image_pixels(*image.size, f"{what} {os.fspath(path)}")
+        check_image_pixels(*image.size, named)
         if load:
             image.load()
         return image
@@ -40,18 +54,19 @@ def open_image(path: str | os.PathLike[str], *, what: str = "image", load: bool 
         raise
     except Exception as err:
         image.close()
-        raise ValueError(f"cannot read {what} {os.fspath(path)}: {err}") from err
+        raise ValueError(f"cannot read {named}: {err}") from err
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Any:
-    """Open an image file as an 8-bit RGB PIL image; any failure is a ValueError naming the file.
+def load_rgb(path: str | os.PathLike[str] | bytes, *, what: str = "image") -> Any:
+    """Open an image file (or an image's encoded bytes, named by ``what``) as an 8-bit RGB PIL image; any failure is a
+    ValueError naming the file.
 
     16-bit grey images (PNG mode ``I;16``, or ``I`` holding 0..65535) are scaled to 8 bits rather
     than clipped (``convert("RGB")`` alone turns them all white); other integer or float images are
     refused, since their range is unknown.
     """
-    with open_image(path) as image:
-        return as_rgb(image, f"image {os.fspath(path)}")
+    with open_image(path, what=what) as image:
+        return as_rgb(image, what if isinstance(path, bytes) else f"{what} {os.fspath(path)}")
 
 
 def as_rgb(image: Any, what: str = "the image") -> Any:
