@@ -66,9 +66,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 #: The files that take longest (seconds of one worker on a 2-core machine), run first: with one file per worker
 #: (``--dist loadfile``), a long file that starts last keeps one worker busy while the other waits.
-LONGEST_FIRST = ("test_train.py", "test_detection.py", "test_precision.py", "test_segmentation_train.py",
-                 "test_hostile_inputs.py", "test_timm_interface.py", "test_reliability.py", "test_model.py",
-                 "test_quantize.py", "test_fast.py", "test_run_safety.py", "test_predict.py")
+LONGEST_FIRST = ("test_serve.py", "test_train.py", "test_detection.py", "test_segmentation_train.py",
+                 "test_timm_interface.py", "test_model.py", "test_precision.py", "test_reliability.py",
+                 "test_hostile_inputs.py", "test_quantize.py", "test_fast.py", "test_run_safety.py", "test_predict.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -126,3 +126,22 @@ def run_process(cmd: list[str], *, timeout: float, env: dict[str, str] | None = 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="session")
+def qa_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A QARepVGG trained on the digits at 24 x 24 (8 epochs of 11 steps; INT8 agrees with it on every validation
+    image), read-only. It is trained once a session: the first worker to ask trains it, another waits for it (a lock
+    in the temporary folder the workers share)."""
+    from filelock import FileLock
+
+    from repvgg.cli import main
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    run = shared / "qa-digits-24"
+    with FileLock(str(shared / "qa-digits-24.lock")):
+        if not (run / "deploy.safetensors").is_file():
+            assert main(["train", "--model", "qarepvgg_tiny", "--epochs", "8", "--batch-size", "128", "--img-size",
+                         "24", "--device", "cpu", "--no-inference-speed", "--output", str(run)]) == 0
+    return run

@@ -79,7 +79,8 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 LAYERS = ["repvgg.errors", "repvgg.limits", "repvgg.serialization", "repvgg.options", "repvgg.lazy", "repvgg.plots",
           "repvgg.report", "repvgg.nn", "repvgg.io", "repvgg.measure", "repvgg.training", "repvgg.dense",
           "repvgg.segmentation", "repvgg.detection",
-          "repvgg.integrations", "repvgg.quant", "repvgg.perf", "repvgg.predict", "repvgg.cli", "repvgg.__main__"]
+          "repvgg.integrations", "repvgg.quant", "repvgg.perf", "repvgg.predict", "repvgg.serve", "repvgg.cli",
+          "repvgg.__main__"]
 
 
 def layer(module: str, order: list[str] = LAYERS) -> int | None:

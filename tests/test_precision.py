@@ -95,12 +95,9 @@ def test_the_validation_guard_holds_both_thresholds() -> None:
 # --- a trained model on the digits: INT8 chosen only when it holds ----------------------------------------
 
 @pytest.fixture(scope="module")
-def digits_int8(tmp_path_factory: pytest.TempPathFactory):
+def digits_int8(qa_digits_run: Path):
     """A QARepVGG trained on the digits at 24x24 (8 epochs of 11 steps), its calibration and validation batches."""
-    out = tmp_path_factory.mktemp("int8") / "run"
-    assert main(["train", "--model", "qarepvgg_tiny", "--epochs", "8", "--batch-size", "128", "--img-size", "24",
-                 "--device", "cpu", "--no-inference-speed", "--output", str(out)]) == 0
-    model = repvgg.load_model(out / "deploy.safetensors")
+    model = repvgg.load_model(qa_digits_run / "deploy.safetensors")
     bundle = build_datasets(None, img_size=24, augment=False)
     calibration = [images for images, _ in DataLoader(bundle.train, batch_size=128)][:6]
     validation = list(DataLoader(bundle.val, batch_size=120))

@@ -28,11 +28,12 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT
 #: pyyaml and tqdm only).
 OPTIONAL_MODULES = {"timm": "train", "sklearn": "train", "matplotlib": "train", "pycocotools": "train",
                     "onnx": "deploy", "onnxruntime": "deploy", "onnxscript": "deploy", "openvino": "deploy",
-                    "huggingface_hub": "hub", "tensorboard": "track"}
+                    "huggingface_hub": "hub", "tensorboard": "track", "fastapi": "serve", "uvicorn": "serve",
+                    "prometheus_client": "serve", "multipart": "serve", "python_multipart": "serve"}
 
 #: Subcommand modules under ``repvgg.cli``, in the order ``--help`` lists them.
 _COMMANDS = ["train", "evaluate", "predict", "convert", "quantize", "ablate", "info", "bench", "export", "seg_train",
-             "seg_eval", "det_train", "det_eval"]
+             "seg_eval", "det_train", "det_eval", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

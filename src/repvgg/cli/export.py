@@ -12,10 +12,12 @@ from repvgg.io.config import ExportConfig
 def add_parser(sub: argparse._SubParsersAction) -> None:
     config_command(
         sub, "export", ExportConfig, run,
-        help="export the converted model to ONNX (dynamic batch) and check it with ONNX Runtime",
+        help="export the converted model to ONNX (dynamic batch) and check it with ONNX Runtime, or write a model "
+             "repository for Triton or OpenVINO Model Server",
         description=(
             "MODEL is a checkpoint file (official, timm or this package's format, training-time or deploy) "
-            "or a registered model name (random weights). A training-time model is converted first."
+            "or a registered model name (random weights). A training-time model is converted first. With --format "
+            "triton or ovms, OUT is a model repository folder."
         ),
         positionals=(("model", "MODEL_OR_CHECKPOINT"), ("output", "OUT.onnx")))
 
@@ -24,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from repvgg.dense.weights import dense_kind
     from repvgg.io.export import export_onnx
 
+    if args.format not in (None, "onnx"):
+        return _export_repository(args)
     if dense_kind(args.model) == "detector":
         return _export_detector(args)
     config = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
@@ -51,4 +55,19 @@ def _export_detector(args: argparse.Namespace) -> int:
              f"ONNX Runtime vs PyTorch on {report.images_checked} validation images: the same labels, largest box "
              f"deviation {report.max_box_deviation_px:.3g} px over {report.detections_checked} detections")
     emit(args, report.as_dict(), text)
+    return 0
+
+
+def _export_repository(args: argparse.Namespace) -> int:
+    """A model repository: OUT/NAME/1/model.onnx, and Triton's config.pbtxt and labels.txt."""
+    from repvgg.serve.repository import REPOSITORY_KINDS, write_model_repository
+
+    cfg = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
+    report = write_model_repository(args.model, args.output, kind=cfg.format, name=cfg.name, max_batch=cfg.max_batch,
+                                    max_wait_ms=cfg.max_wait_ms, backend=cfg.backend, img_size=cfg.img_size,
+                                    overwrite=cfg.overwrite)
+    text = (f"wrote {report.folder} for {REPOSITORY_KINDS[report.kind]}: {', '.join(report.files)} "
+            f"({report.precision}, input {report.input['name']} {report.input['dims']}, output {report.output['name']} "
+            f"{report.output['dims']}, {report.classes} classes); ONNX Runtime ran it by those names")
+    emit(args, report.to_dict(), text)
     return 0

@@ -1,0 +1,39 @@
+"""``repvgg serve ARTIFACT``: the model behind an HTTP server (Open Inference Protocol, /predict, /metrics, a page)."""
+
+from __future__ import annotations
+
+import argparse
+
+from repvgg.cli.flags import config_command, config_flag_values
+from repvgg.serve.config import ServeConfig
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    config_command(
+        sub, "serve", ServeConfig, run,
+        help="serve a classifier over HTTP: Open Inference Protocol (KServe v2), /predict, /metrics and a page at /",
+        description=(
+            "ARTIFACT is anything `repvgg predict` takes (a run folder, a checkpoint or deploy file, hf-hub:ORG/REPO, "
+            "an ONNX file). The server listens on --host:--port (127.0.0.1 by default: only this machine) and is "
+            "ready (GET /v2/health/ready) once the model is loaded and warmed. Concurrent requests are batched up to "
+            "--max-batch images or --max-wait-ms. SIGTERM or Ctrl-C stops accepting, answers the requests in flight "
+            "and exits 0. Needs the serve extra: pip install 'repvgg[serve]'."),
+        positionals=(("artifact", "ARTIFACT"),))
+
+
+def run(args: argparse.Namespace) -> int:
+    from repvgg.serve.app import create_app
+    from repvgg.serve.server import serve
+
+    config = ServeConfig.from_dict(config_flag_values(args, ServeConfig))
+    failures: list[str] = []
+
+    def failed(message: str) -> None:
+        failures.append(message)
+        app.state.stop()
+
+    app = create_app(args.artifact, config, on_failure=failed)
+    status = serve(app, config.host, config.port, failures=failures)
+    if failures:
+        raise ValueError(failures[0])
+    return status

@@ -1,0 +1,150 @@
+"""Dynamic batching: concurrent requests' images run through the model together, up to a batch size or a wait.
+
+A [`Batcher`][repvgg.serve.batcher.Batcher] lives on the server's event loop. Each request submits its prepared
+images and awaits their outputs; one task gathers what is waiting into a batch of at most ``max_batch`` images
+(the first request waits at most ``max_wait_s`` from its arrival for others to join) and runs it on a single worker
+thread, off the event loop, so the model sees one batch at a time. The images waiting are bounded: beyond
+``max_queue`` a request is refused at once ([`QueueFull`][repvgg.serve.batcher.QueueFull]) instead of waiting
+without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["Batcher", "QueueFull"]
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The images waiting for the model would exceed ``max_queue``; try again shortly."""
+
+
+@dataclass
+class _Pending:
+    images: Tensor
+    arrived: float
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    """Runs ``run`` (a prepared ``(N, C, H, W)`` batch -> ``(N, ...)`` outputs) on batches gathered from
+    concurrent [`submit`][repvgg.serve.batcher.Batcher.submit] calls.
+
+    Args:
+        run: the model, called on one worker thread, a batch at a time.
+        max_batch: most images in one call of ``run`` (a request of more images is refused by the caller).
+        max_wait_s: longest the first waiting request waits for others before its batch runs.
+        max_queue: most images waiting; a submit beyond it raises [`QueueFull`][repvgg.serve.batcher.QueueFull].
+        on_batch: called with each batch's image count and seconds (metrics).
+    """
+
+    def __init__(self, run: Callable[[Tensor], Tensor], *, max_batch: int, max_wait_s: float, max_queue: int,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        self.run, self.max_batch, self.max_wait_s, self.max_queue = run, max_batch, max_wait_s, max_queue
+        self.on_batch = on_batch
+        self.waiting = 0  # images submitted and not yet running
+        self._queue: deque[_Pending] = deque()
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repvgg-model")
+
+    def start(self) -> None:
+        """Start gathering batches on the running event loop."""
+        self._arrived = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="repvgg-batcher")
+
+    async def stop(self) -> None:
+        """Finish what is waiting, then stop (the server calls it after the requests in flight are answered)."""
+        if self._task is not None:
+            while self._queue:
+                await asyncio.sleep(0.01)
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, images: Tensor) -> Tensor:
+        """The outputs for ``images`` (``(N, C, H, W)``, N at most ``max_batch``), run with whatever else waits.
+
+        Raises:
+            QueueFull: more than ``max_queue`` images would be waiting.
+            RuntimeError: the batcher has not been started.
+        """
+        if self._arrived is None:
+            raise RuntimeError("the batcher is not running")
+        if self.waiting + len(images) > self.max_queue:
+            raise QueueFull(f"{self.waiting} images are waiting for the model (the limit is {self.max_queue})")
+        loop = asyncio.get_running_loop()
+        pending = _Pending(images, loop.time(), loop.create_future())
+        self._queue.append(pending)
+        self.waiting += len(images)
+        self._arrived.set()
+        return await pending.future
+
+    async def _loop(self) -> None:
+        assert self._arrived is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = self._queue[0].arrived + self.max_wait_s  # a request that waited for a busy model waits no more
+            while self._count(self.max_batch) < self.max_batch and loop.time() < deadline:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            await self._run(batch, loop)
+
+    def _count(self, limit: int) -> int:
+        """Images of the requests that would join the next batch (whole requests, up to ``limit``)."""
+        total = 0
+        for pending in self._queue:
+            if total + len(pending.images) > limit:
+                break
+            total += len(pending.images)
+        return total
+
+    def _take(self) -> list[_Pending]:
+        taken: list[_Pending] = []
+        total = 0
+        while self._queue and (not taken or total + len(self._queue[0].images) <= self.max_batch):
+            pending = self._queue.popleft()
+            taken.append(pending)
+            total += len(pending.images)
+        self.waiting -= total
+        return taken
+
+    async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        images = torch.cat([p.images for p in batch]) if len(batch) > 1 else batch[0].images
+        started = loop.time()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self.run, images)
+        except Exception as err:  # every request of the batch is told; the server keeps serving
+            log.warning("a batch of %d images failed: %s", len(images), err)
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(err)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(images), loop.time() - started)
+        start = 0
+        for pending in batch:
+            n = len(pending.images)
+            if not pending.future.done():  # a request whose client left is cancelled
+                pending.future.set_result(outputs[start: start + n])
+            start += n

@@ -1,0 +1,249 @@
+"""The Open Inference Protocol's (KServe v2) inference request and response, JSON and the binary tensor data
+extension, for one image classifier.
+
+A request gives one input: ``input``, FP32 ``[N, C, S, S]`` images already prepared as the model's preprocessing
+says, or ``image``, BYTES ``[N]`` encoded images (PNG, JPEG, ...; base64 strings in JSON, raw in the binary extension,
+as OpenVINO Model Server takes them). The response has the outputs asked for, by default both: ``output``, the
+logits, and ``probabilities``, their softmax; an output asked for with ``"parameters": {"classification": K}`` is
+answered as the classification extension does: BYTES ``[N, K]`` of ``"value:index:label"``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from repvgg.limits import parse_json
+
+__all__ = ["BadRequest", "InferRequest", "encode_response", "parse_infer", "INPUT", "IMAGE", "OUTPUT", "PROBABILITIES"]
+
+INPUT, IMAGE, OUTPUT, PROBABILITIES = "input", "image", "output", "probabilities"
+#: The header that gives the JSON part's length when binary tensor data follows it.
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class BadRequest(ValueError):
+    """A malformed inference request; ``field`` names the part at fault (``inputs[0].shape``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    classification: int = 0
+    binary: bool = False
+
+
+@dataclass
+class InferRequest:
+    """A parsed request: prepared ``images`` or ``encoded`` ones, and the outputs to answer."""
+
+    id: str | None
+    images: Tensor | None
+    encoded: list[bytes] | None
+    outputs: list[RequestedOutput]
+
+    @property
+    def count(self) -> int:
+        return len(self.images) if self.images is not None else len(self.encoded or [])
+
+
+def parse_infer(body: bytes, header_length: str | None, *, image_shape: tuple[int, int, int], max_batch: int,
+                max_bytes: int) -> InferRequest:
+    """The request in ``body`` (``header_length``: the binary extension's JSON length header, if given).
+
+    Raises:
+        BadRequest: naming the field at fault.
+    """
+    json_part, binary = _split(body, header_length)
+    document = _parse_document(json_part, max_bytes)
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise BadRequest("inputs", f"give exactly one input, {INPUT!r} (FP32 prepared images) or {IMAGE!r} (BYTES "
+                                   "encoded images)")
+    spec = inputs[0]
+    name, shape, datatype = spec.get("name"), spec.get("shape"), spec.get("datatype")
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                            for d in shape):
+        raise BadRequest("inputs[0].shape", f"a list of integers, got {json.dumps(shape)[:80]}")
+    data = _data(spec, binary)
+    if name == INPUT:
+        images, encoded = _images(shape, datatype, data, image_shape, max_batch), None
+    elif name == IMAGE:
+        images, encoded = None, _encoded(shape, datatype, data, max_batch)
+    else:
+        raise BadRequest("inputs[0].name", f"{json.dumps(name)[:80]} is not an input of this model; give {INPUT!r} "
+                                           f"or {IMAGE!r}")
+    request_id = document.get("id")
+    wants_binary = bool((document.get("parameters") or {}).get("binary_data_output", False))
+    return InferRequest(request_id if isinstance(request_id, str) else None, images, encoded,
+                        _outputs(document.get("outputs"), wants_binary))
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise BadRequest("Inference-Header-Content-Length", f"an integer, got {header_length[:40]!r}") from None
+    if not 0 < length <= len(body):
+        raise BadRequest("Inference-Header-Content-Length", f"{length} is not within the body's {len(body)} bytes")
+    return body[:length], body[length:]
+
+
+def _parse_document(text: bytes, max_bytes: int) -> dict[str, Any]:
+    if not text.strip():
+        raise BadRequest("body", "empty; send an inference request (JSON)")
+    try:
+        document = parse_json(text, "the request", max_bytes=max_bytes)
+    except ValueError as err:
+        raise BadRequest("body", str(err)) from None
+    if not isinstance(document, dict):
+        raise BadRequest("body", "the request is a JSON object with 'inputs'")
+    return document
+
+
+def _data(spec: dict[str, Any], binary: bytes) -> Any:
+    """The input's ``data``, or its bytes in the binary part (``parameters.binary_data_size``)."""
+    size = (spec.get("parameters") or {}).get("binary_data_size") if isinstance(spec.get("parameters"), dict) \
+        else None
+    if size is None:
+        if "data" not in spec:
+            raise BadRequest("inputs[0].data", "missing (or give parameters.binary_data_size and the bytes after the "
+                                               "JSON part)")
+        return spec["data"]
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
+        raise BadRequest("inputs[0].parameters.binary_data_size", f"{size!r} is not within the {len(binary)} bytes "
+                                                                  "after the JSON part")
+    return binary[:size]
+
+
+def _images(shape: list[int], datatype: Any, data: Any, image_shape: tuple[int, int, int],
+            max_batch: int) -> Tensor:
+    if datatype != "FP32":
+        raise BadRequest("inputs[0].datatype", f"{INPUT!r} is FP32, got {json.dumps(datatype)[:40]}")
+    if len(shape) != 4 or tuple(shape[1:]) != image_shape:
+        raise BadRequest("inputs[0].shape", f"[N, {', '.join(map(str, image_shape))}] (images prepared as the "
+                                            f"model's preprocessing says), got {shape}; send encoded images as "
+                                            f"{IMAGE!r} to have them prepared")
+    _check_batch(shape[0], max_batch)
+    count = math.prod(shape)
+    try:
+        values = (np.frombuffer(data, dtype="<f4") if isinstance(data, bytes) else
+                  np.asarray(data, dtype=np.float32))
+    except (TypeError, ValueError) as err:
+        raise BadRequest("inputs[0].data", f"numbers, as many as the shape holds: {err}") from None
+    if values.size != count:
+        raise BadRequest("inputs[0].data", f"{values.size} values for shape {shape} ({count})")
+    tensor = torch.from_numpy(values.reshape(shape).copy())
+    if not torch.isfinite(tensor).all():
+        raise BadRequest("inputs[0].data", "holds NaN or infinite values")
+    return tensor
+
+
+def _encoded(shape: list[int], datatype: Any, data: Any, max_batch: int) -> list[bytes]:
+    if datatype != "BYTES":
+        raise BadRequest("inputs[0].datatype", f"{IMAGE!r} is BYTES (encoded images), got {json.dumps(datatype)[:40]}")
+    if len(shape) != 1:
+        raise BadRequest("inputs[0].shape", f"[N] for N encoded images, got {shape}")
+    _check_batch(shape[0], max_batch)
+    items = _unpack_bytes(data) if isinstance(data, bytes) else _base64_items(data)
+    if len(items) != shape[0]:
+        raise BadRequest("inputs[0].data", f"{len(items)} images for shape {shape}")
+    return items
+
+
+def _check_batch(n: int, max_batch: int) -> None:
+    if not 1 <= n <= max_batch:
+        raise BadRequest("inputs[0].shape", f"a batch of 1 to {max_batch} images (the server's --max-batch), got {n}")
+
+
+def _base64_items(data: Any) -> list[bytes]:
+    if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
+        raise BadRequest("inputs[0].data", "a list of base64 strings, one encoded image each")
+    try:
+        return [base64.b64decode(item, validate=True) for item in data]
+    except (binascii.Error, ValueError):
+        raise BadRequest("inputs[0].data", "an element is not base64") from None
+
+
+def _unpack_bytes(data: bytes) -> list[bytes]:
+    """BYTES elements in the binary extension: each a 4-byte little-endian length and its bytes."""
+    items, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise BadRequest("inputs[0] binary data", "an element's 4-byte length is cut off")
+        (length,) = struct.unpack_from("<I", data, offset)
+        if offset + 4 + length > len(data):
+            raise BadRequest("inputs[0] binary data", f"an element of {length} bytes runs past the data")
+        items.append(data[offset + 4: offset + 4 + length])
+        offset += 4 + length
+    return items
+
+
+def _outputs(outputs: Any, wants_binary: bool) -> list[RequestedOutput]:
+    if outputs is None:
+        return [RequestedOutput(OUTPUT, binary=wants_binary), RequestedOutput(PROBABILITIES, binary=wants_binary)]
+    if not isinstance(outputs, list) or not outputs:
+        raise BadRequest("outputs", "a list of outputs, e.g. [{\"name\": \"probabilities\"}]")
+    requested = []
+    for i, spec in enumerate(outputs):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if name not in (OUTPUT, PROBABILITIES):
+            raise BadRequest(f"outputs[{i}].name", f"{json.dumps(name)[:80]}: this model's outputs are {OUTPUT!r} "
+                                                   f"(logits) and {PROBABILITIES!r}")
+        parameters = spec.get("parameters") or {}
+        k = parameters.get("classification", 0) if isinstance(parameters, dict) else 0
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise BadRequest(f"outputs[{i}].parameters.classification", f"a count of classes, got {k!r}")
+        binary = parameters.get("binary_data", wants_binary) if isinstance(parameters, dict) else wants_binary
+        requested.append(RequestedOutput(name, k, bool(binary)))
+    return requested
+
+
+def encode_response(model: str, request: InferRequest, logits: Tensor, classes: tuple[str, ...]
+                    ) -> tuple[bytes, int | None]:
+    """The response body, and the JSON part's length when binary data follows it (for the header)."""
+    tensors = {OUTPUT: logits.float(), PROBABILITIES: torch.softmax(logits.float(), dim=1)}
+    outputs, binary = [], b""
+    for wanted in request.outputs:
+        values = tensors[wanted.name]
+        entry: dict[str, Any] = {"name": wanted.name}
+        if wanted.classification:
+            k = min(wanted.classification, values.shape[1])
+            top = values.topk(k, dim=1)
+            strings = [[f"{v:f}:{i}:{classes[i]}" for v, i in zip(vs, idx)]
+                       for vs, idx in zip(top.values.tolist(), top.indices.tolist())]
+            entry.update(datatype="BYTES", shape=[len(strings), k])
+            if wanted.binary:
+                raw = b"".join(struct.pack("<I", len(b)) + b for row in strings for b in (s.encode() for s in row))
+            else:
+                entry["data"] = [s for row in strings for s in row]
+        else:
+            entry.update(datatype="FP32", shape=list(values.shape))
+            if wanted.binary:
+                raw = values.numpy().astype("<f4").tobytes()
+            else:
+                entry["data"] = values.flatten().tolist()
+        if wanted.binary:
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            binary += raw
+        outputs.append(entry)
+    document = {"model_name": model, "model_version": "1", "outputs": outputs}
+    if request.id is not None:
+        document["id"] = request.id
+    text = json.dumps(document).encode()
+    return (text + binary, len(text)) if binary else (text, None)

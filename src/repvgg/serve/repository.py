@@ -1,0 +1,199 @@
+"""Model repositories for Triton Inference Server and OpenVINO Model Server: ``DIR/<name>/1/model.onnx`` (FP32
+from a model file, exported and checked as ``repvgg export`` does, or an ONNX file as it is: FP16 or INT8 from
+``repvgg quantize``), and for Triton ``DIR/<name>/config.pbtxt`` and ``DIR/<name>/labels.txt``.
+
+The ``config.pbtxt`` names the ONNX Runtime or OpenVINO backend, ``max_batch_size`` and ``dynamic_batching``, the
+graph's own input and output names, types and dims, and ``label_filename`` for Triton's classification extension.
+Before the folder is moved into place, ONNX Runtime runs the file with the names and dims the configuration gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from repvgg.serialization import DictMixin, staging_folder, write_text
+
+__all__ = ["REPOSITORY_KINDS", "RepositoryReport", "triton_config", "write_model_repository"]
+
+log = logging.getLogger(__name__)
+
+#: ``--format`` values that write a model repository, and the servers that load it.
+REPOSITORY_KINDS = {"triton": "Triton Inference Server", "ovms": "OpenVINO Model Server"}
+#: ``--backend`` values: the Triton backends that run an ONNX file.
+TRITON_BACKENDS = ("onnxruntime", "openvino")
+_ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16"}
+
+
+@dataclass
+class GraphPort:
+    """One input or output of the ONNX graph: its name, Triton type and dims (``-1`` where dynamic)."""
+
+    name: str
+    data_type: str
+    dims: list[int]
+
+
+@dataclass
+class RepositoryReport(DictMixin):
+    """What [`write_model_repository`][repvgg.serve.repository.write_model_repository] wrote and checked."""
+
+    kind: str
+    folder: str
+    model: str
+    files: list[str]
+    precision: str
+    input: dict[str, Any]
+    output: dict[str, Any]
+    max_batch: int
+    backend: str | None
+    classes: int
+
+
+def write_model_repository(artifact: str | os.PathLike[str], directory: str | os.PathLike[str], *, kind: str,
+                           name: str | None = None, max_batch: int = 8, max_wait_ms: float = 5.0,
+                           backend: str = "onnxruntime", img_size: int | None = None,
+                           overwrite: bool = False) -> RepositoryReport:
+    """Write ``directory/<name>/`` for ``kind`` (``triton`` or ``ovms``) from ``artifact``.
+
+    Args:
+        artifact: a model file (exported to FP32 ONNX, checked against PyTorch) or an ONNX file (FP32, FP16 or
+            INT8, taken as it is).
+        directory: the repository; it may hold other models.
+        name: the model's folder and name (default: the model's architecture name, or the ONNX file's stem).
+        max_batch, max_wait_ms: Triton's ``max_batch_size`` and ``dynamic_batching`` delay.
+        backend: Triton's backend, ``onnxruntime`` or ``openvino``.
+        img_size: the input size of an export (default: the size the file records).
+        overwrite: replace an existing ``directory/<name>``.
+
+    Raises:
+        ValueError: bad arguments, a graph without a dynamic batch, an existing model folder without
+            ``overwrite``, or the artifact inside the folder it would replace.
+    """
+    from repvgg.predict.predictor import locate_artifact
+
+    if kind not in REPOSITORY_KINDS:
+        raise ValueError(f"unknown repository format {kind!r}; choose from {', '.join(REPOSITORY_KINDS)}")
+    if backend not in TRITON_BACKENDS:
+        raise ValueError(f"unknown Triton backend {backend!r}; choose from {', '.join(TRITON_BACKENDS)}")
+    source_kind, source = locate_artifact(artifact)
+    root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file; a model repository is a folder")
+    model = None
+    if source_kind != "onnx":
+        from repvgg.io.export import resolve_model
+
+        model = resolve_model(source)
+    name = name or (Path(source).stem if model is None else str(getattr(model, "name", "model")))
+    _check_name(name)
+    target = root / name
+    if isinstance(source, Path) and source.resolve().is_relative_to(target.resolve()):
+        raise ValueError(f"{source} is inside {target}, which the repository would replace; write it elsewhere")
+    if target.exists() and not overwrite:
+        raise ValueError(f"{target} exists; pass --overwrite to replace it, or choose another --name or folder")
+    with staging_folder(target) as staging:
+        folder = staging / name
+        (folder / "1").mkdir(parents=True)
+        onnx_file = folder / "1" / "model.onnx"
+        if model is None:
+            _copy_checked(Path(source), onnx_file)
+        else:
+            from repvgg.io.export import export_onnx
+
+            export_onnx(model, onnx_file, img_size=img_size)
+        graph_input, graph_output, classes, precision = _describe(onnx_file)
+        if kind == "triton":
+            write_text(folder / "labels.txt", "".join(f"{c}\n" for c in classes))
+            write_text(folder / "config.pbtxt", triton_config(name, graph_input, graph_output, max_batch=max_batch,
+                                                              max_wait_ms=max_wait_ms, backend=backend))
+        _run_as_configured(onnx_file, graph_input, graph_output, min(2, max_batch))
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        _move_into_place(folder, target, staging)
+    log.debug("wrote %s for %s: %s", target, REPOSITORY_KINDS[kind], ", ".join(files))
+    return RepositoryReport(kind, str(target), name, files, precision, vars(graph_input), vars(graph_output),
+                            max_batch, backend if kind == "triton" else None, len(classes))
+
+
+def triton_config(name: str, graph_input: GraphPort, graph_output: GraphPort, *, max_batch: int,
+                  max_wait_ms: float, backend: str) -> str:
+    """Triton's ``config.pbtxt`` (protobuf text format) for the graph's input and output, without the batch dim."""
+    def port(p: GraphPort, extra: str = "") -> str:
+        dims = ", ".join(str(d) for d in p.dims[1:])
+        return f'  {{\n    name: "{p.name}"\n    data_type: {p.data_type}\n    dims: [ {dims} ]\n{extra}  }}\n'
+
+    return (f'name: "{name}"\nbackend: "{backend}"\ndefault_model_filename: "model.onnx"\n'
+            f"max_batch_size: {max_batch}\n"
+            f"input [\n{port(graph_input)}]\n"
+            f'output [\n{port(graph_output, "    label_filename: " + chr(34) + "labels.txt" + chr(34) + chr(10))}]\n'
+            f"dynamic_batching {{\n  max_queue_delay_microseconds: {round(max_wait_ms * 1000)}\n}}\n"
+            "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n")
+
+
+def _check_name(name: str) -> None:
+    if not name or name.startswith(".") or not all(c.isascii() and (c.isalnum() or c in "_-.") for c in name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '_', '-' and '.' (it names a folder and the "
+                         "server's URLs)")
+
+
+def _copy_checked(source: Path, destination: Path) -> None:
+    """An ONNX file taken as it is: read as a model file first (its kind and metadata checked)."""
+    from repvgg.io.card import load_onnx_proto
+
+    load_onnx_proto(source)
+    shutil.copyfile(source, destination)
+
+
+def _describe(path: Path) -> tuple[GraphPort, GraphPort, list[str], str]:
+    """The graph's input and output, its class names and its precision."""
+    from repvgg.io.card import load_onnx_proto, read_onnx_metadata, resolve_card
+    from repvgg.quant.qdq import quantized_conv_count
+
+    graph = load_onnx_proto(path).graph
+    if len(graph.input) != 1 or len(graph.output) != 1:
+        raise ValueError(f"{path}: a classifier graph has one input and one output, this one has "
+                         f"{len(graph.input)} and {len(graph.output)}")
+    ports = []
+    for value in (graph.input[0], graph.output[0]):
+        tensor = value.type.tensor_type
+        if tensor.elem_type not in _ONNX_TYPES:
+            raise ValueError(f"{path}: {value.name} has ONNX element type {tensor.elem_type}, not float32 or float16")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        ports.append(GraphPort(value.name, _ONNX_TYPES[tensor.elem_type], dims))
+    graph_input, graph_output = ports
+    if len(graph_input.dims) != 4 or graph_input.dims[0] != -1 or len(graph_output.dims) != 2 or \
+            graph_output.dims[1] < 1:
+        raise ValueError(f"{path}: expected a (batch, 3, H, W) -> (batch, classes) graph with a dynamic batch, got "
+                         f"{graph_input.dims} -> {graph_output.dims}; export it with `repvgg export`")
+    card = resolve_card(read_onnx_metadata(path), path, graph_output.dims[1])
+    precision = "int8" if quantized_conv_count(path)[0] else \
+        ("float16" if graph_input.data_type == "TYPE_FP16" else "float32")
+    return graph_input, graph_output, list(card.classes), precision
+
+
+def _run_as_configured(path: Path, graph_input: GraphPort, graph_output: GraphPort, batch: int) -> None:
+    """ONNX Runtime runs the file fed and read by the configured names, at the configured dims."""
+    from repvgg.io.export import onnxruntime_session
+
+    session = onnxruntime_session(path)
+    size = [batch, *(d if d > 0 else 32 for d in graph_input.dims[1:])]
+    dtype = torch.float16 if graph_input.data_type == "TYPE_FP16" else torch.float32
+    example = torch.randn(*size, generator=torch.Generator().manual_seed(0)).to(dtype).numpy()
+    (out,) = session.run([graph_output.name], {graph_input.name: example})
+    if tuple(out.shape) != (batch, graph_output.dims[1]) or not torch.isfinite(torch.from_numpy(out).float()).all():
+        raise ValueError(f"{path}: ONNX Runtime gave {tuple(out.shape)} (or non-finite values) for a batch of {batch}, "
+                         f"not ({batch}, {graph_output.dims[1]}) finite logits")
+
+
+def _move_into_place(folder: Path, target: Path, staging: Path) -> None:
+    """``folder`` becomes ``target`` in one rename; an existing ``target`` (``--overwrite``) is moved aside first and
+    removed with the staging folder."""
+    if target.exists():
+        os.replace(target, staging / ".replaced")
+    os.replace(folder, target)
