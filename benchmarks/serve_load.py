@@ -148,6 +148,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         artifact = args.artifact or _artifact(folder)
