@@ -53,8 +53,13 @@ def create_app(artifact: str | os.PathLike[str], config: ServeConfig | None = No
 
     from repvgg.predict.predictor import locate_artifact
 
+    from repvgg.detection.predict import detection_artifact
+
     cfg = dataclasses.replace(config or ServeConfig(), **options)
     locate_artifact(artifact)
+    if detection_artifact(artifact) is not None:
+        raise ValueError(f"{artifact} is a detector; repvgg serve serves classifiers. Predict its boxes with "
+                         "`repvgg predict`, or export it and serve the ONNX file with Triton or OpenVINO Model Server")
     state = ModelState(artifact, cfg, on_failure)
     metrics = ServerMetrics()
     metrics.track_queue(lambda: state.batcher.waiting if state.batcher is not None else 0)

@@ -67,7 +67,8 @@ def write_model_repository(artifact: str | os.PathLike[str], directory: str | os
             INT8, taken as it is).
         directory: the repository; it may hold other models.
         name: the model's folder and name (default: the model's architecture name, or the ONNX file's stem).
-        max_batch, max_wait_ms: Triton's ``max_batch_size`` and ``dynamic_batching`` delay.
+        max_batch: Triton's ``max_batch_size``.
+        max_wait_ms: Triton's ``dynamic_batching`` queue delay.
         backend: Triton's backend, ``onnxruntime`` or ``openvino``.
         img_size: the input size of an export (default: the size the file records).
         overwrite: replace an existing ``directory/<name>``.
