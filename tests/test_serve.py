@@ -216,14 +216,14 @@ def test_a_full_queue_answers_503_with_retry_after(served: dict[str, Path]) -> N
     good = sorted(served["images"].iterdir())[0].read_bytes()
     with _client(served["run"], max_batch=1, max_queue=1, max_wait_ms=0, runtime="eager") as client:
         batcher = client.app.state.model.batcher
-        release, model = threading.Event(), batcher.run
-        batcher.run = lambda images: (release.wait(REQUEST_TIMEOUT_S), model(images))[1]  # the model is busy
+        entered, release, model = threading.Event(), threading.Event(), batcher.run
+        # the model is busy until released
+        batcher.run = lambda images: (entered.set(), release.wait(REQUEST_TIMEOUT_S), model(images))[2]
         try:
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 post = lambda: client.post("/predict", files={"file": ("a.png", good, "image/png")})  # noqa: E731
                 running = pool.submit(post)
-                assert wait_for_value(lambda: batcher.waiting == 0 and running.running(), REQUEST_TIMEOUT_S)
-                time.sleep(0.2)  # the first request is in the model
+                assert entered.wait(REQUEST_TIMEOUT_S)  # the first request is in the model
                 queued = pool.submit(post)
                 assert wait_for_value(lambda: batcher.waiting == 1, REQUEST_TIMEOUT_S)
                 refused = post()
