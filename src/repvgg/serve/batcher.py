@@ -66,13 +66,17 @@ class Batcher:
     async def stop(self) -> None:
         """Finish what is waiting, then stop (the server calls it after the requests in flight are answered)."""
         if self._task is not None:
-            while self._queue:
+            while self._queue and not self._task.done():  # a forced stop may have cancelled the loop already
                 await asyncio.sleep(0.01)
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for pending in self._queue:  # left by a forced stop: told, not left waiting
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("the server stopped before this batch ran"))
+        self._queue.clear()
         self._executor.shutdown(wait=True)
 
     async def submit(self, images: Tensor) -> Tensor:

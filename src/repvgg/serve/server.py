@@ -32,6 +32,15 @@ def serve(app: Any, host: str, port: int, *, failures: list[str]) -> int:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit:  # a second signal: stop now; the cancelled tasks' tracebacks are no news
+                log.warning("stopping now: the requests in flight are dropped")
+                logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+                self.force_exit = True
+                return
+            log.info("stopping: no new connections; answering the requests in flight (a second signal stops now)")
+            super().handle_exit(sig, frame)
+
     sock = _bind(host, port)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, access_log=False)
     server = Server(config)
