@@ -457,3 +457,43 @@ def test_reduced_precision_evidence_comes_from_every_part_of_the_inputs() -> Non
     spread = _spread(list(range(300)), 128)
     assert len(spread) == 128 and spread[0] == 0 and spread[-1] >= 297 and spread == sorted(set(spread))
     assert _spread([1, 2, 3], 128) == [1, 2, 3]
+
+
+# --- the second red team's low findings: what stands where a file belongs, a key given twice, --csv - ---------
+
+def test_a_folder_or_a_pipe_given_as_a_file_to_read_is_named_for_what_it_is(tmp_path: Path) -> None:
+    from repvgg.io.card import read_class_names
+    from repvgg.options import load_config_file
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for reader in (load_config_file, read_class_names):
+        with pytest.raises(ValueError, match="is a folder; name a file"):
+            reader(tmp_path)
+        with pytest.raises(ValueError, match="not a regular file"):
+            reader(fifo)  # refused from its type: never opened, so the read cannot block
+        with pytest.raises(FileNotFoundError, match="not found"):
+            reader(tmp_path / "missing.txt")
+
+
+def test_a_config_key_given_twice_is_refused(tmp_path: Path) -> None:
+    from repvgg.options import load_config_file
+
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 3\nlr: 0.1\nepochs: 30\n")
+    with pytest.raises(ValueError, match="the key 'epochs' is given twice"):
+        load_config_file(config)
+    config.write_text("epochs: 3\nspec:\n  depths: [1, 1]\n  widths: [1, 1]\n")  # the same key at two levels is fine
+    assert load_config_file(config)["spec"]["depths"] == [1, 1]
+
+
+def test_csv_dash_prints_the_csv_instead_of_writing_a_file_named_dash(digits_run: Path, digit_pngs: list[Path],
+                                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(digits_run), *map(str, digit_pngs), "--csv", "-", "--topk", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "path,class1,probability1,class2,probability2,error" and len(lines) == 1 + len(digit_pngs)
+    assert not (tmp_path / "-").exists()
+    assert main(["predict", str(digits_run), str(digit_pngs[0]), "--csv", "-", "--json"]) == 2
+    assert "both write to standard output" in capsys.readouterr().err

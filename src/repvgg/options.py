@@ -16,11 +16,12 @@ import types
 import typing
 from dataclasses import field
 from pathlib import Path
+from collections.abc import Hashable
 from typing import Any, Callable, Sequence, TypeVar
 
 from repvgg.limits import (MAX_CONFIG_BYTES, MAX_NESTING, LimitExceeded, brief, check_float, check_int,
                            parse_json)
-from repvgg.serialization import DictMixin, write_text
+from repvgg.serialization import DictMixin, input_file, write_text
 
 __all__ = ["RunConfig", "check_device_name", "check_field_types", "load_config_file", "option"]
 
@@ -162,9 +163,7 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     at most [`MAX_NESTING`][repvgg.limits.MAX_NESTING] levels, and without YAML aliases (``*name``), whose expansion is
     unbounded (a few hundred bytes of nested aliases make gigabytes). Python tags (``!!python/object``) are refused too.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    path = input_file(path, "config file")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise LimitExceeded(f"config file {path} holds {path.stat().st_size:,} bytes, more than the "
                             f"{MAX_CONFIG_BYTES:,} a config may have")
@@ -188,6 +187,17 @@ def _load_yaml(text: str, path: Path) -> Any:
         """``yaml.SafeLoader`` without aliases and with a nesting bound (a config is plain data)."""
 
         depth = 0
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen = set()
+            for key_node, _ in node.value:  # a key given twice is a mistake, not "the last one wins"
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                            key_node.start_mark)
+                if isinstance(key, Hashable):
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
 
         def compose_node(self, parent: Any, index: Any) -> Any:
             if self.check_event(yaml.AliasEvent):

@@ -36,8 +36,8 @@ from typing import Any, ClassVar, Mapping, TypeVar
 from repvgg.errors import WriteFailed
 from repvgg.limits import brief
 
-__all__ = ["DictMixin", "atomic_write", "check_output_path", "commit_staged", "csv_cell", "output_target",
-           "readable_text", "staging_folder", "write_csv", "write_failed", "write_json", "write_text"]
+__all__ = ["DictMixin", "atomic_write", "check_output_path", "commit_staged", "csv_cell", "csv_text", "input_file",
+           "output_target", "readable_text", "staging_folder", "write_csv", "write_failed", "write_json", "write_text"]
 
 D = TypeVar("D", bound="DictMixin")
 
@@ -114,6 +114,23 @@ def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), 
         link = f" (a link to {output_target(path)})" if path.is_symlink() else ""
         raise ValueError(f"{option} {path}{link} already exists; pass --overwrite to replace it, or choose another "
                          "name")
+    return path
+
+
+def input_file(path: PathLike, what: str) -> Path:
+    """``path`` if it is a file to read ``what`` from: a missing one is a FileNotFoundError, a folder, a pipe, a
+    device or a socket a ValueError saying which (a pipe would block the read, a device would never end)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as err:
+        raise ValueError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{what} {path} is a folder; name a file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {path} is not a regular file (a pipe, a device or a socket); name a file")
     return path
 
 
@@ -259,11 +276,16 @@ def csv_cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
-def write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
-    """Write ``header`` and ``rows`` as CSV, atomically, every text cell spreadsheet-safe
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """``header`` and ``rows`` as CSV text, every text cell spreadsheet-safe
     ([`csv_cell`][repvgg.serialization.csv_cell])."""
     out = io.StringIO()
     writer = csv.writer(out)
     for row in [header, *rows]:
         writer.writerow([csv_cell(v) for v in row])
-    return write_text(path, out.getvalue())
+    return out.getvalue()
+
+
+def write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write ``header`` and ``rows`` as CSV ([`csv_text`][repvgg.serialization.csv_text]), atomically."""
+    return write_text(path, csv_text(header, rows))

@@ -13,7 +13,7 @@ from repvgg.cli.flags import add_guard_flags, add_overwrite_flag, bounded_float,
 from repvgg.limits import MAX_WORKERS
 from repvgg.cli.output import emit
 from repvgg.report import printable
-from repvgg.serialization import write_csv
+from repvgg.serialization import csv_text, write_csv
 
 #: Inputs above this many batches are worth weighing the runtimes for (and get a progress bar).
 _WEIGH_FROM_BATCHES = 2
@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("artifact", metavar="ARTIFACT")
     p.add_argument("inputs", metavar="INPUT", nargs="+")
     p.add_argument("--topk", type=bounded_int(1), default=5, help="classes per image")
-    p.add_argument("--csv", default=None, metavar="OUT", help="also write the predictions to this CSV file")
+    p.add_argument("--csv", default=None, metavar="OUT", help="also write the predictions to this CSV file (-: "
+                   "print the CSV on standard output instead of the table)")
     add_overwrite_flag(p, "an existing --csv file")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="auto: the fastest runtime that reproduces the model (ONNX Runtime for an ONNX file)")
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         return _predict_boxes(args, paths)
     if args.draw:
         raise ValueError("--draw draws a detector's boxes; ARTIFACT is a classifier")
-    if args.csv:
+    if _csv_file(args):
         folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]  # never written into either
         check_output_path(args.csv, reads=[args.artifact, args.classes, *paths, *folders], overwrite=args.overwrite,
                           option="--csv")
@@ -93,10 +94,26 @@ def run(args: argparse.Namespace) -> int:
                 "preprocessing": predictor.preprocessing.to_dict(), "notes": list(predictor.card.notes),
                 "images": len(rows) - len(skipped), "skipped": len(skipped), "seconds": seconds,
                 "images_per_s": (len(rows) - len(skipped)) / max(seconds, 1e-9), "predictions": rows}
+    table = _table(document)
     if args.csv:
-        _write_csv(args.csv, rows, min(args.topk, len(predictor.classes)))
-    emit(args, document, _table(document))
+        table = _write_csv(args, rows, min(args.topk, len(predictor.classes))) or table
+    emit(args, document, table)
     return 0
+
+
+def _csv_file(args: argparse.Namespace) -> bool:
+    """Whether ``--csv`` names a file (``-`` prints the CSV in place of the table; ``--json`` then conflicts)."""
+    if args.csv == "-" and args.json:
+        raise ValueError("--csv - and --json both write to standard output; give one of them, or --csv FILE")
+    return bool(args.csv) and args.csv != "-"
+
+
+def _csv_out(args: argparse.Namespace, header: list[str], rows: list[list[Any]]) -> str | None:
+    """The CSV written to the ``--csv`` file, or returned as the text to print for ``--csv -``."""
+    if args.csv == "-":
+        return csv_text(header, rows).rstrip("\r\n")
+    write_csv(args.csv, header, rows)
+    return None
 
 
 def _table(document: dict[str, Any]) -> str:
@@ -114,14 +131,14 @@ def _table(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_csv(path: str, rows: list[dict[str, Any]], k: int) -> None:
+def _write_csv(args: argparse.Namespace, rows: list[dict[str, Any]], k: int) -> str | None:
     """One row per image: its path, its top-``k`` classes and probabilities, and why it was skipped."""
     header = ["path", *[f"{name}{i}" for i in range(1, k + 1) for name in ("class", "probability")], "error"]
     lines = []
     for row in rows:
         ranked = [v for c, p in zip(row["classes"], row["probabilities"]) for v in (c, f"{p:.6f}")]
         lines.append([row["source"], *ranked, *([""] * (2 * k - len(ranked))), row["error"] or ""])
-    write_csv(path, header, lines)
+    return _csv_out(args, header, lines)
 
 
 def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
@@ -134,7 +151,7 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
         raise ValueError("a detector predicts in float32 here; quantize it with `repvgg quantize` for INT8")
     folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]
     reads = [args.artifact, args.classes, *paths, *folders]
-    if args.csv:
+    if _csv_file(args):
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv")
     targets = draw_targets(paths, args.draw, overwrite=args.overwrite) if args.draw else {}
     classes = read_class_names(args.classes) if args.classes else None
@@ -149,10 +166,11 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     document = {"artifact": predictor.artifact, "runtime": predictor.backend, "task": "detection",
                 "score_threshold": args.score_threshold, "images": len(rows) - skipped, "skipped": skipped,
                 "seconds": seconds, "predictions": rows}
+    printed = None
     if args.csv:
-        write_csv(args.csv, ["path", "class", "score", "x1", "y1", "x2", "y2", "error"],
-                  [[r["source"], d["class"], d["score"], *d["box"], ""] for r in rows for d in r["detections"]]
-                  + [[r["source"], "", "", "", "", "", "", r["error"]] for r in rows if r["error"]])
+        printed = _csv_out(args, ["path", "class", "score", "x1", "y1", "x2", "y2", "error"],
+                           [[r["source"], d["class"], d["score"], *d["box"], ""] for r in rows for d in r["detections"]]
+                           + [[r["source"], "", "", "", "", "", "", r["error"]] for r in rows if r["error"]])
     lines = []
     for row in rows:
         source = printable(row["source"])
@@ -162,5 +180,5 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
         boxes = "  ".join(f"{printable(d['class'])} {d['score']:.3f} [{' '.join(f'{v:.1f}' for v in d['box'])}]"
                           for d in row["detections"])
         lines.append(f"{source}\t{boxes or 'no detection'}")
-    emit(args, document, "\n".join(lines))
+    emit(args, document, printed or "\n".join(lines))
     return 0

@@ -23,7 +23,7 @@ from typing import Any
 
 from repvgg.io.formats import require_kind
 from repvgg.limits import MAX_CLASSES, MAX_RESIZE, LimitExceeded, brief, check_img_size, parse_json
-from repvgg.serialization import DictMixin
+from repvgg.serialization import DictMixin, input_file
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "ModelCard", "Preprocessing", "read_card",
            "read_class_names", "read_onnx_metadata", "resolve_card", "write_onnx_metadata"]
@@ -269,9 +269,7 @@ def read_card(path: str | os.PathLike[str], num_classes: int | None = None) -> t
 
 def read_class_names(path: str | os.PathLike[str]) -> list[str]:
     """Class names from a text file, one a line (blank lines at the end ignored), as ``--classes`` reads them."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class names file not found: {path}")
+    path = input_file(path, "class names file")
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of a name
     except (UnicodeDecodeError, OSError) as err:
