@@ -180,6 +180,8 @@ def test_int8_is_served_only_under_the_guard_and_agrees_with_float32(served: dic
 
     with pytest.raises(ValueError, match="needs --validation"):
         ServeConfig(dtype="int8")
+    with pytest.raises(ValueError, match="--max-queue 4 is smaller than --max-batch 8"):
+        ServeConfig(max_queue=4, max_batch=8)
 
 
 def test_each_bad_request_gets_its_4xx_and_the_server_keeps_serving(served: dict[str, Path], tmp_path: Path) -> None:
@@ -202,6 +204,25 @@ def test_each_bad_request_gets_its_4xx_and_the_server_keeps_serving(served: dict
                                    400, "inputs[0].shape"),
             "unknown model": (client.post("/v2/models/resnet50/infer", json={}), 404, "resnet50"),
             "body over the limit": (upload(good + b"\0" * 60_000), 413, "--max-body-mb"),
+            "a streamed body over the limit": (client.post(infer, content=(b"\0" * 8192 for _ in range(8))), 413,
+                                               "--max-body-mb"),  # no Content-Length: counted as it comes
+            "bad base64": (client.post(infer, json=_bytes_request(["not base64!"])), 400, "inputs[0].data"),
+            "a batch over --max-batch": (client.post(infer, json=_bytes_request(["AA=="] * 9)), 400,
+                                         "inputs[0].shape"),
+            "wrong datatype": (client.post(infer, json={"inputs": [{"name": "image", "datatype": "FP32",
+                                                                    "shape": [1], "data": [0]}]}),
+                               400, "inputs[0].datatype"),
+            "parameters not an object": (client.post(infer, json={**_bytes_request(["AA=="]), "parameters": "x"}),
+                                         400, "parameters"),
+            "a number beyond float": (client.post(infer, content=b'{"inputs": [{"name": "input", "datatype": "FP32", '
+                                                 b'"shape": [1, 3, 24, 24], "data": [' + b"1" * 400 + b"]}]}"),
+                                      400, "inputs[0].data"),
+            "values no prepared image has": (client.post(infer, json={"inputs": [{
+                "name": "input", "datatype": "FP32", "shape": [1, 3, 24, 24], "data": [1e30] * 1728}]}), 400,
+                "inputs[0].data"),
+            "a flag that is not a boolean": (client.post(infer, json={**_bytes_request(["AA=="]), "outputs": [
+                {"name": "output", "parameters": {"binary_data": "false"}}]}), 400, "binary_data"),
+            "an unknown path": (client.get("/v3/nothing"), 404, "Not Found"),
         }
         for case, (response, status, words) in cases.items():
             assert response.status_code == status, (case, response.text)
@@ -209,7 +230,12 @@ def test_each_bad_request_gets_its_4xx_and_the_server_keeps_serving(served: dict
             assert upload(good).status_code == 200, case  # and the next good request is answered
         metrics = client.get("/metrics").text
     refused = re.findall(r'^repvgg_requests_total\{endpoint="([^"]+)",status="413"\} (\S+)$', metrics, re.M)
-    assert sum(float(n) for _, n in refused) == 2, refused  # the bomb (at /predict) and the body refused unread
+    # the bomb (at /predict), the body refused unread and the one refused as it streamed in
+    assert sum(float(n) for _, n in refused) == 3, refused
+
+
+def _bytes_request(data: list[str]) -> dict:
+    return {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(data)], "data": data}]}
 
 
 def test_a_full_queue_answers_503_with_retry_after(served: dict[str, Path]) -> None:
@@ -376,3 +402,35 @@ def test_an_int8_file_goes_into_an_ovms_repository_as_it_is(served: dict[str, Pa
     assert report["precision"] == "int8" and report["files"] == ["1/model.onnx"]
     copied = tmp_path / "ovms" / "digits" / "1" / "model.onnx"
     assert copied.read_bytes() == int8.read_bytes() and quantized_conv_count(copied)[0] > 0
+
+
+def test_the_batcher_batches_and_tells_every_request_when_the_model_fails_or_it_stops() -> None:
+    """The batcher alone: concurrent requests share a batch; a failing model fails its batch's requests and the next
+    batch runs; a stop in the middle of a batch tells its requests instead of leaving them waiting."""
+    import asyncio
+
+    from repvgg.serve.batcher import Batcher
+
+    async def scenario() -> None:
+        sizes: list[int] = []
+        batcher = Batcher(lambda x: 2 * x, max_batch=4, max_wait_s=0.05, max_queue=8,
+                          on_batch=lambda n, _: sizes.append(n))
+        batcher.start()
+        outputs = await asyncio.gather(*(batcher.submit(torch.full((1, 1), float(i))) for i in range(3)))
+        assert [o.item() for o in outputs] == [0.0, 2.0, 4.0] and sizes == [3]
+        batcher.run = lambda x: (_ for _ in ()).throw(RuntimeError("the model broke"))
+        with pytest.raises(RuntimeError, match="the model broke"):
+            await batcher.submit(torch.ones(1, 1))
+        release = threading.Event()
+        batcher.run = lambda x: (release.wait(REQUEST_TIMEOUT_S), x)[1]
+        in_model = asyncio.ensure_future(batcher.submit(torch.ones(1, 1)))
+        await asyncio.sleep(0.2)  # taken into the model, which waits
+        threading.Timer(0.5, release.set).start()  # stop() joins the model thread: let it end
+        await batcher.stop()
+        with pytest.raises(RuntimeError, match="stopped before this batch ran"):
+            await in_model
+        assert not batcher.running and batcher.waiting == 0
+        with pytest.raises(RuntimeError, match="not running"):
+            await batcher.submit(torch.ones(1, 1))
+
+    asyncio.run(scenario())

@@ -63,6 +63,11 @@ def _export_repository(args: argparse.Namespace) -> int:
     from repvgg.serve.repository import REPOSITORY_KINDS, write_model_repository
 
     cfg = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
+    ignored = [flag for flag, value in (("--fp16", cfg.fp16), ("--dynamic-hw", cfg.dynamic_hw),
+                                        ("--opset", cfg.opset), ("--num-classes", cfg.num_classes)) if value]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)} apply to --format onnx; for a repository, export or quantize the ONNX "
+                         "file first and give it as MODEL (it is taken as it is)")
     report = write_model_repository(args.model, args.output, kind=cfg.format, name=cfg.name, max_batch=cfg.max_batch,
                                     max_wait_ms=cfg.max_wait_ms, backend=cfg.backend, img_size=cfg.img_size,
                                     overwrite=cfg.overwrite)

@@ -114,6 +114,10 @@ def _add_error_handlers(app: Any) -> None:
                                                          for e in err.errors()])
 
     app.add_exception_handler(RequestValidationError, invalid)
+    from starlette.exceptions import HTTPException
+
+    # the framework's own answers (an unknown path, a wrong method, an unparsable upload) in the same JSON shape
+    app.add_exception_handler(HTTPException, lambda request, err: error_response(err.status_code, str(err.detail)))
 
 
 class _Guard:

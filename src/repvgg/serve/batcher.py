@@ -56,12 +56,19 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._running: list[_Pending] = []  # the batch in the model
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repvgg-model")
 
     def start(self) -> None:
         """Start gathering batches on the running event loop."""
         self._arrived = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="repvgg-batcher")
+        self._task.add_done_callback(self._ended)
+
+    @property
+    def running(self) -> bool:
+        """Whether batches are being gathered (not before ``start``, nor after ``stop`` or a failure)."""
+        return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
         """Finish what is waiting, then stop (the server calls it after the requests in flight are answered)."""
@@ -73,20 +80,29 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for pending in self._queue:  # left by a forced stop: told, not left waiting
+        self._executor.shutdown(wait=True)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """The loop stopped (cancelled, or failed: a bug): every request still waiting, or in the batch it was
+        running, is told instead of waiting for ever."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the batcher stopped: %r", task.exception())
+        left = [*self._running, *self._queue]
+        self._queue.clear()
+        self._running = []
+        self.waiting = 0
+        for pending in left:
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("the server stopped before this batch ran"))
-        self._queue.clear()
-        self._executor.shutdown(wait=True)
 
     async def submit(self, images: Tensor) -> Tensor:
         """The outputs for ``images`` (``(N, C, H, W)``, N at most ``max_batch``), run with whatever else waits.
 
         Raises:
             QueueFull: more than ``max_queue`` images would be waiting.
-            RuntimeError: the batcher has not been started.
+            RuntimeError: the batcher is not running (not started, stopped, or failed).
         """
-        if self._arrived is None:
+        if self._arrived is None or not self.running:
             raise RuntimeError("the batcher is not running")
         if self.waiting + len(images) > self.max_queue:
             raise QueueFull(f"{self.waiting} images are waiting for the model (the limit is {self.max_queue})")
@@ -105,14 +121,20 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             deadline = self._queue[0].arrived + self.max_wait_s  # a request that waited for a busy model waits no more
-            while self._count(self.max_batch) < self.max_batch and loop.time() < deadline:
+            while not self._full() and loop.time() < deadline:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
                 except asyncio.TimeoutError:
                     break
-            batch = self._take()
-            await self._run(batch, loop)
+            self._running = self._take()
+            await self._run(self._running, loop)
+            self._running = []
+
+    def _full(self) -> bool:
+        """Whether the next batch can take no more: ``max_batch`` images, or a waiting request that does not fit."""
+        count = self._count(self.max_batch)
+        return count >= self.max_batch or sum(len(p.images) for p in self._queue) > count
 
     def _count(self, limit: int) -> int:
         """Images of the requests that would join the next batch (whole requests, up to ``limit``)."""
@@ -134,12 +156,14 @@ class Batcher:
         return taken
 
     async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
-        images = torch.cat([p.images for p in batch]) if len(batch) > 1 else batch[0].images
         started = loop.time()
         try:
+            images = torch.cat([p.images for p in batch]) if len(batch) > 1 else batch[0].images
             outputs = await loop.run_in_executor(self._executor, self.run, images)
+            if len(outputs) != len(images):
+                raise RuntimeError(f"the model gave {len(outputs)} outputs for {len(images)} images")
         except Exception as err:  # every request of the batch is told; the server keeps serving
-            log.warning("a batch of %d images failed: %s", len(images), err)
+            log.warning("a batch of %d requests failed: %s", len(batch), err)
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(err)

@@ -46,6 +46,9 @@ class ServeConfig(RunConfig):
         self._check([(self.dtype == "float32" or self.validation is not None,
                       f"--dtype {self.dtype} is chosen under the accuracy guard, which needs --validation images "
                       "(a folder or a glob of images like the ones the server will see); or serve in float32"),
+                     (self.max_queue >= self.max_batch,
+                      f"--max-queue {self.max_queue} is smaller than --max-batch {self.max_batch}: a full batch could "
+                      "never be queued; raise --max-queue"),
                      (self.name is None or _good_name(self.name),
                       f"--name {self.name!r}: use letters, digits, '_', '-' and '.' (it is part of the URLs)")])
 

@@ -27,6 +27,8 @@ from repvgg.limits import parse_json
 __all__ = ["BadRequest", "InferRequest", "encode_response", "parse_infer", "INPUT", "IMAGE", "OUTPUT", "PROBABILITIES"]
 
 INPUT, IMAGE, OUTPUT, PROBABILITIES = "input", "image", "output", "probabilities"
+#: The largest magnitude a prepared image's value may have (normalised pixels lie within a few units of 0).
+MAX_PREPARED_VALUE = 1e3
 #: The header that gives the JSON part's length when binary tensor data follows it.
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -87,7 +89,10 @@ def parse_infer(body: bytes, header_length: str | None, *, image_shape: tuple[in
         raise BadRequest("inputs[0].name", f"{json.dumps(name)[:80]} is not an input of this model; give {INPUT!r} "
                                            f"or {IMAGE!r}")
     request_id = document.get("id")
-    wants_binary = bool((document.get("parameters") or {}).get("binary_data_output", False))
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("parameters", "an object of request parameters")
+    wants_binary = _flag(parameters, "binary_data_output", False, "parameters.binary_data_output")
     return InferRequest(request_id if isinstance(request_id, str) else None, images, encoded,
                         _outputs(document.get("outputs"), wants_binary))
 
@@ -144,13 +149,16 @@ def _images(shape: list[int], datatype: Any, data: Any, image_shape: tuple[int, 
     try:
         values = (np.frombuffer(data, dtype="<f4") if isinstance(data, bytes) else
                   np.asarray(data, dtype=np.float32))
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise BadRequest("inputs[0].data", f"numbers, as many as the shape holds: {err}") from None
     if values.size != count:
         raise BadRequest("inputs[0].data", f"{values.size} values for shape {shape} ({count})")
     tensor = torch.from_numpy(values.reshape(shape).copy())
     if not torch.isfinite(tensor).all():
         raise BadRequest("inputs[0].data", "holds NaN or infinite values")
+    if tensor.abs().max() > MAX_PREPARED_VALUE:  # normalised pixels lie within a few units of 0
+        raise BadRequest("inputs[0].data", f"holds values beyond +-{MAX_PREPARED_VALUE:g}, which no prepared image "
+                                           "has (scaled to 0..1, then normalised with the model's mean and std)")
     return tensor
 
 
@@ -209,9 +217,17 @@ def _outputs(outputs: Any, wants_binary: bool) -> list[RequestedOutput]:
         k = parameters.get("classification", 0) if isinstance(parameters, dict) else 0
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise BadRequest(f"outputs[{i}].parameters.classification", f"a count of classes, got {k!r}")
-        binary = parameters.get("binary_data", wants_binary) if isinstance(parameters, dict) else wants_binary
-        requested.append(RequestedOutput(name, k, bool(binary)))
+        binary = _flag(parameters, "binary_data", wants_binary, f"outputs[{i}].parameters.binary_data") \
+            if isinstance(parameters, dict) else wants_binary
+        requested.append(RequestedOutput(name, k, binary))
     return requested
+
+
+def _flag(parameters: dict[str, Any], key: str, default: bool, field: str) -> bool:
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise BadRequest(field, f"true or false, got {json.dumps(value)[:40]}")
+    return value
 
 
 def encode_response(model: str, request: InferRequest, logits: Tensor, classes: tuple[str, ...]

@@ -145,9 +145,15 @@ def _check_name(name: str) -> None:
 
 def _copy_checked(source: Path, destination: Path) -> None:
     """An ONNX file taken as it is: read as a model file first (its kind and metadata checked)."""
+    import onnx
+
     from repvgg.io.card import load_onnx_proto
 
-    load_onnx_proto(source)
+    graph = load_onnx_proto(source).graph
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
+        raise ValueError(f"{source} keeps its weights in a separate file; a repository takes one self-contained "
+                         "model.onnx: save it with its weights inside (onnx.save_model(..., "
+                         "save_as_external_data=False))")
     shutil.copyfile(source, destination)
 
 
@@ -166,6 +172,8 @@ def _describe(path: Path) -> tuple[GraphPort, GraphPort, list[str], str]:
         if tensor.elem_type not in _ONNX_TYPES:
             raise ValueError(f"{path}: {value.name} has ONNX element type {tensor.elem_type}, not float32 or float16")
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        if not value.name or any(c in value.name for c in '"\\\n'):
+            raise ValueError(f"{path}: the graph's name {value.name!r} cannot be written into config.pbtxt")
         ports.append(GraphPort(value.name, _ONNX_TYPES[tensor.elem_type], dims))
     graph_input, graph_output = ports
     if len(graph_input.dims) != 4 or graph_input.dims[0] != -1 or len(graph_output.dims) != 2 or \

@@ -62,5 +62,6 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port or --host") \
             from None
+    sock.listen(2048)  # connections are taken from now on (answered once the app has started)
     sock.set_inheritable(True)
     return sock

@@ -49,7 +49,7 @@ class ModelState:
 
     @property
     def ready(self) -> bool:
-        return self.batcher is not None
+        return self.batcher is not None and self.batcher.running
 
     def load(self) -> None:
         """Build the predictor and warm it (in a worker thread: the server answers liveness meanwhile)."""
