@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         app.state.stop()
 
     app = create_app(args.artifact, config, on_failure=failed)
-    status = serve(app, config.host, config.port, failures=failures)
+    # connections beyond four times the queue could only wait for it: refused at once, their bodies never held
+    status = serve(app, config.host, config.port, failures=failures, max_connections=4 * config.max_queue)
     if failures:
         raise ValueError(failures[0])
     return status

@@ -15,9 +15,10 @@ __all__ = ["serve"]
 log = logging.getLogger(__name__)
 
 
-def serve(app: Any, host: str, port: int, *, failures: list[str]) -> int:
+def serve(app: Any, host: str, port: int, *, failures: list[str], max_connections: int) -> int:
     """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT; 0 after a graceful stop, 1 if the model failed to load
-    (``failures`` collects what the app's ``on_failure`` reported)."""
+    (``failures`` collects what the app's ``on_failure`` reported). Beyond ``max_connections`` open connections a new
+    one is answered 503 at once: what the requests' bodies hold in memory is bounded."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -42,7 +43,8 @@ def serve(app: Any, host: str, port: int, *, failures: list[str]) -> int:
             super().handle_exit(sig, frame)
 
     sock = _bind(host, port)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, access_log=False)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30, access_log=False,
+                            limit_concurrency=max_connections)
     server = Server(config)
     app.state.stop = lambda: setattr(server, "should_exit", True)
     bound = sock.getsockname()
