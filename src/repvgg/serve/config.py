@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from repvgg.options import RunConfig, check_device_name, option
 from repvgg.predict import DTYPES, RUNTIMES
 
-__all__ = ["ServeConfig"]
+__all__ = ["ServeConfig", "good_model_name"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class ServeConfig(RunConfig):
                      (self.max_queue >= self.max_batch,
                       f"--max-queue {self.max_queue} is smaller than --max-batch {self.max_batch}: a full batch could "
                       "never be queued; raise --max-queue"),
-                     (self.name is None or _good_name(self.name),
+                     (self.name is None or good_model_name(self.name),
                       f"--name {self.name!r}: use letters, digits, '_', '-' and '.' (it is part of the URLs)")])
 
     @property
@@ -57,5 +57,7 @@ class ServeConfig(RunConfig):
         return int(self.max_body_mb * 1024 * 1024)
 
 
-def _good_name(name: str) -> bool:
+def good_model_name(name: str) -> bool:
+    """Whether ``name`` can name a served model: part of URLs and a repository's folder name (ASCII letters, digits,
+    ``_``, ``-`` and ``.``, not starting with ``.``, at most 128 characters)."""
     return 0 < len(name) <= 128 and all(c.isascii() and (c.isalnum() or c in "_-.") for c in name) and name[0] != "."

@@ -138,7 +138,9 @@ def triton_config(name: str, graph_input: GraphPort, graph_output: GraphPort, *,
 
 
 def _check_name(name: str) -> None:
-    if not name or name.startswith(".") or not all(c.isascii() and (c.isalnum() or c in "_-.") for c in name):
+    from repvgg.serve.config import good_model_name
+
+    if not good_model_name(name):
         raise ValueError(f"model name {name!r}: use letters, digits, '_', '-' and '.' (it names a folder and the "
                          "server's URLs)")
 

@@ -59,7 +59,7 @@ def add_routes(app: Any, state: Any, metrics: ServerMetrics) -> None:
     def metadata(name: str, version: str = "1") -> dict[str, Any]:
         state.model(name)
         _check_version(version)
-        return model_metadata(state, cfg)
+        return model_metadata(state)
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")

@@ -23,6 +23,7 @@ __all__ = ["BadImage", "ModelState", "NotReady", "UnknownModel", "infer", "model
 
 log = logging.getLogger(__name__)
 
+
 class NotReady(RuntimeError):
     """The model is still loading (or failed to load)."""
 
@@ -98,9 +99,9 @@ def page_html() -> str:
     return resources.files("repvgg.serve").joinpath("page.html").read_text(encoding="utf-8")
 
 
-def model_metadata(state: ModelState, cfg: ServeConfig) -> dict[str, Any]:
+def model_metadata(state: ModelState) -> dict[str, Any]:
     """The Open Inference Protocol's model metadata, with the class names, preprocessing, runtime and precision."""
-    predictor = state.predictor
+    predictor, cfg = state.predictor, state.config
     size = predictor.preprocessing.img_size
     classes = list(predictor.classes)
     return {"name": state.name, "versions": ["1"], "platform": f"repvgg/{predictor.backend}",

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from repvgg.limits import LimitExceeded, check_image_pixels
+from repvgg.serialization import input_file
 
 __all__ = ["as_rgb", "image_files", "load_rgb", "open_image"]
 
@@ -29,12 +29,8 @@ def open_image(path: str | os.PathLike[str] | bytes, *, what: str = "image", loa
 
     named = what if isinstance(path, bytes) else f"{what} {os.fspath(path)}"
     try:
-        if isinstance(path, bytes):
-            image = Image.open(io.BytesIO(path))
-        else:
-            if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe would block the read; a device never ends
-                raise ValueError("not a regular file (a pipe, a device or a socket)")
-            image = Image.open(path)
+        # a pipe would block the read and a device never ends: refused by input_file before opening
+        image = Image.open(io.BytesIO(path) if isinstance(path, bytes) else input_file(path, what))
     except Image.UnidentifiedImageError as err:
         if not isinstance(path, bytes):
             raise ValueError(f"cannot read {named}: {err}") from err
