@@ -428,8 +428,11 @@ def test_a_pipe_among_the_inputs_is_unreadable_not_waited_on(digits_run: Path, d
     assert rows["a.png"] is None and "not a regular file" in rows["pipe.png"]
 
 
-def test_an_interrupt_the_exporter_swallows_still_stops_the_export(digits_run: Path, tmp_path: Path,
+@pytest.mark.parametrize("disposition", ["default", "ignored"])
+def test_an_interrupt_the_exporter_swallows_still_stops_the_export(digits_run: Path, tmp_path: Path, disposition: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SIGINT disposition is set here, not inherited: a background job of a non-interactive shell (``nohup make
+    test &``) starts with SIGINT ignored, and an ignored SIGINT must stay ignored."""
     import signal
 
     from repvgg.io.export import export_onnx_file
@@ -446,9 +449,21 @@ def test_an_interrupt_the_exporter_swallows_still_stops_the_export(digits_run: P
 
     monkeypatch.setattr(torch.onnx, "export", interrupted_inside)
     model = repvgg.load_model(digits_run / "deploy.safetensors").eval()
-    with pytest.raises(KeyboardInterrupt):
-        export_onnx_file(model, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx")
-    assert calls == [True] and not (tmp_path / "m.onnx").exists()  # no fallback after the interrupt
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler if disposition == "default" else signal.SIG_IGN)
+    try:
+        if disposition == "default":
+            with pytest.raises(KeyboardInterrupt):
+                export_onnx_file(model, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx")
+            assert calls == [True]  # no fallback after the interrupt
+        else:  # nothing stops the export: the fallback runs (and fails here, as the stand-in exporter always does)
+            with pytest.raises(RuntimeError, match="torch._dynamo"):
+                export_onnx_file(model, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx")
+            assert calls == [True, False]
+        assert signal.getsignal(signal.SIGINT) is (signal.default_int_handler if disposition == "default"
+                                                    else signal.SIG_IGN)  # the caller's disposition is restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_reduced_precision_evidence_comes_from_every_part_of_the_inputs() -> None:
