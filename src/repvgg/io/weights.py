@@ -2,25 +2,28 @@
 
 The model's own state-dict keys are those of the official RepVGG release (``stage0.rbr_dense.conv.weight``,
 ``stage1.0.rbr_1x1.bn.running_mean``, ``stage1.0.rbr_reparam.weight``, ``linear.weight``, ...), so official
-``RepVGG-*-train.pth`` / ``-deploy.pth`` files load unchanged. timm's RepVGG naming (``stem``, ``stages``,
-``conv_kxk``, ``conv_1x1``, ``identity``, ``reparam_conv``, ``attn.fc1``, ``head.fc``) is translated here.
+``RepVGG-*-train.pth`` / ``-deploy.pth`` files load unchanged; timm's, mmpretrain's and RepVGGplus's key names are
+translated on reading (``repvgg.io.key_names``).
 
 Files are never unpickled with code execution: [`safe_load`][repvgg.io.safe_load.safe_load] or safetensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Iterator, Mapping
 
 from torch import Tensor, nn
 
 from repvgg.io.formats import require_kind
+from repvgg.io.key_names import (is_mmpretrain_format, is_repvggplus_format, is_timm_format, mmpretrain_to_official,
+                                 official_to_timm, repvggplus_to_official, timm_to_official)
 from repvgg.limits import parse_json
 from repvgg.io.safe_load import safe_load
 from repvgg.nn.block import RepVGGBlock
@@ -29,8 +32,11 @@ from repvgg.nn.registry import spec_overrides
 from repvgg.serialization import atomic_write
 
 __all__ = [
+    "TASK_FILES",
+    "declared_task",
     "read_checkpoint",
     "read_safetensors",
+    "safetensors_metadata",
     "write_safetensors",
     "checkpoint_num_classes",
     "expand_fused_state_dict",
@@ -60,101 +66,6 @@ _AUX_CLASSIFIER = re.compile(r"^stage\w*_aux\.3\.")
 def is_head_key(key: str) -> bool:
     """A key whose shape follows the number of classes: the classifier's, or an auxiliary head's linear layer."""
     return key.startswith(HEAD_PREFIX) or bool(_AUX_CLASSIFIER.match(key))
-
-_TIMM_TO_OFFICIAL: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
-    (r"^stem\.", "stage0."),
-    (r"^stages\.(\d+)\.", lambda m: f"stage{int(m[1]) + 1}."),
-    (r"\.conv_kxk\.", ".rbr_dense."),
-    (r"\.conv_1x1\.", ".rbr_1x1."),
-    (r"\.identity\.", ".rbr_identity."),
-    (r"\.reparam_conv\.", ".rbr_reparam."),
-    (r"\.attn\.fc1\.", ".se.down."),
-    (r"\.attn\.fc2\.", ".se.up."),
-    (r"^head\.fc\.", "linear."),
-]
-_OFFICIAL_TO_TIMM: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
-    (r"^stage0\.", "stem."),
-    (r"^stage(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}."),
-    (r"\.rbr_dense\.", ".conv_kxk."),
-    (r"\.rbr_1x1\.", ".conv_1x1."),
-    (r"\.rbr_identity\.", ".identity."),
-    (r"\.rbr_reparam\.", ".reparam_conv."),
-    (r"\.se\.down\.", ".attn.fc1."),
-    (r"\.se\.up\.", ".attn.fc2."),
-    (r"^linear\.", "head.fc."),
-]
-
-#: mmpretrain's RepVGG (``backbone.stem``, ``backbone.stage_N``, ``branch_3x3`` / ``branch_1x1`` with
-#: ``conv`` + ``norm``, ``branch_norm``, ``branch_reparam``, ``se_layer``, ``head.fc``).
-_MMPRETRAIN_TO_OFFICIAL: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
-    (r"^backbone\.stem\.", "stage0."),
-    (r"^backbone\.stage_(\d+)\.", lambda m: f"stage{m[1]}."),
-    (r"\.branch_3x3\.norm\.", ".rbr_dense.bn."),
-    (r"\.branch_3x3\.", ".rbr_dense."),
-    (r"\.branch_1x1\.norm\.", ".rbr_1x1.bn."),
-    (r"\.branch_1x1\.", ".rbr_1x1."),
-    (r"\.branch_norm\.", ".rbr_identity."),
-    (r"\.branch_reparam\.", ".rbr_reparam."),
-    (r"\.se_layer\.conv1\.conv\.", ".se.down."),
-    (r"\.se_layer\.conv2\.conv\.", ".se.up."),
-    (r"^head\.fc\.", "linear."),
-]
-
-
-def _rename(state_dict: Mapping[str, Tensor], rules: list[tuple[str, Any]]) -> StateDict:
-    out: StateDict = {}
-    for key, value in state_dict.items():
-        for pattern, repl in rules:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
-
-
-def timm_to_official(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Rename a timm RepVGG state dict to the official (and this package's) key names."""
-    return _rename(state_dict, _TIMM_TO_OFFICIAL)
-
-
-def official_to_timm(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Rename official-format keys to timm's RepVGG names (e.g. to load our weights into timm)."""
-    return _rename(state_dict, _OFFICIAL_TO_TIMM)
-
-
-def mmpretrain_to_official(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Rename an mmpretrain RepVGG state dict (classifier or backbone) to the official key names."""
-    return _rename(state_dict, _MMPRETRAIN_TO_OFFICIAL)
-
-
-def _is_repvggplus_format(keys: list[str]) -> bool:
-    return any(k.startswith(("stage1.blocks.", "stage3_first.blocks.")) for k in keys)
-
-
-def repvggplus_to_official(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Rename the official RepVGGplus layout (``stageN.blocks.i``, stage 3 split into ``stage3_first`` and
-    ``stage3_second``) to this package's (``stageN.i``; ``stage3`` in one, the second half numbered on).
-
-    The auxiliary heads (``stage1_aux`` ...), the post-SE (``post_se``), the stem and the head keep their names.
-    """
-    first = {int(k.split(".")[2]) for k in state_dict if k.startswith("stage3_first.blocks.")}
-    offset = max(first) + 1 if first else 0
-
-    def rename(key: str) -> str:
-        match = re.match(r"^stage3_(first|second)\.blocks\.(\d+)\.(.*)$", key)
-        if match:
-            index = int(match[2]) + (offset if match[1] == "second" else 0)
-            return f"stage3.{index}.{match[3]}"
-        return re.sub(r"^stage(\d)\.blocks\.", r"stage\1.", key)
-
-    return {rename(k): v for k, v in state_dict.items()}
-
-
-def _is_mmpretrain_format(keys: list[str]) -> bool:
-    return any(k.startswith(("backbone.stem.", "backbone.stage_")) for k in keys)
-
-
-def _is_timm_format(keys: list[str]) -> bool:
-    return any(k.startswith(("stem.", "stages.")) for k in keys)
-
 
 def _unwrap(obj: Any, source: str) -> tuple[StateDict, dict[str, Any]]:
     """Find the tensor mapping inside a checkpoint dict; everything else is metadata."""
@@ -200,18 +111,44 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
     metadata: dict[str, Any] = {}
     if require_kind(path, ("safetensors", "torch"), "a weights file") == "safetensors":
         state_dict, raw_meta = read_safetensors(path)
+        _refuse_other_task(path, declared_task(raw_meta))
         metadata = _decode_metadata(raw_meta, path)
     else:
-        state_dict, metadata = _unwrap(safe_load(path), str(path))
+        payload = safe_load(path)
+        _refuse_other_task(path, declared_task(payload))
+        state_dict, metadata = _unwrap(payload, str(path))
     if any(k.startswith("module.") for k in state_dict):
         state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    if _is_timm_format(list(state_dict)):
+    if is_timm_format(list(state_dict)):
         state_dict = timm_to_official(state_dict)
-    elif _is_mmpretrain_format(list(state_dict)):
+    elif is_mmpretrain_format(list(state_dict)):
         state_dict = mmpretrain_to_official(state_dict)
-    elif _is_repvggplus_format(list(state_dict)):
+    elif is_repvggplus_format(list(state_dict)):
         state_dict = repvggplus_to_official(state_dict)
     return state_dict, metadata
+
+
+#: The files of the other tasks' models: what their metadata declare, the command that writes them and those that
+#: take them.
+TASK_FILES = {"detector": ("det-train", "det-eval, predict, export or quantize"),
+              "segmenter": ("seg-train", "seg-eval")}
+
+
+def declared_task(metadata: Any) -> str | None:
+    """The task a file's metadata (a safetensors header's, or a PyTorch file's top level) declare: ``"detector"`` or
+    ``"segmenter"`` (see ``TASK_FILES``), ``None`` for a classifier's or an unknown
+    file: the one rule that tells a file's task."""
+    if not isinstance(metadata, Mapping):
+        return None
+    declared = metadata.get("format")
+    return next((task for task in TASK_FILES if declared == f"repvgg-{task}" or task in metadata), None)
+
+
+def _refuse_other_task(path: Path, task: str | None) -> None:
+    if task is not None:
+        writer, users = TASK_FILES[task]
+        raise ValueError(f"{path} is a {task} file (written by `repvgg {writer}`), not a classifier's weights; use it "
+                         f"with `repvgg {users}`")
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, str]]:
@@ -220,13 +157,31 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str,
     Raises:
         ValueError: the file is truncated or not safetensors.
     """
-    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    with _safetensors_errors(path):
+        return load_file(str(path), device="cpu"), safetensors_metadata(path)
+
+
+def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata of a safetensors file, from its header alone (the tensors are not read).
+
+    Raises:
+        ValueError: the file is truncated or not safetensors.
+    """
+    from safetensors import safe_open
+
+    with _safetensors_errors(path), safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+@contextlib.contextmanager
+def _safetensors_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """The one way a safetensors reader fails: a ValueError naming the file."""
+    from safetensors import SafetensorError
+
     try:
-        state_dict = load_file(str(path), device="cpu")
-        with safe_open(str(path), framework="pt") as handle:
-            return state_dict, dict(handle.metadata() or {})
+        yield
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ValueError(f"could not read {path} as safetensors (truncated or corrupt?): {err}") from err
 
