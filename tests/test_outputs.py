@@ -177,12 +177,15 @@ def test_the_table_keeps_one_row_per_image(digits: dict[str, Path], tmp_path: Pa
     for name in ("new\nline.png", "carriage\rreturn.png", "tab\there.png"):
         (folder / name).write_bytes((digits["images"] / "00.png").read_bytes())
     classes = tmp_path / "classes.txt"
-    classes.write_text("\n".join(["ze\tro", "one\r", *[str(i) for i in range(2, 10)]]) + "\n")
+    classes.write_text("\n".join(["zero", "one\r", *[str(i) for i in range(2, 10)]]) + "\n")  # \r\n: Windows lines
     capsys.readouterr()
     assert main(["predict", str(digits["run"]), str(folder), "--classes", str(classes), "--topk", "10"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all(line.count("\t") == 1 for line in lines)  # the one tab between path and classes
-    assert any("new\\nline.png" in line for line in lines) and all("ze\\tro" in line for line in lines)
+    assert any("new\\nline.png" in line for line in lines) and all("zero" in line for line in lines)
+    classes.write_text("\n".join(["ze\tro", *[str(i) for i in range(1, 10)]]) + "\n")  # a tab is no part of a name
+    assert main(["predict", str(digits["run"]), str(folder), "--classes", str(classes)]) == 2
+    assert "'ze\\tro' holds U+0009" in _error(capsys)
 
 
 def test_markdown_tables_escape_what_would_break_a_row() -> None:

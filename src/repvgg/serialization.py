@@ -37,7 +37,8 @@ from repvgg.errors import WriteFailed
 from repvgg.limits import brief
 
 __all__ = ["DictMixin", "atomic_write", "check_output_path", "commit_staged", "csv_cell", "csv_text", "input_file",
-           "output_target", "readable_text", "staging_folder", "write_csv", "write_failed", "write_json", "write_text"]
+           "make_folder", "option_names", "output_target", "readable_text", "staging_folder", "write_csv",
+           "write_failed", "write_json", "write_text"]
 
 D = TypeVar("D", bound="DictMixin")
 
@@ -61,11 +62,27 @@ class DictMixin:
         Nothing is evaluated: values are passed to the dataclass as they are.
         """
         known = {f.name for f in dataclasses.fields(cls)}
-        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+        normalised = option_names(data, cls.__name__)
         unknown = sorted(set(normalised) - known)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields {brief(unknown)}; known fields: {sorted(known)}")
         return cls(**normalised)
+
+
+def option_names(data: Mapping[Any, Any], what: str) -> dict[str, Any]:
+    """``data`` with its keys as field names (``batch-size`` is ``batch_size``). A key that is not text, or one field
+    given twice in two spellings, is a ValueError naming ``what``: which one should win is the user's to say."""
+    names: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{what}: the key {brief(key)} is not a name; keys are option names such as "
+                             "batch_size (quote a key that should be text)")
+        name = key.replace("-", "_")
+        if name in names:
+            raise ValueError(f"{what} gives {name} twice, as {spelled[name]!r} and {key!r}; keep one")
+        names[name], spelled[name] = value, key
+    return names
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -80,7 +97,8 @@ def output_target(path: PathLike) -> Path:
 
 
 def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), overwrite: bool = False,
-                      option: str = "the output", suffixes: tuple[str, ...] = ()) -> Path:
+                      option: str = "the output", suffixes: tuple[str, ...] = (),
+                      writes: Iterable[PathLike] = ()) -> Path:
     """The output rule of every command, checked before any work: return ``path`` if it may be written.
 
     ``reads`` are the files and folders the command reads (weights, a config file, a data folder). A path
@@ -88,13 +106,17 @@ def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), 
     an existing file is replaced only with ``overwrite``; a folder is never an output file. A symbolic link is
     judged by its target, which is what gets written ([`output_target`][repvgg.serialization.output_target]).
     ``suffixes`` (e.g. ``(".onnx",)``) are the names the output may end with, in any case, so a file is named for what
-    it holds.
+    it holds. ``writes`` are the command's other outputs: two outputs of one command never land on one file.
 
     Raises:
         ValueError: naming ``option`` (e.g. ``--json-out``) and what to do instead.
     """
     path = Path(path)
     resolved = Path(os.path.realpath(path))  # realpath: a link loop among the inputs is no error here
+    for other in writes:
+        if Path(os.path.realpath(other)) == resolved:
+            raise ValueError(f"{option} {path} is also {other}, another output of this command; give each output "
+                             "its own file")
     for read in reads:
         if read is None:
             continue
@@ -131,6 +153,22 @@ def input_file(path: PathLike, what: str) -> Path:
         raise ValueError(f"{what} {path} is a folder; name a file")
     if not stat.S_ISREG(mode):
         raise ValueError(f"{what} {path} is not a regular file (a pipe, a device or a socket); name a file")
+    return path
+
+
+def make_folder(path: PathLike) -> Path:
+    """Create the folder ``path`` and its parents where missing, and return it. A dangling symbolic link or a file in
+    the way is a ValueError saying so (the operating system says only "File exists").
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as err:
+        blocker = Path(err.filename) if err.filename else path
+        if blocker.is_symlink():
+            raise ValueError(f"{blocker} is a dangling symbolic link (to {os.readlink(blocker)}, which does not "
+                             "exist); remove the link, or create the folder it points to") from None
+        raise ValueError(f"{blocker} is a file, not a folder; move it, or choose another place") from None
     return path
 
 
@@ -197,7 +235,7 @@ def atomic_write(path: PathLike, *, errors: tuple[type[BaseException], ...] = (O
     path = output_target(path)
     tmp: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
@@ -224,7 +262,7 @@ def staging_folder(path: PathLike) -> Iterator[Path]:
     out. A write failing in it is a [`WriteFailed`][repvgg.errors.WriteFailed] naming ``path``."""
     path = output_target(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as staging:
             yield Path(staging)
     except OSError as err:

@@ -22,9 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.detection.evaluate import ap_table, evaluate_detector_file
+    from repvgg.detection.evaluate import ap_table, evaluate_detector_file, trained_data_folder
+    from repvgg.detection.weights import load_detector
 
-    check_json_out(args, reads=[args.weights, args.data])
+    data = args.data if args.data or not args.json_out else trained_data_folder(load_detector(args.weights)[1])
+    check_json_out(args, reads=[args.weights, data])  # never into the data folder it reads
     result = evaluate_detector_file(args.weights, data=args.data, batch_size=args.batch_size, workers=args.workers,
                                     device=args.device)
     text = f"## {result['model']} ({result['form']}) on {result['dataset']}, {result['val_images']} images\n\n"
@@ -34,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
                  f"agree: {result['labels_agree']}, largest box deviation before NMS "
                  f"{result['max_box_deviation_px']:.3g} px\n")
     emit(args, result, text)
-    write_json_out(args, result, reads=[args.weights, args.data])
+    write_json_out(args, result, reads=[args.weights, data])
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,8 +26,8 @@ from repvgg.io.formats import require_kind
 from repvgg.limits import MAX_CLASSES, MAX_RESIZE, LimitExceeded, brief, check_img_size, parse_json
 from repvgg.serialization import DictMixin, input_file
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "ModelCard", "Preprocessing", "read_card",
-           "read_class_names", "read_onnx_metadata", "resolve_card", "write_onnx_metadata"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "ModelCard", "Preprocessing", "check_class_names",
+           "read_card", "read_class_names", "read_onnx_metadata", "resolve_card", "write_onnx_metadata"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -116,10 +117,7 @@ class ModelCard:
     def with_classes(self, classes: Sequence[str], source: str) -> ModelCard:
         """The card with ``classes`` (e.g. from ``--classes FILE``) in place of the file's, checked against
         its count."""
-        classes = _check_classes(list(classes), source)
-        if len(classes) != len(self.classes):
-            raise ValueError(f"{source} holds {len(classes)} class names but the model has {len(self.classes)} "
-                             "outputs; give one name per line, one per class")
+        classes = check_class_names(list(classes), source, len(self.classes))
         return replace(self, classes=tuple(classes), notes=tuple(n for n in self.notes if "names no classes" not in n),
                        declared=tuple(sorted({*self.declared, "classes"})))
 
@@ -152,11 +150,44 @@ class ModelCard:
 def _check_classes(value: Any, source: str) -> list[str]:
     if not isinstance(value, list) or not value or len(value) > MAX_CLASSES:
         raise ValueError(f"{source} must be a non-empty list of at most {MAX_CLASSES} class names")
-    bad = next((v for v in value if not isinstance(v, str) or not v.strip() or "\n" in v), None)
+    bad = next((v for v in value if not isinstance(v, str) or not v.strip() or _hidden_character(v)), None)
     if bad is not None or len(value) != len(set(value)):
-        what = f"{bad!r:.80} is not a name" if bad is not None else "names repeat"
+        what = "names repeat" if bad is None else f"{bad!r:.80} is not a name" if not isinstance(bad, str) or \
+            not bad.strip() else f"{bad!r:.80} holds {_hidden_character(bad)}"
         raise ValueError(f"{source} must hold distinct, non-empty class names ({what})")
     return value
+
+
+#: Unicode categories no class name holds: control, format and separator characters break a name over lines
+#: (``str.splitlines`` breaks on ``\r``, ``\x0b``, ``\x1c``, ``\x85``, ``\u2028``, ...) or hide in it, and a lone
+#: surrogate (an undecodable file-name byte) cannot be written as text.
+_HIDDEN_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
+#: Format characters that scripts need inside words (Persian, Indic scripts, emoji sequences).
+_JOINERS = ("\u200c", "\u200d")
+
+
+def _hidden_character(name: str) -> str:
+    """The first character of ``name`` that a class name may not hold, described (``""`` when there is none)."""
+    for char in name:
+        if unicodedata.category(char) in _HIDDEN_CATEGORIES and char not in _JOINERS:
+            return f"U+{ord(char):04X} ({unicodedata.name(char, 'a control character')}), which breaks or hides in a " \
+                "line of text; remove it"
+    return ""
+
+
+def check_class_names(value: Any, source: str, num_classes: int | None = None, *,
+                      model: str = "the model") -> list[str]:
+    """``value`` as class names (distinct, non-empty), one per output of ``model`` when ``num_classes`` is given: the
+    rule for the names a file records and for the names ``--classes FILE`` gives, whatever the task.
+
+    Raises:
+        ValueError: naming ``source``, and the counts where they differ.
+    """
+    classes = _check_classes(value, source)
+    if num_classes is not None and len(classes) != num_classes:
+        raise ValueError(f"{source} holds {len(classes)} class names but {model} has {num_classes} outputs; give one "
+                         "name per line, one per class")
+    return classes
 
 
 def card_from_metadata(metadata: Mapping[str, Any], source: str | os.PathLike[str],

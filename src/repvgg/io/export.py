@@ -27,7 +27,7 @@ from repvgg.io.onnx_run import onnxruntime_session
 from repvgg.limits import MIN_OPSET, check_batch_memory, check_int
 from repvgg.nn.convert import (CONVERSION_TOLERANCE, OutputDeviation, check_conversion, is_reparameterizable,
                                reparameterize_model)
-from repvgg.serialization import check_output_path, commit_staged, staging_folder
+from repvgg.serialization import check_output_path, commit_staged, make_folder, staging_folder
 
 __all__ = ["ExportReport", "export_onnx", "export_onnx_file", "needs_conversion", "noticing_interrupts",
            "onnxruntime_session", "resolve_model"]
@@ -134,8 +134,7 @@ def export_onnx_file(
     ``torch.export``-based exporter and falls back to the TorchScript-based one if that fails. Models over
     ~1.8 GB keep weights in a side file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = make_folder(Path(path).parent) / Path(path).name
     model = model.eval()
     if dynamic_batch and example.shape[0] < 2:
         example = torch.cat([example, example])

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from repvgg.limits import brief
 from repvgg.serialization import DictMixin, staging_folder, write_text
 
 __all__ = ["REPOSITORY_KINDS", "RepositoryReport", "triton_config", "write_model_repository"]
@@ -92,13 +93,17 @@ def write_model_repository(artifact: str | os.PathLike[str], directory: str | os
         from repvgg.io.export import resolve_model
 
         model = resolve_model(source)
-    name = name or (Path(source).stem if model is None else str(getattr(model, "name", "model")))
+    elif img_size is not None:
+        raise ValueError(f"--img-size sizes the export of a model file; {source} is an ONNX file, taken as it is "
+                         "(export it at the size you want first)")
+    if name is None:
+        name = Path(source).stem if model is None else str(getattr(model, "name", "model"))
     _check_name(name)
     target = root / name
+    _check_model_place(target, overwrite)
     if isinstance(source, Path) and source.resolve().is_relative_to(target.resolve()):
         raise ValueError(f"{source} is inside {target}, which the repository would replace; write it elsewhere")
-    if target.exists() and not overwrite:
-        raise ValueError(f"{target} exists; pass --overwrite to replace it, or choose another --name or folder")
+    shown = Path(str(source))  # named in messages: the user's file, not its staged copy
     with staging_folder(target) as staging:
         folder = staging / name
         (folder / "1").mkdir(parents=True)
@@ -109,12 +114,12 @@ def write_model_repository(artifact: str | os.PathLike[str], directory: str | os
             from repvgg.io.export import export_onnx
 
             export_onnx(model, onnx_file, img_size=img_size)
-        graph_input, graph_output, classes, precision = _describe(onnx_file)
+        graph_input, graph_output, classes, precision = _describe(onnx_file, shown)
         if kind == "triton":
             write_text(folder / "labels.txt", "".join(f"{c}\n" for c in classes))
             write_text(folder / "config.pbtxt", triton_config(name, graph_input, graph_output, max_batch=max_batch,
                                                               max_wait_ms=max_wait_ms, backend=backend))
-        _run_as_configured(onnx_file, graph_input, graph_output, min(2, max_batch))
+        _run_as_configured(onnx_file, graph_input, graph_output, min(2, max_batch), shown)
         files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         _move_into_place(folder, target, staging)
     log.debug("wrote %s for %s: %s", target, REPOSITORY_KINDS[kind], ", ".join(files))
@@ -135,6 +140,38 @@ def triton_config(name: str, graph_input: GraphPort, graph_output: GraphPort, *,
             f'output [\n{port(graph_output, "    label_filename: " + chr(34) + "labels.txt" + chr(34) + chr(10))}]\n'
             f"dynamic_batching {{\n  max_queue_delay_microseconds: {round(max_wait_ms * 1000)}\n}}\n"
             "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n")
+
+
+def _check_model_place(target: Path, overwrite: bool) -> None:
+    """``DIR/<name>`` may become the model folder: nothing is there, or (with ``overwrite``) a model folder is. A
+    link there is never followed (the folder is written inside its repository), and ``overwrite`` never replaces a
+    file or a folder of something else (a run, a dataset)."""
+    if target.is_symlink():
+        raise ValueError(f"{target} is a symbolic link (to {os.readlink(target)}); a model folder is written inside "
+                         "its repository, never through a link: remove the link, or choose another --name")
+    if not target.exists():
+        return
+    if not overwrite:
+        raise ValueError(f"{target} exists; pass --overwrite to replace it, or choose another --name or folder")
+    if not _is_model_folder(target) and not (target.is_dir() and not any(target.iterdir())):  # empty: nothing lost
+        raise ValueError(f"{target} is not a model folder (one holding <version>/model.onnx and only the files "
+                         "a repository model has), and --overwrite replaces only a model folder; choose another "
+                         "--name or folder")
+
+
+#: What a model folder of a repository holds besides its version folders.
+_MODEL_FOLDER_FILES = ("config.pbtxt", "labels.txt")
+
+
+def _is_model_folder(path: Path) -> bool:
+    """Whether ``path`` is a model folder of a repository (not a link): version folders (``1``, ``2``, ...) of which
+    one at least holds ``model.onnx``, beside ``config.pbtxt`` and ``labels.txt`` at most."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    versions = [p for p in entries if p.name.isdigit() and p.is_dir() and not p.is_symlink()]
+    return any((v / "model.onnx").is_file() for v in versions) and \
+        all(p in versions or (p.name in _MODEL_FOLDER_FILES and p.is_file()) for p in entries)
 
 
 def _check_name(name: str) -> None:
@@ -159,47 +196,53 @@ def _copy_checked(source: Path, destination: Path) -> None:
     shutil.copyfile(source, destination)
 
 
-def _describe(path: Path) -> tuple[GraphPort, GraphPort, list[str], str]:
-    """The graph's input and output, its class names and its precision."""
+def _describe(path: Path, shown: Path) -> tuple[GraphPort, GraphPort, list[str], str]:
+    """The graph's input and output, its class names and its precision; messages name ``shown`` (the user's file,
+    where ``path`` is its staged copy)."""
     from repvgg.io.card import load_onnx_proto, read_onnx_metadata, resolve_card
     from repvgg.quant.qdq import quantized_conv_count
 
     graph = load_onnx_proto(path).graph
     if len(graph.input) != 1 or len(graph.output) != 1:
-        raise ValueError(f"{path}: a classifier graph has one input and one output, this one has "
+        raise ValueError(f"{shown}: a classifier graph has one input and one output, this one has "
                          f"{len(graph.input)} and {len(graph.output)}")
     ports = []
     for value in (graph.input[0], graph.output[0]):
         tensor = value.type.tensor_type
         if tensor.elem_type not in _ONNX_TYPES:
-            raise ValueError(f"{path}: {value.name} has ONNX element type {tensor.elem_type}, not float32 or float16")
+            raise ValueError(f"{shown}: {value.name} has ONNX element type {tensor.elem_type}, not float32 or float16")
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
         if not value.name or any(c in value.name for c in '"\\\n'):
-            raise ValueError(f"{path}: the graph's name {value.name!r} cannot be written into config.pbtxt")
+            raise ValueError(f"{shown}: the graph's name {value.name!r} cannot be written into config.pbtxt")
         ports.append(GraphPort(value.name, _ONNX_TYPES[tensor.elem_type], dims))
     graph_input, graph_output = ports
     if len(graph_input.dims) != 4 or graph_input.dims[0] != -1 or len(graph_output.dims) != 2 or \
             graph_output.dims[1] < 1:
-        raise ValueError(f"{path}: expected a (batch, 3, H, W) -> (batch, classes) graph with a dynamic batch, got "
+        raise ValueError(f"{shown}: expected a (batch, 3, H, W) -> (batch, classes) graph with a dynamic batch, got "
                          f"{graph_input.dims} -> {graph_output.dims}; export it with `repvgg export`")
-    card = resolve_card(read_onnx_metadata(path), path, graph_output.dims[1])
+    card = resolve_card(read_onnx_metadata(path), shown, graph_output.dims[1])
     precision = "int8" if quantized_conv_count(path)[0] else \
         ("float16" if graph_input.data_type == "TYPE_FP16" else "float32")
     return graph_input, graph_output, list(card.classes), precision
 
 
-def _run_as_configured(path: Path, graph_input: GraphPort, graph_output: GraphPort, batch: int) -> None:
-    """ONNX Runtime runs the file fed and read by the configured names, at the configured dims."""
+def _run_as_configured(path: Path, graph_input: GraphPort, graph_output: GraphPort, batch: int,
+                       shown: Path) -> None:
+    """ONNX Runtime runs the file fed and read by the configured names, at the configured dims; messages name
+    ``shown``."""
     from repvgg.io.export import onnxruntime_session
 
-    session = onnxruntime_session(path)
     size = [batch, *(d if d > 0 else 32 for d in graph_input.dims[1:])]
     dtype = torch.float16 if graph_input.data_type == "TYPE_FP16" else torch.float32
     example = torch.randn(*size, generator=torch.Generator().manual_seed(0)).to(dtype).numpy()
-    (out,) = session.run([graph_output.name], {graph_input.name: example})
+    try:
+        (out,) = onnxruntime_session(path).run([graph_output.name], {graph_input.name: example})
+    except Exception as err:  # ONNX Runtime's own error types: a graph it cannot load or run
+        cause = brief(str(err).replace(str(path), str(shown)), 300)  # its words name the staged copy
+        raise ValueError(f"{shown}: ONNX Runtime cannot run it on a batch of {batch}: {cause}") from None
     if tuple(out.shape) != (batch, graph_output.dims[1]) or not torch.isfinite(torch.from_numpy(out).float()).all():
-        raise ValueError(f"{path}: ONNX Runtime gave {tuple(out.shape)} (or non-finite values) for a batch of {batch}, "
-                         f"not ({batch}, {graph_output.dims[1]}) finite logits")
+        raise ValueError(f"{shown}: ONNX Runtime gave {tuple(out.shape)} (or non-finite values) for a batch of "
+                         f"{batch}, not ({batch}, {graph_output.dims[1]}) finite logits")
 
 
 def _move_into_place(folder: Path, target: Path, staging: Path) -> None:

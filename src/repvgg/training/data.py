@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, Preprocessing
+from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, Preprocessing, check_class_names
 from repvgg.limits import check_image_pixels, check_img_size
 from repvgg.training.digits import DigitsDataset, digits_preprocessing, digits_split
 from repvgg.training.distributed import dataset_size
@@ -147,6 +147,8 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], dict[str, list[tuple
             f"class folders differ between train/ and val/ in {root}: only in train {only_train[:5]}, "
             f"only in val {only_val[:5]}; {_EXPECTED_LAYOUT}"
         )
+    # the folder names become the model's class names: refused now, not when the trained file is read
+    check_class_names(classes_by_split["train"], f"the class folders of {root / 'train'}")
     return classes_by_split["train"], samples
 
 

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from typing import Any
 
 from repvgg.limits import brief
 from repvgg.options import load_config_file
-from repvgg.serialization import check_output_path, write_failed
+from repvgg.serialization import check_output_path, make_folder, write_failed
 
 __all__ = ["RUN_FILES", "HUB_PREFIX", "LOCK_FILE", "LOOP_CHANGEABLE", "PER_INVOCATION", "check_checkpoint_belongs",
            "check_resumed_files",
@@ -52,6 +53,8 @@ LOOP_CHANGEABLE = ("epochs", "lr", "momentum", "weight_decay", "clip_grad", "acc
                    "deploy_from")
 #: The lock file a running run holds in its folder.
 LOCK_FILE = ".lock"
+#: The most bytes a lock file holds (the holder's pid, host, command and start time): no more is ever read from it.
+LOCK_SIZE = 400
 #: Weights references that are not local paths.
 HUB_PREFIX = "hf-hub:"
 
@@ -134,7 +137,8 @@ def lock_run_folder(folder: Path) -> Iterator[None]:
     creates is removed again if the block leaves nothing but the lock in it (a run refused before its first write).
 
     Raises:
-        ValueError: another process holds the folder's lock.
+        ValueError: another process holds the folder's lock; its ``.lock`` is not a lock file (a link, a pipe, a
+            folder, a file with other names or contents); the folder is a dangling link.
         WriteFailed: the folder or its lock file cannot be created.
     """
     try:
@@ -147,7 +151,7 @@ def lock_run_folder(folder: Path) -> Iterator[None]:
     created = not folder.exists()
     lock = folder / LOCK_FILE
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         fd = _locked(lock, fcntl)
     except OSError as err:
         raise write_failed(lock, err) from err
@@ -165,29 +169,53 @@ def lock_run_folder(folder: Path) -> Iterator[None]:
 def _locked(lock: Path, fcntl: Any) -> int:
     """An open descriptor of ``lock`` holding its exclusive lock, with this process named in it."""
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 400).decode("utf-8", "replace").strip() or "another process"
+            holder = os.read(fd, LOCK_SIZE).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             raise ValueError(f"{lock.parent} is in use by another run ({holder}); wait until it ends, or choose "
                              "another --output") from None
         try:
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not a file its last holder has just removed
+            same = os.fstat(fd).st_ino == os.lstat(lock).st_ino  # not a file its last holder has just removed
         except FileNotFoundError:
             same = False
         if not same:
             os.close(fd)
             continue
-        stale = os.read(fd, 400).decode("utf-8", "replace").strip()
+        stale = os.read(fd, LOCK_SIZE).decode("utf-8", "replace").strip()
         if stale:
             logger.info("%s: taking over the lock of %s, which is no longer running", lock.parent, stale)
         os.ftruncate(fd, 0)
         command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:3]))
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, `{command}`, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        text = f"pid {os.getpid()} on {socket.gethostname()}, `{command}`, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.pwrite(fd, text.encode()[:LOCK_SIZE - 1] + b"\n", 0)
         return fd
+
+
+def _open_lock(lock: Path) -> int:
+    """``lock`` opened for reading and writing, created if missing; only a regular file of this folder that no other
+    name shares and that is no larger than a lock is taken: a link (to a file elsewhere, or dangling), a pipe, a
+    folder or someone's file named ``.lock`` is refused, never followed, read or truncated."""
+    try:  # O_NONBLOCK: a pipe named .lock would block the open (and the read) forever
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError:
+        if lock.is_symlink():
+            raise ValueError(f"{lock} is a symbolic link (to {os.readlink(lock)}), not a lock file; remove it "
+                             "(the lock is never followed to another file)") from None
+        if lock.is_dir():
+            raise ValueError(f"{lock} is a folder, not a lock file; remove it, or choose another --output") from None
+        raise
+    info = os.fstat(fd)
+    problem = ("is not a regular file (a pipe, a device or a socket)" if not stat.S_ISREG(info.st_mode) else
+               f"has {info.st_nlink} names (a hard link to another file)" if info.st_nlink > 1 else
+               f"holds {info.st_size} bytes, more than a lock does" if info.st_size > LOCK_SIZE else "")
+    if problem:
+        os.close(fd)
+        raise ValueError(f"{lock} {problem}, so it is not this folder's lock file; remove it, or choose another "
+                         "--output")
+    return fd
 
 
 def check_resumed_files(checkpoint: Mapping[str, Any], folder: Path, source: str, deploy_from: str) -> None:
@@ -229,7 +257,7 @@ def open_run_folder(output: Path, replaced: Iterable[Path], config: Any) -> None
     """Create the run folder, remove the files ``--overwrite`` replaces, and write ``config.yaml`` (the first write
     of a run, once everything is checked)."""
     try:
-        output.mkdir(parents=True, exist_ok=True)
+        make_folder(output)
         for path in replaced:
             logger.info("--overwrite: removing %s", path)
             path.unlink()
