@@ -222,7 +222,7 @@ def test_config_file_flags_and_errors(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"epochz": 3}))
     with pytest.raises(ValueError, match="epochz"):
         resolve_config(build_parser().parse_args(["seg-train", "--config", str(bad)]))
-    with pytest.raises(ValueError, match="at least 2|>= 2"):
+    with pytest.raises(ValueError, match="at least 2|>= 2|between 2 and"):
         SegTrainConfig(batch_size=1)
     with pytest.raises(ValueError, match="fast means dilated_layers=5"):
         SegTrainConfig(fast=True, dilated_layers=3)

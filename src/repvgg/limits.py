@@ -20,11 +20,11 @@ import re
 import reprlib
 from typing import Any
 
-__all__ = ["ACTIVATION_FACTOR", "LimitExceeded", "MAX_CHANNELS", "MAX_CLASSES", "MAX_CONFIG_BYTES", "MAX_IMAGE_PIXELS",
-           "MAX_IMG_SIZE", "MAX_JSON_BYTES", "MAX_LR", "MAX_NESTING", "MAX_RESIZE", "MAX_STAGE_DEPTH", "MAX_WORKERS",
-           "MEMORY_SHARE", "MIN_OPSET", "brief", "check_batch_memory", "check_float", "check_image_pixels",
-           "check_img_size", "check_int", "check_parameter_memory", "check_workers", "machine_memory", "nesting_depth",
-           "parse_json"]
+__all__ = ["ACTIVATION_FACTOR", "LimitExceeded", "MAX_BATCH_SIZE", "MAX_CHANNELS", "MAX_CLASSES", "MAX_CONFIG_BYTES",
+           "MAX_GENERATED_SCENES", "MAX_IMAGE_PIXELS", "MAX_IMG_SIZE", "MAX_JSON_BYTES", "MAX_LR", "MAX_NESTING",
+           "MAX_RESIZE", "MAX_STAGE_DEPTH", "MAX_WORKERS", "MEMORY_SHARE", "MIN_OPSET", "SCENE_RECORD_BYTES", "brief",
+           "check_batch_memory", "check_float", "check_generated_scenes", "check_image_pixels", "check_img_size",
+           "check_int", "check_parameter_memory", "check_workers", "machine_memory", "nesting_depth", "parse_json"]
 
 #: Largest input side (pixels) of any command: training, evaluation, export, benchmarks.
 MAX_IMG_SIZE = 4096
@@ -44,6 +44,14 @@ MAX_RESIZE = math.isqrt(MAX_IMAGE_PIXELS)
 MAX_CLASSES = 1_000_000
 #: The largest learning rate a run accepts (the paper's is 0.1 at batch 256; a larger one is a typo).
 MAX_LR = 1000.0
+#: The largest global batch a training run accepts (the largest published ImageNet batches are 64k).
+MAX_BATCH_SIZE = 2**20
+#: Most generated scenes of one split. Detection renders each training and validation scene once before training, to
+#: know its boxes (about 7 ms each at 128 x 128 on one core): 100,000 take about 12 minutes.
+MAX_GENERATED_SCENES = 100_000
+#: What one generated scene's boxes and COCO records hold in memory while a run lasts (measured: 4 KiB at its peak,
+#: with up to four shapes; rounded up for the allocator).
+SCENE_RECORD_BYTES = 6 * 1024
 #: The most data-loading processes a run starts.
 MAX_WORKERS = 256
 #: Most bytes of one JSON text a file or a flag holds (class names, preprocessing, a model spec).
@@ -154,12 +162,12 @@ def machine_memory() -> int | None:
 
 
 def check_batch_memory(batch: int, shape: tuple[int, ...], option: str, *, element_bytes: int = 4,
-                       memory: int | None = None, held: bool = False, per: str = "") -> None:
+                       memory: int | None = None, held: bool = False, per: str = "", input_size: bool = True) -> None:
     """Refuse a batch of ``batch`` inputs of ``shape`` (e.g. ``(3, H, W)``) whose forward pass would need more
     than [`MEMORY_SHARE`][repvgg.limits.MEMORY_SHARE] of ``memory`` (default:
     [`machine_memory`][repvgg.limits.machine_memory]), counting [`ACTIVATION_FACTOR`][repvgg.limits.ACTIVATION_FACTOR]
     times the input; ``held`` images are only kept (calibration images), not run at once. ``per`` says what the
-    batch is (e.g. `` per micro-batch``).
+    batch is (e.g. `` per micro-batch``); ``input_size=False`` where the input size is the model's, not a choice.
 
     Raises:
         LimitExceeded: naming ``option`` and what to lower.
@@ -172,7 +180,29 @@ def check_batch_memory(batch: int, shape: tuple[int, ...], option: str, *, eleme
         use = "to hold them" if held else "for one forward pass"
         raise LimitExceeded(f"{option} {batch:,}{per} of {'x'.join(map(str, shape))} inputs would need about "
                             f"{_size(needed)} {use}, and this machine has {_size(memory)}; lower {option} (at most "
-                            f"{fits:,}{per} at this input size) or the input size")
+                            f"{fits:,}{per} at this input size){' or the input size' if input_size else ''}")
+
+
+def check_generated_scenes(count: int, option: str, *, memory: int | None = None) -> int:
+    """``count`` generated scenes, from 1 to [`MAX_GENERATED_SCENES`][repvgg.limits.MAX_GENERATED_SCENES], whose records
+    ([`SCENE_RECORD_BYTES`][repvgg.limits.SCENE_RECORD_BYTES] each) fit in [`MEMORY_SHARE`][repvgg.limits.MEMORY_SHARE]
+    of ``memory`` (default: [`machine_memory`][repvgg.limits.machine_memory]).
+
+    Raises:
+        LimitExceeded: naming ``option`` and how many would fit.
+    """
+    check_int(count, option, low=1)
+    if count > MAX_GENERATED_SCENES:
+        raise LimitExceeded(f"{option} {count:,}: each generated scene is rendered before training, to find its boxes "
+                            f"(about 7 ms a scene at 128 x 128); give at most {MAX_GENERATED_SCENES:,} "
+                            "(repvgg.limits.MAX_GENERATED_SCENES), or train on a COCO folder (--data)")
+    memory = machine_memory() if memory is None else memory
+    held = count * SCENE_RECORD_BYTES
+    if memory is not None and held > MEMORY_SHARE * memory:
+        raise LimitExceeded(f"{option} {count:,} generated scenes would hold about {_size(held)} of boxes and records, "
+                            f"and this machine has {_size(memory)}; give at most "
+                            f"{int(MEMORY_SHARE * memory // SCENE_RECORD_BYTES):,}")
+    return count
 
 
 def check_parameter_memory(parameters: int, what: str, *, memory: int | None = None) -> None:
@@ -200,32 +230,37 @@ def _size(nbytes: float) -> str:
     return f"{nbytes:.1f} PiB"  # pragma: no cover - the loop returns
 
 
-_JSON_TOKENS = re.compile(r'["\\\[\]{}]')
+#: Bytes of JSON text scanned at a time by [`nesting_depth`][repvgg.limits.nesting_depth] (a few MB of work arrays).
+_SCAN_BLOCK = 1 << 18
+_QUOTE, _BACKSLASH, _OPENING, _CLOSING = ord('"'), ord("\\"), (ord("["), ord("{")), (ord("]"), ord("}"))
 
 
-def nesting_depth(text: str) -> int:
+def nesting_depth(text: str | bytes) -> int:
     """The deepest nesting of ``[`` and ``{`` in JSON ``text`` (brackets inside strings do not count), found
-    without parsing it: a parser recurses once per level."""
+    without parsing it: a parser recurses once per level. The text is scanned in vectorized blocks (numpy), so 16 MB
+    take a fraction of a second, in short calls that let other threads run (a server's event loop goes on
+    answering)."""
+    import numpy as np
+
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
     depth = deepest = 0
-    in_string = escaped = False
-    last = -2
-    for match in _JSON_TOKENS.finditer(text):
-        char, at = match.group(), match.start()
-        if in_string:
-            if escaped and at == last + 1:
-                escaped = False
-            elif char == "\\":
-                escaped, last = True, at
-            elif char == '"':
-                in_string = False
-            continue
-        if char == '"':
-            in_string, escaped = True, False
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
+    in_string = escaped = 0  # carried from one block to the next
+    for start in range(0, len(data), _SCAN_BLOCK):
+        chars = np.frombuffer(data, np.uint8, count=min(_SCAN_BLOCK, len(data) - start), offset=start)
+        at = np.arange(len(chars), dtype=np.int32)
+        # a character is escaped when an odd run of backslashes ends just before it
+        last_other = np.maximum.accumulate(np.where(chars == _BACKSLASH, -1 - escaped, at))
+        odd_run = (at - last_other) & 1
+        quotes = chars == _QUOTE
+        quotes[1:] &= odd_run[:-1] == 0
+        quotes[0] &= not escaped
+        inside = (np.cumsum(quotes, dtype=np.int32) + in_string) & 1
+        step = ((chars == _OPENING[0]) | (chars == _OPENING[1])).astype(np.int8)
+        step -= (chars == _CLOSING[0]) | (chars == _CLOSING[1])
+        step[inside == 1] = 0
+        levels = depth + np.cumsum(step, dtype=np.int64)
+        deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+        in_string, escaped = int(inside[-1]), int(odd_run[-1])
     return deepest
 
 
@@ -233,26 +268,44 @@ def parse_json(text: str | bytes, what: str, *, max_bytes: int = MAX_JSON_BYTES)
     """Parse JSON ``text`` from a file or a flag, bounded first: at most ``max_bytes``
     ([`MAX_JSON_BYTES`][repvgg.limits.MAX_JSON_BYTES] unless the caller holds a larger kind of file, such as
     [`MAX_ANNOTATION_BYTES`][repvgg.limits.MAX_ANNOTATION_BYTES]) and [`MAX_NESTING`][repvgg.limits.MAX_NESTING]
-    levels deep.
+    levels deep. Bytes are UTF-8, a leading byte-order mark allowed; an object that names a key twice is refused.
 
     Raises:
         LimitExceeded: the text is too large or too deeply nested.
-        ValueError: it is not JSON (the message names ``what``, never the whole text).
+        ValueError: it is not JSON, or a key is given twice (the message names ``what``, never the whole text).
     """
     if len(text) > max_bytes:
         raise LimitExceeded(f"{what} holds {len(text):,} bytes of JSON, more than the {max_bytes:,} allowed")
     if isinstance(text, bytes):
         try:
-            text = text.decode("utf-8")
+            text = text.decode("utf-8-sig")  # a byte-order mark, as Windows tools write, is no content
         except UnicodeDecodeError:
             raise ValueError(f"{what} is not UTF-8 text") from None
-    if nesting_depth(text) > MAX_NESTING:
+    if text.count("[") + text.count("{") > MAX_NESTING and nesting_depth(text) > MAX_NESTING:
         raise LimitExceeded(f"{what} nests lists or objects more than {MAX_NESTING} levels deep")
     try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{what} is not valid JSON ({getattr(err, 'msg', type(err).__name__)} at character "
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise ValueError(f"{what} gives the key {brief(err.args[0])} twice in one object; keep one (a reader "
+                         "would silently take the last)") from None
+    except (ValueError, RecursionError) as err:  # ValueError: also an integer of more than 4,300 digits
+        raise ValueError(f"{what} is not valid JSON ({getattr(err, 'msg', None) or brief(str(err))} at character "
                          f"{getattr(err, 'pos', '?')}): {brief(text)}") from None
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names one key twice (``args[0]``: the key)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook`` for text this package reads: an object that names a key twice is
+    refused, where ``json`` alone keeps the last value without a word."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
 
 
 #: What the allocators say when memory runs out (PyTorch's CPU allocator, C++'s, CUDA's).

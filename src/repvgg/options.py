@@ -16,12 +16,11 @@ import types
 import typing
 from dataclasses import field
 from pathlib import Path
-from collections.abc import Hashable
 from typing import Any, Callable, Sequence, TypeVar
 
 from repvgg.limits import (MAX_CONFIG_BYTES, MAX_NESTING, LimitExceeded, brief, check_float, check_int,
                            parse_json)
-from repvgg.serialization import DictMixin, input_file, write_text
+from repvgg.serialization import DictMixin, input_file, option_names, write_text
 
 __all__ = ["RunConfig", "check_device_name", "check_field_types", "load_config_file", "option"]
 
@@ -177,26 +176,44 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = _load_yaml(text, path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values, got {type(data).__name__}")
-    return data
+    return option_names(data, f"config file {path}")
+
+
+#: The plain scalars a config's YAML reads as numbers and booleans: YAML 1.2's core schema with decimal numbers only.
+#: YAML 1.1's other forms (``1:30`` is 90, ``0x10`` is 16, ``010`` is 8, ``yes``/``no``/``on``/``off`` are
+#: booleans, ``2024-01-01`` is a date) stay text, which the field's type check then refuses or keeps as written.
+_YAML_SCALARS = (
+    ("tag:yaml.org,2002:bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("tag:yaml.org,2002:int", r"[-+]?[0-9]+", "-+0123456789"),
+    ("tag:yaml.org,2002:float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                                r"|\.(?:nan|NaN|NAN)", "-+.0123456789"),
+)
 
 
 def _load_yaml(text: str, path: Path) -> Any:
     import yaml
 
     class DataLoader(yaml.SafeLoader):
-        """``yaml.SafeLoader`` without aliases and with a nesting bound (a config is plain data)."""
+        """``yaml.SafeLoader`` without aliases, with a nesting bound and text keys (a config is plain data), and
+        reading numbers and booleans by ``_YAML_SCALARS``."""
 
         depth = 0
+        yaml_implicit_resolvers = {
+            first: [(tag, pattern) for tag, pattern in resolvers if tag.endswith((":null", ":merge", ":yaml"))]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             seen = set()
             for key_node, _ in node.value:  # a key given twice is a mistake, not "the last one wins"
                 key = self.construct_object(key_node, deep=True)
-                if isinstance(key, Hashable) and key in seen:
+                if not isinstance(key, str):
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {brief(key)} is not a name (keys "
+                                                            "are option names; quote a key that is text)",
+                                                            key_node.start_mark)
+                if key in seen:
                     raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
                                                             key_node.start_mark)
-                if isinstance(key, Hashable):
-                    seen.add(key)
+                seen.add(key)
             return super().construct_mapping(node, deep)
 
         def compose_node(self, parent: Any, index: Any) -> Any:
@@ -212,6 +229,10 @@ def _load_yaml(text: str, path: Path) -> Any:
             finally:
                 self.depth -= 1
 
+    for tag, pattern, first in _YAML_SCALARS:
+        DataLoader.add_implicit_resolver(tag, re.compile(f"^(?:{pattern})$"), list(first))
+    # decimal only: the safe loader's own reads a leading 0 as octal and 0x as hexadecimal, even under an !!int tag
+    DataLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
     try:
         return yaml.load(text, Loader=DataLoader)  # noqa: S506 - a SafeLoader, aliases refused
     except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of thousands of digits

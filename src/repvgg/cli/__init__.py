@@ -18,7 +18,7 @@ from typing import Sequence, cast
 
 from repvgg import __version__
 from repvgg.cli.flags import HelpFormatter, Parser, UsageError
-from repvgg.cli.output import add_json_flag, emit_error
+from repvgg.cli.output import add_json_flag, emit_error, error_text
 from repvgg.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, RunFailed
 from repvgg.limits import out_of_memory
 
@@ -93,6 +93,7 @@ def _fail(args: argparse.Namespace, err: BaseException, status: int) -> int:
     Other exceptions are bugs and keep their traceback."""
     if args.verbose:
         traceback.print_exception(err, file=sys.stderr)
-    print(f"repvgg {args.command or ''}: error: {err}".replace("repvgg : ", "repvgg: "), file=sys.stderr)
-    emit_error(args, str(err), status)
+    message = error_text(err)
+    print(f"repvgg {args.command or ''}: error: {message}".replace("repvgg : ", "repvgg: "), file=sys.stderr)
+    emit_error(args, message, status)
     return status

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
 from repvgg.serialization import check_output_path, write_json
 
-__all__ = ["add_json_flag", "add_json_out_flag", "check_json_out", "emit", "emit_error", "write_json_out"]
+__all__ = ["add_json_flag", "add_json_out_flag", "check_json_out", "emit", "emit_error", "error_text", "write_json_out"]
+
+#: How PyTorch re-raises an error of a data-loading process: the type, then the process's whole traceback.
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +28,20 @@ def emit(args: argparse.Namespace, data: Any, text: str | None = None) -> None:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     else:
         sys.stdout.write(text.rstrip("\n") + "\n")
+
+
+def error_text(err: BaseException) -> str:
+    """What the user reads of ``err``: its message, and of an error raised in a data-loading process the original
+    message alone, without the traceback PyTorch puts around it (a bad image read by ``--workers 2`` reads as one
+    read in the main process)."""
+    text = str(err)
+    caught = _WORKER_ERROR.match(text)
+    if caught is None:
+        return text
+    last = None
+    for last in re.finditer(rf"^(?:[\w.]+\.)?{caught.group(1)}: ", text, re.MULTILINE):
+        pass
+    return text[last.end():].strip() if last is not None else text
 
 
 def emit_error(args: argparse.Namespace, message: str, status: int) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from repvgg.io.formats import require_kind
 from repvgg.io.safe_load import safe_load
-from repvgg.io.weights import read_safetensors, write_safetensors
+from repvgg.io.weights import declared_task, read_safetensors, safetensors_metadata, write_safetensors
 from repvgg.limits import parse_json
 from repvgg.nn.convert import is_converted
 
@@ -31,19 +31,14 @@ DENSE_KINDS = ("segmenter", "detector")
 def dense_kind(path: str | os.PathLike[str]) -> str | None:
     """``"segmenter"`` or ``"detector"`` for a file of a dense model (its safetensors metadata, or the configuration
     a ``seg-train`` / ``det-train`` checkpoint holds), else ``None``; only the header of a safetensors file is read."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         return None
     kind = require_kind(path, ("safetensors", "torch", "onnx", "image"), "a model file")
     if kind == "safetensors":
-        with safe_open(str(path), "pt") as handle:
-            declared = (handle.metadata() or {}).get("format", "")
-        return next((k for k in DENSE_KINDS if declared == f"repvgg-{k}"), None)
+        return declared_task(safetensors_metadata(path))
     if kind == "torch":
-        payload = safe_load(path, what="a checkpoint")
-        return next((k for k in DENSE_KINDS if isinstance(payload, dict) and k in payload), None)
+        return declared_task(safe_load(path, what="a checkpoint"))
     return None
 
 

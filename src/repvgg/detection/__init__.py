@@ -25,6 +25,7 @@ _EXPORTS = {
     "DetectionSet": "repvgg.detection.data",
     "DetectorConfig": "repvgg.detection.detector",
     "build_detection_data": "repvgg.detection.data",
+    "build_validation_set": "repvgg.detection.data",
     "build_detector": "repvgg.detection.detector",
     "coco_from_scenes": "repvgg.detection.coco",
     "coco_scores": "repvgg.detection.metrics",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from repvgg.limits import MAX_IMG_SIZE, MAX_LR
+from repvgg.limits import MAX_BATCH_SIZE, MAX_GENERATED_SCENES, MAX_IMG_SIZE, MAX_LR, check_generated_scenes
 from repvgg.options import option
 from repvgg.training.config import LoopConfig
 
@@ -24,7 +24,7 @@ class DetTrainConfig(LoopConfig):
     """Everything a detection run needs. ``lr=None`` means ``0.01 * batch_size / 16`` (FCOS's 0.01 at batch 16)."""
 
     epochs: int = option(8, "training epochs (sized for the generated scenes)", low=1)
-    batch_size: int = option(16, "global batch size over all processes, >= 2 per process", low=2)
+    batch_size: int = option(16, "global batch size over all processes, >= 2 per process", low=2, high=MAX_BATCH_SIZE)
     lr: float | None = option(None, "base learning rate (cosine schedule after a linear warm-up)",
                               default_help="0.01 x batch/16", low=0, high=MAX_LR, low_open=True)
     weight_decay: float = option(1e-4, "weight decay on kernels", low=0, high=1)
@@ -43,10 +43,17 @@ class DetTrainConfig(LoopConfig):
                                                 "checkpoint, or a converted deploy file, which is expanded)")
     data: str | None = option(None, "COCO folder with annotations/instances_{train,val}.json",
                               default_help="the generated scenes")
-    synthetic_train: int = option(800, "generated training scenes", low=1, high=10**7)
-    synthetic_val: int = option(100, "generated validation scenes", low=1, high=10**7)
+    synthetic_train: int = option(800, "generated training scenes (each rendered once before training, to find its "
+                                       f"boxes; at most {MAX_GENERATED_SCENES:,})", low=1)
+    synthetic_val: int = option(100, f"generated validation scenes (at most {MAX_GENERATED_SCENES:,})", low=1)
     synthetic_seed: int = option(0, "the generated data's seed, separate from the training seed", low=0,
                                  high=2**32 - 1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.synthetic:  # bounded before any work: every scene is rendered before the first step
+            for name in ("synthetic_train", "synthetic_val"):
+                check_generated_scenes(getattr(self, name), name)
 
     @property
     def synthetic(self) -> bool:

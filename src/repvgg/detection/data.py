@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -26,9 +26,12 @@ from torchvision.transforms.v2 import functional as F
 from repvgg.dense.scenes import SyntheticConfig, scene
 from repvgg.detection.coco import ANNOTATION_FILES, CocoSet, coco_from_scenes, read_coco
 from repvgg.io.card import IMAGENET_MEAN
-from repvgg.training.images import load_rgb
+from repvgg.limits import brief
+from repvgg.training.images import load_rgb, whole_image_size
+from repvgg.training.progress import preparing
 
-__all__ = ["DetectionDataBundle", "DetectionSet", "build_detection_data", "letterbox", "train_transform"]
+__all__ = ["DetectionDataBundle", "DetectionSet", "build_detection_data", "build_validation_set", "letterbox",
+           "train_transform"]
 
 #: Letterbox padding: the ImageNet mean as uint8, which normalises to zero.
 PAD_COLOUR = [round(255 * m) for m in IMAGENET_MEAN]
@@ -106,27 +109,49 @@ def _scene_reader(config: SyntheticConfig, split: str) -> Reader:
 
 
 def _folder_reader(root: Path, coco: CocoSet) -> Reader:
-    """Read the set's images from ``root`` (each ``file_name`` there or under ``images/``), every file checked to be
-    there first, and each image's size against the annotations when it is read."""
-    paths = []
-    for record in coco.images:
-        candidates = [root / record["file_name"], root / "images" / record["file_name"]]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            raise FileNotFoundError(f"{coco.source}: image {record['id']} is {record['file_name']!r}, which is "
-                                    f"neither in {root} nor in {root / 'images'}")
-        paths.append(found)
+    """Read the set's images from ``root`` (each ``file_name`` there or under ``images/``), every file checked first
+    to be there, whole and of the size the annotations say
+    ([`whole_image_size`][repvgg.training.images.whole_image_size]), and its size checked again when it is read (a
+    file may change during a run)."""
+    paths = [_image_file(root, record, coco.source) for record in coco.images]
+    for path, record in preparing(zip(paths, coco.images), len(paths), f"checking the images of {coco.source}"):
+        _check_size(path, whole_image_size(path), record, coco.source)
 
     def read(index: int) -> Tensor:
-        record = coco.images[index]
         image = F.pil_to_tensor(load_rgb(paths[index]))
-        if tuple(image.shape[-2:]) != (record["height"], record["width"]):
-            raise ValueError(f"{paths[index]} is {image.shape[-1]}x{image.shape[-2]} pixels, but {coco.source} says "
-                             f"{record['width']}x{record['height']} (image {record['id']}); its boxes would be "
-                             "misplaced")
+        _check_size(paths[index], (image.shape[-1], image.shape[-2]), coco.images[index], coco.source)
         return image
 
     return read
+
+
+def _check_size(path: Path, size: tuple[int, int], record: dict[str, Any], source: str) -> None:
+    if size != (record["width"], record["height"]):
+        raise ValueError(f"{path} is {size[0]}x{size[1]} pixels, but {source} says {record['width']}x"
+                         f"{record['height']} (image {record['id']}); its boxes would be misplaced: fix the record")
+
+
+def _image_file(root: Path, record: dict[str, Any], source: str) -> Path:
+    """The file of an image record: its ``file_name`` in ``root`` or in ``root/images``, and only there. An absolute
+    name, a ``..`` or a link that leads out of both folders is refused before the file is opened, so an annotation
+    file can neither train on a file elsewhere nor tell whether one exists."""
+    name = record["file_name"]
+    where = f"{source}: image {record['id']} ({brief(name, 120)})"
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not parts or PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor or ".." in parts:
+        raise ValueError(f"{where}: a file_name is relative to the data folder {root} (or its images/), without "
+                         "'..' or a leading '/'; give the image's path inside the folder")
+    for base in (root, root / "images"):
+        candidate = base / name
+        if not os.path.lexists(candidate):
+            continue
+        resolved = Path(os.path.realpath(candidate))  # judged before it is opened: whether it exists tells nothing
+        if not any(resolved.is_relative_to(os.path.realpath(b)) for b in (root, root / "images")):
+            raise ValueError(f"{where}: {candidate} leads to {resolved} (through a link), outside the data folder "
+                             f"{root}; copy the image into the folder")
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{where}: no such file in {root} or in {root / 'images'}")
 
 
 @dataclass
@@ -147,27 +172,42 @@ def build_detection_data(data: str | os.PathLike[str] | None, *, image_size: int
                          synthetic: SyntheticConfig | None = None, augment: bool = True) -> DetectionDataBundle:
     """A COCO folder's splits (``data``), or the generated scenes (``data=None``), checked and ready to train;
     ``max_objects=None`` pads each image's boxes to the most any image holds."""
-    if data is None:
-        config = synthetic or SyntheticConfig()
-        sets = {split: (coco_from_scenes(config, split), _scene_reader(config, split)) for split in ("train", "val")}
-        name = "generated scenes"
-    else:
-        root = Path(data)
-        if not root.is_dir():
-            raise FileNotFoundError(f"no data folder {root}")
-        sets = {}
-        for split, relative in ANNOTATION_FILES.items():
-            coco = read_coco(root / relative)
-            sets[split] = (coco, _folder_reader(root, coco))
-        name = root.name
-    (train, read_train), (val, read_val) = sets["train"], sets["val"]
-    if val.classes != train.classes or val.category_ids != train.category_ids:
-        raise ValueError(f"{train.source} and {val.source} list different categories: {train.classes} and "
-                         f"{val.classes}")
-    if not any(len(b) for b in val.boxes):
-        raise ValueError(f"{val.source} holds no (non-crowd) box: there is nothing to score detections against")
+    name, (train, val), (read_train, read_val) = _read_splits(data, ("train", "val"), synthetic)
     most = max(len(b) for b in (*train.boxes, *val.boxes))
     options: dict[str, Any] = dict(image_size=image_size, max_objects=most if max_objects is None else max_objects)
     return DetectionDataBundle(
         name, DetectionSet(train, read_train, transform=train_transform() if augment else None, **options),
         DetectionSet(val, read_val, **options), list(train.classes))
+
+
+def build_validation_set(data: str | os.PathLike[str] | None, *, image_size: int,
+                         synthetic: SyntheticConfig | None = None) -> tuple[str, DetectionSet]:
+    """The name of the data and its validation split alone, checked and ready to score (``data`` as
+    [`build_detection_data`][repvgg.detection.data.build_detection_data] takes it): scoring needs neither the
+    training annotations nor the training images."""
+    name, (val,), (read_val,) = _read_splits(data, ("val",), synthetic)
+    return name, DetectionSet(val, read_val, image_size=image_size, max_objects=max(len(b) for b in val.boxes))
+
+
+def _read_splits(data: str | os.PathLike[str] | None, splits: tuple[str, ...],
+                 synthetic: SyntheticConfig | None) -> tuple[str, list[CocoSet], list[Reader]]:
+    """The data's name, and each split's checked annotations and image reader. Every annotation file is checked (the
+    splits list the same categories, the last one has a box to score against) before any image is opened."""
+    if data is None:
+        config = synthetic or SyntheticConfig()
+        sets = [coco_from_scenes(config, split) for split in splits]
+    else:
+        root = Path(data)
+        if not root.is_dir():
+            raise FileNotFoundError(f"no data folder {root}")
+        sets = [read_coco(root / ANNOTATION_FILES[split]) for split in splits]
+    first, scored = sets[0], sets[-1]
+    for other in sets[1:]:
+        if other.classes != first.classes or other.category_ids != first.category_ids:
+            raise ValueError(f"{first.source} and {other.source} list different categories: {first.classes} and "
+                             f"{other.classes}")
+    if not any(len(b) for b in scored.boxes):
+        raise ValueError(f"{scored.source} holds no (non-crowd) box: there is nothing to score detections against")
+    if data is None:
+        return "generated scenes", sets, [_scene_reader(config, split) for split in splits]
+    return root.name, sets, [_folder_reader(root, coco) for coco in sets]

@@ -31,7 +31,7 @@ from repvgg.dense.backbones import RESNET_DEPTHS, ResNetBackbone
 from repvgg.detection.config import DETECTOR_KINDS
 from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD
 from repvgg.io.loading import create_model
-from repvgg.limits import MAX_CLASSES, MAX_IMG_SIZE, check_float, check_int
+from repvgg.limits import MAX_CLASSES, MAX_IMG_SIZE, brief, check_float, check_int
 from repvgg.nn.convert import is_converted
 from repvgg.nn.registry import canonical_name
 from repvgg.serialization import DictMixin
@@ -76,6 +76,11 @@ class DetectorConfig(DictMixin):
     in_chans: int = 3
 
     def __post_init__(self) -> None:
+        if not isinstance(self.backbone, str) or not isinstance(self.kind, str):
+            raise ValueError(f"backbone and kind must be names, got {brief(self.backbone)} and {brief(self.kind)}")
+        if not isinstance(self.out_indices, (list, tuple)) \
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.out_indices):
+            raise ValueError(f"out_indices must be a list of stage indices among 1-4, got {brief(self.out_indices)}")
         object.__setattr__(self, "out_indices", tuple(self.out_indices))
         if self.backbone not in RESNET_DEPTHS:
             object.__setattr__(self, "backbone", canonical_name(self.backbone))

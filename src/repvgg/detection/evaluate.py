@@ -10,30 +10,42 @@ from typing import Any, Mapping
 from torch.utils.data import DataLoader
 
 from repvgg.dense.scenes import SyntheticConfig
-from repvgg.detection.data import DetectionDataBundle, build_detection_data
+from repvgg.detection.data import DetectionDataBundle, build_detection_data, build_validation_set
 from repvgg.detection.metrics import AP_NAMES, check_same_detections, compare_detectors, comparison_summary
 from repvgg.detection.weights import load_detector
-from repvgg.limits import check_workers
+from repvgg.limits import check_batch_memory, check_int, check_workers
 from repvgg.nn.convert import reparameterize_model
 from repvgg.report import markdown_table
 
-__all__ = ["ap_table", "evaluate_detector_file", "validation_data"]
+__all__ = ["ap_table", "evaluate_detector_file", "trained_data_folder", "validation_data"]
 
 
-def validation_data(meta: Mapping[str, Any], image_size: int, data: str | None) -> DetectionDataBundle:
-    """The data ``data`` names, else what the file was trained on (its stored description)."""
-    trained_on = meta.get("data") or {}
+def trained_data_folder(meta: Mapping[str, Any]) -> str | None:
+    """The COCO folder a detector file records it was trained on (``None``: the generated scenes). Outputs never go
+    inside it: a file written there would be taken for data by the next reader."""
+    return (meta.get("data") or {}).get("data")
+
+
+def _data_source(meta: Mapping[str, Any], data: str | None) -> tuple[str | None, SyntheticConfig | None]:
+    """The COCO folder ``data`` names, else what the file was trained on (its stored description): a folder, or the
+    generated scenes' settings."""
     if data is None:
-        data = trained_on.get("data")
+        data = trained_data_folder(meta)
     if data is None:
-        settings = dict(trained_on.get("synthetic") or {})
+        settings = dict((meta.get("data") or {}).get("synthetic") or {})
         if "size_range" in settings:
             settings["size_range"] = tuple(settings["size_range"])
-        return build_detection_data(None, image_size=image_size, synthetic=SyntheticConfig(**settings), augment=False)
+        return None, SyntheticConfig(**settings)
     if not os.path.isdir(data):
         raise FileNotFoundError(f"the data folder {data!r} does not exist; pass --data with the COCO folder to "
                                 "evaluate on")
-    return build_detection_data(data, image_size=image_size, augment=False)
+    return data, None
+
+
+def validation_data(meta: Mapping[str, Any], image_size: int, data: str | None) -> DetectionDataBundle:
+    """Both splits of the data ``data`` names, else of what the file was trained on (its stored description)."""
+    folder, synthetic = _data_source(meta, data)
+    return build_detection_data(folder, image_size=image_size, synthetic=synthetic, augment=False)
 
 
 def evaluate_detector_file(weights: str | os.PathLike[str], *, data: str | None = None, batch_size: int = 16,
@@ -45,20 +57,25 @@ def evaluate_detector_file(weights: str | os.PathLike[str], *, data: str | None 
     from repvgg.training.distributed import resolve_device
 
     check_workers(workers)
+    check_int(batch_size, "--batch-size", low=1)
     model, meta = load_detector(weights)
-    bundle = validation_data(meta, model.config.image_size, data)
-    if bundle.classes != list(meta.get("classes") or bundle.classes):
-        raise ValueError(f"{weights} detects {meta['classes']} but the data's categories are {bundle.classes}; "
+    size = model.config.image_size
+    check_batch_memory(batch_size, (3, size, size), "--batch-size", input_size=False)
+    folder, synthetic = _data_source(meta, data)
+    name, val = build_validation_set(folder, image_size=model.config.image_size, synthetic=synthetic)
+    classes = list(val.coco.classes)
+    if classes != list(meta.get("classes") or classes):
+        raise ValueError(f"{weights} detects {meta['classes']} but the data's categories are {classes}; "
                          "evaluate it on data with the categories it was trained on")
     torch_device = resolve_device(device)
     model = model.to(torch_device)
     models = [model] if model.deploy else [model, reparameterize_model(model)]
-    loader = DataLoader(bundle.val, batch_size=batch_size,
-                        num_workers=check_workers(workers, batches=-(-len(bundle.val) // batch_size)))
-    comparison = compare_detectors(models, loader, bundle.val.coco, torch_device)
+    loader = DataLoader(val, batch_size=batch_size,
+                        num_workers=check_workers(workers, batches=-(-len(val) // batch_size)))
+    comparison = compare_detectors(models, loader, val.coco, torch_device)
     result: dict[str, Any] = {"weights": os.fspath(weights), "model": model.name,
-                              "form": "converted" if model.deploy else "training-time", "dataset": bundle.name,
-                              "classes": bundle.classes, "val_images": comparison.images}
+                              "form": "converted" if model.deploy else "training-time", "dataset": name,
+                              "classes": classes, "val_images": comparison.images}
     if len(models) == 1:
         result |= {f"val_{k}": v for k, v in comparison.scores[0].items()}
     else:

@@ -20,18 +20,19 @@ from typing import Any, Callable
 
 import torch
 
-from repvgg.detection.evaluate import validation_data
+from repvgg.dense.scenes import SyntheticConfig, scene
+from repvgg.detection.evaluate import trained_data_folder, validation_data
 from repvgg.detection.metrics import BOX_TOLERANCE_PX, SCORE_TOLERANCE, box_deviation, differs_by_ties_only
-from repvgg.detection.weights import load_detector
+from repvgg.detection.weights import detector_metadata, load_detector
 from repvgg.errors import ConversionMismatch
-from repvgg.io.card import write_onnx_metadata
+from repvgg.io.card import load_onnx_proto, write_onnx_metadata
 from repvgg.io.export import noticing_interrupts
 from repvgg.io.onnx_run import onnxruntime_session, openvino_model
-from repvgg.limits import MIN_OPSET, check_int
+from repvgg.limits import MIN_OPSET, brief, check_int, parse_json
 from repvgg.nn.convert import reparameterize_model
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
 
-__all__ = ["DETECTOR_OUTPUTS", "DetectorExport", "export_detector", "onnx_detector"]
+__all__ = ["DETECTOR_OUTPUTS", "DetectorExport", "export_detector", "onnx_detector", "onnx_detector_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,42 @@ def onnx_detector(path: str | os.PathLike[str], runtime: str = "onnxruntime") ->
     raise ValueError(f"an ONNX detector runs on onnxruntime or openvino, not {runtime!r}")
 
 
+def onnx_detector_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The checked metadata of an ONNX file exported from a detector
+    ([`detector_metadata`][repvgg.detection.weights.detector_metadata]), or ``None`` when the file is not tagged as
+    one (``task`` is not ``detection``).
+
+    Raises:
+        ValueError: a field is malformed, or the graph is not a detector's (one ``(3, H, W)`` image in, ``boxes``,
+            ``scores`` and ``labels`` out); the message names the file.
+    """
+    proto = load_onnx_proto(path)
+    raw = {prop.key: prop.value for prop in proto.metadata_props}
+    if raw.get("task") != "detection":
+        return None
+    inputs = [i for i in proto.graph.input if i.name not in {init.name for init in proto.graph.initializer}]
+    outputs = [o.name for o in proto.graph.output]
+    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 3 or outputs != list(DETECTOR_OUTPUTS):
+        raise ValueError(f"{path} is tagged as a detector (task=detection) but its graph is not one exported by "
+                         f"`repvgg export` (it takes {len(inputs)} input(s) and returns {brief(outputs)}, not one "
+                         f"(3, height, width) image and {list(DETECTOR_OUTPUTS)})")
+    fields = {name: parse_json(raw[name], f"{path}: metadata field {name!r}") for name in ("detector", "classes")
+              if name in raw}
+    return detector_metadata(fields | {"deploy": True}, os.fspath(path))
+
+
 def _named(outputs: list[Any]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(value) for name, value in zip(DETECTOR_OUTPUTS, outputs)}
 
 
 @torch.no_grad()
 def export_detector(weights: str | os.PathLike[str], path: str | os.PathLike[str], *, opset: int = 18,
-                    images: int = 8, overwrite: bool = False) -> DetectorExport:
+                    images: int = 8, overwrite: bool = False,
+                    data: str | os.PathLike[str] | None = None) -> DetectorExport:
     """Export the detector in ``weights`` (a ``det-train`` file; a training-time one is converted first) to ``path``,
-    checked on ``images`` validation images of the data the file records.
+    checked on ``images`` validation images of ``data`` (a COCO folder; default: the data the file records, or
+    generated scenes where that folder is no longer there: the check compares two forms of one detector, so any
+    images do).
 
     Raises:
         ValueError: bad arguments, or ``path`` may not be written
@@ -86,14 +114,13 @@ def export_detector(weights: str | os.PathLike[str], path: str | os.PathLike[str
     """
     check_int(opset, "opset", low=MIN_OPSET, high=20)  # the TorchScript-based exporter writes up to 20
     check_int(images, "images", low=1, high=10_000)
-    path = check_output_path(path, reads=[weights], overwrite=overwrite, suffixes=(".onnx",))
     model, meta = load_detector(weights)
+    path = check_output_path(path, reads=[weights, trained_data_folder(meta)], overwrite=overwrite, suffixes=(".onnx",))
     converted = not model.deploy
     if converted:
         log.info("the detector is in training-time form: converting it to the plain form before export")
         model = reparameterize_model(model)
-    val = validation_data(meta, model.config.image_size, None).val
-    samples = [val[i][0].float() / 255 for i in range(min(images, len(val)))]
+    samples = _check_images(meta, model.config.image_size, None if data is None else os.fspath(data), images)
     metadata = {"task": "detection", "detector": json.dumps(model.config.to_dict()),
                 "classes": json.dumps(meta.get("classes")), "outputs": json.dumps(list(DETECTOR_OUTPUTS))}
     with staging_folder(path) as staging:
@@ -111,6 +138,18 @@ def export_detector(weights: str | os.PathLike[str], path: str | os.PathLike[str
         for staged_file in Path(staging).iterdir():
             commit_staged(staged_file, path)
     return DetectorExport(str(path), converted, opset, len(samples), worst, count)
+
+
+def _check_images(meta: dict[str, Any], size: int, data: str | None, count: int) -> list[torch.Tensor]:
+    """Up to ``count`` float images in [0, 1] to compare the export with its source on."""
+    recorded = trained_data_folder(meta)
+    if data is None and recorded is not None and not os.path.isdir(recorded):
+        log.info("the data folder %s the detector was trained on is not there: checking the export on generated "
+                 "scenes", recorded)
+        scenes = SyntheticConfig(image_size=size, num_val=count)
+        return [torch.from_numpy(scene(scenes, "val", i).image).permute(2, 0, 1) for i in range(count)]
+    val = validation_data(meta, size, data).val
+    return [val[i][0].float() / 255 for i in range(min(count, len(val)))]
 
 
 def _parity(path: Path, model: Any, samples: list[torch.Tensor]) -> tuple[float, int]:

@@ -4,7 +4,6 @@ named by the artifact's classes; ``repvgg predict`` prints them, writes them as 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +13,16 @@ import torch
 from torch import Tensor
 
 from repvgg.dense.weights import dense_kind
-from repvgg.detection.export import onnx_detector
+from repvgg.detection.detector import DetectorConfig
+from repvgg.detection.export import onnx_detector, onnx_detector_metadata
 from repvgg.detection.weights import load_detector
-from repvgg.io.card import read_onnx_metadata
+from repvgg.io.card import check_class_names, read_class_names
 from repvgg.io.formats import identify_file
 from repvgg.limits import check_float
 from repvgg.training.images import load_rgb
 
-__all__ = ["DEFAULT_SCORE_THRESHOLD", "DetectionPredictor", "ImageDetections", "draw_targets", "detection_artifact",
-           "save_drawing"]
+__all__ = ["DEFAULT_SCORE_THRESHOLD", "DetectionPredictor", "ImageDetections", "check_detector_image", "draw_targets",
+           "detection_artifact", "save_drawing"]
 
 #: ``on_image(path, image, detections)``: what a caller does with each readable image (e.g. draw it).
 ImageHook = Callable[[str, Any, dict[str, Tensor]], None]
@@ -39,8 +39,20 @@ def detection_artifact(artifact: str | os.PathLike[str]) -> Path | None:
     if not path.is_file():
         return None
     if identify_file(path) == "onnx":
-        return path if read_onnx_metadata(path).get("task") == "detection" else None
+        return path if onnx_detector_metadata(path) is not None else None
     return path if dense_kind(path) == "detector" else None
+
+
+def check_detector_image(width: int, height: int, image_size: int, what: str) -> None:
+    """Refuse an image that the detector's resize (its longer side to ``image_size``) would leave without a row or a
+    column: an unreadable image for ``--bad-images``.
+
+    Raises:
+        ValueError: naming ``what`` and its size.
+    """
+    if min(width, height) * image_size < max(width, height):
+        raise ValueError(f"cannot read {what}: a {width} x {height} image resized to a longer side of {image_size} "
+                         "(the detector's size) keeps no row or column of pixels; crop it first")
 
 
 @dataclass
@@ -69,13 +81,13 @@ class DetectionPredictor:
         runtime: ``"auto"`` (PyTorch for a model file, ONNX Runtime for an ONNX file), ``"pytorch"``,
             ``"onnxruntime"`` or ``"openvino"`` (the last two for an ONNX file).
         score_threshold: detections scoring below it are left out.
-        classes: names in place of the artifact's.
+        classes: names in place of the artifact's (one per class): a list, or a text file with one name a line.
         device: where PyTorch runs a model file.
     """
 
     def __init__(self, artifact: str | os.PathLike[str], *, runtime: str = "auto",
-                 score_threshold: float = DEFAULT_SCORE_THRESHOLD, classes: Sequence[str] | None = None,
-                 device: str = "cpu") -> None:
+                 score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+                 classes: Sequence[str] | str | os.PathLike[str] | None = None, device: str = "cpu") -> None:
         from repvgg.nn.convert import reparameterize_model
 
         path = detection_artifact(artifact)
@@ -90,17 +102,21 @@ class DetectionPredictor:
             if device != "cpu":
                 raise ValueError("an ONNX detector runs on the CPU here; use the det-train file for --device cuda")
             self.backend = "openvino" if runtime == "openvino" else "onnxruntime"
-            self.classes = list(json.loads(read_onnx_metadata(path).get("classes", "null")) or [])
+            meta: dict[str, Any] = onnx_detector_metadata(path) or {}
             self._run = onnx_detector(path, self.backend)
         else:
             if runtime not in ("auto", "pytorch"):
                 raise ValueError(f"a detector file runs on pytorch; export it to ONNX for {runtime}")
             model, meta = load_detector(path)
             model = (model if model.deploy else reparameterize_model(model)).to(device).eval()
-            self.backend, self.classes = "pytorch", list(meta.get("classes") or [])
+            self.backend = "pytorch"
             self._run = lambda image: {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        self.config = DetectorConfig.from_dict(meta["detector"])
+        self.classes = list(meta["classes"] or [])
         if classes is not None:
-            self.classes = list(classes)
+            names = read_class_names(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
+            source = f"--classes {os.fspath(classes)}" if isinstance(classes, (str, os.PathLike)) else "classes="
+            self.classes = check_class_names(names, source, self.config.num_classes, model="the detector")
         if not self.classes:
             raise ValueError(f"{path} records no class names; give them with --classes")
 
@@ -110,6 +126,7 @@ class DetectionPredictor:
         from torchvision.transforms.v2 import functional as F
 
         tensor = image if isinstance(image, Tensor) else F.pil_to_tensor(image.convert("RGB"))
+        check_detector_image(tensor.shape[-1], tensor.shape[-2], self.config.image_size, "the image")
         found = self._run(tensor.float() / 255)
         keep = found["scores"] >= self.score_threshold
         labels = found["labels"][keep].long()
@@ -124,6 +141,7 @@ class DetectionPredictor:
         for path in paths:
             try:
                 image = load_rgb(path)
+                check_detector_image(image.width, image.height, self.config.image_size, f"image {path}")
             except ValueError as err:
                 if bad_images == "fail":
                     raise
@@ -137,9 +155,11 @@ class DetectionPredictor:
                                   [[round(float(v), 3) for v in box] for box in found["boxes"]])
 
 
-def draw_targets(paths: Sequence[str], folder: str | os.PathLike[str], *, overwrite: bool = False) -> dict[str, Path]:
+def draw_targets(paths: Sequence[str], folder: str | os.PathLike[str], *, overwrite: bool = False,
+                 reads: Sequence[str | os.PathLike[str] | None] = ()) -> dict[str, Path]:
     """Where ``--draw`` writes each image: ``FOLDER/<name>.png`` (``<name>-2.png``, ... when two inputs share a
-    name), every one checked by the output rule before anything is written."""
+    name), every one checked by the output rule before anything is written: never one of ``paths``, nor inside a
+    folder of ``reads`` (the command's input folders, whose next reading would take the drawings for images)."""
     from repvgg.serialization import check_output_path
 
     folder = Path(folder)
@@ -154,7 +174,7 @@ def draw_targets(paths: Sequence[str], folder: str | os.PathLike[str], *, overwr
             n += 1
             name = f"{stem}-{n}.png"
         taken.add(name)
-        targets[path] = check_output_path(folder / name, reads=paths, overwrite=overwrite, option="--draw")
+        targets[path] = check_output_path(folder / name, reads=[*paths, *reads], overwrite=overwrite, option="--draw")
     return targets
 
 

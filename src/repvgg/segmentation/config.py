@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import cast
 
-from repvgg.limits import MAX_IMG_SIZE, MAX_LR
+from repvgg.limits import MAX_BATCH_SIZE, MAX_IMG_SIZE, MAX_LR
 from repvgg.options import option
 from repvgg.training.config import LoopConfig
 
@@ -39,7 +39,7 @@ class SegTrainConfig(LoopConfig):
     """
 
     epochs: int = option(12, "training epochs (sized for the generated shapes)", low=1)
-    batch_size: int = option(16, "global batch size over all processes, >= 2 per process", low=2)
+    batch_size: int = option(16, "global batch size over all processes, >= 2 per process", low=2, high=MAX_BATCH_SIZE)
     lr: float | None = option(None, "base learning rate of the poly schedule",
                               default_help="0.05 generated data, 0.01 x batch/16 folders", low=0, high=MAX_LR,
                               low_open=True)

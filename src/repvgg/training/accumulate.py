@@ -19,11 +19,19 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 __all__ = ["accumulate_gradients", "clip_gradients", "micro_batches"]
 
 
-def micro_batches(batch: Any, parts: int) -> list[Any]:
-    """``batch`` (tensors, or tuples and dicts of them, batch first) cut into ``parts`` consecutive micro-batches."""
+def micro_batches(batch: Any, parts: int, least: int = 1) -> list[Any]:
+    """``batch`` (tensors, or tuples and dicts of them, batch first) cut into ``parts`` consecutive micro-batches of
+    at least ``least`` samples each: fewer parts where the batch is short (``--bad-images skip`` leaves a batch
+    shorter), and a batch of fewer than ``least`` samples repeated up to it (BatchNorm needs two values per channel)."""
+    leaves, spec = tree_flatten(batch)
+    size = int(leaves[0].shape[0])
+    if size < least:
+        copies = -(-least // size)
+        leaves = [torch.cat([leaf] * copies) if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+        batch, size = tree_unflatten(leaves, spec), size * copies
+    parts = max(1, min(parts, size // least))
     if parts == 1:
         return [batch]
-    leaves, spec = tree_flatten(batch)
     chunks = [leaf.tensor_split(parts) if isinstance(leaf, Tensor) else [leaf] * parts for leaf in leaves]
     return [tree_unflatten([chunk[i] for chunk in chunks], spec) for i in range(parts)]
 
@@ -33,8 +41,9 @@ def accumulate_gradients(task: Any, net: nn.Module, model: nn.Module, batch: Any
     """Back-propagate ``batch``'s mean loss through ``parts`` micro-batches (``task.training_step`` on each); the
     step's sums ``[loss * images, images, *the task's sums]``. Under DDP the gradients are averaged over the
     processes once, with the last micro-batch."""
-    pieces = micro_batches(batch, parts)
+    pieces = micro_batches(batch, parts, getattr(task, "min_local_batch", 1))
     images = sum(int(tree_flatten(piece)[0][0].shape[0]) for piece in pieces)
+    counted = int(tree_flatten(batch)[0][0].shape[0]) / images  # a repeated short batch's images count once
     device_type = next(model.parameters()).device.type
     totals: Tensor | None = None
     for i, piece in enumerate(pieces):
@@ -49,7 +58,7 @@ def accumulate_gradients(task: Any, net: nn.Module, model: nn.Module, batch: Any
                           out.sums.detach().to(loss.device, torch.float64).reshape(-1)])
         totals = sums if totals is None else totals + sums
     assert totals is not None
-    return totals
+    return totals * counted if counted != 1 else totals
 
 
 def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, max_norm: float | None) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from repvgg.limits import MAX_IMG_SIZE, MAX_LR, MAX_WORKERS
+from repvgg.limits import MAX_BATCH_SIZE, MAX_IMG_SIZE, MAX_LR, MAX_WORKERS
 from repvgg.options import RunConfig, check_device_name, load_config_file, option
 
 __all__ = ["AblationConfig", "LoopConfig", "RECIPES", "TrainConfig", "load_config_file", "resolve_run_config"]
@@ -40,7 +40,7 @@ class LoopConfig(RunConfig):
     """What the training engine itself reads; every training job's config extends it."""
 
     epochs: int = option(30, "training epochs", low=1)
-    batch_size: int = option(64, "global batch size over all processes", low=1)
+    batch_size: int = option(64, "global batch size over all processes", low=1, high=MAX_BATCH_SIZE)
     lr: float | None = option(None, "base learning rate", low=0, high=MAX_LR, low_open=True)
     momentum: float = option(0.9, "SGD momentum", low=0, high=1)
     weight_decay: float = option(1e-4, "weight decay on kernels", low=0, high=1)
@@ -194,10 +194,12 @@ def resolve_run_config(
     resume: str | None = None,
     config_file: str | None = None,
     flags: Mapping[str, Any] | None = None,
+    command: str | None = None,
 ) -> C:
     """Merge, in this order of precedence: defaults < a resumed run's config < a config file < flags.
 
-    ``flags`` holds command-line values, ``None`` for the ones not given. The result is validated.
+    ``flags`` holds command-line values, ``None`` for the ones not given; a resumed checkpoint must be one that
+    ``command`` (``train``, ``det-train``, ...) resumes. The result is validated.
     """
     from repvgg.io.checkpoint import load_checkpoint
 
@@ -205,12 +207,12 @@ def resolve_run_config(
     if resume:
         from repvgg.training.run_folder import resumable_file
 
-        base.update(load_checkpoint(resumable_file(resume))["config"])
+        base.update(load_checkpoint(resumable_file(resume), command)["config"])
         for key in ("stop_after_steps", "overwrite", "config_file"):  # they apply to one invocation only
             base.pop(key, None)
         base["output"] = str(Path(resume).parent if Path(resume).is_file() else Path(resume))  # where it lies now
     if config_file:
-        base.update({k.replace("-", "_"): v for k, v in load_config_file(config_file).items()})
+        base.update(load_config_file(config_file))  # keys as field names, each given once
     base.update({k: v for k, v in (flags or {}).items() if v is not None})
     if config_file:
         base["config_file"] = str(config_file)

@@ -147,10 +147,7 @@ def _resume_checkpoint(task: Task, config: Any) -> dict[str, Any] | None:
     """The checkpoint ``config.resume`` continues, checked to be this task's training state."""
     if not config.resume:
         return None
-    resume = load_checkpoint(resumable_file(config.resume))
-    if resume.get("task", task.command) != task.command:
-        raise ValueError(f"{config.resume} is a `repvgg {resume['task']}` checkpoint; "
-                         f"resume it with `repvgg {resume['task']} --resume`")
+    resume = load_checkpoint(resumable_file(config.resume), task.command)
     if resume.get("weights_from") == "ema":
         raise ValueError(f"{config.resume} holds the EMA weights of the best epoch, not the training state; resume "
                          "from last.pt (or start a new run from these weights with --weights)")

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from repvgg.errors import TrainingDiverged
 from repvgg.serialization import write_text
 
-__all__ = ["diverged_error", "duration", "progress_bar", "write_metrics"]
+__all__ = ["LONG_PREPARATION", "diverged_error", "duration", "preparing", "progress_bar", "write_metrics"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Items from which a preparation (checking a data set's images, generating scenes) is announced and shown.
+LONG_PREPARATION = 500
 
 
 def duration(seconds: float) -> str:
@@ -33,6 +42,24 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
         return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
     return None
+
+
+def preparing(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
+    """``items`` as they are, with the work on them shown when there are
+    [`LONG_PREPARATION`][repvgg.training.progress.LONG_PREPARATION] or more: a bar on an interactive stderr, else one
+    log line. Only a process that logs (rank 0 of a distributed run) shows it."""
+    long = total >= LONG_PREPARATION and logger.isEnabledFor(logging.INFO)
+    bar = progress_bar(total, desc, long)
+    if long and bar is None:
+        logger.info("%s: %d ...", desc, total)
+    try:
+        for item in items:
+            yield item
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
