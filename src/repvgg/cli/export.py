@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from repvgg.cli.flags import config_command, config_flag_values
+from repvgg.cli.flags import config_command, config_flag_values, refuse_flags
 from repvgg.cli.output import emit
 from repvgg.io.config import ExportConfig
 
@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.format not in (None, "onnx"):
         return _export_repository(args)
+    refuse_flags((("--name", args.name), ("--max-batch", args.max_batch), ("--max-wait-ms", args.max_wait_ms),
+                  ("--backend", args.backend)), "to a model repository (--format triton or ovms)")
     if dense_kind(args.model) == "detector":
         return _export_detector(args)
     config = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
@@ -48,7 +50,12 @@ def _export_detector(args: argparse.Namespace) -> int:
     """A det-train file: the whole detector (resize, normalisation, decoding, NMS) in one graph."""
     from repvgg.detection.export import export_detector
 
-    report = export_detector(args.model, args.output, opset=args.opset or 18, overwrite=args.overwrite)
+    cfg = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
+    refuse_flags((("--fp16", cfg.fp16), ("--dynamic-hw", cfg.dynamic_hw), ("--img-size", cfg.img_size),
+                  ("--num-classes", cfg.num_classes)),
+                 "to classifiers; a detector's graph takes one float32 image of any size and resizes it as the "
+                 "detector was trained (its image_size)")
+    report = export_detector(args.model, args.output, opset=cfg.opset or 18, overwrite=cfg.overwrite)
     text = "converted the training-time detector to its plain form before export\n" if report.converted else ""
     text += (f"wrote {report.path}: one image (3, height, width) in [0, 1] -> boxes, scores, labels (NMS in the "
              f"graph), opset {report.opset}; it records its classes and detector configuration\n"
@@ -63,11 +70,10 @@ def _export_repository(args: argparse.Namespace) -> int:
     from repvgg.serve.repository import REPOSITORY_KINDS, write_model_repository
 
     cfg = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
-    ignored = [flag for flag, value in (("--fp16", cfg.fp16), ("--dynamic-hw", cfg.dynamic_hw),
-                                        ("--opset", cfg.opset), ("--num-classes", cfg.num_classes)) if value]
-    if ignored:
-        raise ValueError(f"{', '.join(ignored)} apply to --format onnx; for a repository, export or quantize the ONNX "
-                         "file first and give it as MODEL (it is taken as it is)")
+    refuse_flags((("--fp16", cfg.fp16), ("--dynamic-hw", cfg.dynamic_hw), ("--opset", cfg.opset),
+                  ("--num-classes", cfg.num_classes)),
+                 "to --format onnx; for a repository, export or quantize the ONNX file first and give it as MODEL (it "
+                 "is taken as it is)")
     report = write_model_repository(args.model, args.output, kind=cfg.format, name=cfg.name, max_batch=cfg.max_batch,
                                     max_wait_ms=cfg.max_wait_ms, backend=cfg.backend, img_size=cfg.img_size,
                                     overwrite=cfg.overwrite)

@@ -13,13 +13,14 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from repvgg.limits import MAX_IMG_SIZE, check_float, check_int
 
 __all__ = ["HelpFormatter", "Parser", "UsageError", "add_config_flags", "add_guard_flags", "add_overwrite_flag",
            "bounded_float", "bounded_int",
-           "config_command", "config_flag_values", "image_size", "parse_list", "shown_default"]
+           "config_command", "config_flag_values", "image_size", "parse_list", "refuse_flags", "shown_default"]
 
 
 class UsageError(ValueError):
@@ -87,6 +88,18 @@ def bounded_float(low: float, high: float) -> Any:
 
     parse.__name__ = "number"
     return parse
+
+
+def refuse_flags(given: Iterable[tuple[str, Any]], why: str) -> None:
+    """The rule for flags a command takes but cannot apply to this input: those given (a value other than ``None`` or
+    ``False``) are refused, named with ``why`` they do not apply, rather than accepted and ignored.
+
+    Raises:
+        ValueError: ``"--a, --b apply to ..."``.
+    """
+    named = [flag for flag, value in given if value is not None and value is not False]
+    if named:
+        raise ValueError(f"{', '.join(named)} {'applies' if len(named) == 1 else 'apply'} {why}")
 
 
 def add_overwrite_flag(parser: argparse.ArgumentParser, what: str = "an existing output file") -> None:

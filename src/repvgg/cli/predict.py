@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from repvgg.cli.flags import add_guard_flags, add_overwrite_flag, bounded_float, bounded_int
+from repvgg.cli.flags import add_guard_flags, add_overwrite_flag, bounded_float, bounded_int, refuse_flags
 from repvgg.limits import MAX_WORKERS
 from repvgg.cli.output import emit
 from repvgg.report import printable
 from repvgg.serialization import csv_text, write_csv
 
+#: The defaults of the flags that apply to classifiers only (``None`` on the command line: not given).
+_CLASSIFIER_DEFAULTS = {"topk": 5, "batch_size": 32, "workers": 2}
 #: Inputs above this many batches are worth weighing the runtimes for (and get a progress bar).
 _WEIGH_FROM_BATCHES = 2
 
@@ -32,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "probabilities; nothing is written unless --csv is given.")
     p.add_argument("artifact", metavar="ARTIFACT")
     p.add_argument("inputs", metavar="INPUT", nargs="+")
-    p.add_argument("--topk", type=bounded_int(1), default=5, help="classes per image")
+    p.add_argument("--topk", type=bounded_int(1), default=None, help="classifiers: classes per image (default: 5)")
     p.add_argument("--csv", default=None, metavar="OUT", help="also write the predictions to this CSV file (-: "
                    "print the CSV on standard output instead of the table)")
     add_overwrite_flag(p, "an existing --csv file")
@@ -43,15 +45,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "held to the accuracy guard on 64 others, against the float32 model's predictions; auto: the "
                         "fastest precision the guard accepts)")
     add_guard_flags(p)
-    p.add_argument("--batch-size", type=bounded_int(1), default=32, help="images per forward pass")
-    p.add_argument("--workers", type=bounded_int(0, MAX_WORKERS), default=2, help="processes decoding images")
+    p.add_argument("--batch-size", type=bounded_int(1), default=None,
+                   help="classifiers: images per forward pass (default: 32)")
+    p.add_argument("--workers", type=bounded_int(0, MAX_WORKERS), default=None,
+                   help="classifiers: processes decoding images (default: 2)")
     p.add_argument("--classes", default=None, metavar="FILE", help="class names, one a line, in place of the "
                    "artifact's")
     p.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
                    help="an unreadable image stops the run (fail, exit 2) or is reported and skipped (skip)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (model files)")
-    p.add_argument("--score-threshold", type=bounded_float(0.0, 1.0), default=0.3,
-                   help="detectors: boxes scoring below this are left out")
+    p.add_argument("--score-threshold", type=bounded_float(0.0, 1.0), default=None,
+                   help="detectors: boxes scoring below this are left out (default: 0.3)")
     p.add_argument("--draw", default=None, metavar="DIR", help="detectors: write each image with its boxes drawn "
                    "into DIR (as <name>.png)")
     p.set_defaults(func=run)
@@ -68,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
 
     if detection_artifact(args.artifact) is not None:
         return _predict_boxes(args, paths)
-    if args.draw:
-        raise ValueError("--draw draws a detector's boxes; ARTIFACT is a classifier")
+    refuse_flags((("--draw", args.draw), ("--score-threshold", args.score_threshold)),
+                 "to detectors; ARTIFACT is a classifier")
+    for name, value in _CLASSIFIER_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if _csv_file(args):
         folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]  # never written into either
         check_output_path(args.csv, reads=[args.artifact, args.classes, *paths, *folders], overwrite=args.overwrite,
@@ -143,20 +150,21 @@ def _write_csv(args: argparse.Namespace, rows: list[dict[str, Any]], k: int) -> 
 
 def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     """A detector: each image's boxes (class, score, x1 y1 x2 y2), as a table, --json, --csv and --draw images."""
-    from repvgg.detection.predict import DetectionPredictor, draw_targets, save_drawing
-    from repvgg.io.card import read_class_names
+    from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD, DetectionPredictor, draw_targets, save_drawing
     from repvgg.serialization import check_output_path
 
     if args.dtype != "float32":
         raise ValueError("a detector predicts in float32 here; quantize it with `repvgg quantize` for INT8")
+    refuse_flags((("--topk", args.topk), ("--batch-size", args.batch_size), ("--workers", args.workers)),
+                 "to classifiers; a detector reports every box over --score-threshold, one image at a time")
     folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]
     reads = [args.artifact, args.classes, *paths, *folders]
+    targets = draw_targets(paths, args.draw, overwrite=args.overwrite, reads=reads) if args.draw else {}
     if _csv_file(args):
-        check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv")
-    targets = draw_targets(paths, args.draw, overwrite=args.overwrite) if args.draw else {}
-    classes = read_class_names(args.classes) if args.classes else None
-    predictor = DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=args.score_threshold,
-                                   classes=classes, device=args.device)
+        check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv", writes=targets.values())
+    threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
+    predictor = DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=threshold,
+                                   classes=args.classes, device=args.device)
     draw = (lambda path, image, found: save_drawing(image, found, predictor.classes, targets[path])) \
         if targets else None
     started = time.perf_counter()
@@ -164,7 +172,7 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     seconds = time.perf_counter() - started
     skipped = sum(1 for r in rows if r["error"])
     document = {"artifact": predictor.artifact, "runtime": predictor.backend, "task": "detection",
-                "score_threshold": args.score_threshold, "images": len(rows) - skipped, "skipped": skipped,
+                "score_threshold": threshold, "images": len(rows) - skipped, "skipped": skipped,
                 "seconds": seconds, "predictions": rows}
     printed = None
     if args.csv:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from repvgg.cli.flags import config_command, config_flag_values
+from repvgg.cli.flags import config_command, config_flag_values, refuse_flags
 from repvgg.cli.output import emit
 from repvgg.quant.config import QuantizeConfig
+
+#: ``quantize`` options that apply to classifiers only (a detector's are ``--data``, ``--calib-images``,
+#: ``--calibration``, ``--max-ap-drop`` and ``--overwrite``).
+CLASSIFIER_ONLY = ("img_size", "speed_batch", "speed_rounds", "speed_img_size", "qat_epochs", "qat_lr", "device",
+                   "runtime", "min_agreement", "max_top1_drop")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,22 +31,26 @@ def run(args: argparse.Namespace) -> int:
     from repvgg.dense.weights import dense_kind
     from repvgg.quant.ptq import quantize_model
 
-    config = QuantizeConfig.from_dict(config_flag_values(args, QuantizeConfig))
+    given = config_flag_values(args, QuantizeConfig)
+    config = QuantizeConfig.from_dict(given)
     if dense_kind(args.weights) == "detector":
-        return _quantize_detector(args, config)
+        return _quantize_detector(args, config, given)
+    refuse_flags((("--max-ap-drop", given.get("max_ap_drop")),), "to detectors; a classifier is held to "
+                 "--min-agreement and --max-top1-drop")
     report = quantize_model(args.weights, args.output, config)
     emit(args, report.as_dict())
     return 0
 
 
-def _quantize_detector(args: argparse.Namespace, config: QuantizeConfig) -> int:
+def _quantize_detector(args: argparse.Namespace, config: QuantizeConfig, given: dict[str, Any]) -> int:
     """A det-train file: backbone and pyramid in INT8, the head in float, judged by COCO AP."""
     from repvgg.quant.detector import quantize_detector
 
-    if config.qat_epochs:
-        raise ValueError("--qat-epochs fine-tunes classifiers; a detector is quantized by calibration (train a "
-                         "qarepvgg_* backbone for an INT8-friendly detector)")
-    report = quantize_detector(args.weights, args.output, calib_images=config.calib_images,
+    refuse_flags(((f"--{name.replace('_', '-')}", given.get(name)) for name in CLASSIFIER_ONLY),
+                 "to classifiers; a detector is quantized by calibration at the image size it was trained at, judged "
+                 "by COCO AP (--max-ap-drop) and not timed (train a qarepvgg_* backbone for an INT8-friendly "
+                 "detector)")
+    report = quantize_detector(args.weights, args.output, data=config.data, calib_images=given.get("calib_images"),
                                calibration=config.calibration, max_ap_drop=config.max_ap_drop,
                                overwrite=config.overwrite)
     emit(args, report.as_dict())

@@ -49,7 +49,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     """Merge defaults, a resumed run's config, a config file and the flags into the command's config class."""
     config_cls = args.config_cls
     config = resolve_run_config(config_cls, resume=getattr(args, "resume", None), config_file=args.config,
-                                flags=config_flag_values(args, config_cls))
+                                flags=config_flag_values(args, config_cls), command=getattr(args, "command", None))
     if getattr(args, "spec", None):
         config = config.updated(model_overrides={**config.model_overrides, **_parse_spec(args.spec)})
     if getattr(config, "model_overrides", None):  # checked now, so that --print-config shows only what builds

@@ -32,8 +32,9 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Pa
     return Path(path)
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a training checkpoint (``weights_only=True``: no pickled code runs)."""
+def load_checkpoint(path: str | os.PathLike[str], command: str | None = None) -> dict[str, Any]:
+    """Read a training checkpoint (``weights_only=True``: no pickled code runs); with ``command``, one that command
+    resumes (its ``task``: ``train``, ``seg-train``, ``det-train``, ...)."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
@@ -47,6 +48,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} is not a resumable training checkpoint (needs {sorted(required)}); "
             "to start from its weights use --weights instead of --resume"
         )
+    task = payload.get("task", command)
+    if command is not None and task != command:
+        raise ValueError(f"{path} is a `repvgg {task}` checkpoint; resume it with `repvgg {task} --resume`")
     return payload
 
 

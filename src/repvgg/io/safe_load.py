@@ -36,7 +36,7 @@ def safe_load(path: str | os.PathLike[str], *, what: str = "a PyTorch weights fi
         raise FileNotFoundError(f"{what} not found: {path}")
     require_kind(path, ("torch",), what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return _load_by_content(path, mmap)
     except pickle.UnpicklingError as err:
         found = _UNSUPPORTED.search(str(err))
         detail = f" (it pickles {found[1]})" if found else ""
@@ -47,3 +47,13 @@ def safe_load(path: str | os.PathLike[str], *, what: str = "a PyTorch weights fi
     except Exception as err:  # torch raises several types for truncated or foreign files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"could not read {path} as {what} (truncated or corrupt?): {first}") from None
+
+
+def _load_by_content(path: Path, mmap: bool) -> Any:
+    """``torch.load`` of what the file holds: given a name, torch decides by its suffix (a ``.safetensors`` name is
+    read as safetensors), so it gets the open file; ``mmap``, which needs the name, is used where the name cannot
+    mislead it."""
+    if mmap and not path.name.endswith(".safetensors"):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    with open(path, "rb") as handle:
+        return torch.load(handle, map_location="cpu", weights_only=True)

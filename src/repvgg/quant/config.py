@@ -17,11 +17,13 @@ CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "
 class QuantizeConfig(RunConfig):
     """Options of [`repvgg.quant.ptq.quantize_model`][repvgg.quant.ptq.quantize_model] (``repvgg quantize``)."""
 
-    data: str | None = option(None, "ImageFolder root the model was trained on", default_help="the embedded digits")
+    data: str | None = option(None, "ImageFolder root the model was trained on (a detector: its COCO folder)",
+                              default_help="the embedded digits; a detector: the data it records")
     img_size: int | None = option(None, "input resolution",
                                   default_help="the size WEIGHTS records, else 32 digits / 224 folders", low=8,
                                   high=MAX_IMG_SIZE)
-    calib_images: int = option(256, "training images (validation preprocessing) that calibrate the activations",
+    calib_images: int = option(256, "training images (validation preprocessing) that calibrate the activations "
+                                    "(detectors: 128 by default)",
                                low=1, high=100_000)
     calibration: str = option("minmax", "calibration method", choices=tuple(CALIBRATION_METHODS))
     speed_batch: int = option(8, "batch of the FP32/INT8 timing", low=1)

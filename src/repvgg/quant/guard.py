@@ -28,8 +28,8 @@ from torch.utils._pytree import tree_flatten
 from repvgg.errors import RunFailed
 from repvgg.training.evaluate import compare_models
 
-__all__ = ["DEFAULT_MAX_AP_DROP", "DEFAULT_RTOL", "Guard", "GuardResult", "PrecisionRejected", "REMEDIES",
-           "output_deviation", "require_ap", "require_passing", "validation_guard"]
+__all__ = ["DEFAULT_MAX_AP_DROP", "DEFAULT_RTOL", "DETECTOR_REMEDIES", "Guard", "GuardResult", "PrecisionRejected",
+           "REMEDIES", "output_deviation", "require_ap", "require_passing", "validation_guard"]
 
 #: Most COCO AP points (of 100) an INT8 detector may lose against float32.
 DEFAULT_MAX_AP_DROP = 1.0
@@ -42,6 +42,10 @@ DEFAULT_RTOL: dict[str, float | None] = {"float32": 1e-4, "float16": 1e-2, "bflo
 REMEDIES = ("train a quantization-friendly model (qarepvgg_*, whose blocks keep INT8 ranges narrow), fine-tune with "
             "quantization-aware training (repvgg quantize --qat-epochs N), calibrate differently (--calibration "
             "entropy or percentile), or accept a larger loss (--min-agreement, --max-top1-drop)")
+#: The same for a detector, which is quantized by calibration only (no quantization-aware training).
+DETECTOR_REMEDIES = ("train it on a quantization-friendly backbone (repvgg det-train --backbone qarepvgg_*), calibrate "
+                     "differently (--calibration entropy or percentile, or other --calib-images), or accept a larger "
+                     "loss (--max-ap-drop)")
 
 
 class PrecisionRejected(RunFailed):
@@ -173,5 +177,4 @@ def require_ap(fp32_ap: float, reduced_ap: float, max_drop: float, what: str,
         return
     raise PrecisionRejected(f"{what} fails the accuracy guard: COCO AP {100 * reduced_ap:.2f} against float32's "
                             f"{100 * fp32_ap:.2f}, {drop:.2f} points lost (at most {max_drop:g} allowed). "
-                            f"{consequence} To get an accurate INT8 detector, "
-                            + REMEDIES.replace("--min-agreement, --max-top1-drop", "--max-ap-drop"))
+                            f"{consequence} To get an accurate INT8 detector, {DETECTOR_REMEDIES}")
