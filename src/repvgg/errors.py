@@ -7,8 +7,8 @@ Bad input (a wrong argument, a missing or malformed file) is a ``ValueError`` or
 
 from __future__ import annotations
 
-__all__ = ["RunFailed", "ConversionMismatch", "OutOfMemory", "TrainingDiverged", "WriteFailed", "EXIT_OK",
-           "EXIT_RUN_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
+__all__ = ["RunFailed", "ConversionMismatch", "NonFiniteOutput", "OutOfMemory", "TrainingDiverged", "WriteFailed",
+           "EXIT_OK", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED"]
 
 #: Exit statuses of every ``repvgg`` subcommand: success; a [`RunFailed`][repvgg.errors.RunFailed]; bad input or usage;
 #: interrupted with a resumable checkpoint.
@@ -25,6 +25,11 @@ class ConversionMismatch(RunFailed):
 
 class TrainingDiverged(RunFailed):
     """The loss or the validation metrics became NaN or infinite; the last good checkpoint is kept."""
+
+
+class NonFiniteOutput(RunFailed):
+    """A model gave NaN or infinite outputs for valid input: its predictions cannot be trusted (the model's fault,
+    not the input's; a server answers it with a 500)."""
 
 
 class WriteFailed(RunFailed):

@@ -17,13 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "an ONNX file). The server listens on --host:--port (127.0.0.1 by default: only this machine) and is "
             "ready (GET /v2/health/ready) once the model is loaded and warmed. Concurrent requests are batched up to "
             "--max-batch images or --max-wait-ms. SIGTERM or Ctrl-C stops accepting, answers the requests in flight "
-            "and exits 0. Needs the serve extra: pip install 'repvgg[serve]'."),
+            "and exits 0 (a second signal stops at once and exits 130). Needs the serve extra: "
+            "pip install 'repvgg[serve]'."),
         positionals=(("artifact", "ARTIFACT"),))
 
 
 def run(args: argparse.Namespace) -> int:
     from repvgg.serve.app import create_app
-    from repvgg.serve.server import serve
+    from repvgg.serve.server import FORCED_STOP, serve
 
     config = ServeConfig.from_dict(config_flag_values(args, ServeConfig))
     failures: list[str] = []
@@ -33,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
         app.state.stop()
 
     app = create_app(args.artifact, config, on_failure=failed)
-    # connections beyond four times the queue could only wait for it: refused at once, their bodies never held
-    status = serve(app, config.host, config.port, failures=failures, max_connections=4 * config.max_queue)
-    if failures:
+    status = serve(app, config, failures=failures)
+    if failures and status != FORCED_STOP:
         raise ValueError(failures[0])
     return status

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from repvgg.errors import NonFiniteOutput
 from repvgg.io.card import (ModelCard, Preprocessing, card_from_metadata, load_onnx_proto, read_class_names,
                             read_onnx_metadata, resolve_card)
 from repvgg.io.formats import MODEL_KINDS, require_kind
@@ -119,6 +120,8 @@ class Predictor:
         self.workers = check_workers(workers)
         check_device_name(device, "--device")
         guard = Guard(min_agreement, max_top1_drop)
+        # a bad class names file is told before the model is loaded (which may take minutes)
+        names = read_class_names(classes) if isinstance(classes, (str, os.PathLike)) else classes
         self.kind, path = locate_artifact(artifact)
         self.artifact = str(path)
         if self.kind == "onnx":
@@ -133,9 +136,8 @@ class Predictor:
             self.card, self._run, self.backend, self.dtype, self.reason, self.name = _open_weights(
                 path, runtime, dtype, device, self.batch_size, measure,
                 lambda p: self._calibration_images(calibration, p), guard)
-        if classes is not None:
-            names = read_class_names(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
-            self.card = self.card.with_classes(names, f"--classes {classes}" if not isinstance(classes, list)
+        if names is not None:
+            self.card = self.card.with_classes(list(names), f"--classes {classes}" if not isinstance(classes, list)
                                                else "classes=")
         self.transform = eval_transform(self.card.preprocessing)
         for note in self.card.notes:
@@ -185,11 +187,12 @@ class Predictor:
         """Each row of ``logits``: its top-``topk`` class names, indices and softmax probabilities.
 
         Raises:
-            ValueError: a NaN or infinite output (naming ``what``): its predictions cannot be trusted.
+            NonFiniteOutput: a NaN or infinite output (naming ``what``): its predictions cannot be trusted.
         """
         probabilities = torch.softmax(logits.float(), dim=1)
-        if not torch.isfinite(probabilities).all():
-            raise ValueError(f"the model gave a NaN or infinite output for {what}; its predictions cannot be trusted")
+        if not torch.isfinite(logits).all() or not torch.isfinite(probabilities).all():
+            raise NonFiniteOutput(f"the model gave a NaN or infinite output for {what}; its predictions cannot be "
+                                  "trusted")
         top = probabilities.topk(min(topk, len(self.classes)), dim=1)
         rows = []
         for values, picked in zip(top.values.tolist(), top.indices.tolist()):

@@ -16,15 +16,20 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
+import contextlib
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 
+from repvgg import __version__
+from repvgg.errors import NonFiniteOutput
 from repvgg.limits import LimitExceeded
-from repvgg.serve.batcher import Batcher, QueueFull
-from repvgg.serve.config import ServeConfig
+from repvgg.serve.batcher import Batcher, QueueFull, Stopping
+from repvgg.serve.config import ServeConfig, good_model_name
 from repvgg.serve.metrics import ServerMetrics
 from repvgg.serve.protocol import BadRequest
 from repvgg.serve.routes import add_routes, error_response
@@ -33,6 +38,10 @@ from repvgg.serve.state import BadImage, ModelState, NotReady, UnknownModel
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
+
+#: The status counted (in ``/metrics``) for a request whose client left before sending all of it, as nginx counts
+#: it: nothing is sent, and it is no error of the server's.
+CLIENT_LEFT = 499
 
 def create_app(artifact: str | os.PathLike[str], config: ServeConfig | None = None, *,
                on_failure: Callable[[str], None] | None = None, **options: Any) -> Any:
@@ -51,18 +60,24 @@ def create_app(artifact: str | os.PathLike[str], config: ServeConfig | None = No
     """
     from fastapi import FastAPI
 
+    from repvgg.io.card import read_class_names
     from repvgg.predict.predictor import locate_artifact
 
     from repvgg.detection.predict import detection_artifact
 
     cfg = dataclasses.replace(config or ServeConfig(), **options)
-    locate_artifact(artifact)
+    kind, source = locate_artifact(artifact)
+    if cfg.classes is not None:
+        read_class_names(cfg.classes)  # a bad file is told now, not once the model has loaded
+    if cfg.name is None and kind == "onnx" and not good_model_name(Path(source).stem):
+        raise ValueError(f"the model would be served as {Path(source).stem!r} (the file's name), which cannot be part "
+                         "of a URL: pass --name with letters, digits, '_', '-' and '.'")
     if detection_artifact(artifact) is not None:
         raise ValueError(f"{artifact} is a detector; repvgg serve serves classifiers. Predict its boxes with "
                          "`repvgg predict`, or export it and serve the ONNX file with Triton or OpenVINO Model Server")
     state = ModelState(artifact, cfg, on_failure)
     metrics = ServerMetrics()
-    metrics.track_queue(lambda: state.batcher.waiting if state.batcher is not None else 0)
+    metrics.track_queue(lambda: state.batcher.queued if state.batcher is not None else 0)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -76,17 +91,19 @@ def create_app(artifact: str | os.PathLike[str], config: ServeConfig | None = No
                 await state.batcher.stop()
             state.decoder.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="repvgg", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # /openapi.json is one of the routes (counted in the metrics, answered to HEAD)
+    app = FastAPI(title="repvgg", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.model = state
     _add_error_handlers(app)
     add_routes(app, state, metrics)
-    app.add_middleware(_Guard, max_body=cfg.max_body_bytes, metrics=metrics)
+    app.add_middleware(_Guard, max_body=cfg.max_body_bytes, max_bodies=cfg.max_bodies, metrics=metrics)
     return app
 
 
 async def _load(state: ModelState, metrics: ServerMetrics) -> None:
     try:
-        await asyncio.to_thread(state.load)
+        await _in_daemon_thread(state.load)
     except Exception as err:  # reported as readiness' error and to the command, which stops
         state.error = f"the model could not be loaded: {err}"
         log.error("%s", state.error)
@@ -100,11 +117,40 @@ async def _load(state: ModelState, metrics: ServerMetrics) -> None:
     state.batcher = batcher
 
 
+#: The name of the thread loading the model (a stop while it runs must not wait for it, nor finalize under it).
+LOAD_THREAD = "repvgg-load"
+
+
+async def _in_daemon_thread(work: Callable[[], None]) -> None:
+    """Run ``work`` in a daemon thread: a forced stop during a long load (a compile) exits at once instead of waiting
+    for it, as the event loop's own pool would."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(err: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(err) if err is not None else done.set_result(None)
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as err:  # handed to the awaiting task, which reports it
+            failure: BaseException | None = err
+        else:
+            failure = None
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(settle, failure)
+
+    threading.Thread(target=run, name=LOAD_THREAD, daemon=True).start()
+    await done
+
+
 def _add_error_handlers(app: Any) -> None:
     from fastapi.exceptions import RequestValidationError
 
     statuses: list[tuple[type[Exception], int]] = [(BadRequest, 400), (BadImage, 400), (LimitExceeded, 413),
-                                                   (UnknownModel, 404), (QueueFull, 503), (NotReady, 503)]
+                                                   (UnknownModel, 404), (QueueFull, 503), (NotReady, 503),
+                                                   (Stopping, 503)]
     for kind, status in statuses:
         app.add_exception_handler(kind, lambda request, err, status=status: error_response(status, str(err)))
 
@@ -114,19 +160,50 @@ def _add_error_handlers(app: Any) -> None:
                                                          for e in err.errors()])
 
     app.add_exception_handler(RequestValidationError, invalid)
-    from starlette.exceptions import HTTPException
+    _add_fault_handlers(app)
 
-    # the framework's own answers (an unknown path, a wrong method, an unparsable upload) in the same JSON shape
-    app.add_exception_handler(HTTPException, lambda request, err: error_response(err.status_code, str(err.detail)))
+
+def _add_fault_handlers(app: Any) -> None:
+    """Answers for what is no fault of the request: a model that gives NaN or infinite outputs (a 500 in the JSON
+    shape, logged once), a client that left before sending its whole request (no answer, no error); and the
+    framework's own answers (an unknown path, a wrong method with ``Allow``, an unparsable upload) in the JSON shape."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    logged: list[str] = []
+
+    def model_fault(request: Any, err: Exception) -> Any:
+        if not logged:
+            logged.append(str(err))
+            log.error("%s; answered with 500 (logged once)", err)
+        return error_response(500, str(err))
+
+    def client_left(request: Any, err: Exception) -> Any:
+        log.debug("the client left before sending its whole request to %s", request.url.path)
+        return error_response(CLIENT_LEFT, "the client closed the connection before sending its whole request")
+
+    def framework(request: Any, err: Any) -> Any:
+        if isinstance(err.__cause__, ClientDisconnect):  # an upload cut off: FastAPI reports it as unparsable
+            return client_left(request, err.__cause__)
+        headers = dict(err.headers or {})
+        if "GET" in headers.get("Allow", "").split(", "):  # HEAD is answered wherever GET is
+            headers["Allow"] += ", HEAD"
+        return error_response(err.status_code, str(err.detail), headers=headers)
+
+    app.add_exception_handler(NonFiniteOutput, model_fault)
+    app.add_exception_handler(ClientDisconnect, client_left)
+    app.add_exception_handler(HTTPException, framework)
 
 
 class _Guard:
     """Outermost ASGI middleware: refuses a body over ``max_body`` bytes with 413 (by its ``Content-Length``, or as
-    it streams in: the app then sees the client gone and its own answer is dropped) and counts every answer by
-    endpoint and status with its latency."""
+    it streams in: the app then sees the client gone and its own answer is dropped), a request with a body beyond
+    ``max_bodies`` being received or held with 503, and counts every answer by endpoint and status with its latency.
+    A refused request's connection is closed: what is left of its body is never read."""
 
-    def __init__(self, app: Any, *, max_body: int, metrics: ServerMetrics) -> None:
-        self.app, self.max_body, self.metrics = app, max_body, metrics
+    def __init__(self, app: Any, *, max_body: int, max_bodies: int, metrics: ServerMetrics) -> None:
+        self.app, self.max_body, self.max_bodies, self.metrics = app, max_body, max_bodies, metrics
+        self.bodies = 0  # requests with a body in the app now
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict]],
                        send: Callable[[dict], Awaitable[None]]) -> None:
@@ -134,6 +211,8 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         started, status, received, refused = time.perf_counter(), [0], [0], [False]
+        if scope["method"] == "HEAD":  # answered as GET; the server sends the headers only
+            scope = {**scope, "method": "GET"}
 
         async def guarded_send(message: dict) -> None:
             if refused[0]:
@@ -142,9 +221,10 @@ class _Guard:
                 status[0] = message["status"]
             await send(message)
 
-        async def refuse() -> None:
-            response = error_response(413, f"the request body is larger than the server's limit of "
-                                           f"{self.max_body:,} bytes (--max-body-mb)")
+        async def refuse(status: int = 413, message: str = f"the request body is larger than the server's limit "
+                                                              f"of {self.max_body:,} bytes (--max-body-mb)") -> None:
+            response = error_response(status, message)
+            response.headers["Connection"] = "close"
             await response(scope, receive, guarded_send)
             refused[0] = True
 
@@ -158,12 +238,21 @@ class _Guard:
                 return {"type": "http.disconnect"}
             return message
 
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
+        body = int(declared not in (b"", b"0") or b"transfer-encoding" in headers)
         try:
             if declared.isdigit() and int(declared) > self.max_body:
                 await refuse()
+            elif body and self.bodies >= self.max_bodies:
+                await refuse(503, f"{self.bodies} requests are being received or answered (the limit is "
+                                  f"{self.max_bodies}, four times --max-queue); try again shortly")
             else:
-                await self.app(scope, limited_receive, guarded_send)
+                self.bodies += body
+                try:
+                    await self.app(scope, limited_receive, guarded_send)
+                finally:
+                    self.bodies -= body
         except Exception:
             if not refused[0]:
                 raise

@@ -5,7 +5,8 @@ images and awaits their outputs; one task gathers what is waiting into a batch o
 (the first request waits at most ``max_wait_s`` from its arrival for others to join) and runs it on a single worker
 thread, off the event loop, so the model sees one batch at a time. The images waiting are bounded: beyond
 ``max_queue`` a request is refused at once ([`QueueFull`][repvgg.serve.batcher.QueueFull]) instead of waiting
-without end.
+without end. Images being decoded count against the same bound from before their decoding starts
+([`admit`][repvgg.serve.batcher.Batcher.admit]): a flood of large images is refused, not decoded.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Batcher", "QueueFull"]
+__all__ = ["Admission", "Batcher", "QueueFull", "Stopping"]
 
 log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
     """The images waiting for the model would exceed ``max_queue``; try again shortly."""
+
+
+class Stopping(RuntimeError):
+    """The server stopped before the request's batch ran; another server (or this one restarted) may answer it."""
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Batcher:
         self.run, self.max_batch, self.max_wait_s, self.max_queue = run, max_batch, max_wait_s, max_queue
         self.on_batch = on_batch
         self.waiting = 0  # images submitted and not yet running
+        self.decoding = 0  # images admitted and being decoded: they will wait next
         self._queue: deque[_Pending] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -64,6 +70,11 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="repvgg-batcher")
         self._task.add_done_callback(self._ended)
+
+    @property
+    def queued(self) -> int:
+        """Images counted against ``max_queue``: waiting for the model, or admitted and being decoded."""
+        return self.waiting + self.decoding
 
     @property
     def running(self) -> bool:
@@ -93,19 +104,37 @@ class Batcher:
         self.waiting = 0
         for pending in left:
             if not pending.future.done():
-                pending.future.set_exception(RuntimeError("the server stopped before this batch ran"))
+                pending.future.set_exception(Stopping("the server is stopping; try again shortly") if task.cancelled()
+                                             else RuntimeError("the server stopped before this batch ran"))
 
-    async def submit(self, images: Tensor) -> Tensor:
-        """The outputs for ``images`` (``(N, C, H, W)``, N at most ``max_batch``), run with whatever else waits.
+    def admit(self, count: int) -> Admission:
+        """Hold ``count`` places of the queue for images about to be decoded, until
+        [`submit`][repvgg.serve.batcher.Batcher.submit] takes them or the admission is released (use it as a context
+        manager, so a failed decoding gives its places back).
+
+        Raises:
+            QueueFull: the places are not free.
+        """
+        self._check_room(count)
+        self.decoding += count
+        return Admission(self, count)
+
+    async def submit(self, images: Tensor, admission: Admission | None = None) -> Tensor:
+        """The outputs for ``images`` (``(N, C, H, W)``, N at most ``max_batch``), run with whatever else waits;
+        ``admission``, if given, holds their places in the queue (see [`admit`][repvgg.serve.batcher.Batcher.admit]).
 
         Raises:
             QueueFull: more than ``max_queue`` images would be waiting.
-            RuntimeError: the batcher is not running (not started, stopped, or failed).
+            Stopping: the server is stopping.
+            RuntimeError: the batcher is not running (not started, or failed).
         """
         if self._arrived is None or not self.running:
+            if self._task is not None and self._task.cancelled():
+                raise Stopping("the server is stopping; try again shortly")
             raise RuntimeError("the batcher is not running")
-        if self.waiting + len(images) > self.max_queue:
-            raise QueueFull(f"{self.waiting} images are waiting for the model (the limit is {self.max_queue})")
+        if admission is not None:
+            admission.release()  # its places become the images' own, below, with no await in between
+        self._check_room(len(images))
         loop = asyncio.get_running_loop()
         pending = _Pending(images, loop.time(), loop.create_future())
         self._queue.append(pending)
@@ -130,6 +159,11 @@ class Batcher:
             self._running = self._take()
             await self._run(self._running, loop)
             self._running = []
+
+    def _check_room(self, count: int) -> None:
+        if self.queued + count > self.max_queue:
+            raise QueueFull(f"{self.waiting} images are waiting for the model and {self.decoding} are being decoded "
+                            f"(the limit is {self.max_queue}, --max-queue)")
 
     def _full(self) -> bool:
         """Whether the next batch can take no more: ``max_batch`` images, or a waiting request that does not fit."""
@@ -176,3 +210,22 @@ class Batcher:
             if not pending.future.done():  # a request whose client left is cancelled
                 pending.future.set_result(outputs[start: start + n])
             start += n
+
+
+class Admission:
+    """Places held in a [`Batcher`][repvgg.serve.batcher.Batcher]'s queue for images being decoded (from
+    [`admit`][repvgg.serve.batcher.Batcher.admit]); released once, by ``submit`` or on leaving a ``with`` block."""
+
+    def __init__(self, batcher: Batcher, count: int) -> None:
+        self.batcher, self.count = batcher, count
+
+    def release(self) -> None:
+        """Give the places back (again: nothing)."""
+        self.batcher.decoding -= self.count
+        self.count = 0
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

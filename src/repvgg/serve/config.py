@@ -37,6 +37,12 @@ class ServeConfig(RunConfig):
     max_top1_drop: float = option(0.5, "the accuracy guard: most top-1 points a reduced precision may lose",
                                   low=0, high=100)
     decode_threads: int = option(2, "threads decoding uploaded images", low=1, high=64)
+    header_timeout_s: float = option(5.0, "longest a connection may take to send a request's headers (from its "
+                                          "first byte, or from connecting); a slower one is closed", low=0.01,
+                                     high=3600)
+    allowed_hosts: tuple[str, ...] = option((), "comma-separated Host names a server on a loopback address also "
+                                                "answers (by default only localhost and loopback addresses: a web "
+                                                "page elsewhere cannot reach it through DNS rebinding)")
     device: str = option("cpu", "cpu or cuda[:N] (model files)")
     classes: str | None = option(None, "a file of class names, one a line, in place of the artifact's")
 
@@ -55,6 +61,12 @@ class ServeConfig(RunConfig):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_bodies(self) -> int:
+        """Most request bodies being received or held at once (four times the queue: a body beyond could only wait
+        for it); what they hold in memory is bounded by this times ``max_body_bytes``."""
+        return 4 * self.max_queue
 
 
 def good_model_name(name: str) -> bool:

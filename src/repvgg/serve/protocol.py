@@ -22,13 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from repvgg.limits import parse_json
+from repvgg.limits import LimitExceeded, brief, parse_json
 
 __all__ = ["BadRequest", "InferRequest", "encode_response", "parse_infer", "INPUT", "IMAGE", "OUTPUT", "PROBABILITIES"]
 
 INPUT, IMAGE, OUTPUT, PROBABILITIES = "input", "image", "output", "probabilities"
 #: The largest magnitude a prepared image's value may have (normalised pixels lie within a few units of 0).
 MAX_PREPARED_VALUE = 1e3
+#: Values a request may hold beside its images' (its shape, outputs and parameters need a handful).
+_MAX_OTHER_VALUES = 1024
 #: The header that gives the JSON part's length when binary tensor data follows it.
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -70,7 +72,7 @@ def parse_infer(body: bytes, header_length: str | None, *, image_shape: tuple[in
         BadRequest: naming the field at fault.
     """
     json_part, binary = _split(body, header_length)
-    document = _parse_document(json_part, max_bytes)
+    document = _parse_document(json_part, max_bytes, max_values=max_batch * math.prod(image_shape))
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequest("inputs", f"give exactly one input, {INPUT!r} (FP32 prepared images) or {IMAGE!r} (BYTES "
@@ -89,29 +91,33 @@ def parse_infer(body: bytes, header_length: str | None, *, image_shape: tuple[in
         raise BadRequest("inputs[0].name", f"{json.dumps(name)[:80]} is not an input of this model; give {INPUT!r} "
                                            f"or {IMAGE!r}")
     request_id = document.get("id")
-    parameters = document.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BadRequest("parameters", "an object of request parameters")
-    wants_binary = _flag(parameters, "binary_data_output", False, "parameters.binary_data_output")
-    return InferRequest(request_id if isinstance(request_id, str) else None, images, encoded,
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("id", f"a string (echoed in the response), got {brief(request_id, 40)}")
+    wants_binary = _flag(_parameters(document, "parameters"), "binary_data_output", False,
+                         "parameters.binary_data_output")
+    return InferRequest(request_id, images, encoded,
                         _outputs(document.get("outputs"), wants_binary))
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    try:
-        length = int(header_length)
-    except ValueError:
-        raise BadRequest("Inference-Header-Content-Length", f"an integer, got {header_length[:40]!r}") from None
+    if not (header_length.isascii() and header_length.isdigit()):  # int() would take "+8", " 8" and "1_0"
+        raise BadRequest("Inference-Header-Content-Length", f"a byte count (digits only), got {header_length[:40]!r}")
+    length = int(header_length)
     if not 0 < length <= len(body):
         raise BadRequest("Inference-Header-Content-Length", f"{length} is not within the body's {len(body)} bytes")
     return body[:length], body[length:]
 
 
-def _parse_document(text: bytes, max_bytes: int) -> dict[str, Any]:
+def _parse_document(text: bytes, max_bytes: int, *, max_values: int) -> dict[str, Any]:
+    """The request's JSON object. The values it may hold are bounded before it is parsed (by its separators): a
+    request holds at most ``max_values`` numbers, a batch of prepared images, and a few fields."""
     if not text.strip():
         raise BadRequest("body", "empty; send an inference request (JSON)")
+    if text.count(b",") > max_values + _MAX_OTHER_VALUES:
+        raise LimitExceeded(f"body: the request holds more than {max_values + _MAX_OTHER_VALUES:,} values; a batch of "
+                            f"prepared images holds {max_values:,} (--max-batch images of the model's input)")
     try:
         document = parse_json(text, "the request", max_bytes=max_bytes)
     except ValueError as err:
@@ -123,8 +129,7 @@ def _parse_document(text: bytes, max_bytes: int) -> dict[str, Any]:
 
 def _data(spec: dict[str, Any], binary: bytes) -> Any:
     """The input's ``data``, or its bytes in the binary part (``parameters.binary_data_size``)."""
-    size = (spec.get("parameters") or {}).get("binary_data_size") if isinstance(spec.get("parameters"), dict) \
-        else None
+    size = _parameters(spec, "inputs[0].parameters").get("binary_data_size")
     if size is None:
         if "data" not in spec:
             raise BadRequest("inputs[0].data", "missing (or give parameters.binary_data_size and the bytes after the "
@@ -146,10 +151,13 @@ def _images(shape: list[int], datatype: Any, data: Any, image_shape: tuple[int, 
                                             f"{IMAGE!r} to have them prepared")
     _check_batch(shape[0], max_batch)
     count = math.prod(shape)
+    if not isinstance(data, bytes) and (not isinstance(data, list) or not set(map(type, data)) <= {int, float}):
+        # numpy would read "1" as 1.0 and true as 1.0: JSON data are numbers (bool is not one), in a flat list
+        raise BadRequest("inputs[0].data", f"a flat list of numbers (the tensor in row-major order), as many as the "
+                                           f"shape holds; got {brief(data, 80)}")
     try:
-        values = (np.frombuffer(data, dtype="<f4") if isinstance(data, bytes) else
-                  np.asarray(data, dtype=np.float32))
-    except (TypeError, ValueError, OverflowError) as err:
+        values = np.frombuffer(data, dtype="<f4") if isinstance(data, bytes) else np.asarray(data, dtype=np.float32)
+    except (ValueError, OverflowError) as err:
         raise BadRequest("inputs[0].data", f"numbers, as many as the shape holds: {err}") from None
     if values.size != count:
         raise BadRequest("inputs[0].data", f"{values.size} values for shape {shape} ({count})")
@@ -213,14 +221,21 @@ def _outputs(outputs: Any, wants_binary: bool) -> list[RequestedOutput]:
         if name not in (OUTPUT, PROBABILITIES):
             raise BadRequest(f"outputs[{i}].name", f"{json.dumps(name)[:80]}: this model's outputs are {OUTPUT!r} "
                                                    f"(logits) and {PROBABILITIES!r}")
-        parameters = spec.get("parameters") or {}
-        k = parameters.get("classification", 0) if isinstance(parameters, dict) else 0
+        parameters = _parameters(spec, f"outputs[{i}].parameters")
+        k = parameters.get("classification", 0)
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise BadRequest(f"outputs[{i}].parameters.classification", f"a count of classes, got {k!r}")
-        binary = _flag(parameters, "binary_data", wants_binary, f"outputs[{i}].parameters.binary_data") \
-            if isinstance(parameters, dict) else wants_binary
+        binary = _flag(parameters, "binary_data", wants_binary, f"outputs[{i}].parameters.binary_data")
         requested.append(RequestedOutput(name, k, binary))
     return requested
+
+
+def _parameters(spec: dict[str, Any], field: str) -> dict[str, Any]:
+    """``spec``'s ``parameters``: an object, if given."""
+    parameters = spec.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise BadRequest(field, f"an object of parameters, got {brief(parameters, 40)}")
+    return parameters
 
 
 def _flag(parameters: dict[str, Any], key: str, default: bool, field: str) -> bool:

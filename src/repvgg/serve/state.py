@@ -93,6 +93,22 @@ class ModelState:
         assert self.batcher is not None
         return await self.batcher.submit(images)
 
+    async def decode_and_run(self, encoded: list[tuple[bytes, str]]) -> Tensor:
+        """The model's outputs for encoded images (each with what to call it in a message). Their places in the queue
+        are held from before decoding starts, so decoding is bounded by ``max_queue`` as waiting is.
+
+        Raises:
+            QueueFull: the queue has no room for them (before any is decoded).
+        """
+        assert self.batcher is not None
+        with self.batcher.admit(len(encoded)) as admission:
+            # every decoding ends before the places are given back, even when one fails
+            decoded = await asyncio.gather(*(self.decode(data, what) for data, what in encoded), return_exceptions=True)
+            for result in decoded:
+                if isinstance(result, BaseException):
+                    raise result
+            return await self.batcher.submit(torch.stack(decoded), admission)  # type: ignore[arg-type]
+
 
 def page_html() -> str:
     """The page at ``/`` (one file, no external scripts, styles or fonts)."""
@@ -119,15 +135,14 @@ async def infer(state: ModelState, name: str, body: bytes, header_length: str | 
     predictor = state.model(name)
     cfg = state.config
     size = predictor.preprocessing.img_size
-    request = parse_infer(body, header_length, image_shape=(3, size, size), max_batch=cfg.max_batch,
-                          max_bytes=cfg.max_body_bytes)
+    # parsed in a worker thread: a large body takes the event loop (liveness, other requests) no time
+    request = await asyncio.to_thread(parse_infer, body, header_length, image_shape=(3, size, size),
+                                      max_batch=cfg.max_batch, max_bytes=cfg.max_body_bytes)
     if request.images is None:
-        encoded = request.encoded or []
-        decoded = await asyncio.gather(*(state.decode(data, f"inputs[0].data[{i}]") for i, data in enumerate(encoded)))
-        images = torch.stack(decoded)
+        logits = await state.decode_and_run([(data, f"inputs[0].data[{i}]")
+                                             for i, data in enumerate(request.encoded or [])])
     else:
-        images = request.images
-    logits = await state.run(images)
+        logits = await state.run(request.images)
     predictor.rank(logits, 1, what="an image of the request")  # a NaN or infinite output is refused, as predict does
     return encode_response(state.name or name, request, logits, predictor.classes)
 
