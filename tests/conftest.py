@@ -145,3 +145,11 @@ def qa_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             assert main(["train", "--model", "qarepvgg_tiny", "--epochs", "8", "--batch-size", "128", "--img-size",
                          "24", "--device", "cpu", "--no-inference-speed", "--output", str(run)]) == 0
     return run
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The process ends next: freeze what is left out of the garbage collector, whose final collection over every
+    object the tests' PyTorch created would take seconds (the same as `repvgg.cli.run_and_exit`)."""
+    import gc
+
+    gc.freeze()

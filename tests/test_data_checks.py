@@ -237,3 +237,12 @@ def test_a_long_preparation_is_shown(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="repvgg"):  # a process that does not log (rank > 0) shows nothing
         list(preparing(range(LONG_PREPARATION), LONG_PREPARATION, "generating scenes"))
     assert not caplog.records
+
+
+@pytest.mark.parametrize("name", ["cat\rdog", "cat\u2028dog", "cat\x00"])
+def test_category_names_follow_the_class_name_rule(name: str) -> None:
+    from repvgg.detection.coco import _categories
+
+    with pytest.raises(ValueError, match="category names"):
+        _categories({"categories": [{"id": 1, "name": name}, {"id": 2, "name": "bird"}]}, "instances_train.json")
+    assert _categories({"categories": [{"id": 2, "name": "bird"}, {"id": 1, "name": "cat"}]}, "x")[2] == ["cat", "bird"]

@@ -1,7 +1,5 @@
 """``python -m repvgg`` (also what ``torchrun -m repvgg`` runs)."""
 
-import sys
+from repvgg.cli import run_and_exit
 
-from repvgg.cli import main
-
-sys.exit(main())
+run_and_exit()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from repvgg.dense.scenes import SHAPE_CLASSES, SyntheticConfig, scene
+from repvgg.io.card import check_class_names
 from repvgg.limits import MAX_ANNOTATION_BYTES, MAX_IMAGE_PIXELS, brief, check_float, check_generated_scenes, parse_json
 from repvgg.training.progress import preparing
 
@@ -106,7 +107,7 @@ def _categories(data: dict[str, Any], source: str) -> tuple[list[dict[str, Any]]
             raise ValueError(f"{source}: categories {named[category['name']]} and {category['id']} are both named "
                              f"{brief(category['name'])}; predictions could not tell them apart: rename or merge one")
         named[category["name"]] = category["id"]
-    return categories, ids, list(named)
+    return categories, ids, check_class_names(list(named), f"{source}: category names")
 
 
 def _images(data: dict[str, Any], source: str) -> dict[int, dict[str, Any]]:
