@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_bn, relative_error
+from conftest import narrow as narrow_widths, randomize_bn, relative_error
 from repvgg import RepVGG, RepVGGBlock, RepVGGSpec, create_model, get_spec, list_models, reparameterize_model
 from repvgg.nn.complexity import count_macs, count_parameters, model_complexity
 
@@ -32,15 +32,9 @@ def test_list_models_filters_by_pattern() -> None:
     assert "build_model" not in repvgg.__all__ and "create_model" in repvgg.__all__  # one public builder
 
 
-def _narrow(name: str) -> dict[str, object]:
-    """``name``'s layout (depths, groups, SE, block kind) at 1/8 of its widths: fusion is per block and exact at
-    any width, and a B3 at full width costs seconds to build and fuse twice."""
-    return {"base_widths": tuple(w // 8 for w in get_spec(name).base_widths)}
-
-
 @pytest.mark.parametrize("name, narrow", [(name, True) for name in list_models()] + [("repvgg_a0", False)])
 def test_every_variant_converts_exactly(name: str, narrow: bool) -> None:
-    model = randomize_bn(create_model(name, num_classes=10, **(_narrow(name) if narrow else {})),
+    model = randomize_bn(create_model(name, num_classes=10, **(narrow_widths(name) if narrow else {})),
                          seed=len(name)).eval()
     x = torch.randn(2, 3, 40, 40)
     with torch.no_grad():

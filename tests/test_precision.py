@@ -118,10 +118,7 @@ def test_auto_accepts_int8_when_the_guard_holds_and_rejects_a_broken_calibration
     int8 = _report(runner, "onnxruntime", "int8")
     assert int8.status == "ok" and int8.agreement >= 0.99 and int8.top1_reference - int8.top1 <= 1.0
     assert runner.dtype in (torch.float32, torch.int8)  # the faster of the two accepted, whichever it is here
-    only_int8 = optimize_for_inference(model, example, dtype="int8", calibration=calibration, validation=validation,
-                                       candidates=["onnxruntime"], **guard)
-    assert only_int8.dtype == torch.int8 and only_int8.backend == "onnxruntime"
-    assert (only_int8(example).argmax(1) == model(example).argmax(1)).float().mean() >= 0.75
+    # dtype="int8" asked for and accepted: test_predict's Predictor(dtype="int8") runs that path end to end
 
     broken = [images * 0.02 for images in calibration]  # ranges 50x too narrow: activations saturate
     runner = optimize_for_inference(model, example, dtype="auto", calibration=broken, validation=validation,
