@@ -155,6 +155,42 @@ def qa_digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@contextlib.contextmanager
+def server_thread(app: object, config: object, *, ready_timeout_s: float = 120) -> Iterator[tuple[str, int]]:
+    """``repvgg serve``'s server for ``app`` run by a thread on 127.0.0.1 and a free port, once it is ready: ``(url,
+    port)``; stopped on every way out."""
+    import socket
+    import threading
+
+    import httpx
+
+    from repvgg.serve.server import make_server
+
+    sock = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    port = sock.getsockname()[1]
+    server = make_server(app, config, port=port)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while not ready():
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.02)
+        yield url, port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The process ends next: freeze what is left out of the garbage collector, whose final collection over every
     object the tests' PyTorch created would take seconds (the same as `repvgg.cli.run_and_exit`)."""

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from conftest import server_thread
+
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 httpx = pytest.importorskip("httpx")
@@ -48,34 +50,12 @@ def live(model_file: Path) -> Iterator[dict[str, Any]]:
     """``repvgg serve``'s server (eager, batches of 2), run by a thread; stopped on every way out."""
     from repvgg.serve.app import create_app
     from repvgg.serve.config import ServeConfig
-    from repvgg.serve.server import make_server
 
     config = ServeConfig(max_batch=2, max_queue=4, max_wait_ms=0, runtime="eager")
     app = create_app(model_file, config)
-    sock = socket.create_server(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = make_server(app, config, port=port)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while not _ready(client):
-                assert thread.is_alive() and time.monotonic() < deadline, "the server did not become ready"
-                time.sleep(0.02)
-            yield {"app": app, "url": url, "port": port, "client": client}
-    finally:
-        server.should_exit = True
-        thread.join(REQUEST_TIMEOUT_S)
-        sock.close()
-
-
-def _ready(client: Any) -> bool:
-    try:
-        return client.get("/v2/health/ready").status_code == 200
-    except httpx.TransportError:
-        return False
+    with server_thread(app, config, ready_timeout_s=READY_TIMEOUT_S) as (url, port), \
+            httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
+        yield {"app": app, "url": url, "port": port, "client": client}
 
 
 def _prepared(values: list[Any]) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import server_thread
+
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 httpx = pytest.importorskip("httpx")
@@ -43,34 +45,12 @@ def live(qa_digits_run: Path) -> Iterator[dict[str, Any]]:
     timeout), run by a thread; stopped on every way out."""
     from repvgg.serve.app import create_app
     from repvgg.serve.config import ServeConfig
-    from repvgg.serve.server import make_server
 
     config = ServeConfig(max_batch=8, max_queue=8, max_wait_ms=0, runtime="eager", max_body_mb=0.05,
                          header_timeout_s=HEADER_TIMEOUT_S, allowed_hosts=("box.lan",))
     app = create_app(qa_digits_run, config)
-    sock = socket.create_server(("127.0.0.1", 0), backlog=4096)
-    port = sock.getsockname()[1]
-    server = make_server(app, config, port=port)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _ready(url):
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.05)
+    with server_thread(app, config, ready_timeout_s=READY_TIMEOUT_S) as (url, port):
         yield {"app": app, "url": url, "port": port}
-    finally:
-        server.should_exit = True
-        thread.join(REQUEST_TIMEOUT_S)
-        sock.close()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _predict(url: str, data: bytes, **headers: str) -> httpx.Response:
