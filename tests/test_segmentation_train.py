@@ -121,15 +121,23 @@ def test_seg_eval_refuses_files_it_cannot_rebuild(tmp_path: Path, capsys: pytest
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The run the interrupted and resumed ones must reproduce (made once for every stop)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "full"
+    return out, train_segmenter(SegTrainConfig(**dict(TINY_CONFIG, epochs=2), output=str(out)))
+
+
 @pytest.mark.parametrize("stop_after", [3, 4])  # mid-epoch, and exactly at the epoch boundary
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, stop_after: int) -> None:
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, stop_after: int,
+                                                                uninterrupted: tuple[Path, dict]) -> None:
     common = dict(TINY_CONFIG, epochs=2)  # 4 steps per epoch
-    full = train_segmenter(SegTrainConfig(**common, output=str(tmp_path / "full")))
+    full_run, full = uninterrupted
     part = train_segmenter(SegTrainConfig(**common, output=str(tmp_path / "part"), stop_after_steps=stop_after))
     assert part["interrupted"] is True
     assert load_checkpoint(tmp_path / "part" / "last.pt")["global_step"] == stop_after
     resumed = train_segmenter(SegTrainConfig(**common, output=str(tmp_path / "part"), resume=str(tmp_path / "part")))
-    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    a = load_checkpoint(full_run / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "part" / "last.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["val_miou"] == full["val_miou"]

@@ -108,22 +108,33 @@ def _final_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
+#: 359 training images: 5 steps of 64 per epoch.
+RESUMED = dict(model="repvgg_tiny", img_size=16, epochs=2, batch_size=64, device="cpu", ema_decay=0.9, mixup=0.2,
+               custom_l2=True, val_fraction=0.8, inference_speed=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The run the interrupted and resumed ones must reproduce (made once for every stop)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "full"
+    return out, train(TrainConfig(**RESUMED, output=str(out)))
+
+
 @pytest.mark.parametrize("stop_after", [3, 5])  # mid-epoch, and exactly at an epoch boundary
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, stop_after: int) -> None:
-    # 359 training images: 5 steps of 64 per epoch
-    common = dict(model="repvgg_tiny", img_size=16, epochs=2, batch_size=64, device="cpu", ema_decay=0.9, mixup=0.2,
-                  custom_l2=True, val_fraction=0.8, inference_speed=False)
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path: Path, stop_after: int,
+                                                                uninterrupted: tuple[Path, dict]) -> None:
+    common = RESUMED
     # mid-epoch, the interrupted run loads its data in two persistent worker processes: each sample's
     # augmentation has its own seed, so neither the workers nor the resume change what the model sees
     workers = 2 if stop_after == 3 else 0
-    full = train(TrainConfig(**common, output=str(tmp_path / "full")))
+    full_run, full = uninterrupted
     part = train(TrainConfig(**common, output=str(tmp_path / "part"), stop_after_steps=stop_after, workers=workers))
     assert part["interrupted"] is True
     state = load_checkpoint(tmp_path / "part" / "last.pt")
     assert state["global_step"] == stop_after
     resumed = train(TrainConfig(**common, output=str(tmp_path / "part"), resume=str(tmp_path / "part"),
                                 workers=workers))
-    a, b = _final_weights(tmp_path / "full" / "last.pt"), _final_weights(tmp_path / "part" / "last.pt")
+    a, b = _final_weights(full_run / "last.pt"), _final_weights(tmp_path / "part" / "last.pt")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["val_top1"] == full["val_top1"]
