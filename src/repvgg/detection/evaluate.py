@@ -10,14 +10,14 @@ from typing import Any, Mapping
 from torch.utils.data import DataLoader
 
 from repvgg.dense.scenes import SyntheticConfig
-from repvgg.detection.data import DetectionDataBundle, build_detection_data, build_validation_set
+from repvgg.detection.data import DetectionDataBundle, DetectionSet, build_detection_data, build_validation_set
 from repvgg.detection.metrics import AP_NAMES, check_same_detections, compare_detectors, comparison_summary
 from repvgg.detection.weights import load_detector
 from repvgg.limits import check_batch_memory, check_int, check_workers
 from repvgg.nn.convert import reparameterize_model
 from repvgg.report import markdown_table
 
-__all__ = ["ap_table", "evaluate_detector_file", "trained_data_folder", "validation_data"]
+__all__ = ["ap_table", "evaluate_detector_file", "trained_data_folder", "validation_data", "validation_set"]
 
 
 def trained_data_folder(meta: Mapping[str, Any]) -> str | None:
@@ -48,6 +48,13 @@ def validation_data(meta: Mapping[str, Any], image_size: int, data: str | None) 
     return build_detection_data(folder, image_size=image_size, synthetic=synthetic, augment=False)
 
 
+def validation_set(meta: Mapping[str, Any], image_size: int, data: str | None) -> tuple[str, DetectionSet]:
+    """The name of the data ``data`` names (else of what the file was trained on) and its validation split alone: what
+    scoring and checking a detector need, without reading or generating the training split."""
+    folder, synthetic = _data_source(meta, data)
+    return build_validation_set(folder, image_size=image_size, synthetic=synthetic)
+
+
 def evaluate_detector_file(weights: str | os.PathLike[str], *, data: str | None = None, batch_size: int = 16,
                            workers: int = 0, device: str = "auto") -> dict[str, Any]:
     """Score a ``det-train`` file (``deploy.safetensors``, ``best.pt``, ``last.pt``) with COCO's metrics on the
@@ -61,8 +68,7 @@ def evaluate_detector_file(weights: str | os.PathLike[str], *, data: str | None 
     model, meta = load_detector(weights)
     size = model.config.image_size
     check_batch_memory(batch_size, (3, size, size), "--batch-size", input_size=False)
-    folder, synthetic = _data_source(meta, data)
-    name, val = build_validation_set(folder, image_size=model.config.image_size, synthetic=synthetic)
+    name, val = validation_set(meta, size, data)
     classes = list(val.coco.classes)
     if classes != list(meta.get("classes") or classes):
         raise ValueError(f"{weights} detects {meta['classes']} but the data's categories are {classes}; "

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from repvgg.dense.scenes import SyntheticConfig, scene
-from repvgg.detection.evaluate import trained_data_folder, validation_data
+from repvgg.detection.evaluate import trained_data_folder, validation_set
 from repvgg.detection.metrics import BOX_TOLERANCE_PX, SCORE_TOLERANCE, box_deviation, differs_by_ties_only
 from repvgg.detection.weights import detector_metadata, load_detector
 from repvgg.errors import ConversionMismatch
@@ -148,7 +148,7 @@ def _check_images(meta: dict[str, Any], size: int, data: str | None, count: int)
                  "scenes", recorded)
         scenes = SyntheticConfig(image_size=size, num_val=count)
         return [torch.from_numpy(scene(scenes, "val", i).image).permute(2, 0, 1) for i in range(count)]
-    val = validation_data(meta, size, data).val
+    _, val = validation_set(meta, size, data)
     return [val[i][0].float() / 255 for i in range(min(count, len(val)))]
 
 
