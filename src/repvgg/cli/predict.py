@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "probabilities; nothing is written unless --csv is given.")
     p.add_argument("artifact", metavar="ARTIFACT")
     p.add_argument("inputs", metavar="INPUT", nargs="+")
-    p.add_argument("--topk", type=bounded_int(1), default=None, help="classifiers: classes per image (default: 5)")
+    p.add_argument("--topk", type=bounded_int(1), default=None,
+                   help=f"classifiers: classes per image (default: {_CLASSIFIER_DEFAULTS['topk']})")
     p.add_argument("--csv", default=None, metavar="OUT", help="also write the predictions to this CSV file (-: "
                    "print the CSV on standard output instead of the table)")
     add_overwrite_flag(p, "an existing --csv file")
@@ -46,9 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "fastest precision the guard accepts)")
     add_guard_flags(p)
     p.add_argument("--batch-size", type=bounded_int(1), default=None,
-                   help="classifiers: images per forward pass (default: 32)")
+                   help=f"classifiers: images per forward pass (default: {_CLASSIFIER_DEFAULTS['batch_size']})")
     p.add_argument("--workers", type=bounded_int(0, MAX_WORKERS), default=None,
-                   help="classifiers: processes decoding images (default: 2)")
+                   help=f"classifiers: processes decoding images (default: {_CLASSIFIER_DEFAULTS['workers']})")
     p.add_argument("--classes", default=None, metavar="FILE", help="class names, one a line, in place of the "
                    "artifact's")
     p.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
