@@ -190,17 +190,22 @@ def test_a_detector_backbone_from_a_deploy_file(tmp_path: Path) -> None:
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(got, expected))
 
 
-def test_export_writes_a_detector_that_onnx_runtime_and_openvino_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backbone, kind", [("repvgg_tiny", "fcos"), ("efficientrep_t", "yolo")])
+def test_export_writes_a_detector_that_onnx_runtime_and_openvino_run(tmp_path: Path, backbone: str, kind: str) -> None:
     """The exported graph (resize, normalisation, decoding, NMS) detects what the converted detector does, in ONNX
-    Runtime and in OpenVINO, on images of another size than the training one."""
+    Runtime and in OpenVINO, on images of another size and shape than the training one."""
     from repvgg.cli import main
     from repvgg.detection.export import onnx_detector
     from repvgg.detection.metrics import box_deviation
     from repvgg.io.card import read_onnx_metadata
 
     # no top-k cut among near-equal random scores: every detection over the threshold is kept
-    model = randomize_bn(create_detector("repvgg_tiny", 4, image_size=64, score_threshold=0.05,
+    model = randomize_bn(create_detector(backbone, 4, kind=kind, image_size=64, score_threshold=0.05,
                                          detections_per_image=1000))
+    if kind == "yolo":  # predictions start at a 1% score, the same everywhere: give them something to detect
+        for conv in (*model.head.cls_preds, *model.head.reg_preds):
+            torch.nn.init.normal_(conv.weight, std=0.3, generator=torch.Generator().manual_seed(1))
+            torch.nn.init.zeros_(conv.bias)
     save_detector(model, tmp_path / "det.pt.safetensors", classes=["a", "b", "c", "d"],
                   data={"data": None, "synthetic": {"image_size": 64, "num_train": 2, "num_val": 3}})
     assert main(["export", str(tmp_path / "det.pt.safetensors"), str(tmp_path / "det.onnx")]) == 0
@@ -253,12 +258,12 @@ def test_predict_draws_the_boxes_it_reports(tmp_path: Path, capsys: pytest.Captu
 
 @pytest.fixture(scope="module")
 def trained_qa_detector(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A QARepVGG FCOS trained for a few seconds on small generated scenes (AP about 20, AP50 about 50): enough for
-    deployment to have something to lose."""
+    """The real-time detector on QARepVGG blocks (``qaefficientrep_t``) trained for a few seconds on small generated
+    scenes (AP about 20, AP50 about 50): enough for deployment to have something to lose."""
     out = tmp_path_factory.mktemp("qa") / "run"
-    summary = train_detector(DetTrainConfig(backbone="qarepvgg_tiny", image_size=64, head_convs=1, epochs=4,
-                                            synthetic_train=160, synthetic_val=32, batch_size=16, lr=0.02,
-                                            output=str(out)))
+    summary = train_detector(DetTrainConfig(kind="yolo", backbone="qaefficientrep_t", image_size=64, epochs=6,
+                                            ema_decay=0.0, synthetic_train=160, synthetic_val=32, batch_size=16,
+                                            lr=0.02, output=str(out)))
     assert summary["val_ap50"] > 0.2, summary["val_ap50"]
     return out, summary
 
@@ -286,8 +291,9 @@ def test_the_exported_detector_scores_the_same_ap_in_both_runtimes(trained_qa_de
 
 def test_quantize_writes_an_int8_detector_judged_by_its_ap(trained_qa_detector: tuple[Path, dict], tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    """quantize of a QARepVGG detector: the backbone and pyramid in INT8 (QDQ), the head in float, and its AP on the
-    validation images within 1 point of the training-time detector's; a guard that cannot be met writes nothing."""
+    """quantize of a QARepVGG detector: the backbone and neck in INT8 (QDQ), the head in float, and its AP on the
+    validation images within 1 point of the training-time detector's, in ONNX Runtime and in OpenVINO; a guard that
+    cannot be met writes nothing."""
     from repvgg.cli import main
     from repvgg.quant.guard import PrecisionRejected, require_ap
 
@@ -299,9 +305,40 @@ def test_quantize_writes_an_int8_detector_judged_by_its_ap(trained_qa_detector: 
     assert 0 < report["quantized_convs"] < report["convs"]  # the head's convs stay in float
     assert abs(report["ap_fp32"] - summary["val_ap"]) <= 1e-3 and (tmp_path / "int8.onnx").is_file()
     assert 100 * abs(report["ap_int8"] - summary["val_ap"]) <= 1.0
+    assert set(report["ap_int8_by_runtime"]) == {"onnxruntime", "openvino"}
+    assert all(100 * abs(ap - summary["val_ap"]) <= 1.0 for ap in report["ap_int8_by_runtime"].values())
     with pytest.raises(PrecisionRejected, match="--max-ap-drop"):
         require_ap(0.50, 0.48, 1.0, "an INT8 detector")
     require_ap(0.50, 0.495, 1.0, "an INT8 detector")
+
+
+def test_quantize_refuses_an_int8_detector_over_the_ap_drop_with_exit_1(
+        trained_qa_detector: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An INT8 file that OpenVINO runs 2 AP points worse than the float32 export (its scores made so here) is refused
+    with exit 1, and nothing is written, though ONNX Runtime's AP is within the limit."""
+    import repvgg.quant.detector as quant_detector
+    from repvgg.cli import main
+
+    scored = quant_detector.coco_scores
+    runtimes: list[str] = []
+
+    def runtime_aware(detector: object, runtime: str = "onnxruntime") -> object:
+        runtimes.append(runtime)
+        return original_detector(detector, runtime)
+
+    def worse_in_openvino(coco: object, detections: object) -> dict:
+        scores = dict(scored(coco, detections))
+        return scores | {"ap": scores["ap"] - 0.02} if runtimes[-1:] == ["openvino"] else scores
+
+    original_detector = quant_detector._onnx_detector
+    monkeypatch.setattr(quant_detector, "_onnx_detector", runtime_aware)
+    monkeypatch.setattr(quant_detector, "coco_scores", worse_in_openvino)
+    run, _ = trained_qa_detector
+    assert main(["quantize", str(run / "deploy.safetensors"), str(tmp_path / "int8.onnx"), "--calib-images", "8"]) == 1
+    err = capsys.readouterr().err
+    assert "run by openvino" in err and "--max-ap-drop" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_an_nms_near_tie_is_told_from_a_deviation() -> None:

@@ -1,11 +1,14 @@
-"""Object detection with RepVGG backbones: torchvision's FCOS or RetinaNet on a feature pyramid, COCO data and
-metrics, and the training job.
+"""Object detection with RepVGG backbones: torchvision's FCOS or RetinaNet on a feature pyramid, or the real-time
+detector in YOLOv6's design (EfficientRep, Rep-PAN, an efficient decoupled head), COCO data and metrics, and the
+training job.
 
 Not imported by ``import repvgg``; use ``import repvgg.detection`` (names load on first use). Needs torchvision, and
 pycocotools for COCO's metrics (the ``train`` extra).
 
 =============  ===================================================================================================
 ``detector``   ``DetectorConfig``, ``build_detector``, ``create_detector``: FCOS / RetinaNet over a RepVGG pyramid
+``yolo``       the real-time kind: SimSPPF, Rep-PAN, the decoupled head, decoding and per-image NMS
+``tal``        its training: task-aligned assignment, the varifocal and GIoU losses
 ``coco``       COCO annotation files, read and checked; the generated scenes in the same form
 ``data``       letterboxed, box-padded training samples; augmentation through torchvision.transforms.v2
 ``metrics``    COCO AP by ``pycocotools.COCOeval``; two detectors compared box by box

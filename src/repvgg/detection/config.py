@@ -8,22 +8,34 @@ The defaults train an FCOS on RepVGG-A0 from scratch on the generated scenes in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from repvgg.limits import MAX_BATCH_SIZE, MAX_GENERATED_SCENES, MAX_IMG_SIZE, MAX_LR, check_generated_scenes
 from repvgg.options import option
 from repvgg.training.config import LoopConfig
 
-__all__ = ["DETECTOR_KINDS", "DetTrainConfig"]
+__all__ = ["DETECTOR_KINDS", "DetTrainConfig", "KIND_DEFAULTS"]
 
-#: The detectors torchvision builds for us.
-DETECTOR_KINDS = ("fcos", "retinanet")
+#: The detectors: torchvision's FCOS and RetinaNet, and the real-time one in YOLOv6's design.
+DETECTOR_KINDS = ("fcos", "retinanet", "yolo")
+
+
+#: Each kind's defaults for the options left unset (``None``): the yolo kind trains twice as many of its cheaper
+#: epochs, and evaluates an EMA of its weights (docs/detection.md measured these on the generated scenes).
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fcos": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0},
+    "retinanet": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0},
+    "yolo": {"backbone": "efficientrep_t", "epochs": 12, "ema_decay": 0.99},
+}
 
 
 @dataclass
 class DetTrainConfig(LoopConfig):
     """Everything a detection run needs. ``lr=None`` means ``0.01 * batch_size / 16`` (FCOS's 0.01 at batch 16)."""
 
-    epochs: int = option(8, "training epochs (sized for the generated scenes)", low=1)
+    # None until __post_init__ fills the kind's default: the engine reads an int
+    epochs: int | None = option(None, "training epochs (sized for the generated scenes)",  # type: ignore[assignment]
+                                default_help="8; 12 for --kind yolo", low=1)
     batch_size: int = option(16, "global batch size over all processes, >= 2 per process", low=2, high=MAX_BATCH_SIZE)
     lr: float | None = option(None, "base learning rate (cosine schedule after a linear warm-up)",
                               default_help="0.01 x batch/16", low=0, high=MAX_LR, low_open=True)
@@ -31,12 +43,21 @@ class DetTrainConfig(LoopConfig):
     clip_grad: float | None = option(10.0, "clip the gradients' global L2 norm to this value before each step",
                                      low=0, high=1e6, low_open=True)
     warmup_epochs: float = option(1.0, "linear learning-rate warm-up, in epochs", low=0, high=1000)
+    ema_decay: float | None = option(None, "weight EMA decay; 0 = off (the EMA weights are evaluated and saved)",  # type: ignore[assignment]
+                                     default_help="0; 0.99 for --kind yolo", low=0, high=1, high_open=True)
     output: str | None = option(None, "run folder", default_help="runs/det-<kind>-<backbone>-<data>-<time>")
     log_interval: int = option(20, "steps between log lines (and tracked step scalars)", low=1)
-    backbone: str = option("repvgg_a0", "registered RepVGG, QARepVGG or RepVGGplus name (see `repvgg info`)")
-    kind: str = option("fcos", "the detector (torchvision's)", choices=DETECTOR_KINDS)
-    fpn_channels: int = option(64, "feature pyramid width, a multiple of 32 (the papers: 256)", low=64, high=4096)
-    head_convs: int = option(2, "3x3 convs in each head tower (the papers: 4)", low=0, high=16)
+    backbone: str | None = option(None, "registered RepVGG, QARepVGG, RepVGGplus or EfficientRep name (see `repvgg "
+                                        "info`)", default_help="repvgg_a0; efficientrep_t for --kind yolo")
+    kind: str = option("fcos", "the detector: torchvision's fcos or retinanet, or yolo (YOLOv6's design, real-time)",
+                       choices=DETECTOR_KINDS)
+    fpn_channels: int | None = option(None, "feature pyramid width, a multiple of 32 (the papers: 256); the yolo "
+                                            "kind's neck is half as wide as its backbone", default_help="64",
+                                      low=64, high=4096)
+    head_convs: int | None = option(None, "3x3 convs in each head tower (the papers: 4; YOLOv6: 1)",
+                                    default_help="2; 1 for --kind yolo", low=0, high=16)
+    neck_depth: int | None = option(None, "--kind yolo: RepVGG blocks in each Rep-PAN RepBlock",
+                                    default_help="the backbone's (efficientrep_t: 1, _n and _s: 4)", low=1, high=16)
     image_size: int = option(128, "images are letterboxed to this square size", low=32, high=MAX_IMG_SIZE)
     max_objects: int = option(100, "most objects an image may hold", low=1, high=10_000)
     backbone_weights: str | None = option(None, "weights file for the backbone (classification weights, a "
@@ -50,6 +71,9 @@ class DetTrainConfig(LoopConfig):
                                  high=2**32 - 1)
 
     def __post_init__(self) -> None:
+        for name, value in KIND_DEFAULTS.get(self.kind, KIND_DEFAULTS["fcos"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         super().__post_init__()
         if self.synthetic:  # bounded before any work: every scene is rendered before the first step
             for name in ("synthetic_train", "synthetic_val"):

@@ -1,4 +1,5 @@
-"""A detector on RepVGG features: torchvision's FCOS (the default) or RetinaNet on a feature pyramid.
+"""A detector on RepVGG features: torchvision's FCOS (the default) or RetinaNet on a feature pyramid, or the
+real-time one-stage detector in YOLOv6's design ([`repvgg.detection.yolo`][repvgg.detection.yolo], ``kind="yolo"``).
 
 The backbone is any registered RepVGG, QARepVGG or RepVGGplus, built with ``features_only`` (its ``feature_info``
 sizes the pyramid); ``torchvision.ops.FeaturePyramidNetwork`` turns its stages into P3-P5 and adds P6 and P7 from
@@ -29,6 +30,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from repvgg.dense.backbones import RESNET_DEPTHS, ResNetBackbone
 from repvgg.detection.config import DETECTOR_KINDS
+from repvgg.detection.yolo import YoloDetector
 from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD
 from repvgg.io.loading import create_model
 from repvgg.limits import MAX_CLASSES, MAX_IMG_SIZE, brief, check_float, check_int
@@ -36,11 +38,13 @@ from repvgg.nn.convert import is_converted
 from repvgg.nn.registry import canonical_name
 from repvgg.serialization import DictMixin
 
-__all__ = ["DETECTOR_KINDS", "Detector", "DetectorConfig", "FCOSDetector", "FeaturePyramid", "RetinaNetDetector",
-           "build_detector", "create_detector"]
+__all__ = ["DETECTOR_KINDS", "Detector", "DetectorConfig", "FCOSDetector", "FeaturePyramid", "NECK_DEPTHS",
+           "RetinaNetDetector", "YoloDetector", "build_detector", "create_detector"]
 
 #: Groups of the heads' GroupNorm (FCOS's head fixes 32).
 NORM_GROUPS = 32
+#: The yolo detector's Rep-PAN depth per backbone (YOLOv6's 12 x 0.33 for n and s; fewer for t, sized for speed).
+NECK_DEPTHS = {"efficientrep_t": 1, "efficientrep_n": 4, "efficientrep_s": 4}
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,15 @@ class DetectorConfig(DictMixin):
         backbone: a registered RepVGG name (``"repvgg_a0"``, ``"qarepvgg_a0"``, ``"repvggplus_tiny"``, ...), or
             ``"resnet18"`` / ``"resnet34"`` / ``"resnet50"`` / ``"resnet101"`` (torchvision's, the speed baselines).
         num_classes: object classes (no background class).
-        kind: ``"fcos"`` (anchor-free, the default) or ``"retinanet"``.
-        out_indices: the backbone stages the pyramid reads (2, 3, 4: strides 8, 16, 32).
+        kind: ``"fcos"`` (anchor-free, the default), ``"retinanet"``, or ``"yolo"`` (YOLOv6's design: Rep-PAN and
+            an efficient decoupled head; an ``efficientrep_*`` backbone).
+        out_indices: the backbone stages the pyramid reads (2, 3, 4: strides 8, 16, 32; the yolo kind reads these).
         fpn_channels: the pyramid's width, a multiple of 32 from 64 (the heads normalise in 32 groups of at least two
-            channels); 256 in the papers.
-        head_convs: 3x3 convs in each head tower (4 in the papers).
+            channels); 256 in the papers. ``None``: 64; the yolo kind has none (its neck's widths are half the
+            backbone's).
+        head_convs: 3x3 convs in each head tower (4 in the papers); ``None``: 2, and 1 for the yolo kind (YOLOv6's).
+        neck_depth: RepVGG blocks in each of the yolo kind's four Rep-PAN RepBlocks; ``None``: the backbone's
+            (`NECK_DEPTHS`, 2 for other backbones). The other kinds have none.
         image_size: the longer side images are resized to, in and out of training.
         score_threshold: detections scoring below it are dropped.
         nms_threshold: IoU above which non-maximum suppression drops the lower-scoring box of a class.
@@ -67,13 +75,31 @@ class DetectorConfig(DictMixin):
     num_classes: int = 4
     kind: str = "fcos"
     out_indices: tuple[int, ...] = (2, 3, 4)
-    fpn_channels: int = 64
-    head_convs: int = 2
+    fpn_channels: int | None = None
+    head_convs: int | None = None
+    neck_depth: int | None = None
     image_size: int = 128
     score_threshold: float = 0.05
     nms_threshold: float = 0.6
     detections_per_image: int = 100
     in_chans: int = 3
+
+    def _resolve_kind_defaults(self) -> None:
+        """Fill the kind's defaults (``None`` fields) and refuse what the kind has not."""
+        yolo = self.kind == "yolo"
+        if yolo and self.fpn_channels is not None:
+            raise ValueError("the yolo detector has no fpn_channels: its Rep-PAN neck is half as wide as each backbone "
+                             "stage it reads; choose the width with the backbone (efficientrep_t, _n, _s)")
+        if not yolo and self.neck_depth is not None:
+            raise ValueError(f"neck_depth sets the yolo detector's Rep-PAN; the {self.kind} detector's pyramid has "
+                             "no blocks to set")
+        if yolo:
+            default_depth = NECK_DEPTHS.get(self.backbone.removeprefix("qa"), 2)
+            object.__setattr__(self, "neck_depth", default_depth if self.neck_depth is None else self.neck_depth)
+            check_int(self.neck_depth, "neck_depth", low=1, high=16)
+        else:
+            object.__setattr__(self, "fpn_channels", 64 if self.fpn_channels is None else self.fpn_channels)
+        object.__setattr__(self, "head_convs", (1 if yolo else 2) if self.head_convs is None else self.head_convs)
 
     def __post_init__(self) -> None:
         if not isinstance(self.backbone, str) or not isinstance(self.kind, str):
@@ -87,8 +113,9 @@ class DetectorConfig(DictMixin):
         if self.kind not in DETECTOR_KINDS:
             raise ValueError(f"kind must be one of {', '.join(DETECTOR_KINDS)}, got {self.kind!r}")
         check_int(self.num_classes, "num_classes", low=1, high=MAX_CLASSES)
-        if not isinstance(self.fpn_channels, int) or self.fpn_channels % NORM_GROUPS or not \
-                2 * NORM_GROUPS <= self.fpn_channels <= 4096:
+        self._resolve_kind_defaults()
+        if self.kind != "yolo" and (not isinstance(self.fpn_channels, int) or self.fpn_channels % NORM_GROUPS or not
+                                    2 * NORM_GROUPS <= self.fpn_channels <= 4096):
             # a group of one channel has one value to normalise on a 1x1 map (P7 of a small image): GroupNorm refuses
             raise ValueError(f"fpn_channels must be a multiple of {NORM_GROUPS} from {2 * NORM_GROUPS} to 4096 (the "
                              f"heads normalise in {NORM_GROUPS} groups of at least two channels), got "
@@ -146,7 +173,7 @@ class RetinaNetDetector(_OurDetector, RetinaNet):
     """torchvision's RetinaNet on a RepVGG feature pyramid."""
 
 
-Detector = FCOSDetector | RetinaNetDetector
+Detector = FCOSDetector | RetinaNetDetector | YoloDetector
 
 
 def _anchors(config: DetectorConfig, strides: list[int]) -> AnchorGenerator:
@@ -178,6 +205,9 @@ def build_detector(config: DetectorConfig, *, backbone_weights: str | os.PathLik
     else:
         body = create_model(config.backbone, weights=backbone_weights, in_chans=config.in_chans, deploy=deploy,
                             features_only=True, out_indices=config.out_indices)
+    if config.kind == "yolo":
+        return YoloDetector(config, body, deploy=deploy)
+    assert config.fpn_channels is not None  # resolved by the config
     backbone = FeaturePyramid(body, config.fpn_channels)
     anchors = _anchors(config, backbone.strides)
     detector_class: Any = FCOSDetector if config.kind == "fcos" else RetinaNetDetector

@@ -124,9 +124,12 @@ def differs_by_ties_only(a: dict[str, Tensor], b: dict[str, Tensor], *, iou: flo
 @torch.no_grad()
 def candidates(model: Any, images: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Every anchor's decoded box ``(N, A, 4)`` (in the resized image's pixels) and class scores ``(N, A, C)`` of a
-    torchvision FCOS or RetinaNet, before the score threshold, the top-k cut and non-maximum suppression: what a
-    converted detector must reproduce (NMS itself is discontinuous: two boxes of near-equal score that overlap are
-    kept or dropped by the last bits of their scores)."""
+    torchvision FCOS or RetinaNet (or what a detector's own ``candidates`` method gives), before the score threshold,
+    the top-k cut and non-maximum suppression: what a converted detector must reproduce (NMS itself is
+    discontinuous: two boxes of near-equal score that overlap are kept or dropped by the last bits of their
+    scores)."""
+    if hasattr(model, "candidates"):
+        return model.candidates(images)
     batch, _ = model.transform(images)
     features = list(model.backbone(batch.tensors).values())
     out = model.head(features)

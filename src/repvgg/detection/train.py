@@ -59,8 +59,10 @@ def _data_description(config: DetTrainConfig) -> dict[str, Any]:
 
 def detector_config(config: DetTrainConfig, num_classes: int) -> DetectorConfig:
     """The architecture ``config`` trains, for ``num_classes`` classes."""
+    assert config.backbone is not None  # resolved by the config
     return DetectorConfig(backbone=config.backbone, num_classes=num_classes, kind=config.kind,
-                          fpn_channels=config.fpn_channels, head_convs=config.head_convs, image_size=config.image_size)
+                          fpn_channels=config.fpn_channels, head_convs=config.head_convs, neck_depth=config.neck_depth,
+                          image_size=config.image_size)
 
 
 def _targets(boxes: Tensor, labels: Tensor) -> list[dict[str, Tensor]]:
@@ -105,9 +107,10 @@ class DetectionTask(DenseTask[DetTrainConfig, DetectionDataBundle]):
 
     def describe(self, model: nn.Module, config: DetTrainConfig, steps_per_epoch: int) -> str:
         b = self.bundle
+        c: DetectorConfig = getattr(model, "config")
+        neck = f"Rep-PAN depth {c.neck_depth}" if c.kind == "yolo" else f"FPN {c.fpn_channels}"
         return (f"{model.name} on {b.name}: {dataset_size(b.train)} train / {dataset_size(b.val)} val images, "
-                f"{b.num_classes} classes, {config.image_size}x{config.image_size}, FPN {config.fpn_channels}, "
-                f"{config.head_convs} head convs")
+                f"{b.num_classes} classes, {config.image_size}x{config.image_size}, {neck}, {c.head_convs} head convs")
 
     def learning_rate(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
         warmup = int(round(self.config.warmup_epochs * steps_per_epoch))

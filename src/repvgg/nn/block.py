@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from repvgg.nn.fusion import fold_batchnorm, fold_norm, identity_kernel, pad_kernel_to
 
-__all__ = ["RepVGGBlock", "SEBlock", "ConvBN", "aux_head"]
+__all__ = ["RepVGGBlock", "SEBlock", "ConvBN", "ConvBNReLU", "aux_head"]
 
 
 class ConvBN(nn.Sequential):
@@ -69,6 +69,38 @@ class ConvBN(nn.Sequential):
     def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
         """Kernel and bias (float64) of one conv equal to this conv + BN at inference time."""
         return fold_norm(self.conv.weight, self.bn)
+
+
+class ConvBNReLU(nn.Module):
+    """A plain conv, BatchNorm and ReLU (YOLOv6's ``SimConv``) that folds its BN into the conv when reparameterized,
+    so that [`reparameterize_model`][repvgg.nn.convert.reparameterize_model] converts a network of these and RepVGG
+    blocks into bare convs and ReLUs (keys ``conv.*``, ``bn.*``; after folding ``conv.*`` with a bias)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, *, stride: int = 1,
+                 deploy: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
+                              bias=deploy)
+        self.bn: nn.Module = nn.Identity() if deploy else nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU(inplace=True)
+
+    @property
+    def deploy(self) -> bool:
+        """True once the BN is folded into the conv."""
+        return isinstance(self.bn, nn.Identity)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the BN into the conv (inference-time statistics, float64). Idempotent."""
+        if self.deploy:
+            return
+        kernel, bias = fold_norm(self.conv.weight, self.bn)
+        self.conv.bias = nn.Parameter(bias.to(self.conv.weight.dtype))
+        self.conv.weight.copy_(kernel.to(self.conv.weight.dtype))
+        self.bn = nn.Identity()
 
 
 class SEBlock(nn.Module):

@@ -50,6 +50,18 @@ MODEL_SPECS.update({
     "qa" + name: dataclasses.replace(spec, quant_friendly=True)
     for name, spec in list(MODEL_SPECS.items()) if name[len("repvgg_")] in "ab" or name.startswith("repvgg_tiny")
 })
+#: EfficientRep (YOLOv6's backbone, Li et al. 2022/2023): a stride-2 RepVGG block and then a RepBlock of n more per
+#: stage, which is a RepVGG of its own widths and depths. ``n`` and ``s`` have YOLOv6's widths (0.25 and 0.5 of 64 to
+#: 1024) and its depths (1, 6, 12, 18, 6 at 0.33: 1 + 2, 4, 6, 2 blocks); ``t`` (the detector's default, sized for a
+#: small CPU: docs/detection.md) has YOLOv6-N's widths and fewer blocks. The ``qa`` members use QARepVGG's block.
+_EFFICIENTREP = {
+    "efficientrep_t": RepVGGSpec((1, 2, 3, 4, 2), (1.0, 1.0), base_widths=(16, 32, 64, 128, 256)),
+    "efficientrep_n": RepVGGSpec((1, 3, 5, 7, 3), (1.0, 1.0), base_widths=(16, 32, 64, 128, 256)),
+    "efficientrep_s": RepVGGSpec((1, 3, 5, 7, 3), (1.0, 1.0), base_widths=(32, 64, 128, 256, 512)),
+}
+MODEL_SPECS.update(_EFFICIENTREP)
+MODEL_SPECS.update({"qa" + name: dataclasses.replace(spec, quant_friendly=True)
+                    for name, spec in _EFFICIENTREP.items()})
 #: RepVGGplus (the official release, not in the paper): deeper, a post-ReLU SE in every block, and training-only
 #: auxiliary classifiers after stages 1 and 2 and after the first half of stage 3.
 MODEL_SPECS.update({
@@ -59,13 +71,13 @@ MODEL_SPECS.update({
 
 
 def canonical_name(name: str) -> str:
-    """The registry key for ``name``: lower case, ``_`` for ``-``, a ``repvgg_`` (or ``qarepvgg_``, ``repvggplus_``)
-    prefix ("RepVGG-A0" -> "repvgg_a0", "a0" -> "repvgg_a0", "QARepVGG-A0" -> "qarepvgg_a0", "RepVGGplus-L2pse" and
-    "plus_l2pse" -> "repvggplus_l2pse")."""
+    """The registry key for ``name``: lower case, ``_`` for ``-``, a ``repvgg_`` (or ``qarepvgg_``, ``repvggplus_``,
+    ``efficientrep_``, ``qaefficientrep_``) prefix ("RepVGG-A0" -> "repvgg_a0", "a0" -> "repvgg_a0", "QARepVGG-A0" ->
+    "qarepvgg_a0", "RepVGGplus-L2pse" and "plus_l2pse" -> "repvggplus_l2pse", "EfficientRep-N" -> "efficientrep_n")."""
     key = name.strip().lower().replace("-", "_")
     if key.startswith("plus_"):  # "plus_l2pse" -> "repvggplus_l2pse"
         key = "repvggplus" + key[len("plus"):]
-    for family in ("qarepvgg", "repvggplus", "repvgg"):
+    for family in ("qaefficientrep", "efficientrep", "qarepvgg", "repvggplus", "repvgg"):
         if key.startswith(family):
             return f"{family}_{key.removeprefix(family).lstrip('_')}"
     return f"repvgg_{key}"

@@ -2,7 +2,8 @@
 pyramid quantized by ONNX Runtime (QDQ, calibrated on training images) and its head left in float, as detectors are
 deployed where a head's outputs need the range (ultralytics keeps RT-DETR's head in float). The INT8 file is written
 only if its COCO AP on the validation set is within the guard's limit of the float32 file's
-([`require_ap`][repvgg.quant.guard.require_ap])."""
+([`require_ap`][repvgg.quant.guard.require_ap]), in ONNX Runtime and, where it is installed, in OpenVINO (which
+compiles the quantized graph its own way)."""
 
 from __future__ import annotations
 
@@ -48,14 +49,23 @@ class DetectorQuantizeReport:
     max_ap_drop: float
     quantized_convs: int
     convs: int
+    ap_int8_by_runtime: dict[str, float]  # each runtime the file was judged in
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def _onnx_detector(path: Path) -> Any:
-    run = onnx_detector(path)
+def _onnx_detector(path: Path, runtime: str = "onnxruntime") -> Any:
+    run = onnx_detector(path, runtime)
     return lambda images: [run(image) for image in images]
+
+
+def _guarded_runtimes() -> tuple[str, ...]:
+    """The runtimes the INT8 file is judged in: every one installed that ``predict`` runs it with (each compiles
+    the quantized graph its own way)."""
+    import importlib.util
+
+    return ("onnxruntime",) + (("openvino",) if importlib.util.find_spec("openvino") else ())
 
 
 def quantize_detector(weights: str | os.PathLike[str], output: str | os.PathLike[str], *,
@@ -92,14 +102,19 @@ def quantize_detector(weights: str | os.PathLike[str], output: str | os.PathLike
         write_onnx_metadata(staged, read_onnx_metadata(fp32) | {"precision": "int8",
                                                                "quantized": json.dumps(list(QUANTIZED_PARTS))})
         fp32_scores = coco_scores(bundle.val.coco, detect(_onnx_detector(fp32), loader))
-        int8_scores = coco_scores(bundle.val.coco, detect(_onnx_detector(staged), loader))
-        require_ap(fp32_scores["ap"], int8_scores["ap"], max_ap_drop, f"the INT8 detector for {weights}")
+        judged = {runtime: coco_scores(bundle.val.coco, detect(_onnx_detector(staged, runtime), loader))
+                  for runtime in _guarded_runtimes()}
+        for runtime, scores in judged.items():
+            require_ap(fp32_scores["ap"], scores["ap"], max_ap_drop,
+                       f"the INT8 detector for {weights} run by {runtime}")
+        int8_scores = judged["onnxruntime"]
         quantized, total = quantized_conv_count(staged)
         fp32.unlink()
         commit_staged(staged, output)
     return DetectorQuantizeReport(str(output), len(inputs), len(bundle.val), fp32_scores["ap"], fp32_scores["ap50"],
                                   int8_scores["ap"], int8_scores["ap50"],
-                                  100 * (fp32_scores["ap"] - int8_scores["ap"]), max_ap_drop, quantized, total)
+                                  100 * (fp32_scores["ap"] - int8_scores["ap"]), max_ap_drop, quantized, total,
+                                  {runtime: scores["ap"] for runtime, scores in judged.items()})
 
 
 def _quantizable_convs(path: Path) -> list[str]:
