@@ -59,8 +59,9 @@ def _export_detector(args: argparse.Namespace) -> int:
     text = "converted the training-time detector to its plain form before export\n" if report.converted else ""
     text += (f"wrote {report.path}: one image (3, height, width) in [0, 1] -> boxes, scores, labels (NMS in the "
              f"graph), opset {report.opset}; it records its classes and detector configuration\n"
-             f"ONNX Runtime vs PyTorch on {report.images_checked} validation images: the same labels, largest box "
-             f"deviation {report.max_box_deviation_px:.3g} px over {report.detections_checked} detections")
+             f"ONNX Runtime and OpenVINO vs PyTorch on {report.images_checked} validation images: the same labels, "
+             f"largest box deviation {report.max_box_deviation_px:.3g} px over {report.detections_checked} "
+             "detections")
     emit(args, report.as_dict(), text)
     return 0
 

@@ -3,9 +3,10 @@ non-maximum suppression (ONNX ``NonMaxSuppression``) in one graph, which ONNX Ru
 
 The graph takes one float image ``(3, H, W)`` in [0, 1] of any size and returns ``boxes`` ``(N, 4)`` (``x1, y1, x2,
 y2`` in the input's pixels), ``scores`` ``(N,)`` and ``labels`` ``(N,)`` (class indices, named by the file's
-``classes``). It is written only after ONNX Runtime detected what PyTorch does on validation images: the same
-labels, boxes within [`BOX_TOLERANCE_PX`][repvgg.detection.metrics.BOX_TOLERANCE_PX] (where two overlapping boxes of a
-class score within float rounding of each other, NMS may keep either: such a pair counts as the same detection).
+``classes``). It is written only after ONNX Runtime and OpenVINO (where installed) detected what PyTorch does on
+validation images: the same labels, boxes within [`BOX_TOLERANCE_PX`][repvgg.detection.metrics.BOX_TOLERANCE_PX]
+(where two overlapping boxes of a class score within float rounding of each other, NMS may keep either: such a pair
+counts as the same detection).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from repvgg.detection.weights import detector_metadata, load_detector
 from repvgg.errors import ConversionMismatch
 from repvgg.io.card import load_onnx_proto, write_onnx_metadata
 from repvgg.io.export import noticing_interrupts
-from repvgg.io.onnx_run import onnxruntime_session, openvino_model
+from repvgg.io.onnx_run import installed_runtimes, onnxruntime_session, openvino_model
 from repvgg.limits import MIN_OPSET, brief, check_int, parse_json
 from repvgg.nn.convert import reparameterize_model
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
@@ -110,7 +111,7 @@ def export_detector(weights: str | os.PathLike[str], path: str | os.PathLike[str
     Raises:
         ValueError: bad arguments, or ``path`` may not be written
             ([`check_output_path`][repvgg.serialization.check_output_path]).
-        ConversionMismatch: ONNX Runtime does not detect what PyTorch does; nothing is written.
+        ConversionMismatch: ONNX Runtime or OpenVINO does not detect what PyTorch does; nothing is written.
     """
     check_int(opset, "opset", low=MIN_OPSET, high=20)  # the TorchScript-based exporter writes up to 20
     check_int(images, "images", low=1, high=10_000)
@@ -153,9 +154,17 @@ def _check_images(meta: dict[str, Any], size: int, data: str | None, count: int)
 
 
 def _parity(path: Path, model: Any, samples: list[torch.Tensor]) -> tuple[float, int]:
-    """ONNX Runtime against PyTorch on ``samples``: the largest box deviation and the detections compared, or a
-    ConversionMismatch."""
-    run = onnx_detector(path)
+    """ONNX Runtime (and OpenVINO, where installed) against PyTorch on ``samples``: the largest box deviation and the
+    detections compared, or a ConversionMismatch."""
+    worst, count = 0.0, 0
+    for runtime in installed_runtimes():
+        gap, count = _runtime_parity(onnx_detector(path, runtime), runtime, model, samples)
+        worst = max(worst, gap)
+    return worst, count
+
+
+def _runtime_parity(run: Callable[[torch.Tensor], dict[str, torch.Tensor]], runtime: str, model: Any,
+                    samples: list[torch.Tensor]) -> tuple[float, int]:
     worst, count, swaps = 0.0, 0, 0
     for index, image in enumerate(samples):
         expected = model([image])[0]
@@ -166,7 +175,7 @@ def _parity(path: Path, model: Any, samples: list[torch.Tensor]) -> tuple[float,
             gap = 0.0  # two near-equal overlapping boxes, NMS keeping the other one: not a deviation of the graph
             swaps += 1
         if not (finite and same and gap <= BOX_TOLERANCE_PX):
-            raise ConversionMismatch(f"ONNX Runtime does not detect what PyTorch does on validation image {index} "
+            raise ConversionMismatch(f"{runtime} does not detect what PyTorch does on validation image {index} "
                                      f"(labels agree: {same}, largest box deviation {gap:.3g} px, finite: {finite}); "
                                      "nothing was written")
         worst, count = max(worst, gap), count + len(expected["labels"])

@@ -242,13 +242,22 @@ class YoloDetector(nn.Module):
         return boxes, logits.sigmoid()
 
     def _detections(self, scores: Tensor, boxes: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
-        """One image's detections: the best-scoring (point, class) pairs over the threshold, class-wise NMS."""
+        """One image's detections: the best-scoring (point, class) pairs over the threshold, class-wise NMS.
+
+        Exported graphs must hold when nothing passes the threshold: the boxes are clipped while every point has one
+        (ONNX Runtime's INT8 graph cannot reshape an empty clip), and a placeholder scoring -1 keeps NMS's input from
+        being empty (OpenVINO answers an empty NMS with a row of garbage); the threshold drops it after NMS, which
+        keeps what thresholding first would (a box under it never suppresses one over it)."""
+        threshold = self.config.score_threshold
+        boxes = clip_boxes_to_image(boxes, size)
         flat = scores.flatten()
-        keep = torch.where(flat > self.config.score_threshold)[0]
+        keep = torch.where(flat > threshold)[0]
         top, order = flat[keep].topk(_topk_min(keep, CANDIDATES, 0))
         keep = keep[order]
         classes = scores.shape[1]
         point, labels = torch.div(keep, classes, rounding_mode="floor"), keep % classes
-        kept_boxes = clip_boxes_to_image(boxes[point], size)
-        best = batched_nms(kept_boxes, top, labels, self.config.nms_threshold)[: self.config.detections_per_image]
+        kept_boxes, top = torch.cat([boxes[point], boxes.new_zeros(1, 4)]), torch.cat([top, top.new_full((1,), -1.0)])
+        labels = torch.cat([labels, labels.new_zeros(1)])
+        best = batched_nms(kept_boxes, top, labels, self.config.nms_threshold)
+        best = best[top[best] > threshold][: self.config.detections_per_image]
         return {"boxes": kept_boxes[best], "scores": top[best], "labels": labels[best]}

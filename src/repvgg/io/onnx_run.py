@@ -17,10 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ONNX_RUNTIMES", "onnx_runner", "onnxruntime_session", "openvino_model"]
+__all__ = ["ONNX_RUNTIMES", "installed_runtimes", "onnx_runner", "onnxruntime_session", "openvino_model"]
 
 #: The runtimes that run this package's ONNX files.
 ONNX_RUNTIMES = ("onnxruntime", "openvino")
+
+
+def installed_runtimes() -> tuple[str, ...]:
+    """The runtimes of `ONNX_RUNTIMES` installed here: what an exported file is checked in before it is written (each
+    compiles a graph its own way, and ``predict`` runs it with either)."""
+    import importlib.util
+
+    return tuple(name for name in ONNX_RUNTIMES if importlib.util.find_spec(name) is not None)
 
 
 def onnxruntime_session(path: str | os.PathLike[str], *, threads: int | None = None) -> Any:

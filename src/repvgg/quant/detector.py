@@ -20,6 +20,7 @@ from repvgg.detection.export import export_detector, onnx_detector
 from repvgg.detection.metrics import coco_scores, detect
 from repvgg.detection.weights import load_detector
 from repvgg.io.card import read_onnx_metadata, write_onnx_metadata
+from repvgg.io.onnx_run import installed_runtimes
 from repvgg.limits import check_batch_memory, check_int
 from repvgg.quant.guard import DEFAULT_MAX_AP_DROP, require_ap
 from repvgg.quant.qdq import calibration_subset, quantize_static_qdq, quantized_conv_count
@@ -60,14 +61,6 @@ def _onnx_detector(path: Path, runtime: str = "onnxruntime") -> Any:
     return lambda images: [run(image) for image in images]
 
 
-def _guarded_runtimes() -> tuple[str, ...]:
-    """The runtimes the INT8 file is judged in: every one installed that ``predict`` runs it with (each compiles
-    the quantized graph its own way)."""
-    import importlib.util
-
-    return ("onnxruntime",) + (("openvino",) if importlib.util.find_spec("openvino") else ())
-
-
 def quantize_detector(weights: str | os.PathLike[str], output: str | os.PathLike[str], *,
                       data: str | os.PathLike[str] | None = None, calib_images: int | None = None,
                       calibration: str = "minmax", max_ap_drop: float = DEFAULT_MAX_AP_DROP,
@@ -103,7 +96,7 @@ def quantize_detector(weights: str | os.PathLike[str], output: str | os.PathLike
                                                                "quantized": json.dumps(list(QUANTIZED_PARTS))})
         fp32_scores = coco_scores(bundle.val.coco, detect(_onnx_detector(fp32), loader))
         judged = {runtime: coco_scores(bundle.val.coco, detect(_onnx_detector(staged, runtime), loader))
-                  for runtime in _guarded_runtimes()}
+                  for runtime in installed_runtimes()}
         for runtime, scores in judged.items():
             require_ap(fp32_scores["ap"], scores["ap"], max_ap_drop,
                        f"the INT8 detector for {weights} run by {runtime}")
