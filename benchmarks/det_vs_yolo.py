@@ -72,6 +72,10 @@ def ensure_ultralytics() -> None:
     sys.path.append(str(PACKAGES))
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    threads = torch.get_num_threads()
+    import ultralytics  # noqa: F401  (it sets PyTorch's threads to one less than the CPUs: set them back)
+
+    torch.set_num_threads(threads)
 
 
 def write_yolo_dataset(root: Path, size: int, train: int, val: int) -> Path:

@@ -120,16 +120,22 @@ def test_det_train_refuses_a_pyramid_width_for_the_yolo_kind(capsys: pytest.Capt
     assert "no fpn_channels" in capsys.readouterr().err
 
 
-def test_an_exported_yolo_detector_answers_an_image_without_objects(tmp_path: Path) -> None:
+def test_an_exported_yolo_detector_answers_an_image_without_objects(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing over the threshold (fresh weights score 1% everywhere): ONNX Runtime and OpenVINO both answer empty
-    tensors, not an error or a placeholder row."""
+    tensors, not an error or a placeholder row, OpenVINO in the graph compiled for the image's shape and in the one
+    for any shape (past its one static shape here)."""
+    import repvgg.detection.export as export
     from repvgg.detection import save_detector
     from repvgg.detection.export import export_detector, onnx_detector
+
+    monkeypatch.setattr(export, "STATIC_SHAPES", 1)
 
     model = create_detector("efficientrep_t", 4, kind="yolo", image_size=64)
     save_detector(model, tmp_path / "det.safetensors", classes=list("abcd"),
                   data={"data": None, "synthetic": {"image_size": 64, "num_train": 2, "num_val": 2}})
     export_detector(tmp_path / "det.safetensors", tmp_path / "det.onnx", images=2)
     for runtime in ("onnxruntime", "openvino"):
-        found = onnx_detector(tmp_path / "det.onnx", runtime)(torch.rand(3, 48, 80))
-        assert found["boxes"].shape == (0, 4) and found["scores"].shape == (0,) and found["labels"].shape == (0,)
+        run = onnx_detector(tmp_path / "det.onnx", runtime)
+        for found in (run(torch.rand(3, 48, 80)), run(torch.rand(3, 64, 64)), run(torch.rand(3, 48, 80))):
+            assert found["boxes"].shape == (0, 4) and found["scores"].shape == (0,) and found["labels"].shape == (0,)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: The exported graph's outputs, in order.
 DETECTOR_OUTPUTS = ("boxes", "scores", "labels")
+#: Image shapes OpenVINO compiles a detector for, each on first use; others run in the graph of any shape.
+STATIC_SHAPES = 4
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,27 @@ def onnx_detector(path: str | os.PathLike[str], runtime: str = "onnxruntime") ->
         name = session.get_inputs()[0].name
         return lambda image: _named(session.run(None, {name: image.float().numpy()}))
     if runtime == "openvino":
-        compiled = openvino_model(path)
-        return lambda image: _named(list(compiled(image.float().numpy()).values()))
+        return _openvino_detector(path)
     raise ValueError(f"an ONNX detector runs on onnxruntime or openvino, not {runtime!r}")
+
+
+def _openvino_detector(path: str | os.PathLike[str]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """OpenVINO running the detector compiled for each image shape it meets (static shapes run faster: 1.4x at
+    320 x 320 in INT8, docs/detection.md), up to `STATIC_SHAPES` of them; further shapes run in the graph compiled
+    for any shape."""
+    static: dict[tuple[int, ...], Any] = {}
+    any_shape: list[Any] = []
+
+    def model_for(shape: tuple[int, ...]) -> Any:
+        if shape not in static and len(static) < STATIC_SHAPES:
+            static[shape] = openvino_model(path, shape=list(shape))
+        if shape in static:
+            return static[shape]
+        if not any_shape:
+            any_shape.append(openvino_model(path))
+        return any_shape[0]
+
+    return lambda image: _named(list(model_for(tuple(image.shape))(image.float().numpy()).values()))
 
 
 def onnx_detector_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -75,16 +75,21 @@ def _keep_signal_stack() -> Iterator[None]:
         sigaltstack(ctypes.byref(saved), None)
 
 
-def openvino_model(path: str | os.PathLike[str], *, precision_hint: str = "f32", threads: int | None = None) -> Any:
+def openvino_model(path: str | os.PathLike[str], *, precision_hint: str = "f32", threads: int | None = None,
+                   shape: list[int] | None = None) -> Any:
     """``path`` compiled by OpenVINO for the CPU: latency mode, ``precision_hint`` (``"f32"`` or ``"bf16"``; a
-    QDQ graph runs its INT8 parts in INT8 either way), one thread per PyTorch thread."""
+    QDQ graph runs its INT8 parts in INT8 either way), one thread per PyTorch thread; with ``shape``, for that shape
+    of its (one) input alone, which OpenVINO runs faster than a graph of dynamic shapes."""
     import openvino
 
     core = openvino.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision_hint,
               "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+    model = core.read_model(os.fspath(path))
+    if shape is not None:
+        model.reshape({model.inputs[0].any_name: shape})
     with _keep_signal_stack():
-        return core.compile_model(core.read_model(str(path)), "CPU", config)
+        return core.compile_model(model, "CPU", config)
 
 
 def onnx_runner(path: str | os.PathLike[str], runtime: str = "onnxruntime", *,

@@ -1,6 +1,7 @@
 """INT8 detectors (``repvgg quantize`` of a ``det-train`` file): the exported detector with its backbone and feature
-pyramid quantized by ONNX Runtime (QDQ, calibrated on training images) and its head left in float, as detectors are
-deployed where a head's outputs need the range (ultralytics keeps RT-DETR's head in float). The INT8 file is written
+pyramid quantized by ONNX Runtime (QDQ, calibrated on training images) and its head's last layers left in float, as
+detectors are deployed where a head's outputs need the range (ultralytics keeps RT-DETR's head in float; the yolo
+kind's head quantizes all but its 1x1 predictions). The INT8 file is written
 only if its COCO AP on the validation set is within the guard's limit of the float32 file's
 ([`require_ap`][repvgg.quant.guard.require_ap]), in ONNX Runtime and, where it is installed, in OpenVINO (which
 compiles the quantized graph its own way)."""
@@ -28,8 +29,10 @@ from repvgg.serialization import check_output_path, commit_staged, staging_folde
 
 __all__ = ["DETECTOR_CALIB_IMAGES", "DetectorQuantizeReport", "QUANTIZED_PARTS", "quantize_detector"]
 
-#: The parts of the exported graph that are quantized (node name prefixes); the head stays in float.
-QUANTIZED_PARTS = ("/backbone/",)
+#: The parts of the exported graph that are quantized (node name prefixes), per detector kind: FCOS's and
+#: RetinaNet's heads (GroupNorm) stay in float; the yolo head's convs are quantized but for its last 1x1 predictions.
+QUANTIZED_PARTS = {"fcos": ("/backbone/",), "retinanet": ("/backbone/",),
+                   "yolo": ("/backbone/", "/head/stems", "/head/cls_convs", "/head/reg_convs")}
 #: Calibration images of a detector by default: what docs/detection.md measured the AP guard with (the default run
 #: loses less than the guard's default 1 AP point with 128, and more with 256).
 DETECTOR_CALIB_IMAGES = 128
@@ -90,10 +93,11 @@ def quantize_detector(weights: str | os.PathLike[str], output: str | os.PathLike
         fp32 = Path(staging) / "fp32.onnx"
         export_detector(weights, fp32, data=data)
         staged = Path(staging) / output.name
-        nodes = _quantizable_convs(fp32)
+        parts = QUANTIZED_PARTS[model.config.kind]
+        nodes = _quantizable_convs(fp32, parts)
         quantize_static_qdq(fp32, staged, inputs, "image", method=calibration, nodes=nodes)
         write_onnx_metadata(staged, read_onnx_metadata(fp32) | {"precision": "int8",
-                                                               "quantized": json.dumps(list(QUANTIZED_PARTS))})
+                                                               "quantized": json.dumps(list(parts))})
         fp32_scores = coco_scores(bundle.val.coco, detect(_onnx_detector(fp32), loader))
         judged = {runtime: coco_scores(bundle.val.coco, detect(_onnx_detector(staged, runtime), loader))
                   for runtime in installed_runtimes()}
@@ -110,10 +114,10 @@ def quantize_detector(weights: str | os.PathLike[str], output: str | os.PathLike
                                   {runtime: scores["ap"] for runtime, scores in judged.items()})
 
 
-def _quantizable_convs(path: Path) -> list[str]:
+def _quantizable_convs(path: Path, parts: tuple[str, ...]) -> list[str]:
     import onnx
 
     graph = onnx.load(str(path)).graph
-    return [n.name for n in graph.node if n.op_type == "Conv" and n.name.startswith(QUANTIZED_PARTS)]
+    return [n.name for n in graph.node if n.op_type == "Conv" and n.name.startswith(parts)]
 
 
