@@ -8,7 +8,7 @@ OpenVINO INT8 export calibrates with) and imported by this script alone; the pac
 
 **Speed.** Every network is built with random weights for the generated scenes' 4 classes: ours converted (every
 block a 3x3 conv), ultralytics' from its own yaml files and fused (``DetectionModel(...).fuse()``). Each is timed in
-three deployments, in interleaved rounds (medians), at each size and batch:
+three deployments, each deployment's networks in interleaved rounds (medians), at each size and batch:
 
 - eager: PyTorch float32, channels-last;
 - OpenVINO FP32: ours `repvgg export`'s ONNX file (resize, normalisation, decoding and NMS in the graph), theirs
@@ -34,6 +34,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -126,9 +127,12 @@ def _their_files(name: str, size: int, data: Path, work: Path) -> dict[str, Path
     for precision in ("fp32", "int8"):
         model = YOLO(f"{name}.yaml")
         model.model.nc = len(CLASSES)
-        exported = model.export(format="openvino", imgsz=size, int8=precision == "int8", data=str(data),
-                                fraction=1.0, batch=1, device="cpu")
-        files[precision] = next(Path(exported).glob("*.xml"))
+        exported = Path(model.export(format="openvino", imgsz=size, int8=precision == "int8", data=str(data),
+                                     fraction=1.0, batch=1, device="cpu"))
+        target = folder / precision  # ultralytics writes beside the model: the working folder for a yaml's
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(exported, target)
+        files[precision] = next(target.glob("*.xml"))
     return files
 
 
@@ -157,9 +161,10 @@ def build_models(size: int, work: Path, data: Path) -> dict[str, dict[str, Any]]
 
 
 def _openvino_raw(xml: Path) -> Callable[[torch.Tensor], Any]:
-    import openvino
+    """Their OpenVINO file compiled as ours are (latency mode, float32 hint, one thread per PyTorch thread)."""
+    from repvgg.io.onnx_run import openvino_model
 
-    compiled = openvino.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = openvino_model(xml)
     return lambda image: compiled(image[None].numpy())
 
 
@@ -176,22 +181,23 @@ def multiply_adds(models: dict[str, dict[str, Any]], size: int) -> dict[str, flo
 
 
 def time_models(models: dict[str, dict[str, Any]], size: int, batch: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Images/s of every network in every deployment it has, at ``batch``, timed in the same interleaved rounds."""
+    """Images/s of every network in every deployment it has, at ``batch``: each deployment's networks timed in the
+    same interleaved rounds (the runtimes' thread pools are not left spinning beside another runtime's work)."""
     images = [torch.rand(3, size, size) for _ in range(batch)]
     stacked = torch.stack(images).contiguous(memory_format=torch.channels_last)
-    calls: dict[str, Callable[[], Any]] = {}
-    for name, entry in models.items():
-        net = entry["eager"]
-        calls[f"{name}|eager"] = (lambda n=net: n(images)) if entry["whole"] else (lambda n=net: n(stacked))
-        for precision in ("fp32", "int8"):
-            if precision in entry:
-                calls[f"{name}|{precision}"] = lambda run=entry[precision]: [run(image) for image in images]
-    with torch.inference_mode():
-        timed = time_interleaved(calls, warmup=2, rounds=rounds, pause_s=0.05)
-    result: dict[str, dict[str, float]] = {}
-    for key, timing in timed.items():
-        name, deployment = key.split("|")
-        result.setdefault(name, {})[deployment] = batch / timing.median
+    result: dict[str, dict[str, float]] = {name: {} for name in models}
+    for deployment in ("eager", "fp32", "int8"):
+        calls: dict[str, Callable[[], Any]] = {}
+        for name, entry in models.items():
+            if deployment == "eager":
+                net = entry["eager"]
+                calls[name] = (lambda n=net: n(images)) if entry["whole"] else (lambda n=net: n(stacked))
+            elif deployment in entry:
+                calls[name] = lambda run=entry[deployment]: [run(image) for image in images]
+        with torch.inference_mode():
+            timed = time_interleaved(calls, warmup=3, rounds=rounds, pause_s=0.1)
+        for name, timing in timed.items():
+            result[name][deployment] = batch / timing.median
     return result
 
 

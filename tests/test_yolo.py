@@ -100,7 +100,7 @@ def test_the_whole_yolo_detector_converts_to_convs_and_relus(backbone: str) -> N
 
 def test_the_yolo_kind_sets_its_own_defaults_and_refuses_what_it_has_not() -> None:
     config = DetTrainConfig(kind="yolo")
-    assert (config.backbone, config.epochs, config.ema_decay) == ("efficientrep_t", 12, 0.99)
+    assert (config.backbone, config.epochs, config.ema_decay) == ("efficientrep_t", 16, 0.99)
     assert DetTrainConfig().backbone == "repvgg_a0" and DetTrainConfig().epochs == 8
     assert DetectorConfig(backbone="efficientrep_n", kind="yolo").neck_depth == 4
     assert DetectorConfig(backbone="qaefficientrep_t", kind="yolo").neck_depth == 1
@@ -139,3 +139,28 @@ def test_an_exported_yolo_detector_answers_an_image_without_objects(tmp_path: Pa
         run = onnx_detector(tmp_path / "det.onnx", runtime)
         for found in (run(torch.rand(3, 48, 80)), run(torch.rand(3, 64, 64)), run(torch.rand(3, 48, 80))):
             assert found["boxes"].shape == (0, 4) and found["scores"].shape == (0,) and found["labels"].shape == (0,)
+
+
+def test_a_yolo_run_resumes_bit_exactly(tmp_path: Path) -> None:
+    """Stopped after its first step and resumed, a yolo run (its EMA on, as by default) ends with the weights, the
+    EMA and the metrics of the run that was never stopped."""
+    import json
+
+    from repvgg.detection import train_detector
+    from repvgg.io.checkpoint import load_checkpoint
+
+    common = dict(kind="yolo", image_size=64, epochs=2, batch_size=8, synthetic_train=16, synthetic_val=4)
+    full = train_detector(DetTrainConfig(**common, output=str(tmp_path / "full")))
+    assert full["labels_agree"] and full["max_box_deviation_px"] <= 1e-3
+    assert train_detector(DetTrainConfig(**common, output=str(tmp_path / "part"), stop_after_steps=1))["interrupted"]
+    train_detector(DetTrainConfig(**common, output=str(tmp_path / "part"), resume=str(tmp_path / "part")))
+    a, b = (load_checkpoint(tmp_path / run / "last.pt") for run in ("full", "part"))
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+    def measured(run: str) -> list[dict]:
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if not k.endswith(("_s", "_per_s", "_per_step"))} for row in rows]
+
+    assert len(measured("full")) == 2 and measured("full") == measured("part")
+    assert {"train_classification_loss", "train_bbox_regression_loss", "val_ap50"} <= set(measured("full")[0])

@@ -25,7 +25,7 @@ DETECTOR_KINDS = ("fcos", "retinanet", "yolo")
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "fcos": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0},
     "retinanet": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0},
-    "yolo": {"backbone": "efficientrep_t", "epochs": 12, "ema_decay": 0.99},
+    "yolo": {"backbone": "efficientrep_t", "epochs": 16, "ema_decay": 0.99},
 }
 
 
@@ -35,7 +35,7 @@ class DetTrainConfig(LoopConfig):
 
     # None until __post_init__ fills the kind's default: the engine reads an int
     epochs: int | None = option(None, "training epochs (sized for the generated scenes)",  # type: ignore[assignment]
-                                default_help="8; 12 for --kind yolo", low=1)
+                                default_help="8; 16 for --kind yolo", low=1)
     batch_size: int = option(16, "global batch size over all processes, >= 2 per process", low=2, high=MAX_BATCH_SIZE)
     lr: float | None = option(None, "base learning rate (cosine schedule after a linear warm-up)",
                               default_help="0.01 x batch/16", low=0, high=MAX_LR, low_open=True)
