@@ -17,8 +17,9 @@ three deployments, each deployment's networks in interleaved rounds (medians), a
   ultralytics' own OpenVINO INT8 export (NNCF, calibrated on the scenes).
 
 Ours is timed whole (NMS included); theirs as its raw network (no NMS), which favours them. The exported files
-take one image, so batch 8 in OpenVINO is 8 calls. Multiply-adds are counted by ``torch.utils.flop_counter`` for
-every network at 320.
+take one image, so batch 8 in OpenVINO is 8 calls. The timing runs in a fresh process per size, after every file is
+exported (an exporter's runtimes left in the process slowed OpenVINO by half, both theirs and ours). Multiply-adds
+are counted by ``torch.utils.flop_counter`` for every network at the smallest size.
 
 **Training.** On the same generated scenes (800 training, 100 validation images at 128 px): `repvgg det-train
 --kind yolo` with its defaults, then ultralytics' own recipe for YOLO11n from its yaml (``YOLO("yolo11n.yaml")
@@ -74,7 +75,7 @@ def ensure_ultralytics() -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_VERBOSE", "False")
     threads = torch.get_num_threads()
-    import ultralytics  # noqa: F401  (it sets PyTorch's threads to one less than the CPUs: set them back)
+    import ultralytics  # noqa: F401  (it sets OMP_NUM_THREADS to 1 where unset, which PyTorch may read: set them back)
 
     torch.set_num_threads(threads)
 
@@ -100,7 +101,7 @@ def write_yolo_dataset(root: Path, size: int, train: int, val: int) -> Path:
     return yaml
 
 
-def _ours_files(backbone: str, size: int, work: Path) -> dict[str, Path]:
+def export_ours(backbone: str, size: int, work: Path) -> None:
     """Our detector at ``size``: its file, `repvgg export`'s ONNX and `repvgg quantize`'s INT8 (random weights, so
     the AP guard compares two zero APs: the files are for timing)."""
     from repvgg.detection.export import export_detector
@@ -114,58 +115,53 @@ def _ours_files(backbone: str, size: int, work: Path) -> dict[str, Path]:
                   data={"data": None, "synthetic": {"image_size": size, "num_train": 64, "num_val": 8}})
     export_detector(weights, folder / "fp32.onnx", images=2, overwrite=True)
     quantize_detector(weights, folder / "int8.onnx", calib_images=32, max_ap_drop=100.0, overwrite=True)
-    return {"weights": weights, "fp32": folder / "fp32.onnx", "int8": folder / "int8.onnx"}
 
 
-def _their_files(name: str, size: int, data: Path, work: Path) -> dict[str, Path]:
+def export_theirs(name: str, size: int, data: Path, work: Path) -> None:
     """ultralytics' own OpenVINO exports of ``name`` (random weights from its yaml), FP32 and INT8 (NNCF)."""
     from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
 
-    folder = work / f"{name}-{size}"
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
+    config = dict(DetectionModel(f"{name}.yaml", verbose=False).yaml, nc=len(CLASSES))  # the yaml says 80 classes
+    yaml = work / f"{name}-{size}" / f"{name}.yaml"  # named as ultralytics names its scales
+    yaml.parent.mkdir(parents=True, exist_ok=True)
+    yaml.write_text(json.dumps(config))
     for precision in ("fp32", "int8"):
-        model = YOLO(f"{name}.yaml")
-        model.model.nc = len(CLASSES)
+        model = YOLO(str(yaml))
         exported = Path(model.export(format="openvino", imgsz=size, int8=precision == "int8", data=str(data),
                                      fraction=1.0, batch=1, device="cpu"))
-        target = folder / precision  # ultralytics writes beside the model: the working folder for a yaml's
+        target = work / f"{name}-{size}" / precision  # ultralytics writes beside the model: here, the working folder
         shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(exported, target)
-        files[precision] = next(target.glob("*.xml"))
-    return files
 
 
-def build_models(size: int, work: Path, data: Path) -> dict[str, dict[str, Any]]:
-    """Every network at ``size``: name -> ``eager`` (a module taking a batch), ``fp32`` and ``int8`` (callables
-    on one image), and the counts."""
+def load_models(size: int, work: Path) -> dict[str, dict[str, Any]]:
+    """Every network at ``size`` from the exported files: name -> ``eager`` (a module), ``whole`` (ours take a list
+    of images and return detections; theirs a batch), ``fp32`` and ``int8`` (callables on one image)."""
     from ultralytics.nn.tasks import DetectionModel
 
     from repvgg.detection.export import onnx_detector
+    from repvgg.io.onnx_run import openvino_model
+
+    def raw(xml: Path) -> Callable[[torch.Tensor], Any]:  # compiled as ours are: latency, float32, our threads
+        compiled = openvino_model(xml)
+        return lambda image: compiled(image[None].numpy())
 
     models: dict[str, dict[str, Any]] = {}
     for backbone in OURS:
-        files = _ours_files(backbone, size, work)
+        folder = work / f"{backbone}-{size}"
         eager = reparameterize_model(create_detector(backbone, len(CLASSES), kind="yolo", image_size=size)).eval()
         models[f"ours {backbone.split('_')[1]}"] = {
             "eager": eager.to(memory_format=torch.channels_last), "whole": True,
-            "fp32": onnx_detector(files["fp32"], "openvino"), "int8": onnx_detector(files["int8"], "openvino")}
+            **{p: onnx_detector(folder / f"{p}.onnx", "openvino") for p in ("fp32", "int8")}}
     fcos = reparameterize_model(create_detector("repvgg_a0", len(CLASSES), image_size=size)).eval()
     models["FCOS RepVGG-A0"] = {"eager": fcos.to(memory_format=torch.channels_last), "whole": True}
     for name in THEIRS:
         net = DetectionModel(f"{name}.yaml", nc=len(CLASSES), verbose=False).fuse(verbose=False).eval()
-        files = _their_files(name, size, data, work)
         models[name] = {"eager": net.to(memory_format=torch.channels_last), "whole": False,
-                        **{p: _openvino_raw(files[p]) for p in ("fp32", "int8")}}
+                        **{p: raw(next((work / f"{name}-{size}" / p).glob("*.xml"))) for p in ("fp32", "int8")}}
     return models
-
-
-def _openvino_raw(xml: Path) -> Callable[[torch.Tensor], Any]:
-    """Their OpenVINO file compiled as ours are (latency mode, float32 hint, one thread per PyTorch thread)."""
-    from repvgg.io.onnx_run import openvino_model
-
-    compiled = openvino_model(xml)
-    return lambda image: compiled(image[None].numpy())
 
 
 def multiply_adds(models: dict[str, dict[str, Any]], size: int) -> dict[str, float]:
@@ -201,29 +197,45 @@ def time_models(models: dict[str, dict[str, Any]], size: int, batch: int, rounds
     return result
 
 
-def speed(args: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]:
+def time_size(args: argparse.Namespace) -> int:
+    """The child process's work: time every network at ``--time-size`` and write the record as JSON to stdout."""
+    models = load_models(args.time_size, args.work)
+    record = {"batch": {str(b): time_models(models, args.time_size, b, args.rounds) for b in args.batches},
+              "params_m": {n: count_parameters(e["eager"]) / 1e6 for n, e in models.items()},
+              "gmacs": multiply_adds(models, args.time_size), "threads": torch.get_num_threads()}
+    sys.stdout.write(json.dumps(record))
+    return 0
+
+
+def speed(args: argparse.Namespace, data: Path) -> dict[str, Any]:
+    """Export everything, then time each size in a fresh process (nothing of the exporters' runtimes left in it)."""
     records: dict[str, Any] = {}
     for size in args.sizes:
-        models = build_models(size, work, data)
-        records[str(size)] = {"batch": {str(b): time_models(models, size, b, args.rounds) for b in args.batches},
-                              "params_m": {n: count_parameters(e["eager"]) / 1e6 for n, e in models.items()}}
-        if size == min(args.sizes):
-            records["gmacs_at"] = size
-            records["gmacs"] = multiply_adds(models, size)
+        for backbone in OURS:
+            export_ours(backbone, size, args.work)
+        for name in THEIRS:
+            export_theirs(name, size, data, args.work)
+        child = subprocess.run([sys.executable, __file__, "--time-size", str(size), "--rounds", str(args.rounds),
+                                "--work", str(args.work), "--threads", str(args.threads),
+                                "--batches", *map(str, args.batches)],
+                               check=True, stdout=subprocess.PIPE, text=True)
+        records[str(size)] = json.loads(child.stdout)
         log.info("%s", json.dumps(records[str(size)]["batch"], indent=1))
+    records["gmacs_at"] = min(args.sizes)
+    records["gmacs"] = records[str(min(args.sizes))]["gmacs"]
     return records
 
 
-def train_both(work: Path, data: Path) -> dict[str, Any]:
-    """Ours with its defaults, then YOLO11n by ultralytics' recipe for the same wall-clock time; both AP by
-    pycocotools on the same validation scenes."""
+def train_both(work: Path, data: Path, epochs: int | None = None) -> dict[str, Any]:
+    """Ours with its defaults (``epochs``: fewer, for a quick check of this script), then YOLO11n by ultralytics'
+    recipe for the same wall-clock time; both AP by pycocotools on the same validation scenes."""
     from ultralytics import YOLO
 
     from repvgg.detection import DetTrainConfig, build_validation_set, train_detector
     from repvgg.detection.metrics import coco_scores, detect
 
     started = time.perf_counter()
-    ours = train_detector(DetTrainConfig(kind="yolo", output=str(work / "ours-run"), overwrite=True))
+    ours = train_detector(DetTrainConfig(kind="yolo", epochs=epochs, output=str(work / "ours-run"), overwrite=True))
     wall = time.perf_counter() - started
     model = YOLO("yolo11n.yaml")
     started = time.perf_counter()
@@ -247,7 +259,8 @@ def train_both(work: Path, data: Path) -> dict[str, Any]:
 def report(records: dict[str, Any], training: dict[str, Any] | None, args: argparse.Namespace) -> str:
     from repvgg.report import markdown_table
 
-    where = (f"{environment('cpu')['cpu']} ({cpu_features().describe()}), {torch.get_num_threads()} threads, "
+    threads = records[str(args.sizes[0])]["threads"]
+    where = (f"{environment('cpu')['cpu']} ({cpu_features().describe()}), {threads} PyTorch and OpenVINO threads, "
              f"torch {torch.__version__}")
     lines = [f"Images/s, medians of {args.rounds} interleaved rounds, random weights, 4 classes; {where}. Ours whole "
              "(resize, NMS included), ultralytics' raw network. OpenVINO and INT8 files take one image: batch 8 is 8 "
@@ -303,15 +316,21 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--train-epochs", type=int, default=None, help="our run's epochs (default: det-train's)")
     parser.add_argument("--work", type=Path, default=HERE / ".ultralytics-work", help="exports and runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--time-size", type=int, default=None, help=argparse.SUPPRESS)  # the timing child
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="PyTorch and OpenVINO threads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     ensure_ultralytics()
+    torch.set_num_threads(args.threads)  # a child inherits ultralytics' OMP_NUM_THREADS=1
     torch.manual_seed(0)
+    if args.time_size is not None:
+        return time_size(args)
     data = write_yolo_dataset(args.work / "scenes", 128, 800, 100)
-    records = speed(args, args.work, data)
-    training = None if args.skip_training else train_both(args.work, data)
+    records = speed(args, data)
+    training = None if args.skip_training else train_both(args.work, data, args.train_epochs)
     from repvgg.serialization import write_json, write_text
 
     write_text(args.out / "det_vs_yolo.md", report(records, training, args))

@@ -87,6 +87,7 @@ class DetectionTask(DenseTask[DetTrainConfig, DetectionDataBundle]):
 
     def setup(self, config: DetTrainConfig, ctx: DistContext,
               resumed: Mapping[str, Any] | None = None) -> tuple[DetTrainConfig, Dataset]:
+        detector_config(config, 1)  # the architecture's rules (no pyramid width for yolo, ...) before the data
         bundle = build_detection_data(config.data, image_size=config.image_size, max_objects=config.max_objects,
                                       synthetic=_synthetic(config) if config.synthetic else None)
         self.start(config, ctx, resumed, bundle)
