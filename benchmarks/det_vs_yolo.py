@@ -23,7 +23,8 @@ are counted by ``torch.utils.flop_counter`` for every network at the smallest si
 
 **Training.** On the same generated scenes (800 training, 100 validation images at 128 px): `repvgg det-train
 --kind yolo` with its defaults, then ultralytics' own recipe for YOLO11n from its yaml (``YOLO("yolo11n.yaml")
-.train(...)``, its defaults, batch 16 at 128 px, on the CPU) for the same wall-clock time. Both are scored by
+.train(...)``, its defaults, batch 16 at 128 px, on the CPU, with as many threads as ours: left to itself it
+trains on one less than the CPUs) for the same wall-clock time. Both are scored by
 pycocotools on the same validation images (ultralytics predicting at its validation threshold, 0.001).
 
 Writes benchmarks/results/det_vs_yolo.{md,json,png}.
@@ -226,7 +227,7 @@ def speed(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     return records
 
 
-def train_both(work: Path, data: Path, epochs: int | None = None) -> dict[str, Any]:
+def train_both(work: Path, data: Path, epochs: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """Ours with its defaults (``epochs``: fewer, for a quick check of this script), then YOLO11n by ultralytics'
     recipe for the same wall-clock time; both AP by pycocotools on the same validation scenes."""
     from ultralytics import YOLO
@@ -234,6 +235,12 @@ def train_both(work: Path, data: Path, epochs: int | None = None) -> dict[str, A
     from repvgg.detection import DetTrainConfig, build_validation_set, train_detector
     from repvgg.detection.metrics import coco_scores, detect
 
+    import ultralytics.utils.torch_utils as their_torch_utils
+
+    # ultralytics trains on (and its exporter leaves PyTorch at) one thread less than the CPUs: both get them all
+    threads = torch.get_num_threads() if threads is None else threads
+    their_torch_utils.NUM_THREADS = threads
+    torch.set_num_threads(threads)
     started = time.perf_counter()
     ours = train_detector(DetTrainConfig(kind="yolo", epochs=epochs, output=str(work / "ours-run"), overwrite=True))
     wall = time.perf_counter() - started
@@ -330,7 +337,7 @@ def main() -> int:
         return time_size(args)
     data = write_yolo_dataset(args.work / "scenes", 128, 800, 100)
     records = speed(args, data)
-    training = None if args.skip_training else train_both(args.work, data, args.train_epochs)
+    training = None if args.skip_training else train_both(args.work, data, args.train_epochs, args.threads)
     from repvgg.serialization import write_json, write_text
 
     write_text(args.out / "det_vs_yolo.md", report(records, training, args))

@@ -53,10 +53,10 @@ MODEL_SPECS.update({
 #: EfficientRep (YOLOv6's backbone, Li et al. 2022/2023): a stride-2 RepVGG block and then a RepBlock of n more per
 #: stage, which is a RepVGG of its own widths and depths. ``n`` and ``s`` have YOLOv6's widths (0.25 and 0.5 of 64 to
 #: 1024) and its depths (1, 6, 12, 18, 6 at 0.33: 1 + 2, 4, 6, 2 blocks); ``t`` (the detector's default, sized for a
-#: small CPU: docs/detection.md) has YOLOv6-N's widths and 1 + 1, 1, 2, 0 blocks. The ``qa`` members use QARepVGG's
-#: block.
+#: small CPU: docs/detection.md) has YOLOv6-N's widths and a stride-2 block alone in its first and last stages, one
+#: more in the two between. The ``qa`` members use QARepVGG's block.
 _EFFICIENTREP = {
-    "efficientrep_t": RepVGGSpec((1, 2, 2, 3, 1), (1.0, 1.0), base_widths=(16, 32, 64, 128, 256)),
+    "efficientrep_t": RepVGGSpec((1, 1, 2, 2, 1), (1.0, 1.0), base_widths=(16, 32, 64, 128, 256)),
     "efficientrep_n": RepVGGSpec((1, 3, 5, 7, 3), (1.0, 1.0), base_widths=(16, 32, 64, 128, 256)),
     "efficientrep_s": RepVGGSpec((1, 3, 5, 7, 3), (1.0, 1.0), base_widths=(32, 64, 128, 256, 512)),
 }
