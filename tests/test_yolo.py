@@ -101,6 +101,8 @@ def test_the_whole_yolo_detector_converts_to_convs_and_relus(backbone: str) -> N
 def test_the_yolo_kind_sets_its_own_defaults_and_refuses_what_it_has_not() -> None:
     config = DetTrainConfig(kind="yolo")
     assert (config.backbone, config.epochs, config.ema_decay) == ("efficientrep_t", 12, 0.99)
+    assert config.optimizer == "adamw"
+    assert config.resolved_lr == 0.002 and config.weight_decay == 0.05 and DetTrainConfig().optimizer == "sgd"
     assert DetTrainConfig().backbone == "repvgg_a0" and DetTrainConfig().epochs == 8
     assert DetectorConfig(backbone="efficientrep_n", kind="yolo").neck_depth == 4
     assert DetectorConfig(backbone="qaefficientrep_t", kind="yolo").neck_depth == 1

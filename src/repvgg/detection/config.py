@@ -2,9 +2,9 @@
 
 The defaults train an FCOS on RepVGG-A0 from scratch on the generated scenes in a few minutes on a 2-core CPU: a
 64-channel pyramid, two head convs, 128-pixel images; ``kind="yolo"`` trains the real-time detector on
-``efficientrep_t`` for 12 epochs with an EMA of its weights (`KIND_DEFAULTS`). For real data set ``data`` (a COCO
-folder), ``image_size`` (640 is common), ``fpn_channels`` 256, ``head_convs`` 4 (FCOS), and an ImageNet-pretrained
-``backbone_weights``.
+``efficientrep_t`` for 12 epochs with AdamW and an EMA of its weights (`KIND_DEFAULTS`). For real data set
+``data`` (a COCO folder), ``image_size`` (640 is common), ``fpn_channels`` 256, ``head_convs`` 4 (FCOS), and an
+ImageNet-pretrained ``backbone_weights``.
 """
 
 from __future__ import annotations
@@ -25,23 +25,29 @@ DETECTOR_KINDS = ("fcos", "retinanet", "yolo")
 #: Each kind's defaults for the options left unset (``None``): the yolo kind trains twice as many of its cheaper
 #: epochs, and evaluates an EMA of its weights (docs/detection.md measured these on the generated scenes).
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fcos": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0},
-    "retinanet": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0},
-    "yolo": {"backbone": "efficientrep_t", "epochs": 12, "ema_decay": 0.99},
+    "fcos": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0, "optimizer": "sgd", "weight_decay": 1e-4},
+    "retinanet": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0, "optimizer": "sgd", "weight_decay": 1e-4},
+    "yolo": {"backbone": "efficientrep_t", "epochs": 12, "ema_decay": 0.99, "optimizer": "adamw",
+             "weight_decay": 0.05},
 }
 
 
 @dataclass
 class DetTrainConfig(LoopConfig):
-    """Everything a detection run needs. ``lr=None`` means ``0.01 * batch_size / 16`` (FCOS's 0.01 at batch 16)."""
+    """Everything a detection run needs. ``lr=None`` means ``0.01 * batch_size / 16`` with SGD (FCOS's 0.01 at batch
+    16), ``0.002 * batch_size / 16`` with AdamW."""
 
     # None until __post_init__ fills the kind's default: the engine reads an int
     epochs: int | None = option(None, "training epochs (sized for the generated scenes)",  # type: ignore[assignment]
                                 default_help="8; 12 for --kind yolo", low=1)
     batch_size: int = option(16, "global batch size over all processes, >= 2 per process", low=2, high=MAX_BATCH_SIZE)
     lr: float | None = option(None, "base learning rate (cosine schedule after a linear warm-up)",
-                              default_help="0.01 x batch/16", low=0, high=MAX_LR, low_open=True)
-    weight_decay: float = option(1e-4, "weight decay on kernels", low=0, high=1)
+                              default_help="0.01 x batch/16 with SGD, 0.002 x batch/16 with AdamW", low=0,
+                              high=MAX_LR, low_open=True)
+    optimizer: str | None = option(None, "sgd or adamw (decoupled weight decay)",  # type: ignore[assignment]
+                                   default_help="sgd; adamw for --kind yolo", choices=("sgd", "adamw"))
+    weight_decay: float | None = option(None, "weight decay on kernels",  # type: ignore[assignment]
+                                        default_help="1e-4; 0.05 for --kind yolo (AdamW)", low=0, high=1)
     clip_grad: float | None = option(10.0, "clip the gradients' global L2 norm to this value before each step",
                                      low=0, high=1e6, low_open=True)
     warmup_epochs: float = option(1.0, "linear learning-rate warm-up, in epochs", low=0, high=1000)
@@ -87,4 +93,5 @@ class DetTrainConfig(LoopConfig):
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else 0.01 * self.batch_size / 16
+        base = 0.002 if self.optimizer == "adamw" else 0.01
+        return self.lr if self.lr is not None else base * self.batch_size / 16

@@ -42,6 +42,8 @@ class LoopConfig(RunConfig):
     epochs: int = option(30, "training epochs", low=1)
     batch_size: int = option(64, "global batch size over all processes", low=1, high=MAX_BATCH_SIZE)
     lr: float | None = option(None, "base learning rate", low=0, high=MAX_LR, low_open=True)
+    optimizer: str = option("sgd", "sgd, or adamw (decoupled weight decay; --momentum is its first beta)",
+                            choices=("sgd", "adamw"))
     momentum: float = option(0.9, "SGD momentum", low=0, high=1)
     weight_decay: float = option(1e-4, "weight decay on kernels", low=0, high=1)
     accumulation_steps: int = option(1, "split each batch into this many micro-batches whose gradients add up to "

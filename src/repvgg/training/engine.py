@@ -194,7 +194,7 @@ def _start(task: Task, config: Any, ctx: DistContext, trackers: list[Tracker], h
         check_same_data(resume.get("data_identity"), identity, getattr(config, "data", None), str(config.resume))
     model = _with_sync_bn(task.build_model(config, device), config, ctx)
     optimizer = build_optimizer(model, config.resolved_lr, config.momentum, config.weight_decay,
-                                custom_l2=getattr(config, "custom_l2", False))
+                                custom_l2=getattr(config, "custom_l2", False), optimizer=config.optimizer)
     ema = None
     if config.ema_decay > 0:
         from timm.utils import ModelEmaV3

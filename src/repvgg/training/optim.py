@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from repvgg.nn.block import ConvBN, RepVGGBlock
 from repvgg.nn.fusion import fold_batchnorm, is_batchnorm
 
-__all__ = ["parameter_groups", "build_optimizer", "learning_rate", "custom_l2", "block_kernels"]
+__all__ = ["OPTIMIZERS", "parameter_groups", "build_optimizer", "learning_rate", "custom_l2", "block_kernels"]
 
 
 def _identity_scales(model: nn.Module) -> set[int]:
@@ -84,12 +84,20 @@ def parameter_groups(model: nn.Module, weight_decay: float, *, custom_l2: bool =
     ]
 
 
+#: The optimizers a run may use.
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float,
-                    *, custom_l2: bool = False) -> torch.optim.SGD:
-    """SGD with momentum over `parameter_groups`."""
-    return torch.optim.SGD(
-        parameter_groups(model, weight_decay, custom_l2=custom_l2), lr=lr, momentum=momentum,
-    )
+                    *, custom_l2: bool = False, optimizer: str = "sgd") -> torch.optim.Optimizer:
+    """SGD with momentum, or AdamW (``momentum`` its first beta; its weight decay decoupled), over
+    `parameter_groups`."""
+    groups = parameter_groups(model, weight_decay, custom_l2=custom_l2)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    if optimizer != "sgd":
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
 def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int) -> float:
