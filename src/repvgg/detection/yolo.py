@@ -29,6 +29,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from repvgg.detection.tal import AssignConfig, pad_targets, yolo_losses
+from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD
 from repvgg.nn.block import ConvBNReLU, RepVGGBlock
 from repvgg.nn.convert import is_converted
 
@@ -198,8 +199,6 @@ class YoloDetector(nn.Module):
     """
 
     def __init__(self, config: Any, body: nn.Module, *, deploy: bool = False) -> None:
-        from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD
-
         super().__init__()
         self.config = config
         self.name = f"yolo-{config.backbone}"

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repvgg.nn.fusion import fold_batchnorm, fold_norm, identity_kernel, pad_kernel_to
+from repvgg.nn.fusion import fold_batchnorm, fold_norm, fuse_conv_bn_modules, identity_kernel, pad_kernel_to
 
 __all__ = ["RepVGGBlock", "SEBlock", "ConvBN", "ConvBNReLU", "aux_head"]
 
@@ -97,9 +97,7 @@ class ConvBNReLU(nn.Module):
         """Fold the BN into the conv (inference-time statistics, float64). Idempotent."""
         if self.deploy:
             return
-        kernel, bias = fold_norm(self.conv.weight, self.bn)
-        self.conv.bias = nn.Parameter(bias.to(self.conv.weight.dtype))
-        self.conv.weight.copy_(kernel.to(self.conv.weight.dtype))
+        self.conv = fuse_conv_bn_modules(self.conv, self.bn)
         self.bn = nn.Identity()
 
 
