@@ -17,7 +17,8 @@ three deployments, each deployment's networks in interleaved rounds (medians), a
   ultralytics' own OpenVINO INT8 export (NNCF, calibrated on the scenes).
 
 Ours is timed whole (NMS included); theirs as its raw network (no NMS), which favours them. The exported files
-take one image, so batch 8 in OpenVINO is 8 calls. The timing runs in a fresh process per size, after every file is
+take one image, so batch 8 in OpenVINO is 8 calls. Each timed round is 8 images back to back (batch 1: 8 calls),
+after a pause of 0.1 s that lets the previous network's thread pool go idle. The timing runs in a fresh process per size, after every file is
 exported (an exporter's runtimes left in the process slowed OpenVINO by half, both theirs and ours). Multiply-adds
 are counted by ``torch.utils.flop_counter`` for every network at the smallest size.
 
@@ -61,6 +62,8 @@ THEIR_DEPENDENCIES = ["ultralytics-thop", "opencv-python-headless", "polars", "r
 OURS = ("efficientrep_t", "efficientrep_n", "efficientrep_s")
 THEIRS = ("yolo11n", "yolo11s", "yolov8n", "yolov8s")
 CLASSES = ["circle", "square", "triangle", "cross"]
+#: Images per timed round: batch 1 is timed as this many calls back to back.
+STREAM = 8
 log = logging.getLogger("det_vs_yolo")
 
 
@@ -179,22 +182,28 @@ def multiply_adds(models: dict[str, dict[str, Any]], size: int) -> dict[str, flo
 
 def time_models(models: dict[str, dict[str, Any]], size: int, batch: int, rounds: int) -> dict[str, dict[str, float]]:
     """Images/s of every network in every deployment it has, at ``batch``: each deployment's networks timed in the
-    same interleaved rounds (the runtimes' thread pools are not left spinning beside another runtime's work)."""
+    same interleaved rounds, after a pause (the runtimes' thread pools are not left spinning beside another runtime's
+    work). A timed round is `STREAM` images, back to back in calls of ``batch``: a stream, as a camera sends them,
+    not one call after an idle pause, whose wake-up would be timed with it."""
     images = [torch.rand(3, size, size) for _ in range(batch)]
     stacked = torch.stack(images).contiguous(memory_format=torch.channels_last)
+    calls_per_round = max(1, STREAM // batch)
     result: dict[str, dict[str, float]] = {name: {} for name in models}
     for deployment in ("eager", "fp32", "int8"):
         calls: dict[str, Callable[[], Any]] = {}
         for name, entry in models.items():
             if deployment == "eager":
                 net = entry["eager"]
-                calls[name] = (lambda n=net: n(images)) if entry["whole"] else (lambda n=net: n(stacked))
+                call = (lambda n=net: n(images)) if entry["whole"] else (lambda n=net: n(stacked))
             elif deployment in entry:
-                calls[name] = lambda run=entry[deployment]: [run(image) for image in images]
+                call = lambda run=entry[deployment]: [run(image) for image in images]  # noqa: E731
+            else:
+                continue
+            calls[name] = lambda c=call: [c() for _ in range(calls_per_round)]
         with torch.inference_mode():
-            timed = time_interleaved(calls, warmup=3, rounds=rounds, pause_s=0.1)
+            timed = time_interleaved(calls, warmup=2, rounds=rounds, pause_s=0.1)
         for name, timing in timed.items():
-            result[name][deployment] = batch / timing.median
+            result[name][deployment] = batch * calls_per_round / timing.median
     return result
 
 
@@ -270,8 +279,8 @@ def report(records: dict[str, Any], training: dict[str, Any] | None, args: argpa
     where = (f"{environment('cpu')['cpu']} ({cpu_features().describe()}), {threads} PyTorch and OpenVINO threads, "
              f"torch {torch.__version__}")
     lines = [f"Images/s, medians of {args.rounds} interleaved rounds, random weights, 4 classes; {where}. Ours whole "
-             "(resize, NMS included), ultralytics' raw network. OpenVINO and INT8 files take one image: batch 8 is 8 "
-             "calls.", ""]
+             f"(resize, NMS included), ultralytics' raw network. A timed round is a stream of {STREAM} images (batch 1: "
+             f"{STREAM} calls back to back). OpenVINO and INT8 files take one image: batch 8 is 8 calls.", ""]
     names = list(records[str(args.sizes[0])]["params_m"])
     header = ["network", "params (M)", f"GMACs at {records['gmacs_at']}"] + [
         f"{size} b{batch} {d}" for size in args.sizes for batch in args.batches for d in ("eager", "OV FP32", "INT8")]

@@ -217,6 +217,44 @@ print(len(got))
     assert result.stdout.strip() == "3"
 
 
+class _Resized(nn.Module):
+    """A resize to 16 x 16 (any input size), then a conv: the resize is the identity on a 16 x 16 input."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode, self.conv = mode, nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        align = False if self.mode in ("bilinear", "bicubic") else None
+        return self.conv(nn.functional.interpolate(x, size=(16, 16), mode=self.mode, align_corners=align))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript-based exporter
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+def test_openvino_drops_a_resize_to_the_same_size_exactly(tmp_path, mode: str) -> None:
+    pytest.importorskip("openvino")
+    from repvgg.io.onnx_run import openvino_model
+
+    torch.manual_seed(0)
+    model, path = _Resized(mode).eval(), tmp_path / "resized.onnx"
+    torch.onnx.export(model, (torch.rand(1, 3, 16, 16),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {2: "h", 3: "w"}})
+
+    def interpolations(compiled) -> int:
+        return sum(op.get_rt_info()["layerType"].astype(str) == "Interpolate"
+                   for op in compiled.get_runtime_model().get_ordered_ops())
+
+    for shape, dropped in (((1, 3, 16, 16), True), ((1, 3, 24, 20), False)):
+        x = torch.rand(*shape)
+        compiled = openvino_model(path, shape=list(shape))
+        got = torch.from_numpy(next(iter(compiled(x.numpy()).values())))
+        with torch.no_grad():
+            expected = model(x)
+        assert torch.isfinite(got).all()
+        assert (got - expected).abs().max() <= 1e-5, mode
+        assert interpolations(compiled) == (0 if dropped else 1), (mode, shape)
+
+
 def test_the_core_works_without_any_optional_dependency(tmp_path) -> None:
     """What `pip install repvgg` (no extras) promises: build, convert, save and load models with torch alone."""
     import sys
