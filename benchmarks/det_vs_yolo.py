@@ -17,10 +17,11 @@ three deployments, each deployment's networks in interleaved rounds (medians), a
   ultralytics' own OpenVINO INT8 export (NNCF, calibrated on the scenes).
 
 Ours is timed whole (NMS included); theirs as its raw network (no NMS), which favours them. The exported files
-take one image, so batch 8 in OpenVINO is 8 calls. Each timed round is 8 images back to back (batch 1: 8 calls),
-after a pause of 0.1 s that lets the previous network's thread pool go idle. The timing runs in a fresh process per size, after every file is
-exported (an exporter's runtimes left in the process slowed OpenVINO by half, both theirs and ours). Multiply-adds
-are counted by ``torch.utils.flop_counter`` for every network at the smallest size.
+take one image, so batch 8 in OpenVINO is 8 calls. Each timed round is 8 different images back to back (batch 1:
+8 calls), after a pause of 0.1 s that lets the previous network's thread pool go idle. The timing runs in a fresh
+process per size, after every file is exported (an exporter's runtimes left in the process slowed OpenVINO by half,
+both theirs and ours). Multiply-adds are counted by ``torch.utils.flop_counter`` for every network at the smallest
+size.
 
 **Training.** On the same generated scenes (800 training, 100 validation images at 128 px): `repvgg det-train
 --kind yolo` with its defaults, then ultralytics' own recipe for YOLO11n from its yaml (``YOLO("yolo11n.yaml")
@@ -183,27 +184,26 @@ def multiply_adds(models: dict[str, dict[str, Any]], size: int) -> dict[str, flo
 def time_models(models: dict[str, dict[str, Any]], size: int, batch: int, rounds: int) -> dict[str, dict[str, float]]:
     """Images/s of every network in every deployment it has, at ``batch``: each deployment's networks timed in the
     same interleaved rounds, after a pause (the runtimes' thread pools are not left spinning beside another runtime's
-    work). A timed round is `STREAM` images, back to back in calls of ``batch``: a stream, as a camera sends them,
-    not one call after an idle pause, whose wake-up would be timed with it."""
-    images = [torch.rand(3, size, size) for _ in range(batch)]
-    stacked = torch.stack(images).contiguous(memory_format=torch.channels_last)
-    calls_per_round = max(1, STREAM // batch)
+    work). A timed round is `STREAM` different images, back to back in calls of ``batch``: a stream, as a camera sends
+    them, not one call after an idle pause (whose wake-up would be timed with it), nor one image again and again
+    (which would stay in the cache)."""
+    frames = [torch.rand(3, size, size) for _ in range(max(batch, STREAM))]
+    batches = [frames[i:i + batch] for i in range(0, len(frames), batch)]
+    stacked = [torch.stack(b).contiguous(memory_format=torch.channels_last) for b in batches]
     result: dict[str, dict[str, float]] = {name: {} for name in models}
     for deployment in ("eager", "fp32", "int8"):
         calls: dict[str, Callable[[], Any]] = {}
         for name, entry in models.items():
             if deployment == "eager":
                 net = entry["eager"]
-                call = (lambda n=net: n(images)) if entry["whole"] else (lambda n=net: n(stacked))
+                calls[name] = ((lambda n=net: [n(b) for b in batches]) if entry["whole"] else
+                               (lambda n=net: [n(b) for b in stacked]))
             elif deployment in entry:
-                call = lambda run=entry[deployment]: [run(image) for image in images]  # noqa: E731
-            else:
-                continue
-            calls[name] = lambda c=call: [c() for _ in range(calls_per_round)]
+                calls[name] = lambda run=entry[deployment]: [run(image) for image in frames]
         with torch.inference_mode():
             timed = time_interleaved(calls, warmup=2, rounds=rounds, pause_s=0.1)
         for name, timing in timed.items():
-            result[name][deployment] = batch * calls_per_round / timing.median
+            result[name][deployment] = len(frames) / timing.median
     return result
 
 
@@ -279,8 +279,9 @@ def report(records: dict[str, Any], training: dict[str, Any] | None, args: argpa
     where = (f"{environment('cpu')['cpu']} ({cpu_features().describe()}), {threads} PyTorch and OpenVINO threads, "
              f"torch {torch.__version__}")
     lines = [f"Images/s, medians of {args.rounds} interleaved rounds, random weights, 4 classes; {where}. Ours whole "
-             f"(resize, NMS included), ultralytics' raw network. A timed round is a stream of {STREAM} images (batch 1: "
-             f"{STREAM} calls back to back). OpenVINO and INT8 files take one image: batch 8 is 8 calls.", ""]
+             f"(resize, NMS included), ultralytics' raw network. A timed round is a stream of {STREAM} different "
+             f"images (batch 1: {STREAM} calls back to back). OpenVINO and INT8 files take one image: batch 8 is 8 "
+             "calls.", ""]
     names = list(records[str(args.sizes[0])]["params_m"])
     header = ["network", "params (M)", f"GMACs at {records['gmacs_at']}"] + [
         f"{size} b{batch} {d}" for size in args.sizes for batch in args.batches for d in ("eager", "OV FP32", "INT8")]

@@ -289,6 +289,57 @@ def test_the_exported_detector_scores_the_same_ap_in_both_runtimes(trained_qa_de
         assert abs(ap - summary["val_ap"]) <= 1e-3, (name, ap, summary["val_ap"])
 
 
+def test_predict_runs_a_detector_file_on_the_fastest_runtime_that_detects_as_pytorch_does(
+        trained_qa_detector: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Weighed on validation images, every installed runtime is checked and timed, the measured fastest is kept, and
+    it detects what PyTorch does; a runtime that detects otherwise is left out (refused when it was asked for)."""
+    import repvgg.detection.runtime as runtime_module
+    from repvgg.cli import main
+    from repvgg.detection.metrics import BOX_TOLERANCE_PX, box_deviation
+    from repvgg.detection.predict import DetectionPredictor
+    from repvgg.measure.timing import TimingResult
+
+    run, _ = trained_qa_detector
+    images = [Image.fromarray(np.rint(scene(SyntheticConfig(image_size=64), "val", i).image * 255).astype(np.uint8))
+              for i in range(3)]
+    eager = DetectionPredictor(run, runtime="pytorch")
+    assert eager.backend == "pytorch"
+
+    def timed(fns, **_):  # openvino measured fastest, then onnxruntime, then pytorch
+        speed = {"openvino": 0.001, "onnxruntime": 0.002, "pytorch": 0.003}
+        return {name: TimingResult(name, samples=[speed[name]] * 3) for name in fns}
+
+    monkeypatch.setattr(runtime_module, "time_interleaved", timed)
+    chosen = DetectionPredictor(run, samples=images)
+    assert chosen.backend == "openvino" and set(chosen._runner.images_per_s) == {"pytorch", "onnxruntime", "openvino"}
+    found = 0
+    for image in images:
+        expected, got = eager.detect(image), chosen.detect(image)
+        same, gap = box_deviation(expected, got)
+        assert same and gap <= BOX_TOLERANCE_PX
+        found += len(expected["labels"])
+    assert found > 0  # the comparison covered boxes
+    images[0].save(tmp_path / "one.png")
+    assert main(["predict", str(run), str(tmp_path / "one.png"), "--runtime", "openvino", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["runtime"] == "openvino" and document["runtime_reason"] == "asked for"
+    assert [d["class"] for d in document["predictions"][0]["detections"]] == [
+        eager.classes[int(c)] for c in eager.detect(images[0])["labels"]]
+
+    original = runtime_module.runtime_parity
+
+    def openvino_differs(run_one, name, reference, samples):
+        if name == "openvino":
+            raise ConversionMismatch("openvino does not detect what PyTorch does (a test)")
+        return original(run_one, name, reference, samples)
+
+    monkeypatch.setattr(runtime_module, "runtime_parity", openvino_differs)
+    assert DetectionPredictor(run, samples=images).backend == "onnxruntime"
+    with pytest.raises(ConversionMismatch, match="openvino"):
+        DetectionPredictor(run, runtime="openvino", samples=images)
+
+
 def test_quantize_writes_an_int8_detector_judged_by_its_ap(trained_qa_detector: tuple[Path, dict], tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """quantize of a QARepVGG detector: the backbone and neck in INT8 (QDQ), the head in float, and its AP on the

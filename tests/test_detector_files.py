@@ -117,7 +117,7 @@ def test_predict_classes_must_name_each_class_of_the_detector(detector_file: Pat
     assert f"--classes {listed} holds {len(names)} class names but the detector has 4" in capsys.readouterr().err
     with pytest.raises(ValueError, match=f"holds {len(names)} class names"):
         DetectionPredictor(detector_file, classes=names)
-    assert DetectionPredictor(detector_file, classes=list("abcd")).classes == list("abcd")
+    assert DetectionPredictor(detector_file, classes=list("abcd"), measure=False).classes == list("abcd")
 
 
 @pytest.mark.parametrize("size", [(2000, 10), (3, 400)])
@@ -130,7 +130,7 @@ def test_an_image_too_thin_for_the_detector_is_a_bad_image(detector_file: Path, 
     thin, fine = tmp_path / "thin.png", tmp_path / "fine.png"
     Image.new("RGB", size).save(thin)
     Image.new("RGB", (size[0], 32) if size[0] > size[1] else (32, size[1])).save(fine)  # one row (column) kept
-    predictor = DetectionPredictor(detector_file)
+    predictor = DetectionPredictor(detector_file, measure=False)
     rows = list(predictor.iter_predict([str(thin), str(fine)], bad_images="skip"))
     assert "keeps no row or column" in (rows[0].error or "") and rows[1].error is None
     with pytest.raises(ValueError, match=f"image {thin}"):

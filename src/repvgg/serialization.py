@@ -36,8 +36,8 @@ from typing import Any, ClassVar, Mapping, TypeVar
 from repvgg.errors import WriteFailed
 from repvgg.limits import brief
 
-__all__ = ["DictMixin", "atomic_write", "check_output_path", "commit_staged", "csv_cell", "csv_text", "input_file",
-           "make_folder", "option_names", "output_target", "readable_text", "staging_folder", "write_csv",
+__all__ = ["DictMixin", "atomic_write", "check_output_path", "commit_staged", "csv_cell", "csv_text", "image_outputs",
+           "input_file", "make_folder", "option_names", "output_target", "readable_text", "staging_folder", "write_csv",
            "write_failed", "write_json", "write_text"]
 
 D = TypeVar("D", bound="DictMixin")
@@ -137,6 +137,34 @@ def check_output_path(path: PathLike, *, reads: Iterable[PathLike | None] = (), 
         raise ValueError(f"{option} {path}{link} already exists; pass --overwrite to replace it, or choose another "
                          "name")
     return path
+
+
+def image_outputs(paths: Sequence[str], folder: PathLike, *, option: str, overwrite: bool = False,
+                  reads: Iterable[PathLike | None] = (), writes: Iterable[PathLike] = ()) -> dict[str, Path]:
+    """Where a command writes one PNG per input image into ``folder`` (``--draw DIR``, ``--masks DIR``):
+    ``FOLDER/<stem>.png`` (``<stem>-2.png``, ... when two inputs share a stem), every one checked by the output rule
+    before anything is written: never one of ``paths``, nor inside a folder of ``reads`` (the command's input folders,
+    whose next reading would take the PNGs for images), nor another output in ``writes``.
+
+    Raises:
+        ValueError: ``folder`` is a file, or a target may not be written; naming ``option``.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{option} {folder} is a file; name a folder for the PNG files")
+    targets: dict[str, Path] = {}
+    taken: set[str] = set()
+    others = list(writes)
+    for path in paths:
+        stem, n = Path(path).stem or "image", 1
+        name = f"{stem}.png"
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}.png"
+        taken.add(name)
+        targets[path] = check_output_path(folder / name, reads=[*paths, *reads], overwrite=overwrite, option=option,
+                                          writes=others)
+    return targets
 
 
 def input_file(path: PathLike, what: str) -> Path:

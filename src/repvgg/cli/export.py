@@ -30,8 +30,11 @@ def run(args: argparse.Namespace) -> int:
         return _export_repository(args)
     refuse_flags((("--name", args.name), ("--max-batch", args.max_batch), ("--max-wait-ms", args.max_wait_ms),
                   ("--backend", args.backend)), "to a model repository (--format triton or ovms)")
-    if dense_kind(args.model) == "detector":
+    kind = dense_kind(args.model)
+    if kind == "detector":
         return _export_detector(args)
+    if kind == "segmenter":
+        return _export_segmenter(args)
     config = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
     report = export_onnx(args.model, args.output, config)
     text = "converted the training-time model to its plain form before export\n" if report.converted else ""
@@ -62,6 +65,24 @@ def _export_detector(args: argparse.Namespace) -> int:
              f"ONNX Runtime and OpenVINO vs PyTorch on {report.images_checked} validation images: the same labels, "
              f"largest box deviation {report.max_box_deviation_px:.3g} px over {report.detections_checked} "
              "detections")
+    emit(args, report.as_dict(), text)
+    return 0
+
+
+def _export_segmenter(args: argparse.Namespace) -> int:
+    """A seg-train file: normalisation, network and per-pixel argmax in one graph of any height and width."""
+    from repvgg.segmentation.export import export_segmenter
+
+    cfg = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
+    refuse_flags((("--fp16", cfg.fp16), ("--dynamic-hw", cfg.dynamic_hw), ("--img-size", cfg.img_size),
+                  ("--num-classes", cfg.num_classes)),
+                 "to classifiers; a segmenter's graph takes one float32 image of any height and width")
+    report = export_segmenter(args.model, args.output, opset=cfg.opset or 18, overwrite=cfg.overwrite)
+    text = "converted the training-time segmenter to its plain form before export\n" if report.converted else ""
+    text += (f"wrote {report.path}: one image (3, height, width) in [0, 1] -> mask (height, width) of class indices, "
+             f"opset {report.opset}; it records its classes and segmenter configuration\n"
+             f"ONNX Runtime and OpenVINO vs PyTorch on {report.images_checked} validation images: the same mask on "
+             f"{report.pixels_checked} pixels, {report.pixels_at_ties} of them at ties of two classes")
     emit(args, report.as_dict(), text)
     return 0
 

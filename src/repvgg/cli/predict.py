@@ -19,6 +19,9 @@ from repvgg.serialization import csv_text, write_csv
 _CLASSIFIER_DEFAULTS = {"topk": 5, "batch_size": 32, "workers": 2}
 #: Inputs above this many batches are worth weighing the runtimes for (and get a progress bar).
 _WEIGH_FROM_BATCHES = 2
+#: Images from which a detector's runtimes are weighed: exporting, checking and timing them took about 2 s on a
+#: 2-core CPU, and the fastest saved about 3.5 ms an image over PyTorch eager at 128 px (docs/detection.md).
+_WEIGH_DETECTOR_FROM = 500
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"classifiers: classes per image (default: {_CLASSIFIER_DEFAULTS['topk']})")
     p.add_argument("--csv", default=None, metavar="OUT", help="also write the predictions to this CSV file (-: "
                    "print the CSV on standard output instead of the table)")
-    add_overwrite_flag(p, "an existing --csv file")
+    add_overwrite_flag(p, "an existing --csv file, and --draw or --masks images")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="auto: the fastest runtime that reproduces the model (ONNX Runtime for an ONNX file)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
@@ -57,8 +60,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (model files)")
     p.add_argument("--score-threshold", type=bounded_float(0.0, 1.0), default=None,
                    help="detectors: boxes scoring below this are left out (default: 0.3)")
-    p.add_argument("--draw", default=None, metavar="DIR", help="detectors: write each image with its boxes drawn "
-                   "into DIR (as <name>.png)")
+    p.add_argument("--draw", default=None, metavar="DIR", help="detectors and segmenters: write each image with its "
+                   "boxes drawn (its classes' colours laid over it) into DIR (as <name>.png)")
+    p.add_argument("--masks", default=None, metavar="DIR", help="segmenters: write each image's label map (pixel = "
+                   "class index, with a palette, at the image's size) into DIR (as <name>.png)")
     p.set_defaults(func=run)
 
 
@@ -72,9 +77,14 @@ def run(args: argparse.Namespace) -> int:
     from repvgg.detection.predict import detection_artifact
 
     if detection_artifact(args.artifact) is not None:
+        refuse_flags((("--masks", args.masks),), "to segmenters; ARTIFACT is a detector")
         return _predict_boxes(args, paths)
-    refuse_flags((("--draw", args.draw), ("--score-threshold", args.score_threshold)),
-                 "to detectors; ARTIFACT is a classifier")
+    from repvgg.segmentation.predict import segmentation_artifact
+
+    if segmentation_artifact(args.artifact) is not None:
+        return _predict_masks(args, paths)
+    refuse_flags((("--draw", args.draw), ("--score-threshold", args.score_threshold), ("--masks", args.masks)),
+                 "to detectors and segmenters; ARTIFACT is a classifier")
     for name, value in _CLASSIFIER_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -151,8 +161,8 @@ def _write_csv(args: argparse.Namespace, rows: list[dict[str, Any]], k: int) -> 
 
 def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     """A detector: each image's boxes (class, score, x1 y1 x2 y2), as a table, --json, --csv and --draw images."""
-    from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD, DetectionPredictor, draw_targets, save_drawing
-    from repvgg.serialization import check_output_path
+    from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD, DetectionPredictor, save_drawing
+    from repvgg.serialization import check_output_path, image_outputs
 
     if args.dtype != "float32":
         raise ValueError("a detector predicts in float32 here; quantize it with `repvgg quantize` for INT8")
@@ -160,19 +170,22 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
                  "to classifiers; a detector reports every box over --score-threshold, one image at a time")
     folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]
     reads = [args.artifact, args.classes, *paths, *folders]
-    targets = draw_targets(paths, args.draw, overwrite=args.overwrite, reads=reads) if args.draw else {}
+    targets = image_outputs(paths, args.draw, option="--draw", overwrite=args.overwrite, reads=reads) \
+        if args.draw else {}
     if _csv_file(args):
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv", writes=targets.values())
     threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
     predictor = DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=threshold,
-                                   classes=args.classes, device=args.device)
+                                   classes=args.classes, device=args.device,
+                                   measure=len(paths) >= _WEIGH_DETECTOR_FROM, samples=paths)
     draw = (lambda path, image, found: save_drawing(image, found, predictor.classes, targets[path])) \
         if targets else None
     started = time.perf_counter()
     rows = [d.as_dict() for d in predictor.iter_predict(paths, bad_images=args.bad_images, on_image=draw)]
     seconds = time.perf_counter() - started
     skipped = sum(1 for r in rows if r["error"])
-    document = {"artifact": predictor.artifact, "runtime": predictor.backend, "task": "detection",
+    document = {"artifact": predictor.artifact, "runtime": predictor.backend, "runtime_reason": predictor.reason,
+                "task": "detection",
                 "score_threshold": threshold, "images": len(rows) - skipped, "skipped": skipped,
                 "seconds": seconds, "predictions": rows}
     printed = None
@@ -189,5 +202,60 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
         boxes = "  ".join(f"{printable(d['class'])} {d['score']:.3f} [{' '.join(f'{v:.1f}' for v in d['box'])}]"
                           for d in row["detections"])
         lines.append(f"{source}\t{boxes or 'no detection'}")
+    emit(args, document, printed or "\n".join(lines))
+    return 0
+
+
+def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
+    """A segmenter: each image's classes with their share of the pixels, as a table, --json and --csv; --masks DIR
+    label maps and --draw DIR overlays."""
+    from repvgg.segmentation.predict import SegmentationPredictor, save_mask, save_overlay
+    from repvgg.serialization import check_output_path, image_outputs
+
+    if args.dtype != "float32":
+        raise ValueError("a segmenter predicts in float32 here; quantize it with `repvgg quantize` for INT8")
+    refuse_flags((("--topk", args.topk), ("--batch-size", args.batch_size), ("--workers", args.workers),
+                  ("--score-threshold", args.score_threshold)),
+                 "to classifiers and detectors; a segmenter labels every pixel, one image at a time")
+    folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]
+    reads = [args.artifact, args.classes, *paths, *folders]
+    masks = image_outputs(paths, args.masks, option="--masks", overwrite=args.overwrite, reads=reads) \
+        if args.masks else {}
+    drawn = image_outputs(paths, args.draw, option="--draw", overwrite=args.overwrite, reads=reads,
+                          writes=masks.values()) if args.draw else {}
+    if _csv_file(args):
+        check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv",
+                          writes=[*masks.values(), *drawn.values()])
+    predictor = SegmentationPredictor(args.artifact, runtime=args.runtime, classes=args.classes, device=args.device)
+    classes = len(predictor.classes)
+
+    def write(path: str, image: Any, mask: Any) -> None:
+        if path in masks:
+            save_mask(mask, classes, masks[path])
+        if path in drawn:
+            save_overlay(image, mask, classes, drawn[path])
+
+    started = time.perf_counter()
+    rows = []
+    for result in predictor.iter_predict(paths, bad_images=args.bad_images, on_image=write):
+        result.mask = str(masks[result.source]) if result.error is None and result.source in masks else None
+        rows.append(result.as_dict())
+    skipped = sum(1 for r in rows if r["error"])
+    document = {"artifact": predictor.artifact, "runtime": predictor.backend, "task": "segmentation",
+                "images": len(rows) - skipped, "skipped": skipped, "seconds": time.perf_counter() - started,
+                "predictions": rows}
+    printed = None
+    if args.csv:
+        found = [[r["source"], c["class"], c["fraction"], r["mask"] or "", ""] for r in rows for c in r["classes"]]
+        printed = _csv_out(args, ["path", "class", "fraction", "mask", "error"],
+                           found + [[r["source"], "", "", "", r["error"]] for r in rows if r["error"]])
+    lines = []
+    for row in rows:
+        source = printable(row["source"])
+        if row["error"]:
+            lines.append(f"{source}\tskipped: {printable(row['error'])}")
+            continue
+        shares = "  ".join(f"{printable(c['class'])} {100 * c['fraction']:.1f}%" for c in row["classes"])
+        lines.append(f"{source}\t{shares}")
     emit(args, document, printed or "\n".join(lines))
     return 0

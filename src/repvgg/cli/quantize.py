@@ -10,7 +10,7 @@ from repvgg.cli.output import emit
 from repvgg.quant.config import QuantizeConfig
 
 #: ``quantize`` options that apply to classifiers only (a detector's are ``--data``, ``--calib-images``,
-#: ``--calibration``, ``--max-ap-drop`` and ``--overwrite``).
+#: ``--calibration``, ``--max-ap-drop`` and ``--overwrite``; a segmenter's the same with ``--max-miou-drop``).
 CLASSIFIER_ONLY = ("img_size", "speed_batch", "speed_rounds", "speed_img_size", "qat_epochs", "qat_lr", "device",
                    "runtime", "min_agreement", "max_top1_drop")
 
@@ -33,10 +33,17 @@ def run(args: argparse.Namespace) -> int:
 
     given = config_flag_values(args, QuantizeConfig)
     config = QuantizeConfig.from_dict(given)
-    if dense_kind(args.weights) == "detector":
+    kind = dense_kind(args.weights)
+    if kind == "detector":
+        refuse_flags((("--max-miou-drop", given.get("max_miou_drop")),), "to segmenters; a detector is held to "
+                     "--max-ap-drop")
         return _quantize_detector(args, config, given)
-    refuse_flags((("--max-ap-drop", given.get("max_ap_drop")),), "to detectors; a classifier is held to "
-                 "--min-agreement and --max-top1-drop")
+    if kind == "segmenter":
+        refuse_flags((("--max-ap-drop", given.get("max_ap_drop")),), "to detectors; a segmenter is held to "
+                     "--max-miou-drop")
+        return _quantize_segmenter(args, config, given)
+    refuse_flags((("--max-ap-drop", given.get("max_ap_drop")), ("--max-miou-drop", given.get("max_miou_drop"))),
+                 "to detectors and segmenters; a classifier is held to --min-agreement and --max-top1-drop")
     report = quantize_model(args.weights, args.output, config)
     emit(args, report.as_dict())
     return 0
@@ -53,5 +60,19 @@ def _quantize_detector(args: argparse.Namespace, config: QuantizeConfig, given: 
     report = quantize_detector(args.weights, args.output, data=config.data, calib_images=given.get("calib_images"),
                                calibration=config.calibration, max_ap_drop=config.max_ap_drop,
                                overwrite=config.overwrite)
+    emit(args, report.as_dict())
+    return 0
+
+
+def _quantize_segmenter(args: argparse.Namespace, config: QuantizeConfig, given: dict[str, Any]) -> int:
+    """A seg-train file: every conv but the class logits in INT8, judged by mean IoU."""
+    from repvgg.quant.segmenter import quantize_segmenter
+
+    refuse_flags(((f"--{name.replace('_', '-')}", given.get(name)) for name in CLASSIFIER_ONLY),
+                 "to classifiers; a segmenter is quantized by calibration on training crops, judged by mean IoU "
+                 "(--max-miou-drop) and not timed (train a qarepvgg_* backbone for an INT8-friendly segmenter)")
+    report = quantize_segmenter(args.weights, args.output, data=config.data, calib_images=given.get("calib_images"),
+                                calibration=config.calibration, max_miou_drop=config.max_miou_drop,
+                                overwrite=config.overwrite)
     emit(args, report.as_dict())
     return 0

@@ -15,6 +15,9 @@ pycocotools for COCO's metrics (the ``train`` extra).
 ``config``     ``DetTrainConfig``: the training recipe as data (YAML/JSON + flags)
 ``train``      ``train_detector``: the ``repvgg det-train`` job, resumable
 ``weights``    ``save_detector`` / ``load_detector``: files that rebuild the detector alone
+``export``     the ONNX graph (resize to NMS), checked in ONNX Runtime and OpenVINO
+``runtime``    the fastest verified way to run a detector: PyTorch, ONNX Runtime or OpenVINO, weighed
+``predict``    ``DetectionPredictor``: boxes in new images, for ``repvgg predict``
 ``plots``      ``predictions.png`` and ``curves.png``
 =============  ===================================================================================================
 """

@@ -28,12 +28,13 @@ from repvgg.detection.weights import detector_metadata, load_detector
 from repvgg.errors import ConversionMismatch
 from repvgg.io.card import load_onnx_proto, write_onnx_metadata
 from repvgg.io.export import noticing_interrupts
-from repvgg.io.onnx_run import installed_runtimes, onnxruntime_session, openvino_model
+from repvgg.io.onnx_run import installed_runtimes, onnxruntime_session, openvino_by_shape
 from repvgg.limits import MIN_OPSET, brief, check_int, parse_json
 from repvgg.nn.convert import reparameterize_model
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
 
-__all__ = ["DETECTOR_OUTPUTS", "DetectorExport", "export_detector", "onnx_detector", "onnx_detector_metadata"]
+__all__ = ["DETECTOR_OUTPUTS", "DetectorExport", "check_images", "export_detector", "onnx_detector",
+           "onnx_detector_metadata", "runtime_parity", "write_detector_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +69,9 @@ def onnx_detector(path: str | os.PathLike[str], runtime: str = "onnxruntime") ->
         name = session.get_inputs()[0].name
         return lambda image: _named(session.run(None, {name: image.float().numpy()}))
     if runtime == "openvino":
-        return _openvino_detector(path)
+        run = openvino_by_shape(path, static_shapes=STATIC_SHAPES)
+        return lambda image: _named(run(image.float().numpy()))
     raise ValueError(f"an ONNX detector runs on onnxruntime or openvino, not {runtime!r}")
-
-
-def _openvino_detector(path: str | os.PathLike[str]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
-    """OpenVINO running the detector compiled for each image shape it meets (static shapes run faster: 1.4x at
-    320 x 320 in INT8, docs/detection.md), up to `STATIC_SHAPES` of them; further shapes run in the graph compiled
-    for any shape."""
-    static: dict[tuple[int, ...], Any] = {}
-    any_shape: list[Any] = []
-
-    def model_for(shape: tuple[int, ...]) -> Any:
-        if shape not in static and len(static) < STATIC_SHAPES:
-            static[shape] = openvino_model(path, shape=list(shape))
-        if shape in static:
-            return static[shape]
-        if not any_shape:
-            any_shape.append(openvino_model(path))
-        return any_shape[0]
-
-    return lambda image: _named(list(model_for(tuple(image.shape))(image.float().numpy()).values()))
 
 
 def onnx_detector_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -141,28 +124,35 @@ def export_detector(weights: str | os.PathLike[str], path: str | os.PathLike[str
     if converted:
         log.info("the detector is in training-time form: converting it to the plain form before export")
         model = reparameterize_model(model)
-    samples = _check_images(meta, model.config.image_size, None if data is None else os.fspath(data), images)
-    metadata = {"task": "detection", "detector": json.dumps(model.config.to_dict()),
-                "classes": json.dumps(meta.get("classes")), "outputs": json.dumps(list(DETECTOR_OUTPUTS))}
+    samples = check_images(meta, model.config.image_size, None if data is None else os.fspath(data), images)
     with staging_folder(path) as staging:
         staged = Path(staging) / path.name
-        with noticing_interrupts() as interrupted, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript-based exporter's tracer warnings on detection code
-            torch.onnx.export(model, ([samples[0]],), str(staged), dynamo=False, opset_version=opset,
-                              input_names=["image"], output_names=list(DETECTOR_OUTPUTS),
-                              dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
-                                            "scores": {0: "detections"}, "labels": {0: "detections"}})
-        if interrupted:
-            raise KeyboardInterrupt("interrupted during the ONNX export")
-        write_onnx_metadata(staged, metadata)
+        write_detector_graph(model, samples[0], staged, opset=opset, classes=meta.get("classes"))
         worst, count = _parity(staged, model, samples)
         for staged_file in Path(staging).iterdir():
             commit_staged(staged_file, path)
     return DetectorExport(str(path), converted, opset, len(samples), worst, count)
 
 
-def _check_images(meta: dict[str, Any], size: int, data: str | None, count: int) -> list[torch.Tensor]:
-    """Up to ``count`` float images in [0, 1] to compare the export with its source on."""
+def write_detector_graph(model: Any, sample: torch.Tensor, path: Path, *, opset: int = 18,
+                         classes: list[str] | None = None) -> None:
+    """Trace the converted ``model`` on ``sample`` (a float ``(3, H, W)`` image) into the ONNX graph at ``path``
+    (any image size in, `DETECTOR_OUTPUTS` out), tagged with its configuration and ``classes``; unchecked."""
+    with noticing_interrupts() as interrupted, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's tracer warnings on detection code
+        torch.onnx.export(model, ([sample],), str(path), dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=list(DETECTOR_OUTPUTS),
+                          dynamic_axes={"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
+                                        "scores": {0: "detections"}, "labels": {0: "detections"}})
+    if interrupted:
+        raise KeyboardInterrupt("interrupted during the ONNX export")
+    write_onnx_metadata(path, {"task": "detection", "detector": json.dumps(model.config.to_dict()),
+                               "classes": json.dumps(classes), "outputs": json.dumps(list(DETECTOR_OUTPUTS))})
+
+
+def check_images(meta: dict[str, Any], size: int, data: str | None, count: int) -> list[torch.Tensor]:
+    """Up to ``count`` float images in [0, 1] to compare two forms of a detector on: validation images of ``data``
+    (default: the data ``meta`` records), or generated scenes where that folder is no longer there."""
     recorded = trained_data_folder(meta)
     if data is None and recorded is not None and not os.path.isdir(recorded):
         log.info("the data folder %s the detector was trained on is not there: checking the export on generated "
@@ -178,13 +168,20 @@ def _parity(path: Path, model: Any, samples: list[torch.Tensor]) -> tuple[float,
     detections compared, or a ConversionMismatch."""
     worst, count = 0.0, 0
     for runtime in installed_runtimes():
-        gap, count = _runtime_parity(onnx_detector(path, runtime), runtime, model, samples)
+        gap, count = runtime_parity(onnx_detector(path, runtime), runtime, model, samples)
         worst = max(worst, gap)
     return worst, count
 
 
-def _runtime_parity(run: Callable[[torch.Tensor], dict[str, torch.Tensor]], runtime: str, model: Any,
-                    samples: list[torch.Tensor]) -> tuple[float, int]:
+def runtime_parity(run: Callable[[torch.Tensor], dict[str, torch.Tensor]], runtime: str, model: Any,
+                   samples: list[torch.Tensor]) -> tuple[float, int]:
+    """``run`` (one image in, its detections out) against ``model`` (a list of images in, as torchvision's detectors
+    take them) on ``samples``: the largest box deviation and the detections compared.
+
+    Raises:
+        ConversionMismatch: other labels, a box further than `BOX_TOLERANCE_PX` (but for NMS's near-ties), or a
+            non-finite output, naming ``runtime`` and the image.
+    """
     worst, count, swaps = 0.0, 0, 0
     for index, image in enumerate(samples):
         expected = model([image])[0]

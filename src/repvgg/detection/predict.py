@@ -14,20 +14,22 @@ from torch import Tensor
 
 from repvgg.dense.weights import dense_kind
 from repvgg.detection.detector import DetectorConfig
-from repvgg.detection.export import onnx_detector, onnx_detector_metadata
+from repvgg.detection.export import onnx_detector_metadata
 from repvgg.detection.weights import load_detector
 from repvgg.io.card import check_class_names, read_class_names
 from repvgg.io.formats import identify_file
 from repvgg.limits import check_float
 from repvgg.training.images import load_rgb
 
-__all__ = ["DEFAULT_SCORE_THRESHOLD", "DetectionPredictor", "ImageDetections", "check_detector_image", "draw_targets",
+__all__ = ["DEFAULT_SCORE_THRESHOLD", "DetectionPredictor", "ImageDetections", "check_detector_image",
            "detection_artifact", "save_drawing"]
 
 #: ``on_image(path, image, detections)``: what a caller does with each readable image (e.g. draw it).
 ImageHook = Callable[[str, Any, dict[str, Tensor]], None]
 #: Detections scoring below this are not reported unless the user asks.
 DEFAULT_SCORE_THRESHOLD = 0.3
+#: Images the runtimes are checked and timed on.
+SAMPLE_IMAGES = 4
 
 
 def detection_artifact(artifact: str | os.PathLike[str]) -> Path | None:
@@ -78,17 +80,24 @@ class DetectionPredictor:
     Args:
         artifact: a ``det-train`` run folder or file (``deploy.safetensors``, ``best.pt``, ``last.pt``; a
             training-time one is converted), or an exported ``.onnx`` detector.
-        runtime: ``"auto"`` (PyTorch for a model file, ONNX Runtime for an ONNX file), ``"pytorch"``,
-            ``"onnxruntime"`` or ``"openvino"`` (the last two for an ONNX file).
+        runtime: ``"auto"``, ``"pytorch"`` (a model file; ``"eager"`` and ``"channels_last"`` mean it too),
+            ``"onnxruntime"`` or ``"openvino"`` (an ONNX file, or a model file's graph exported on the fly and checked).
+            ``auto`` with ``measure`` takes the fastest runtime that detects as the artifact does
+            ([`repvgg.detection.runtime`][repvgg.detection.runtime]); without, PyTorch for a model file and ONNX
+            Runtime for an ONNX file.
         score_threshold: detections scoring below it are left out.
         classes: names in place of the artifact's (one per class): a list, or a text file with one name a line.
-        device: where PyTorch runs a model file.
+        device: where PyTorch runs a model file (other than ``cpu``: PyTorch alone).
+        measure: weigh the runtimes (which exports the graph and compiles it: seconds) for ``runtime="auto"``.
+        samples: images (paths, PIL images or uint8 ``(3, H, W)`` tensors) to check and time the runtimes on;
+            default: validation images of the data the artifact records (generated scenes where it has moved).
     """
 
     def __init__(self, artifact: str | os.PathLike[str], *, runtime: str = "auto",
                  score_threshold: float = DEFAULT_SCORE_THRESHOLD,
-                 classes: Sequence[str] | str | os.PathLike[str] | None = None, device: str = "cpu") -> None:
-        from repvgg.nn.convert import reparameterize_model
+                 classes: Sequence[str] | str | os.PathLike[str] | None = None, device: str = "cpu",
+                 measure: bool = True, samples: Sequence[Any] | None = None) -> None:
+        from repvgg.detection.runtime import DETECTOR_RUNTIMES
 
         path = detection_artifact(artifact)
         if path is None:
@@ -96,21 +105,14 @@ class DetectionPredictor:
                              "file exported from one)")
         self.score_threshold = check_float(score_threshold, "--score-threshold", low=0, high=1)
         self.artifact = str(path)
-        if identify_file(path) == "onnx":
-            if runtime not in ("auto", "onnxruntime", "openvino"):
-                raise ValueError(f"an ONNX detector runs on onnxruntime or openvino, not {runtime}")
-            if device != "cpu":
-                raise ValueError("an ONNX detector runs on the CPU here; use the det-train file for --device cuda")
-            self.backend = "openvino" if runtime == "openvino" else "onnxruntime"
-            meta: dict[str, Any] = onnx_detector_metadata(path) or {}
-            self._run = onnx_detector(path, self.backend)
-        else:
-            if runtime not in ("auto", "pytorch"):
-                raise ValueError(f"a detector file runs on pytorch; export it to ONNX for {runtime}")
-            model, meta = load_detector(path)
-            model = (model if model.deploy else reparameterize_model(model)).to(device).eval()
-            self.backend = "pytorch"
-            self._run = lambda image: {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        runtime = "pytorch" if runtime in ("eager", "channels_last") else runtime
+        if runtime not in DETECTOR_RUNTIMES:
+            raise ValueError(f"a detector runs on {', '.join(DETECTOR_RUNTIMES)} (or eager), not {runtime}")
+        onnx = identify_file(path) == "onnx"
+        if device != "cpu" and (onnx or runtime not in ("auto", "pytorch")):
+            raise ValueError(f"ONNX runtimes run a detector on the CPU here; predict the det-train file with --runtime "
+                             f"pytorch for --device {device}")
+        model, meta = (None, onnx_detector_metadata(path) or {}) if onnx else load_detector(path)
         self.config = DetectorConfig.from_dict(meta["detector"])
         self.classes = list(meta["classes"] or [])
         if classes is not None:
@@ -119,6 +121,8 @@ class DetectionPredictor:
             self.classes = check_class_names(names, source, self.config.num_classes, model="the detector")
         if not self.classes:
             raise ValueError(f"{path} records no class names; give them with --classes")
+        self._runner = _runner(path, model, meta, runtime, device, measure, samples)
+        self.backend, self.reason, self._run = self._runner.backend, self._runner.reason, self._runner.run
 
     @torch.no_grad()
     def detect(self, image: Any) -> dict[str, Tensor]:
@@ -155,27 +159,45 @@ class DetectionPredictor:
                                   [[round(float(v), 3) for v in box] for box in found["boxes"]])
 
 
-def draw_targets(paths: Sequence[str], folder: str | os.PathLike[str], *, overwrite: bool = False,
-                 reads: Sequence[str | os.PathLike[str] | None] = ()) -> dict[str, Path]:
-    """Where ``--draw`` writes each image: ``FOLDER/<name>.png`` (``<name>-2.png``, ... when two inputs share a
-    name), every one checked by the output rule before anything is written: never one of ``paths``, nor inside a
-    folder of ``reads`` (the command's input folders, whose next reading would take the drawings for images)."""
-    from repvgg.serialization import check_output_path
+def _runner(path: Path, model: Any, meta: dict[str, Any], runtime: str, device: str, measure: bool,
+            samples: Sequence[Any] | None) -> Any:
+    """How a detector artifact runs: ``model`` (``None`` for the ONNX file ``path``) in ``runtime``, weighed on
+    ``samples`` where there is a choice ([`repvgg.detection.runtime`][repvgg.detection.runtime])."""
+    from repvgg.detection.runtime import DetectorRunner, detector_runner, graph_runner
+    from repvgg.nn.convert import reparameterize_model
 
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--draw {folder} is a file; name a folder for the drawn images")
-    targets: dict[str, Path] = {}
-    taken: set[str] = set()
-    for path in paths:
-        stem, n = Path(path).stem or "image", 1
-        name = f"{stem}.png"
-        while name in taken:
-            n += 1
-            name = f"{stem}-{n}.png"
-        taken.add(name)
-        targets[path] = check_output_path(folder / name, reads=[*paths, *reads], overwrite=overwrite, option="--draw")
-    return targets
+    weigh = (runtime == "auto" and measure) or runtime in ("onnxruntime", "openvino")
+    images = _samples(samples, meta, DetectorConfig.from_dict(meta["detector"]).image_size) if weigh else []
+    if model is None:
+        return graph_runner(path, images, runtime, measure=measure)
+    model = (model if model.deploy else reparameterize_model(model)).eval()
+    if device != "cpu":
+        model = model.to(device)
+        return DetectorRunner(lambda image: {k: v.cpu() for k, v in model([image.to(device)])[0].items()}, "pytorch",
+                              f"PyTorch on {device}")
+    return detector_runner(model, images, runtime, measure=measure)
+
+
+def _samples(samples: Sequence[Any] | None, meta: dict[str, Any], size: int) -> list[Tensor]:
+    """Float images in [0, 1] to weigh the runtimes on: up to `SAMPLE_IMAGES` readable ones of ``samples``, or
+    validation images of the data ``meta`` records."""
+    from torchvision.transforms.v2 import functional as F
+
+    from repvgg.detection.export import check_images
+
+    if samples is None:
+        return check_images(meta, size, None, SAMPLE_IMAGES)
+    images = []
+    for sample in samples:
+        if isinstance(sample, (str, os.PathLike)):
+            try:
+                sample = load_rgb(sample)
+            except ValueError:
+                continue  # unreadable: told when it is predicted
+        images.append((sample if isinstance(sample, Tensor) else F.pil_to_tensor(sample.convert("RGB"))).float() / 255)
+        if len(images) == SAMPLE_IMAGES:
+            break
+    return images or check_images(meta, size, None, SAMPLE_IMAGES)
 
 
 def save_drawing(image: Any, detections: dict[str, Tensor], classes: Sequence[str], path: Path) -> None:

@@ -161,3 +161,22 @@ def _any_batch(run: Callable[[Tensor], Any], fixed: Any) -> Callable[[Tensor], A
         return joined[0] if len(joined) == 1 else joined
 
     return run_in_slices
+
+
+def openvino_by_shape(path: str | os.PathLike[str], *, static_shapes: int = 4) -> Callable[[Any], list[Any]]:
+    """OpenVINO running the one-input graph ``path`` compiled for each input shape it meets (static shapes run faster:
+    1.4x for a detector at 320 x 320 in INT8, docs/detection.md), up to ``static_shapes`` of them; further shapes run
+    in the graph compiled for any shape. The callable takes a float32 numpy array and returns the outputs, in order."""
+    static: dict[tuple[int, ...], Any] = {}
+    any_shape: list[Any] = []
+
+    def model_for(shape: tuple[int, ...]) -> Any:
+        if shape not in static and len(static) < static_shapes:
+            static[shape] = openvino_model(path, shape=list(shape))
+        if shape in static:
+            return static[shape]
+        if not any_shape:
+            any_shape.append(openvino_model(path))
+        return any_shape[0]
+
+    return lambda array: list(model_for(tuple(array.shape))(array).values())

@@ -45,6 +45,8 @@ class QuantizeConfig(RunConfig):
                                   high=100)
     max_ap_drop: float = option(1.0, "detectors: the accuracy guard: most COCO AP points INT8 may lose against "
                                       "float32", low=0, high=100)
+    max_miou_drop: float = option(1.0, "segmenters: the accuracy guard: most mean-IoU points INT8 may lose against "
+                                       "float32", low=0, high=100)
     overwrite: bool = option(False, "replace an existing output file and QAT run folder (a file the command reads "
                                     "is never replaced)")
 

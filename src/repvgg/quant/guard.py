@@ -12,7 +12,8 @@ file below it is not written: exit 1) and ``repvgg predict --dtype int8`` (judge
 predictions on the inputs): [`validation_guard`][repvgg.quant.guard.validation_guard] measures,
 [`require_passing`][repvgg.quant.guard.require_passing] refuses with the remedies. A detector is judged by the COCO AP
 it keeps on its validation images ([`require_ap`][repvgg.quant.guard.require_ap]: at most
-`DEFAULT_MAX_AP_DROP` points lost), with the same remedies.
+`DEFAULT_MAX_AP_DROP` points lost), a segmenter by its mean IoU ([`require_miou`][repvgg.quant.guard.require_miou]:
+at most `DEFAULT_MAX_MIOU_DROP` points), with the same remedies.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from torch.utils._pytree import tree_flatten
 from repvgg.errors import RunFailed
 from repvgg.training.evaluate import compare_models
 
-__all__ = ["DEFAULT_MAX_AP_DROP", "DEFAULT_RTOL", "DETECTOR_REMEDIES", "Guard", "GuardResult", "PrecisionRejected",
-           "REMEDIES", "output_deviation", "require_ap", "require_passing", "validation_guard"]
+__all__ = ["DEFAULT_MAX_AP_DROP", "DEFAULT_MAX_MIOU_DROP", "DEFAULT_RTOL", "DETECTOR_REMEDIES", "Guard", "GuardResult",
+           "PrecisionRejected", "REMEDIES", "SEGMENTER_REMEDIES", "output_deviation", "require_ap", "require_miou",
+           "require_passing", "validation_guard"]
 
 #: Most COCO AP points (of 100) an INT8 detector may lose against float32.
 DEFAULT_MAX_AP_DROP = 1.0
+#: Most mean-IoU points (of 100) an INT8 segmenter may lose against float32.
+DEFAULT_MAX_MIOU_DROP = 1.0
 
 #: Largest relative L2 deviation from the eager float32 output on the example, per precision (``None``: INT8
 #: is judged on validation images only).
@@ -46,6 +50,10 @@ REMEDIES = ("train a quantization-friendly model (qarepvgg_*, whose blocks keep 
 DETECTOR_REMEDIES = ("train it on a quantization-friendly backbone (repvgg det-train --backbone qarepvgg_*), calibrate "
                      "differently (--calibration entropy or percentile, or other --calib-images), or accept a larger "
                      "loss (--max-ap-drop)")
+#: The same for a segmenter.
+SEGMENTER_REMEDIES = ("train it on a quantization-friendly backbone (repvgg seg-train --backbone qarepvgg_*), "
+                      "calibrate differently (--calibration entropy or percentile, or other --calib-images), or accept "
+                      "a larger loss (--max-miou-drop)")
 
 
 class PrecisionRejected(RunFailed):
@@ -172,9 +180,26 @@ def require_ap(fp32_ap: float, reduced_ap: float, max_drop: float, what: str,
     Raises:
         PrecisionRejected: naming ``what``, both APs and the remedies.
     """
-    drop = 100 * (fp32_ap - reduced_ap)
+    _require_score("COCO AP", 100 * fp32_ap, 100 * reduced_ap, max_drop, what, consequence, "detector",
+                   DETECTOR_REMEDIES)
+
+
+def require_miou(fp32_miou: float, reduced_miou: float, max_drop: float, what: str,
+                 consequence: str = "Nothing was written.") -> None:
+    """Refuse a reduced-precision segmenter whose mean IoU (in percent) is more than ``max_drop`` points below
+    float32's, or not a number.
+
+    Raises:
+        PrecisionRejected: naming ``what``, both mIoUs and the remedies.
+    """
+    _require_score("mean IoU", fp32_miou, reduced_miou, max_drop, what, consequence, "segmenter", SEGMENTER_REMEDIES)
+
+
+def _require_score(metric: str, fp32: float, reduced: float, max_drop: float, what: str, consequence: str,
+                   model: str, remedies: str) -> None:
+    drop = fp32 - reduced
     if drop <= max_drop:  # NaN fails too
         return
-    raise PrecisionRejected(f"{what} fails the accuracy guard: COCO AP {100 * reduced_ap:.2f} against float32's "
-                            f"{100 * fp32_ap:.2f}, {drop:.2f} points lost (at most {max_drop:g} allowed). "
-                            f"{consequence} To get an accurate INT8 detector, {DETECTOR_REMEDIES}")
+    raise PrecisionRejected(f"{what} fails the accuracy guard: {metric} {reduced:.2f} against float32's {fp32:.2f}, "
+                            f"{drop:.2f} points lost (at most {max_drop:g} allowed). {consequence} To get an accurate "
+                            f"INT8 {model}, {remedies}")

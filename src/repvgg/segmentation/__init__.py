@@ -14,6 +14,8 @@ loading needs numpy and Pillow, the ResNet baselines torchvision (all installed 
 ``evaluate``       scores and speed of a trained segmenter and its converted copy; tables
 ``weights``        ``save_segmenter`` / ``load_segmenter``: files that rebuild the segmenter alone
 ``plots``          ``predictions.png`` (input | ground truth | prediction) and ``curves.png``
+``export``         the ONNX graph (normalisation, network, argmax) of any height and width, checked in two runtimes
+``predict``        ``SegmentationPredictor``: masks of new images, for ``repvgg predict``
 =================  ============================================================================
 """
 

@@ -30,6 +30,7 @@ __all__ = [
     "iou_table",
     "speed_table",
     "evaluate_segmenter_file",
+    "validation_data",
 ]
 
 
@@ -112,7 +113,9 @@ def speed_table(rows: Sequence[Mapping[str, Any]], batch_shape: Sequence[int] | 
     )
 
 
-def _validation_data(meta: Mapping[str, Any], config: SegmenterConfig, data: str | None, val_size: int | None):
+def validation_data(meta: Mapping[str, Any], config: SegmenterConfig, data: str | None,
+                    val_size: int | None) -> Any:
+    """The data bundle a segmenter file was trained on (``data`` in its place, ``val_size`` over the recorded one)."""
     from repvgg.segmentation.data import build_segmentation_data
     from repvgg.segmentation.synthetic import SyntheticConfig
 
@@ -157,7 +160,7 @@ def evaluate_segmenter_file(
     check_workers(workers)
     model, meta = load_segmenter(weights)
     config = model.config
-    bundle = _validation_data(meta, config, data, val_size)
+    bundle = validation_data(meta, config, data, val_size)
     if bundle.num_classes != config.num_classes:
         raise ValueError(f"{weights} predicts {config.num_classes} classes but the data has {bundle.num_classes}; "
                          "evaluate it on the data it was trained for")

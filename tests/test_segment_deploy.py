@@ -1,0 +1,135 @@
+"""A trained segmenter used everywhere: predict (masks at each image's size, a palette PNG, --json fractions,
+--draw), export (ONNX Runtime and OpenVINO give PyTorch's masks, pixel for pixel), quantize (held to the mIoU guard,
+refused with exit 1 over it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from repvgg.cli import main
+from repvgg.segmentation.config import SegTrainConfig
+from repvgg.segmentation.export import AveragePoolBins, TIE_TOLERANCE, mask_mismatch, onnx_segmenter
+from repvgg.segmentation.predict import SegmentationPredictor
+from repvgg.dense.scenes import SyntheticConfig, scene
+from repvgg.segmentation.train import train_segmenter
+
+
+@pytest.fixture(scope="module")
+def trained_segmenter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A QARepVGG segmenter trained for a few seconds on small generated scenes: it finds some of the shapes (mIoU
+    about 33, where background everywhere scores about 19), so a mask that moves is seen."""
+    out = tmp_path_factory.mktemp("seg") / "run"
+    summary = train_segmenter(SegTrainConfig(backbone="qarepvgg_tiny", synthetic_train=128, synthetic_val=8,
+                                             synthetic_size=32, batch_size=8, head_channels=16, aux_channels=8,
+                                             epochs=8, device="cpu", baseline="none", output=str(out)))
+    assert summary["val_miou"] > 25, summary["val_miou"]
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Generated scenes of the training size saved as PNGs, one of them cropped to a non-square size."""
+    folder = tmp_path_factory.mktemp("images")
+    config = SyntheticConfig(image_size=32, num_val=3, seed=9)
+    paths = []
+    for index in range(3):
+        pixels = np.rint(scene(config, "val", index).image * 255).astype(np.uint8)
+        if index == 2:
+            pixels = pixels[:24, :30]
+        Image.fromarray(pixels).save(folder / f"scene{index}.png")
+        paths.append(folder / f"scene{index}.png")
+    return paths
+
+
+@pytest.mark.parametrize("bins", [1, 2, 3, 6])
+@pytest.mark.parametrize("size", [(7, 5), (13, 9), (32, 32)])
+def test_average_pool_bins_equal_adaptive_pooling(bins: int, size: tuple[int, int]) -> None:
+    x = torch.randn(2, 3, *size)
+    assert torch.allclose(AveragePoolBins(bins)(x), nn.AdaptiveAvgPool2d(bins)(x), atol=1e-6)
+
+
+def test_a_tie_excuses_a_different_pixel_and_nothing_else() -> None:
+    logits = torch.tensor([[[1.0, 2.0]], [[1.0 + TIE_TOLERANCE / 2, 0.0]]])  # pixel 0 tied, pixel 1 clear
+    assert mask_mismatch(logits, torch.tensor([[0, 0]])) == (0, 1)
+    assert mask_mismatch(logits, torch.tensor([[1, 1]])) == (1, 0)
+    assert mask_mismatch(logits, logits.argmax(0)) == (0, 0)
+
+
+def test_predict_writes_each_mask_at_its_image_size(trained_segmenter: tuple[Path, dict], images: list[Path],
+                                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run, _ = trained_segmenter
+    args = ["predict", str(run), *map(str, images), "--masks", str(tmp_path / "masks"), "--draw",
+            str(tmp_path / "drawn"), "--json"]
+    assert main(args) == 0
+    document = json.loads(capsys.readouterr().out)
+    predictor = SegmentationPredictor(run)
+    assert document["task"] == "segmentation" and document["runtime"] == "pytorch"
+    found = set()
+    for row, path in zip(document["predictions"], images):
+        written = Image.open(row["mask"])
+        image = Image.open(path).convert("RGB")
+        assert written.mode == "P" and written.size == image.size and Path(row["mask"]).stem == path.stem
+        mask = torch.from_numpy(np.asarray(written).copy())
+        assert torch.equal(mask, predictor.segment(image))
+        fractions = {c["class"]: c["fraction"] for c in row["classes"]}
+        assert abs(sum(fractions.values()) - 1) < 1e-5
+        found |= set(fractions)
+        counts = torch.bincount(mask.flatten().long(), minlength=len(predictor.classes))
+        assert fractions == {predictor.classes[i]: round(float(counts[i]) / mask.numel(), 6)
+                             for i in range(len(counts)) if counts[i]}
+        assert Image.open(tmp_path / "drawn" / f"{path.stem}.png").size == image.size
+    assert len(found) >= 2  # background and a shape: the masks have something to get wrong
+    assert main(args) == 2  # the masks exist: not replaced without --overwrite
+
+
+def test_export_gives_pytorchs_masks_in_both_runtimes(trained_segmenter: tuple[Path, dict], images: list[Path],
+                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run, _ = trained_segmenter
+    assert main(["export", str(run / "deploy.safetensors"), str(tmp_path / "seg.onnx"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images_checked"] > 0 and report["pixels_checked"] > 0
+    reference = SegmentationPredictor(run)
+    for runtime in ("onnxruntime", "openvino"):
+        exported = SegmentationPredictor(tmp_path / "seg.onnx", runtime=runtime)
+        assert exported.classes == reference.classes
+        for path in images:
+            image = Image.open(path).convert("RGB")
+            expected, got = reference.segment(image), exported.segment(image)
+            assert expected.shape == got.shape
+            assert (expected != got).sum() <= report["pixels_at_ties"], (runtime, path)
+    direct = onnx_segmenter(tmp_path / "seg.onnx")(torch.rand(3, 21, 35))
+    assert direct.shape == (21, 35)
+
+
+def test_quantize_holds_the_segmenter_to_its_miou_guard(trained_segmenter: tuple[Path, dict], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import repvgg.quant.segmenter as quant_segmenter
+
+    run, _ = trained_segmenter
+    out = tmp_path / "seg-int8.onnx"
+    assert main(["quantize", str(run / "deploy.safetensors"), str(out), "--calib-images", "16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["miou_drop"] <= 1.0 and report["quantized_convs"] > 0
+    assert set(report["miou_int8_by_runtime"]) == {"onnxruntime", "openvino"}
+    assert all(report["miou_fp32"] - m <= 1.0 for m in report["miou_int8_by_runtime"].values())
+    assert SegmentationPredictor(out).segment(torch.zeros(3, 24, 24, dtype=torch.uint8)).shape == (24, 24)
+
+    original = quant_segmenter.mean_iou
+    calls: list[int] = []
+
+    def worse_int8(run_one, dataset, classes):  # the float32 file scores first, then each INT8 runtime
+        calls.append(1)
+        return original(run_one, dataset, classes) - (5.0 if len(calls) > 1 else 0.0)
+
+    monkeypatch.setattr(quant_segmenter, "mean_iou", worse_int8)
+    refused = tmp_path / "refused.onnx"
+    assert main(["quantize", str(run / "deploy.safetensors"), str(refused), "--calib-images", "16"]) == 1
+    assert "mean IoU" in capsys.readouterr().err and not refused.exists()
