@@ -340,6 +340,70 @@ def test_predict_runs_a_detector_file_on_the_fastest_runtime_that_detects_as_pyt
         DetectionPredictor(run, runtime="openvino", samples=images)
 
 
+def test_serve_answers_the_boxes_predict_gives(trained_qa_detector: tuple[Path, dict], tmp_path: Path) -> None:
+    """repvgg serve on the trained detector: /predict answers the boxes predict --json gives, with the class names;
+    the v2 infer answers them as tensors; uploads of different sizes batched together each get their own; bad input
+    gets a 4xx and the next good request a 200."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    httpx = pytest.importorskip("httpx")
+    import base64
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import server_thread
+    from repvgg.detection.predict import DetectionPredictor
+    from repvgg.serve.app import create_app
+    from repvgg.serve.config import ServeConfig
+
+    run, _ = trained_qa_detector
+    paths = []
+    for index, size in enumerate((64, 64, 80)):
+        pixels = np.rint(scene(SyntheticConfig(image_size=size), "val", index).image * 255).astype(np.uint8)
+        Image.fromarray(pixels[:, : size - 8 * index]).save(tmp_path / f"s{index}.png")
+        paths.append(tmp_path / f"s{index}.png")
+    predictor = DetectionPredictor(run, runtime="pytorch")
+    expected = {p.name: predictor.describe(p.name, predictor.detect(Image.open(p).convert("RGB"))).as_dict()
+                for p in paths}
+    assert sum(len(e["detections"]) for e in expected.values()) > 0
+    config = ServeConfig(max_batch=4, max_queue=8, max_wait_ms=200, runtime="eager")
+    with server_thread(create_app(run, config), config) as (url, _), \
+            httpx.Client(base_url=url, timeout=30) as client:
+        name = "yolo-qaefficientrep_t"
+        assert client.get(f"/v2/models/{name}").json()["parameters"]["task"] == "detection"
+
+        def upload(path: Path) -> dict:
+            answer = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/png")})
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        with ThreadPoolExecutor(len(paths)) as pool:
+            answers = list(pool.map(upload, paths))
+        for path, answer in zip(paths, answers):
+            assert answer["detections"] == expected[path.name]["detections"]
+            assert answer["classes"] == predictor.classes
+            body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                "data": [base64.b64encode(path.read_bytes()).decode()]}]}
+            outputs = {o["name"]: o for o in client.post(f"/v2/models/{name}/infer", json=body).json()["outputs"]}
+            boxes = torch.tensor(outputs["boxes"]["data"]).view(*outputs["boxes"]["shape"])
+            assert [predictor.classes[i] for i in outputs["labels"]["data"]] == [
+                d["class"] for d in expected[path.name]["detections"]]
+            for box, detection in zip(boxes.tolist(), expected[path.name]["detections"]):
+                assert max(abs(a - b) for a, b in zip(box, detection["box"])) <= 1e-3
+        bad = [client.post("/predict", files={"file": ("x.png", b"not an image", "image/png")}),
+               client.post("/predict", files={"file": ("thin.png", _png((400, 3)), "image/png")}),
+               client.post(f"/v2/models/{name}/infer", json={"inputs": [{"name": "image", "datatype": "FP32",
+                                                                         "shape": [1], "data": [1.0]}]})]
+        assert [r.status_code for r in bad] == [400] * 3, [r.text for r in bad]
+        assert upload(paths[0])["detections"] == expected[paths[0].name]["detections"]
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    Image.new("RGB", size).save(out, format="PNG")
+    return out.getvalue()
+
+
 def test_quantize_writes_an_int8_detector_judged_by_its_ap(trained_qa_detector: tuple[Path, dict], tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """quantize of a QARepVGG detector: the backbone and neck in INT8 (QDQ), the head in float, and its AP on the

@@ -133,3 +133,61 @@ def test_quantize_holds_the_segmenter_to_its_miou_guard(trained_segmenter: tuple
     refused = tmp_path / "refused.onnx"
     assert main(["quantize", str(run / "deploy.safetensors"), str(refused), "--calib-images", "16"]) == 1
     assert "mean IoU" in capsys.readouterr().err and not refused.exists()
+
+
+def test_serve_answers_the_masks_predict_writes(trained_segmenter: tuple[Path, dict], images: list[Path]) -> None:
+    """repvgg serve on the segmenter: /predict's mask is the PNG predict --masks writes, byte for byte; the v2 infer's
+    mask tensor is the same mask; concurrent uploads of different sizes, batched together, each get their own; bad
+    input gets a 4xx and the next good request a 200."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    httpx = pytest.importorskip("httpx")
+    import base64
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import server_thread
+    from repvgg.segmentation.predict import mask_png
+    from repvgg.serve.app import create_app
+    from repvgg.serve.config import ServeConfig
+
+    run, _ = trained_segmenter
+    predictor = SegmentationPredictor(run)
+    expected = {p.name: predictor.segment(Image.open(p).convert("RGB")) for p in images}
+    config = ServeConfig(max_batch=4, max_queue=8, max_wait_ms=200, runtime="eager")
+    with server_thread(create_app(run, config), config) as (url, _), \
+            httpx.Client(base_url=url, timeout=30) as client:
+        meta = client.get("/v2/models/pspnet-qarepvgg_tiny").json()
+        assert meta["parameters"]["task"] == "segmentation" and meta["outputs"][0]["name"] == "mask"
+
+        def upload(path: Path) -> dict:
+            answer = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/png")})
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        with ThreadPoolExecutor(len(images)) as pool:  # one batch of three images of two sizes
+            answers = list(pool.map(upload, images))
+        for path, answer in zip(images, answers):
+            mask = expected[path.name]
+            assert base64.b64decode(answer["mask_png"]) == mask_png(mask, len(predictor.classes))
+            assert {c["class"]: c["fraction"] for c in answer["classes"]} == predictor.fractions(mask)
+            body = {"id": path.name, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                                 "data": [base64.b64encode(path.read_bytes()).decode()]}]}
+            infer = client.post("/v2/models/pspnet-qarepvgg_tiny/infer", json=body).json()
+            (output,) = infer["outputs"]
+            assert infer["id"] == path.name and output["shape"] == list(mask.shape)
+            assert torch.equal(torch.tensor(output["data"], dtype=torch.uint8).view(*mask.shape), mask)
+        batches = re.findall(r'^repvgg_batch_images_sum (\S+)$', client.get("/metrics").text, re.M)
+        counts = re.findall(r'^repvgg_batch_images_count (\S+)$', client.get("/metrics").text, re.M)
+        assert float(counts[0]) < float(batches[0])  # some forward pass ran more than one image
+        bad = [client.post("/predict", files={"file": ("empty.png", b"", "image/png")}),
+               client.post("/predict", files={"file": ("x.png", b"not an image", "image/png")}),
+               client.post("/v2/models/pspnet-qarepvgg_tiny/infer", json={"inputs": [
+                   {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}]}),
+               client.post("/v2/models/pspnet-qarepvgg_tiny/infer", json={"inputs": [
+                   {"name": "image", "datatype": "BYTES", "shape": [2], "data": ["aGk=", "aGk="]}]}),
+               client.post("/v2/models/pspnet-qarepvgg_tiny/infer", json={"outputs": [{"name": "boxes"}], "inputs": [
+                   {"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}]})]
+        assert [r.status_code for r in bad] == [400, 400, 413, 400, 400], [r.text for r in bad]
+        assert "encoded images" in bad[2].json()["error"]
+        assert all("error" in r.json() for r in bad)
+        assert upload(images[0])["mask_png"] == answers[0]["mask_png"]

@@ -144,15 +144,9 @@ def test_predict_and_infer_answer_what_repvgg_predict_says(served: dict[str, Pat
         assert probabilities.argmax(1).tolist() == [want["indices"][0] for want in expected[:4]]
 
 
-def test_a_detector_or_a_missing_file_is_refused_before_anything_runs(tmp_path: Path) -> None:
-    from repvgg.detection import create_detector
-    from repvgg.detection.weights import save_detector
+def test_a_missing_file_is_refused_before_anything_runs(tmp_path: Path) -> None:
     from repvgg.serve import create_app
 
-    detector = tmp_path / "detector.safetensors"
-    save_detector(create_detector("repvgg_tiny", 3, image_size=64, fpn_channels=64, head_convs=1), detector)
-    with pytest.raises(ValueError, match="is a detector; repvgg serve serves classifiers"):
-        create_app(detector)
     with pytest.raises(FileNotFoundError, match="not found"):
         create_app(tmp_path / "missing.safetensors")
 

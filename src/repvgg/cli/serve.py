@@ -11,7 +11,8 @@ from repvgg.serve.config import ServeConfig
 def add_parser(sub: argparse._SubParsersAction) -> None:
     config_command(
         sub, "serve", ServeConfig, run,
-        help="serve a classifier over HTTP: Open Inference Protocol (KServe v2), /predict, /metrics and a page at /",
+        help="serve a classifier, detector or segmenter over HTTP: Open Inference Protocol (KServe v2), /predict, "
+             "/metrics and a page at /",
         description=(
             "ARTIFACT is anything `repvgg predict` takes (a run folder, a checkpoint or deploy file, hf-hub:ORG/REPO, "
             "an ONNX file). The server listens on --host:--port (127.0.0.1 by default: only this machine) and is "

@@ -154,9 +154,14 @@ class DetectionPredictor:
             found = self.detect(image)
             if on_image is not None:
                 on_image(path, image, found)
-            yield ImageDetections(path, [self.classes[int(c)] for c in found["labels"]],
-                                  [round(float(s), 6) for s in found["scores"]],
-                                  [[round(float(v), 3) for v in box] for box in found["boxes"]])
+            yield self.describe(path, found)
+
+    def describe(self, source: str, found: dict[str, Tensor]) -> ImageDetections:
+        """``found`` (from [`detect`][repvgg.detection.predict.DetectionPredictor.detect]) as ``predict`` reports it:
+        class names, scores to 6 decimals, boxes to 3."""
+        return ImageDetections(source, [self.classes[int(c)] for c in found["labels"]],
+                               [round(float(s), 6) for s in found["scores"]],
+                               [[round(float(v), 3) for v in box] for box in found["boxes"]])
 
 
 def _runner(path: Path, model: Any, meta: dict[str, Any], runtime: str, device: str, measure: bool,

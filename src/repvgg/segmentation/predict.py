@@ -19,7 +19,8 @@ from repvgg.io.card import check_class_names, read_class_names
 from repvgg.io.formats import identify_file
 from repvgg.training.images import load_rgb
 
-__all__ = ["ImageSegmentation", "SegmentationPredictor", "save_mask", "save_overlay", "segmentation_artifact"]
+__all__ = ["ImageSegmentation", "SegmentationPredictor", "mask_png", "save_mask", "save_overlay",
+           "segmentation_artifact"]
 
 #: ``on_image(path, image, mask)``: what a caller does with each readable image (e.g. write its mask).
 ImageHook = Callable[[str, Any, Tensor], None]
@@ -152,19 +153,28 @@ def _class_names(meta: dict[str, Any], classes: Sequence[str] | str | os.PathLik
     return names
 
 
-def save_mask(mask: Tensor, num_classes: int, path: Path) -> None:
-    """``mask`` as a palette PNG (pixel values are the class indices; the palette is the run figures' colours),
-    written atomically."""
+def mask_png(mask: Tensor, num_classes: int) -> bytes:
+    """``mask`` as a palette PNG's bytes: pixel values are the class indices, the palette the run figures' colours."""
+    import io
+
     from PIL import Image
 
     from repvgg.segmentation.plots import class_colours
-    from repvgg.serialization import atomic_write
 
     picture = Image.fromarray(mask.numpy().astype("uint8"), mode="P")
     palette = class_colours(max(num_classes, 1)).flatten().tolist()
     picture.putpalette(palette + [0] * (768 - len(palette)))
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return out.getvalue()
+
+
+def save_mask(mask: Tensor, num_classes: int, path: Path) -> None:
+    """``mask`` as a palette PNG ([`mask_png`][repvgg.segmentation.predict.mask_png]), written atomically."""
+    from repvgg.serialization import atomic_write
+
     with atomic_write(path) as staged:
-        picture.save(staged, format="PNG")
+        staged.write_bytes(mask_png(mask, num_classes))
 
 
 def save_overlay(image: Any, mask: Tensor, num_classes: int, path: Path) -> None:

@@ -63,8 +63,6 @@ def create_app(artifact: str | os.PathLike[str], config: ServeConfig | None = No
     from repvgg.io.card import read_class_names
     from repvgg.predict.predictor import locate_artifact
 
-    from repvgg.detection.predict import detection_artifact
-
     cfg = dataclasses.replace(config or ServeConfig(), **options)
     kind, source = locate_artifact(artifact)
     if cfg.classes is not None:
@@ -72,9 +70,6 @@ def create_app(artifact: str | os.PathLike[str], config: ServeConfig | None = No
     if cfg.name is None and kind == "onnx" and not good_model_name(Path(source).stem):
         raise ValueError(f"the model would be served as {Path(source).stem!r} (the file's name), which cannot be part "
                          "of a URL: pass --name with letters, digits, '_', '-' and '.'")
-    if detection_artifact(artifact) is not None:
-        raise ValueError(f"{artifact} is a detector; repvgg serve serves classifiers. Predict its boxes with "
-                         "`repvgg predict`, or export it and serve the ONNX file with Triton or OpenVINO Model Server")
     state = ModelState(artifact, cfg, on_failure)
     metrics = ServerMetrics()
     metrics.track_queue(lambda: state.batcher.queued if state.batcher is not None else 0)
@@ -111,7 +106,8 @@ async def _load(state: ModelState, metrics: ServerMetrics) -> None:
             state.on_failure(state.error)
         return
     cfg = state.config
-    batcher = Batcher(state.predictor.logits, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1000,
+    run = state.predictor.logits if state.task == "classification" else state.predictor.run
+    batcher = Batcher(run, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1000,
                       max_queue=cfg.max_queue, on_batch=metrics.observe_batch)
     batcher.start()
     state.batcher = batcher

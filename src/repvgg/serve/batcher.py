@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,14 +37,15 @@ class Stopping(RuntimeError):
 
 @dataclass
 class _Pending:
-    images: Tensor
+    images: Tensor | list  # a prepared batch, or a list of images of any sizes (dense tasks)
     arrived: float
     future: asyncio.Future = field(repr=False)
 
 
 class Batcher:
-    """Runs ``run`` (a prepared ``(N, C, H, W)`` batch -> ``(N, ...)`` outputs) on batches gathered from
-    concurrent [`submit`][repvgg.serve.batcher.Batcher.submit] calls.
+    """Runs ``run`` (a prepared ``(N, C, H, W)`` batch -> ``(N, ...)`` outputs; or, for models that take images of
+    any size, a list of N images -> N outputs) on batches gathered from concurrent
+    [`submit`][repvgg.serve.batcher.Batcher.submit] calls.
 
     Args:
         run: the model, called on one worker thread, a batch at a time.
@@ -53,7 +55,7 @@ class Batcher:
         on_batch: called with each batch's image count and seconds (metrics).
     """
 
-    def __init__(self, run: Callable[[Tensor], Tensor], *, max_batch: int, max_wait_s: float, max_queue: int,
+    def __init__(self, run: Callable[[Any], Any], *, max_batch: int, max_wait_s: float, max_queue: int,
                  on_batch: Callable[[int, float], None] | None = None) -> None:
         self.run, self.max_batch, self.max_wait_s, self.max_queue = run, max_batch, max_wait_s, max_queue
         self.on_batch = on_batch
@@ -119,9 +121,10 @@ class Batcher:
         self.decoding += count
         return Admission(self, count)
 
-    async def submit(self, images: Tensor, admission: Admission | None = None) -> Tensor:
-        """The outputs for ``images`` (``(N, C, H, W)``, N at most ``max_batch``), run with whatever else waits;
-        ``admission``, if given, holds their places in the queue (see [`admit`][repvgg.serve.batcher.Batcher.admit]).
+    async def submit(self, images: Tensor | list, admission: Admission | None = None) -> Any:
+        """The outputs for ``images`` (``(N, C, H, W)`` or a list of N, N at most ``max_batch``), run with whatever
+        else waits; ``admission``, if given, holds their places in the queue (see
+        [`admit`][repvgg.serve.batcher.Batcher.admit]).
 
         Raises:
             QueueFull: more than ``max_queue`` images would be waiting.
@@ -192,7 +195,9 @@ class Batcher:
     async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         started = loop.time()
         try:
-            images = torch.cat([p.images for p in batch]) if len(batch) > 1 else batch[0].images
+            parts: list = [p.images for p in batch]
+            images = parts[0] if len(parts) == 1 else (
+                torch.cat(parts) if isinstance(parts[0], Tensor) else [image for part in parts for image in part])
             outputs = await loop.run_in_executor(self._executor, self.run, images)
             if len(outputs) != len(images):
                 raise RuntimeError(f"the model gave {len(outputs)} outputs for {len(images)} images")

@@ -26,6 +26,8 @@ class ServeConfig(RunConfig):
                             low=1, high=100_000)
     max_body_mb: float = option(16.0, "largest request body in MB; a larger one gets 413", low=0.001, high=1024)
     topk: int = option(5, "classes /predict answers per image", low=1, high=1000)
+    score_threshold: float | None = option(None, "detectors: boxes scoring below this are left out",
+                                           default_help="0.3, as repvgg predict", low=0, high=1)
     runtime: str = option("auto", "auto: the fastest runtime that reproduces the model (ONNX Runtime for an ONNX "
                                   "file)", choices=RUNTIMES)
     dtype: str = option("float32", "precision of a model file; bfloat16, int8 and auto (the fastest the guard "

@@ -1,5 +1,6 @@
 """The Open Inference Protocol's (KServe v2) inference request and response, JSON and the binary tensor data
-extension, for one image classifier.
+extension, for one image classifier (and, in [`parse_encoded`][repvgg.serve.protocol.parse_encoded], for models that
+take encoded images only: detectors and segmenters).
 
 A request gives one input: ``input``, FP32 ``[N, C, S, S]`` images already prepared as the model's preprocessing
 says, or ``image``, BYTES ``[N]`` encoded images (PNG, JPEG, ...; base64 strings in JSON, raw in the binary extension,
@@ -24,7 +25,8 @@ from torch import Tensor
 
 from repvgg.limits import LimitExceeded, brief, parse_json
 
-__all__ = ["BadRequest", "InferRequest", "encode_response", "parse_infer", "INPUT", "IMAGE", "OUTPUT", "PROBABILITIES"]
+__all__ = ["BadRequest", "EncodedRequest", "InferRequest", "encode_response", "parse_encoded", "parse_infer", "INPUT",
+           "IMAGE", "OUTPUT", "PROBABILITIES"]
 
 INPUT, IMAGE, OUTPUT, PROBABILITIES = "input", "image", "output", "probabilities"
 #: The largest magnitude a prepared image's value may have (normalised pixels lie within a few units of 0).
@@ -99,6 +101,56 @@ def parse_infer(body: bytes, header_length: str | None, *, image_shape: tuple[in
                         _outputs(document.get("outputs"), wants_binary))
 
 
+@dataclass
+class EncodedRequest:
+    """A parsed request of a model that takes encoded images only (a detector, a segmenter)."""
+
+    id: str | None
+    encoded: list[bytes]
+    outputs: list[str]
+
+
+def parse_encoded(body: bytes, header_length: str | None, *, max_bytes: int,
+                  outputs: tuple[str, ...]) -> EncodedRequest:
+    """The request in ``body`` to a model whose one input is ``image`` (BYTES ``[N]`` encoded images) and whose
+    outputs are ``outputs`` (all of them when the request names none), answered in JSON.
+
+    Raises:
+        BadRequest: naming the field at fault.
+    """
+    json_part, binary = _split(body, header_length)
+    document = _parse_document(json_part, max_bytes, max_values=0)
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict) \
+            or inputs[0].get("name") != IMAGE:
+        raise BadRequest("inputs", f"give exactly one input, {IMAGE!r} (BYTES encoded images); this model takes no "
+                                   "prepared tensors")
+    shape = inputs[0].get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise BadRequest("inputs[0].shape", f"a list of integers, got {json.dumps(shape)[:80]}")
+    encoded = _encoded(shape, inputs[0].get("datatype"), _data(inputs[0], binary), 1024)
+    request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("id", f"a string (echoed in the response), got {brief(request_id, 40)}")
+    if _flag(_parameters(document, "parameters"), "binary_data_output", False, "parameters.binary_data_output"):
+        raise BadRequest("parameters.binary_data_output", "this model answers in JSON only")
+    wanted = document.get("outputs")
+    if wanted is None:
+        return EncodedRequest(request_id, encoded, list(outputs))
+    if not isinstance(wanted, list) or not wanted:
+        raise BadRequest("outputs", f"a list of outputs, e.g. [{{\"name\": \"{outputs[0]}\"}}]")
+    names = []
+    for i, spec in enumerate(wanted):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if name not in outputs:
+            raise BadRequest(f"outputs[{i}].name", f"{json.dumps(name)[:80]}: this model's outputs are "
+                                                   f"{', '.join(map(repr, outputs))}")
+        if _parameters(spec, f"outputs[{i}].parameters"):
+            raise BadRequest(f"outputs[{i}].parameters", "this model's outputs take no parameters")
+        names.append(name)
+    return EncodedRequest(request_id, encoded, names)
+
+
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
@@ -112,12 +164,14 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 
 def _parse_document(text: bytes, max_bytes: int, *, max_values: int) -> dict[str, Any]:
     """The request's JSON object. The values it may hold are bounded before it is parsed (by its separators): a
-    request holds at most ``max_values`` numbers, a batch of prepared images, and a few fields."""
+    request holds at most ``max_values`` numbers, a batch of prepared images (none for a model that takes encoded
+    images only), and a few fields."""
     if not text.strip():
         raise BadRequest("body", "empty; send an inference request (JSON)")
     if text.count(b",") > max_values + _MAX_OTHER_VALUES:
-        raise LimitExceeded(f"body: the request holds more than {max_values + _MAX_OTHER_VALUES:,} values; a batch of "
-                            f"prepared images holds {max_values:,} (--max-batch images of the model's input)")
+        holds = (f"a batch of prepared images holds {max_values:,} (--max-batch images of the model's input)"
+                 if max_values else "this model takes encoded images (a few strings), not tensors of numbers")
+        raise LimitExceeded(f"body: the request holds more than {max_values + _MAX_OTHER_VALUES:,} values; {holds}")
     try:
         document = parse_json(text, "the request", max_bytes=max_bytes)
     except ValueError as err:

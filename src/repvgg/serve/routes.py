@@ -42,6 +42,8 @@ def add_routes(app: Any, state: Any, metrics: ServerMetrics) -> None:
     def openapi() -> dict[str, Any]:
         if not state.ready:
             return app.openapi()
+        if state.task != "classification":
+            return app.openapi()
         return for_model(app.openapi(), state.name, state.predictor.preprocessing.img_size, cfg.max_batch)
 
     @app.get("/v2")
@@ -76,10 +78,13 @@ def add_routes(app: Any, state: Any, metrics: ServerMetrics) -> None:
     async def predict(file: UploadFile = File(..., description="the image (PNG, JPEG, ...)",
                                                    json_schema_extra={"minLength": 1}),
                       topk: int = Query(cfg.topk, ge=1, le=1000)) -> dict[str, Any]:
-        """The uploaded image's top-k classes by name, as ``repvgg predict`` gives them."""
+        """The uploaded image's top-k classes by name, as ``repvgg predict`` gives them; a detector's boxes, a
+        segmenter's classes with their share of the pixels and its mask (a base64 PNG)."""
         predictor = state.model(state.name)
         source = file.filename or "upload"
         logits = await state.decode_and_run([(await file.read(), f"the uploaded image {source!r}")])
+        if state.task != "classification":
+            return predictor.answer(source, logits[0])
         classes, indices, probabilities = predictor.rank(logits, topk, what=source)[0]
         return {"source": source, "classes": list(classes), "indices": list(indices),
                 "probabilities": list(probabilities), "error": None}

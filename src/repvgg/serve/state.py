@@ -52,12 +52,25 @@ class ModelState:
     def ready(self) -> bool:
         return self.batcher is not None and self.batcher.running
 
+    @property
+    def task(self) -> str:
+        """``classification``, ``detection`` or ``segmentation`` (once loaded)."""
+        return getattr(self.predictor, "task", "classification")
+
     def load(self) -> None:
         """Build the predictor and warm it (in a worker thread: the server answers liveness meanwhile)."""
         from repvgg.predict.inputs import expand_inputs
         from repvgg.predict.predictor import Predictor
+        from repvgg.serve.dense import DenseModel, dense_task
 
         cfg = self.config
+        task = dense_task(self.artifact)
+        if task is not None:
+            dense = DenseModel(self.artifact, task, cfg)
+            self.predictor, self.name = dense, cfg.name or dense.name
+            log.info("serving %s (%s) as %r on %s: %s", dense.predictor.artifact, task, self.name, dense.backend,
+                     dense.reason)
+            return
         validation = expand_inputs([cfg.validation]) if cfg.validation else None
         predictor = Predictor(self.artifact, runtime=cfg.runtime, dtype=cfg.dtype, device=cfg.device,
                               batch_size=cfg.max_batch, classes=cfg.classes, calibration=validation,
@@ -77,13 +90,14 @@ class ModelState:
             raise UnknownModel(f"no model named {name!r} here; this server serves {self.name!r}")
         return self.predictor
 
-    async def decode(self, data: bytes, what: str) -> Tensor:
-        """An encoded image prepared as the model's preprocessing says, decoded in the pool."""
+    async def decode(self, data: bytes, what: str) -> Any:
+        """An encoded image prepared as the model's preprocessing says (a dense model's: read as a file is), decoded
+        in the pool."""
         if not data:
             raise BadImage(f"{what} is empty")
+        prepare = self.predictor.decode if self.task != "classification" else self.predictor.prepare_encoded
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.decoder, self.predictor.prepare_encoded,
-                                                                    data, what)
+            return await asyncio.get_running_loop().run_in_executor(self.decoder, prepare, data, what)
         except LimitExceeded:
             raise
         except ValueError as err:
@@ -93,7 +107,7 @@ class ModelState:
         assert self.batcher is not None
         return await self.batcher.submit(images)
 
-    async def decode_and_run(self, encoded: list[tuple[bytes, str]]) -> Tensor:
+    async def decode_and_run(self, encoded: list[tuple[bytes, str]]) -> Any:
         """The model's outputs for encoded images (each with what to call it in a message). Their places in the queue
         are held from before decoding starts, so decoding is bounded by ``max_queue`` as waiting is.
 
@@ -107,7 +121,8 @@ class ModelState:
             for result in decoded:
                 if isinstance(result, BaseException):
                     raise result
-            return await self.batcher.submit(torch.stack(decoded), admission)  # type: ignore[arg-type]
+            batch: Any = torch.stack(decoded) if self.task == "classification" else list(decoded)  # type: ignore
+            return await self.batcher.submit(batch, admission)
 
 
 def page_html() -> str:
@@ -116,8 +131,11 @@ def page_html() -> str:
 
 
 def model_metadata(state: ModelState) -> dict[str, Any]:
-    """The Open Inference Protocol's model metadata, with the class names, preprocessing, runtime and precision."""
+    """The Open Inference Protocol's model metadata, with the task, class names, preprocessing, runtime and
+    precision."""
     predictor, cfg = state.predictor, state.config
+    if state.task != "classification":
+        return predictor.metadata(state.name)
     size = predictor.preprocessing.img_size
     classes = list(predictor.classes)
     return {"name": state.name, "versions": ["1"], "platform": f"repvgg/{predictor.backend}",
@@ -127,12 +145,16 @@ def model_metadata(state: ModelState) -> dict[str, Any]:
                         {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(classes)]}],
             "parameters": {"classes": classes, "preprocessing": predictor.preprocessing.to_dict(),
                            "runtime": predictor.backend, "precision": predictor.dtype, "max_batch": cfg.max_batch,
-                           "topk": cfg.topk}}
+                           "topk": cfg.topk, "task": "classification"}}
 
 
 async def infer(state: ModelState, name: str, body: bytes, header_length: str | None) -> tuple[bytes, int | None]:
     """An inference request's response body (and its JSON length when binary data follows)."""
     predictor = state.model(name)
+    if state.task != "classification":
+        data, request_id, wanted = await asyncio.to_thread(predictor.parse, body, header_length)
+        found = await state.decode_and_run([(data, "inputs[0].data[0]")])
+        return predictor.encode(state.name or name, request_id, wanted, found[0]), None
     cfg = state.config
     size = predictor.preprocessing.img_size
     # parsed in a worker thread: a large body takes the event loop (liveness, other requests) no time

@@ -1,0 +1,133 @@
+"""Serving a detector or a segmenter: models that take images of any size and answer boxes or a mask. The server
+runs the predictors of ``repvgg predict`` ([`DetectionPredictor`][repvgg.detection.predict.DetectionPredictor],
+[`SegmentationPredictor`][repvgg.segmentation.predict.SegmentationPredictor]), so every answer is what ``predict``
+gives for the same image: ``/predict`` answers the boxes of ``predict --json`` (class, score, box) or the classes
+present with their share of the pixels and the mask as a base64 PNG, the same bytes ``predict --masks`` writes. The
+Open Inference Protocol's infer takes one encoded image (BYTES) a request and answers tensors: ``boxes`` (FP32
+``[N, 4]``), ``scores`` (FP32 ``[N]``) and ``labels`` (INT64 ``[N]``), or ``mask`` (UINT8 ``[H, W]``)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from repvgg.serve.config import ServeConfig
+from repvgg.serve.protocol import IMAGE, BadRequest, parse_encoded
+
+__all__ = ["DENSE_OUTPUTS", "DenseModel", "dense_task"]
+
+#: Each dense task's infer outputs: name -> (datatype, shape with -1 for sizes known per image).
+DENSE_OUTPUTS = {"detection": {"boxes": ("FP32", [-1, 4]), "scores": ("FP32", [-1]), "labels": ("INT64", [-1])},
+                 "segmentation": {"mask": ("UINT8", [-1, -1])}}
+
+
+def dense_task(artifact: str | os.PathLike[str]) -> str | None:
+    """``"detection"`` or ``"segmentation"`` for a detector's or segmenter's artifact, else ``None`` (told by
+    content)."""
+    from repvgg.detection.predict import detection_artifact
+    from repvgg.segmentation.predict import segmentation_artifact
+
+    if detection_artifact(artifact) is not None:
+        return "detection"
+    if segmentation_artifact(artifact) is not None:
+        return "segmentation"
+    return None
+
+
+class DenseModel:
+    """A detector's or segmenter's predictor as the server uses it: ``decode`` an upload, ``run`` a list of images
+    (the batcher's call), and the answers."""
+
+    def __init__(self, artifact: str | os.PathLike[str], task: str, config: ServeConfig) -> None:
+        runtime = "pytorch" if config.runtime in ("eager", "channels_last") else config.runtime
+        if task == "detection":
+            from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD, DetectionPredictor
+
+            threshold = DEFAULT_SCORE_THRESHOLD if config.score_threshold is None else config.score_threshold
+            self.predictor: Any = DetectionPredictor(artifact, runtime=runtime, score_threshold=threshold,
+                                                     classes=config.classes, device=config.device)
+        else:
+            from repvgg.segmentation.predict import SegmentationPredictor
+
+            self.predictor = SegmentationPredictor(artifact, runtime=runtime, classes=config.classes,
+                                                   device=config.device)
+        self.task, self.config = task, config
+        self.classes = list(self.predictor.classes)
+        self.backend = self.predictor.backend
+        self.reason = getattr(self.predictor, "reason", "asked for")
+        config_ = self.predictor.config
+        self.name = f"{config_.kind}-{config_.backbone}" if task == "detection" else f"pspnet-{config_.backbone}"
+
+    def decode(self, data: bytes, what: str) -> Any:
+        """An uploaded image, read as ``predict`` reads a file (the pixel limit, 16-bit grey, a detector's size)."""
+        from repvgg.detection.predict import check_detector_image
+        from repvgg.training.images import load_rgb
+
+        image = load_rgb(data, what=what)
+        if self.task == "detection":
+            check_detector_image(image.width, image.height, self.predictor.config.image_size, what)
+        return image
+
+    def run(self, images: list[Any]) -> list[Any]:
+        """Each image's detections or mask (one at a time: the images differ in size)."""
+        if self.task == "detection":
+            return [self.predictor.detect(image) for image in images]
+        return [self.predictor.segment(image) for image in images]
+
+    def answer(self, source: str, result: Any) -> dict[str, Any]:
+        """``/predict``'s answer for one image: what ``predict --json`` reports, with the class names; a
+        segmenter's mask as a base64 palette PNG."""
+        if self.task == "detection":
+            return {**self.predictor.describe(source, result).as_dict(), "classes": self.classes}
+        from repvgg.segmentation.predict import mask_png
+
+        png = mask_png(result, len(self.classes))
+        shares = [{"class": name, "fraction": share} for name, share in self.predictor.fractions(result).items()]
+        return {"source": source, "error": None, "classes": shares, "names": self.classes,
+                "mask_png": base64.b64encode(png).decode("ascii"), "height": int(result.shape[0]),
+                "width": int(result.shape[1])}
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        """The Open Inference Protocol's model metadata: one encoded image in, the task's tensors out."""
+        outputs = [{"name": n, "datatype": d, "shape": s} for n, (d, s) in DENSE_OUTPUTS[self.task].items()]
+        parameters: dict[str, Any] = {"task": self.task, "classes": self.classes, "runtime": self.backend,
+                                      "max_batch": self.config.max_batch}
+        if self.task == "detection":
+            parameters["score_threshold"] = self.predictor.score_threshold
+        return {"name": name, "versions": ["1"], "platform": f"repvgg/{self.backend}",
+                "inputs": [{"name": IMAGE, "datatype": "BYTES", "shape": [1]}], "outputs": outputs,
+                "parameters": parameters}
+
+    def encode(self, model: str, request_id: str | None, wanted: list[str], result: Any) -> bytes:
+        """The infer response (JSON) of one image's ``result``: the ``wanted`` outputs as tensors."""
+        tensors: dict[str, Tensor] = ({"boxes": result["boxes"].float(), "scores": result["scores"].float(),
+                                       "labels": result["labels"].long()} if self.task == "detection"
+                                      else {"mask": result.to(torch.uint8)})
+        outputs = []
+        for output in wanted:
+            values = tensors[output]
+            outputs.append({"name": output, "datatype": DENSE_OUTPUTS[self.task][output][0],
+                            "shape": list(values.shape), "data": values.flatten().tolist()})
+        document: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": outputs,
+                                    "parameters": {"task": self.task}}
+        if request_id is not None:
+            document["id"] = request_id
+        return json.dumps(document).encode()
+
+    def parse(self, body: bytes, header_length: str | None) -> tuple[bytes, str | None, list[str]]:
+        """An infer request's one encoded image, its id and the outputs it asks for (all by default).
+
+        Raises:
+            BadRequest: naming the field at fault.
+        """
+        request = parse_encoded(body, header_length, max_bytes=self.config.max_body_bytes,
+                                outputs=tuple(DENSE_OUTPUTS[self.task]))
+        if len(request.encoded) != 1:
+            raise BadRequest("inputs[0].shape", f"a {self.task} model answers one image a request ([1]), got "
+                                                f"{len(request.encoded)}")
+        return request.encoded[0], request.id, request.outputs
