@@ -49,15 +49,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dense_config(args: argparse.Namespace, why: str) -> ExportConfig:
+    """The export options of a detector or segmenter, refusing the classifier's (``why`` says what the graph takes)."""
+    cfg = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
+    refuse_flags((("--fp16", cfg.fp16), ("--dynamic-hw", cfg.dynamic_hw), ("--img-size", cfg.img_size),
+                  ("--num-classes", cfg.num_classes)), f"to classifiers; {why}")
+    return cfg
+
+
 def _export_detector(args: argparse.Namespace) -> int:
     """A det-train file: the whole detector (resize, normalisation, decoding, NMS) in one graph."""
     from repvgg.detection.export import export_detector
 
-    cfg = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
-    refuse_flags((("--fp16", cfg.fp16), ("--dynamic-hw", cfg.dynamic_hw), ("--img-size", cfg.img_size),
-                  ("--num-classes", cfg.num_classes)),
-                 "to classifiers; a detector's graph takes one float32 image of any size and resizes it as the "
-                 "detector was trained (its image_size)")
+    cfg = _dense_config(args, "a detector's graph takes one float32 image of any size and resizes it as the detector "
+                              "was trained (its image_size)")
     report = export_detector(args.model, args.output, opset=cfg.opset or 18, overwrite=cfg.overwrite)
     text = "converted the training-time detector to its plain form before export\n" if report.converted else ""
     text += (f"wrote {report.path}: one image (3, height, width) in [0, 1] -> boxes, scores, labels (NMS in the "
@@ -73,10 +78,7 @@ def _export_segmenter(args: argparse.Namespace) -> int:
     """A seg-train file: normalisation, network and per-pixel argmax in one graph of any height and width."""
     from repvgg.segmentation.export import export_segmenter
 
-    cfg = ExportConfig.from_dict(config_flag_values(args, ExportConfig))
-    refuse_flags((("--fp16", cfg.fp16), ("--dynamic-hw", cfg.dynamic_hw), ("--img-size", cfg.img_size),
-                  ("--num-classes", cfg.num_classes)),
-                 "to classifiers; a segmenter's graph takes one float32 image of any height and width")
+    cfg = _dense_config(args, "a segmenter's graph takes one float32 image of any height and width")
     report = export_segmenter(args.model, args.output, opset=cfg.opset or 18, overwrite=cfg.overwrite)
     text = "converted the training-time segmenter to its plain form before export\n" if report.converted else ""
     text += (f"wrote {report.path}: one image (3, height, width) in [0, 1] -> mask (height, width) of class indices, "

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from repvgg.cli.flags import add_guard_flags, add_overwrite_flag, bounded_float, bounded_int, refuse_flags
 from repvgg.limits import MAX_WORKERS
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 "preprocessing": predictor.preprocessing.to_dict(), "notes": list(predictor.card.notes),
                 "images": len(rows) - len(skipped), "skipped": len(skipped), "seconds": seconds,
                 "images_per_s": (len(rows) - len(skipped)) / max(seconds, 1e-9), "predictions": rows}
-    table = _table(document)
+    table = _classes_table(document)
     if args.csv:
         table = _write_csv(args, rows, min(args.topk, len(predictor.classes))) or table
     emit(args, document, table)
@@ -134,19 +134,13 @@ def _csv_out(args: argparse.Namespace, header: list[str], rows: list[list[Any]])
     return None
 
 
-def _table(document: dict[str, Any]) -> str:
-    lines = []
-    for row in document["predictions"]:
-        source = printable(row["source"])
-        if row["error"]:
-            lines.append(f"{source}\tskipped: {printable(row['error'])}")
-        else:
-            lines.append(source + "\t" + "  ".join(f"{printable(c)} {p:.3f}" for c, p in zip(row["classes"],
-                                                                                         row["probabilities"])))
+def _classes_table(document: dict[str, Any]) -> str:
+    """A classifier's printed table (each image's classes and probabilities), and the run's speed in the log."""
     logging.getLogger(__name__).info(
         "%d images (%d skipped) on %s (%s) in %.2f s: %.0f images/s", document["images"], document["skipped"],
         document["runtime"], document["dtype"], document["seconds"], document["images_per_s"])
-    return "\n".join(lines)
+    return _table(document["predictions"], lambda row: "  ".join(
+        f"{printable(c)} {p:.3f}" for c, p in zip(row["classes"], row["probabilities"])))
 
 
 def _write_csv(args: argparse.Namespace, rows: list[dict[str, Any]], k: int) -> str | None:
@@ -193,16 +187,9 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
         printed = _csv_out(args, ["path", "class", "score", "x1", "y1", "x2", "y2", "error"],
                            [[r["source"], d["class"], d["score"], *d["box"], ""] for r in rows for d in r["detections"]]
                            + [[r["source"], "", "", "", "", "", "", r["error"]] for r in rows if r["error"]])
-    lines = []
-    for row in rows:
-        source = printable(row["source"])
-        if row["error"]:
-            lines.append(f"{source}\tskipped: {printable(row['error'])}")
-            continue
-        boxes = "  ".join(f"{printable(d['class'])} {d['score']:.3f} [{' '.join(f'{v:.1f}' for v in d['box'])}]"
-                          for d in row["detections"])
-        lines.append(f"{source}\t{boxes or 'no detection'}")
-    emit(args, document, printed or "\n".join(lines))
+    emit(args, document, printed or _table(rows, lambda row: "  ".join(
+        f"{printable(d['class'])} {d['score']:.3f} [{' '.join(f'{v:.1f}' for v in d['box'])}]"
+        for d in row["detections"]) or "no detection"))
     return 0
 
 
@@ -249,13 +236,16 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
         found = [[r["source"], c["class"], c["fraction"], r["mask"] or "", ""] for r in rows for c in r["classes"]]
         printed = _csv_out(args, ["path", "class", "fraction", "mask", "error"],
                            found + [[r["source"], "", "", "", r["error"]] for r in rows if r["error"]])
+    emit(args, document, printed or _table(rows, lambda row: "  ".join(
+        f"{printable(c['class'])} {100 * c['fraction']:.1f}%" for c in row["classes"])))
+    return 0
+
+
+def _table(rows: list[dict[str, Any]], describe: Callable[[dict[str, Any]], str]) -> str:
+    """The printed table of a dense model's rows: one line an image, its path, then ``describe(row)`` or why it was
+    skipped."""
     lines = []
     for row in rows:
-        source = printable(row["source"])
-        if row["error"]:
-            lines.append(f"{source}\tskipped: {printable(row['error'])}")
-            continue
-        shares = "  ".join(f"{printable(c['class'])} {100 * c['fraction']:.1f}%" for c in row["classes"])
-        lines.append(f"{source}\t{shares}")
-    emit(args, document, printed or "\n".join(lines))
-    return 0
+        what = f"skipped: {printable(row['error'])}" if row["error"] else describe(row)
+        lines.append(f"{printable(row['source'])}\t{what}")
+    return "\n".join(lines)

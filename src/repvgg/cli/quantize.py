@@ -53,10 +53,8 @@ def _quantize_detector(args: argparse.Namespace, config: QuantizeConfig, given: 
     """A det-train file: backbone and pyramid in INT8, the head in float, judged by COCO AP."""
     from repvgg.quant.detector import quantize_detector
 
-    refuse_flags(((f"--{name.replace('_', '-')}", given.get(name)) for name in CLASSIFIER_ONLY),
-                 "to classifiers; a detector is quantized by calibration at the image size it was trained at, judged "
-                 "by COCO AP (--max-ap-drop) and not timed (train a qarepvgg_* backbone for an INT8-friendly "
-                 "detector)")
+    _refuse_classifier_flags(given, "a detector is quantized by calibration at the image size it was trained at, "
+                                    "judged by COCO AP (--max-ap-drop)")
     report = quantize_detector(args.weights, args.output, data=config.data, calib_images=given.get("calib_images"),
                                calibration=config.calibration, max_ap_drop=config.max_ap_drop,
                                overwrite=config.overwrite)
@@ -68,11 +66,16 @@ def _quantize_segmenter(args: argparse.Namespace, config: QuantizeConfig, given:
     """A seg-train file: every conv but the class logits in INT8, judged by mean IoU."""
     from repvgg.quant.segmenter import quantize_segmenter
 
-    refuse_flags(((f"--{name.replace('_', '-')}", given.get(name)) for name in CLASSIFIER_ONLY),
-                 "to classifiers; a segmenter is quantized by calibration on training crops, judged by mean IoU "
-                 "(--max-miou-drop) and not timed (train a qarepvgg_* backbone for an INT8-friendly segmenter)")
+    _refuse_classifier_flags(given, "a segmenter is quantized by calibration on training crops, judged by mean IoU "
+                                    "(--max-miou-drop)")
     report = quantize_segmenter(args.weights, args.output, data=config.data, calib_images=given.get("calib_images"),
                                 calibration=config.calibration, max_miou_drop=config.max_miou_drop,
                                 overwrite=config.overwrite)
     emit(args, report.as_dict())
     return 0
+
+
+def _refuse_classifier_flags(given: dict[str, Any], how: str) -> None:
+    """Refuse the classifier's flags for a dense model, saying ``how`` it is quantized instead."""
+    refuse_flags(((f"--{name.replace('_', '-')}", given.get(name)) for name in CLASSIFIER_ONLY),
+                 f"to classifiers; {how} and not timed (train a qarepvgg_* backbone for an INT8-friendly model)")

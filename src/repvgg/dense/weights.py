@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from repvgg.io.weights import declared_task, read_safetensors, safetensors_metad
 from repvgg.limits import parse_json
 from repvgg.nn.convert import is_converted
 
-__all__ = ["DENSE_KINDS", "dense_kind", "load_dense_state", "read_dense_model", "save_dense_model"]
+__all__ = ["DENSE_KINDS", "dense_artifact", "dense_kind", "load_dense_state", "read_dense_model", "save_dense_model"]
 
 #: The dense models' files, by the kind their metadata name.
 DENSE_KINDS = ("segmenter", "detector")
@@ -40,6 +40,21 @@ def dense_kind(path: str | os.PathLike[str]) -> str | None:
     if kind == "torch":
         return declared_task(safe_load(path, what="a checkpoint"))
     return None
+
+
+def dense_artifact(artifact: str | os.PathLike[str], kind: str,
+                   onnx_metadata: Callable[[Path], Any]) -> Path | None:
+    """The ``kind`` file ``artifact`` names (a run folder gives its ``deploy.safetensors``), or ``None`` when it is not
+    one: a file of that kind, or an ONNX file ``onnx_metadata`` (the kind's checked metadata, ``None`` for another
+    task's file) takes as exported from one; told by content."""
+    path = Path(artifact)
+    if path.is_dir():
+        path = path / "deploy.safetensors"
+    if not path.is_file():
+        return None
+    if require_kind(path, ("safetensors", "torch", "onnx", "image"), "a model file") == "onnx":
+        return path if onnx_metadata(path) is not None else None
+    return path if dense_kind(path) == kind else None
 
 
 def save_dense_model(model: nn.Module, path: str | os.PathLike[str], *, kind: str, config: Any,

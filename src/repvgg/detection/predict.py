@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from repvgg.dense.weights import dense_kind
+from repvgg.dense.weights import dense_artifact
 from repvgg.detection.detector import DetectorConfig
 from repvgg.detection.export import onnx_detector_metadata
 from repvgg.detection.weights import load_detector
@@ -35,14 +35,7 @@ SAMPLE_IMAGES = 4
 def detection_artifact(artifact: str | os.PathLike[str]) -> Path | None:
     """The detector file ``artifact`` names (a run folder gives its ``deploy.safetensors``), or ``None`` when it is
     not a detector: a ``det-train`` file or an ONNX file exported from one, told by content."""
-    path = Path(artifact)
-    if path.is_dir():
-        path = path / "deploy.safetensors"
-    if not path.is_file():
-        return None
-    if identify_file(path) == "onnx":
-        return path if onnx_detector_metadata(path) is not None else None
-    return path if dense_kind(path) == "detector" else None
+    return dense_artifact(artifact, "detector", onnx_detector_metadata)
 
 
 def check_detector_image(width: int, height: int, image_size: int, what: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from repvgg.dense.weights import dense_kind
+from repvgg.dense.weights import dense_artifact
 from repvgg.io.card import check_class_names, read_class_names
 from repvgg.io.formats import identify_file
 from repvgg.training.images import load_rgb
@@ -33,14 +33,7 @@ def segmentation_artifact(artifact: str | os.PathLike[str]) -> Path | None:
     not a segmenter: a ``seg-train`` file or an ONNX file exported from one, told by content."""
     from repvgg.segmentation.export import onnx_segmenter_metadata
 
-    path = Path(artifact)
-    if path.is_dir():
-        path = path / "deploy.safetensors"
-    if not path.is_file():
-        return None
-    if identify_file(path) == "onnx":
-        return path if onnx_segmenter_metadata(path) is not None else None
-    return path if dense_kind(path) == "segmenter" else None
+    return dense_artifact(artifact, "segmenter", onnx_segmenter_metadata)
 
 
 @dataclass
