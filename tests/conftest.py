@@ -191,6 +191,32 @@ def server_thread(app: object, config: object, *, ready_timeout_s: float = 120) 
         sock.close()
 
 
+@contextlib.contextmanager
+def headless_chromium(profile: Path, *, page_load_timeout_s: float = 30) -> Iterator[object]:
+    """Debian's Chromium driven by its ChromeDriver, headless, with its profile in ``profile``; quit on every way out.
+    Skips the test where selenium, chromium or chromedriver is missing (``.ci/run`` installs the two)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra)")
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=Service(driver_path))
+    try:
+        browser.set_page_load_timeout(page_load_timeout_s)
+        yield browser
+    finally:
+        browser.quit()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The process ends next: freeze what is left out of the garbage collector, whose final collection over every
     object the tests' PyTorch created would take seconds (the same as `repvgg.cli.run_and_exit`)."""

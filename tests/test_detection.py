@@ -396,6 +396,40 @@ def test_serve_answers_the_boxes_predict_gives(trained_qa_detector: tuple[Path, 
         assert upload(paths[0])["detections"] == expected[paths[0].name]["detections"]
 
 
+def test_the_page_draws_the_served_boxes(trained_qa_detector: tuple[Path, dict], tmp_path: Path) -> None:
+    """The page at / in headless Chromium: as many boxes as the API gives, drawn in yellow over the image."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from conftest import headless_chromium, server_thread
+    from repvgg.detection.predict import DetectionPredictor
+    from repvgg.serve.app import create_app
+    from repvgg.serve.config import ServeConfig
+
+    run, _ = trained_qa_detector
+    pixels = np.rint(scene(SyntheticConfig(image_size=64), "val", 0).image * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "scene.png")
+    predictor = DetectionPredictor(run, runtime="pytorch")
+    found = predictor.detect(Image.open(tmp_path / "scene.png").convert("RGB"))
+    assert len(found["labels"]) > 0
+    config = ServeConfig(runtime="eager", max_wait_ms=0)
+    with server_thread(create_app(run, config), config) as (url, _), \
+            headless_chromium(tmp_path / "profile") as browser:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").get_attribute("data-task"))
+        browser.find_element(By.ID, "file").send_keys(str(tmp_path / "scene.png"))
+        count = WebDriverWait(browser, 30).until(
+            lambda b: b.find_element(By.ID, "results").get_attribute("data-detections"))
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "preview").get_attribute("data-drawn"))
+        x1, y1, _, y2 = (int(round(v)) for v in found["boxes"][0].tolist())
+        edge = browser.execute_script(f"return Array.from(document.getElementById('preview').getContext('2d')"
+                                      f".getImageData({max(x1, 0)}, {max(y1, 0)}, 1, {max(y2 - y1, 1)}).data);")
+    assert int(count) == len(found["labels"])
+    column = np.asarray(edge).reshape(-1, 4)[:, :3]
+    assert ((column[:, 0] > 200) & (column[:, 1] > 200) & (column[:, 2] < 60)).mean() > 0.5  # the left edge, yellow
+
+
 def _png(size: tuple[int, int]) -> bytes:
     import io
 

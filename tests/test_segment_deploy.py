@@ -191,3 +191,41 @@ def test_serve_answers_the_masks_predict_writes(trained_segmenter: tuple[Path, d
         assert "encoded images" in bad[2].json()["error"]
         assert all("error" in r.json() for r in bad)
         assert upload(images[0])["mask_png"] == answers[0]["mask_png"]
+
+
+def test_the_page_lays_the_served_mask_over_the_image(trained_segmenter: tuple[Path, dict], images: list[Path],
+                                                      tmp_path: Path) -> None:
+    """The page at / in headless Chromium: the classes the API gives, and the image with the mask's colours laid over
+    it at half opacity, as predict --draw draws it."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from conftest import headless_chromium, server_thread
+    from repvgg.segmentation.plots import colorize
+    from repvgg.serve.app import create_app
+    from repvgg.serve.config import ServeConfig
+
+    run, _ = trained_segmenter
+    predictor = SegmentationPredictor(run)
+    image = Image.open(images[2]).convert("RGB")
+    mask = predictor.segment(image)
+    expected = 0.5 * np.asarray(image, dtype=np.float32) + 0.5 * colorize(mask, len(predictor.classes))
+    config = ServeConfig(runtime="eager", max_wait_ms=0)
+    with server_thread(create_app(run, config), config) as (url, _), \
+            headless_chromium(tmp_path / "profile") as browser:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").get_attribute("data-task"))
+        assert browser.find_element(By.ID, "model").get_attribute("data-task") == "segmentation"
+        browser.find_element(By.ID, "file").send_keys(str(images[2]))
+        shown = WebDriverWait(browser, 30).until(
+            lambda b: b.find_element(By.ID, "results").get_attribute("data-classes"))
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "preview").get_attribute("data-drawn"))
+        pixels = browser.execute_script("const c = document.getElementById('preview'); "
+                                        "return [c.width, c.height, Array.from(c.getContext('2d')"
+                                        ".getImageData(0, 0, c.width, c.height).data)];")
+    assert shown.split(",") == list(predictor.fractions(mask))
+    width, height, data = pixels
+    drawn = np.asarray(data, dtype=np.float32).reshape(height, width, 4)[..., :3]
+    assert (width, height) == image.size
+    assert np.abs(drawn - expected).max() <= 3  # the browser's own rounding of the blend

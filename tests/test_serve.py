@@ -10,7 +10,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import struct
 import sys
@@ -304,26 +303,15 @@ def test_concurrent_requests_are_answered_in_batches(server, served: dict[str, P
 
 
 def test_the_page_shows_the_top1_the_api_gives(server, served: dict[str, Path], tmp_path: Path) -> None:
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra)")
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from conftest import headless_chromium
+
     _, url, _ = server
     image = sorted(served["images"].iterdir())[5]
     expected = _post_image(url, image.read_bytes()).json()["classes"][0]
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    with headless_chromium(tmp_path / "profile", page_load_timeout_s=REQUEST_TIMEOUT_S) as browser:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
 
-    browser = webdriver.Chrome(options=options, service=Service(driver_path))
-    try:
-        browser.set_page_load_timeout(REQUEST_TIMEOUT_S)
         browser.get(url + "/")
         WebDriverWait(browser, REQUEST_TIMEOUT_S).until(
             lambda b: b.find_element(By.ID, "model").text == "qarepvgg_tiny")
@@ -331,8 +319,6 @@ def test_the_page_shows_the_top1_the_api_gives(server, served: dict[str, Path], 
         shown = WebDriverWait(browser, REQUEST_TIMEOUT_S).until(
             lambda b: b.find_element(By.ID, "results").get_attribute("data-top1"))
         rows = browser.find_elements(By.CSS_SELECTOR, "#results tbody tr")
-    finally:
-        browser.quit()
     assert shown == expected and len(rows) == 5
 
 
