@@ -277,3 +277,62 @@ def test_a_stop_while_the_model_loads_ends_the_process_at_once(monkeypatch: pyte
         release.set()
         loading.join()
     assert server_module.serve(app, ServeConfig(port=0), failures=[]) == (130 if forced else 0)  # no load: returns
+
+
+def test_each_connection_sends_its_writes_at_once() -> None:
+    """TCP_NODELAY on every accepted connection. A listening socket made the usual way (protocol 0, as
+    ``socket.create_server`` and the server's own make it) gives accepted sockets on which asyncio leaves Nagle's
+    algorithm on; an answer's body then waited for the client to acknowledge its headers (up to 40 ms a request)."""
+    from repvgg.serve.server import _no_delay
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    try:
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # what asyncio leaves
+
+        class Transport:
+            def get_extra_info(self, name: str) -> Any:
+                return accepted if name == "socket" else None
+
+        _no_delay(Transport())  # type: ignore[arg-type]
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        for sock in (client, accepted, listener):
+            sock.close()
+
+
+def test_keep_alive_requests_are_not_held_by_delayed_acks(live: dict[str, Any]) -> None:
+    """Requests on one kept connection against requests each on a new connection, interleaved, over plain sockets:
+    with Nagle's algorithm on, every answer on the kept connection waited for a delayed acknowledgement (43 ms
+    against about 1 ms on a new connection, which the kernel acknowledges at once)."""
+    address = ("127.0.0.1", live["port"])
+    request = b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    def answer(sock: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(4096)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200")
+
+    kept, fresh = [], []
+    with socket.create_connection(address, timeout=REQUEST_TIMEOUT_S) as connection:
+        connection.sendall(request)
+        answer(connection)
+        for _ in range(9):
+            started = time.perf_counter()
+            connection.sendall(request)
+            answer(connection)
+            kept.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            with socket.create_connection(address, timeout=REQUEST_TIMEOUT_S) as new:
+                new.sendall(request)
+                answer(new)
+            fresh.append(time.perf_counter() - started)
+    # a kept connection saves the handshake: it must not cost more than a new one (it cost 40 times as much)
+    assert sorted(kept)[4] <= 3 * sorted(fresh)[4], (kept, fresh)
