@@ -1,6 +1,6 @@
 """HTTP load on `repvgg serve`, beside the in-process Predictor on the same artifact and images.
 
-    .venv/bin/python benchmarks/serve_load.py        # about 2 minutes on 2 cores
+    .venv/bin/python benchmarks/serve_load.py        # about 4 minutes on 2 cores
 
 The artifact is RepVGG-A0 (converted, random weights, 1000 classes) at 224 x 224 unless --artifact names one. The
 images are 64 generated 256 x 256 JPEG files. First the in-process `Predictor` (the same runtime choice, batch
@@ -9,7 +9,10 @@ images are 64 generated 256 x 256 JPEG files. First the in-process `Predictor` (
 bounded in requests (--requests) and seconds (--seconds), after a warm-up. Reported per level: throughput, p50, p95
 and p99 latency, answers by status; and the server's RSS (VmRSS) when ready, after the warm-up (the first batches'
 one-time allocations) and after the whole run. The server is stopped
-with SIGTERM and must exit 0. Writes benchmarks/results/serve_load.{md,json}.
+with SIGTERM and must exit 0. Beside them: a lone request's p50 against the in-process `Predictor(batch_size=1)`'s
+latency per file (decoding included), and, on 32 x 32 PNGs at concurrency 16, `repvgg serve` on a RepVGG-tiny at 32
+px against a bare FastAPI + uvicorn endpoint that reads the upload and answers a constant, the same client in the
+same run. Writes benchmarks/results/serve_load.{md,json}.
 """
 
 from __future__ import annotations
@@ -74,6 +77,109 @@ def _in_process(artifact: Path, paths: list[Path], batch: int, runtime: str, rou
         rates.append(len(paths) / (time.perf_counter() - started))
     return {"images_per_s": float(np.median(rates)), "rounds": rates, "runtime": predictor.backend,
             "dtype": predictor.dtype}
+
+
+def _lone_in_process(artifact: Path, paths: list[Path], runtime: str) -> dict:
+    """The in-process `Predictor(batch_size=1)`'s latency per file (decoding included): what a lone request is
+    measured against."""
+    from repvgg.predict.predictor import Predictor
+
+    predictor = Predictor(artifact, batch_size=1, runtime=runtime)
+    predictor.predict(paths[:4])  # warm-up
+    latencies = []
+    for path in paths * 2:
+        started = time.perf_counter()
+        predictor.predict([path])
+        latencies.append(time.perf_counter() - started)
+    return {"p50_ms": 1000 * float(np.median(latencies)), "runtime": predictor.backend}
+
+
+def _small_artifact(folder: Path) -> Path:
+    """A converted RepVGG-tiny at 32 x 32 (10 classes, random weights): the digits run's size."""
+    import json
+
+    import repvgg
+
+    model = repvgg.reparameterize_model(repvgg.create_model("repvgg_tiny", num_classes=10)).eval()
+    extra = {"preprocessing": json.dumps({"img_size": 32})}
+    return repvgg.save_weights(model, folder / "repvgg_tiny_32.safetensors", extra=extra)
+
+
+def _small_images(count: int) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    payloads = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(buffer, "PNG")
+        payloads.append(buffer.getvalue())
+    return payloads
+
+
+#: The bare endpoint the small-image row is measured against: FastAPI and uvicorn reading the upload, answering a
+#: constant.
+_BARE = """
+import sys
+import uvicorn
+from fastapi import FastAPI, File, UploadFile
+app = FastAPI()
+@app.post("/predict")
+async def predict(file: UploadFile = File(...)) -> dict:
+    await file.read()
+    return {"classes": ["0"], "probabilities": [1.0]}
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+
+
+def _bare_server(logs: Path) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", _BARE, str(port)], stdout=subprocess.DEVNULL,
+                            stderr=open(logs, "w"), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            httpx.get(url + "/docs")
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise SystemExit(f"the bare endpoint did not start:\n{logs.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _small_rows(folder: Path, args: argparse.Namespace) -> dict:
+    """`repvgg serve` on 32 x 32 PNGs against the bare endpoint, the same client (concurrency 16) in this run."""
+    payloads = _small_images(64)
+    small = {}
+    for name in ("bare FastAPI + uvicorn", "repvgg serve"):
+        if name == "repvgg serve":
+            proc, url = _start_server(_small_artifact(folder), args, folder / "small.log")
+        else:
+            proc, url = _bare_server(folder / "bare.log")
+        try:
+            asyncio.run(_load(url, payloads, 16, 256, 30))  # warm-up
+            small[name] = asyncio.run(_load(url, payloads, 16, args.requests * 4, args.seconds))
+        finally:
+            _stop(proc)
+    small["ratio"] = small["repvgg serve"]["images_per_s"] / small["bare FastAPI + uvicorn"]["images_per_s"]
+    return small
 
 
 def _rss_kib(pid: int) -> int:
@@ -157,6 +263,7 @@ def main() -> int:
         payloads = [p.read_bytes() for p in paths]
         log.info("in-process Predictor on %d files", len(paths))
         reference = _in_process(artifact, paths, args.max_batch, args.runtime, rounds=3)
+        lone = _lone_in_process(artifact, paths, args.runtime)
         proc, url = _start_server(artifact, args, folder / "server.log")
         try:
             rss_ready = _rss_kib(proc.pid)
@@ -172,12 +279,9 @@ def main() -> int:
                          level["p99_ms"], level["statuses"])
                 levels.append(level)
             rss_after = _rss_kib(proc.pid)
-            proc.send_signal(signal.SIGTERM)
-            exit_status = proc.wait(timeout=120)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            exit_status = _stop(proc)
+        small = _small_rows(folder, args)
     rss_growth = (rss_after - rss_before) / rss_before
     rows = [[lv["concurrency"], lv["requests"], f"{lv['images_per_s']:.1f}", f"{100 * lv['vs_predictor']:.0f}%",
              f"{lv['p50_ms']:.0f}", f"{lv['p95_ms']:.0f}", f"{lv['p99_ms']:.0f}",
@@ -193,8 +297,21 @@ def main() -> int:
              f"{exit_status}.")
     table = markdown_table(["concurrency", "requests", "images/s", "of in-process", "p50 ms", "p95 ms", "p99 ms",
                             "answers"], rows)
+    single = next((lv for lv in levels if lv["concurrency"] == 1), None)
+    extra = []
+    if single is not None:
+        extra.append(f"A lone request (concurrency 1): p50 {single['p50_ms']:.1f} ms against the in-process "
+                     f"Predictor(batch_size=1)'s {lone['p50_ms']:.1f} ms per file ({lone['runtime']}): "
+                     f"{single['p50_ms'] / lone['p50_ms']:.2f}x.")
+    extra.append(markdown_table(["32 x 32 PNGs, concurrency 16", "requests", "requests/s", "p50 ms", "p99 ms"], [
+        [name, small[name]["requests"], f"{small[name]['images_per_s']:.1f}", f"{small[name]['p50_ms']:.1f}",
+         f"{small[name]['p99_ms']:.1f}"] for name in ("bare FastAPI + uvicorn", "repvgg serve")]))
+    extra.append(f"`repvgg serve` (RepVGG-tiny at 32 x 32) delivers {small['ratio']:.2f} of the bare endpoint's "
+                 "requests/s (FastAPI and uvicorn reading the upload and answering a constant), to the same client.")
+    table = table + "\n\n" + "\n\n".join(extra)
     write_text(args.out / "serve_load.md", f"{title}\n\n{table}\n")
     write_json(args.out / "serve_load.json", {"title": title, "predictor": reference, "levels": levels,
+                                               "lone_in_process": lone, "small_images": small,
                                                "rss_kib": {"ready": rss_ready, "before": rss_before,
                                                            "after": rss_after},
                                                "sigterm_exit_status": exit_status, "args": {
