@@ -250,7 +250,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=384, help="most requests per concurrency level")
     parser.add_argument("--seconds", type=float, default=30.0, help="most seconds per concurrency level")
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0, help="the server's (its default)")
     parser.add_argument("--runtime", default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

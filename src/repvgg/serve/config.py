@@ -20,7 +20,7 @@ class ServeConfig(RunConfig):
                               default_help="the model's architecture name")
     max_batch: int = option(8, "most images one forward pass runs: concurrent requests are batched up to it", low=1,
                             high=1024)
-    max_wait_ms: float = option(5.0, "longest the first request of a batch waits for others to join it", low=0,
+    max_wait_ms: float = option(2.0, "longest the first request of a batch waits for others to join it", low=0,
                                 high=10_000)
     max_queue: int = option(64, "most images waiting for the model; a request beyond it gets 503 with Retry-After",
                             low=1, high=100_000)
