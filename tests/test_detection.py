@@ -431,6 +431,22 @@ def test_the_page_draws_the_served_boxes(trained_qa_detector: tuple[Path, dict],
     assert ((column[:, 0] > 200) & (column[:, 1] > 200) & (column[:, 2] < 60)).mean() > 0.5  # the left edge, yellow
 
 
+def test_a_model_repository_of_the_detector_names_its_nms_outputs(trained_qa_detector: tuple[Path, dict],
+                                                                  tmp_path: Path) -> None:
+    """export --format triton of a detector: its graph with NMS, checked as export checks it, and a config.pbtxt
+    naming boxes, scores and labels with their types (no batching: the graph takes one image)."""
+    from repvgg.cli import main
+
+    run, _ = trained_qa_detector
+    assert main(["export", str(run / "deploy.safetensors"), str(tmp_path / "models"), "--format", "triton"]) == 0
+    folder = tmp_path / "models" / "yolo-qaefficientrep_t"
+    text = (folder / "config.pbtxt").read_text()
+    for output, kind in (("boxes", "TYPE_FP32"), ("scores", "TYPE_FP32"), ("labels", "TYPE_INT64")):
+        assert f'name: "{output}"\n    data_type: {kind}' in text
+    assert "max_batch_size: 0" in text and (folder / "1" / "model.onnx").is_file()
+    assert (folder / "labels.txt").read_text().splitlines() == ["circle", "square", "triangle", "cross"]
+
+
 def _png(size: tuple[int, int]) -> bytes:
     import io
 

@@ -229,3 +229,31 @@ def test_the_page_lays_the_served_mask_over_the_image(trained_segmenter: tuple[P
     drawn = np.asarray(data, dtype=np.float32).reshape(height, width, 4)[..., :3]
     assert (width, height) == image.size
     assert np.abs(drawn - expected).max() <= 3  # the browser's own rounding of the blend
+
+
+def test_a_model_repository_of_the_segmenter_runs_by_its_configured_names(trained_segmenter: tuple[Path, dict],
+                                                                          tmp_path: Path) -> None:
+    """export --format triton of a segmenter: model.onnx (checked as export checks it), labels.txt, and a config.pbtxt
+    that Triton's schema parses, naming the graph's input and output with their types and dims, no batching; ovms:
+    the graph alone."""
+    from repvgg.io.card import load_onnx_proto
+
+    run, _ = trained_segmenter
+    repo = tmp_path / "models"
+    assert main(["export", str(run), str(repo), "--format", "triton"]) == 0
+    folder = repo / "pspnet-qarepvgg_tiny"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == \
+        ["1/model.onnx", "config.pbtxt", "labels.txt"]
+    assert (folder / "labels.txt").read_text().splitlines() == SegmentationPredictor(run).classes
+    text = (folder / "config.pbtxt").read_text()
+    graph = load_onnx_proto(folder / "1" / "model.onnx").graph
+    assert f'name: "{graph.input[0].name}"' in text and 'name: "mask"' in text and "max_batch_size: 0" in text
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
+                                           reason="tritonclient is not installed (the test extra)")
+    from google.protobuf import text_format
+
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert [o.name for o in config.output] == ["mask"] and list(config.input[0].dims) == [3, -1, -1]
+    assert main(["export", str(run), str(tmp_path / "ovms"), "--format", "ovms"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ovms" / "pspnet-qarepvgg_tiny").rglob("*") if p.is_file()) == \
+        ["model.onnx"]

@@ -19,7 +19,7 @@ from torch import Tensor
 from repvgg.serve.config import ServeConfig
 from repvgg.serve.protocol import IMAGE, BadRequest, parse_encoded
 
-__all__ = ["DENSE_OUTPUTS", "DenseModel", "dense_task"]
+__all__ = ["DENSE_OUTPUTS", "DenseModel", "dense_model_name", "dense_task"]
 
 #: Each dense task's infer outputs: name -> (datatype, shape with -1 for sizes known per image).
 DENSE_OUTPUTS = {"detection": {"boxes": ("FP32", [-1, 4]), "scores": ("FP32", [-1]), "labels": ("INT64", [-1])},
@@ -37,6 +37,15 @@ def dense_task(artifact: str | os.PathLike[str]) -> str | None:
     if segmentation_artifact(artifact) is not None:
         return "segmentation"
     return None
+
+
+def dense_model_name(task: str, config: Any) -> str:
+    """A dense model's name where ``--name`` gives none: ``KIND-BACKBONE`` (``yolo-efficientrep_t``,
+    ``pspnet-repvgg_tiny``), from its configuration (an object or its dict)."""
+    def get(key: str, default: Any = None) -> Any:
+        return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+    return f"{get('kind', 'fcos')}-{get('backbone')}" if task == "detection" else f"pspnet-{get('backbone')}"
 
 
 class DenseModel:
@@ -60,8 +69,7 @@ class DenseModel:
         self.classes = list(self.predictor.classes)
         self.backend = self.predictor.backend
         self.reason = getattr(self.predictor, "reason", "asked for")
-        config_ = self.predictor.config
-        self.name = f"{config_.kind}-{config_.backbone}" if task == "detection" else f"pspnet-{config_.backbone}"
+        self.name = dense_model_name(task, self.predictor.config)
 
     def decode(self, data: bytes, what: str) -> Any:
         """An uploaded image, read as ``predict`` reads a file (the pixel limit, 16-bit grey, a detector's size)."""

@@ -79,6 +79,7 @@ def write_model_repository(artifact: str | os.PathLike[str], directory: str | os
             ``overwrite``, or the artifact inside the folder it would replace.
     """
     from repvgg.predict.predictor import locate_artifact
+    from repvgg.serve.dense import dense_task
 
     if kind not in REPOSITORY_KINDS:
         raise ValueError(f"unknown repository format {kind!r}; choose from {', '.join(REPOSITORY_KINDS)}")
@@ -88,6 +89,11 @@ def write_model_repository(artifact: str | os.PathLike[str], directory: str | os
     root = Path(directory)
     if root.exists() and not root.is_dir():
         raise ValueError(f"{root} is a file; a model repository is a folder")
+    task = dense_task(artifact)
+    if task is not None:
+        if img_size is not None:
+            raise ValueError(f"--img-size sizes a classifier's export; a {task} graph takes images of any size")
+        return _dense_repository(task, artifact, root, kind=kind, name=name, backend=backend, overwrite=overwrite)
     model = None
     if source_kind != "onnx":
         from repvgg.io.export import resolve_model
@@ -251,3 +257,115 @@ def _move_into_place(folder: Path, target: Path, staging: Path) -> None:
     if target.exists():
         os.replace(target, staging / ".replaced")
     os.replace(folder, target)
+
+
+#: Triton's types of the ONNX element types a dense graph has.
+_DENSE_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64"}
+
+
+def _dense_repository(task: str, artifact: str | os.PathLike[str], root: Path, *, kind: str, name: str | None,
+                      backend: str, overwrite: bool) -> RepositoryReport:
+    """A detector's or segmenter's model folder: its graph (exported and checked from a model file, or the ONNX file
+    as it is), one image ``(3, H, W)`` in and the task's outputs, with ``max_batch_size: 0`` (the graph takes one
+    image; batching is the caller's), and ``labels.txt`` for the class indices it answers."""
+    from repvgg.detection.predict import detection_artifact
+    from repvgg.segmentation.predict import segmentation_artifact
+
+    path = detection_artifact(artifact) if task == "detection" else segmentation_artifact(artifact)
+    assert path is not None
+    onnx_source = path.suffix.lower() == ".onnx" or _is_onnx(path)
+    name = name or (path.stem if onnx_source else _dense_name(path, task))
+    _check_name(name)
+    target = root / name
+    _check_model_place(target, overwrite)
+    if path.resolve().is_relative_to(target.resolve()):
+        raise ValueError(f"{path} is inside {target}, which the repository would replace; write it elsewhere")
+    with staging_folder(target) as staging:
+        folder = staging / name
+        (folder / "1").mkdir(parents=True)
+        onnx_file = folder / "1" / "model.onnx"
+        if onnx_source:
+            _copy_checked(path, onnx_file)
+        elif task == "detection":
+            from repvgg.detection.export import export_detector
+
+            export_detector(path, onnx_file)
+        else:
+            from repvgg.segmentation.export import export_segmenter
+
+            export_segmenter(path, onnx_file)
+        ports, classes = _dense_ports(onnx_file, task, path)
+        if kind == "triton":
+            write_text(folder / "labels.txt", "".join(f"{c}\n" for c in classes))
+            write_text(folder / "config.pbtxt", _dense_config(name, ports, backend))
+        _run_dense(onnx_file, ports, path)
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        _move_into_place(folder, target, staging)
+    outputs = ports[1:]
+    return RepositoryReport(kind, str(target), name, files, "float32", vars(ports[0]),
+                            {"name": ", ".join(p.name for p in outputs), "data_type": [p.data_type for p in outputs],
+                             "dims": [p.dims for p in outputs]}, 0, backend if kind == "triton" else None,
+                            len(classes))
+
+
+def _is_onnx(path: Path) -> bool:
+    from repvgg.io.formats import identify_file
+
+    return identify_file(path) == "onnx"
+
+
+def _dense_name(path: Path, task: str) -> str:
+    """A dense model file's name in a repository: what ``repvgg serve`` calls it."""
+    from repvgg.dense.weights import read_dense_model
+    from repvgg.serve.dense import dense_model_name
+
+    kind = "detector" if task == "detection" else "segmenter"
+    config = read_dense_model(path, kind=kind, command="det-train" if task == "detection" else "seg-train")[1][kind]
+    return dense_model_name(task, config)
+
+
+def _dense_ports(path: Path, task: str, shown: Path) -> tuple[list[GraphPort], list[str]]:
+    """The graph's input, then its outputs (names, Triton types, dims), and its class names."""
+    from repvgg.detection.export import onnx_detector_metadata
+    from repvgg.io.card import load_onnx_proto
+    from repvgg.segmentation.export import onnx_segmenter_metadata
+
+    graph = load_onnx_proto(path).graph
+    ports = []
+    for value in (graph.input[0], *graph.output):
+        tensor = value.type.tensor_type
+        if tensor.elem_type not in _DENSE_TYPES:
+            raise ValueError(f"{shown}: {value.name} has ONNX element type {tensor.elem_type}, not float32 or int64")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        ports.append(GraphPort(value.name, _DENSE_TYPES[tensor.elem_type], dims))
+    meta = onnx_detector_metadata(path) if task == "detection" else onnx_segmenter_metadata(path)
+    classes = list((meta or {}).get("classes") or [])
+    if not classes:
+        raise ValueError(f"{shown} records no class names; a repository's labels.txt names them")
+    return ports, classes
+
+
+def _dense_config(name: str, ports: list[GraphPort], backend: str) -> str:
+    """Triton's ``config.pbtxt`` of a graph that takes one image: no batch dim, every output named."""
+    def port(p: GraphPort) -> str:
+        dims = ", ".join(map(str, p.dims))
+        return f'  {{\n    name: "{p.name}"\n    data_type: {p.data_type}\n    dims: [ {dims} ]\n  }}'
+
+    outputs = ",\n".join(port(p) for p in ports[1:])
+    return (f'name: "{name}"\nbackend: "{backend}"\ndefault_model_filename: "model.onnx"\nmax_batch_size: 0\n'
+            f"input [\n{port(ports[0])}\n]\noutput [\n{outputs}\n]\n"
+            "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n")
+
+
+def _run_dense(path: Path, ports: list[GraphPort], shown: Path) -> None:
+    """ONNX Runtime runs the file on a 64 x 48 image by the configured names; each output has the configured rank."""
+    from repvgg.io.export import onnxruntime_session
+
+    example = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(0)).numpy()
+    try:
+        outputs = onnxruntime_session(path).run([p.name for p in ports[1:]], {ports[0].name: example})
+    except Exception as err:  # ONNX Runtime's own error types: a graph it cannot load or run
+        raise ValueError(f"{shown}: ONNX Runtime cannot run it: {brief(str(err), 300)}") from None
+    for port, out in zip(ports[1:], outputs):
+        if out.ndim != len(port.dims) or any(d > 0 and d != n for d, n in zip(port.dims, out.shape)):
+            raise ValueError(f"{shown}: ONNX Runtime gave {port.name} of shape {tuple(out.shape)}, not {port.dims}")
