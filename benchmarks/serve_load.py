@@ -12,7 +12,8 @@ one-time allocations) and after the whole run. The server is stopped
 with SIGTERM and must exit 0. Beside them: a lone request's p50 against the in-process `Predictor(batch_size=1)`'s
 latency per file (decoding included), and, on 32 x 32 PNGs at concurrency 16, `repvgg serve` on a RepVGG-tiny at 32
 px against a bare FastAPI + uvicorn endpoint that reads the upload and answers a constant, the same client in the
-same run. Writes benchmarks/results/serve_load.{md,json}.
+same run; and the real-time detector served at concurrency 8 against its in-process `DetectionPredictor`. Writes
+benchmarks/results/serve_load.{md,json}.
 """
 
 from __future__ import annotations
@@ -182,6 +183,37 @@ def _small_rows(folder: Path, args: argparse.Namespace) -> dict:
     return small
 
 
+def _detector_row(folder: Path, paths: list[Path], args: argparse.Namespace) -> dict:
+    """The real-time detector (`efficientrep_t` at 320, converted, random weights, 4 classes) served at concurrency 8
+    against its in-process `DetectionPredictor` on the same files (decoding included), both on the runtime each
+    weighs as the fastest that detects as PyTorch does."""
+    from repvgg.detection import create_detector, save_detector
+    from repvgg.detection.predict import DetectionPredictor
+    from repvgg.nn.convert import reparameterize_model
+
+    model = reparameterize_model(create_detector("efficientrep_t", 4, kind="yolo", image_size=320))
+    artifact = save_detector(model, folder / "yolo_t.safetensors", classes=["a", "b", "c", "d"],
+                             data={"data": None, "synthetic": {"image_size": 320, "num_train": 64, "num_val": 8}})
+    predictor = DetectionPredictor(artifact)
+    sources = [str(p) for p in paths]
+    list(predictor.iter_predict(sources[:4]))  # warm-up
+    rates = []
+    for _ in range(3):
+        started = time.perf_counter()
+        list(predictor.iter_predict(sources))
+        rates.append(len(sources) / (time.perf_counter() - started))
+    proc, url = _start_server(artifact, args, folder / "detector.log")
+    try:
+        payloads = [p.read_bytes() for p in paths]
+        asyncio.run(_load(url, payloads, 8, 64, 60))  # warm-up
+        served = asyncio.run(_load(url, payloads, 8, args.requests, args.seconds))
+    finally:
+        _stop(proc)
+    in_process = float(np.median(rates))
+    return {"in_process_images_per_s": in_process, "runtime": predictor.backend, "served": served,
+            "ratio": served["images_per_s"] / in_process}
+
+
 def _rss_kib(pid: int) -> int:
     match = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
     return int(match.group(1)) if match else 0
@@ -282,6 +314,7 @@ def main() -> int:
         finally:
             exit_status = _stop(proc)
         small = _small_rows(folder, args)
+        detector = _detector_row(folder, paths, args)
     rss_growth = (rss_after - rss_before) / rss_before
     rows = [[lv["concurrency"], lv["requests"], f"{lv['images_per_s']:.1f}", f"{100 * lv['vs_predictor']:.0f}%",
              f"{lv['p50_ms']:.0f}", f"{lv['p95_ms']:.0f}", f"{lv['p99_ms']:.0f}",
@@ -308,10 +341,17 @@ def main() -> int:
          f"{small[name]['p99_ms']:.1f}"] for name in ("bare FastAPI + uvicorn", "repvgg serve")]))
     extra.append(f"`repvgg serve` (RepVGG-tiny at 32 x 32) delivers {small['ratio']:.2f} of the bare endpoint's "
                  "requests/s (FastAPI and uvicorn reading the upload and answering a constant), to the same client.")
+    served = detector["served"]
+    extra.append(f"The real-time detector (`efficientrep_t` at 320, random weights) served at concurrency 8: "
+                 f"{served['images_per_s']:.1f} images/s (p50 {served['p50_ms']:.0f} ms, answers "
+                 f"{served['statuses']}) against its in-process `DetectionPredictor` on the same files "
+                 f"({detector['runtime']}): {detector['in_process_images_per_s']:.1f} images/s, "
+                 f"{100 * detector['ratio']:.0f}%.")
     table = table + "\n\n" + "\n\n".join(extra)
     write_text(args.out / "serve_load.md", f"{title}\n\n{table}\n")
     write_json(args.out / "serve_load.json", {"title": title, "predictor": reference, "levels": levels,
                                                "lone_in_process": lone, "small_images": small,
+                                               "detector": detector,
                                                "rss_kib": {"ready": rss_ready, "before": rss_before,
                                                            "after": rss_after},
                                                "sigterm_exit_status": exit_status, "args": {
