@@ -272,10 +272,9 @@ def test_a_file_of_another_task_is_named_with_the_commands_that_take_it(detector
     from repvgg.io.weights import read_checkpoint
 
     with pytest.raises(ValueError, match="is a detector file .written by `repvgg det-train`.* det-eval, predict"):
-        read_checkpoint(detector_file)  # what train --weights, eval, convert and repositories read
+        read_checkpoint(detector_file)  # what train --weights, eval and convert read
     for args in (["convert", str(detector_file), str(tmp_path / "c.safetensors")],
-                 ["eval", "--weights", str(detector_file)],
-                 ["export", str(detector_file), str(tmp_path / "repo"), "--format", "triton"]):
+                 ["eval", "--weights", str(detector_file)]):
         assert main(args) == 2, args
         assert "is a detector file" in capsys.readouterr().err
     run = tmp_path / "run"

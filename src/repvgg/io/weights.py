@@ -130,8 +130,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
 
 #: The files of the other tasks' models: what their metadata declare, the command that writes them and those that
 #: take them.
-TASK_FILES = {"detector": ("det-train", "det-eval, predict, export or quantize"),
-              "segmenter": ("seg-train", "seg-eval")}
+TASK_FILES = {"detector": ("det-train", "det-eval, predict, export, quantize or serve"),
+              "segmenter": ("seg-train", "seg-eval, predict, export, quantize or serve")}
 
 
 def declared_task(metadata: Any) -> str | None:
