@@ -114,7 +114,7 @@ class DetectionPredictor:
             self.classes = check_class_names(names, source, self.config.num_classes, model="the detector")
         if not self.classes:
             raise ValueError(f"{path} records no class names; give them with --classes")
-        self._runner = _runner(path, model, meta, runtime, device, measure, samples)
+        self._runner = _runner(path, model, meta, self.config.image_size, runtime, device, measure, samples)
         self.backend, self.reason, self._run = self._runner.backend, self._runner.reason, self._runner.run
 
     @torch.no_grad()
@@ -157,15 +157,16 @@ class DetectionPredictor:
                                [[round(float(v), 3) for v in box] for box in found["boxes"]])
 
 
-def _runner(path: Path, model: Any, meta: dict[str, Any], runtime: str, device: str, measure: bool,
+def _runner(path: Path, model: Any, meta: dict[str, Any], size: int, runtime: str, device: str, measure: bool,
             samples: Sequence[Any] | None) -> Any:
-    """How a detector artifact runs: ``model`` (``None`` for the ONNX file ``path``) in ``runtime``, weighed on
-    ``samples`` where there is a choice ([`repvgg.detection.runtime`][repvgg.detection.runtime])."""
+    """How a detector artifact runs: ``model`` (``None`` for the ONNX file ``path``; its ``image_size`` is ``size``)
+    in ``runtime``, weighed on ``samples`` where there is a choice
+    ([`repvgg.detection.runtime`][repvgg.detection.runtime])."""
     from repvgg.detection.runtime import DetectorRunner, detector_runner, graph_runner
     from repvgg.nn.convert import reparameterize_model
 
     weigh = (runtime == "auto" and measure) or runtime in ("onnxruntime", "openvino")
-    images = _samples(samples, meta, DetectorConfig.from_dict(meta["detector"]).image_size) if weigh else []
+    images = _samples(samples, meta, size) if weigh else []
     if model is None:
         return graph_runner(path, images, runtime, measure=measure)
     model = (model if model.deploy else reparameterize_model(model)).eval()

@@ -14,13 +14,13 @@ from typing import Any, Callable
 
 import torch
 
-from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD, read_onnx_metadata, write_onnx_metadata
+from repvgg.io.card import read_onnx_metadata, write_onnx_metadata
 from repvgg.io.onnx_run import installed_runtimes
 from repvgg.limits import check_batch_memory, check_int
 from repvgg.quant.guard import DEFAULT_MAX_MIOU_DROP, require_miou
 from repvgg.quant.qdq import calibration_subset, quantize_static_qdq, quantized_conv_count
 from repvgg.segmentation.evaluate import validation_data
-from repvgg.segmentation.export import export_segmenter, onnx_segmenter
+from repvgg.segmentation.export import export_segmenter, onnx_segmenter, unnormalized
 from repvgg.segmentation.metrics import ConfusionMatrix
 from repvgg.segmentation.weights import load_segmenter
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
@@ -50,18 +50,12 @@ class SegmenterQuantizeReport:
         return dict(self.__dict__)
 
 
-def _images(tensors: Any) -> torch.Tensor:
-    """Normalised ``(3, H, W)`` training or validation tensors back to the graph's input: float in [0, 1]."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (tensors * std + mean).clamp(0, 1)
-
-
 def mean_iou(run: Callable[[torch.Tensor], torch.Tensor], dataset: Any, num_classes: int) -> float:
     """The mean IoU (percent) of ``run`` (an image in [0, 1] in, its mask out) over ``dataset``'s labelled images."""
     matrix = ConfusionMatrix(num_classes)
     for index in range(len(dataset)):
         image, target = dataset[index]
-        matrix.update(run(_images(image)).long()[None], target[None])
+        matrix.update(run(unnormalized(image)).long()[None], target[None])
     return 100 * matrix.compute().mean_iou
 
 
@@ -88,7 +82,7 @@ def quantize_segmenter(weights: str | os.PathLike[str], output: str | os.PathLik
     check_batch_memory(min(calib_images, len(bundle.train)), (3, crop, crop), "--calib-images", held=True,
                        input_size=False)
     calibration_set = calibration_subset(bundle.train, calib_images)
-    inputs = [_images(calibration_set[i][0]).numpy() for i in range(len(calibration_set))]
+    inputs = [unnormalized(calibration_set[i][0]).numpy() for i in range(len(calibration_set))]
     classes = model.config.num_classes
     with staging_folder(output) as staging:
         fp32 = Path(staging) / "fp32.onnx"

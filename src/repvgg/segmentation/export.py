@@ -33,7 +33,7 @@ from repvgg.nn.convert import reparameterize_model
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
 
 __all__ = ["SEGMENTER_OUTPUTS", "TIE_TOLERANCE", "SegmenterExport", "SegmenterGraph", "export_segmenter",
-           "mask_mismatch", "onnx_segmenter", "onnx_segmenter_metadata"]
+           "mask_mismatch", "normalized", "onnx_segmenter", "onnx_segmenter_metadata", "unnormalized"]
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,9 @@ class SegmenterGraph(nn.Module):
                     raise ValueError(f"the segmenter pools {name} to {size}; only square bins are exported")
                 parent, _, attr = name.rpartition(".")
                 setattr(self.model.get_submodule(parent) if parent else self.model, attr, AveragePoolBins(bins))
-        self.mean: Tensor
-        self.std: Tensor
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
 
     def forward(self, image: Tensor) -> Tensor:
-        return self.model(((image - self.mean) / self.std)[None])[0].argmax(0)
+        return self.model(normalized(image)[None])[0].argmax(0)
 
 
 @dataclass(frozen=True)
@@ -104,11 +100,20 @@ class SegmenterExport:
         return dict(self.__dict__)
 
 
+def normalized(image: Tensor) -> Tensor:
+    """A float ``(3, H, W)`` image in [0, 1] normalised with the ImageNet statistics, as a segmenter is trained."""
+    return (image - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def unnormalized(tensor: Tensor) -> Tensor:
+    """A normalised ``(3, H, W)`` training or validation tensor back to a float image in [0, 1]: the graph's input."""
+    return (tensor * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).clamp(0, 1)
+
+
 def logits_of(model: nn.Module, image: Tensor) -> Tensor:
     """``model``'s ``(C, H, W)`` logits for a float ``(3, H, W)`` image in [0, 1] (normalised as in training)."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     with torch.no_grad():
-        return model(((image - mean) / std)[None])[0]
+        return model(normalized(image)[None])[0]
 
 
 def mask_mismatch(logits: Tensor, mask: Tensor) -> tuple[int, int]:
@@ -181,8 +186,7 @@ def check_images(meta: dict[str, Any], config: Any, data: str | None, count: int
     from repvgg.segmentation.evaluate import validation_data
 
     bundle = validation_data(meta, config, data, None)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return [(bundle.val[i][0] * std + mean).clamp(0, 1) for i in range(min(count, len(bundle.val)))]
+    return [unnormalized(bundle.val[i][0]) for i in range(min(count, len(bundle.val)))]
 
 
 def segmenter_parity(run: Callable[[Tensor], Tensor], runtime: str, model: nn.Module,

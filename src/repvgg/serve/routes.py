@@ -40,9 +40,7 @@ def add_routes(app: Any, state: Any, metrics: ServerMetrics) -> None:
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict[str, Any]:
-        if not state.ready:
-            return app.openapi()
-        if state.task != "classification":
+        if not state.ready or state.task != "classification":  # a dense model's input sizes are any
             return app.openapi()
         return for_model(app.openapi(), state.name, state.predictor.preprocessing.img_size, cfg.max_batch)
 
