@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import pytest
@@ -80,6 +81,50 @@ def test_the_measured_fastest_candidate_wins(monkeypatch: pytest.MonkeyPatch) ->
                                     warmup=0, rounds=3, pause_s=0.0)
     assert runner.backend == "fast"
     assert "fastest median" in runner.reason
+
+
+def _busy(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_with_cores_shared_the_candidate_that_costs_least_cpu_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server shares its cores: a runtime that keeps them busy (here, computing for 3 ms of CPU) loses to one that
+    takes longer but leaves them free (sleeping 10 ms); a process that does nothing else takes the faster one. (Both
+    answer the example's output computed once: the model's own threads would otherwise spin while the idle one
+    sleeps.)"""
+    from repvgg.io import onnx_run
+
+    model, example = nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        output = model(example)
+    monkeypatch.setitem(CANDIDATES, "busy", _fake(lambda ctx: lambda x: (_busy(0.003), output)[1]))
+    monkeypatch.setitem(CANDIDATES, "idle", _fake(lambda ctx: lambda x: (time.sleep(0.01), output)[1]))
+    chosen = {}
+    for shared in (False, True):
+        monkeypatch.setattr(onnx_run, "_sharing", {"cores": shared})
+        chosen[shared] = optimize_for_inference(model, example, candidates=["busy", "idle"], warmup=0, rounds=3,
+                                                pause_s=0.0)
+    assert chosen[False].backend == "busy" and "fastest median" in chosen[False].reason
+    assert chosen[True].backend == "idle" and "least CPU time" in chosen[True].reason, chosen[True].reason
+
+
+def test_shared_cores_stop_the_runtimes_spinning_and_pinning(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from repvgg.io import onnx_run
+
+    path = tmp_path / "conv.onnx"
+    torch.onnx.export(nn.Conv2d(3, 4, 3).eval(), torch.randn(1, 3, 8, 8), path, dynamo=False)
+    for shared in (False, True):
+        monkeypatch.setattr(onnx_run, "_sharing", {"cores": shared})
+        options = onnx_run.onnxruntime_session(path).get_session_options()
+        if shared:
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        else:  # ONNX Runtime's default: its workers spin
+            with pytest.raises(RuntimeError, match="allow_spinning"):
+                options.get_session_config_entry("session.intra_op.allow_spinning")
+        if shared and importlib.util.find_spec("openvino") is not None:  # unshared, OpenVINO pins as it likes
+            assert onnx_run.openvino_model(path).get_property("ENABLE_CPU_PINNING") is False
 
 
 def test_one_at_a_time_holds_one_runtime_besides_the_fastest_so_far(monkeypatch: pytest.MonkeyPatch) -> None:

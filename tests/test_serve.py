@@ -386,6 +386,31 @@ def test_an_int8_file_goes_into_an_ovms_repository_as_it_is(served: dict[str, Pa
     assert copied.read_bytes() == int8.read_bytes() and quantized_conv_count(copied)[0] > 0
 
 
+def test_a_batch_that_fills_runs_at_once_without_waiting_out_max_wait() -> None:
+    """While a batch gathers, only a request that could fill it wakes the batcher: one that fills it runs it at
+    once; one that does not leaves it waiting its ``max_wait_s``."""
+    import asyncio
+
+    from repvgg.serve.batcher import Batcher
+
+    async def scenario() -> tuple[float, float, list[int]]:
+        sizes: list[int] = []
+        batcher = Batcher(lambda x: list(x), max_batch=3, max_wait_s=0.5, max_queue=8,
+                          on_batch=lambda n, _: sizes.append(n))
+        batcher.start()
+        started = time.perf_counter()
+        await asyncio.gather(*(batcher.submit([i]) for i in range(3)))  # full: runs at once
+        full = time.perf_counter() - started
+        started = time.perf_counter()
+        await asyncio.gather(*(batcher.submit([i]) for i in range(2)))  # never full: waits out max_wait_s
+        partial = time.perf_counter() - started
+        await batcher.stop()
+        return full, partial, sizes
+
+    full, partial, sizes = asyncio.run(scenario())
+    assert sizes == [3, 2] and full < 0.25 and partial >= 0.45, (full, partial, sizes)
+
+
 def test_the_batcher_batches_and_tells_every_request_when_the_model_fails_or_it_stops() -> None:
     """The batcher alone: concurrent requests share a batch; a failing model fails its batch's requests and the next
     batch runs; a stop in the middle of a batch tells its requests instead of leaving them waiting."""
@@ -395,11 +420,11 @@ def test_the_batcher_batches_and_tells_every_request_when_the_model_fails_or_it_
 
     async def scenario() -> None:
         sizes: list[int] = []
-        batcher = Batcher(lambda x: 2 * x, max_batch=4, max_wait_s=0.05, max_queue=8,
+        batcher = Batcher(lambda x: [2 * i for i in x], max_batch=4, max_wait_s=0.05, max_queue=8,
                           on_batch=lambda n, _: sizes.append(n))
         batcher.start()
         outputs = await asyncio.gather(*(batcher.submit(torch.full((1, 1), float(i))) for i in range(3)))
-        assert [o.item() for o in outputs] == [0.0, 2.0, 4.0] and sizes == [3]
+        assert [o[0].item() for o in outputs] == [0.0, 2.0, 4.0] and sizes == [3]
         batcher.run = lambda x: (_ for _ in ()).throw(RuntimeError("the model broke"))
         with pytest.raises(RuntimeError, match="the model broke"):
             await batcher.submit(torch.ones(1, 1))

@@ -75,13 +75,13 @@ def _requests_counted(client: Any, endpoint: str) -> dict[str, float]:
 
 def test_a_model_that_gives_nan_or_infinity_is_a_json_500_logged_once(live: dict[str, Any],
                                                                          caplog: pytest.LogCaptureFixture) -> None:
-    client, batcher = live["client"], live["app"].state.model.batcher
-    model = batcher.run
+    client, predictor = live["client"], live["app"].state.model.predictor.predictor
+    model = predictor.logits
     before = _requests_counted(client, INFER_ROUTE).get("500", 0)
     try:
         with caplog.at_level(logging.ERROR, logger="repvgg.serve"):
             for scale in (1e39, math.nan):  # beyond float32, and NaN, from a prepared input of ordinary values
-                batcher.run = lambda images, scale=scale: model(images) * scale
+                predictor.logits = lambda images, scale=scale: model(images) * scale
                 for _ in range(2):
                     answer = client.post(INFER, json=_prepared([0.5] * (3 * SIZE * SIZE)))
                     assert answer.status_code == 500 and answer.headers["content-type"] == "application/json"
@@ -89,7 +89,7 @@ def test_a_model_that_gives_nan_or_infinity_is_a_json_500_logged_once(live: dict
                 upload = client.post("/predict", files={"file": ("a.png", _png(), "image/png")})
                 assert upload.status_code == 500 and "NaN or infinite" in upload.json()["error"]
     finally:
-        batcher.run = model
+        del predictor.logits  # the method again
     assert [r.getMessage().count("NaN or infinite") for r in caplog.records] == [1]  # once, no traceback
     assert not any(r.exc_info for r in caplog.records)
     assert _requests_counted(client, INFER_ROUTE)["500"] == before + 4

@@ -33,9 +33,9 @@ REQUEST_TIMEOUT_S = 30
 HEADER_TIMEOUT_S = 0.5
 
 
-def _png(value: int) -> bytes:
+def _png(value: int, side: int = 24) -> bytes:
     out = io.BytesIO()
-    Image.new("L", (24, 24), value).save(out, format="PNG")
+    Image.new("L", (side, side), value).save(out, format="PNG")
     return out.getvalue()
 
 
@@ -131,17 +131,18 @@ def test_a_body_refused_by_its_length_or_as_it_streams_closes_the_connection(liv
 
 def test_images_being_decoded_count_against_the_queue(live: dict[str, Any]) -> None:
     url, state = live["url"], live["app"].state.model
-    predictor, entered, release = state.predictor, threading.Event(), threading.Event()
-    prepare = predictor.prepare_encoded
+    model, entered, release = state.predictor, threading.Event(), threading.Event()
+    decode = model.decode
 
-    def slow_prepare(data: bytes, what: str = "") -> torch.Tensor:
+    def slow_decode(data: bytes, what: str) -> torch.Tensor:
         entered.set()
         release.wait(REQUEST_TIMEOUT_S)
-        return prepare(data, what)
+        return decode(data, what)
 
-    images = [base64.b64encode(_png(i * 20)).decode() for i in range(8)]
+    # larger than what is decoded on the event loop (INLINE_PIXELS): these go to the decoding pool
+    images = [base64.b64encode(_png(i * 20, side=96)).decode() for i in range(8)]
     request = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [8], "data": images}]}
-    predictor.prepare_encoded = slow_prepare
+    model.decode = slow_decode
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             eight = pool.submit(httpx.post, url + "/v2/models/qarepvgg_tiny/infer", json=request,
@@ -155,7 +156,7 @@ def test_images_being_decoded_count_against_the_queue(live: dict[str, Any]) -> N
             assert eight.result().status_code == 200
     finally:
         release.set()
-        predictor.prepare_encoded = prepare
+        del model.decode  # the method again
     assert state.batcher.queued == 0 and _predict(url, _png(1)).status_code == 200
 
 

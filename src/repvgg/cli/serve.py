@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from repvgg.cli.flags import config_command, config_flag_values
 from repvgg.serve.config import ServeConfig
@@ -24,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # PyTorch's OpenMP threads spin for milliseconds after each parallel region unless told otherwise when torch
+    # loads (here: nothing has imported it yet); a server's other threads need those cores (docs/serving.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from repvgg.serve.app import create_app
     from repvgg.serve.server import FORCED_STOP, serve
 

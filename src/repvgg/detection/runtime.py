@@ -25,7 +25,7 @@ from torch import Tensor
 from repvgg.detection.export import onnx_detector, runtime_parity, write_detector_graph
 from repvgg.errors import ConversionMismatch
 from repvgg.io.onnx_run import ONNX_RUNTIMES, installed_runtimes
-from repvgg.measure.timing import time_interleaved
+from repvgg.measure.timing import choice_timer, time_interleaved
 
 __all__ = ["DETECTOR_RUNTIMES", "DetectorRunner", "detector_runner", "graph_runner"]
 
@@ -152,10 +152,12 @@ def _eager(model: Any) -> Detect:
 def _fastest(candidates: dict[str, Detect], samples: Sequence[Tensor], folder: Any) -> DetectorRunner:
     """Time ``candidates`` over ``samples`` in interleaved rounds (the first run of each, which compiles, untimed)."""
     calls = {name: (lambda run=run: [run(image) for image in samples]) for name, run in candidates.items()}
-    timed = time_interleaved(calls, warmup=1, rounds=ROUNDS, pause_s=0.05)
+    timer, ranked_by = choice_timer(samples[0].device)
+    timed = time_interleaved(calls, warmup=1, rounds=ROUNDS, pause_s=0.05, timer=timer)
     speeds = {name: len(samples) / timing.median for name, timing in timed.items()}
     best = max(speeds, key=speeds.__getitem__)
     others = ", ".join(f"{name} {rate:.1f}" for name, rate in speeds.items() if name != best)
-    reason = f"the fastest that detects as the reference does: {speeds[best]:.1f} images/s ({others})"
+    unit = "images/s" if ranked_by == "fastest" else "images per CPU second"
+    reason = f"the {ranked_by} that detects as the reference does: {speeds[best]:.1f} {unit} ({others})"
     log.info("detector runtime: %s, %s", best, reason)
     return DetectorRunner(candidates[best], best, reason, speeds, folder if best != "pytorch" else None)

@@ -4,6 +4,9 @@ callables from a float32 batch to output tensors.
 Both use one thread per thread PyTorch uses (their defaults are the physical core count, which oversubscribes
 a machine that runs anything else) and run the same files: the float32 graph and its QDQ INT8 version, which
 each fuses into INT8 convolutions (VNNI or AMX where the CPU has them).
+
+How their worker threads wait between calls is a property of the process, as PyTorch's thread count is: see
+[`share_cores`][repvgg.io.onnx_run.share_cores].
 """
 
 from __future__ import annotations
@@ -17,10 +20,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ONNX_RUNTIMES", "installed_runtimes", "onnx_runner", "onnxruntime_session", "openvino_model"]
+__all__ = ["ONNX_RUNTIMES", "cores_shared", "installed_runtimes", "onnx_runner", "onnxruntime_session",
+           "openvino_model", "share_cores"]
 
 #: The runtimes that run this package's ONNX files.
 ONNX_RUNTIMES = ("onnxruntime", "openvino")
+
+_sharing = {"cores": False}
+
+
+def share_cores(shared: bool = True) -> None:
+    """Whether the sessions and compiled models made from now on leave the cores to the process's other threads.
+
+    By default (``False``) they keep them: ONNX Runtime's workers spin between calls and OpenVINO pins its threads
+    to cores, the lowest latency for a process that does nothing else. A process whose other threads need the cores
+    while the model waits (a server decoding uploads, parsing requests and answering them) shares them: ONNX
+    Runtime's workers sleep at once, and OpenVINO's threads may move between cores. ``repvgg serve`` shares them: on
+    two cores, spinning workers cut a small model's requests per second by a third (docs/serving.md)."""
+    _sharing["cores"] = bool(shared)
+
+
+def cores_shared() -> bool:
+    """What [`share_cores`][repvgg.io.onnx_run.share_cores] last set (``False`` until it is called)."""
+    return _sharing["cores"]
 
 
 def installed_runtimes() -> tuple[str, ...]:
@@ -42,6 +64,8 @@ def onnxruntime_session(path: str | os.PathLike[str], *, threads: int | None = N
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if cores_shared():
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -85,6 +109,8 @@ def openvino_model(path: str | os.PathLike[str], *, precision_hint: str = "f32",
     core = openvino.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision_hint,
               "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+    if cores_shared():
+        config["ENABLE_CPU_PINNING"] = False
     model = core.read_model(os.fspath(path))
     if shape is not None:
         model.reshape({model.inputs[0].any_name: shape})

@@ -8,6 +8,11 @@ the median over rounds is reported.
 CUDA work is asynchronous: a host clock read right after a launch measures the launch, not the work.
 `cuda_timer` records CUDA events on the current stream around the call and waits for the end
 event before reading the elapsed time.
+
+A choice between runtimes ([`choice_timer`][repvgg.measure.timing.choice_timer]) weighs wall time, except on
+a CPU whose cores the process shares with other work of its own (a server's: see
+[`share_cores`][repvgg.io.onnx_run.share_cores]): there it weighs the CPU time a call costs every thread, the
+runtime's spinning after the call included, which is what the other work loses.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
+    "SETTLE_S",
     "Timer",
     "TimingResult",
+    "choice_timer",
+    "cpu_cost_timer",
     "cpu_timer",
     "cuda_timer",
     "make_timer",
@@ -41,6 +49,31 @@ def cpu_timer(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+#: Seconds after a call whose CPU time `cpu_cost_timer` bills to it: runtimes' workers spin for about a
+#: millisecond after a call before they sleep.
+SETTLE_S = 0.002
+
+
+def cpu_cost_timer(fn: Callable[[], object]) -> float:
+    """The process's CPU seconds (every thread) over one call of ``fn`` and the `SETTLE_S` after it: what the call
+    takes from the process's other threads on the same cores, its runtime's spinning included."""
+    start = time.process_time()
+    fn()
+    time.sleep(SETTLE_S)
+    return time.process_time() - start
+
+
+def choice_timer(device: torch.device | str) -> tuple[Timer, str]:
+    """How a choice between runtimes times a call on ``device``, and what the ranking is by: wall time
+    ([`make_timer`][repvgg.measure.timing.make_timer]), or, on a CPU whose cores are shared with the process's other
+    work ([`share_cores`][repvgg.io.onnx_run.share_cores]), `cpu_cost_timer`."""
+    from repvgg.io.onnx_run import cores_shared
+
+    if torch.device(device).type == "cpu" and cores_shared():
+        return cpu_cost_timer, "least CPU time (every thread, spinning after the call included)"
+    return make_timer(device), "fastest"
 
 
 def cuda_timer(device: torch.device | str | int | None = None) -> Timer:

@@ -39,7 +39,7 @@ from repvgg.quant.guard import (DEFAULT_RTOL, Guard, PrecisionRejected, output_d
                                 validation_guard)
 from repvgg.perf.runtimes import (CANDIDATES, TORCH_DTYPES, BuildContext, Candidate, Runner, Unsupported,
                                   default_candidates)
-from repvgg.measure.timing import make_timer, time_interleaved
+from repvgg.measure.timing import choice_timer, time_interleaved
 
 __all__ = ["CANDIDATES", "Candidate", "CandidateReport", "InferenceRunner", "default_candidates", "default_rtol",
            "optimize_for_inference", "output_deviation", "precisions_to_weigh"]
@@ -247,7 +247,8 @@ class _FastestSoFar:
         label = f"{key[0]}/{key[1]}"
         with torch.no_grad():
             timing = time_interleaved({label: functools.partial(working[key], self.example)}, warmup=self.warmup,
-                                      rounds=self.rounds, timer=make_timer(self.example.device), pause_s=self.pause_s)
+                                      rounds=self.rounds, timer=choice_timer(self.example.device)[0],
+                                      pause_s=self.pause_s)
         self.medians[key] = report.median_s = timing[label].median
         loser = key if self.best is not None and self.medians[key] >= self.medians[self.best] else self.best
         if loser is not None:
@@ -257,7 +258,7 @@ class _FastestSoFar:
 
     def reason(self) -> str:
         ranked = sorted(self.medians, key=self.medians.__getitem__)
-        return (f"fastest median over {self.rounds} rounds at batch {self.example.shape[0]}, each candidate timed "
+        return (f"{choice_timer(self.example.device)[1]} median over {self.rounds} rounds at batch {self.example.shape[0]}, each candidate timed "
                 "alone (one runtime's copy held at a time): "
                 + ", ".join(f"{n}/{p} {self.medians[(n, p)] * 1e3:.2f} ms" for n, p in ranked))
 
@@ -436,13 +437,14 @@ def _choose(working: dict[tuple[str, str], Runner], reports: list[CandidateRepor
         return next(iter(working)), reason
     warmup, rounds, pause_s = _effort(example.device, warmup, rounds, pause_s)
     labels = {key: f"{key[0]}/{key[1]}" for key in working}
+    timer, ranked_by = choice_timer(example.device)
     with torch.no_grad():
         timings = time_interleaved({labels[k]: functools.partial(runner, example) for k, runner in working.items()},
-                                   warmup=warmup, rounds=rounds, timer=make_timer(example.device), pause_s=pause_s)
+                                   warmup=warmup, rounds=rounds, timer=timer, pause_s=pause_s)
     for report in reports:
         key = (report.name, report.precision)
         if key in working:
             report.median_s = timings[labels[key]].median
     ranked = sorted(working, key=lambda k: timings[labels[k]].median)
     ranking = ", ".join(f"{labels[k]} {timings[labels[k]].median * 1e3:.2f} ms" for k in ranked)
-    return ranked[0], f"fastest median over {rounds} interleaved rounds at batch {example.shape[0]}: {ranking}"
+    return ranked[0], f"{ranked_by} median over {rounds} interleaved rounds at batch {example.shape[0]}: {ranking}"

@@ -37,7 +37,7 @@ from repvgg.predict.inputs import ImageFiles, collate_images, expand_inputs
 from repvgg.training.data import eval_transform
 from repvgg.training.images import as_rgb, load_rgb
 
-__all__ = ["Prediction", "Predictor", "locate_artifact", "RUNTIMES", "DTYPES"]
+__all__ = ["Prediction", "Predictor", "locate_artifact", "softmax_rows", "RUNTIMES", "DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,14 @@ def locate_artifact(artifact: str | os.PathLike[str]) -> tuple[str, Path | str]:
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     return ("onnx" if require_kind(path, MODEL_KINDS, "a model file") == "onnx" else "weights"), path
+
+
+def softmax_rows(logits: Tensor) -> Tensor:
+    """The softmax of each row of ``logits`` (float32), written as element-wise operations and reductions, which run
+    a small batch on the calling thread: ``torch.softmax`` hands even a few rows to OpenMP's thread team, whose
+    workers then spin for a while, and in a server's model thread that cost more than the model (docs/serving.md)."""
+    exp = (logits.float() - logits.float().amax(dim=1, keepdim=True)).exp()
+    return exp / exp.sum(dim=1, keepdim=True)
 
 
 class Predictor:
@@ -189,7 +197,7 @@ class Predictor:
         Raises:
             NonFiniteOutput: a NaN or infinite output (naming ``what``): its predictions cannot be trusted.
         """
-        probabilities = torch.softmax(logits.float(), dim=1)
+        probabilities = softmax_rows(logits)
         if not torch.isfinite(logits).all() or not torch.isfinite(probabilities).all():
             raise NonFiniteOutput(f"the model gave a NaN or infinite output for {what}; its predictions cannot be "
                                   "trusted")

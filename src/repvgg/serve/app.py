@@ -106,8 +106,7 @@ async def _load(state: ModelState, metrics: ServerMetrics) -> None:
             state.on_failure(state.error)
         return
     cfg = state.config
-    run = state.predictor.logits if state.task == "classification" else state.predictor.run
-    batcher = Batcher(run, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1000,
+    batcher = Batcher(state.predictor.run, max_batch=cfg.max_batch, max_wait_s=cfg.max_wait_ms / 1000,
                       max_queue=cfg.max_queue, on_batch=metrics.observe_batch)
     batcher.start()
     state.batcher = batcher

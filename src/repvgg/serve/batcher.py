@@ -1,6 +1,6 @@
 """Dynamic batching: concurrent requests' images run through the model together, up to a batch size or a wait.
 
-A [`Batcher`][repvgg.serve.batcher.Batcher] lives on the server's event loop. Each request submits its prepared
+A [`Batcher`][repvgg.serve.batcher.Batcher] lives on the server's event loop. Each request submits its decoded
 images and awaits their outputs; one task gathers what is waiting into a batch of at most ``max_batch`` images
 (the first request waits at most ``max_wait_s`` from its arrival for others to join) and runs it on a single worker
 thread, off the event loop, so the model sees one batch at a time. The images waiting are bounded: beyond
@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 __all__ = ["Admission", "Batcher", "QueueFull", "Stopping"]
@@ -37,18 +36,18 @@ class Stopping(RuntimeError):
 
 @dataclass
 class _Pending:
-    images: Tensor | list  # a prepared batch, or a list of images of any sizes (dense tasks)
+    images: Tensor | list  # a list of images, or a batch of them (a tensor, taken by rows)
     arrived: float
     future: asyncio.Future = field(repr=False)
 
 
 class Batcher:
-    """Runs ``run`` (a prepared ``(N, C, H, W)`` batch -> ``(N, ...)`` outputs; or, for models that take images of
-    any size, a list of N images -> N outputs) on batches gathered from concurrent
-    [`submit`][repvgg.serve.batcher.Batcher.submit] calls.
+    """Runs ``run`` (a list of N images -> N outputs) on batches gathered from concurrent
+    [`submit`][repvgg.serve.batcher.Batcher.submit] calls. While a batch gathers, the loop is woken by a request only
+    once the batch could be full, so that a request costs the event loop no more than its place in the queue.
 
     Args:
-        run: the model, called on one worker thread, a batch at a time.
+        run: the model, called on one worker thread, a batch at a time (it stacks the images if it takes a tensor).
         max_batch: most images in one call of ``run`` (a request of more images is refused by the caller).
         max_wait_s: longest the first waiting request waits for others before its batch runs.
         max_queue: most images waiting; a submit beyond it raises [`QueueFull`][repvgg.serve.batcher.QueueFull].
@@ -65,6 +64,7 @@ class Batcher:
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._running: list[_Pending] = []  # the batch in the model
+        self._gathering = False  # a batch is waiting for more requests, until max_wait_s or full
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repvgg-model")
 
     def start(self) -> None:
@@ -122,8 +122,8 @@ class Batcher:
         return Admission(self, count)
 
     async def submit(self, images: Tensor | list, admission: Admission | None = None) -> Any:
-        """The outputs for ``images`` (``(N, C, H, W)`` or a list of N, N at most ``max_batch``), run with whatever
-        else waits; ``admission``, if given, holds their places in the queue (see
+        """The outputs for ``images`` (a list of N, or an ``(N, ...)`` tensor of them; N at most ``max_batch``), run with
+        whatever else waits; ``admission``, if given, holds their places in the queue (see
         [`admit`][repvgg.serve.batcher.Batcher.admit]).
 
         Raises:
@@ -142,7 +142,8 @@ class Batcher:
         pending = _Pending(images, loop.time(), loop.create_future())
         self._queue.append(pending)
         self.waiting += len(images)
-        self._arrived.set()
+        if not self._gathering or self.waiting >= self.max_batch:
+            self._arrived.set()
         return await pending.future
 
     async def _loop(self) -> None:
@@ -153,12 +154,14 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             deadline = self._queue[0].arrived + self.max_wait_s  # a request that waited for a busy model waits no more
+            self._gathering = True
             while not self._full() and loop.time() < deadline:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
                 except asyncio.TimeoutError:
                     break
+            self._gathering = False
             self._running = self._take()
             await self._run(self._running, loop)
             self._running = []
@@ -195,9 +198,7 @@ class Batcher:
     async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         started = loop.time()
         try:
-            parts: list = [p.images for p in batch]
-            images = parts[0] if len(parts) == 1 else (
-                torch.cat(parts) if isinstance(parts[0], Tensor) else [image for part in parts for image in part])
+            images = [image for pending in batch for image in pending.images]
             outputs = await loop.run_in_executor(self._executor, self.run, images)
             if len(outputs) != len(images):
                 raise RuntimeError(f"the model gave {len(outputs)} outputs for {len(images)} images")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from repvgg.serve.config import ServeConfig
-from repvgg.serve.protocol import IMAGE, BadRequest, parse_encoded
+from repvgg.serve.protocol import IMAGE, BadRequest, EncodedRequest, parse_encoded
 
 __all__ = ["DENSE_OUTPUTS", "DenseModel", "dense_model_name", "dense_task"]
 
@@ -49,8 +49,9 @@ def dense_model_name(task: str, config: Any) -> str:
 
 
 class DenseModel:
-    """A detector's or segmenter's predictor as the server uses it: ``decode`` an upload, ``run`` a list of images
-    (the batcher's call), and the answers."""
+    """A detector's or segmenter's predictor as the server uses it: ``decode`` an upload, ``run`` decoded images (the
+    batcher's call), and the answers; the interface of
+    [`ClassifierModel`][repvgg.serve.classifier.ClassifierModel]."""
 
     def __init__(self, artifact: str | os.PathLike[str], task: str, config: ServeConfig) -> None:
         runtime = "pytorch" if config.runtime in ("eager", "channels_last") else config.runtime
@@ -70,6 +71,7 @@ class DenseModel:
         self.backend = self.predictor.backend
         self.reason = getattr(self.predictor, "reason", "asked for")
         self.name = dense_model_name(task, self.predictor.config)
+        self.description = self.backend
 
     def decode(self, data: bytes, what: str) -> Any:
         """An uploaded image, read as ``predict`` reads a file (the pixel limit, 16-bit grey, a detector's size)."""
@@ -87,9 +89,9 @@ class DenseModel:
             return [self.predictor.detect(image) for image in images]
         return [self.predictor.segment(image) for image in images]
 
-    def answer(self, source: str, result: Any) -> dict[str, Any]:
+    def answer(self, source: str, result: Any, topk: int | None = None) -> dict[str, Any]:
         """``/predict``'s answer for one image: what ``predict --json`` reports, with the class names; a
-        segmenter's mask as a base64 palette PNG."""
+        segmenter's mask as a base64 palette PNG (``topk``, a classifier's, is not asked of these models)."""
         if self.task == "detection":
             return {**self.predictor.describe(source, result).as_dict(), "classes": self.classes}
         from repvgg.segmentation.predict import mask_png
@@ -111,24 +113,29 @@ class DenseModel:
                 "inputs": [{"name": IMAGE, "datatype": "BYTES", "shape": [1]}], "outputs": outputs,
                 "parameters": parameters}
 
-    def encode(self, model: str, request_id: str | None, wanted: list[str], result: Any) -> bytes:
-        """The infer response (JSON) of one image's ``result``: the ``wanted`` outputs as tensors."""
+    def openapi(self, schema: dict[str, Any], name: str) -> dict[str, Any]:
+        """The server's OpenAPI document as it is: a dense model takes images of any size."""
+        return schema
+
+    def encode(self, model: str, request: EncodedRequest, results: list[Any]) -> tuple[bytes, None]:
+        """The infer response (JSON) of the request's one image: the outputs it asks for, as tensors."""
+        (result,) = results
         tensors: dict[str, Tensor] = ({"boxes": result["boxes"].float(), "scores": result["scores"].float(),
                                        "labels": result["labels"].long()} if self.task == "detection"
                                       else {"mask": result.to(torch.uint8)})
         outputs = []
-        for output in wanted:
+        for output in request.outputs:
             values = tensors[output]
             outputs.append({"name": output, "datatype": DENSE_OUTPUTS[self.task][output][0],
                             "shape": list(values.shape), "data": values.flatten().tolist()})
         document: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": outputs,
                                     "parameters": {"task": self.task}}
-        if request_id is not None:
-            document["id"] = request_id
-        return json.dumps(document).encode()
+        if request.id is not None:
+            document["id"] = request.id
+        return json.dumps(document).encode(), None
 
-    def parse(self, body: bytes, header_length: str | None) -> tuple[bytes, str | None, list[str]]:
-        """An infer request's one encoded image, its id and the outputs it asks for (all by default).
+    def parse(self, body: bytes, header_length: str | None) -> EncodedRequest:
+        """An infer request of one encoded image, with the outputs it asks for (all by default).
 
         Raises:
             BadRequest: naming the field at fault.
@@ -138,4 +145,4 @@ class DenseModel:
         if len(request.encoded) != 1:
             raise BadRequest("inputs[0].shape", f"a {self.task} model answers one image a request ([1]), got "
                                                 f"{len(request.encoded)}")
-        return request.encoded[0], request.id, request.outputs
+        return request

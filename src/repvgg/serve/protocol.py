@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from repvgg.limits import LimitExceeded, brief, parse_json
+from repvgg.predict.predictor import softmax_rows
 
 __all__ = ["BadRequest", "EncodedRequest", "InferRequest", "encode_response", "parse_encoded", "parse_infer", "INPUT",
            "IMAGE", "OUTPUT", "PROBABILITIES"]
@@ -302,7 +303,7 @@ def _flag(parameters: dict[str, Any], key: str, default: bool, field: str) -> bo
 def encode_response(model: str, request: InferRequest, logits: Tensor, classes: tuple[str, ...]
                     ) -> tuple[bytes, int | None]:
     """The response body, and the JSON part's length when binary data follows it (for the header)."""
-    tensors = {OUTPUT: logits.float(), PROBABILITIES: torch.softmax(logits.float(), dim=1)}
+    tensors = {OUTPUT: logits.float(), PROBABILITIES: softmax_rows(logits)}
     outputs, binary = [], b""
     for wanted in request.outputs:
         values = tensors[wanted.name]

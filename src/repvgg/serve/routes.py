@@ -6,9 +6,9 @@ from typing import Any
 
 from repvgg import __version__
 from repvgg.serve.metrics import ServerMetrics
-from repvgg.serve.openapi import READINESS_SCHEMA, errors, for_model, infer_openapi
+from repvgg.serve.openapi import READINESS_SCHEMA, errors, infer_openapi
 from repvgg.serve.protocol import HEADER_LENGTH
-from repvgg.serve.state import infer, model_metadata, page_html
+from repvgg.serve.state import infer, page_html
 
 __all__ = ["add_routes", "error_response"]
 
@@ -40,9 +40,7 @@ def add_routes(app: Any, state: Any, metrics: ServerMetrics) -> None:
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi() -> dict[str, Any]:
-        if not state.ready or state.task != "classification":  # a dense model's input sizes are any
-            return app.openapi()
-        return for_model(app.openapi(), state.name, state.predictor.preprocessing.img_size, cfg.max_batch)
+        return state.predictor.openapi(app.openapi(), state.name) if state.ready else app.openapi()
 
     @app.get("/v2")
     def server_metadata() -> dict[str, Any]:
@@ -78,14 +76,10 @@ def add_routes(app: Any, state: Any, metrics: ServerMetrics) -> None:
                       topk: int = Query(cfg.topk, ge=1, le=1000)) -> dict[str, Any]:
         """The uploaded image's top-k classes by name, as ``repvgg predict`` gives them; a detector's boxes, a
         segmenter's classes with their share of the pixels and its mask (a base64 PNG)."""
-        predictor = state.model(state.name)
+        model = state.model(state.name)
         source = file.filename or "upload"
-        logits = await state.decode_and_run([(await file.read(), f"the uploaded image {source!r}")])
-        if state.task != "classification":
-            return predictor.answer(source, logits[0])
-        classes, indices, probabilities = predictor.rank(logits, topk, what=source)[0]
-        return {"source": source, "classes": list(classes), "indices": list(indices),
-                "probabilities": list(probabilities), "error": None}
+        results = await state.decode_and_run([(await file.read(), f"the uploaded image {source!r}")])
+        return model.answer(source, results[0], topk)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
@@ -114,14 +108,13 @@ def _add_model_routes(app: Any, state: Any) -> None:
     """The model's metadata and readiness, unversioned and at its one version."""
     @app.get("/v2/models/{name}", responses=errors(404, 503))
     def metadata(name: str) -> dict[str, Any]:
-        state.model(name)
-        return model_metadata(state)
+        return state.model(name).metadata(state.name)
 
     @app.get("/v2/models/{name}/versions/{version}", responses=errors(404, 503))
     def version_metadata(name: str, version: str) -> dict[str, Any]:
-        state.model(name)
+        model = state.model(name)
         _check_version(version)
-        return model_metadata(state)
+        return model.metadata(state.name)
 
     @app.get("/v2/models/{name}/ready", responses={**_READINESS_ANSWERS, **errors(404)})
     def model_ready(name: str) -> Any:

@@ -42,7 +42,11 @@ LOOPBACK_NAMES = ("localhost",)
 def serve(app: Any, config: ServeConfig, *, failures: list[str]) -> int:
     """Serve ``app`` on ``config.host:config.port`` until SIGTERM or SIGINT; 0 after a graceful stop,
     [`FORCED_STOP`][repvgg.serve.server.FORCED_STOP] after a second signal, 1 if the model failed to load
-    (``failures`` collects what the app's ``on_failure`` reported)."""
+    (``failures`` collects what the app's ``on_failure`` reported). The model's runtime shares the cores with the
+    server's threads ([`share_cores`][repvgg.io.onnx_run.share_cores])."""
+    from repvgg.io.onnx_run import share_cores
+
+    share_cores()
     _raise_open_files_limit()
     sock = _bind(config.host, config.port)
     server = make_server(app, config, port=sock.getsockname()[1])
