@@ -215,16 +215,23 @@ def test_reduced_precision_is_used_only_when_asked_and_checked_loosely(tiny_trai
     assert relative_error(runner(x).float(), _eager(tiny_train, x)) <= 5e-2
 
 
-def test_core_import_pulls_in_no_optional_runtime() -> None:
+def test_core_import_pulls_in_no_optional_runtime(tmp_path) -> None:
+    """``import repvgg`` loads none of the optional runtimes; plain ``predict`` loads no Ray (``--ray`` alone does)."""
     import sys
 
     from conftest import run_process
 
-    code = ("import sys, repvgg; heavy = {'onnx', 'onnxruntime', 'onnxscript', 'timm', 'torchvision', 'matplotlib'};"
-            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
-    result = run_process([sys.executable, "-c", code], timeout=240)
+    code = ("import sys, repvgg; heavy = {'onnx', 'onnxruntime', 'onnxscript', 'timm', 'torchvision', 'matplotlib',"
+            " 'ray'};"
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}));"
+            "from PIL import Image; from repvgg.cli import main; folder = sys.argv[1];"
+            "repvgg.save_weights(repvgg.create_model('repvgg_tiny', num_classes=3), folder + '/m.safetensors');"
+            "Image.new('RGB', (40, 40)).save(folder + '/a.png');"
+            "print(main(['predict', folder + '/m.safetensors', folder + '/a.png']), 'ray' in sys.modules)")
+    result = run_process([sys.executable, "-c", code, str(tmp_path)], timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.strip().splitlines()[0] == "[]"
+    assert result.stdout.split()[-2:] == ["0", "False"], result.stdout[-2000:]
 
 
 def test_openvino_candidate_when_installed(tiny_train: nn.Module) -> None:

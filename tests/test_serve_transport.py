@@ -250,15 +250,20 @@ def test_a_request_still_waiting_when_the_server_stops_is_told_503() -> None:
 @pytest.mark.parametrize("forced", [False, True])
 def test_a_stop_while_the_model_loads_ends_the_process_at_once(monkeypatch: pytest.MonkeyPatch, forced: bool) -> None:
     """A load still running when the server stops (a compile in native code) is not waited for, nor finalized under:
-    the process ends at once, with the stop's status (130 when forced)."""
+    the process ends at once, with the stop's status (130 when forced). The server runs with the cores shared with
+    the runtimes' threads, and leaves the process as it found it."""
+    from repvgg.io.onnx_run import cores_shared
     from repvgg.serve import server as server_module
     from repvgg.serve.app import LOAD_THREAD
     from repvgg.serve.config import ServeConfig
+
+    shared: list[bool] = []
 
     class Stopped:  # the uvicorn server after a stop: run() returns at once
         force_exit = forced
 
         def run(self, sockets: Any) -> None:
+            shared.append(cores_shared())
             sockets[0].close()
 
     def exit_now(status: int) -> None:
@@ -278,6 +283,7 @@ def test_a_stop_while_the_model_loads_ends_the_process_at_once(monkeypatch: pyte
         release.set()
         loading.join()
     assert server_module.serve(app, ServeConfig(port=0), failures=[]) == (130 if forced else 0)  # no load: returns
+    assert shared == [True, True] and not cores_shared()
 
 
 def test_each_connection_sends_its_writes_at_once() -> None:

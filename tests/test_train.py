@@ -159,21 +159,6 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
     assert not (out / "summary.json").exists()
 
 
-@pytest.mark.timeout(1500)  # above run_process's own limit, which ends the processes
-def test_two_process_gloo_run(tmp_path: Path) -> None:
-    data = write_image_folder(tmp_path / "data", classes=3, per_class=5, size=16)  # 15 images: an odd count
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
-           "-m", "repvgg", "train", "--model", "repvgg_tiny", "--device", "cpu", "--data", str(data), "--img-size",
-           "16", "--batch-size", "4", "--epochs", "1", "--no-inference-speed", "--output", str(out)]
-    result = run_process(cmd, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2
-    assert summary["val_images"] == 15  # the two evaluation shards add up exactly, the odd image counted once
-    assert summary["val_top1"] == summary["val_top1_deploy"]
-
-
 def test_config_file_and_flag_precedence(tmp_path: Path) -> None:
     from repvgg.cli import build_parser
     from repvgg.cli.train import resolve_config

@@ -30,7 +30,8 @@ __all__ = ["main", "run_and_exit", "build_parser", "EXIT_OK", "EXIT_RUN_FAILED",
 OPTIONAL_MODULES = {"timm": "train", "sklearn": "train", "matplotlib": "train", "pycocotools": "train",
                     "onnx": "deploy", "onnxruntime": "deploy", "onnxscript": "deploy", "openvino": "deploy",
                     "huggingface_hub": "hub", "tensorboard": "track", "fastapi": "serve", "uvicorn": "serve",
-                    "prometheus_client": "serve", "multipart": "serve", "python_multipart": "serve"}
+                    "prometheus_client": "serve", "multipart": "serve", "python_multipart": "serve",
+                    "ray": "scale"}
 
 #: Subcommand modules under ``repvgg.cli``, in the order ``--help`` lists them.
 _COMMANDS = ["train", "evaluate", "predict", "convert", "quantize", "ablate", "info", "bench", "export", "seg_train",

@@ -58,6 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
                    help="an unreadable image stops the run (fail, exit 2) or is reported and skipped (skip)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (model files)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="classifiers: predict on a Ray cluster, a pool of "
+                   "actors each holding the model (auto: the cluster running on this machine; local: start one here "
+                   "and stop it after; HOST:PORT: its head). Needs pip install 'repvgg[scale]'")
+    p.add_argument("--ray-actors", type=bounded_int(1, MAX_WORKERS), default=None,
+                   help="with --ray: model replicas (default: 2), each with the cluster's CPUs shared among them")
     p.add_argument("--score-threshold", type=bounded_float(0.0, 1.0), default=None,
                    help="detectors: boxes scoring below this are left out (default: 0.3)")
     p.add_argument("--draw", default=None, metavar="DIR", help="detectors and segmenters: write each image with its "
@@ -85,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         return _predict_masks(args, paths)
     refuse_flags((("--draw", args.draw), ("--score-threshold", args.score_threshold), ("--masks", args.masks)),
                  "to detectors and segmenters; ARTIFACT is a classifier")
+    if args.ray_actors is not None and args.ray is None:
+        raise ValueError("--ray-actors goes with --ray ADDRESS")
     for name, value in _CLASSIFIER_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -93,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(args.csv, reads=[args.artifact, args.classes, *paths, *folders], overwrite=args.overwrite,
                           option="--csv")
     many = len(paths) > _WEIGH_FROM_BATCHES * args.batch_size
+    if args.ray is not None:
+        return _predict_on_cluster(args, paths, many)
     predictor = Predictor(args.artifact, runtime=args.runtime, dtype=args.dtype, device=args.device,
                           batch_size=args.batch_size, workers=args.workers if many else 0, classes=args.classes,
                           calibration=paths if args.dtype != "float32" else None, measure=many,
@@ -115,6 +124,44 @@ def run(args: argparse.Namespace) -> int:
     table = _classes_table(document)
     if args.csv:
         table = _write_csv(args, rows, min(args.topk, len(predictor.classes))) or table
+    emit(args, document, table)
+    return 0
+
+
+def _predict_on_cluster(args: argparse.Namespace, paths: list[str], many: bool) -> int:
+    """A classifier's predictions from a pool of Ray actors (``--ray``): the same table, --json and --csv."""
+    from repvgg.predict.cluster import ClusterOptions, connect, iter_predict_paths
+    from repvgg.training.progress import progress_bar
+
+    options = ClusterOptions(topk=args.topk, batch_size=args.batch_size, actors=args.ray_actors or 2,
+                             runtime=args.runtime, dtype=args.dtype, classes=args.classes, measure=many,
+                             calibration=paths[:: max(1, len(paths) // 256)] if args.dtype != "float32" else None,
+                             min_agreement=args.min_agreement, max_top1_drop=args.max_top1_drop)
+    started_here = connect(args.ray)
+    bar = progress_bar(len(paths), "predict", enabled=many)
+    started = time.perf_counter()
+    try:
+        found = list(iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
+                                        on_batch=bar.update if bar is not None else None))
+    finally:
+        if bar is not None:
+            bar.close()
+        if started_here:
+            import ray
+
+            ray.shutdown()
+    seconds = time.perf_counter() - started
+    rows = [prediction.as_dict() for prediction, _ in found]
+    model = found[0][1]
+    skipped = [r for r in rows if r["error"]]
+    document = {"artifact": model["artifact"], "runtime": model["runtime"], "dtype": model["dtype"],
+                "preprocessing": model["preprocessing"], "notes": model["notes"],
+                "ray": {"address": args.ray, "actors": options.actors, "threads_per_actor": model["threads"]},
+                "images": len(rows) - len(skipped), "skipped": len(skipped), "seconds": seconds,
+                "images_per_s": (len(rows) - len(skipped)) / max(seconds, 1e-9), "predictions": rows}
+    table = _classes_table(document)
+    if args.csv:
+        table = _write_csv(args, rows, max(len(r["classes"]) for r in rows) or args.topk) or table
     emit(args, document, table)
     return 0
 
@@ -160,7 +207,8 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
 
     if args.dtype != "float32":
         raise ValueError("a detector predicts in float32 here; quantize it with `repvgg quantize` for INT8")
-    refuse_flags((("--topk", args.topk), ("--batch-size", args.batch_size), ("--workers", args.workers)),
+    refuse_flags((("--topk", args.topk), ("--batch-size", args.batch_size), ("--workers", args.workers),
+                  ("--ray", args.ray), ("--ray-actors", args.ray_actors)),
                  "to classifiers; a detector reports every box over --score-threshold, one image at a time")
     folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]
     reads = [args.artifact, args.classes, *paths, *folders]
@@ -202,7 +250,7 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
     if args.dtype != "float32":
         raise ValueError("a segmenter predicts in float32 here; quantize it with `repvgg quantize` for INT8")
     refuse_flags((("--topk", args.topk), ("--batch-size", args.batch_size), ("--workers", args.workers),
-                  ("--score-threshold", args.score_threshold)),
+                  ("--score-threshold", args.score_threshold), ("--ray", args.ray), ("--ray-actors", args.ray_actors)),
                  "to classifiers and detectors; a segmenter labels every pixel, one image at a time")
     folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]
     reads = [args.artifact, args.classes, *paths, *folders]

@@ -258,8 +258,8 @@ class _FastestSoFar:
 
     def reason(self) -> str:
         ranked = sorted(self.medians, key=self.medians.__getitem__)
-        return (f"{choice_timer(self.example.device)[1]} median over {self.rounds} rounds at batch {self.example.shape[0]}, each candidate timed "
-                "alone (one runtime's copy held at a time): "
+        return (f"{choice_timer(self.example.device)[1]} median over {self.rounds} rounds at batch "
+                f"{self.example.shape[0]}, each candidate timed alone (one runtime's copy held at a time): "
                 + ", ".join(f"{n}/{p} {self.medians[(n, p)] * 1e3:.2f} ms" for n, p in ranked))
 
 

@@ -37,7 +37,7 @@ from repvgg.predict.inputs import ImageFiles, collate_images, expand_inputs
 from repvgg.training.data import eval_transform
 from repvgg.training.images import as_rgb, load_rgb
 
-__all__ = ["Prediction", "Predictor", "locate_artifact", "softmax_rows", "RUNTIMES", "DTYPES"]
+__all__ = ["Prediction", "Predictor", "bad_image_error", "locate_artifact", "softmax_rows", "RUNTIMES", "DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,12 @@ class Prediction:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def bad_image_error(error: str) -> ValueError:
+    """What ``--bad-images fail`` raises for an unreadable image (``error`` names it and why)."""
+    return ValueError(f"{error}. Remove or replace the file, or pass --bad-images skip to report and skip unreadable "
+                      "images")
 
 
 def locate_artifact(artifact: str | os.PathLike[str]) -> tuple[str, Path | str]:
@@ -238,8 +244,7 @@ class Predictor:
         k = min(check_int(topk, "topk", low=1), len(self.classes))
         for sources, images, errors in self._batches(inputs):
             if errors and bad_images == "fail":
-                raise ValueError(f"{errors[0][1]}. Remove or replace the file, or pass --bad-images skip to report "
-                                 "and skip unreadable images")
+                raise bad_image_error(errors[0][1])
             results: dict[int, Prediction] = {i: Prediction(sources[i], (), (), (), error) for i, error in errors}
             if images is not None:
                 try:

@@ -122,8 +122,8 @@ class Batcher:
         return Admission(self, count)
 
     async def submit(self, images: Tensor | list, admission: Admission | None = None) -> Any:
-        """The outputs for ``images`` (a list of N, or an ``(N, ...)`` tensor of them; N at most ``max_batch``), run with
-        whatever else waits; ``admission``, if given, holds their places in the queue (see
+        """The outputs for ``images`` (a list of N, or an ``(N, ...)`` tensor of them; N at most ``max_batch``), run
+        with whatever else waits; ``admission``, if given, holds their places in the queue (see
         [`admit`][repvgg.serve.batcher.Batcher.admit]).
 
         Raises:

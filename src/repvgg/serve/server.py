@@ -44,16 +44,20 @@ def serve(app: Any, config: ServeConfig, *, failures: list[str]) -> int:
     [`FORCED_STOP`][repvgg.serve.server.FORCED_STOP] after a second signal, 1 if the model failed to load
     (``failures`` collects what the app's ``on_failure`` reported). The model's runtime shares the cores with the
     server's threads ([`share_cores`][repvgg.io.onnx_run.share_cores])."""
-    from repvgg.io.onnx_run import share_cores
+    from repvgg.io.onnx_run import cores_shared, share_cores
 
-    share_cores()
     _raise_open_files_limit()
     sock = _bind(config.host, config.port)
     server = make_server(app, config, port=sock.getsockname()[1])
     app.state.stop = lambda: setattr(server, "should_exit", True)
     log.info("listening on %s (Ctrl-C or SIGTERM stops it after the requests in flight)",
              url(*sock.getsockname()[:2]))
-    server.run(sockets=[sock])
+    shared = cores_shared()
+    share_cores()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        share_cores(shared)  # as it was, for whatever else runs in this process
     status = FORCED_STOP if server.force_exit else 1 if failures else 0
     if any(thread.name == LOAD_THREAD and thread.is_alive() for thread in threading.enumerate()):
         _exit_now(status)
