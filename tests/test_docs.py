@@ -66,3 +66,79 @@ def test_the_docs_check_catches_a_raw_sphinx_role(tmp_path: Path) -> None:
     assert "index.md" in result.stderr and ":func:`repvgg.io.loading.load_model`" in result.stderr, result.stderr
     result = build("See `load_model`.")
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _block(text: str, opening: str) -> str:
+    """The fenced block of ``text`` whose first line after the fence starts with ``opening``."""
+    for block in text.split("```")[1::2]:
+        body = block.split("\n", 1)[1]
+        if body.startswith(opening):
+            return body
+    raise AssertionError(f"no block starting with {opening!r}")
+
+
+def _launch(argv: list[str]) -> list[str]:
+    """``torchrun ... -m repvgg ARGS`` checked by torchrun's own parser; ``ARGS`` returned."""
+    from torch.distributed.run import get_args_parser
+
+    parsed = get_args_parser().parse_args(argv[1:])
+    assert parsed.module and parsed.training_script == "repvgg", argv
+    return list(parsed.training_script_args)
+
+
+def test_the_slurm_script_launches_a_run_the_cli_accepts() -> None:
+    import shlex
+
+    from repvgg.cli import build_parser
+
+    script = _block((ROOT / "docs" / "training.md").read_text(), "#!/bin/bash")
+    command = script[script.index("srun ") + 5:].replace("\\\n", " ").split("\n")[0]
+    shell = {"$SLURM_NNODES": "2", "$head": "node0", "$SLURM_JOB_ID": "7", "$run": "/shared/runs/b3",
+             "$resume": "--resume /shared/runs/b3"}  # what Slurm and the script fill in (a requeued job's)
+    for name, value in sorted(shell.items(), key=lambda item: -len(item[0])):
+        command = command.replace(name, value)
+    argv = shlex.split(command)
+    args = build_parser().parse_args(_launch(argv))
+    assert (args.command, args.model, args.epochs, args.output) == ("train", "repvgg_b3", 200, "/shared/runs/b3")
+    assert "--rdzv-backend" in argv and argv[argv.index("--rdzv-backend") + 1] == "c10d"
+
+
+def test_the_pytorchjob_manifest_fits_the_training_operators_schema() -> None:
+    import yaml
+
+    from repvgg.cli import build_parser
+
+    models = pytest.importorskip("kubeflow.training.models", reason="kubeflow-training (its schema) is not installed")
+    import kubernetes.client.models as kubernetes_models
+
+    manifest = yaml.safe_load(_block((ROOT / "docs" / "training.md").read_text(), "apiVersion: kubeflow.org/v1"))
+    _fits(manifest, "KubeflowOrgV1PyTorchJob", (models, kubernetes_models), "manifest")
+    assert manifest["kind"] == "PyTorchJob" and manifest["spec"]["elasticPolicy"]["rdzvBackend"] == "c10d"
+    worker = manifest["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert worker["replicas"] == manifest["spec"]["elasticPolicy"]["minReplicas"]
+    (container,) = worker["template"]["spec"]["containers"]
+    args = build_parser().parse_args(_launch([str(a) for a in container["command"]]))
+    assert (args.command, args.model, args.output) == ("train", "repvgg_b3", "/shared/runs/b3")
+
+
+def _fits(value: object, kind: str, modules: tuple, where: str) -> None:
+    """``value`` has only fields the OpenAPI model ``kind`` knows (by their JSON names), recursively."""
+    if kind.startswith("list[") and kind.endswith("]"):
+        assert isinstance(value, list), f"{where}: a list"
+        for i, item in enumerate(value):
+            _fits(item, kind[5:-1], modules, f"{where}[{i}]")
+        return
+    if kind.startswith("dict(str, ") and kind.endswith(")"):
+        assert isinstance(value, dict), f"{where}: a mapping"
+        for key, item in value.items():
+            _fits(item, kind[10:-1], modules, f"{where}.{key}")
+        return
+    model = next((getattr(m, kind) for m in modules if hasattr(m, kind)), None)
+    if model is None:  # str, int, bool, object, quantities: values, not structures
+        assert not isinstance(value, dict) or kind == "object" or kind.startswith("dict"), f"{where}: {kind}"
+        return
+    assert isinstance(value, dict), f"{where}: a {kind} object, got {value!r}"
+    fields = {json_name: model.openapi_types[name] for name, json_name in model.attribute_map.items()}
+    for key, item in value.items():
+        assert key in fields, f"{where}.{key}: not a field of {kind} ({', '.join(sorted(fields))})"
+        _fits(item, fields[key], modules, f"{where}.{key}")
