@@ -74,9 +74,10 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 #: The files that take longest (seconds of one worker on a 2-core machine), run first: with one file per worker
 #: (``--dist loadfile``), a long file that starts last keeps one worker busy while the other waits.
-LONGEST_FIRST = ("test_serve.py", "test_train.py", "test_detection.py", "test_segmentation_train.py",
-                 "test_timm_interface.py", "test_model.py", "test_precision.py", "test_reliability.py",
-                 "test_hostile_inputs.py", "test_quantize.py", "test_fast.py", "test_run_safety.py", "test_predict.py")
+LONGEST_FIRST = ("test_serve.py", "test_detection.py", "test_cluster.py", "test_multinode.py", "test_train.py",
+                 "test_segment_deploy.py", "test_fast.py", "test_segmentation_train.py", "test_model.py",
+                 "test_reliability.py", "test_run_safety.py", "test_quantize.py", "test_hostile_inputs.py",
+                 "test_precision.py", "test_predict.py", "test_timm_interface.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

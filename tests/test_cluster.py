@@ -9,6 +9,8 @@ import io
 import json
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -54,49 +56,49 @@ def plain(qa_digits_run: Path, images: Path) -> list[dict[str, Any]]:
     return document["predictions"]
 
 
-def test_ray_local_predicts_what_plain_predict_does(qa_digits_run: Path, images: Path,
-                                                    plain: list[dict[str, Any]]) -> None:
-    status, document = _predict(str(qa_digits_run), str(images), "--bad-images", "skip", "--runtime", "eager",
-                                "--ray", "local", "--ray-actors", "1", "--batch-size", "8")
+def _actors() -> dict[int, str]:
+    """This machine's processes that are actors of the predictor's pool, by pid: their Ray process titles."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if "MapBatches(_Classify)" in title:
+                    found[int(entry.name)] = title
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="the test finds the actor's process in /proc")
+def test_ray_local_predicts_what_plain_predict_does_even_when_its_actor_is_killed(
+        qa_digits_run: Path, images: Path, plain: list[dict[str, Any]]) -> None:
+    """``--ray local`` (one actor, batches of two) while a watcher kills the actor in the middle of a batch: Ray
+    starts another, and every image comes once, in order, as plain ``predict`` says it (the broken one skipped)."""
+    killed: list[int] = []
+    replaced: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for pid, title in _actors().items():
+                if not killed and ".submit" in title:  # predicting a batch
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                elif killed and pid != killed[0] and pid not in replaced:
+                    replaced.append(pid)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        status, document = _predict(str(qa_digits_run), str(images), "--bad-images", "skip", "--runtime", "eager",
+                                    "--ray", "local", "--ray-actors", "1", "--batch-size", "2")
+    finally:
+        stop.set()
+        watcher.join()
     assert status == 0 and not ray.is_initialized()  # the cluster it started is stopped
+    assert killed and replaced, (killed, replaced)
     assert document["ray"]["actors"] == 1 and document["skipped"] == 1
     _assert_same(document["predictions"], plain)
-
-
-def test_a_cluster_out_of_reach_is_exit_2_without_a_traceback(qa_digits_run: Path, images: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
-    status = main(["predict", str(qa_digits_run), str(images / "000.png"), "--ray", "127.0.0.1:9"])
-    err = capsys.readouterr().err
-    assert status == 2 and "cannot reach a Ray cluster at 127.0.0.1:9" in err and "Traceback" not in err
-    assert not ray.is_initialized()
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def test_an_actor_killed_mid_run_is_replaced_and_every_input_comes_once(cluster: None, qa_digits_run: Path,
-                                                                        images: Path,
-                                                                        plain: list[dict[str, Any]]) -> None:
-    from repvgg.predict.cluster import ClusterOptions, predict_dataset
-
-    paths = sorted(str(p) for p in images.iterdir())
-    dataset = ray.data.from_items([{"path": p} for p in paths])
-    options = ClusterOptions(batch_size=4, actors=2, runtime="eager", measure=False)
-    found, killed = [], None
-    for batch in predict_dataset(dataset, qa_digits_run, options).iter_batches(batch_size=None,
-                                                                               batch_format="numpy"):
-        found += [json.loads(text) for text in batch["prediction"]]
-        if killed is None:
-            killed = json.loads(batch["model"][0])["pid"]
-            os.kill(killed, signal.SIGKILL)  # the actor that answered first, with batches still to come
-    assert killed is not None and len(found) == len(paths)
-    _assert_same(found, plain)
 
 
 def test_a_bad_image_fails_the_run_as_in_plain_predict(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,3 +124,11 @@ def test_a_bad_image_fails_the_run_as_in_plain_predict(monkeypatch: pytest.Monke
     with pytest.raises(ValueError, match="broken.png: not an image. Remove or replace the file, or pass "
                                          "--bad-images skip"):
         list(module.iter_predict_paths(["a.png", "broken.png"], "run", module.ClusterOptions(), bad_images="fail"))
+
+
+def test_a_cluster_out_of_reach_is_exit_2_without_a_traceback(qa_digits_run: Path, images: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    status = main(["predict", str(qa_digits_run), str(images / "000.png"), "--ray", "127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert status == 2 and "cannot reach a Ray cluster at 127.0.0.1:9" in err and "Traceback" not in err
+    assert not ray.is_initialized()

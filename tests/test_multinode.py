@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_process, started_process, wait_for, write_image_folder
+from conftest import started_process, wait_for, write_image_folder
 
 from repvgg.io.checkpoint import load_checkpoint
 
@@ -69,17 +69,18 @@ def test_two_nodes_through_the_c10d_rendezvous_train_as_two_processes_on_one(tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = ["train", "--model", "repvgg_tiny", "--device", "cpu", "--data", str(data), "--img-size", "16",
              "--batch-size", "4", "--epochs", "1", "--no-inference-speed", "--output"]
-    one = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                       "-m", "repvgg", *train, str(tmp_path / "one")], timeout=1200, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    one = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "repvgg",
+           *train, str(tmp_path / "one")]
+    two = _two_nodes(f"127.0.0.1:{_free_port()}", [*train, str(tmp_path / "two")], tmp_path / "logs")
+    logs = tmp_path / "logs"
+    with started_process(one, logs / "one", env=env) as reference, \
+            started_process(two[0], logs / "agent0", env=env) as first, \
+            started_process(two[1], logs / "agent1", env=env) as second:  # at once: much of it is waiting
+        for proc, log in ((reference, "one"), (first, "agent0"), (second, "agent1")):
+            assert proc.wait(timeout=1200) == 0, (logs / log / "stderr.txt").read_text()[-3000:]
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["val_images"] == 15
     assert summary["val_top1"] == summary["val_top1_deploy"]
-    commands = _two_nodes(f"127.0.0.1:{_free_port()}", [*train, str(tmp_path / "two")], tmp_path / "logs")
-    with started_process(commands[0], tmp_path / "logs" / "agent0", env=env) as first, \
-            started_process(commands[1], tmp_path / "logs" / "agent1", env=env) as second:
-        assert first.wait(timeout=1200) == 0 and second.wait(timeout=1200) == 0, \
-            (tmp_path / "logs" / "agent0" / "stderr.txt").read_text()[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
     assert _metrics(tmp_path / "two") == _metrics(tmp_path / "one")
 
@@ -104,6 +105,8 @@ def test_a_node_killed_mid_epoch_leaves_a_resumable_checkpoint(tmp_path: Path) -
                 os.kill(pid, signal.SIGKILL)
         second.wait()
         assert first.wait(timeout=600) != 0  # the surviving node cannot go on alone
-    assert "epoch 50/50" not in (tmp_path / "logs" / "agent0" / "stderr.txt").read_text()
+    told = (tmp_path / "logs" / "agent0" / "stderr.txt").read_text()
+    assert "epoch 50/50" not in told
+    assert "another process of this 2-process run stopped" in told and "--resume RUN" in told, told[-3000:]
     state = load_checkpoint(out)  # as a process killed alone leaves it (test_train.py resumes such a checkpoint)
     assert 1 <= state["epoch"] < 50 and len(_metrics(out)) == state["epoch"]

@@ -36,6 +36,11 @@ class WriteFailed(RunFailed):
     """A file could not be written (no space, a file-size limit, permissions); its previous version is intact."""
 
 
+class PeerLost(RunFailed):
+    """Another process of a distributed run stopped (killed, or its machine lost) and the collectives failed; the
+    last finished epoch's checkpoint is kept."""
+
+
 class OutOfMemory(RunFailed):
     """The machine (or the process's limits) could not give the memory a step needed; what was written before is
     intact."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -137,19 +138,22 @@ def _predict_on_cluster(args: argparse.Namespace, paths: list[str], many: bool) 
                              runtime=args.runtime, dtype=args.dtype, classes=args.classes, measure=many,
                              calibration=paths[:: max(1, len(paths) // 256)] if args.dtype != "float32" else None,
                              min_agreement=args.min_agreement, max_top1_drop=args.max_top1_drop)
-    started_here = connect(args.ray)
     bar = progress_bar(len(paths), "predict", enabled=many)
     started = time.perf_counter()
-    try:
-        found = list(iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
-                                        on_batch=bar.update if bar is not None else None))
-    finally:
-        if bar is not None:
-            bar.close()
-        if started_here:
-            import ray
+    # Ray's driver prints what its cluster reports (a worker that died, ...) on standard output, which is the
+    # table's or --json's: it goes to standard error while Ray runs
+    with contextlib.redirect_stdout(sys.stderr):
+        started_here = connect(args.ray)
+        try:
+            found = list(iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
+                                            on_batch=bar.update if bar is not None else None))
+        finally:
+            if bar is not None:
+                bar.close()
+            if started_here:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     seconds = time.perf_counter() - started
     rows = [prediction.as_dict() for prediction, _ in found]
     model = found[0][1]

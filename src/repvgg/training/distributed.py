@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
+from repvgg.errors import PeerLost
 from repvgg.options import check_device_name
 
 __all__ = [
@@ -266,5 +267,24 @@ def run_distributed(job: Callable[[DistContext], T], device: str) -> T:
         result = job(ctx)
         finished = True
         return result
+    except RuntimeError as err:
+        if ctx.world_size > 1 and _peer_lost(err):
+            raise PeerLost(f"another process of this {ctx.world_size}-process run stopped ({_first_line(err)}); "
+                           "the run folder keeps the last finished epoch's last.pt: start the run again with "
+                           "--resume RUN") from err
+        raise
     finally:
         shutdown_distributed(wait=finished)
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because a peer went away (gloo's and NCCL's errors)."""
+    if isinstance(err, dist.DistError):
+        return True
+    message = str(err).lower()
+    return any(word in message for word in ("gloo", "nccl", "connection reset by peer", "connection closed by peer"))
+
+
+def _first_line(err: BaseException) -> str:
+    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return line if len(line) <= 200 else line[:200] + "..."
