@@ -115,16 +115,22 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - started
-    rows = [p.as_dict() for p in predictions]
+    header = {"artifact": predictor.artifact, "runtime": predictor.backend, "dtype": predictor.dtype,
+              "preprocessing": predictor.preprocessing.to_dict(), "notes": list(predictor.card.notes)}
+    return _emit_classes(args, header, [p.as_dict() for p in predictions], time.perf_counter() - started,
+                         min(args.topk, len(predictor.classes)))
+
+
+def _emit_classes(args: argparse.Namespace, header: dict[str, Any], rows: list[dict[str, Any]], seconds: float,
+                  k: int) -> int:
+    """A classifier's predictions as the table, --json and --csv (``k`` classes an image), with the run's counts
+    and speed after ``header``."""
     skipped = [r for r in rows if r["error"]]
-    document = {"artifact": predictor.artifact, "runtime": predictor.backend, "dtype": predictor.dtype,
-                "preprocessing": predictor.preprocessing.to_dict(), "notes": list(predictor.card.notes),
-                "images": len(rows) - len(skipped), "skipped": len(skipped), "seconds": seconds,
+    document = {**header, "images": len(rows) - len(skipped), "skipped": len(skipped), "seconds": seconds,
                 "images_per_s": (len(rows) - len(skipped)) / max(seconds, 1e-9), "predictions": rows}
     table = _classes_table(document)
     if args.csv:
-        table = _write_csv(args, rows, min(args.topk, len(predictor.classes))) or table
+        table = _write_csv(args, rows, k) or table
     emit(args, document, table)
     return 0
 
@@ -154,20 +160,13 @@ def _predict_on_cluster(args: argparse.Namespace, paths: list[str], many: bool) 
                 import ray
 
                 ray.shutdown()
-    seconds = time.perf_counter() - started
     rows = [prediction.as_dict() for prediction, _ in found]
     model = found[0][1]
-    skipped = [r for r in rows if r["error"]]
-    document = {"artifact": model["artifact"], "runtime": model["runtime"], "dtype": model["dtype"],
-                "preprocessing": model["preprocessing"], "notes": model["notes"],
-                "ray": {"address": args.ray, "actors": options.actors, "threads_per_actor": model["threads"]},
-                "images": len(rows) - len(skipped), "skipped": len(skipped), "seconds": seconds,
-                "images_per_s": (len(rows) - len(skipped)) / max(seconds, 1e-9), "predictions": rows}
-    table = _classes_table(document)
-    if args.csv:
-        table = _write_csv(args, rows, max(len(r["classes"]) for r in rows) or args.topk) or table
-    emit(args, document, table)
-    return 0
+    header = {"artifact": model["artifact"], "runtime": model["runtime"], "dtype": model["dtype"],
+              "preprocessing": model["preprocessing"], "notes": model["notes"],
+              "ray": {"address": args.ray, "actors": options.actors, "threads_per_actor": model["threads"]}}
+    return _emit_classes(args, header, rows, time.perf_counter() - started,
+                         max(len(r["classes"]) for r in rows) or args.topk)
 
 
 def _csv_file(args: argparse.Namespace) -> bool:

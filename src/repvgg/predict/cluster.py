@@ -94,6 +94,7 @@ def predict_dataset(dataset: Any, artifact: str | os.PathLike[str], options: Clu
 
     options = options or ClusterOptions()
     cpus = options.cpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.actors)
+    # Ray Data restarts a dead actor and runs its batches again (its defaults: max_restarts and max_task_retries -1)
     predicted = dataset.map_batches(
         _Classify, fn_constructor_args=(os.fspath(artifact), options, cpus), batch_size=options.batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.actors), num_cpus=cpus)
@@ -101,7 +102,6 @@ def predict_dataset(dataset: Any, artifact: str | os.PathLike[str], options: Clu
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
     return predicted
-    # Ray Data restarts a dead actor and runs its batches again (its defaults: max_restarts and max_task_retries -1)
 
 
 def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], options: ClusterOptions, *,
@@ -116,7 +116,6 @@ def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], o
     import ray
 
     dataset = ray.data.from_items([{"path": str(path)} for path in paths])
-    done = 0
     for batch in predict_dataset(dataset, artifact, options).iter_batches(batch_size=None, batch_format="numpy"):
         for text, model in zip(batch["prediction"], batch["model"]):
             row = json.loads(text)
@@ -124,7 +123,6 @@ def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], o
                 raise bad_image_error(row["error"])
             yield Prediction(row["source"], tuple(row["classes"]), tuple(row["indices"]),
                              tuple(row["probabilities"]), row["error"]), json.loads(model)
-        done += len(batch["prediction"])
         if on_batch is not None:
             on_batch(len(batch["prediction"]))
 

@@ -203,15 +203,22 @@ class Predictor:
         Raises:
             NonFiniteOutput: a NaN or infinite output (naming ``what``): its predictions cannot be trusted.
         """
-        probabilities = softmax_rows(logits)
-        if not torch.isfinite(logits).all() or not torch.isfinite(probabilities).all():
+        finite, rows = self.rank_rows(logits, topk)
+        if not all(finite):
             raise NonFiniteOutput(f"the model gave a NaN or infinite output for {what}; its predictions cannot be "
                                   "trusted")
-        top = probabilities.topk(min(topk, len(self.classes)), dim=1)
-        rows = []
-        for values, picked in zip(top.values.tolist(), top.indices.tolist()):
-            rows.append((tuple(self.classes[i] for i in picked), tuple(picked), tuple(values)))
         return rows
+
+    def rank_rows(self, logits: Tensor, topk: int
+                  ) -> tuple[list[bool], list[tuple[tuple[str, ...], tuple[int, ...], tuple[float, ...]]]]:
+        """[`rank`][repvgg.predict.predictor.Predictor.rank] without refusing: whether each row and its softmax are
+        all finite, and each row's top classes (meaningless where not finite)."""
+        probabilities = softmax_rows(logits)
+        finite = (torch.isfinite(logits).all(dim=1) & torch.isfinite(probabilities).all(dim=1)).tolist()
+        top = probabilities.topk(min(topk, len(self.classes)), dim=1)
+        rows = [(tuple(self.classes[i] for i in picked), tuple(picked), tuple(values))
+                for values, picked in zip(top.values.tolist(), top.indices.tolist())]
+        return finite, rows
 
     def prepare_encoded(self, data: bytes, what: str = "the uploaded image") -> Tensor:
         """An encoded image (PNG, JPEG, ... bytes) prepared as a file of it is: bounded by

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repvgg.predict.predictor import softmax_rows
 from repvgg.serve.config import ServeConfig
 from repvgg.serve.openapi import for_model
 from repvgg.serve.protocol import (IMAGE, INPUT, OUTPUT, PROBABILITIES, InferRequest, encode_response,
@@ -63,11 +62,8 @@ class ClassifierModel:
     def run(self, images: list[Tensor]) -> list[Ranked]:
         """Each image's logits, ranked at the server's ``--topk`` (one stack, one model call, one ranking)."""
         logits = self.predictor.logits(torch.stack(images))
-        probabilities = softmax_rows(logits)
-        finite = (torch.isfinite(logits).all(dim=1) & torch.isfinite(probabilities).all(dim=1)).tolist()
-        top = probabilities.topk(min(self.config.topk, len(self.classes)), dim=1)
-        return [Ranked(row, ok, (tuple(self.classes[i] for i in picked), tuple(picked), tuple(values)))
-                for row, ok, values, picked in zip(logits, finite, top.values.tolist(), top.indices.tolist())]
+        finite, rows = self.predictor.rank_rows(logits, self.config.topk)
+        return [Ranked(row, ok, top) for row, ok, top in zip(logits, finite, rows)]
 
     def answer(self, source: str, result: Ranked, topk: int | None = None) -> dict[str, Any]:
         """``/predict``'s answer for one image: its top ``topk`` classes (the server's ``--topk`` by default).
