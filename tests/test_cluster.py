@@ -116,7 +116,7 @@ def test_a_bad_image_fails_the_run_as_in_plain_predict(monkeypatch: pytest.Monke
             yield {"prediction": np.array([json.dumps(r) for r in rows], dtype=object),
                    "model": np.array([model] * 2, dtype=object)}
 
-    monkeypatch.setattr(module, "predict_dataset", lambda *args: Answers())
+    monkeypatch.setattr(module, "predict_dataset", lambda *args, **kwargs: Answers())
     monkeypatch.setattr(ray.data, "from_items", lambda items: items)
     found = list(module.iter_predict_paths(["a.png", "broken.png"], "run", module.ClusterOptions(),
                                            bad_images="skip"))

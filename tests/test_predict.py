@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,36 @@ def test_a_hub_reference_predicts_with_the_card_of_its_file(run: dict[str, Path]
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     document = _predict(capsys, "hf-hub:someone/digits-a0", str(run["data"] / "val" / "class_2"), "--topk", "1")
     assert [r["classes"] for r in document["predictions"]] == [["class_2"]] * 8 and not document["notes"]
+
+
+def test_predictors_build_from_one_exported_graph_and_check_it(run: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph a Ray driver exports once (`model_graph`) is what each actor's predictor builds its ONNX runtime
+    from, without exporting again, and predicts as a predictor that exported its own; a graph of another model is
+    refused by the check every runtime passes; none is made where no ONNX runtime would be built."""
+    from repvgg.io import export
+    from repvgg.predict.cluster import ClusterOptions, model_graph
+
+    paths = sorted(str(p) for p in (run["data"] / "val").rglob("*.png"))
+    own = repvgg.Predictor(run["run"], runtime="onnxruntime", batch_size=8).predict(paths, topk=3)
+    graph = model_graph(run["run"], ClusterOptions(runtime="onnxruntime", batch_size=8))
+    assert graph is not None and graph.startswith(b"\x08")  # an ONNX ModelProto (its ir_version field first)
+    (tmp_path / "model.onnx").write_bytes(graph)
+
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export, "export_onnx_file", no_export)
+    shared = repvgg.Predictor(run["run"], runtime="onnxruntime", batch_size=8, graph=tmp_path / "model.onnx")
+    assert shared.backend == "onnxruntime"
+    for a, b in zip(own, shared.predict(paths, topk=3)):
+        assert a.indices == b.indices and np.allclose(a.probabilities, b.probabilities, atol=1e-6)
+    other = repvgg.create_model("qarepvgg_tiny", num_classes=3).eval()  # untrained: other outputs
+    with warnings.catch_warnings():  # the TorchScript exporter (quicker here) is deprecated
+        warnings.simplefilter("ignore")
+        torch.onnx.export(other, (torch.randn(2, 3, 32, 32),), str(tmp_path / "other.onnx"), dynamo=False,
+                          input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    with pytest.raises(ValueError, match="no candidate reproduces the eager model"):
+        repvgg.Predictor(run["run"], runtime="onnxruntime", batch_size=8, graph=tmp_path / "other.onnx")
+    assert model_graph(run["run"], ClusterOptions(runtime="eager")) is None
+    assert model_graph(run["fp32"], ClusterOptions(runtime="onnxruntime")) is None  # an ONNX file is its own graph

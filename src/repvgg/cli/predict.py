@@ -137,7 +137,9 @@ def _emit_classes(args: argparse.Namespace, header: dict[str, Any], rows: list[d
 
 def _predict_on_cluster(args: argparse.Namespace, paths: list[str], many: bool) -> int:
     """A classifier's predictions from a pool of Ray actors (``--ray``): the same table, --json and --csv."""
-    from repvgg.predict.cluster import ClusterOptions, connect, iter_predict_paths
+    from concurrent.futures import ThreadPoolExecutor
+
+    from repvgg.predict.cluster import ClusterOptions, connect, iter_predict_paths, model_graph
     from repvgg.training.progress import progress_bar
 
     options = ClusterOptions(topk=args.topk, batch_size=args.batch_size, actors=args.ray_actors or 2,
@@ -148,11 +150,13 @@ def _predict_on_cluster(args: argparse.Namespace, paths: list[str], many: bool) 
     started = time.perf_counter()
     # Ray's driver prints what its cluster reports (a worker that died, ...) on standard output, which is the
     # table's or --json's: it goes to standard error while Ray runs
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), ThreadPoolExecutor(1) as pool:
+        graph = pool.submit(model_graph, args.artifact, options)  # exported while the cluster starts
         started_here = connect(args.ray)
         try:
             found = list(iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
-                                            on_batch=bar.update if bar is not None else None))
+                                            on_batch=bar.update if bar is not None else None,
+                                            graph=graph.result() or False))
         finally:
             if bar is not None:
                 bar.close()

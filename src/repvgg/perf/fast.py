@@ -20,9 +20,8 @@ chosen only if it passes the accuracy guard on ``validation`` images, never with
 from __future__ import annotations
 
 import copy
-import functools
-import gc
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,14 +34,13 @@ from torch import Tensor, nn
 from repvgg.nn.convert import is_reparameterizable, reparameterize_model
 from repvgg.nn.fusion import fuse_conv_bn, is_batchnorm
 from repvgg.measure.environment import device_supports_dtype, native_bf16
-from repvgg.quant.guard import (DEFAULT_RTOL, Guard, PrecisionRejected, output_deviation, require_passing,
-                                validation_guard)
+from repvgg.quant.guard import DEFAULT_RTOL, Guard, output_deviation, require_passing, validation_guard
 from repvgg.perf.runtimes import (CANDIDATES, TORCH_DTYPES, BuildContext, Candidate, Runner, Unsupported,
                                   default_candidates)
-from repvgg.measure.timing import choice_timer, time_interleaved
+from repvgg.perf.choosing import FastestSoFar, choose, effort
 
 __all__ = ["CANDIDATES", "Candidate", "CandidateReport", "InferenceRunner", "default_candidates", "default_rtol",
-           "optimize_for_inference", "output_deviation", "precisions_to_weigh"]
+           "optimize_for_inference", "output_deviation", "precisions_to_weigh", "prepare_for_inference"]
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +135,9 @@ def precisions_to_weigh(dtype: str | torch.dtype | None, example: Tensor, *, cal
     return [dtype]
 
 
-def _prepare(model: nn.Module, device: torch.device, fuse: bool) -> nn.Module:
-    """A fused eval-mode float32 copy on ``device`` (the caller's model is never modified)."""
+def prepare_for_inference(model: nn.Module, device: torch.device, fuse: bool = True) -> nn.Module:
+    """A fused eval-mode float32 copy of ``model`` on ``device``, which every candidate is built from (the caller's
+    model is never modified)."""
     prepared = copy.deepcopy(model).eval()
     if fuse:
         if any(is_reparameterizable(m) for m in prepared.modules()):
@@ -195,6 +194,7 @@ def _build_one(name: str, ctx: BuildContext, reference: Any, rtol: float | None)
 
 def _build_candidates(names: Sequence[str], precisions: Sequence[str], prepared: nn.Module, example: Tensor,
                       reference: Any, rtol: float | None, *, calibration: Any, first_only: bool,
+                      graph: Path | None = None,
                       on_built: Callable[[dict[tuple[str, str], Runner], list[CandidateReport], tuple[str, str]],
                                          None] | None = None
                       ) -> tuple[dict[tuple[str, str], Runner], list[CandidateReport]]:
@@ -204,7 +204,7 @@ def _build_candidates(names: Sequence[str], precisions: Sequence[str], prepared:
     working: dict[tuple[str, str], Runner] = {}
     with tempfile.TemporaryDirectory(prefix="repvgg-fast-") as tmp:
         # The runtimes load what they need from the exported files before they are deleted.
-        files: dict[str, Path] = {}  # the ONNX graphs, made once for every precision
+        files: dict[str, Path] = {} if graph is None else {"onnx": graph}  # made once for every precision
         contexts = {p: BuildContext(prepared, example, Path(tmp), precision=p, calibration=calibration, files=files)
                     for p in precisions}
         for precision in precisions:
@@ -220,47 +220,6 @@ def _build_candidates(names: Sequence[str], precisions: Sequence[str], prepared:
                     if on_built is not None:
                         on_built(working, reports, (name, precision))
     return working, reports
-
-
-class _FastestSoFar:
-    """Times each candidate alone as it is built and keeps only the fastest so far, so that one runtime's copy of a
-    large model is held at a time besides it (the timings are then not interleaved)."""
-
-    def __init__(self, check: Callable[[dict[tuple[str, str], Runner], list[CandidateReport]], None],
-                 example: Tensor, warmup: int, rounds: int, pause_s: float) -> None:
-        self.check, self.example = check, example
-        self.warmup, self.rounds, self.pause_s = warmup, rounds, pause_s
-        self.best: tuple[str, str] | None = None
-        self.medians: dict[tuple[str, str], float] = {}
-        self.rejected: PrecisionRejected | None = None  # raised if no candidate at all holds the guard
-
-    def __call__(self, working: dict[tuple[str, str], Runner], reports: list[CandidateReport],
-                 key: tuple[str, str]) -> None:
-        report = next(r for r in reports if (r.name, r.precision) == key)
-        try:
-            self.check({key: working[key]} if key[1] != "float32" else {}, reports)  # the accuracy guard, alone
-        except PrecisionRejected as err:
-            report.status, self.rejected = "inaccurate", err
-        if report.status != "ok":
-            del working[key]
-            return
-        label = f"{key[0]}/{key[1]}"
-        with torch.no_grad():
-            timing = time_interleaved({label: functools.partial(working[key], self.example)}, warmup=self.warmup,
-                                      rounds=self.rounds, timer=choice_timer(self.example.device)[0],
-                                      pause_s=self.pause_s)
-        self.medians[key] = report.median_s = timing[label].median
-        loser = key if self.best is not None and self.medians[key] >= self.medians[self.best] else self.best
-        if loser is not None:
-            del working[loser]
-        self.best = key if loser != key else self.best
-        gc.collect()
-
-    def reason(self) -> str:
-        ranked = sorted(self.medians, key=self.medians.__getitem__)
-        return (f"{choice_timer(self.example.device)[1]} median over {self.rounds} rounds at batch "
-                f"{self.example.shape[0]}, each candidate timed alone (one runtime's copy held at a time): "
-                + ", ".join(f"{n}/{p} {self.medians[(n, p)] * 1e3:.2f} ms" for n, p in ranked))
 
 
 def _guard(working: dict[tuple[str, str], Runner], reports: list[CandidateReport], prepared: nn.Module,
@@ -307,14 +266,12 @@ def optimize_for_inference(
     candidates: Sequence[str] | None = None,
     measure: bool = True,
     rtol: float | None = None,
-    min_agreement: float = 0.995,
-    max_top1_drop: float = 0.5,
-    warmup: int | None = None,
-    rounds: int | None = None,
-    pause_s: float | None = None,
+    min_agreement: float = 0.995, max_top1_drop: float = 0.5,
+    warmup: int | None = None, rounds: int | None = None, pause_s: float | None = None,
     fuse: bool = True,
     one_at_a_time: bool = False,
     check_accuracy: bool = True,
+    graph: str | os.PathLike[str] | None = None,
 ) -> InferenceRunner:
     """Return the fastest verified way to run ``model`` on ``example_input``'s device.
 
@@ -349,6 +306,8 @@ def optimize_for_inference(
         one_at_a_time: build, check and time the candidates one after another, keeping only the fastest so far:
             one runtime's copy of the model is held at a time besides it (for large models; the timings are then
             not interleaved, and the runner has no ``alternatives``).
+        graph: an ONNX file of the prepared ``model`` at the example's size (dynamic batch) made earlier, which the
+            ONNX runtimes are built from (and checked as every candidate is) instead of exporting it again.
 
     Raises:
         ValueError: for an unknown candidate name or dtype, or if no candidate reproduces the eager output
@@ -369,17 +328,17 @@ def optimize_for_inference(
         precisions = precisions[:1]
 
     reference = _reference_output(model, example_input)
-    prepared = _prepare(model, device, fuse)
+    prepared = prepare_for_inference(model, device, fuse)
     example = example_input.to(device=device, dtype=torch.float32)
 
     def check(candidates: dict[tuple[str, str], Runner], reports: list[CandidateReport]) -> None:
         _guard(candidates, reports, prepared, validation, guard, automatic=automatic, device=device)
 
-    alone = _FastestSoFar(check, example, *_effort(device, warmup, rounds, pause_s)) if one_at_a_time and measure \
+    alone = FastestSoFar(check, example, *effort(device, warmup, rounds, pause_s)) if one_at_a_time and measure \
         else None
     working, reports = _build_candidates(names, precisions, prepared, example, reference, rtol,
                                          calibration=calibration, first_only=not measure and validation is None,
-                                         on_built=alone)
+                                         on_built=alone, graph=None if graph is None else Path(graph))
     if alone is None:
         check(working, reports)
     elif not working and alone.rejected is not None:
@@ -389,7 +348,7 @@ def optimize_for_inference(
         hint = (" On CUDA, TensorFloat-32 moves float32 results by ~1e-3: turn it off or pass a larger rtol."
                 if device.type == "cuda" and "float32" in precisions else "")
         raise ValueError(f"no candidate reproduces the eager model within its accuracy guard ({details}).{hint}")
-    chosen, reason = _choose(working, reports, example, measure=measure, warmup=warmup, rounds=rounds,
+    chosen, reason = choose(working, reports, example, measure=measure, warmup=warmup, rounds=rounds,
                              pause_s=pause_s)
     reason = alone.reason() if alone is not None else reason
     log.info("optimize_for_inference(%s, %s): %s in %s (%s)", type(model).__name__, device, chosen[0], chosen[1],
@@ -417,34 +376,3 @@ def _checked_arguments(model: Any, example_input: Any, candidates: Sequence[str]
     if not names:
         raise ValueError("candidates is empty")
     return names
-
-
-def _effort(device: torch.device, warmup: int | None, rounds: int | None,
-            pause_s: float | None) -> tuple[int, int, float]:
-    """Warm-up calls, timed rounds and the idle pause before each timed call: as given, else the device's
-    defaults (CUDA: 10, 20, none; the CPU: 2, 5 and 50 ms, so that one runtime's spinning threads settle)."""
-    cuda = device.type == "cuda"
-    return ((10 if cuda else 2) if warmup is None else warmup, (20 if cuda else 5) if rounds is None else rounds,
-            (0.0 if cuda else 0.05) if pause_s is None else pause_s)
-
-
-def _choose(working: dict[tuple[str, str], Runner], reports: list[CandidateReport], example: Tensor, *,
-            measure: bool, warmup: int | None, rounds: int | None,
-            pause_s: float | None) -> tuple[tuple[str, str], str]:
-    """The fastest of the working candidates (timed in interleaved rounds), or the first without ``measure``."""
-    if not measure or len(working) == 1:
-        reason = "the only candidate that works" if measure else "first working candidate (not measured)"
-        return next(iter(working)), reason
-    warmup, rounds, pause_s = _effort(example.device, warmup, rounds, pause_s)
-    labels = {key: f"{key[0]}/{key[1]}" for key in working}
-    timer, ranked_by = choice_timer(example.device)
-    with torch.no_grad():
-        timings = time_interleaved({labels[k]: functools.partial(runner, example) for k, runner in working.items()},
-                                   warmup=warmup, rounds=rounds, timer=timer, pause_s=pause_s)
-    for report in reports:
-        key = (report.name, report.precision)
-        if key in working:
-            report.median_s = timings[labels[key]].median
-    ranked = sorted(working, key=lambda k: timings[labels[k]].median)
-    ranking = ", ".join(f"{labels[k]} {timings[labels[k]].median * 1e3:.2f} ms" for k in ranked)
-    return ranked[0], f"{ranked_by} median over {rounds} interleaved rounds at batch {example.shape[0]}: {ranking}"

@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from repvgg.predict.predictor import Prediction, bad_image_error
 
-__all__ = ["ClusterOptions", "connect", "iter_predict_paths", "predict_dataset"]
+__all__ = ["ClusterOptions", "connect", "iter_predict_paths", "model_graph", "predict_dataset"]
 
 #: Seconds to wait for a cluster's address to answer before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 5.0
@@ -84,19 +86,25 @@ def _check_reachable(address: str) -> None:
                          f"--port {port}`), or use --ray local to start one on this machine") from None
 
 
-def predict_dataset(dataset: Any, artifact: str | os.PathLike[str], options: ClusterOptions | None = None) -> Any:
+def predict_dataset(dataset: Any, artifact: str | os.PathLike[str], options: ClusterOptions | None = None, *,
+                    graph: bytes | bool = True) -> Any:
     """``dataset`` (a Ray Dataset with a ``path`` column of image files every node can read) predicted by
     ``artifact``: a Dataset of the same rows in the same order, with ``prediction`` added (a JSON object: what
     ``predict --json`` gives for the image; ``error`` says why an unreadable one was skipped) and ``model`` (a JSON
     object: the runtime, precision and preprocessing the actor chose, its threads and process id). Lazy, as Ray
-    Datasets are."""
+    Datasets are.
+
+    ``graph``: ``True`` exports the model's ONNX graph here, once ([`model_graph`][repvgg.predict.cluster.model_graph]),
+    for every actor to build its ONNX runtimes from; the bytes of one made earlier; ``False``: each actor exports its
+    own."""
     import ray
 
     options = options or ClusterOptions()
+    shared = model_graph(artifact, options) if graph is True else graph or None
     cpus = options.cpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.actors)
     # Ray Data restarts a dead actor and runs its batches again (its defaults: max_restarts and max_task_retries -1)
     predicted = dataset.map_batches(
-        _Classify, fn_constructor_args=(os.fspath(artifact), options, cpus), batch_size=options.batch_size,
+        _Classify, fn_constructor_args=(os.fspath(artifact), options, cpus, shared), batch_size=options.batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.actors), num_cpus=cpus)
     for context in (dataset.context, predicted.context):  # each Dataset holds its own copy of the options
         context.execution_options.preserve_order = True
@@ -104,11 +112,28 @@ def predict_dataset(dataset: Any, artifact: str | os.PathLike[str], options: Clu
     return predicted
 
 
+def model_graph(artifact: str | os.PathLike[str], options: ClusterOptions) -> bytes | None:
+    """The ONNX graph each actor's predictor would export to build its ONNX runtimes from
+    ([`export_graph`][repvgg.predict.opening.export_graph]), made once, here: the actors then start without
+    exporting it, each still checking every runtime it builds against the model. ``None`` where no actor needs one
+    (an ONNX file, a runtime of PyTorch's) or where the weights would lie beside the graph (over ~1.8 GB)."""
+    from repvgg.predict.opening import builds_from_graph, export_graph
+    from repvgg.predict.predictor import locate_artifact
+
+    kind, path = locate_artifact(artifact)
+    if kind == "onnx" or not builds_from_graph(options.runtime, options.dtype, options.measure):
+        return None
+    with tempfile.TemporaryDirectory(prefix="repvgg-graph-") as tmp:
+        written = export_graph(path, Path(tmp) / "model.onnx", batch_size=options.batch_size)
+        return written.read_bytes() if len(list(Path(tmp).iterdir())) == 1 else None
+
+
 def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], options: ClusterOptions, *,
-                       bad_images: str = "fail", on_batch: Callable[[int], None] | None = None
-                       ) -> Iterator[tuple[Prediction, dict[str, Any]]]:
+                       bad_images: str = "fail", on_batch: Callable[[int], None] | None = None,
+                       graph: bytes | bool = True) -> Iterator[tuple[Prediction, dict[str, Any]]]:
     """Each of ``paths`` predicted on the cluster this process has joined ([`connect`][repvgg.predict.cluster.connect]),
-    in input order as batches finish: the prediction and the model's description.
+    in input order as batches finish: the prediction and the model's description (``graph`` as in
+    [`predict_dataset`][repvgg.predict.cluster.predict_dataset]).
 
     Raises:
         ValueError: an unreadable image with ``bad_images="fail"``, as plain ``predict`` says it.
@@ -116,7 +141,8 @@ def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], o
     import ray
 
     dataset = ray.data.from_items([{"path": str(path)} for path in paths])
-    for batch in predict_dataset(dataset, artifact, options).iter_batches(batch_size=None, batch_format="numpy"):
+    predicted = predict_dataset(dataset, artifact, options, graph=graph)
+    for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
         for text, model in zip(batch["prediction"], batch["model"]):
             row = json.loads(text)
             if row["error"] and bad_images == "fail":
@@ -131,7 +157,7 @@ class _Classify:
     """A Ray actor holding one predictor: a batch of paths in, their predictions (unreadable images reported, never
     raised: the driver applies ``--bad-images``) and the model's description out."""
 
-    def __init__(self, artifact: str, options: ClusterOptions, cpus: int) -> None:
+    def __init__(self, artifact: str, options: ClusterOptions, cpus: int, graph: bytes | None) -> None:
         import torch
 
         from repvgg.io.onnx_run import share_cores
@@ -140,10 +166,15 @@ class _Classify:
         torch.set_num_threads(cpus)
         share_cores()  # the actors of a machine share its cores: no runtime spins on them or pins its threads
         self.options = options
-        self.predictor = Predictor(artifact, runtime=options.runtime, dtype=options.dtype,
-                                   batch_size=options.batch_size, classes=options.classes,
-                                   calibration=options.calibration, measure=options.measure,
-                                   min_agreement=options.min_agreement, max_top1_drop=options.max_top1_drop)
+        with tempfile.TemporaryDirectory(prefix="repvgg-actor-") as tmp:  # the runtimes load the graph as built
+            local = None if graph is None else Path(tmp) / "model.onnx"
+            if graph is not None:
+                Path(tmp, "model.onnx").write_bytes(graph)
+            self.predictor = Predictor(artifact, runtime=options.runtime, dtype=options.dtype,
+                                       batch_size=options.batch_size, classes=options.classes,
+                                       calibration=options.calibration, measure=options.measure,
+                                       min_agreement=options.min_agreement, max_top1_drop=options.max_top1_drop,
+                                       graph=local)
         p = self.predictor
         self.model = json.dumps({"artifact": p.artifact, "runtime": p.backend, "dtype": p.dtype,
                                  "preprocessing": p.preprocessing.to_dict(), "notes": list(p.card.notes),

@@ -23,17 +23,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from repvgg.errors import NonFiniteOutput
-from repvgg.io.card import (ModelCard, Preprocessing, card_from_metadata, load_onnx_proto, read_class_names,
-                            read_onnx_metadata, resolve_card)
+from repvgg.io.card import Preprocessing, read_class_names
 from repvgg.io.formats import MODEL_KINDS, require_kind
 from repvgg.io.hub import HUB_PREFIX
-from repvgg.io.onnx_run import ONNX_RUNTIMES, onnx_runner
-from repvgg.limits import (MAX_CHANNELS, MAX_IMG_SIZE, check_batch_memory, check_image_pixels, check_int, out_of_memory,
-                           check_workers)
+from repvgg.limits import check_image_pixels, check_int, check_workers, out_of_memory
 from repvgg.options import check_device_name
 from repvgg.quant.guard import Guard
 from repvgg.predict import DTYPES, RUNTIMES
 from repvgg.predict.inputs import ImageFiles, collate_images, expand_inputs
+from repvgg.predict.opening import CALIBRATION_IMAGES, open_onnx, open_weights
 from repvgg.training.data import eval_transform
 from repvgg.training.images import as_rgb, load_rgb
 
@@ -41,8 +39,6 @@ __all__ = ["Prediction", "Predictor", "bad_image_error", "locate_artifact", "sof
 
 logger = logging.getLogger(__name__)
 
-#: Images of the inputs that calibrate INT8 when a model file is asked to run in ``int8`` (as many more judge it).
-CALIBRATION_IMAGES = 64
 
 
 @dataclass(frozen=True)
@@ -120,12 +116,15 @@ class Predictor:
             its top-1 must agree with the float32 model's.
         max_top1_drop: the accuracy guard of ``dtype="int8"``: the most top-1 points it may lose, the float32
             model's predictions taken as the labels.
+        graph: a model file's ONNX graph made earlier by [`export_graph`][repvgg.predict.opening.export_graph], for
+            its ONNX runtimes to build from (each still checked against the model) instead of exporting it again.
     """
 
     def __init__(self, artifact: str | os.PathLike[str], *, runtime: str = "auto", dtype: str = "float32",
                  device: str = "cpu", batch_size: int = 32, workers: int = 0,
                  classes: Sequence[str] | str | os.PathLike[str] | None = None, calibration: Any = None,
-                 measure: bool = True, min_agreement: float = 0.995, max_top1_drop: float = 0.5) -> None:
+                 measure: bool = True, min_agreement: float = 0.995, max_top1_drop: float = 0.5,
+                 graph: str | os.PathLike[str] | None = None) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
         if dtype not in DTYPES:
@@ -143,13 +142,13 @@ class Predictor:
                 raise ValueError(f"{path} is an ONNX file, which runs on the CPU here (ONNX Runtime's and OpenVINO's "
                                  f"CPU runtimes), not on {device}: drop --device, or predict the model file it was "
                                  f"exported from on {device}")
-            self.card, self._run, self.backend, self.dtype, self.reason = _open_onnx(Path(path), runtime, dtype,
+            self.card, self._run, self.backend, self.dtype, self.reason = open_onnx(Path(path), runtime, dtype,
                                                                                       self.batch_size)
             self.name = Path(path).stem
         else:
-            self.card, self._run, self.backend, self.dtype, self.reason, self.name = _open_weights(
+            self.card, self._run, self.backend, self.dtype, self.reason, self.name = open_weights(
                 path, runtime, dtype, device, self.batch_size, measure,
-                lambda p: self._calibration_images(calibration, p), guard)
+                lambda p: self._calibration_images(calibration, p), guard, graph)
         if names is not None:
             self.card = self.card.with_classes(list(names), f"--classes {classes}" if not isinstance(classes, list)
                                                else "classes=")
@@ -336,114 +335,8 @@ class Predictor:
         raise TypeError(f"cannot predict a {type(item).__name__}: give image paths, PIL images or tensors")
 
 
-def _open_weights(path: Path | str, runtime: str, dtype: str, device: str, batch_size: int, measure: bool,
-                  calibration_images: Callable[[Preprocessing], Tensor], guard: Guard
-                  ) -> tuple[ModelCard, Callable[[Tensor], Tensor], str, str, str, str]:
-    """A model file through the fast path: ``(card, runner, backend, dtype, why it was chosen, model name)``."""
-    from repvgg.io.loading import load_model, model_card
-    from repvgg.nn.convert import reparameterize_model
-    from repvgg.perf.fast import optimize_for_inference
-    from repvgg.training.distributed import resolve_device
-
-    target = resolve_device(device)
-    model = load_model(path).eval()
-    if getattr(model, "features_only", False) or not getattr(model, "num_classes", 0):
-        raise ValueError(f"{path} holds a backbone without a classifier; predict needs a model with its head")
-    card = model_card(model)
-    size = card.preprocessing.img_size
-    check_batch_memory(batch_size, (model.in_chans, size, size), "--batch-size")
-    plain = reparameterize_model(model) if not model.deploy else model
-    example = torch.randn(batch_size, model.in_chans, size, size, generator=torch.Generator().manual_seed(0))
-    calibration = validation = None
-    if dtype != "float32":  # a reduced precision is held to the guard on the inputs; INT8 calibrates on them too
-        calibration, validation = _reduced_precision_evidence(plain, calibration_images(card.preprocessing))
-        calibration = calibration if dtype in ("int8", "auto") else None
-    if runtime != "auto":
-        candidates = [runtime]
-    elif not measure and dtype == "float32":
-        candidates = ["eager"]  # for a few images, building another runtime costs more than it saves
-    else:
-        candidates = None
-    runner = optimize_for_inference(plain, example.to(target), dtype=dtype, calibration=calibration,
-                                    validation=validation, candidates=candidates, measure=measure,
-                                    min_agreement=guard.min_agreement, max_top1_drop=guard.max_top1_drop)
-    precision = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(runner.dtype,
-                                                                                                  "int8")
-
-    def run(batch: Tensor) -> Tensor:
-        return runner(batch.to(target)).float().cpu()
-
-    return card, run, runner.backend, precision, runner.reason, str(getattr(model, "name", None) or "model")
-
-
 def _spread(items: Sequence[Any], count: int) -> list[Any]:
     """At most ``count`` of ``items``, evenly spaced over all of them, in order."""
     if len(items) <= count:
         return list(items)
     return [items[i * len(items) // count] for i in range(count)]
-
-
-def _reduced_precision_evidence(plain: torch.nn.Module, images: Tensor
-                                ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
-    """INT8's calibration batches and the guard's validation batches from prepared ``images`` (spread over the inputs),
-    labelled with the float32 model's own predictions (what INT8 must agree with): every other image calibrates and
-    the rest judge, so both come from every part of the inputs; with no more than `CALIBRATION_IMAGES`, every
-    image does both, and the log says so."""
-    if len(images) > CALIBRATION_IMAGES:
-        calibrate, judge = images[0::2], images[1::2]
-    else:
-        calibrate = judge = images
-        logger.warning("the reduced precision is judged on the %d image(s) INT8 would calibrate on (more than %d "
-                       "inputs give it images of its own)", len(images), CALIBRATION_IMAGES)
-    with torch.no_grad():
-        labels = plain(judge).argmax(1)
-    return [calibrate], [(judge, labels)]
-
-
-def _open_onnx(path: Path, runtime: str, dtype: str, batch_size: int
-               ) -> tuple[ModelCard, Callable[[Tensor], Tensor], str, str, str]:
-    """An ONNX file through ONNX Runtime (or OpenVINO): ``(card, runner, backend, dtype, why)``."""
-    if dtype != "float32":
-        raise ValueError(f"an ONNX file runs in the precision it was written in; --dtype {dtype} applies to model "
-                         "files (quantize to INT8 with `repvgg quantize`)")
-    backend = "onnxruntime" if runtime == "auto" else runtime
-    if backend not in ONNX_RUNTIMES:
-        raise ValueError(f"an ONNX file runs on {' or '.join(ONNX_RUNTIMES)}, not {runtime}")
-    from repvgg.quant.qdq import quantized_conv_count
-
-    metadata = read_onnx_metadata(path)
-    batch, channels, height, width, input_type = _onnx_input(path)
-    _, recorded = card_from_metadata(metadata, path, None)  # the size the file says it takes, checked
-    size = height or width or (recorded.img_size if recorded else 224)
-    # what one forward pass of the graph's own batch allocates, bounded before the probe runs it
-    check_batch_memory(batch or 1, (channels or 3, size, size), f"{path}: the graph's batch")
-    runner = onnx_runner(path, backend)
-    probe = runner(torch.zeros(batch or 1, channels or 3, size, size))
-    if not isinstance(probe, Tensor) or probe.dim() != 2:
-        raise ValueError(f"{path} does not look like a classifier: its output is not one (batch, classes) tensor")
-    card = resolve_card(metadata, path, int(probe.shape[1]), default=Preprocessing(img_size=size))
-    if height and card.preprocessing.img_size not in (height, width):
-        raise ValueError(f"{path}: metadata field 'preprocessing' gives img_size {card.preprocessing.img_size}, but "
-                         f"the graph takes {height}x{width} inputs; the file is inconsistent")
-    check_batch_memory(batch_size, (channels or 3, card.preprocessing.img_size, card.preprocessing.img_size),
-                       "--batch-size")
-    precision = "int8" if quantized_conv_count(path)[0] else input_type
-    return card, runner, backend, precision, "an ONNX file runs on " + backend
-
-
-def _onnx_input(path: Path) -> tuple[int | None, int | None, int | None, int | None, str]:
-    """The first input's static batch, channels, height and width (``None`` where dynamic), each checked to be a
-    size this package runs (a channel count up to `MAX_CHANNELS`, sides from 8 to `MAX_IMG_SIZE`), and its type."""
-    import onnx
-
-    tensor_type = load_onnx_proto(path).graph.input[0].type.tensor_type
-    values = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-    if len(values) != 4:
-        raise ValueError(f"{path} takes a {len(values)}-d input; an image classifier takes (batch, 3, H, W)")
-    batch, channels, height, width = values
-    for value, name, low, high in ((batch, "batch", 1, None), (channels, "channels", 1, MAX_CHANNELS),
-                                   (height, "height", 8, MAX_IMG_SIZE), (width, "width", 8, MAX_IMG_SIZE)):
-        if value is not None:
-            check_int(value, f"{path}: the input's {name}", low=low, high=high)
-    return batch, channels, height, width, "float16" if tensor_type.elem_type == onnx.TensorProto.FLOAT16 \
-        else "float32"
