@@ -233,9 +233,12 @@ class _Guard:
                 return {"type": "http.disconnect"}
             return message
 
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length", b"")
-        body = int(declared not in (b"", b"0") or b"transfer-encoding" in headers)
+        declared, chunked = b"", False
+        for key, value in scope.get("headers") or ():
+            if key == b"content-length":
+                declared = value
+            chunked = chunked or key == b"transfer-encoding"
+        body = int(declared not in (b"", b"0") or chunked)
         try:
             if declared.isdigit() and int(declared) > self.max_body:
                 await refuse()

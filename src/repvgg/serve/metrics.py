@@ -29,10 +29,15 @@ class ServerMetrics:
         self.batch_seconds = Histogram("repvgg_batch_seconds", "seconds each forward pass of the model took",
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue = Gauge("repvgg_queue_images", "images waiting for the model", registry=self.registry)
+        self._series: dict[tuple[str, int], tuple[Any, Any]] = {}  # each endpoint's and status's, looked up once
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
-        self.latency.labels(endpoint=endpoint).observe(seconds)
+        series = self._series.get((endpoint, status))
+        if series is None:  # the endpoints are the app's routes (or "unmatched"), the statuses a few: bounded
+            series = self._series[(endpoint, status)] = (self.requests.labels(endpoint=endpoint, status=str(status)),
+                                                         self.latency.labels(endpoint=endpoint))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observe_batch(self, images: int, seconds: float) -> None:
         self.batch_images.observe(images)

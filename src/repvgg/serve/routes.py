@@ -30,7 +30,7 @@ def add_routes(app: Any, state: Any, metrics: ServerMetrics) -> None:
     ``/openapi.json`` and the page at ``/``. Each GET endpoint answers HEAD too (the middleware runs it as GET, and
     the server sends no body)."""
     from fastapi import File, Query, Request, UploadFile
-    from fastapi.responses import HTMLResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     cfg = state.config
 
@@ -70,16 +70,16 @@ def add_routes(app: Any, state: Any, metrics: ServerMetrics) -> None:
         return Response(body, media_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(json_length)})
 
-    @app.post("/predict", responses=errors(400, 413, 422, 500, 503))
+    @app.post("/predict", response_model=None, responses={200: _ANSWER, **errors(400, 413, 422, 500, 503)})
     async def predict(file: UploadFile = File(..., description="the image (PNG, JPEG, ...)",
                                                    json_schema_extra={"minLength": 1}),
-                      topk: int = Query(cfg.topk, ge=1, le=1000)) -> dict[str, Any]:
+                      topk: int = Query(cfg.topk, ge=1, le=1000)) -> Response:
         """The uploaded image's top-k classes by name, as ``repvgg predict`` gives them; a detector's boxes, a
         segmenter's classes with their share of the pixels and its mask (a base64 PNG)."""
         model = state.model(state.name)
         source = file.filename or "upload"
         results = await state.decode_and_run([(await file.read(), f"the uploaded image {source!r}")])
-        return model.answer(source, results[0], topk)
+        return JSONResponse(model.answer(source, results[0], topk))  # plain JSON values: no encoder pass
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
@@ -88,6 +88,9 @@ def add_routes(app: Any, state: Any, metrics: ServerMetrics) -> None:
 
     app.add_exception_handler(_VersionError, lambda request, err: error_response(404, str(err)))
 
+
+#: /predict's answer (its fields depend on the task: see docs/serving.md).
+_ANSWER: dict[str, Any] = {"description": "the answer", "content": {"application/json": {"schema": {"type": "object"}}}}
 
 #: Readiness' answers, the protocol's way: the status code says it.
 _READINESS_ANSWERS: dict[int | str, dict[str, Any]] = {

@@ -173,13 +173,17 @@ class _LoopbackOnly:
     def __init__(self, app: Any, *, hosts: set[str]) -> None:
         self.app, self.hosts = app, hosts
         self.state = app.state
+        self._judged: dict[str, bool] = {}  # Host headers seen, and whether each is local (bounded)
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict]],
                        send: Callable[[dict], Awaitable[None]]) -> None:
         if scope["type"] == "http":
-            headers = dict(scope.get("headers") or [])
-            host = headers.get(b"host", b"").decode("latin-1")
-            origin = headers.get(b"origin")
+            host, origin = "", None
+            for key, value in scope.get("headers") or ():
+                if key == b"host":
+                    host = value.decode("latin-1")
+                elif key == b"origin":
+                    origin = value
             problem = None
             if host and not self._local(host):
                 problem = 421, f"this server answers requests to localhost, not to {host!r} (--allowed-hosts)"
@@ -194,6 +198,13 @@ class _LoopbackOnly:
         await self.app(scope, receive, send)
 
     def _local(self, host: str) -> bool:
+        if host not in self._judged:
+            if len(self._judged) >= 1024:  # any number of names may be sent: only the latest are remembered
+                self._judged.clear()
+            self._judged[host] = self._judge(host)
+        return self._judged[host]
+
+    def _judge(self, host: str) -> bool:
         try:
             name = (urlsplit("//" + host).hostname or "").lower()
         except ValueError:
