@@ -72,12 +72,15 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ["OMP_NUM_THREADS"] = str(_SHARE)
 
 
-#: The files that take longest (seconds of one worker on a 2-core machine), run first: with one file per worker
-#: (``--dist loadfile``), a long file that starts last keeps one worker busy while the other waits.
-LONGEST_FIRST = ("test_serve.py", "test_detection.py", "test_cluster.py", "test_multinode.py", "test_train.py",
-                 "test_segment_deploy.py", "test_fast.py", "test_segmentation_train.py", "test_model.py",
-                 "test_reliability.py", "test_run_safety.py", "test_quantize.py", "test_hostile_inputs.py",
-                 "test_precision.py", "test_predict.py", "test_timm_interface.py")
+#: The files that take longest (seconds of one worker on a 2-core machine, measured), run first: with one file per
+#: worker (``--dist loadfile``, queued in this order by ``--no-loadscope-reorder``), a long file that starts last keeps
+#: one worker busy while the other waits.
+LONGEST_FIRST = ("test_serve.py", "test_detection.py", "test_train.py", "test_multinode.py", "test_segment_deploy.py",
+                 "test_fast.py", "test_cluster.py", "test_segmentation_train.py", "test_model.py", "test_quantize.py",
+                 "test_reliability.py", "test_hostile_inputs.py", "test_run_safety.py", "test_predict.py",
+                 "test_precision.py", "test_outputs.py", "test_bench.py", "test_run_mixups.py", "test_plus.py",
+                 "test_timm_interface.py", "test_weights.py", "test_export.py", "test_cli.py", "test_hub.py",
+                 "test_claims.py", "test_yolo.py", "test_ablation.py", "test_docs.py", "test_serve_transport.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
