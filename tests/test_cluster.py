@@ -63,7 +63,7 @@ def _actors() -> dict[int, str]:
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                if "MapBatches(_Classify)" in title:
+                if "MapBatches(_Predict)" in title:
                     found[int(entry.name)] = title
     return found
 
@@ -109,18 +109,19 @@ def test_a_bad_image_fails_the_run_as_in_plain_predict(monkeypatch: pytest.Monke
     rows = [{"source": "a.png", "classes": ["1"], "indices": [1], "probabilities": [0.9], "error": None},
             {"source": "broken.png", "classes": [], "indices": [], "probabilities": [],
              "error": "cannot read image broken.png: not an image"}]
-    model = json.dumps({"runtime": "eager"})
+    model = json.dumps({"runtime": "eager", "task": "classification"})
 
     class Answers:
         def iter_batches(self, **_: Any) -> Iterator[dict[str, Any]]:
             yield {"prediction": np.array([json.dumps(r) for r in rows], dtype=object),
-                   "model": np.array([model] * 2, dtype=object)}
+                   "model": np.array([model] * 2, dtype=object), "mask": np.array([b""] * 2, dtype=object),
+                   "draw": np.array([b""] * 2, dtype=object)}
 
     monkeypatch.setattr(module, "predict_dataset", lambda *args, **kwargs: Answers())
     monkeypatch.setattr(ray.data, "from_items", lambda items: items)
     found = list(module.iter_predict_paths(["a.png", "broken.png"], "run", module.ClusterOptions(),
                                            bad_images="skip"))
-    assert [p.error for p, _ in found] == [None, rows[1]["error"]]
+    assert [row["error"] for row, _, _ in found] == [None, rows[1]["error"]]
     with pytest.raises(ValueError, match="broken.png: not an image. Remove or replace the file, or pass "
                                          "--bad-images skip"):
         list(module.iter_predict_paths(["a.png", "broken.png"], "run", module.ClusterOptions(), bad_images="fail"))
@@ -132,3 +133,49 @@ def test_a_cluster_out_of_reach_is_exit_2_without_a_traceback(qa_digits_run: Pat
     err = capsys.readouterr().err
     assert status == 2 and "cannot reach a Ray cluster at 127.0.0.1:9" in err and "Traceback" not in err
     assert not ray.is_initialized()
+
+
+def test_detectors_and_segmenters_predict_on_the_cluster_as_without_it(tmp_path: Path) -> None:
+    """A detector's boxes and drawings, a segmenter's classes, masks and overlays from actors of a running cluster
+    (``--ray auto``) are plain ``predict``'s, file for file (random weights; an unreadable image skipped as plain
+    ``predict`` skips it)."""
+    from repvgg.detection import create_detector, save_detector
+    from repvgg.segmentation.pspnet import SegmenterConfig, build_segmenter
+    from repvgg.segmentation.weights import save_segmenter
+
+    detector = save_detector(create_detector("repvgg_tiny", 2, image_size=64, head_convs=0), tmp_path / "det.st",
+                             classes=["a", "b"], data={"data": None, "synthetic": {"image_size": 64}})
+    segmenter = save_segmenter(build_segmenter(SegmenterConfig("repvgg_tiny", 3, head_channels=8, aux_channels=0)),
+                               tmp_path / "seg.st", classes=["x", "y", "z"])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i, size in enumerate([(64, 64), (48, 80), (64, 64)]):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        found = {}
+        for mode, extra in (("plain", []), ("ray", ["--ray", "auto", "--ray-actors", "1"])):
+            det = ["--score-threshold", "0.05", "--draw", str(tmp_path / mode / "boxes")]
+            seg = ["--masks", str(tmp_path / mode / "masks"), "--draw", str(tmp_path / mode / "overlays")]
+            found[mode] = [_predict(str(artifact), str(folder), "--bad-images", "skip", *flags, *extra)[1]
+                           for artifact, flags in ((detector, det), (segmenter, seg))]
+    finally:
+        ray.shutdown()
+    (plain_boxes, plain_masks), (ray_boxes, ray_masks) = found["plain"], found["ray"]
+    assert ray_boxes["ray"]["actors"] == 1 and ray_boxes["skipped"] == plain_boxes["skipped"] == 1
+    assert sum(len(p["detections"]) for p in plain_boxes["predictions"]) > 0
+    for got, want in zip(ray_boxes["predictions"], plain_boxes["predictions"], strict=True):
+        assert (got["source"], got["error"], [d["class"] for d in got["detections"]]) == \
+            (want["source"], want["error"], [d["class"] for d in want["detections"]])
+        for a, b in zip(got["detections"], want["detections"]):
+            assert abs(a["score"] - b["score"]) < 1e-5 and np.allclose(a["box"], b["box"], rtol=0, atol=1e-3)
+    masks = [{k: v for k, v in p.items() if k != "mask"} for p in ray_masks["predictions"]]
+    assert masks == [{k: v for k, v in p.items() if k != "mask"} for p in plain_masks["predictions"]]
+    assert [p["mask"] is None for p in ray_masks["predictions"]] == [False, False, False, True]
+    for kind in ("boxes", "masks", "overlays"):
+        written = sorted(p.name for p in (tmp_path / "plain" / kind).iterdir())
+        assert written == ["0.png", "1.png", "2.png"], kind
+        for name in written:  # the same pixels (file for file: both encode them alike)
+            assert (tmp_path / "ray" / kind / name).read_bytes() == (tmp_path / "plain" / kind / name).read_bytes()

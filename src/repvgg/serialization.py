@@ -311,6 +311,13 @@ def commit_staged(staged: PathLike, path: PathLike) -> Path:
     return destination
 
 
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 def write_text(path: PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
     with atomic_write(path) as tmp:

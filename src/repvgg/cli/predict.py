@@ -59,9 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bad-images", choices=("fail", "skip"), default="fail",
                    help="an unreadable image stops the run (fail, exit 2) or is reported and skipped (skip)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (model files)")
-    p.add_argument("--ray", default=None, metavar="ADDRESS", help="classifiers: predict on a Ray cluster, a pool of "
-                   "actors each holding the model (auto: the cluster running on this machine; local: start one here "
-                   "and stop it after; HOST:PORT: its head). Needs pip install 'repvgg[scale]'")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="predict on a Ray cluster, a pool of actors each "
+                   "holding the model, the output as without it (auto: the cluster running on this machine; local: "
+                   "start one here and stop it after; HOST:PORT: its head). Needs pip install 'repvgg[scale]'")
     p.add_argument("--ray-actors", type=bounded_int(1, MAX_WORKERS), default=None,
                    help="with --ray: model replicas (default: 2), each with the cluster's CPUs shared among them")
     p.add_argument("--score-threshold", type=bounded_float(0.0, 1.0), default=None,
@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from repvgg.training.progress import progress_bar
 
     paths = expand_inputs(args.inputs, stdin=sys.stdin if "-" in args.inputs else None)
+    if args.ray_actors is not None and args.ray is None:
+        raise ValueError("--ray-actors goes with --ray ADDRESS")
     from repvgg.detection.predict import detection_artifact
 
     if detection_artifact(args.artifact) is not None:
@@ -91,8 +93,6 @@ def run(args: argparse.Namespace) -> int:
         return _predict_masks(args, paths)
     refuse_flags((("--draw", args.draw), ("--score-threshold", args.score_threshold), ("--masks", args.masks)),
                  "to detectors and segmenters; ARTIFACT is a classifier")
-    if args.ray_actors is not None and args.ray is None:
-        raise ValueError("--ray-actors goes with --ray ADDRESS")
     for name, value in _CLASSIFIER_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -137,26 +137,46 @@ def _emit_classes(args: argparse.Namespace, header: dict[str, Any], rows: list[d
 
 def _predict_on_cluster(args: argparse.Namespace, paths: list[str], many: bool) -> int:
     """A classifier's predictions from a pool of Ray actors (``--ray``): the same table, --json and --csv."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from repvgg.predict.cluster import ClusterOptions, connect, iter_predict_paths, model_graph
-    from repvgg.training.progress import progress_bar
+    from repvgg.predict.cluster import ClusterOptions
 
     options = ClusterOptions(topk=args.topk, batch_size=args.batch_size, actors=args.ray_actors or 2,
                              runtime=args.runtime, dtype=args.dtype, classes=args.classes, measure=many,
                              calibration=paths[:: max(1, len(paths) // 256)] if args.dtype != "float32" else None,
                              min_agreement=args.min_agreement, max_top1_drop=args.max_top1_drop)
-    bar = progress_bar(len(paths), "predict", enabled=many)
     started = time.perf_counter()
+    rows, model = _cluster_rows(args, paths, options, {}, enabled=many)
+    header = {"artifact": model["artifact"], "runtime": model["runtime"], "dtype": model["dtype"],
+              "preprocessing": model["preprocessing"], "notes": model["notes"], "ray": _ray_note(args, model)}
+    return _emit_classes(args, header, rows, time.perf_counter() - started,
+                         max(len(r["classes"]) for r in rows) or args.topk)
+
+
+def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outputs: dict[str, dict[str, Path]], *,
+                  enabled: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What plain ``predict --json`` gives for each of ``paths``, from a pool of Ray actors (``--ray``), with each
+    image's PNGs written where ``outputs`` says (``{"mask": {path: file}, "draw": {...}}``); and the actors' model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from repvgg.predict.cluster import connect, iter_predict_paths, model_graph
+    from repvgg.serialization import write_bytes
+    from repvgg.training.progress import progress_bar
+
+    bar = progress_bar(len(paths), "predict", enabled=enabled)
+    rows: list[dict[str, Any]] = []
+    model: dict[str, Any] = {}
     # Ray's driver prints what its cluster reports (a worker that died, ...) on standard output, which is the
     # table's or --json's: it goes to standard error while Ray runs
     with contextlib.redirect_stdout(sys.stderr), ThreadPoolExecutor(1) as pool:
         graph = pool.submit(model_graph, args.artifact, options)  # exported while the cluster starts
         started_here = connect(args.ray)
         try:
-            found = list(iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
-                                            on_batch=bar.update if bar is not None else None,
-                                            graph=graph.result() or False))
+            for row, model, files in iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
+                                                        on_batch=bar.update if bar is not None else None,
+                                                        graph=graph.result() or False):
+                for kind, data in files.items():
+                    if row["source"] in outputs.get(kind, {}):
+                        write_bytes(outputs[kind][row["source"]], data)
+                rows.append(row)
         finally:
             if bar is not None:
                 bar.close()
@@ -164,13 +184,12 @@ def _predict_on_cluster(args: argparse.Namespace, paths: list[str], many: bool) 
                 import ray
 
                 ray.shutdown()
-    rows = [prediction.as_dict() for prediction, _ in found]
-    model = found[0][1]
-    header = {"artifact": model["artifact"], "runtime": model["runtime"], "dtype": model["dtype"],
-              "preprocessing": model["preprocessing"], "notes": model["notes"],
-              "ray": {"address": args.ray, "actors": options.actors, "threads_per_actor": model["threads"]}}
-    return _emit_classes(args, header, rows, time.perf_counter() - started,
-                         max(len(r["classes"]) for r in rows) or args.topk)
+    return rows, model
+
+
+def _ray_note(args: argparse.Namespace, model: dict[str, Any]) -> dict[str, Any]:
+    """Where a ``--ray`` run predicted, for its JSON document."""
+    return {"address": args.ray, "actors": args.ray_actors or 2, "threads_per_actor": model.get("threads")}
 
 
 def _csv_file(args: argparse.Namespace) -> bool:
@@ -209,13 +228,12 @@ def _write_csv(args: argparse.Namespace, rows: list[dict[str, Any]], k: int) -> 
 
 def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     """A detector: each image's boxes (class, score, x1 y1 x2 y2), as a table, --json, --csv and --draw images."""
-    from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD, DetectionPredictor, save_drawing
-    from repvgg.serialization import check_output_path, image_outputs
+    from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD, DetectionPredictor, drawing_png
+    from repvgg.serialization import check_output_path, image_outputs, write_bytes
 
     if args.dtype != "float32":
         raise ValueError("a detector predicts in float32 here; quantize it with `repvgg quantize` for INT8")
-    refuse_flags((("--topk", args.topk), ("--batch-size", args.batch_size), ("--workers", args.workers),
-                  ("--ray", args.ray), ("--ray-actors", args.ray_actors)),
+    refuse_flags((("--topk", args.topk), ("--batch-size", args.batch_size), ("--workers", args.workers)),
                  "to classifiers; a detector reports every box over --score-threshold, one image at a time")
     folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]
     reads = [args.artifact, args.classes, *paths, *folders]
@@ -224,19 +242,26 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     if _csv_file(args):
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv", writes=targets.values())
     threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
-    predictor = DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=threshold,
-                                   classes=args.classes, device=args.device,
-                                   measure=len(paths) >= _WEIGH_DETECTOR_FROM, samples=paths)
-    draw = (lambda path, image, found: save_drawing(image, found, predictor.classes, targets[path])) \
-        if targets else None
     started = time.perf_counter()
-    rows = [d.as_dict() for d in predictor.iter_predict(paths, bad_images=args.bad_images, on_image=draw)]
-    seconds = time.perf_counter() - started
+    if args.ray is not None:
+        rows, model = _cluster_rows(args, paths, _dense_options(args, paths, ("draw",) if targets else (),
+                                                                score_threshold=threshold), {"draw": targets})
+        model = {**model, "ray": _ray_note(args, model)}
+    else:
+        predictor = DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=threshold,
+                                       classes=args.classes, device=args.device,
+                                       measure=len(paths) >= _WEIGH_DETECTOR_FROM, samples=paths)
+        def draw(path: str, image: Any, found: dict[str, Any]) -> None:
+            write_bytes(targets[path], drawing_png(image, found, predictor.classes))
+
+        rows = [d.as_dict() for d in predictor.iter_predict(paths, bad_images=args.bad_images,
+                                                            on_image=draw if targets else None)]
+        model = {"artifact": predictor.artifact, "runtime": predictor.backend, "runtime_reason": predictor.reason}
     skipped = sum(1 for r in rows if r["error"])
-    document = {"artifact": predictor.artifact, "runtime": predictor.backend, "runtime_reason": predictor.reason,
-                "task": "detection",
-                "score_threshold": threshold, "images": len(rows) - skipped, "skipped": skipped,
-                "seconds": seconds, "predictions": rows}
+    document = {"artifact": model["artifact"], "runtime": model["runtime"], "runtime_reason": model["runtime_reason"],
+                "task": "detection", "score_threshold": threshold, "images": len(rows) - skipped, "skipped": skipped,
+                "seconds": time.perf_counter() - started, "predictions": rows,
+                **({"ray": model["ray"]} if "ray" in model else {})}
     printed = None
     if args.csv:
         printed = _csv_out(args, ["path", "class", "score", "x1", "y1", "x2", "y2", "error"],
@@ -251,13 +276,13 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
 def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
     """A segmenter: each image's classes with their share of the pixels, as a table, --json and --csv; --masks DIR
     label maps and --draw DIR overlays."""
-    from repvgg.segmentation.predict import SegmentationPredictor, save_mask, save_overlay
-    from repvgg.serialization import check_output_path, image_outputs
+    from repvgg.segmentation.predict import SegmentationPredictor, mask_png, overlay_png
+    from repvgg.serialization import check_output_path, image_outputs, write_bytes
 
     if args.dtype != "float32":
         raise ValueError("a segmenter predicts in float32 here; quantize it with `repvgg quantize` for INT8")
     refuse_flags((("--topk", args.topk), ("--batch-size", args.batch_size), ("--workers", args.workers),
-                  ("--score-threshold", args.score_threshold), ("--ray", args.ray), ("--ray-actors", args.ray_actors)),
+                  ("--score-threshold", args.score_threshold)),
                  "to classifiers and detectors; a segmenter labels every pixel, one image at a time")
     folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]
     reads = [args.artifact, args.classes, *paths, *folders]
@@ -268,24 +293,30 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
     if _csv_file(args):
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv",
                           writes=[*masks.values(), *drawn.values()])
-    predictor = SegmentationPredictor(args.artifact, runtime=args.runtime, classes=args.classes, device=args.device)
-    classes = len(predictor.classes)
-
-    def write(path: str, image: Any, mask: Any) -> None:
-        if path in masks:
-            save_mask(mask, classes, masks[path])
-        if path in drawn:
-            save_overlay(image, mask, classes, drawn[path])
-
     started = time.perf_counter()
-    rows = []
-    for result in predictor.iter_predict(paths, bad_images=args.bad_images, on_image=write):
-        result.mask = str(masks[result.source]) if result.error is None and result.source in masks else None
-        rows.append(result.as_dict())
+    if args.ray is not None:
+        wanted = (("mask",) if masks else ()) + (("draw",) if drawn else ())
+        rows, model = _cluster_rows(args, paths, _dense_options(args, paths, wanted), {"mask": masks, "draw": drawn})
+        model = {**model, "ray": _ray_note(args, model)}
+    else:
+        predictor = SegmentationPredictor(args.artifact, runtime=args.runtime, classes=args.classes,
+                                          device=args.device)
+        classes = len(predictor.classes)
+
+        def write(path: str, image: Any, mask: Any) -> None:
+            if path in masks:
+                write_bytes(masks[path], mask_png(mask, classes))
+            if path in drawn:
+                write_bytes(drawn[path], overlay_png(image, mask, classes))
+
+        rows = [r.as_dict() for r in predictor.iter_predict(paths, bad_images=args.bad_images, on_image=write)]
+        model = {"artifact": predictor.artifact, "runtime": predictor.backend}
+    for row in rows:  # where its mask was written
+        row["mask"] = str(masks[row["source"]]) if row["error"] is None and row["source"] in masks else None
     skipped = sum(1 for r in rows if r["error"])
-    document = {"artifact": predictor.artifact, "runtime": predictor.backend, "task": "segmentation",
+    document = {"artifact": model["artifact"], "runtime": model["runtime"], "task": "segmentation",
                 "images": len(rows) - skipped, "skipped": skipped, "seconds": time.perf_counter() - started,
-                "predictions": rows}
+                "predictions": rows, **({"ray": model["ray"]} if "ray" in model else {})}
     printed = None
     if args.csv:
         found = [[r["source"], c["class"], c["fraction"], r["mask"] or "", ""] for r in rows for c in r["classes"]]
@@ -294,6 +325,15 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
     emit(args, document, printed or _table(rows, lambda row: "  ".join(
         f"{printable(c['class'])} {100 * c['fraction']:.1f}%" for c in row["classes"])))
     return 0
+
+
+def _dense_options(args: argparse.Namespace, paths: list[str], files: tuple[str, ...], **fields: Any) -> Any:
+    """How a detector's or a segmenter's actors predict (``--ray``): as plain ``predict`` would, an image at a time,
+    with the PNGs ``files`` asked for."""
+    from repvgg.predict.cluster import ClusterOptions
+
+    return ClusterOptions(actors=args.ray_actors or 2, batch_size=8, runtime=args.runtime, classes=args.classes,
+                          measure=len(paths) >= _WEIGH_DETECTOR_FROM, calibration=paths[:64], files=files, **fields)
 
 
 def _table(rows: list[dict[str, Any]], describe: Callable[[dict[str, Any]], str]) -> str:

@@ -22,7 +22,7 @@ from repvgg.limits import check_float
 from repvgg.training.images import load_rgb
 
 __all__ = ["DEFAULT_SCORE_THRESHOLD", "DetectionPredictor", "ImageDetections", "check_detector_image",
-           "detection_artifact", "save_drawing"]
+           "detection_artifact", "drawing_png"]
 
 #: ``on_image(path, image, detections)``: what a caller does with each readable image (e.g. draw it).
 ImageHook = Callable[[str, Any, dict[str, Tensor]], None]
@@ -199,14 +199,16 @@ def _samples(samples: Sequence[Any] | None, meta: dict[str, Any], size: int) -> 
     return images or check_images(meta, size, None, SAMPLE_IMAGES)
 
 
-def save_drawing(image: Any, detections: dict[str, Tensor], classes: Sequence[str], path: Path) -> None:
-    """``image`` with ``detections`` drawn (class name and score on each box), written atomically as PNG."""
+def drawing_png(image: Any, detections: dict[str, Tensor], classes: Sequence[str]) -> bytes:
+    """``image`` with ``detections`` drawn (class name and score on each box), as a PNG's bytes."""
+    import io
+
     from PIL import Image
     from torchvision.transforms.v2 import functional as F
 
     from repvgg.detection.plots import draw_detections
-    from repvgg.serialization import atomic_write
 
     drawn = draw_detections(F.pil_to_tensor(image), detections, classes, threshold=0.0)
-    with atomic_write(path) as staged:
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(staged, format="PNG")
+    buffer = io.BytesIO()
+    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()

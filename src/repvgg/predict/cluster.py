@@ -1,8 +1,9 @@
 """Prediction over a Ray cluster (``repvgg predict ... --ray ADDRESS``): Ray Data streams the image paths listed
-on the driver to a pool of actors, each holding one [`Predictor`][repvgg.predict.predictor.Predictor] (its runtime
-and precision chosen and guarded as in plain ``predict``), which reads, decodes and predicts its batches where it
-runs. Nothing but paths goes to the actors and nothing but the predictions comes back: the images are never pulled
-through the driver, nor moved between machines as decoded arrays.
+on the driver to a pool of actors, each holding one predictor of the artifact's task (a classifier's
+[`Predictor`][repvgg.predict.predictor.Predictor], its runtime and precision chosen and guarded as in plain
+``predict``; a detector's or a segmenter's), which reads, decodes and predicts its batches where it runs. Nothing but
+paths goes to the actors and nothing but the predictions comes back (with the masks and drawings asked for, as PNGs):
+the images are never pulled through the driver, nor moved between machines as decoded arrays.
 
 Ray's own machinery does the rest: an actor that dies is restarted and its batch run again (every input is
 predicted exactly once in the output), the output comes back in input order as batches finish, and a cluster of
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repvgg.predict.predictor import Prediction, bad_image_error
+from repvgg.predict.predictor import bad_image_error
 
-__all__ = ["ClusterOptions", "connect", "iter_predict_paths", "model_graph", "predict_dataset"]
+__all__ = ["FILES", "ClusterOptions", "connect", "iter_predict_paths", "model_graph", "predict_dataset", "task_of"]
 
 #: Seconds to wait for a cluster's address to answer before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 5.0
@@ -30,8 +31,10 @@ CONNECT_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    """How each actor predicts (the arguments of [`Predictor`][repvgg.predict.predictor.Predictor]) and how many
-    there are; ``cpus`` per actor (its threads) defaults to the cluster's CPUs shared among the actors."""
+    """How each actor predicts (the arguments of [`Predictor`][repvgg.predict.predictor.Predictor], a detector's
+    ``score_threshold``) and how many there are; ``cpus`` per actor (its threads) defaults to the cluster's CPUs shared
+    among the actors. ``files``: the PNGs each image's answer carries, ``"mask"`` (a segmenter's label map, as
+    ``predict --masks`` writes it) and ``"draw"`` (a detector's boxes or a segmenter's overlay, as ``--draw``)."""
 
     topk: int = 5
     batch_size: int = 32
@@ -44,6 +47,8 @@ class ClusterOptions:
     measure: bool = True
     min_agreement: float = 0.995
     max_top1_drop: float = 0.5
+    score_threshold: float | None = None
+    files: tuple[str, ...] = ()
 
 
 def connect(address: str) -> bool:
@@ -104,7 +109,7 @@ def predict_dataset(dataset: Any, artifact: str | os.PathLike[str], options: Clu
     cpus = options.cpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.actors)
     # Ray Data restarts a dead actor and runs its batches again (its defaults: max_restarts and max_task_retries -1)
     predicted = dataset.map_batches(
-        _Classify, fn_constructor_args=(os.fspath(artifact), options, cpus, shared), batch_size=options.batch_size,
+        _Predict, fn_constructor_args=(os.fspath(artifact), options, cpus, shared), batch_size=options.batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.actors), num_cpus=cpus)
     for context in (dataset.context, predicted.context):  # each Dataset holds its own copy of the options
         context.execution_options.preserve_order = True
@@ -120,6 +125,8 @@ def model_graph(artifact: str | os.PathLike[str], options: ClusterOptions) -> by
     from repvgg.predict.opening import builds_from_graph, export_graph
     from repvgg.predict.predictor import locate_artifact
 
+    if task_of(artifact) != "classification":
+        return None
     kind, path = locate_artifact(artifact)
     if kind == "onnx" or not builds_from_graph(options.runtime, options.dtype, options.measure):
         return None
@@ -128,11 +135,23 @@ def model_graph(artifact: str | os.PathLike[str], options: ClusterOptions) -> by
         return written.read_bytes() if len(list(Path(tmp).iterdir())) == 1 else None
 
 
+def task_of(artifact: str | os.PathLike[str]) -> str:
+    """``"detection"``, ``"segmentation"`` or ``"classification"``: what the artifact's model does."""
+    from repvgg.detection.predict import detection_artifact
+    from repvgg.segmentation.predict import segmentation_artifact
+
+    if detection_artifact(artifact) is not None:
+        return "detection"
+    return "segmentation" if segmentation_artifact(artifact) is not None else "classification"
+
+
 def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], options: ClusterOptions, *,
                        bad_images: str = "fail", on_batch: Callable[[int], None] | None = None,
-                       graph: bytes | bool = True) -> Iterator[tuple[Prediction, dict[str, Any]]]:
+                       graph: bytes | bool = True
+                       ) -> Iterator[tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]]:
     """Each of ``paths`` predicted on the cluster this process has joined ([`connect`][repvgg.predict.cluster.connect]),
-    in input order as batches finish: the prediction and the model's description (``graph`` as in
+    in input order as batches finish: what ``predict --json`` gives for the image, the model's description (its
+    ``task`` among it), and the PNGs ``options.files`` asked for (``graph`` as in
     [`predict_dataset`][repvgg.predict.cluster.predict_dataset]).
 
     Raises:
@@ -143,48 +162,92 @@ def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], o
     dataset = ray.data.from_items([{"path": str(path)} for path in paths])
     predicted = predict_dataset(dataset, artifact, options, graph=graph)
     for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
-        for text, model in zip(batch["prediction"], batch["model"]):
-            row = json.loads(text)
+        for i, text in enumerate(batch["prediction"]):
+            row, model = json.loads(text), json.loads(batch["model"][i])
             if row["error"] and bad_images == "fail":
-                raise bad_image_error(row["error"])
-            yield Prediction(row["source"], tuple(row["classes"]), tuple(row["indices"]),
-                             tuple(row["probabilities"]), row["error"]), json.loads(model)
+                raise bad_image_error(row["error"]) if model["task"] == "classification" else ValueError(row["error"])
+            yield row, model, {kind: bytes(batch[kind][i]) for kind in FILES if len(batch[kind][i])}
         if on_batch is not None:
             on_batch(len(batch["prediction"]))
 
 
-class _Classify:
-    """A Ray actor holding one predictor: a batch of paths in, their predictions (unreadable images reported, never
-    raised: the driver applies ``--bad-images``) and the model's description out."""
+#: The PNGs an answer may carry (`ClusterOptions.files`).
+FILES = ("mask", "draw")
+
+
+class _Predict:
+    """A Ray actor holding one predictor of the artifact's task: a batch of paths in; out, their predictions
+    (unreadable images reported, never raised: the driver applies ``--bad-images``), the PNGs asked for and the
+    model's description."""
 
     def __init__(self, artifact: str, options: ClusterOptions, cpus: int, graph: bytes | None) -> None:
         import torch
 
         from repvgg.io.onnx_run import share_cores
-        from repvgg.predict.predictor import Predictor
 
         torch.set_num_threads(cpus)
         share_cores()  # the actors of a machine share its cores: no runtime spins on them or pins its threads
-        self.options = options
-        with tempfile.TemporaryDirectory(prefix="repvgg-actor-") as tmp:  # the runtimes load the graph as built
-            local = None if graph is None else Path(tmp) / "model.onnx"
-            if graph is not None:
-                Path(tmp, "model.onnx").write_bytes(graph)
-            self.predictor = Predictor(artifact, runtime=options.runtime, dtype=options.dtype,
-                                       batch_size=options.batch_size, classes=options.classes,
-                                       calibration=options.calibration, measure=options.measure,
-                                       min_agreement=options.min_agreement, max_top1_drop=options.max_top1_drop,
-                                       graph=local)
-        p = self.predictor
-        self.model = json.dumps({"artifact": p.artifact, "runtime": p.backend, "dtype": p.dtype,
-                                 "preprocessing": p.preprocessing.to_dict(), "notes": list(p.card.notes),
-                                 "threads": cpus, "pid": os.getpid()})
+        self.options, self.task = options, task_of(artifact)
+        opened = {"classification": _classifier, "detection": _detector, "segmentation": _segmenter}[self.task]
+        self.predictor, model = opened(artifact, options, graph)
+        self.model = json.dumps({**model, "task": self.task, "threads": cpus, "pid": os.getpid()})
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
         paths = [str(path) for path in batch["path"]]
-        found = self.predictor.predict(paths, topk=self.options.topk, bad_images="skip")
-        batch["prediction"] = np.array([json.dumps(p.as_dict()) for p in found], dtype=object)
-        batch["model"] = np.array([self.model] * len(found), dtype=object)
+        made: dict[str, dict[str, bytes]] = {}
+        if self.task == "classification":
+            rows = [p.as_dict() for p in self.predictor.predict(paths, topk=self.options.topk, bad_images="skip")]
+        else:
+            def keep(path: str, image: Any, found: Any) -> None:
+                made[path] = self._png(image, found)
+
+            rows = [r.as_dict() for r in self.predictor.iter_predict(paths, bad_images="skip", on_image=keep)]
+        batch["prediction"] = np.array([json.dumps(row) for row in rows], dtype=object)
+        batch["model"] = np.array([self.model] * len(rows), dtype=object)
+        for kind in FILES:
+            batch[kind] = np.array([made.get(row["source"], {}).get(kind, b"") for row in rows], dtype=object)
         return batch
+
+    def _png(self, image: Any, found: Any) -> dict[str, bytes]:
+        """The PNGs asked for of one image and what the model found in it."""
+        from repvgg.detection.predict import drawing_png
+        from repvgg.segmentation.predict import mask_png, overlay_png
+
+        wanted, classes = self.options.files, self.predictor.classes
+        if self.task == "detection":
+            return {"draw": drawing_png(image, found, classes)} if "draw" in wanted else {}
+        return {**({"mask": mask_png(found, len(classes))} if "mask" in wanted else {}),
+                **({"draw": overlay_png(image, found, len(classes))} if "draw" in wanted else {})}
+
+
+def _classifier(artifact: str, options: ClusterOptions, graph: bytes | None) -> tuple[Any, dict[str, Any]]:
+    from repvgg.predict.predictor import Predictor
+
+    with tempfile.TemporaryDirectory(prefix="repvgg-actor-") as tmp:  # the runtimes load the graph as built
+        local = None if graph is None else Path(tmp) / "model.onnx"
+        if graph is not None:
+            Path(tmp, "model.onnx").write_bytes(graph)
+        p = Predictor(artifact, runtime=options.runtime, dtype=options.dtype, batch_size=options.batch_size,
+                      classes=options.classes, calibration=options.calibration, measure=options.measure,
+                      min_agreement=options.min_agreement, max_top1_drop=options.max_top1_drop, graph=local)
+    return p, {"artifact": p.artifact, "runtime": p.backend, "dtype": p.dtype,
+               "preprocessing": p.preprocessing.to_dict(), "notes": list(p.card.notes)}
+
+
+def _detector(artifact: str, options: ClusterOptions, graph: bytes | None) -> tuple[Any, dict[str, Any]]:
+    from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD, DetectionPredictor
+
+    threshold = DEFAULT_SCORE_THRESHOLD if options.score_threshold is None else options.score_threshold
+    p = DetectionPredictor(artifact, runtime=options.runtime, score_threshold=threshold, classes=options.classes,
+                           measure=options.measure, samples=options.calibration)
+    return p, {"artifact": p.artifact, "runtime": p.backend, "runtime_reason": p.reason,
+               "score_threshold": p.score_threshold}
+
+
+def _segmenter(artifact: str, options: ClusterOptions, graph: bytes | None) -> tuple[Any, dict[str, Any]]:
+    from repvgg.segmentation.predict import SegmentationPredictor
+
+    p = SegmentationPredictor(artifact, runtime=options.runtime, classes=options.classes)
+    return p, {"artifact": p.artifact, "runtime": p.backend}

@@ -19,7 +19,7 @@ from repvgg.io.card import check_class_names, read_class_names
 from repvgg.io.formats import identify_file
 from repvgg.training.images import load_rgb
 
-__all__ = ["ImageSegmentation", "SegmentationPredictor", "mask_png", "save_mask", "save_overlay",
+__all__ = ["ImageSegmentation", "SegmentationPredictor", "mask_png", "overlay_png",
            "segmentation_artifact"]
 
 #: ``on_image(path, image, mask)``: what a caller does with each readable image (e.g. write its mask).
@@ -162,23 +162,17 @@ def mask_png(mask: Tensor, num_classes: int) -> bytes:
     return out.getvalue()
 
 
-def save_mask(mask: Tensor, num_classes: int, path: Path) -> None:
-    """``mask`` as a palette PNG ([`mask_png`][repvgg.segmentation.predict.mask_png]), written atomically."""
-    from repvgg.serialization import atomic_write
+def overlay_png(image: Any, mask: Tensor, num_classes: int) -> bytes:
+    """``image`` with each pixel's class colour laid over it (`OVERLAY_ALPHA`), as a PNG's bytes."""
+    import io
 
-    with atomic_write(path) as staged:
-        staged.write_bytes(mask_png(mask, num_classes))
-
-
-def save_overlay(image: Any, mask: Tensor, num_classes: int, path: Path) -> None:
-    """``image`` with each pixel's class colour laid over it (`OVERLAY_ALPHA`), written atomically as PNG."""
     import numpy as np
     from PIL import Image
 
     from repvgg.segmentation.plots import colorize
-    from repvgg.serialization import atomic_write
 
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     blended = (1 - OVERLAY_ALPHA) * pixels + OVERLAY_ALPHA * colorize(mask, num_classes).astype(np.float32)
-    with atomic_write(path) as staged:
-        Image.fromarray(np.rint(blended).astype(np.uint8)).save(staged, format="PNG")
+    buffer = io.BytesIO()
+    Image.fromarray(np.rint(blended).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
