@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -93,6 +94,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_model_left_loading() -> Iterator[None]:
+    """An app stopped while its model loads leaves the load to finish in a daemon thread (``repvgg serve`` exits
+    then; an embedded app cannot). It is waited for here, so that the next test never shares its process with it:
+    TorchScript, which the load may compile, fails when two threads compile at once."""
+    yield
+    from repvgg.serve.app import LOAD_THREAD
+
+    for thread in threading.enumerate():
+        if thread.name == LOAD_THREAD and thread is not threading.current_thread():
+            thread.join(timeout=600)
 
 
 @contextlib.contextmanager
