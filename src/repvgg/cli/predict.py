@@ -242,8 +242,8 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     if _csv_file(args):
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv", writes=targets.values())
     threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
-    started = time.perf_counter()
-    if args.ray is not None:
+    if args.ray is not None:  # timed from the cluster's start, as a classifier's
+        started = time.perf_counter()
         rows, model = _cluster_rows(args, paths, _dense_options(args, paths, ("draw",) if targets else (),
                                                                 score_threshold=threshold), {"draw": targets})
         model = {**model, "ray": _ray_note(args, model)}
@@ -251,9 +251,11 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
         predictor = DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=threshold,
                                        classes=args.classes, device=args.device,
                                        measure=len(paths) >= _WEIGH_DETECTOR_FROM, samples=paths)
+
         def draw(path: str, image: Any, found: dict[str, Any]) -> None:
             write_bytes(targets[path], drawing_png(image, found, predictor.classes))
 
+        started = time.perf_counter()
         rows = [d.as_dict() for d in predictor.iter_predict(paths, bad_images=args.bad_images,
                                                             on_image=draw if targets else None)]
         model = {"artifact": predictor.artifact, "runtime": predictor.backend, "runtime_reason": predictor.reason}
@@ -293,8 +295,8 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
     if _csv_file(args):
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv",
                           writes=[*masks.values(), *drawn.values()])
-    started = time.perf_counter()
-    if args.ray is not None:
+    if args.ray is not None:  # timed from the cluster's start, as a classifier's
+        started = time.perf_counter()
         wanted = (("mask",) if masks else ()) + (("draw",) if drawn else ())
         rows, model = _cluster_rows(args, paths, _dense_options(args, paths, wanted), {"mask": masks, "draw": drawn})
         model = {**model, "ray": _ray_note(args, model)}
@@ -309,6 +311,7 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
             if path in drawn:
                 write_bytes(drawn[path], overlay_png(image, mask, classes))
 
+        started = time.perf_counter()
         rows = [r.as_dict() for r in predictor.iter_predict(paths, bad_images=args.bad_images, on_image=write)]
         model = {"artifact": predictor.artifact, "runtime": predictor.backend}
     for row in rows:  # where its mask was written
