@@ -96,8 +96,8 @@ def predict_dataset(dataset: Any, artifact: str | os.PathLike[str], options: Clu
     """``dataset`` (a Ray Dataset with a ``path`` column of image files every node can read) predicted by
     ``artifact``: a Dataset of the same rows in the same order, with ``prediction`` added (a JSON object: what
     ``predict --json`` gives for the image; ``error`` says why an unreadable one was skipped) and ``model`` (a JSON
-    object: the runtime, precision and preprocessing the actor chose, its threads and process id). Lazy, as Ray
-    Datasets are.
+    object: the task, the runtime, precision and preprocessing the actor chose, its threads and process id), and
+    ``mask`` and ``draw`` (the PNGs ``options.files`` asks for, else empty). Lazy, as Ray Datasets are.
 
     ``graph``: ``True`` exports the model's ONNX graph here, once ([`model_graph`][repvgg.predict.cluster.model_graph]),
     for every actor to build its ONNX runtimes from; the bytes of one made earlier; ``False``: each actor exports its
