@@ -27,6 +27,8 @@ __all__ = ["FILES", "ClusterOptions", "connect", "iter_predict_paths", "model_gr
 
 #: Seconds to wait for a cluster's address to answer before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 5.0
+#: The PNGs an answer may carry (`ClusterOptions.files`).
+FILES = ("mask", "draw")
 
 
 @dataclass(frozen=True)
@@ -169,10 +171,6 @@ def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], o
             yield row, model, {kind: bytes(batch[kind][i]) for kind in FILES if len(batch[kind][i])}
         if on_batch is not None:
             on_batch(len(batch["prediction"]))
-
-
-#: The PNGs an answer may carry (`ClusterOptions.files`).
-FILES = ("mask", "draw")
 
 
 class _Predict:
