@@ -157,10 +157,11 @@ def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outp
     image's PNGs written where ``outputs`` says (``{"mask": {path: file}, "draw": {...}}``); and the actors' model."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from repvgg.predict.cluster import connect, iter_predict_paths, model_graph
+    from repvgg.predict.cluster import check_address, connect, iter_predict_paths, model_graph
     from repvgg.serialization import write_bytes
     from repvgg.training.progress import progress_bar
 
+    check_address(args.ray)  # an address out of reach is told at once, before the model's export starts
     bar = progress_bar(len(paths), "predict", enabled=enabled)
     rows: list[dict[str, Any]] = []
     model: dict[str, Any] = {}

@@ -23,7 +23,8 @@ from typing import Any
 
 from repvgg.predict.predictor import bad_image_error
 
-__all__ = ["FILES", "ClusterOptions", "connect", "iter_predict_paths", "model_graph", "predict_dataset", "task_of"]
+__all__ = ["FILES", "ClusterOptions", "check_address", "connect", "iter_predict_paths", "model_graph",
+           "predict_dataset", "task_of"]
 
 #: Seconds to wait for a cluster's address to answer before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 5.0
@@ -72,8 +73,7 @@ def connect(address: str) -> bool:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, configure_logging=False,
                  log_to_driver=False)
         return True
-    if address != "auto":
-        _check_reachable(address)
+    check_address(address)
     try:
         ray.init(address=address, configure_logging=False, log_to_driver=False)
     except (ConnectionError, RuntimeError) as err:
@@ -82,7 +82,15 @@ def connect(address: str) -> bool:
     return False
 
 
-def _check_reachable(address: str) -> None:
+def check_address(address: str) -> None:
+    """Refuse an ``address`` that is not ``auto``, ``local`` or ``HOST:PORT``, or whose head does not answer (at
+    once, before anything slow starts).
+
+    Raises:
+        ValueError: naming the address, with what to do.
+    """
+    if address in ("auto", "local"):
+        return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--ray takes auto, local or HOST:PORT (a cluster head's address), got {address!r}")
