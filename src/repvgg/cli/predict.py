@@ -146,7 +146,7 @@ def _predict_on_cluster(args: argparse.Namespace, paths: list[str], many: bool) 
     started = time.perf_counter()
     rows, model = _cluster_rows(args, paths, options, {}, enabled=many)
     header = {"artifact": model["artifact"], "runtime": model["runtime"], "dtype": model["dtype"],
-              "preprocessing": model["preprocessing"], "notes": model["notes"], "ray": _ray_note(args, model)}
+              "preprocessing": model["preprocessing"], "notes": model["notes"], "ray": model["ray"]}
     return _emit_classes(args, header, rows, time.perf_counter() - started,
                          max(len(r["classes"]) for r in rows) or args.topk)
 
@@ -154,11 +154,11 @@ def _predict_on_cluster(args: argparse.Namespace, paths: list[str], many: bool) 
 def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outputs: dict[str, dict[str, Path]], *,
                   enabled: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """What plain ``predict --json`` gives for each of ``paths``, from a pool of Ray actors (``--ray``), with each
-    image's PNGs written where ``outputs`` says (``{"mask": {path: file}, "draw": {...}}``); and the actors' model."""
+    image's PNGs written where ``outputs`` says (``{"mask": {path: file}, "draw": {...}}``); and the actors' model,
+    with where it ran (``ray``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from repvgg.predict.cluster import check_address, connect, iter_predict_paths, model_graph
-    from repvgg.serialization import write_bytes
     from repvgg.training.progress import progress_bar
 
     check_address(args.ray)  # an address out of reach is told at once, before the model's export starts
@@ -174,9 +174,7 @@ def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outp
             for row, model, files in iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
                                                         on_batch=bar.update if bar is not None else None,
                                                         graph=graph.result() or False):
-                for kind, data in files.items():
-                    if row["source"] in outputs.get(kind, {}):
-                        write_bytes(outputs[kind][row["source"]], data)
+                _write_pngs(outputs, row["source"], files)
                 rows.append(row)
         finally:
             if bar is not None:
@@ -185,12 +183,17 @@ def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outp
                 import ray
 
                 ray.shutdown()
-    return rows, model
+    return rows, {**model, "ray": {"address": args.ray, "actors": args.ray_actors or 2,
+                                   "threads_per_actor": model.get("threads")}}
 
 
-def _ray_note(args: argparse.Namespace, model: dict[str, Any]) -> dict[str, Any]:
-    """Where a ``--ray`` run predicted, for its JSON document."""
-    return {"address": args.ray, "actors": args.ray_actors or 2, "threads_per_actor": model.get("threads")}
+def _write_pngs(outputs: dict[str, dict[str, Path]], source: str, pngs: dict[str, bytes]) -> None:
+    """Write an image's PNGs (``{"mask": bytes, "draw": bytes}``) where ``outputs`` says for ``source``."""
+    from repvgg.serialization import write_bytes
+
+    for kind, data in pngs.items():
+        if source in outputs.get(kind, {}):
+            write_bytes(outputs[kind][source], data)
 
 
 def _csv_file(args: argparse.Namespace) -> bool:
@@ -229,8 +232,8 @@ def _write_csv(args: argparse.Namespace, rows: list[dict[str, Any]], k: int) -> 
 
 def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     """A detector: each image's boxes (class, score, x1 y1 x2 y2), as a table, --json, --csv and --draw images."""
-    from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD, DetectionPredictor, drawing_png
-    from repvgg.serialization import check_output_path, image_outputs, write_bytes
+    from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD, DetectionPredictor
+    from repvgg.serialization import check_output_path, image_outputs
 
     if args.dtype != "float32":
         raise ValueError("a detector predicts in float32 here; quantize it with `repvgg quantize` for INT8")
@@ -243,22 +246,23 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     if _csv_file(args):
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv", writes=targets.values())
     threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
+    outputs = {"draw": targets}
+    wanted = tuple(kind for kind, files in outputs.items() if files)
     if args.ray is not None:  # timed from the cluster's start, as a classifier's
         started = time.perf_counter()
-        rows, model = _cluster_rows(args, paths, _dense_options(args, paths, ("draw",) if targets else (),
-                                                                score_threshold=threshold), {"draw": targets})
-        model = {**model, "ray": _ray_note(args, model)}
+        rows, model = _cluster_rows(args, paths, _dense_options(args, paths, wanted, score_threshold=threshold),
+                                    outputs)
     else:
         predictor = DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=threshold,
                                        classes=args.classes, device=args.device,
                                        measure=len(paths) >= _WEIGH_DETECTOR_FROM, samples=paths)
 
         def draw(path: str, image: Any, found: dict[str, Any]) -> None:
-            write_bytes(targets[path], drawing_png(image, found, predictor.classes))
+            _write_pngs(outputs, path, predictor.pngs(image, found, wanted))
 
         started = time.perf_counter()
         rows = [d.as_dict() for d in predictor.iter_predict(paths, bad_images=args.bad_images,
-                                                            on_image=draw if targets else None)]
+                                                            on_image=draw if wanted else None)]
         model = {"artifact": predictor.artifact, "runtime": predictor.backend, "runtime_reason": predictor.reason}
     skipped = sum(1 for r in rows if r["error"])
     document = {"artifact": model["artifact"], "runtime": model["runtime"], "runtime_reason": model["runtime_reason"],
@@ -279,8 +283,8 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
 def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
     """A segmenter: each image's classes with their share of the pixels, as a table, --json and --csv; --masks DIR
     label maps and --draw DIR overlays."""
-    from repvgg.segmentation.predict import SegmentationPredictor, mask_png, overlay_png
-    from repvgg.serialization import check_output_path, image_outputs, write_bytes
+    from repvgg.segmentation.predict import SegmentationPredictor
+    from repvgg.serialization import check_output_path, image_outputs
 
     if args.dtype != "float32":
         raise ValueError("a segmenter predicts in float32 here; quantize it with `repvgg quantize` for INT8")
@@ -296,21 +300,17 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
     if _csv_file(args):
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv",
                           writes=[*masks.values(), *drawn.values()])
+    outputs = {"mask": masks, "draw": drawn}
+    wanted = tuple(kind for kind, files in outputs.items() if files)
     if args.ray is not None:  # timed from the cluster's start, as a classifier's
         started = time.perf_counter()
-        wanted = (("mask",) if masks else ()) + (("draw",) if drawn else ())
-        rows, model = _cluster_rows(args, paths, _dense_options(args, paths, wanted), {"mask": masks, "draw": drawn})
-        model = {**model, "ray": _ray_note(args, model)}
+        rows, model = _cluster_rows(args, paths, _dense_options(args, paths, wanted), outputs)
     else:
         predictor = SegmentationPredictor(args.artifact, runtime=args.runtime, classes=args.classes,
                                           device=args.device)
-        classes = len(predictor.classes)
 
         def write(path: str, image: Any, mask: Any) -> None:
-            if path in masks:
-                write_bytes(masks[path], mask_png(mask, classes))
-            if path in drawn:
-                write_bytes(drawn[path], overlay_png(image, mask, classes))
+            _write_pngs(outputs, path, predictor.pngs(image, mask, wanted))
 
         started = time.perf_counter()
         rows = [r.as_dict() for r in predictor.iter_predict(paths, bad_images=args.bad_images, on_image=write)]

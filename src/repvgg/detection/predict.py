@@ -149,6 +149,10 @@ class DetectionPredictor:
                 on_image(path, image, found)
             yield self.describe(path, found)
 
+    def pngs(self, image: Any, found: dict[str, Tensor], wanted: Sequence[str]) -> dict[str, bytes]:
+        """The PNGs of one image that ``wanted`` names: ``"draw"``, the image with ``found`` drawn (``--draw``)."""
+        return {"draw": drawing_png(image, found, self.classes)} if "draw" in wanted else {}
+
     def describe(self, source: str, found: dict[str, Tensor]) -> ImageDetections:
         """``found`` (from [`detect`][repvgg.detection.predict.DetectionPredictor.detect]) as ``predict`` reports it:
         class names, scores to 6 decimals, boxes to 3."""

@@ -207,7 +207,7 @@ class _Predict:
             rows = [p.as_dict() for p in self.predictor.predict(paths, topk=self.options.topk, bad_images="skip")]
         else:
             def keep(path: str, image: Any, found: Any) -> None:
-                made[path] = self._png(image, found)
+                made[path] = self.predictor.pngs(image, found, self.options.files)
 
             rows = [r.as_dict() for r in self.predictor.iter_predict(paths, bad_images="skip", on_image=keep)]
         batch["prediction"] = np.array([json.dumps(row) for row in rows], dtype=object)
@@ -216,25 +216,15 @@ class _Predict:
             batch[kind] = np.array([made.get(row["source"], {}).get(kind, b"") for row in rows], dtype=object)
         return batch
 
-    def _png(self, image: Any, found: Any) -> dict[str, bytes]:
-        """The PNGs asked for of one image and what the model found in it."""
-        from repvgg.detection.predict import drawing_png
-        from repvgg.segmentation.predict import mask_png, overlay_png
-
-        wanted, classes = self.options.files, self.predictor.classes
-        if self.task == "detection":
-            return {"draw": drawing_png(image, found, classes)} if "draw" in wanted else {}
-        return {**({"mask": mask_png(found, len(classes))} if "mask" in wanted else {}),
-                **({"draw": overlay_png(image, found, len(classes))} if "draw" in wanted else {})}
-
 
 def _classifier(artifact: str, options: ClusterOptions, graph: bytes | None) -> tuple[Any, dict[str, Any]]:
     from repvgg.predict.predictor import Predictor
 
     with tempfile.TemporaryDirectory(prefix="repvgg-actor-") as tmp:  # the runtimes load the graph as built
-        local = None if graph is None else Path(tmp) / "model.onnx"
+        local = None
         if graph is not None:
-            Path(tmp, "model.onnx").write_bytes(graph)
+            local = Path(tmp) / "model.onnx"
+            local.write_bytes(graph)
         p = Predictor(artifact, runtime=options.runtime, dtype=options.dtype, batch_size=options.batch_size,
                       classes=options.classes, calibration=options.calibration, measure=options.measure,
                       min_agreement=options.min_agreement, max_top1_drop=options.max_top1_drop, graph=local)

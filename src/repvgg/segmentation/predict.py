@@ -115,6 +115,12 @@ class SegmentationPredictor:
         order = torch.argsort(counts, descending=True, stable=True).tolist()
         return {self.classes[i]: round(float(counts[i]) / mask.numel(), 6) for i in order if counts[i] > 0}
 
+    def pngs(self, image: Any, mask: Tensor, wanted: Sequence[str]) -> dict[str, bytes]:
+        """The PNGs of one image that ``wanted`` names: ``"mask"``, its label map (``--masks``); ``"draw"``, the
+        image with the mask laid over it (``--draw``)."""
+        return {**({"mask": mask_png(mask, len(self.classes))} if "mask" in wanted else {}),
+                **({"draw": overlay_png(image, mask, len(self.classes))} if "draw" in wanted else {})}
+
     def iter_predict(self, paths: Sequence[str], *, bad_images: str = "fail",
                      on_image: ImageHook | None = None) -> Iterator[ImageSegmentation]:
         """Each path's segmentation in order; an unreadable image stops (``"fail"``, a ValueError naming it) or is
