@@ -135,6 +135,48 @@ def test_a_cluster_out_of_reach_is_exit_2_without_a_traceback(qa_digits_run: Pat
     assert not ray.is_initialized()
 
 
+def test_the_cluster_joined_in_the_background_is_left_on_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--ray`` joins (or starts) the cluster in a thread of its own while the model is prepared; the cluster it
+    started is stopped by that thread when the command fails, when it is told to stop, and on SIGTERM (which leaves
+    the command as exit 143, the handler then restored); a cluster it only joined is left running."""
+    from repvgg.predict import cluster
+
+    events: list[tuple[str, str]] = []
+    started = [True]
+    monkeypatch.setattr(cluster, "connect", lambda address: events.append(("connect", address)) or started[0])
+    monkeypatch.setattr(cluster, "stop_started", lambda: events.append(("stop", threading.current_thread().name)))
+    with pytest.raises(ValueError, match="no such file"):
+        with cluster.cluster_session("local"):
+            raise ValueError("no such file")  # before the cluster was even asked for
+    assert events == [("connect", "local"), ("stop", "repvgg-ray")]
+    events.clear()
+    with cluster.cluster_session("local") as session:
+        assert session.joined() is True
+        session.stop()  # once the rows are in, while the caller still sends Ray's reports to standard error
+        assert events == [("connect", "local"), ("stop", "repvgg-ray")]
+    assert len(events) == 2  # stopped once
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(SystemExit) as leaving:
+            with cluster.cluster_session("local"):
+                handler = signal.getsignal(signal.SIGTERM)
+                assert callable(handler)
+                handler(signal.SIGTERM, None)  # what a SIGTERM to the process runs
+        assert leaving.value.code == 143 and events[-1] == ("stop", "repvgg-ray")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    events.clear()
+    started[0] = False
+    with cluster.cluster_session("auto") as session:
+        assert session.joined() is False
+    assert events == [("connect", "auto")]
+    monkeypatch.setattr(cluster, "connect", lambda address: (_ for _ in ()).throw(ValueError("cannot join")))
+    with pytest.raises(ValueError, match="cannot join"):
+        with cluster.cluster_session("auto") as session:
+            session.joined()
+
+
 def test_detectors_and_segmenters_predict_on_the_cluster_as_without_it(tmp_path: Path) -> None:
     """A detector's boxes and drawings, a segmenter's classes, masks and overlays from actors of a running cluster
     (``--ray auto``) are plain ``predict``'s, file for file (random weights; an unreadable image skipped as plain

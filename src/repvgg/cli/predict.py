@@ -74,14 +74,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """With ``--ray``, the cluster is joined (or started) in the background first, while the model is prepared: it is
+    ``args.cluster`` (a [`ClusterSession`][repvgg.predict.cluster.ClusterSession]), stopped at the end if started
+    here."""
+    if args.ray is None:
+        if args.ray_actors is not None:
+            raise ValueError("--ray-actors goes with --ray ADDRESS")
+        return _predict(args)
+    from repvgg.predict.cluster import cluster_session
+
+    with cluster_session(args.ray) as args.cluster:
+        return _predict(args)
+
+
+def _predict(args: argparse.Namespace) -> int:
     from repvgg.predict.inputs import expand_inputs
     from repvgg.predict.predictor import Predictor
     from repvgg.serialization import check_output_path
     from repvgg.training.progress import progress_bar
 
     paths = expand_inputs(args.inputs, stdin=sys.stdin if "-" in args.inputs else None)
-    if args.ray_actors is not None and args.ray is None:
-        raise ValueError("--ray-actors goes with --ray ADDRESS")
     from repvgg.detection.predict import detection_artifact
 
     if detection_artifact(args.artifact) is not None:
@@ -158,10 +170,9 @@ def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outp
     with where it ran (``ray``)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from repvgg.predict.cluster import check_address, connect, iter_predict_paths, model_graph
+    from repvgg.predict.cluster import iter_predict_paths, model_graph
     from repvgg.training.progress import progress_bar
 
-    check_address(args.ray)  # an address out of reach is told at once, before the model's export starts
     bar = progress_bar(len(paths), "predict", enabled=enabled)
     rows: list[dict[str, Any]] = []
     model: dict[str, Any] = {}
@@ -169,7 +180,7 @@ def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outp
     # table's or --json's: it goes to standard error while Ray runs
     with contextlib.redirect_stdout(sys.stderr), ThreadPoolExecutor(1) as pool:
         graph = pool.submit(model_graph, args.artifact, options)  # exported while the cluster starts
-        started_here = connect(args.ray)
+        args.cluster.joined()  # connect's error, if it failed
         try:
             for row, model, files in iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
                                                         on_batch=bar.update if bar is not None else None,
@@ -179,10 +190,7 @@ def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outp
         finally:
             if bar is not None:
                 bar.close()
-            if started_here:
-                import ray
-
-                ray.shutdown()
+            args.cluster.stop()  # while Ray's reports still go to standard error
     return rows, {**model, "ray": {"address": args.ray, "actors": args.ray_actors or 2,
                                    "threads_per_actor": model.get("threads")}}
 
@@ -248,7 +256,7 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
     outputs = {"draw": targets}
     wanted = tuple(kind for kind, files in outputs.items() if files)
-    if args.ray is not None:  # timed from the cluster's start, as a classifier's
+    if args.ray is not None:  # timed from asking the cluster for the rows, as a classifier's
         started = time.perf_counter()
         rows, model = _cluster_rows(args, paths, _dense_options(args, paths, wanted, score_threshold=threshold),
                                     outputs)
@@ -302,7 +310,7 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
                           writes=[*masks.values(), *drawn.values()])
     outputs = {"mask": masks, "draw": drawn}
     wanted = tuple(kind for kind, files in outputs.items() if files)
-    if args.ray is not None:  # timed from the cluster's start, as a classifier's
+    if args.ray is not None:  # timed from asking the cluster for the rows, as a classifier's
         started = time.perf_counter()
         rows, model = _cluster_rows(args, paths, _dense_options(args, paths, wanted), outputs)
     else:

@@ -12,19 +12,23 @@ many machines is used the same way as the local one. Ray is imported only here (
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import logging
 import os
+import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repvgg.predict.predictor import bad_image_error
-
-__all__ = ["FILES", "ClusterOptions", "check_address", "connect", "iter_predict_paths", "model_graph",
-           "predict_dataset", "task_of"]
+__all__ = ["FILES", "ClusterOptions", "ClusterSession", "check_address", "cluster_session", "connect",
+           "iter_predict_paths", "model_graph", "predict_dataset", "stop_started", "task_of"]
 
 #: Seconds to wait for a cluster's address to answer before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 5.0
@@ -62,11 +66,10 @@ def connect(address: str) -> bool:
     Raises:
         ValueError: no cluster answers at ``address`` (naming it, with what to do).
     """
-    import logging
-
     import ray
 
     logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data logs each stage's progress; the CLI has its bar
+    logging.getLogger("ray._private.worker").addFilter(_SIGTERM_NOTICE)  # see cluster_session
     if ray.is_initialized():
         return False
     if address == "local":
@@ -80,6 +83,111 @@ def connect(address: str) -> bool:
         raise ValueError(f"cannot join a Ray cluster at {address!r}: {err}. Start one (`ray start --head`), give "
                          "its head's HOST:PORT, or use --ray local to start one on this machine") from None
     return False
+
+
+class ClusterSession:
+    """The cluster at an address being joined, or started (``local``), in a thread of its own from the moment this is
+    made, while the caller imports and prepares its model (see
+    [`cluster_session`][repvgg.predict.cluster.cluster_session]). The thread holds a cluster it started until
+    [`stop`][repvgg.predict.cluster.ClusterSession.stop]: Ray starts a local cluster's processes to die with the thread
+    that started them."""
+
+    def __init__(self, address: str) -> None:
+        self._joined: Future[bool] = Future()
+        self._leave = threading.Event()
+        self._holder = threading.Thread(target=self._hold, args=(address,), name="repvgg-ray", daemon=True)
+        self._holder.start()
+
+    def joined(self) -> bool:
+        """Wait until the cluster is joined: ``True`` when it was started here (what
+        [`connect`][repvgg.predict.cluster.connect] answers).
+
+        Raises:
+            ValueError: no cluster answers at the address (what ``connect`` raises).
+        """
+        return self._joined.result()
+
+    def stop(self) -> None:
+        """Stop a cluster started here (after it is up), or leave a joined one; again, nothing."""
+        self._leave.set()
+        self._holder.join()
+
+    def _hold(self, address: str) -> None:
+        try:
+            started = connect(address)
+        except BaseException as err:  # noqa: BLE001 - the caller's to raise, from joined()
+            self._joined.set_exception(err)
+            return
+        self._joined.set_result(started)
+        self._leave.wait()
+        if started:
+            stop_started()
+
+
+@contextlib.contextmanager
+def cluster_session(address: str) -> Iterator[ClusterSession]:
+    """The cluster at ``address`` joined, or started (``local``), in the background from the start of the block
+    ([`ClusterSession`][repvgg.predict.cluster.ClusterSession]), and a cluster started here stopped when the block
+    ends, if not before. A SIGTERM to this process leaves the block (as ``SystemExit(143)``), as Ray's driver does
+    itself when it is started in the main thread.
+
+    Raises:
+        ValueError: ``address`` is malformed or does not answer (told at once:
+            [`check_address`][repvgg.predict.cluster.check_address]).
+        ModuleNotFoundError: Ray is not installed (``pip install 'repvgg[scale]'``).
+    """
+    check_address(address)
+    if importlib.util.find_spec("ray") is None:
+        raise ModuleNotFoundError("No module named 'ray'", name="ray")
+    session = ClusterSession(address)
+    with _sigterm_exits():
+        try:
+            yield session
+        finally:
+            session.stop()
+
+
+def stop_started() -> None:
+    """Stop the cluster this process started (``ray.shutdown()``). Its autoscaler monitor is stopped first: a local
+    cluster has nothing to scale, and the monitor answers ``ray.shutdown()``'s SIGTERM by reporting to the cluster's
+    control store, stopped by then, so that it always outlived the one-second grace Ray gives it (a second of every
+    ``--ray local`` run)."""
+    import ray
+
+    with contextlib.suppress(AttributeError, OSError):  # Ray's own bookkeeping of the processes it started here
+        node = getattr(ray._private.worker, "_global_node", None)  # None when this process joined a cluster
+        for process in (getattr(node, "all_processes", None) or {}).get("monitor", []):
+            process.process.kill()
+    ray.shutdown()
+
+
+class _NotMainThreadNotice(logging.Filter):
+    """Drops Ray's notice that a driver started outside the main thread has no SIGTERM handler of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+_SIGTERM_NOTICE = _NotMainThreadNotice()
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """In the block, a SIGTERM raises ``SystemExit(143)`` (so that the block's cleanup runs) where it would end the
+    process outright: in the main thread, where no one else handles it."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def leave(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_address(address: str) -> None:
@@ -168,6 +276,8 @@ def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], o
         ValueError: an unreadable image with ``bad_images="fail"``, as plain ``predict`` says it.
     """
     import ray
+
+    from repvgg.predict.predictor import bad_image_error
 
     dataset = ray.data.from_items([{"path": str(path)} for path in paths])
     predicted = predict_dataset(dataset, artifact, options, graph=graph)
