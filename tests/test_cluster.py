@@ -118,7 +118,7 @@ def test_a_bad_image_fails_the_run_as_in_plain_predict(monkeypatch: pytest.Monke
                    "draw": np.array([b""] * 2, dtype=object)}
 
     monkeypatch.setattr(module, "predict_dataset", lambda *args, **kwargs: Answers())
-    monkeypatch.setattr(ray.data, "from_items", lambda items: items)
+    monkeypatch.setattr(ray.data, "from_items", lambda items, **blocks: items)
     found = list(module.iter_predict_paths(["a.png", "broken.png"], "run", module.ClusterOptions(),
                                            bad_images="skip"))
     assert [row["error"] for row, _, _ in found] == [None, rows[1]["error"]]

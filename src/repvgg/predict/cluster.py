@@ -34,6 +34,8 @@ __all__ = ["FILES", "ClusterOptions", "ClusterSession", "check_address", "cluste
 CONNECT_TIMEOUT_S = 5.0
 #: The PNGs an answer may carry (`ClusterOptions.files`).
 FILES = ("mask", "draw")
+#: Most blocks the listed paths are cut into (beyond MAX_BLOCKS batches, a block holds several).
+MAX_BLOCKS = 10_000
 
 
 @dataclass(frozen=True)
@@ -279,7 +281,9 @@ def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], o
 
     from repvgg.predict.predictor import bad_image_error
 
-    dataset = ray.data.from_items([{"path": str(path)} for path in paths])
+    # a block of paths per batch (up to MAX_BLOCKS): Ray Data's default blocks made batches of about 17 paths
+    blocks = min(MAX_BLOCKS, max(1, -(-len(paths) // options.batch_size)))
+    dataset = ray.data.from_items([{"path": str(path)} for path in paths], override_num_blocks=blocks)
     predicted = predict_dataset(dataset, artifact, options, graph=graph)
     for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
         for i, text in enumerate(batch["prediction"]):
