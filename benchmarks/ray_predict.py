@@ -7,7 +7,7 @@ out) and its fixed cost (what the whole command took beyond its images at that r
 from which Ray pays on this machine and Ray's cost per image. The driver's own work per image (listing a path,
 parsing one JSON answer) is timed in this process: the ceiling of one driver on a cluster.
 
-    python benchmarks/ray_predict.py            # about 4 minutes on 2 cores; results/ray_predict.{md,json}
+    python benchmarks/ray_predict.py            # about 7 minutes on 2 cores; results/ray_predict.{md,json}
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def main() -> int:
                         "actor, weighs its own; the weighing is then most of the fixed cost, and actors with one "
                         "thread may pick another runtime than plain predict, whose near-tied classes on random "
                         "weights then differ)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each command (the median wall time)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     pinned = ["--runtime", args.runtime] if args.runtime != "auto" else []
@@ -100,11 +101,17 @@ def main() -> int:
         artifact = _artifact(root)
         for size in (args.small, args.large):
             _images(root / str(size), size)
-        for name, extra in modes.items():
-            runs = {size: _run(artifact, root / str(size), extra) for size in (args.small, args.large)}
-            results[name] = runs
-            print(f"{name}: " + ", ".join(f"{s} images in {r['wall_s']:.1f} s" for s, r in runs.items()),
-                  file=sys.stderr)
+        walls: dict[tuple[str, int], list[float]] = {}
+        for _ in range(args.repeats):  # the modes interleaved: the machine's drift favours none
+            for name, extra in modes.items():
+                for size in (args.small, args.large):
+                    run = _run(artifact, root / str(size), extra)
+                    results.setdefault(name, {}).setdefault(size, run)  # the first run's answers
+                    walls.setdefault((name, size), []).append(run["wall_s"])
+                    print(f"{name}: {size} images in {run['wall_s']:.1f} s", file=sys.stderr)
+        for (name, size), times in walls.items():
+            results[name][size]["wall_s"] = float(np.median(times))
+            results[name][size]["walls_s"] = times
     plain_large = results["plain predict, 2 decoding workers"][args.large]
     rows, summary = [], {}
     for name, runs in results.items():
@@ -115,7 +122,8 @@ def main() -> int:
             [a == b for a, b in zip(large["top1"], plain_large["top1"])])
         summary[name] = {"steady_images_per_s": steady, "fixed_s": fixed, "runtime": large["runtime"],
                          "end_to_end_images_per_s": args.large / large["wall_s"], "same_as_plain": same,
-                         "wall_s": {str(k): v["wall_s"] for k, v in runs.items()}}
+                         "wall_s": {str(k): v["wall_s"] for k, v in runs.items()},
+                         "walls_s": {str(k): v["walls_s"] for k, v in runs.items()}}
     base = summary["plain predict, 2 decoding workers"]
     for name, s in summary.items():
         s["of_plain_steady"] = s["steady_images_per_s"] / base["steady_images_per_s"]
@@ -136,7 +144,8 @@ def main() -> int:
     table = markdown_table(["mode", "runtime", f"{args.small} images s", f"{args.large} images s",
                             f"end to end images/s ({args.large})", "steady images/s", "of plain (steady)",
                             "fixed cost s", "Ray's cost ms/image", "pays from images", "top-1 as plain's"], rows)
-    note = (f"Steady rate: ({args.large} - {args.small}) images over the difference of the two wall times; fixed "
+    note = (f"Each command run {args.repeats} times, the modes interleaved; its median wall time. Steady rate: "
+            f"({args.large} - {args.small}) images over the difference of the two wall times; fixed "
             "cost: the large run's wall time beyond its images at that rate. The driver's own work per image "
             f"(a path listed, one JSON answer parsed): {1e6 * driver:.1f} us of its CPU, a ceiling of "
             f"{1 / driver:,.0f} images/s for one driver.")
