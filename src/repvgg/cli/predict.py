@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         return _predict(args)
     from repvgg.predict.cluster import cluster_session
 
+    # Ray Data's own lines (each run's plan, its progress bars being off) stay in its log unless asked for
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     with cluster_session(args.ray) as args.cluster:
         return _predict(args)
 

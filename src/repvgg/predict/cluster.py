@@ -70,7 +70,7 @@ def connect(address: str) -> bool:
     """
     import ray
 
-    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data logs each stage's progress; the CLI has its bar
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's INFO lines (Ray Data's: RAY_DATA_LOG_LEVEL)
     logging.getLogger("ray._private.worker").addFilter(_SIGTERM_NOTICE)  # see cluster_session
     if ray.is_initialized():
         return False
