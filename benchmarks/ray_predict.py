@@ -91,6 +91,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each command (the median wall time)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats takes 1 or more")
     pinned = ["--runtime", args.runtime] if args.runtime != "auto" else []
     modes = {"plain predict, 2 decoding workers": ["--workers", "2", *pinned],
              "--ray local, 1 actor": ["--ray", "local", "--ray-actors", "1", *pinned],
@@ -139,7 +141,8 @@ def main() -> int:
     driver = _driver_cost_per_image()
     where = f"{environment('cpu')['cpu']} ({cpu_features().describe()}), {os.cpu_count()} cores"
     title = (f"`repvgg predict` on {args.small} and {args.large} JPEGs of 224 x 224 (RepVGG-A0, converted, random "
-             f"weights, --runtime {args.runtime}; each command a fresh process, its wall time): {where}, torch "
+             f"weights, --runtime {args.runtime}; each command a fresh process, its median wall time of "
+             f"{args.repeats}): {where}, torch "
              f"{torch.__version__}.")
     table = markdown_table(["mode", "runtime", f"{args.small} images s", f"{args.large} images s",
                             f"end to end images/s ({args.large})", "steady images/s", "of plain (steady)",

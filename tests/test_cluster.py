@@ -175,6 +175,47 @@ def test_the_cluster_joined_in_the_background_is_left_on_every_path(monkeypatch:
     with pytest.raises(ValueError, match="cannot join"):
         with cluster.cluster_session("auto") as session:
             session.joined()
+    assert session.settled
+
+
+def test_a_signal_while_the_cluster_stops_waits_for_it_and_a_failed_stop_is_told(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or SIGTERM) during the stop of a cluster started here is raised once the cluster has stopped, not in
+    the middle of it; a stop that fails is raised to the caller, unless the block is already failing."""
+    from repvgg.predict import cluster
+
+    stopped = threading.Event()
+
+    def slow_stop() -> None:
+        time.sleep(0.5)
+        stopped.set()
+
+    monkeypatch.setattr(cluster, "connect", lambda address: True)
+    monkeypatch.setattr(cluster, "stop_started", slow_stop)
+    session = cluster.ClusterSession("local")
+    assert session.joined() is True
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even where SIGINT is ignored
+    try:
+        interrupt = threading.Timer(0.1, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+        interrupt.start()
+        with pytest.raises(KeyboardInterrupt):
+            session.stop()
+        interrupt.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped.is_set()  # the interrupt waited for the stop
+    session.stop()  # nothing left to stop
+
+    def broken_stop() -> None:
+        raise RuntimeError("the cluster's processes could not be stopped")
+
+    monkeypatch.setattr(cluster, "stop_started", broken_stop)
+    with pytest.raises(RuntimeError, match="could not be stopped"):
+        with cluster.cluster_session("local"):
+            pass
+    with pytest.raises(ValueError, match="bad input"):  # the block's own error is the one told
+        with cluster.cluster_session("local"):
+            raise ValueError("bad input")
 
 
 def test_detectors_and_segmenters_predict_on_the_cluster_as_without_it(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -84,10 +83,23 @@ def run(args: argparse.Namespace) -> int:
         return _predict(args)
     from repvgg.predict.cluster import cluster_session
 
-    # Ray Data's own lines (each run's plan, its progress bars being off) stay in its log unless asked for
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    for name in _RAY_DATA_LOGGERS:
+        logging.getLogger(name).addFilter(_RAY_DATA_CHATTER)
     with cluster_session(args.ray) as args.cluster:
         return _predict(args)
+
+
+class _RayDataChatter(logging.Filter):
+    """Drops Ray Data's INFO lines on each run (its plan, its start and its end) and its notice that its progress bars
+    are off (``predict`` has its own bar and summary); its warnings still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "Progress bars disabled" not in record.getMessage()
+
+
+_RAY_DATA_CHATTER = _RayDataChatter()
+#: Where Ray Data logs what `_RayDataChatter` drops.
+_RAY_DATA_LOGGERS = ("ray.data._internal.execution.streaming_executor", "ray.data._internal.progress")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -182,9 +194,11 @@ def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outp
     # Ray's driver prints what its cluster reports (a worker that died, ...) on standard output, which is the
     # table's or --json's: it goes to standard error while Ray runs
     with contextlib.redirect_stdout(sys.stderr), ThreadPoolExecutor(1) as pool:
-        graph = pool.submit(model_graph, args.artifact, options)  # exported while the cluster starts
-        args.cluster.joined()  # connect's error, if it failed
         try:
+            if args.cluster.settled:
+                args.cluster.joined()  # a join that failed already is told before the export starts
+            graph = pool.submit(model_graph, args.artifact, options)  # exported while the cluster starts
+            args.cluster.joined()  # or once it fails
             for row, model, files in iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
                                                         on_batch=bar.update if bar is not None else None,
                                                         graph=graph.result() or False):

@@ -63,14 +63,14 @@ class ClusterOptions:
 def connect(address: str) -> bool:
     """Join the Ray cluster at ``address`` (``auto``: the one running on this machine; ``local``: a new one on this
     machine; ``HOST:PORT``: its head) unless this process has joined one; ``True`` when the caller started it and
-    should stop it (``ray.shutdown()``) after.
+    should stop it ([`stop_started`][repvgg.predict.cluster.stop_started]) after.
 
     Raises:
         ValueError: no cluster answers at ``address`` (naming it, with what to do).
     """
     import ray
 
-    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's INFO lines (Ray Data's: RAY_DATA_LOG_LEVEL)
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's INFO lines (Ray Data's logger keeps its own level)
     logging.getLogger("ray._private.worker").addFilter(_SIGTERM_NOTICE)  # see cluster_session
     if ray.is_initialized():
         return False
@@ -97,8 +97,15 @@ class ClusterSession:
     def __init__(self, address: str) -> None:
         self._joined: Future[bool] = Future()
         self._leave = threading.Event()
-        self._holder = threading.Thread(target=self._hold, args=(address,), name="repvgg-ray", daemon=True)
-        self._holder.start()
+        self._done = threading.Event()
+        self._stop_failed: BaseException | None = None
+        threading.Thread(target=self._hold, args=(address,), name="repvgg-ray", daemon=True).start()
+
+    @property
+    def settled(self) -> bool:
+        """Whether joining has ended, either way ([`joined`][repvgg.predict.cluster.ClusterSession.joined] then
+        answers at once)."""
+        return self._joined.done()
 
     def joined(self) -> bool:
         """Wait until the cluster is joined: ``True`` when it was started here (what
@@ -110,28 +117,49 @@ class ClusterSession:
         return self._joined.result()
 
     def stop(self) -> None:
-        """Stop a cluster started here (after it is up), or leave a joined one; again, nothing."""
+        """Stop a cluster started here, once it is up (a joined one stays joined); again, nothing. A signal that
+        arrives meanwhile (Ctrl-C, SIGTERM) is raised once the cluster has stopped, not in the middle of it.
+
+        Raises:
+            Exception: what stopping the cluster raised.
+        """
         self._leave.set()
-        self._holder.join()
+        interrupted: BaseException | None = None
+        while not self._done.is_set():
+            try:
+                self._done.wait(0.1)
+            except BaseException as err:  # noqa: BLE001 - raised below, once the cluster has stopped
+                interrupted = interrupted or err
+        failed, self._stop_failed = self._stop_failed, None
+        if interrupted is not None:
+            raise interrupted
+        if failed is not None:
+            raise failed
 
     def _hold(self, address: str) -> None:
         try:
-            started = connect(address)
-        except BaseException as err:  # noqa: BLE001 - the caller's to raise, from joined()
-            self._joined.set_exception(err)
-            return
-        self._joined.set_result(started)
-        self._leave.wait()
-        if started:
-            stop_started()
+            try:
+                started = connect(address)
+            except BaseException as err:  # noqa: BLE001 - the caller's to raise, from joined()
+                self._joined.set_exception(err)
+                return
+            self._joined.set_result(started)
+            self._leave.wait()
+            if started:
+                stop_started()
+        except BaseException as err:  # noqa: BLE001 - the caller's to raise, from stop()
+            self._stop_failed = err
+        finally:
+            self._done.set()
 
 
 @contextlib.contextmanager
 def cluster_session(address: str) -> Iterator[ClusterSession]:
     """The cluster at ``address`` joined, or started (``local``), in the background from the start of the block
     ([`ClusterSession`][repvgg.predict.cluster.ClusterSession]), and a cluster started here stopped when the block
-    ends, if not before. A SIGTERM to this process leaves the block (as ``SystemExit(143)``), as Ray's driver does
-    itself when it is started in the main thread.
+    ends, if not before. In the main thread, where SIGTERM would otherwise end the process outright, it leaves the
+    block instead (as ``SystemExit(143)``), the cluster stopped; Ray's driver does as much (exit 15) only when it
+    starts in the main thread.
 
     Raises:
         ValueError: ``address`` is malformed or does not answer (told at once:
@@ -145,8 +173,11 @@ def cluster_session(address: str) -> Iterator[ClusterSession]:
     with _sigterm_exits():
         try:
             yield session
-        finally:
-            session.stop()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the block's error is the one to tell
+                session.stop()
+            raise
+        session.stop()
 
 
 def stop_started() -> None:
@@ -281,7 +312,7 @@ def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], o
 
     from repvgg.predict.predictor import bad_image_error
 
-    # a block of paths per batch (up to MAX_BLOCKS): Ray Data's default blocks made batches of about 17 paths
+    # blocks of about a batch of paths (up to MAX_BLOCKS): Ray Data's default blocks made batches of about 17 paths
     blocks = min(MAX_BLOCKS, max(1, -(-len(paths) // options.batch_size)))
     dataset = ray.data.from_items([{"path": str(path)} for path in paths], override_num_blocks=blocks)
     predicted = predict_dataset(dataset, artifact, options, graph=graph)
