@@ -135,87 +135,33 @@ def test_a_cluster_out_of_reach_is_exit_2_without_a_traceback(qa_digits_run: Pat
     assert not ray.is_initialized()
 
 
-def test_the_cluster_joined_in_the_background_is_left_on_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--ray`` joins (or starts) the cluster in a thread of its own while the model is prepared; the cluster it
-    started is stopped by that thread when the command fails, when it is told to stop, and on SIGTERM (which leaves
-    the command as exit 143, the handler then restored); a cluster it only joined is left running."""
+def test_a_cluster_started_here_is_stopped_its_monitor_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``stop_started`` kills the local cluster's autoscaler monitor before ``ray.shutdown()``, which would otherwise
+    wait out its one-second grace for it (the monitor reports its end to a control store stopped by then); a process
+    that joined a cluster (no node of its own) just disconnects."""
     from repvgg.predict import cluster
 
-    events: list[tuple[str, str]] = []
-    started = [True]
-    monkeypatch.setattr(cluster, "connect", lambda address: events.append(("connect", address)) or started[0])
-    monkeypatch.setattr(cluster, "stop_started", lambda: events.append(("stop", threading.current_thread().name)))
-    with pytest.raises(ValueError, match="no such file"):
-        with cluster.cluster_session("local"):
-            raise ValueError("no such file")  # before the cluster was even asked for
-    assert events == [("connect", "local"), ("stop", "repvgg-ray")]
+    events: list[str] = []
+
+    class Process:
+        def __init__(self, kind: str) -> None:
+            self.process = self
+            self.kind = kind
+
+        def kill(self) -> None:
+            events.append(f"kill {self.kind}")
+
+    class Node:
+        all_processes = {"monitor": [Process("monitor")], "raylet": [Process("raylet")]}
+
+    monkeypatch.setattr(ray, "shutdown", lambda: events.append("shutdown"))
+    monkeypatch.setattr(ray._private.worker, "_global_node", Node(), raising=False)
+    cluster.stop_started()
+    assert events == ["kill monitor", "shutdown"]  # the rest is ray.shutdown's to stop
     events.clear()
-    with cluster.cluster_session("local") as session:
-        assert session.joined() is True
-        session.stop()  # once the rows are in, while the caller still sends Ray's reports to standard error
-        assert events == [("connect", "local"), ("stop", "repvgg-ray")]
-    assert len(events) == 2  # stopped once
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        with pytest.raises(SystemExit) as leaving:
-            with cluster.cluster_session("local"):
-                handler = signal.getsignal(signal.SIGTERM)
-                assert callable(handler)
-                handler(signal.SIGTERM, None)  # what a SIGTERM to the process runs
-        assert leaving.value.code == 143 and events[-1] == ("stop", "repvgg-ray")
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    events.clear()
-    started[0] = False
-    with cluster.cluster_session("auto") as session:
-        assert session.joined() is False
-    assert events == [("connect", "auto")]
-    monkeypatch.setattr(cluster, "connect", lambda address: (_ for _ in ()).throw(ValueError("cannot join")))
-    with pytest.raises(ValueError, match="cannot join"):
-        with cluster.cluster_session("auto") as session:
-            session.joined()
-    assert session.settled
-
-
-def test_a_signal_while_the_cluster_stops_waits_for_it_and_a_failed_stop_is_told(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C (or SIGTERM) during the stop of a cluster started here is raised once the cluster has stopped, not in
-    the middle of it; a stop that fails is raised to the caller, unless the block is already failing."""
-    from repvgg.predict import cluster
-
-    stopped = threading.Event()
-
-    def slow_stop() -> None:
-        time.sleep(0.5)
-        stopped.set()
-
-    monkeypatch.setattr(cluster, "connect", lambda address: True)
-    monkeypatch.setattr(cluster, "stop_started", slow_stop)
-    session = cluster.ClusterSession("local")
-    assert session.joined() is True
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even where SIGINT is ignored
-    try:
-        interrupt = threading.Timer(0.1, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-        interrupt.start()
-        with pytest.raises(KeyboardInterrupt):
-            session.stop()
-        interrupt.join()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert stopped.is_set()  # the interrupt waited for the stop
-    session.stop()  # nothing left to stop
-
-    def broken_stop() -> None:
-        raise RuntimeError("the cluster's processes could not be stopped")
-
-    monkeypatch.setattr(cluster, "stop_started", broken_stop)
-    with pytest.raises(RuntimeError, match="could not be stopped"):
-        with cluster.cluster_session("local"):
-            pass
-    with pytest.raises(ValueError, match="bad input"):  # the block's own error is the one told
-        with cluster.cluster_session("local"):
-            raise ValueError("bad input")
+    monkeypatch.setattr(ray._private.worker, "_global_node", None, raising=False)
+    cluster.stop_started()
+    assert events == ["shutdown"]
 
 
 def test_detectors_and_segmenters_predict_on_the_cluster_as_without_it(tmp_path: Path) -> None:

@@ -74,41 +74,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """With ``--ray``, the cluster is joined (or started) in the background first, while the model is prepared: it is
-    ``args.cluster`` (a [`ClusterSession`][repvgg.predict.cluster.ClusterSession]), stopped at the end if started
-    here."""
-    if args.ray is None:
-        if args.ray_actors is not None:
-            raise ValueError("--ray-actors goes with --ray ADDRESS")
-        return _predict(args)
-    from repvgg.predict.cluster import cluster_session
-
-    for name in _RAY_DATA_LOGGERS:
-        logging.getLogger(name).addFilter(_RAY_DATA_CHATTER)
-    with cluster_session(args.ray) as args.cluster:
-        return _predict(args)
-
-
-class _RayDataChatter(logging.Filter):
-    """Drops Ray Data's INFO lines on each run (its plan, its start and its end) and its notice that its progress bars
-    are off (``predict`` has its own bar and summary); its warnings still show."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING and "Progress bars disabled" not in record.getMessage()
-
-
-_RAY_DATA_CHATTER = _RayDataChatter()
-#: Where Ray Data logs what `_RayDataChatter` drops.
-_RAY_DATA_LOGGERS = ("ray.data._internal.execution.streaming_executor", "ray.data._internal.progress")
-
-
-def _predict(args: argparse.Namespace) -> int:
     from repvgg.predict.inputs import expand_inputs
     from repvgg.predict.predictor import Predictor
     from repvgg.serialization import check_output_path
     from repvgg.training.progress import progress_bar
 
     paths = expand_inputs(args.inputs, stdin=sys.stdin if "-" in args.inputs else None)
+    if args.ray_actors is not None and args.ray is None:
+        raise ValueError("--ray-actors goes with --ray ADDRESS")
     from repvgg.detection.predict import detection_artifact
 
     if detection_artifact(args.artifact) is not None:
@@ -185,20 +158,21 @@ def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outp
     with where it ran (``ray``)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from repvgg.predict.cluster import iter_predict_paths, model_graph
+    from repvgg.predict.cluster import check_address, connect, iter_predict_paths, model_graph, stop_started
     from repvgg.training.progress import progress_bar
 
+    check_address(args.ray)  # an address out of reach is told at once, before the model's export starts
+    for name in _RAY_DATA_LOGGERS:
+        logging.getLogger(name).addFilter(_RAY_DATA_CHATTER)
     bar = progress_bar(len(paths), "predict", enabled=enabled)
     rows: list[dict[str, Any]] = []
     model: dict[str, Any] = {}
     # Ray's driver prints what its cluster reports (a worker that died, ...) on standard output, which is the
     # table's or --json's: it goes to standard error while Ray runs
     with contextlib.redirect_stdout(sys.stderr), ThreadPoolExecutor(1) as pool:
+        graph = pool.submit(model_graph, args.artifact, options)  # exported while the cluster starts
+        started_here = connect(args.ray)
         try:
-            if args.cluster.settled:
-                args.cluster.joined()  # a join that failed already is told before the export starts
-            graph = pool.submit(model_graph, args.artifact, options)  # exported while the cluster starts
-            args.cluster.joined()  # or once it fails
             for row, model, files in iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
                                                         on_batch=bar.update if bar is not None else None,
                                                         graph=graph.result() or False):
@@ -207,9 +181,23 @@ def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outp
         finally:
             if bar is not None:
                 bar.close()
-            args.cluster.stop()  # while Ray's reports still go to standard error
+            if started_here:
+                stop_started()
     return rows, {**model, "ray": {"address": args.ray, "actors": args.ray_actors or 2,
                                    "threads_per_actor": model.get("threads")}}
+
+
+class _RayDataChatter(logging.Filter):
+    """Drops Ray Data's INFO lines on each run (its plan, its start and its end) and its notice that its progress bars
+    are off (``predict`` has its own bar and summary); its warnings still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "Progress bars disabled" not in record.getMessage()
+
+
+_RAY_DATA_CHATTER = _RayDataChatter()
+#: Where Ray Data logs what `_RayDataChatter` drops.
+_RAY_DATA_LOGGERS = ("ray.data._internal.execution.streaming_executor", "ray.data._internal.progress")
 
 
 def _write_pngs(outputs: dict[str, dict[str, Path]], source: str, pngs: dict[str, bytes]) -> None:
@@ -273,7 +261,7 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
     outputs = {"draw": targets}
     wanted = tuple(kind for kind, files in outputs.items() if files)
-    if args.ray is not None:  # timed from asking the cluster for the rows, as a classifier's
+    if args.ray is not None:  # timed from the cluster's start, as a classifier's
         started = time.perf_counter()
         rows, model = _cluster_rows(args, paths, _dense_options(args, paths, wanted, score_threshold=threshold),
                                     outputs)
@@ -327,7 +315,7 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
                           writes=[*masks.values(), *drawn.values()])
     outputs = {"mask": masks, "draw": drawn}
     wanted = tuple(kind for kind, files in outputs.items() if files)
-    if args.ray is not None:  # timed from asking the cluster for the rows, as a classifier's
+    if args.ray is not None:  # timed from the cluster's start, as a classifier's
         started = time.perf_counter()
         rows, model = _cluster_rows(args, paths, _dense_options(args, paths, wanted), outputs)
     else:

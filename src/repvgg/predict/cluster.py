@@ -13,22 +13,20 @@ many machines is used the same way as the local one. Ray is imported only here (
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
-import signal
 import socket
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FILES", "ClusterOptions", "ClusterSession", "check_address", "cluster_session", "connect",
-           "iter_predict_paths", "model_graph", "predict_dataset", "stop_started", "task_of"]
+from repvgg.predict.predictor import bad_image_error
+
+__all__ = ["FILES", "ClusterOptions", "check_address", "connect", "iter_predict_paths", "model_graph",
+           "predict_dataset", "stop_started", "task_of"]
 
 #: Seconds to wait for a cluster's address to answer before saying it cannot be reached.
 CONNECT_TIMEOUT_S = 5.0
@@ -71,7 +69,6 @@ def connect(address: str) -> bool:
     import ray
 
     logging.getLogger("ray").setLevel(logging.WARNING)  # Ray's INFO lines (Ray Data's logger keeps its own level)
-    logging.getLogger("ray._private.worker").addFilter(_SIGTERM_NOTICE)  # see cluster_session
     if ray.is_initialized():
         return False
     if address == "local":
@@ -87,99 +84,6 @@ def connect(address: str) -> bool:
     return False
 
 
-class ClusterSession:
-    """The cluster at an address being joined, or started (``local``), in a thread of its own from the moment this is
-    made, while the caller imports and prepares its model (see
-    [`cluster_session`][repvgg.predict.cluster.cluster_session]). The thread holds a cluster it started until
-    [`stop`][repvgg.predict.cluster.ClusterSession.stop]: Ray starts a local cluster's processes to die with the thread
-    that started them."""
-
-    def __init__(self, address: str) -> None:
-        self._joined: Future[bool] = Future()
-        self._leave = threading.Event()
-        self._done = threading.Event()
-        self._stop_failed: BaseException | None = None
-        threading.Thread(target=self._hold, args=(address,), name="repvgg-ray", daemon=True).start()
-
-    @property
-    def settled(self) -> bool:
-        """Whether joining has ended, either way ([`joined`][repvgg.predict.cluster.ClusterSession.joined] then
-        answers at once)."""
-        return self._joined.done()
-
-    def joined(self) -> bool:
-        """Wait until the cluster is joined: ``True`` when it was started here (what
-        [`connect`][repvgg.predict.cluster.connect] answers).
-
-        Raises:
-            ValueError: no cluster answers at the address (what ``connect`` raises).
-        """
-        return self._joined.result()
-
-    def stop(self) -> None:
-        """Stop a cluster started here, once it is up (a joined one stays joined); again, nothing. A signal that
-        arrives meanwhile (Ctrl-C, SIGTERM) is raised once the cluster has stopped, not in the middle of it.
-
-        Raises:
-            Exception: what stopping the cluster raised.
-        """
-        self._leave.set()
-        interrupted: BaseException | None = None
-        while not self._done.is_set():
-            try:
-                self._done.wait(0.1)
-            except BaseException as err:  # noqa: BLE001 - raised below, once the cluster has stopped
-                interrupted = interrupted or err
-        failed, self._stop_failed = self._stop_failed, None
-        if interrupted is not None:
-            raise interrupted
-        if failed is not None:
-            raise failed
-
-    def _hold(self, address: str) -> None:
-        try:
-            try:
-                started = connect(address)
-            except BaseException as err:  # noqa: BLE001 - the caller's to raise, from joined()
-                self._joined.set_exception(err)
-                return
-            self._joined.set_result(started)
-            self._leave.wait()
-            if started:
-                stop_started()
-        except BaseException as err:  # noqa: BLE001 - the caller's to raise, from stop()
-            self._stop_failed = err
-        finally:
-            self._done.set()
-
-
-@contextlib.contextmanager
-def cluster_session(address: str) -> Iterator[ClusterSession]:
-    """The cluster at ``address`` joined, or started (``local``), in the background from the start of the block
-    ([`ClusterSession`][repvgg.predict.cluster.ClusterSession]), and a cluster started here stopped when the block
-    ends, if not before. In the main thread, where SIGTERM would otherwise end the process outright, it leaves the
-    block instead (as ``SystemExit(143)``), the cluster stopped; Ray's driver does as much (exit 15) only when it
-    starts in the main thread.
-
-    Raises:
-        ValueError: ``address`` is malformed or does not answer (told at once:
-            [`check_address`][repvgg.predict.cluster.check_address]).
-        ModuleNotFoundError: Ray is not installed (``pip install 'repvgg[scale]'``).
-    """
-    check_address(address)
-    if importlib.util.find_spec("ray") is None:
-        raise ModuleNotFoundError("No module named 'ray'", name="ray")
-    session = ClusterSession(address)
-    with _sigterm_exits():
-        try:
-            yield session
-        except BaseException:
-            with contextlib.suppress(Exception):  # the block's error is the one to tell
-                session.stop()
-            raise
-        session.stop()
-
-
 def stop_started() -> None:
     """Stop the cluster this process started (``ray.shutdown()``). Its autoscaler monitor is stopped first: a local
     cluster has nothing to scale, and the monitor answers ``ray.shutdown()``'s SIGTERM by reporting to the cluster's
@@ -192,35 +96,6 @@ def stop_started() -> None:
         for process in (getattr(node, "all_processes", None) or {}).get("monitor", []):
             process.process.kill()
     ray.shutdown()
-
-
-class _NotMainThreadNotice(logging.Filter):
-    """Drops Ray's notice that a driver started outside the main thread has no SIGTERM handler of its own."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
-
-
-_SIGTERM_NOTICE = _NotMainThreadNotice()
-
-
-@contextlib.contextmanager
-def _sigterm_exits() -> Iterator[None]:
-    """In the block, a SIGTERM raises ``SystemExit(143)`` (so that the block's cleanup runs) where it would end the
-    process outright: in the main thread, where no one else handles it."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def leave(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, leave)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def check_address(address: str) -> None:
@@ -309,8 +184,6 @@ def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], o
         ValueError: an unreadable image with ``bad_images="fail"``, as plain ``predict`` says it.
     """
     import ray
-
-    from repvgg.predict.predictor import bad_image_error
 
     # blocks of about a batch of paths (up to MAX_BLOCKS): Ray Data's default blocks made batches of about 17 paths
     blocks = min(MAX_BLOCKS, max(1, -(-len(paths) // options.batch_size)))
