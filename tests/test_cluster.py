@@ -165,10 +165,15 @@ def test_a_cluster_started_here_is_stopped_its_monitor_first(monkeypatch: pytest
 
 
 def test_detectors_and_segmenters_predict_on_the_cluster_as_without_it(tmp_path: Path) -> None:
-    """A detector's boxes and drawings, a segmenter's classes, masks and overlays from actors of a running cluster
-    (``--ray auto``) are plain ``predict``'s, file for file (random weights; an unreadable image skipped as plain
-    ``predict`` skips it)."""
+    """A detector's boxes and drawings from an actor of a running cluster (``--ray auto``) are plain ``predict``'s,
+    file for file; a segmenter's actor (its class, run here without Ray: the transport is the detector's) answers
+    plain ``predict``'s classes, masks and overlays, byte for byte (random weights; an unreadable image skipped as
+    plain ``predict`` skips it)."""
+    import torch
+
     from repvgg.detection import create_detector, save_detector
+    from repvgg.io.onnx_run import cores_shared, share_cores
+    from repvgg.predict.cluster import ClusterOptions, _Predict
     from repvgg.segmentation.pspnet import SegmenterConfig, build_segmenter
     from repvgg.segmentation.weights import save_segmenter
 
@@ -184,15 +189,12 @@ def test_detectors_and_segmenters_predict_on_the_cluster_as_without_it(tmp_path:
     (folder / "broken.png").write_bytes(b"not an image")
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        found = {}
-        for mode, extra in (("plain", []), ("ray", ["--ray", "auto", "--ray-actors", "1"])):
-            det = ["--score-threshold", "0.05", "--draw", str(tmp_path / mode / "boxes")]
-            seg = ["--masks", str(tmp_path / mode / "masks"), "--draw", str(tmp_path / mode / "overlays")]
-            found[mode] = [_predict(str(artifact), str(folder), "--bad-images", "skip", *flags, *extra)[1]
-                           for artifact, flags in ((detector, det), (segmenter, seg))]
+        found = {mode: _predict(str(detector), str(folder), "--bad-images", "skip", "--score-threshold", "0.05",
+                                "--draw", str(tmp_path / mode / "boxes"), *extra)[1]
+                 for mode, extra in (("plain", []), ("ray", ["--ray", "auto", "--ray-actors", "1"]))}
     finally:
         ray.shutdown()
-    (plain_boxes, plain_masks), (ray_boxes, ray_masks) = found["plain"], found["ray"]
+    plain_boxes, ray_boxes = found["plain"], found["ray"]
     assert ray_boxes["ray"]["actors"] == 1 and ray_boxes["skipped"] == plain_boxes["skipped"] == 1
     assert sum(len(p["detections"]) for p in plain_boxes["predictions"]) > 0
     for got, want in zip(ray_boxes["predictions"], plain_boxes["predictions"], strict=True):
@@ -200,11 +202,27 @@ def test_detectors_and_segmenters_predict_on_the_cluster_as_without_it(tmp_path:
             (want["source"], want["error"], [d["class"] for d in want["detections"]])
         for a, b in zip(got["detections"], want["detections"]):
             assert abs(a["score"] - b["score"]) < 1e-5 and np.allclose(a["box"], b["box"], rtol=0, atol=1e-3)
-    masks = [{k: v for k, v in p.items() if k != "mask"} for p in ray_masks["predictions"]]
-    assert masks == [{k: v for k, v in p.items() if k != "mask"} for p in plain_masks["predictions"]]
-    assert [p["mask"] is None for p in ray_masks["predictions"]] == [False, False, False, True]
-    for kind in ("boxes", "masks", "overlays"):
-        written = sorted(p.name for p in (tmp_path / "plain" / kind).iterdir())
-        assert written == ["0.png", "1.png", "2.png"], kind
-        for name in written:  # the same pixels (file for file: both encode them alike)
-            assert (tmp_path / "ray" / kind / name).read_bytes() == (tmp_path / "plain" / kind / name).read_bytes()
+    written = sorted(p.name for p in (tmp_path / "plain" / "boxes").iterdir())
+    assert written == ["0.png", "1.png", "2.png"]
+    for name in written:  # the same pixels (file for file: both encode them alike)
+        assert (tmp_path / "ray" / "boxes" / name).read_bytes() == (tmp_path / "plain" / "boxes" / name).read_bytes()
+
+    plain_masks = _predict(str(segmenter), str(folder), "--bad-images", "skip", "--masks", str(tmp_path / "masks"),
+                           "--draw", str(tmp_path / "overlays"))[1]
+    paths = [p["source"] for p in plain_masks["predictions"]]
+    threads, shared = torch.get_num_threads(), cores_shared()  # what the actor sets for its own process
+    try:
+        actor = _Predict(str(segmenter), ClusterOptions(actors=1, batch_size=8, files=("mask", "draw")), 1, None)
+        answered = actor({"path": np.array(paths, dtype=object)})
+    finally:
+        torch.set_num_threads(threads)
+        share_cores(shared)
+    rows = [json.loads(text) for text in answered["prediction"]]
+    assert json.loads(answered["model"][0])["task"] == "segmentation"
+    assert [{k: v for k, v in r.items() if k != "mask"} for r in rows] == \
+        [{k: v for k, v in p.items() if k != "mask"} for p in plain_masks["predictions"]]
+    assert [len(m) == 0 for m in answered["mask"]] == [False, False, False, True]  # the broken one has none
+    for path, mask, drawn in zip(paths[:3], answered["mask"], answered["draw"]):
+        name = Path(path).stem + ".png"
+        assert bytes(mask) == (tmp_path / "masks" / name).read_bytes()
+        assert bytes(drawn) == (tmp_path / "overlays" / name).read_bytes()

@@ -171,8 +171,9 @@ def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outp
     # table's or --json's: it goes to standard error while Ray runs
     with contextlib.redirect_stdout(sys.stderr), ThreadPoolExecutor(1) as pool:
         graph = pool.submit(model_graph, args.artifact, options)  # exported while the cluster starts
-        started_here = connect(args.ray)
+        started_here = False
         try:
+            started_here = connect(args.ray)
             for row, model, files in iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
                                                         on_batch=bar.update if bar is not None else None,
                                                         graph=graph.result() or False):
