@@ -164,19 +164,32 @@ def test_a_cluster_started_here_is_stopped_its_monitor_first(monkeypatch: pytest
     assert events == ["shutdown"]
 
 
-def test_detectors_and_segmenters_predict_on_the_cluster_as_without_it(tmp_path: Path) -> None:
-    """A detector's boxes and drawings from an actor of a running cluster (``--ray auto``) are plain ``predict``'s,
-    file for file; a segmenter's actor (its class, run here without Ray: the transport is the detector's) answers
-    plain ``predict``'s classes, masks and overlays, byte for byte (random weights; an unreadable image skipped as
-    plain ``predict`` skips it)."""
+def test_detectors_and_segmenters_predict_with_ray_as_without_it(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``predict --ray`` for a detector and a segmenter (random weights) answers plain ``predict``'s boxes, classes
+    and fractions, and writes the same drawings, masks and overlays, byte for byte; an unreadable image is skipped as
+    plain ``predict`` skips it. The actor (``_Predict``) runs in this process, fed the driver's paths in batches of
+    three: the transport between them, Ray Data's actor pool, is the first test's (one cluster start in the suite)."""
     import torch
 
     from repvgg.detection import create_detector, save_detector
     from repvgg.io.onnx_run import cores_shared, share_cores
-    from repvgg.predict.cluster import ClusterOptions, _Predict
+    from repvgg.predict import cluster
     from repvgg.segmentation.pspnet import SegmenterConfig, build_segmenter
     from repvgg.segmentation.weights import save_segmenter
 
+    class Answers:
+        def __init__(self, paths: list[str], artifact: str, options: Any, graph: bytes | bool) -> None:
+            self.paths, self.options = paths, options
+            self.actor = cluster._Predict(str(artifact), options, 1, graph or None)
+
+        def iter_batches(self, **_: Any) -> Iterator[dict[str, Any]]:
+            for i in range(0, len(self.paths), 3):  # two batches, the second with the broken image only
+                yield self.actor({"path": np.array(self.paths[i:i + 3], dtype=object)})
+
+    monkeypatch.setattr(cluster, "connect", lambda address: False)
+    monkeypatch.setattr(ray.data, "from_items", lambda items, **blocks: [item["path"] for item in items])
+    monkeypatch.setattr(cluster, "predict_dataset", Answers)
     detector = save_detector(create_detector("repvgg_tiny", 2, image_size=64, head_convs=0), tmp_path / "det.st",
                              classes=["a", "b"], data={"data": None, "synthetic": {"image_size": 64}})
     segmenter = save_segmenter(build_segmenter(SegmenterConfig("repvgg_tiny", 3, head_channels=8, aux_channels=0)),
@@ -187,42 +200,32 @@ def test_detectors_and_segmenters_predict_on_the_cluster_as_without_it(tmp_path:
     for i, size in enumerate([(64, 64), (48, 80), (64, 64)]):
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     (folder / "broken.png").write_bytes(b"not an image")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        found = {mode: _predict(str(detector), str(folder), "--bad-images", "skip", "--score-threshold", "0.05",
-                                "--draw", str(tmp_path / mode / "boxes"), *extra)[1]
-                 for mode, extra in (("plain", []), ("ray", ["--ray", "auto", "--ray-actors", "1"]))}
-    finally:
-        ray.shutdown()
-    plain_boxes, ray_boxes = found["plain"], found["ray"]
-    assert ray_boxes["ray"]["actors"] == 1 and ray_boxes["skipped"] == plain_boxes["skipped"] == 1
-    assert sum(len(p["detections"]) for p in plain_boxes["predictions"]) > 0
-    for got, want in zip(ray_boxes["predictions"], plain_boxes["predictions"], strict=True):
-        assert (got["source"], got["error"], [d["class"] for d in got["detections"]]) == \
-            (want["source"], want["error"], [d["class"] for d in want["detections"]])
-        for a, b in zip(got["detections"], want["detections"]):
-            assert abs(a["score"] - b["score"]) < 1e-5 and np.allclose(a["box"], b["box"], rtol=0, atol=1e-3)
-    written = sorted(p.name for p in (tmp_path / "plain" / "boxes").iterdir())
-    assert written == ["0.png", "1.png", "2.png"]
-    for name in written:  # the same pixels (file for file: both encode them alike)
-        assert (tmp_path / "ray" / "boxes" / name).read_bytes() == (tmp_path / "plain" / "boxes" / name).read_bytes()
-
-    plain_masks = _predict(str(segmenter), str(folder), "--bad-images", "skip", "--masks", str(tmp_path / "masks"),
-                           "--draw", str(tmp_path / "overlays"))[1]
-    paths = [p["source"] for p in plain_masks["predictions"]]
+    runs = {"boxes": (detector, ["--score-threshold", "0.05", "--draw"]), "masks": (segmenter, ["--draw"])}
     threads, shared = torch.get_num_threads(), cores_shared()  # what the actor sets for its own process
+    found: dict[str, dict[str, Any]] = {}
     try:
-        actor = _Predict(str(segmenter), ClusterOptions(actors=1, batch_size=8, files=("mask", "draw")), 1, None)
-        answered = actor({"path": np.array(paths, dtype=object)})
+        for kind, (artifact, extra) in runs.items():
+            for mode, ray_args in (("plain", []), ("ray", ["--ray", "auto", "--ray-actors", "1"])):
+                files = tmp_path / kind / mode
+                masks = ["--masks", str(files / "masks")] if kind == "masks" else []
+                status, found[f"{kind} {mode}"] = _predict(str(artifact), str(folder), "--bad-images", "skip", *extra,
+                                                           str(files / "drawn"), *masks, *ray_args)
+                assert status == 0
     finally:
         torch.set_num_threads(threads)
         share_cores(shared)
-    rows = [json.loads(text) for text in answered["prediction"]]
-    assert json.loads(answered["model"][0])["task"] == "segmentation"
-    assert [{k: v for k, v in r.items() if k != "mask"} for r in rows] == \
-        [{k: v for k, v in p.items() if k != "mask"} for p in plain_masks["predictions"]]
-    assert [len(m) == 0 for m in answered["mask"]] == [False, False, False, True]  # the broken one has none
-    for path, mask, drawn in zip(paths[:3], answered["mask"], answered["draw"]):
-        name = Path(path).stem + ".png"
-        assert bytes(mask) == (tmp_path / "masks" / name).read_bytes()
-        assert bytes(drawn) == (tmp_path / "overlays" / name).read_bytes()
+    for kind in runs:
+        plain_rows, ray_rows = found[f"{kind} plain"], found[f"{kind} ray"]
+        assert ray_rows["ray"]["actors"] == 1 and ray_rows["skipped"] == plain_rows["skipped"] == 1
+        for got, want in zip(ray_rows["predictions"], plain_rows["predictions"], strict=True):
+            assert {k: v for k, v in got.items() if k not in ("detections", "mask")} == \
+                {k: v for k, v in want.items() if k not in ("detections", "mask")}
+            assert Path(got.get("mask") or "").name == Path(want.get("mask") or "").name
+            assert [d["class"] for d in got.get("detections", [])] == [d["class"] for d in want.get("detections", [])]
+            for a, b in zip(got.get("detections", []), want.get("detections", [])):
+                assert abs(a["score"] - b["score"]) < 1e-5 and np.allclose(a["box"], b["box"], rtol=0, atol=1e-3)
+        written = sorted(p.relative_to(tmp_path / kind / "plain") for p in (tmp_path / kind / "plain").rglob("*.png"))
+        assert len(written) == (3 if kind == "boxes" else 6)  # the broken image has none
+        for name in written:  # the same pixels (file for file: both encode them alike)
+            assert (tmp_path / kind / "ray" / name).read_bytes() == (tmp_path / kind / "plain" / name).read_bytes()
+    assert sum(len(p["detections"]) for p in found["boxes plain"]["predictions"]) > 0
