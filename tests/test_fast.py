@@ -216,7 +216,8 @@ def test_reduced_precision_is_used_only_when_asked_and_checked_loosely(tiny_trai
 
 
 def test_core_import_pulls_in_no_optional_runtime(tmp_path) -> None:
-    """``import repvgg`` loads none of the optional runtimes; plain ``predict`` loads no Ray (``--ray`` alone does)."""
+    """``import repvgg`` loads none of the optional runtimes; listing a folder's images (all a cluster's driver
+    reads) loads no torchvision; plain ``predict`` loads no Ray (``--ray`` alone does)."""
     import sys
 
     from conftest import run_process
@@ -227,11 +228,22 @@ def test_core_import_pulls_in_no_optional_runtime(tmp_path) -> None:
             "from PIL import Image; from repvgg.cli import main; folder = sys.argv[1];"
             "repvgg.save_weights(repvgg.create_model('repvgg_tiny', num_classes=3), folder + '/m.safetensors');"
             "Image.new('RGB', (40, 40)).save(folder + '/a.png');"
+            "from repvgg.predict.inputs import expand_inputs;"
+            "print(len(expand_inputs([folder])), 'torchvision' in sys.modules);"
             "print(main(['predict', folder + '/m.safetensors', folder + '/a.png']), 'ray' in sys.modules)")
     result = run_process([sys.executable, "-c", code, str(tmp_path)], timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[0] == "[]"
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "[]" and lines[1] == "1 False", result.stdout[-2000:]
     assert result.stdout.split()[-2:] == ["0", "False"], result.stdout[-2000:]
+
+
+def test_the_image_extensions_are_torchvisions() -> None:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from repvgg.training.images import IMAGE_EXTENSIONS
+
+    assert IMAGE_EXTENSIONS == IMG_EXTENSIONS
 
 
 def test_openvino_candidate_when_installed(tiny_train: nn.Module) -> None:

@@ -13,9 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
-from repvgg.training.images import image_files, load_rgb
+from repvgg.training.images import IMAGE_EXTENSIONS, image_files, load_rgb
 
 __all__ = ["ImageFiles", "collate_images", "expand_inputs"]
 
@@ -24,7 +22,7 @@ _GLOB_CHARS = set("*?[")
 
 def expand_inputs(inputs: Iterable[str | os.PathLike[str]], *, stdin: Iterable[str] | None = None) -> list[str]:
     """The image files ``inputs`` name, in order: a file as it is (whatever its name), a folder's images
-    (torchvision's image extensions, recursive, sorted), a glob
+    ([`IMAGE_EXTENSIONS`][repvgg.training.images.IMAGE_EXTENSIONS], recursive, sorted), a glob
     pattern's matches (sorted; ``**`` recurses), and for ``-`` the paths in ``stdin``, one a line. A file named
     twice (``a.png``, ``./a.png``, its absolute path or a link to it) is read once, where it was first named.
 
@@ -44,13 +42,13 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]], *, stdin: Iterable[s
         if path.is_dir():
             images = image_files(path)
             if not images:
-                raise ValueError(f"{text} holds no images ({', '.join(IMG_EXTENSIONS)}, in any sub-folder)")
+                raise ValueError(f"{text} holds no images ({', '.join(IMAGE_EXTENSIONS)}, in any sub-folder)")
             paths.extend(images)
         elif path.exists() or path.is_symlink():  # a link to nowhere is an unreadable image, said as one
             paths.append(text)
         elif _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(text, recursive=True))
-            files = [m for m in matches if Path(m).is_file() and m.lower().endswith(IMG_EXTENSIONS)]
+            files = [m for m in matches if Path(m).is_file() and m.lower().endswith(IMAGE_EXTENSIONS)]
             files += [i for m in matches if Path(m).is_dir() for i in image_files(Path(m))]
             if not files:
                 raise FileNotFoundError(f"no image matches the pattern {text}")

@@ -25,7 +25,7 @@ from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, Preprocessing
 from repvgg.limits import check_image_pixels, check_img_size
 from repvgg.training.digits import DigitsDataset, digits_preprocessing, digits_split
 from repvgg.training.distributed import dataset_size
-from repvgg.training.images import image_files, load_rgb
+from repvgg.training.images import IMAGE_EXTENSIONS, image_files, load_rgb
 
 __all__ = [
     "DatasetBundle",
@@ -117,8 +117,6 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], dict[str, list[tuple
         ValueError: missing ``train``/``val``, no class folders, classes that differ between the
             splits, or a split without images; the message states the expected layout.
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root} ({_EXPECTED_LAYOUT})")
@@ -133,7 +131,7 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], dict[str, list[tuple
             raise ValueError(f"{folder} has no class sub-folders; {_EXPECTED_LAYOUT}")
         classes_by_split[split] = classes
         if not samples[split]:
-            raise ValueError(f"{folder} contains no images ({', '.join(IMG_EXTENSIONS)}); {_EXPECTED_LAYOUT}")
+            raise ValueError(f"{folder} contains no images ({', '.join(IMAGE_EXTENSIONS)}); {_EXPECTED_LAYOUT}")
         found = {index for _, index in samples[split]}
         empty = [f"{split}/{name}" for index, name in enumerate(classes) if index not in found]
         if empty:  # it would become a class the model is trained (or scored) on without a single example
