@@ -216,8 +216,9 @@ def test_reduced_precision_is_used_only_when_asked_and_checked_loosely(tiny_trai
 
 
 def test_core_import_pulls_in_no_optional_runtime(tmp_path) -> None:
-    """``import repvgg`` loads none of the optional runtimes; listing a folder's images (all a cluster's driver
-    reads) loads no torchvision; plain ``predict`` loads no Ray (``--ray`` alone does)."""
+    """``import repvgg`` loads none of the optional runtimes; listing a folder's images and telling the model's task
+    (what a cluster's driver does before its cluster starts) load no torchvision; plain ``predict`` loads no Ray
+    (``--ray`` alone does)."""
     import sys
 
     from conftest import run_process
@@ -228,13 +229,15 @@ def test_core_import_pulls_in_no_optional_runtime(tmp_path) -> None:
             "from PIL import Image; from repvgg.cli import main; folder = sys.argv[1];"
             "repvgg.save_weights(repvgg.create_model('repvgg_tiny', num_classes=3), folder + '/m.safetensors');"
             "Image.new('RGB', (40, 40)).save(folder + '/a.png');"
-            "from repvgg.predict.inputs import expand_inputs;"
-            "print(len(expand_inputs([folder])), 'torchvision' in sys.modules);"
+            "from repvgg.predict.inputs import expand_inputs; from repvgg.detection.predict import detection_artifact;"
+            "from repvgg.segmentation.predict import segmentation_artifact; model = folder + '/m.safetensors';"
+            "print(len(expand_inputs([folder])), detection_artifact(model), segmentation_artifact(model),"
+            " 'torchvision' in sys.modules);"
             "print(main(['predict', folder + '/m.safetensors', folder + '/a.png']), 'ray' in sys.modules)")
     result = run_process([sys.executable, "-c", code, str(tmp_path)], timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[0] == "[]" and lines[1] == "1 False", result.stdout[-2000:]
+    assert lines[0] == "[]" and lines[1] == "1 None None False", result.stdout[-2000:]
     assert result.stdout.split()[-2:] == ["0", "False"], result.stdout[-2000:]
 
 

@@ -13,9 +13,6 @@ import torch
 from torch import Tensor
 
 from repvgg.dense.weights import dense_artifact
-from repvgg.detection.detector import DetectorConfig
-from repvgg.detection.export import onnx_detector_metadata
-from repvgg.detection.weights import load_detector
 from repvgg.io.card import check_class_names, read_class_names
 from repvgg.io.formats import identify_file
 from repvgg.limits import check_float
@@ -34,8 +31,14 @@ SAMPLE_IMAGES = 4
 
 def detection_artifact(artifact: str | os.PathLike[str]) -> Path | None:
     """The detector file ``artifact`` names (a run folder gives its ``deploy.safetensors``), or ``None`` when it is
-    not a detector: a ``det-train`` file or an ONNX file exported from one, told by content."""
-    return dense_artifact(artifact, "detector", onnx_detector_metadata)
+    not a detector: a ``det-train`` file or an ONNX file exported from one, told by content. Asking imports neither
+    torchvision nor the detector's modules (a classifier's ``predict`` asks first)."""
+    def metadata(path: Path) -> Any:  # read for an ONNX file only
+        from repvgg.detection.export import onnx_detector_metadata
+
+        return onnx_detector_metadata(path)
+
+    return dense_artifact(artifact, "detector", metadata)
 
 
 def check_detector_image(width: int, height: int, image_size: int, what: str) -> None:
@@ -101,6 +104,10 @@ class DetectionPredictor:
         runtime = "pytorch" if runtime in ("eager", "channels_last") else runtime
         if runtime not in DETECTOR_RUNTIMES:
             raise ValueError(f"a detector runs on {', '.join(DETECTOR_RUNTIMES)} (or eager), not {runtime}")
+        from repvgg.detection.detector import DetectorConfig
+        from repvgg.detection.export import onnx_detector_metadata
+        from repvgg.detection.weights import load_detector
+
         onnx = identify_file(path) == "onnx"
         if device != "cpu" and (onnx or runtime not in ("auto", "pytorch")):
             raise ValueError(f"ONNX runtimes run a detector on the CPU here; predict the det-train file with --runtime "
