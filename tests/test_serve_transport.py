@@ -343,3 +343,34 @@ def test_keep_alive_requests_are_not_held_by_delayed_acks(live: dict[str, Any]) 
             fresh.append(time.perf_counter() - started)
     # a kept connection saves the handshake: it must not cost more than a new one (it cost 40 times as much)
     assert sorted(kept)[4] <= 3 * sorted(fresh)[4], (kept, fresh)
+
+
+def test_the_server_leaves_the_process_logging_alone(tmp_path: Path) -> None:
+    """uvicorn's own logging configuration (``dictConfig``) closes every handler of the process, and a handler such
+    as absl's closes its stream then (under pytest, the capture's file: every later test of the process failed).
+    The server configures no logging: another library's handler and its stream are left as they were."""
+    import logging
+
+    from repvgg.serve.config import ServeConfig
+    from repvgg.serve.server import make_server
+
+    class ClosesItsStream(logging.StreamHandler):  # as absl's handler does on close()
+        def close(self) -> None:
+            self.stream.close()
+            super().close()
+
+    class App:  # never called: only the server is made
+        state = None
+
+        async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+            raise AssertionError("never called")
+
+    library = logging.getLogger("another.library")
+    with open(tmp_path / "log.txt", "w") as stream:
+        handler = ClosesItsStream(stream)
+        library.addHandler(handler)
+        try:
+            make_server(App(), ServeConfig(), port=8000)
+            assert not stream.closed and library.handlers == [handler]
+        finally:
+            library.removeHandler(handler)

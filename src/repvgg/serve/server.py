@@ -76,7 +76,9 @@ def _exit_now(status: int) -> None:
 
 def make_server(app: Any, config: ServeConfig, *, port: int) -> Any:
     """The uvicorn server for ``app``: header reads timed out, a loopback server's ``Host`` and ``Origin`` checked
-    (``port`` is the one it listens on), signals as [`serve`][repvgg.serve.server.serve] says."""
+    (``port`` is the one it listens on), signals as [`serve`][repvgg.serve.server.serve] says. Its records go to the
+    process's logging as they are: uvicorn's own logging configuration (``dictConfig``) would close every handler the
+    process has, another library's writing to a standard stream included."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -106,7 +108,7 @@ def make_server(app: Any, config: ServeConfig, *, port: int) -> Any:
     if _is_loopback(config.host):
         app = _LoopbackOnly(app, hosts={*LOOPBACK_NAMES, *(h.lower() for h in config.allowed_hosts)})
     protocol = type("HeaderTimeoutProtocol", (_HeaderTimeoutProtocol,), {"header_timeout_s": config.header_timeout_s})
-    return Server(uvicorn.Config(app, http=protocol, log_level="warning", timeout_graceful_shutdown=30,
+    return Server(uvicorn.Config(app, http=protocol, log_config=None, log_level="warning", timeout_graceful_shutdown=30,
                                  access_log=False, lifespan="on"))
 
 
