@@ -181,8 +181,9 @@ def _export(model: nn.Module, example: Tensor, path: Path, *, opset: int | None,
     """The TorchScript-based exporter (as detectors and segmenters are written), else the ``torch.export``-based one,
     unless the user interrupted the first. On a plain network they write the same convolutions; the first takes
     about 0.05 s where the second takes 1-3 s (it rebuilds its operator table on every call), a cost each ``predict``
-    and each server start paid. The second writes what the first cannot: an opset over 20, weights in a side file
-    (``external``), and graphs in a PyTorch that no longer ships the first."""
+    and each server start paid. The second writes what the first cannot: an opset newer than it knows (24 and up
+    with PyTorch 2.14), weights in a side file (``external``), and graphs in a PyTorch that no longer ships the
+    first."""
     exporters = [_torch_export] if external else [_torchscript_export, _torch_export]
     for i, exporter in enumerate(exporters):
         try:
