@@ -3,6 +3,7 @@ fails the suite."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -142,3 +143,36 @@ def _fits(value: object, kind: str, modules: tuple, where: str) -> None:
     for key, item in value.items():
         assert key in fields, f"{where}.{key}: not a field of {kind} ({', '.join(sorted(fields))})"
         _fits(item, fields[key], modules, f"{where}.{key}")
+
+
+def _unknown_flags(text: str) -> list[str]:
+    """Each ``repvgg COMMAND ... --flag`` in ``text``'s code (fenced blocks, then inline spans) whose command or flag
+    the CLI does not have, as ``"COMMAND --flag"``."""
+    import re
+
+    from repvgg.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    fenced = text.split("```")
+    code = fenced[1::2] + re.findall(r"`([^`\n]+)`", "".join(fenced[0::2]))
+    unknown = []
+    for line in (line for snippet in code for line in snippet.replace("\\\n", " ").splitlines()):
+        for command, rest in re.findall(r"\brepvgg ([a-z][a-z_-]*)((?:[^#|;]*))", line):
+            parser = commands.get(command.replace("-", "_"), commands.get(command))
+            if parser is None:
+                unknown.append(command)
+                continue
+            options = {o for action in parser._actions for o in action.option_strings}
+            unknown += [f"{command} {flag}" for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest)
+                        if flag not in options]
+    return unknown
+
+
+def test_every_command_and_flag_the_docs_show_is_the_clis() -> None:
+    """The README and every page show only commands and flags the CLI takes (a renamed or removed flag fails here);
+    a positive control: a made-up flag and a made-up command are found."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    found = {page.name: unknown for page in pages if (unknown := _unknown_flags(page.read_text()))}
+    assert not found, found
+    made_up = "Run `repvgg predict runs/a0 x.jpg --topk 3 --no-such-flag` or\n```bash\nrepvgg frobnicate --json\n```\n"
+    assert _unknown_flags(made_up) == ["frobnicate", "predict --no-such-flag"]
