@@ -375,3 +375,60 @@ def test_the_server_leaves_the_process_logging_alone(tmp_path: Path) -> None:
             assert not stream.closed and library.handlers == [handler]
         finally:
             library.removeHandler(handler)
+
+
+def test_only_a_small_upload_to_a_model_of_small_inputs_is_decoded_on_the_event_loop() -> None:
+    """A small upload is decoded on the loop only when what decoding makes of it is small too: resized up to a large
+    model's input (or, very elongated, to a small model's short side) it goes to the decoding pool, leaving the loop
+    to liveness and the other requests."""
+    from types import SimpleNamespace
+
+    from repvgg.serve.classifier import ClassifierModel
+    from repvgg.serve.config import ServeConfig
+    from repvgg.serve.state import ModelState
+
+    class Model:
+        def __init__(self, resize: int) -> None:
+            self.predictor = SimpleNamespace(preprocessing=SimpleNamespace(resize=resize))
+            self.threads: list[str] = []
+
+        prepared_pixels = ClassifierModel.prepared_pixels
+
+        def decode(self, data: bytes, what: str) -> str:
+            self.threads.append(threading.current_thread().name)
+            return what
+
+    def png(width: int, height: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    async def decode(resize: int, data: bytes) -> tuple[str, str]:
+        state = ModelState("unused", ServeConfig(), None)
+        state.predictor = Model(resize)
+        try:
+            await state.decode(data, "the upload")
+            return state.predictor.threads[0], threading.current_thread().name
+        finally:
+            state.decoder.shutdown()
+
+    digits, large = 36, 2048  # a 32 px model's short side (crop 0.875), and a 1792 px model's
+    where = {case: asyncio.run(decode(resize, png(*size))) for case, (resize, size) in {
+        "small to small": (digits, (32, 32)), "small to large": (large, (32, 32)),
+        "elongated to small": (digits, (1, 4000)), "large to small": (digits, (65, 65))}.items()}
+    assert where["small to small"][0] == where["small to small"][1]  # the loop's own thread
+    pooled = {case: decoded for case, (decoded, _) in where.items() if case != "small to small"}
+    assert all(thread.startswith("repvgg-decode") for thread in pooled.values()), where
+
+
+@pytest.mark.parametrize("task, kind", [("detection", "detector"), ("segmentation", "segmenter")])
+def test_a_dense_model_refuses_a_precision_it_is_not_served_in(task: str, kind: str, tmp_path: Path) -> None:
+    """``--dtype int8`` (or bfloat16) for a detector or a segmenter is refused, as ``repvgg predict`` refuses it, not
+    dropped for float32 without a word."""
+    from repvgg.serve.config import ServeConfig
+    from repvgg.serve.dense import DenseModel
+
+    for dtype in ("int8", "bfloat16"):
+        with pytest.raises(ValueError, match=f"a {kind} is served in float32 here \\(--dtype {dtype} applies to "
+                                             "classifiers\\); quantize it with `repvgg quantize`"):
+            DenseModel("unused", task, ServeConfig(dtype=dtype, validation=str(tmp_path)))

@@ -55,6 +55,12 @@ class ClassifierModel:
         self.name, self.backend, self.reason = self.predictor.name, self.predictor.backend, self.predictor.reason
         self.description = f"{self.backend} ({self.predictor.dtype})"
 
+    def prepared_pixels(self, width: int, height: int) -> int:
+        """Pixels decoding an upload of ``width`` x ``height`` makes besides reading it: its resize to the short
+        side ``predict`` resizes to, before the centre crop."""
+        side = self.predictor.preprocessing.resize
+        return side * (side * max(width, height) // max(1, min(width, height)))
+
     def decode(self, data: bytes, what: str) -> Tensor:
         """An uploaded image prepared as ``predict`` prepares a file of it."""
         return self.predictor.prepare_encoded(data, what)

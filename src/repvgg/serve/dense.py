@@ -54,6 +54,10 @@ class DenseModel:
     [`ClassifierModel`][repvgg.serve.classifier.ClassifierModel]."""
 
     def __init__(self, artifact: str | os.PathLike[str], task: str, config: ServeConfig) -> None:
+        if config.dtype != "float32":  # as `repvgg predict` refuses it: a precision asked for is never dropped
+            kind = "detector" if task == "detection" else "segmenter"
+            raise ValueError(f"a {kind} is served in float32 here (--dtype {config.dtype} applies to classifiers); "
+                             f"quantize it with `repvgg quantize` and serve the INT8 file")
         runtime = "pytorch" if config.runtime in ("eager", "channels_last") else config.runtime
         if task == "detection":
             from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD, DetectionPredictor
@@ -72,6 +76,11 @@ class DenseModel:
         self.reason = getattr(self.predictor, "reason", "asked for")
         self.name = dense_model_name(task, self.predictor.config)
         self.description = self.backend
+
+    def prepared_pixels(self, width: int, height: int) -> int:
+        """Pixels decoding an upload of ``width`` x ``height`` makes besides reading it: none (a dense model's
+        resizing runs with the model)."""
+        return 0
 
     def decode(self, data: bytes, what: str) -> Any:
         """An uploaded image, read as ``predict`` reads a file (the pixel limit, 16-bit grey, a detector's size)."""

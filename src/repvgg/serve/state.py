@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +22,10 @@ __all__ = ["BadImage", "ModelState", "NotReady", "UnknownModel", "infer", "page_
 
 log = logging.getLogger(__name__)
 
-#: Uploads of at most this many pixels (by their header) are decoded on the event loop: decoding one costs about
-#: what handing it to a decoding thread and back costs, and on 32 x 32 uploads those hand-offs were a fifth of the
-#: loop's work (docs/serving.md).
+#: Uploads of at most this many pixels (by their header), for a model that prepares them at no more pixels than
+#: this, are decoded on the event loop: decoding one costs about what handing it to a decoding thread and back
+#: costs, and on 32 x 32 uploads those hand-offs were a fifth of the loop's work (docs/serving.md). A small upload
+#: to a model of large inputs is resized up to them: that goes to the pool, leaving the loop to the other requests.
 INLINE_PIXELS = 64 * 64
 
 
@@ -78,11 +78,13 @@ class ModelState:
         return self.predictor
 
     async def decode(self, data: bytes, what: str) -> Any:
-        """An encoded image decoded as ``predict`` reads a file of it, in the pool."""
+        """An encoded image decoded as ``predict`` reads a file of it: in the pool, or on the loop where the upload
+        and what decoding makes of it are both small (`INLINE_PIXELS`)."""
         if not data:
             raise BadImage(f"{what} is empty")
         try:
-            if _pixels(data) <= INLINE_PIXELS:
+            size = _size(data)
+            if size and size[0] * size[1] <= INLINE_PIXELS and self.predictor.prepared_pixels(*size) <= INLINE_PIXELS:
                 return self.predictor.decode(data, what)
             return await asyncio.get_running_loop().run_in_executor(self.decoder, self.predictor.decode, data, what)
         except LimitExceeded:
@@ -115,16 +117,16 @@ class ModelState:
             return await self.batcher.submit(decoded, admission)
 
 
-def _pixels(data: bytes) -> int | float:
-    """An encoded image's pixel count from its header (infinite when it cannot be read: it is then decoded in the
-    pool, which says what is wrong)."""
+def _size(data: bytes) -> tuple[int, int] | None:
+    """An encoded image's width and height from its header (``None`` when it cannot be read: it is then decoded in
+    the pool, which says what is wrong)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.width * image.height
+            return image.width, image.height
     except Exception:  # anything PIL raises for a foreign or broken header
-        return math.inf
+        return None
 
 
 def page_html() -> str:
