@@ -292,3 +292,12 @@ def test_predictors_build_from_one_exported_graph_and_check_it(run: dict[str, Pa
         repvgg.Predictor(run["run"], runtime="onnxruntime", batch_size=8, graph=tmp_path / "other.onnx")
     assert model_graph(run["run"], ClusterOptions(runtime="eager")) is None
     assert model_graph(run["fp32"], ClusterOptions(runtime="onnxruntime")) is None  # an ONNX file is its own graph
+
+
+def test_ray_refuses_a_device_its_actors_would_not_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--ray`` with ``--device cuda`` is refused before anything starts (its actors predict on the cluster's CPUs),
+    not run on the CPU without a word."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    status = main(["predict", str(tmp_path / "run"), str(tmp_path / "a.png"), "--ray", "local", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert status == 2 and "--ray predicts on the cluster's CPUs, not on --device cuda" in err, err

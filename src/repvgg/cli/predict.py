@@ -82,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs, stdin=sys.stdin if "-" in args.inputs else None)
     if args.ray_actors is not None and args.ray is None:
         raise ValueError("--ray-actors goes with --ray ADDRESS")
+    if args.ray is not None and args.device != "cpu":
+        raise ValueError(f"--ray predicts on the cluster's CPUs, not on --device {args.device}: drop --device, or "
+                         "predict without --ray on this machine's GPU")
     from repvgg.detection.predict import detection_artifact
 
     if detection_artifact(args.artifact) is not None:
