@@ -229,3 +229,23 @@ def test_detectors_and_segmenters_predict_with_ray_as_without_it(tmp_path: Path,
         for name in written:  # the same pixels (file for file: both encode them alike)
             assert (tmp_path / kind / "ray" / name).read_bytes() == (tmp_path / kind / "plain" / name).read_bytes()
     assert sum(len(p["detections"]) for p in found["boxes plain"]["predictions"]) > 0
+
+
+def test_an_actor_answers_each_row_of_its_batch_as_given(qa_digits_run: Path, images: Path,
+                                                         plain: list[dict[str, Any]]) -> None:
+    """A Dataset's rows are not listed again by the actor: a path given twice is predicted twice, and a missing file
+    or a folder is a row with its ``error`` (for ``--bad-images`` on the driver), not a failed batch; the columns
+    keep the batch's length and order."""
+    from repvgg.predict.cluster import ClusterOptions, _Predict
+
+    first = str(images / "000.png")
+    paths = [first, str(images / "missing.png"), first, str(images), str(images / "001.png")]
+    actor = _Predict(str(qa_digits_run), ClusterOptions(runtime="eager", measure=False, batch_size=4), 1, None)
+    batch = actor({"path": np.array(paths, dtype=object)})
+    assert all(len(batch[column]) == len(paths) for column in ("prediction", "model", "mask", "draw"))
+    rows = [json.loads(text) for text in batch["prediction"]]
+    assert [row["source"] for row in rows] == paths
+    assert [bool(row["error"]) for row in rows] == [False, True, False, True, False]
+    assert "missing.png" in rows[1]["error"] and str(images) in rows[3]["error"]
+    by_source = {p["source"]: p for p in plain}
+    _assert_same([rows[0], rows[2], rows[4]], [by_source[first], by_source[first], by_source[paths[4]]])

@@ -222,7 +222,8 @@ class _Predict:
         paths = [str(path) for path in batch["path"]]
         made: dict[str, dict[str, bytes]] = {}
         if self.task == "classification":
-            rows = [p.as_dict() for p in self.predictor.predict(paths, topk=self.options.topk, bad_images="skip")]
+            rows = [p.as_dict() for p in self.predictor.predict(paths, topk=self.options.topk, bad_images="skip",
+                                                                expand=False)]  # listed: a row each, as given
         else:
             def keep(path: str, image: Any, found: Any) -> None:
                 made[path] = self.predictor.pngs(image, found, self.options.files)

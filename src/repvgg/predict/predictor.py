@@ -229,15 +229,17 @@ class Predictor:
         """
         return self.transform(load_rgb(data, what=what))
 
-    def predict(self, inputs: Any, *, topk: int = 5, bad_images: str = "fail") -> list[Prediction]:
+    def predict(self, inputs: Any, *, topk: int = 5, bad_images: str = "fail", expand: bool = True
+                ) -> list[Prediction]:
         """Top-``topk`` predictions of ``inputs``: image paths, folders and glob patterns (as the CLI expands
         them), PIL images, uint8 ``(3, H, W)`` image tensors (prepared like files), or float tensors already
-        prepared (``(3, H, W)`` or a ``(N, 3, H, W)`` batch), in any mix. See
-        [`iter_predict`][repvgg.predict.predictor.Predictor.iter_predict]."""
-        return list(self.iter_predict(inputs, topk=topk, bad_images=bad_images))
+        prepared (``(3, H, W)`` or a ``(N, 3, H, W)`` batch), in any mix. ``expand=False``: a list of paths already
+        listed, each one image and one prediction, duplicates included (a folder or a missing file is an unreadable
+        image). See [`iter_predict`][repvgg.predict.predictor.Predictor.iter_predict]."""
+        return list(self.iter_predict(inputs, topk=topk, bad_images=bad_images, expand=expand))
 
     def iter_predict(self, inputs: Any, *, topk: int = 5, bad_images: str = "fail",
-                     on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:
+                     on_batch: Callable[[int], None] | None = None, expand: bool = True) -> Iterator[Prediction]:
         """[`predict`][repvgg.predict.predictor.Predictor.predict], one prediction at a time in input order (a
         ``(N, 3, H, W)`` batch is run in slices of ``batch_size``); ``on_batch(n)`` after each batch of ``n``.
 
@@ -248,7 +250,7 @@ class Predictor:
         if bad_images not in ("fail", "skip"):
             raise ValueError(f"bad_images must be 'fail' or 'skip', got {bad_images!r}")
         k = min(check_int(topk, "topk", low=1), len(self.classes))
-        for sources, images, errors in self._batches(inputs):
+        for sources, images, errors in self._batches(inputs, expand):
             if errors and bad_images == "fail":
                 raise bad_image_error(errors[0][1])
             results: dict[int, Prediction] = {i: Prediction(sources[i], (), (), (), error) for i, error in errors}
@@ -264,9 +266,11 @@ class Predictor:
             if on_batch is not None:
                 on_batch(len(results))
 
-    def _batches(self, inputs: Any) -> Iterator[tuple[dict[int, str], tuple[list[int], Tensor] | None,
-                                                      list[tuple[int, str]]]]:
-        """``(sources by index, (indices, prepared batch) or None, (index, error) of unreadable images)``."""
+    def _batches(self, inputs: Any, expand: bool = True) -> Iterator[tuple[dict[int, str],
+                                                                          tuple[list[int], Tensor] | None,
+                                                                          list[tuple[int, str]]]]:
+        """``(sources by index, (indices, prepared batch) or None, (index, error) of unreadable images)``; paths
+        expanded as the CLI expands them unless not ``expand``."""
         if isinstance(inputs, Tensor) and inputs.dim() == 4:  # a prepared batch: sliced, never listed image by image
             yield from self._tensor_batches(inputs)
             return
@@ -276,7 +280,7 @@ class Predictor:
         if not inputs:
             raise ValueError("no images to predict")
         if all(isinstance(item, (str, os.PathLike)) for item in inputs):  # files: decoded in the loader's workers
-            paths = expand_inputs(inputs)
+            paths = expand_inputs(inputs) if expand else [os.fspath(item) for item in inputs]
             workers = check_workers(self.workers, batches=-(-len(paths) // self.batch_size))
             loader = DataLoader(ImageFiles(paths, self.transform), batch_size=self.batch_size, num_workers=workers,
                                 collate_fn=collate_images)
