@@ -176,6 +176,12 @@ def test_bad_inputs_give_the_documented_outcome_naming_the_file(run: dict[str, P
         assert main(["predict", artifact, str(missing)]) == 2
         err = capsys.readouterr().err
         assert message in err and str(missing) in err
+    # a pattern gives the files of the folder extensions; another format Pillow reads is predicted when named
+    Image.new("RGB", (8, 8)).save(tmp_path / "g.gif")
+    assert main(["predict", artifact, str(tmp_path / "*.gif")]) == 2
+    assert "name a file of another format Pillow reads, such as GIF" in capsys.readouterr().err
+    assert main(["predict", artifact, str(tmp_path / "g.gif")]) == 0
+    capsys.readouterr()
 
 
 def test_inputs_files_folders_globs_and_stdin_in_a_stable_order(run: dict[str, Path], tmp_path: Path,

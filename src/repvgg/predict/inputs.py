@@ -51,7 +51,9 @@ def expand_inputs(inputs: Iterable[str | os.PathLike[str]], *, stdin: Iterable[s
             files = [m for m in matches if Path(m).is_file() and m.lower().endswith(IMAGE_EXTENSIONS)]
             files += [i for m in matches if Path(m).is_dir() for i in image_files(Path(m))]
             if not files:
-                raise FileNotFoundError(f"no image matches the pattern {text}")
+                raise FileNotFoundError(f"no image matches the pattern {text} (a pattern and a folder give the files "
+                                        f"named {', '.join(IMAGE_EXTENSIONS)}; name a file of another format Pillow "
+                                        "reads, such as GIF, to predict it)")
             paths.extend(files)
         else:
             raise FileNotFoundError(f"no such file or folder: {text}")
