@@ -512,3 +512,42 @@ def test_csv_dash_prints_the_csv_instead_of_writing_a_file_named_dash(digits_run
     assert not (tmp_path / "-").exists()
     assert main(["predict", str(digits_run), str(digit_pngs[0]), "--csv", "-", "--json"]) == 2
     assert "both write to standard output" in capsys.readouterr().err
+
+
+def test_an_eps_file_is_never_read_so_ghostscript_never_runs(digits_run: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Pillow reads EPS by running Ghostscript on it: an EPS file (named as an image, or uploaded) is an unreadable
+    image for every reader, and Ghostscript is never called, whether or not it is installed; other formats Pillow
+    reads (GIF) still are."""
+    import io
+
+    from PIL import EpsImagePlugin
+
+    from repvgg.serve.state import _size
+    from repvgg.training.images import load_rgb
+
+    called: list[object] = []
+
+    def ghostscript(*args: object, **kwargs: object) -> None:
+        called.append(args)
+        raise OSError("Ghostscript would run here")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "shot.eps")
+    Image.new("RGB", (8, 8)).save(tmp_path / "shot.gif")
+    eps = (tmp_path / "shot.eps").read_bytes()
+    with pytest.raises(ValueError, match="cannot read the upload"):
+        load_rgb(eps, what="the upload")
+    with pytest.raises(ValueError, match="shot.eps"):
+        load_rgb(tmp_path / "shot.eps")
+    assert _size(eps) is None and load_rgb(tmp_path / "shot.gif").size == (8, 8)
+    status = main(["predict", str(digits_run), str(tmp_path / "shot.eps"), str(tmp_path / "shot.gif"),
+                   "--bad-images", "skip", "--json"])
+    document = json.loads(capsys.readouterr().out)
+    assert status == 0 and [bool(p["error"]) for p in document["predictions"]] == [True, False]
+    assert not called
+    with Image.open(io.BytesIO(eps)) as image, pytest.raises(OSError, match="Ghostscript would run"):
+        image.load()  # a control: Pillow alone reads the same file with Ghostscript
+    assert called

@@ -4,7 +4,6 @@ from it (metadata, inference) and the page."""
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 from collections.abc import Callable
@@ -120,12 +119,12 @@ class ModelState:
 def _size(data: bytes) -> tuple[int, int] | None:
     """An encoded image's width and height from its header (``None`` when it cannot be read: it is then decoded in
     the pool, which says what is wrong)."""
-    from PIL import Image
+    from repvgg.training.images import open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data, load=False) as image:
             return image.width, image.height
-    except Exception:  # anything PIL raises for a foreign or broken header
+    except Exception:  # anything refused or raised for a foreign, broken or too large header
         return None
 
 

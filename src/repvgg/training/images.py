@@ -3,6 +3,7 @@ images in a folder."""
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 from repvgg.limits import LimitExceeded, check_image_pixels
 from repvgg.serialization import input_file
 
-__all__ = ["IMAGE_EXTENSIONS", "as_rgb", "image_files", "load_rgb", "open_image", "whole_image_size"]
+__all__ = ["IMAGE_EXTENSIONS", "NEVER_OPENED", "as_rgb", "image_files", "load_rgb", "open_image", "whole_image_size"]
 
 #: What counts as an image file in a folder: torchvision's ``ImageFolder`` extensions (a test keeps them equal),
 #: spelled out so that listing a folder does not import torchvision (about 1.2 s of a ``predict`` on the cluster's
@@ -21,11 +22,26 @@ __all__ = ["IMAGE_EXTENSIONS", "as_rgb", "image_files", "load_rgb", "open_image"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+#: Formats Pillow reads that are never opened: reading an EPS file runs Ghostscript, an external program, on a file
+#: that may come from anyone (an upload to ``repvgg serve``).
+NEVER_OPENED = ("EPS",)
+
+
+@functools.lru_cache(maxsize=1)
+def _readable_formats() -> tuple[str, ...]:
+    """The formats an image is opened as: every one Pillow reads but `NEVER_OPENED`."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(name for name in Image.OPEN if name not in NEVER_OPENED)
+
+
 def open_image(path: str | os.PathLike[str] | bytes, *, what: str = "image", load: bool = True) -> Any:
     """The PIL image in ``path`` (its pixels read, or only its header with ``load=False``); close it after use.
     ``path`` may also be an image's encoded bytes (an upload), then named by ``what`` alone.
 
-    An image of more pixels than [`MAX_IMAGE_PIXELS`][repvgg.limits.MAX_IMAGE_PIXELS] is refused from its header, before
+    Every format Pillow reads is opened but EPS (`NEVER_OPENED`: its reading runs Ghostscript). An image of more
+    pixels than [`MAX_IMAGE_PIXELS`][repvgg.limits.MAX_IMAGE_PIXELS] is refused from its header, before
     its pixels are decoded (a few hundred KB of PNG can decode to gigabytes). Any failure (a missing, empty, truncated,
     foreign or too large file, a dangling or looping link) is a ValueError naming ``what`` and the file; a too large
     one is a [`LimitExceeded`][repvgg.limits.LimitExceeded].
@@ -35,7 +51,8 @@ def open_image(path: str | os.PathLike[str] | bytes, *, what: str = "image", loa
     named = what if isinstance(path, bytes) else f"{what} {os.fspath(path)}"
     try:
         # a pipe would block the read and a device never ends: refused by input_file before opening
-        image = Image.open(io.BytesIO(path) if isinstance(path, bytes) else input_file(path, what))
+        image = Image.open(io.BytesIO(path) if isinstance(path, bytes) else input_file(path, what),
+                           formats=_readable_formats())
     except Image.UnidentifiedImageError as err:
         if not isinstance(path, bytes):
             raise ValueError(f"cannot read {named}: {err}") from err
