@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -226,3 +227,21 @@ def test_the_model_name_and_class_names_are_checked_before_loading(model_file: P
         create_app(model_file, classes=str(tmp_path / "twice.txt"))
     with pytest.raises(FileNotFoundError):
         create_app(model_file, classes=str(tmp_path / "missing.txt"))
+
+
+def test_the_binary_part_is_exactly_the_size_the_input_declares(live: dict[str, Any]) -> None:
+    """``binary_data_size`` names all of the bytes after the JSON part: fewer or more of them (a stray byte, a second
+    input's data) is a 400 naming the field, the exact count a 200."""
+    data = np.zeros(3 * SIZE * SIZE, dtype="<f4").tobytes()
+
+    def post(declared: int, sent: bytes) -> httpx.Response:
+        head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, SIZE, SIZE],
+                                       "parameters": {"binary_data_size": declared}}]}).encode()
+        return live["client"].post(INFER, content=head + sent,
+                                   headers={"Inference-Header-Content-Length": str(len(head))})
+
+    for declared, sent in ((len(data), data + b"\0"), (len(data) - 4, data), (len(data) + 4, data)):
+        answer = post(declared, sent)
+        assert answer.status_code == 400, answer.text
+        assert "binary_data_size" in answer.json()["error"] and f"{len(sent)} bytes" in answer.json()["error"]
+    assert post(len(data), data).status_code == 200

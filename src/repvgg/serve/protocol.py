@@ -190,10 +190,10 @@ def _data(spec: dict[str, Any], binary: bytes) -> Any:
             raise BadRequest("inputs[0].data", "missing (or give parameters.binary_data_size and the bytes after the "
                                                "JSON part)")
         return spec["data"]
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
-        raise BadRequest("inputs[0].parameters.binary_data_size", f"{size!r} is not within the {len(binary)} bytes "
-                                                                  "after the JSON part")
-    return binary[:size]
+    if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
+        raise BadRequest("inputs[0].parameters.binary_data_size", f"{size!r} is not the {len(binary)} bytes after "
+                                                                  "the JSON part (the one input's data, all of it)")
+    return binary
 
 
 def _images(shape: list[int], datatype: Any, data: Any, image_shape: tuple[int, int, int],
