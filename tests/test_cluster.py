@@ -232,16 +232,26 @@ def test_detectors_and_segmenters_predict_with_ray_as_without_it(tmp_path: Path,
 
 
 def test_an_actor_answers_each_row_of_its_batch_as_given(qa_digits_run: Path, images: Path,
-                                                         plain: list[dict[str, Any]]) -> None:
+                                                         plain: list[dict[str, Any]],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A Dataset's rows are not listed again by the actor: a path given twice is predicted twice, and a missing file
     or a folder is a row with its ``error`` (for ``--bad-images`` on the driver), not a failed batch; the columns
     keep the batch's length and order."""
+    import torch
+
+    from repvgg.io import onnx_run
     from repvgg.predict.cluster import ClusterOptions, _Predict
 
     first = str(images / "000.png")
     paths = [first, str(images / "missing.png"), first, str(images), str(images / "001.png")]
-    actor = _Predict(str(qa_digits_run), ClusterOptions(runtime="eager", measure=False, batch_size=4), 1, None)
-    batch = actor({"path": np.array(paths, dtype=object)})
+    # the actor sets its process's threads and core sharing: this process's are put back after
+    monkeypatch.setattr(onnx_run, "_sharing", {"cores": onnx_run.cores_shared()})
+    threads = torch.get_num_threads()
+    try:
+        actor = _Predict(str(qa_digits_run), ClusterOptions(runtime="eager", measure=False, batch_size=4), 1, None)
+        batch = actor({"path": np.array(paths, dtype=object)})
+    finally:
+        torch.set_num_threads(threads)
     assert all(len(batch[column]) == len(paths) for column in ("prediction", "model", "mask", "draw"))
     rows = [json.loads(text) for text in batch["prediction"]]
     assert [row["source"] for row in rows] == paths
