@@ -64,6 +64,43 @@ def test_quantize_times_the_runtime_asked_for(trained_qa: Path, tmp_path: Path,
     assert report["runtime"] == "openvino" and set(report["speeds"]) == {"openvino"}
 
 
+@pytest.mark.parametrize("name, extra", [("fp32.onnx", []), ("fp32_speed.onnx", ["--speed-img-size", "24"]),
+                                         ("int8_speed.onnx", ["--speed-img-size", "24"])])
+def test_the_written_file_is_the_judged_int8_model_whatever_its_name(trained_qa: Path, tmp_path: Path, name: str,
+                                                                      extra: list[str],
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The file written is the INT8 model the guard judged, and the speed-up is float32's file against INT8's, even
+    when the output is named as one of the files the check makes on the way (``fp32.onnx``, ``fp32_speed.onnx``)."""
+    from repvgg.quant import ptq
+
+    import hashlib
+
+    timed: list[tuple[int, int]] = []
+    judged: set[str] = set()
+    speeds, runner = ptq.runtime_speeds, ptq.onnx_runner
+
+    def keep_judged(path: Path, *args: object) -> object:  # what the parity check and the guard run (before timing)
+        if not timed:
+            judged.add(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+        return runner(path, *args)
+
+    def count_timed(fp32: Path, int8: Path, *args: object, **kwargs: object) -> object:
+        timed.append((quantized_conv_count(fp32)[0], quantized_conv_count(int8)[0]))
+        return speeds(fp32, int8, *args, **kwargs)
+
+    monkeypatch.setattr(ptq, "runtime_speeds", count_timed)
+    monkeypatch.setattr(ptq, "onnx_runner", keep_judged)
+    out = tmp_path / name
+    assert main(["quantize", str(trained_qa / "best.pt"), str(out), "--calib-images", "64", "--runtime",
+                 "onnxruntime", "--min-agreement", "0", "--max-top1-drop", "100", "--speed-rounds", "1", *extra]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert quantized_conv_count(out)[0] == report["quantized_convs"] > 0  # INT8, as reported
+    assert hashlib.sha256(out.read_bytes()).hexdigest() in judged  # the very file the guard ran
+    assert len(timed) == 1 and timed[0][0] == 0 and timed[0][1] > 0  # float32 timed against INT8
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 def test_quantize_refuses_bad_input_and_writes_nothing(trained_qa: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "int8.onnx"

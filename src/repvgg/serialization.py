@@ -37,8 +37,8 @@ from repvgg.errors import WriteFailed
 from repvgg.limits import brief
 
 __all__ = ["DictMixin", "atomic_write", "check_output_path", "commit_staged", "csv_cell", "csv_text", "image_outputs",
-           "input_file", "make_folder", "option_names", "output_target", "readable_text", "staging_folder", "write_csv",
-           "write_failed", "write_json", "write_text"]
+           "input_file", "make_folder", "option_names", "output_target", "readable_text", "scratch_folder",
+           "staging_folder", "write_csv", "write_failed", "write_json", "write_text"]
 
 D = TypeVar("D", bound="DictMixin")
 
@@ -295,6 +295,13 @@ def staging_folder(path: PathLike) -> Iterator[Path]:
             yield Path(staging)
     except OSError as err:
         raise write_failed(path, err) from err
+
+
+def scratch_folder(staging: PathLike) -> Path:
+    """A folder inside a [`staging_folder`][repvgg.serialization.staging_folder] for the files a check makes besides
+    the one to be written (a float32 reference, a file timed at another size): named at random, so that no name the
+    written file may have (``fp32.onnx``) is one of theirs, and none of them is moved into place for it."""
+    return Path(tempfile.mkdtemp(dir=staging, prefix=".scratch-"))
 
 
 def commit_staged(staged: PathLike, path: PathLike) -> Path:

@@ -25,7 +25,7 @@ from repvgg.io.onnx_run import installed_runtimes
 from repvgg.limits import check_batch_memory, check_int
 from repvgg.quant.guard import DEFAULT_MAX_AP_DROP, require_ap
 from repvgg.quant.qdq import calibration_subset, quantize_static_qdq, quantized_conv_count
-from repvgg.serialization import check_output_path, commit_staged, staging_folder
+from repvgg.serialization import check_output_path, commit_staged, scratch_folder, staging_folder
 
 __all__ = ["DETECTOR_CALIB_IMAGES", "DetectorQuantizeReport", "QUANTIZED_PARTS", "quantize_detector"]
 
@@ -90,7 +90,7 @@ def quantize_detector(weights: str | os.PathLike[str], output: str | os.PathLike
     inputs = [(calibration_set[i][0].float() / 255).numpy() for i in range(len(calibration_set))]
     loader = DataLoader(bundle.val, batch_size=8)
     with staging_folder(output) as staging:
-        fp32 = Path(staging) / "fp32.onnx"
+        fp32 = scratch_folder(staging) / "fp32.onnx"
         export_detector(weights, fp32, data=data)
         staged = Path(staging) / output.name
         parts = QUANTIZED_PARTS[model.config.kind]

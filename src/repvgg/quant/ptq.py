@@ -42,7 +42,7 @@ from repvgg.limits import check_batch_memory
 from repvgg.quant.guard import Guard, require_passing, validation_guard
 from repvgg.training.distributed import dataset_size
 from repvgg.quant.qdq import batches, calibration_subset, quantize_onnx, quantized_conv_count
-from repvgg.serialization import check_output_path, commit_staged, staging_folder
+from repvgg.serialization import check_output_path, commit_staged, scratch_folder, staging_folder
 from repvgg.training.config import TrainConfig
 from repvgg.training.data import DatasetBundle, Relabelled, build_datasets
 
@@ -186,7 +186,8 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
     check_conversion(deviation.relative, f"the converted {getattr(model, 'name', 'model')}")
 
     with staging_folder(output) as staging:
-        fp32 = Path(staging) / "fp32.onnx"
+        scratch = scratch_folder(staging)
+        fp32 = scratch / "fp32.onnx"
         int8 = Path(staging) / output.name
         export_onnx_file(plain, val_batch[:2], fp32)
         deviation = OutputDeviation()
@@ -219,7 +220,7 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
                                   generator=torch.Generator().manual_seed(0))
         if size != val_batch.shape[-1]:
             # ranges calibrated at the data's size apply to any size; the speed file is the same network
-            fp32_speed, int8_speed = Path(staging) / "fp32_speed.onnx", Path(staging) / "int8_speed.onnx"
+            fp32_speed, int8_speed = scratch / "fp32_speed.onnx", scratch / "int8_speed.onnx"
             export_onnx_file(plain, speed_input[:2], fp32_speed)
             if qat_int8 is not None:
                 int8_speed = int8  # the QAT export takes any height and width

@@ -23,7 +23,7 @@ from repvgg.segmentation.evaluate import validation_data
 from repvgg.segmentation.export import export_segmenter, onnx_segmenter, unnormalized
 from repvgg.segmentation.metrics import ConfusionMatrix
 from repvgg.segmentation.weights import load_segmenter
-from repvgg.serialization import check_output_path, commit_staged, staging_folder
+from repvgg.serialization import check_output_path, commit_staged, scratch_folder, staging_folder
 
 __all__ = ["SEGMENTER_CALIB_IMAGES", "SegmenterQuantizeReport", "quantize_segmenter"]
 
@@ -85,7 +85,7 @@ def quantize_segmenter(weights: str | os.PathLike[str], output: str | os.PathLik
     inputs = [unnormalized(calibration_set[i][0]).numpy() for i in range(len(calibration_set))]
     classes = model.config.num_classes
     with staging_folder(output) as staging:
-        fp32 = Path(staging) / "fp32.onnx"
+        fp32 = scratch_folder(staging) / "fp32.onnx"
         export_segmenter(weights, fp32, data=data)
         staged = Path(staging) / output.name
         quantize_static_qdq(fp32, staged, inputs, "image", method=calibration, nodes=_quantizable_convs(fp32))
