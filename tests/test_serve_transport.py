@@ -383,13 +383,14 @@ def test_only_a_small_upload_to_a_model_of_small_inputs_is_decoded_on_the_event_
     to liveness and the other requests."""
     from types import SimpleNamespace
 
+    from repvgg.io.card import Preprocessing
     from repvgg.serve.classifier import ClassifierModel
     from repvgg.serve.config import ServeConfig
     from repvgg.serve.state import ModelState
 
     class Model:
-        def __init__(self, resize: int) -> None:
-            self.predictor = SimpleNamespace(preprocessing=SimpleNamespace(resize=resize))
+        def __init__(self, img_size: int) -> None:
+            self.predictor = SimpleNamespace(preprocessing=Preprocessing(img_size=img_size))
             self.threads: list[str] = []
 
         prepared_pixels = ClassifierModel.prepared_pixels
@@ -403,17 +404,18 @@ def test_only_a_small_upload_to_a_model_of_small_inputs_is_decoded_on_the_event_
         Image.new("RGB", (width, height)).save(buffer, "PNG")
         return buffer.getvalue()
 
-    async def decode(resize: int, data: bytes) -> tuple[str, str]:
+    async def decode(img_size: int, data: bytes) -> tuple[str, str]:
         state = ModelState("unused", ServeConfig(), None)
-        state.predictor = Model(resize)
+        state.predictor = Model(img_size)
         try:
             await state.decode(data, "the upload")
             return state.predictor.threads[0], threading.current_thread().name
         finally:
             state.decoder.shutdown()
 
-    digits, large = 36, 2048  # a 32 px model's short side (crop 0.875), and a 1792 px model's
-    where = {case: asyncio.run(decode(resize, png(*size))) for case, (resize, size) in {
+    digits, large = 32, 1792  # resized to short sides of 36 and 2048 (crop 0.875)
+    assert (Preprocessing(img_size=digits).resize, Preprocessing(img_size=large).resize) == (36, 2048)
+    where = {case: asyncio.run(decode(img_size, png(*size))) for case, (img_size, size) in {
         "small to small": (digits, (32, 32)), "small to large": (large, (32, 32)),
         "elongated to small": (digits, (1, 4000)), "large to small": (digits, (65, 65))}.items()}
     assert where["small to small"][0] == where["small to small"][1]  # the loop's own thread

@@ -27,11 +27,17 @@ from repvgg.limits import MAX_CLASSES, MAX_RESIZE, LimitExceeded, brief, check_i
 from repvgg.serialization import DictMixin, input_file
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "ModelCard", "Preprocessing", "check_class_names",
-           "read_card", "read_class_names", "read_onnx_metadata", "resolve_card", "write_onnx_metadata"]
+           "read_card", "read_class_names", "read_onnx_metadata", "resized_size", "resolve_card", "write_onnx_metadata"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """The size an image of ``width`` x ``height`` is resized to with its short side made ``short_side``."""
+    short = max(1, min(width, height))
+    return short_side * width // short, short_side * height // short
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,11 @@ class Preprocessing(DictMixin):
     def resize(self) -> int:
         """The short side before the centre crop (timm's rule: ``floor(img_size / crop_pct)``)."""
         return math.floor(self.img_size / self.crop_pct)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size an image of ``width`` x ``height`` is resized to before the centre crop (its short side made
+        [`resize`][repvgg.io.card.Preprocessing.resize]): what the resize allocates, known from the header."""
+        return resized_size(width, height, self.resize)
 
     @classmethod
     def from_data_config(cls, config: Mapping[str, Any], img_size: int) -> Preprocessing:

@@ -58,8 +58,8 @@ class ClassifierModel:
     def prepared_pixels(self, width: int, height: int) -> int:
         """Pixels decoding an upload of ``width`` x ``height`` makes besides reading it: its resize to the short
         side ``predict`` resizes to, before the centre crop."""
-        side = self.predictor.preprocessing.resize
-        return side * (side * max(width, height) // max(1, min(width, height)))
+        resized_width, resized_height = self.predictor.preprocessing.resized_size(width, height)
+        return resized_width * resized_height
 
     def decode(self, data: bytes, what: str) -> Tensor:
         """An uploaded image prepared as ``predict`` prepares a file of it."""

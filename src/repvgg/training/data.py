@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from repvgg.io.card import IMAGENET_MEAN, IMAGENET_STD, ModelCard, Preprocessing, check_class_names
+from repvgg.io.card import (IMAGENET_MEAN, IMAGENET_STD, ModelCard, Preprocessing, check_class_names,
+                            resized_size)
 from repvgg.limits import check_image_pixels, check_img_size
 from repvgg.training.digits import DigitsDataset, digits_preprocessing, digits_split
 from repvgg.training.distributed import dataset_size
@@ -287,8 +288,7 @@ class _BoundedResize:
 
     def __call__(self, image: Any) -> Tensor:
         width, height = image.size
-        short = max(1, min(width, height))
-        check_image_pixels(self.resize * width // short, self.resize * height // short,
+        check_image_pixels(*resized_size(width, height, self.resize),
                            f"a {width} x {height} image resized to a short side of {self.resize}")
         return self.transform(image.convert("L").convert("RGB") if self.grayscale else image)
 
