@@ -8,7 +8,9 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -68,9 +70,21 @@ def _actors() -> dict[int, str]:
     return found
 
 
+@pytest.fixture
+def ray_temp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A folder of its own for the session files of a cluster the test starts (logs, sockets), removed after: Ray
+    keeps them in /tmp/ray otherwise. Short, as Ray's socket paths must be."""
+    folder = Path(tempfile.mkdtemp(prefix="rt-"))
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="the test finds the actor's process in /proc")
 def test_ray_local_predicts_what_plain_predict_does_even_when_its_actor_is_killed(
-        qa_digits_run: Path, images: Path, plain: list[dict[str, Any]]) -> None:
+        qa_digits_run: Path, images: Path, plain: list[dict[str, Any]], ray_temp: Path) -> None:
     """``--ray local`` (one actor, batches of two) while a watcher kills the actor in the middle of a batch: Ray
     starts another, and every image comes once, in order, as plain ``predict`` says it (the broken one skipped)."""
     killed: list[int] = []
@@ -96,6 +110,7 @@ def test_ray_local_predicts_what_plain_predict_does_even_when_its_actor_is_kille
         stop.set()
         watcher.join()
     assert status == 0 and not ray.is_initialized()  # the cluster it started is stopped
+    assert list(ray_temp.glob("ray/session_*")), "the cluster kept its files elsewhere"
     assert killed and replaced, (killed, replaced)
     assert document["ray"]["actors"] == 1 and document["skipped"] == 1
     _assert_same(document["predictions"], plain)

@@ -69,8 +69,8 @@ def test_two_nodes_through_the_c10d_rendezvous_train_as_two_processes_on_one(tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = ["train", "--model", "repvgg_tiny", "--device", "cpu", "--data", str(data), "--img-size", "16",
              "--batch-size", "4", "--epochs", "1", "--no-inference-speed", "--output"]
-    one = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "repvgg",
-           *train, str(tmp_path / "one")]
+    one = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(tmp_path / "logs" / "one-agent"), "-m", "repvgg", *train, str(tmp_path / "one")]
     two = _two_nodes(f"127.0.0.1:{_free_port()}", [*train, str(tmp_path / "two")], tmp_path / "logs")
     logs = tmp_path / "logs"
     with started_process(one, logs / "one", env=env) as reference, \

@@ -166,7 +166,8 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
 def test_two_process_gloo_run(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",  # a free port
-           "-m", "repvgg", "seg-train", *TINY, "--epochs", "1", "--baseline", "none", "--output", str(out)]
+           "--log-dir", str(tmp_path / "torchrun"), "-m", "repvgg", "seg-train", *TINY, "--epochs", "1", "--baseline",
+           "none", "--output", str(out)]
     result = run_process(cmd, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
