@@ -226,3 +226,23 @@ def test_file_without_state_dict_is_refused(tmp_path: Path) -> None:
     torch.save({"epoch": 1}, tmp_path / "nothing.pth")
     with pytest.raises(ValueError, match="does not hold a state dict"):
         read_checkpoint(tmp_path / "nothing.pth")
+    torch.save({0: torch.zeros(1), "stem.weight": torch.zeros(1)}, tmp_path / "numbered.pth")
+    with pytest.raises(ValueError, match="numbered.pth holds tensors under keys that are not parameter names, e.g. 0"):
+        read_checkpoint(tmp_path / "numbered.pth")
+
+
+def test_a_count_in_the_metadata_is_ascii_digits(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    for value in ("\u00b3", "9" * 5000, "-1"):  # '³' passes str.isdigit(), which int() then refuses
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "w.safetensors"), metadata={"in_chans": value})
+        with pytest.raises(ValueError, match="metadata field 'in_chans' must be a non-negative integer"):
+            read_checkpoint(tmp_path / "w.safetensors")
+
+
+def test_a_headless_backbone_loads_back_from_the_file_it_was_saved_to(tmp_path: Path) -> None:
+    model = create_model("repvgg_tiny", num_classes=0).eval()
+    loaded = load_model(save_weights(model, tmp_path / "headless.safetensors")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert loaded.num_classes == 0 and torch.equal(loaded(x), model(x))

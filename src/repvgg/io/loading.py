@@ -209,8 +209,10 @@ def load_model(
     state_dict, metadata = read_checkpoint(resolve_weights(path))
     file_deploy = is_deploy_state_dict(state_dict)
     spec_or_name = arch if arch is not None else _file_architecture(metadata, state_dict, path)
-    if num_classes is None:
-        num_classes = checkpoint_num_classes(state_dict) or 1000
+    if num_classes is None:  # the head's outputs, else the file's word (0: a headless backbone), else ImageNet's
+        num_classes = checkpoint_num_classes(state_dict)
+        if num_classes is None:
+            num_classes = _metadata_field(metadata, "num_classes", int, path, 1000)
     options = dict(num_classes=num_classes, in_chans=_metadata_field(metadata, "in_chans", int, path,
                                                                      stem_in_chans(state_dict)),
                    deploy=file_deploy and deploy is not False,

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from repvgg.io.formats import require_kind
 from repvgg.io.key_names import (is_mmpretrain_format, is_repvggplus_format, is_timm_format, mmpretrain_to_official,
                                  official_to_timm, repvggplus_to_official, timm_to_official)
-from repvgg.limits import parse_json
+from repvgg.limits import brief, parse_json
 from repvgg.io.safe_load import safe_load
 from repvgg.nn.block import RepVGGBlock
 from repvgg.nn.model import RepVGG
@@ -74,6 +74,9 @@ def _unwrap(obj: Any, source: str) -> tuple[StateDict, dict[str, Any]]:
         if not isinstance(obj, Mapping):
             break
         if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            if not all(isinstance(k, str) for k in obj):
+                raise ValueError(f"{source} holds tensors under keys that are not parameter names, e.g. "
+                                 f"{brief(next(k for k in obj if not isinstance(k, str)))}; it is not a state dict")
             return dict(obj), metadata
         inner = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
@@ -207,7 +210,7 @@ def _decode_metadata(raw: Mapping[str, str], path: Path) -> dict[str, Any]:
             out[key] = raw[key] == "true"
     for key in ("num_classes", "in_chans"):
         if key in out:
-            if not raw[key].isdigit():
+            if not re.fullmatch("[0-9]{1,9}", raw[key]):  # str.isdigit() takes '³', which int() refuses
                 raise bad(key, "a non-negative integer")
             out[key] = int(raw[key])
     return out
