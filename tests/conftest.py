@@ -52,6 +52,23 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: i
     return root
 
 
+def edited_model_file(source: Path, target: Path, kind: str, **fields: object) -> Path:
+    """A copy of the detector's or segmenter's (``kind``) file ``source`` at ``target`` with metadata ``fields``
+    replaced: a field of the model's configuration by its name, any other by its own (a JSON value, or a str taken
+    as the raw field)."""
+    import json
+
+    from repvgg.io.weights import read_safetensors, write_safetensors
+
+    tensors, metadata = read_safetensors(source)
+    config = json.loads(metadata[kind])
+    for key in [k for k in fields if k in config]:
+        config[key] = fields.pop(key)
+    metadata[kind] = json.dumps(config)
+    metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
+    return write_safetensors(tensors, target, metadata)
+
+
 def narrow(name: str) -> dict[str, object]:
     """Overrides giving registered model ``name``'s layout (depths, groups, SE, block kind) at 1/8 of its widths:
     what is per block (fusion, the interfaces) holds at any width, and a B3 at full width costs seconds to build."""

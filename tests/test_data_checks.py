@@ -61,8 +61,9 @@ def _folder(root: Path, *, splits: tuple[str, ...] = ("train", "val"), size: tup
 @pytest.mark.parametrize("field, value, message", [
     ("iscrowd", None, "iscrowd must be 0 or 1"), ("iscrowd", [1], "iscrowd must be 0 or 1"),
     ("iscrowd", "0", "iscrowd must be 0 or 1"), ("iscrowd", True, "iscrowd must be 0 or 1"),
-    ("iscrowd", 2, "iscrowd must be 0 or 1"), ("area", None, "area must be a finite number >= 0"),
+    ("iscrowd", 2, "iscrowd must be 0 or 1"), ("area", None, "area must be a finite number from 0"),
     ("area", "big", "area must be"), ("area", -3.5, "area must be"), ("area", 10**400, "area must be"),
+    ("area", 1e11, "area must be a finite number from 0 to the image's"),  # COCOeval would ignore the object
     ("bbox", [10**400, 1, 2, 2], "bbox must be four finite numbers"), ("bbox", [1, 1, 2, True], "bbox must be"),
     ("id", True, "no valid 'id'"), ("category_id", 2**64, "from 0 to"),
 ])

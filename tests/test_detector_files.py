@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import edited_model_file
 from repvgg.cli import main
 from repvgg.detection import create_detector, load_detector, save_detector
 from repvgg.io.weights import read_safetensors, write_safetensors
@@ -29,14 +30,7 @@ def detector_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def edited(source: Path, target: Path, **fields: Any) -> Path:
-    """``source`` with metadata ``fields`` replaced (a JSON value, or a str taken as the raw field)."""
-    tensors, metadata = read_safetensors(source)
-    detector = json.loads(metadata["detector"])
-    for key in [k for k in fields if k in detector]:
-        detector[key] = fields.pop(key)
-    metadata["detector"] = json.dumps(detector)
-    metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
-    return write_safetensors(tensors, target, metadata)
+    return edited_model_file(source, target, "detector", **fields)
 
 
 @pytest.mark.parametrize("fields, field", [
@@ -284,3 +278,32 @@ def test_a_file_of_another_task_is_named_with_the_commands_that_take_it(detector
     assert main(["det-train", "--resume", str(run)]) == 2
     assert f"{run / 'last.pt'} is a `repvgg train` checkpoint; resume it with `repvgg train --resume`" in \
         capsys.readouterr().err
+
+
+def _two_categories(root: Path) -> Path:
+    """A COCO folder of one 64 x 64 image per split and two categories."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").mkdir()
+    for split in ("train", "val"):
+        Image.new("RGB", (64, 64), (90, 40, 10)).save(root / "images" / f"{split}.png")
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({
+            "images": [{"id": 1, "file_name": f"{split}.png", "width": 64, "height": 64}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 30, 30]}],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return root
+
+
+def test_data_of_another_category_count_is_refused_even_from_a_file_without_names(
+        detector_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Scored against two categories, a four-class detector's class ids 2 and 3 belong to no category (scoring
+    failed with an IndexError where the file recorded no names); det-eval and quantize's AP guard refuse it."""
+    data = _two_categories(tmp_path / "coco")
+    tensors, metadata = read_safetensors(detector_file)
+    nameless = write_safetensors(tensors, tmp_path / "nameless.safetensors", metadata | {"classes": "null"})
+    for args in (["det-eval", "--weights", str(nameless), "--data", str(data)],
+                 ["quantize", str(nameless), str(tmp_path / "q.onnx"), "--data", str(data)],
+                 ["det-eval", "--weights", str(detector_file), "--data", str(data)]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert "detects 4 classes but the data has 2 categories (['a', 'b'])" in err and "Traceback" not in err, err
+    assert not (tmp_path / "q.onnx").exists()

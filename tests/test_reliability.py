@@ -334,20 +334,30 @@ def test_huge_metadata_is_refused_before_anything_is_allocated(tmp_path: Path) -
     from safetensors.torch import save_file
 
     spec = repvgg.get_spec("repvgg_a0").to_dict() | {"width_multipliers": [8.0, 8.0]}
-    bomb = tmp_path / "bomb.safetensors"
-    save_file({"linear.weight": torch.zeros(2, 2)}, str(bomb),
-              metadata={"format": "repvgg", "arch": "repvgg_a0", "spec": json.dumps(spec), "deploy": "false"})
+    bombs = {"repvgg.load_model": {"format": "repvgg", "arch": "repvgg_a0", "spec": json.dumps(spec),
+                                   "deploy": "false"},  # 2.6 GiB of parameters
+             "repvgg.segmentation.load_segmenter": {"format": "repvgg-segmenter", "deploy": "false", "segmenter":
+                                                    json.dumps({"backbone": "repvgg_tiny", "num_classes": 3,
+                                                                "head_channels": 2_000_000})},  # 69 GiB
+             "repvgg.detection.load_detector": {"format": "repvgg-detector", "deploy": "false", "detector":
+                                                json.dumps({"backbone": "repvgg_tiny", "num_classes": 1_000_000,
+                                                            "fpn_channels": 4096})}}  # 137 GiB
+    code = "import importlib\n"
+    for i, (loader, metadata) in enumerate(bombs.items()):
+        path = str(tmp_path / f"{i}.safetensors")
+        save_file({"linear.weight": torch.zeros(2, 2)}, path, metadata=metadata)
+        module, name = loader.rsplit(".", 1)
+        code += (f"try:\n    getattr(importlib.import_module({module!r}), {name!r})({path!r})\n"
+                 "except ValueError as err:\n    print('refused', err)\n")
     # VmHWM: this process's own peak resident memory (getrusage would report the parent's peak, kept
     # across fork and exec on Linux).
-    code = ("import repvgg\n"
-            "try:\n    repvgg.load_model(%r)\nexcept ValueError as err:\n    print('refused', err)\n"
-            "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))\n"
-            ) % str(bomb)
+    code += "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))\n"
     result = run_process([sys.executable, "-c", code], timeout=600)
     lines = result.stdout.splitlines()
-    assert result.returncode == 0 and lines[0].startswith("refused"), result.stderr[-2000:]
+    assert result.returncode == 0 and len(lines) == 4, result.stderr[-2000:]
+    assert all(line.startswith("refused") for line in lines[:3]), lines
     peak_mib = int(lines[-1]) / 1024
-    assert peak_mib < 1500  # the network the metadata describes needs 2.6 GiB of parameters
+    assert peak_mib < 1500
 
 
 def test_features_only_weights_load_back(tmp_path: Path) -> None:

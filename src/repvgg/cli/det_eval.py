@@ -22,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from repvgg.detection.evaluate import ap_table, evaluate_detector_file, trained_data_folder
+    from repvgg.dense.weights import trained_data_folder
+    from repvgg.detection.evaluate import ap_table, evaluate_detector_file
     from repvgg.detection.weights import load_detector
 
     data = args.data if args.data or not args.json_out else trained_data_folder(load_detector(args.weights)[1])

@@ -28,9 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from repvgg.dense.weights import trained_data_folder
     from repvgg.segmentation.evaluate import evaluate_segmenter_file, iou_table, speed_table
+    from repvgg.segmentation.weights import load_segmenter
 
-    check_json_out(args, reads=[args.weights, args.data])
+    data = args.data if args.data or not args.json_out else trained_data_folder(load_segmenter(args.weights)[1])
+    check_json_out(args, reads=[args.weights, data])  # never into the data folder it reads
     result = evaluate_segmenter_file(args.weights, data=args.data, val_size=args.val_size,
                                      batch_size=args.batch_size, workers=args.workers, device=args.device,
                                      baseline=args.baseline, speed=args.speed)
@@ -42,6 +45,5 @@ def run(args: argparse.Namespace) -> int:
     if "speed" in result:
         text += "\n" + speed_table(result["speed"], result["speed_input"])
     emit(args, result, text)
-    # the data folder may have come from the file's metadata
-    write_json_out(args, result, reads=[args.weights, args.data, result["dataset"]])
+    write_json_out(args, result, reads=[args.weights, data])
     return 0

@@ -151,19 +151,20 @@ def _box(annotation: dict[str, Any], image: dict[str, Any], where: str) -> tuple
     return x1, y1, x2, y2
 
 
-def _scored(annotation: dict[str, Any], box_area: float, where: str) -> dict[str, Any]:
+def _scored(annotation: dict[str, Any], box_area: float, image_area: float, where: str) -> dict[str, Any]:
     """The annotation as COCOeval reads it: ``iscrowd`` the integer 0 or 1 (default 0) and ``area`` a finite number
-    >= 0 (default: the box's), each checked here, since COCOeval trusts them (``"0"`` would be a crowd to training
-    and an object to COCOeval)."""
+    from 0 to the image's area (default: the box's), each checked here, since COCOeval trusts them (``"0"`` would be
+    a crowd to training and an object to COCOeval; an area over 1e10 an object it ignores)."""
     crowd = annotation.get("iscrowd", 0)
     if isinstance(crowd, bool) or not isinstance(crowd, int) or crowd not in (0, 1):
         raise ValueError(f"{where}: iscrowd must be 0 or 1 (an integer), got {brief(crowd)}")
     area = annotation.get("area", box_area)
     try:
-        area = check_float(area, "area", low=0)
+        area = check_float(area, "area", low=0, high=image_area)
     except ValueError:
-        raise ValueError(f"{where}: area must be a finite number >= 0 (the object's area in pixels, which COCOeval "
-                         f"sorts into small, medium and large), got {brief(area)}") from None
+        raise ValueError(f"{where}: area must be a finite number from 0 to the image's {image_area:g} pixels (the "
+                         "object's area in pixels, which COCOeval sorts into small, medium and large), got "
+                         f"{brief(area)}") from None
     return dict(annotation, area=area, iscrowd=crowd)
 
 
@@ -189,7 +190,8 @@ def check_coco(data: Any, source: str) -> CocoSet:
         image = images[annotation["image_id"]]
         where = f"{source}: annotation {aid} (image {image['id']}, {image['file_name']})"
         box = _box(annotation, image, where)
-        scored[aid] = _scored(annotation, float(annotation["bbox"][2]) * float(annotation["bbox"][3]), where)
+        scored[aid] = _scored(annotation, float(annotation["bbox"][2]) * float(annotation["bbox"][3]),
+                              float(image["width"]) * float(image["height"]), where)
         if not scored[aid]["iscrowd"]:
             per_image[annotation["image_id"]].append((box, class_of[annotation["category_id"]]))
     records = list(images.values())

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from torch.utils.data import DataLoader
 
 from repvgg.dense.scenes import SyntheticConfig
+from repvgg.dense.weights import trained_data_folder
 from repvgg.detection.data import DetectionDataBundle, DetectionSet, build_detection_data, build_validation_set
 from repvgg.detection.metrics import AP_NAMES, check_same_detections, compare_detectors, comparison_summary
 from repvgg.detection.weights import load_detector
@@ -17,13 +18,7 @@ from repvgg.limits import check_batch_memory, check_int, check_workers
 from repvgg.nn.convert import reparameterize_model
 from repvgg.report import markdown_table
 
-__all__ = ["ap_table", "evaluate_detector_file", "trained_data_folder", "validation_data", "validation_set"]
-
-
-def trained_data_folder(meta: Mapping[str, Any]) -> str | None:
-    """The COCO folder a detector file records it was trained on (``None``: the generated scenes). Outputs never go
-    inside it: a file written there would be taken for data by the next reader."""
-    return (meta.get("data") or {}).get("data")
+__all__ = ["ap_table", "check_categories", "evaluate_detector_file", "validation_data", "validation_set"]
 
 
 def _data_source(meta: Mapping[str, Any], data: str | None) -> tuple[str | None, SyntheticConfig | None]:
@@ -55,6 +50,24 @@ def validation_set(meta: Mapping[str, Any], image_size: int, data: str | None) -
     return build_validation_set(folder, image_size=image_size, synthetic=synthetic)
 
 
+def check_categories(weights: Any, num_classes: int, recorded: list[str] | None, categories: list[str]) -> list[str]:
+    """The data's ``categories``, checked against the detector's: as many as its outputs, and the names it records
+    (if any) in the same order; a class id beyond the data's would otherwise fail the scoring, or score another
+    category.
+
+    Raises:
+        ValueError: naming the file, the counts or the names.
+    """
+    if len(categories) != num_classes:
+        raise ValueError(f"{weights} detects {num_classes} class{'es' if num_classes != 1 else ''} but the data has "
+                         f"{len(categories)} categories ({categories}); evaluate it on data with the categories it "
+                         "was trained on")
+    if recorded and list(recorded) != categories:
+        raise ValueError(f"{weights} detects {recorded} but the data's categories are {categories}; evaluate it on "
+                         "data with the categories it was trained on")
+    return categories
+
+
 def evaluate_detector_file(weights: str | os.PathLike[str], *, data: str | None = None, batch_size: int = 16,
                            workers: int = 0, device: str = "auto") -> dict[str, Any]:
     """Score a ``det-train`` file (``deploy.safetensors``, ``best.pt``, ``last.pt``) with COCO's metrics on the
@@ -69,10 +82,7 @@ def evaluate_detector_file(weights: str | os.PathLike[str], *, data: str | None 
     size = model.config.image_size
     check_batch_memory(batch_size, (3, size, size), "--batch-size", input_size=False)
     name, val = validation_set(meta, size, data)
-    classes = list(val.coco.classes)
-    if classes != list(meta.get("classes") or classes):
-        raise ValueError(f"{weights} detects {meta['classes']} but the data's categories are {classes}; "
-                         "evaluate it on data with the categories it was trained on")
+    classes = check_categories(weights, model.config.num_classes, meta.get("classes"), list(val.coco.classes))
     torch_device = resolve_device(device)
     model = model.to(torch_device)
     models = [model] if model.deploy else [model, reparameterize_model(model)]

@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 
 from repvgg.dense.scenes import SyntheticConfig, scene
-from repvgg.detection.evaluate import trained_data_folder, validation_set
+from repvgg.dense.weights import trained_data_folder
+from repvgg.detection.evaluate import validation_set
 from repvgg.detection.metrics import BOX_TOLERANCE_PX, SCORE_TOLERANCE, box_deviation, differs_by_ties_only
 from repvgg.detection.weights import detector_metadata, load_detector
 from repvgg.errors import ConversionMismatch

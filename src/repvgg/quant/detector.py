@@ -16,7 +16,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from repvgg.detection.evaluate import trained_data_folder, validation_data
+from repvgg.dense.weights import trained_data_folder
+from repvgg.detection.evaluate import check_categories, validation_data
 from repvgg.detection.export import export_detector, onnx_detector
 from repvgg.detection.metrics import coco_scores, detect
 from repvgg.detection.weights import load_detector
@@ -84,6 +85,7 @@ def quantize_detector(weights: str | os.PathLike[str], output: str | os.PathLike
     check_output_path(output, reads=[trained_data_folder(meta)], overwrite=True)  # nor into the data it records
     size = model.config.image_size
     bundle = validation_data(meta, size, data)
+    check_categories(weights, model.config.num_classes, meta.get("classes"), list(bundle.val.coco.classes))
     check_batch_memory(min(calib_images, len(bundle.train)), (3, size, size), "--calib-images", held=True,
                        input_size=False)
     calibration_set = calibration_subset(bundle.train, calib_images)

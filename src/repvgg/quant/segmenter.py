@@ -22,6 +22,7 @@ from repvgg.quant.qdq import calibration_subset, quantize_static_qdq, quantized_
 from repvgg.segmentation.evaluate import validation_data
 from repvgg.segmentation.export import export_segmenter, onnx_segmenter, unnormalized
 from repvgg.segmentation.metrics import ConfusionMatrix
+from repvgg.dense.weights import trained_data_folder
 from repvgg.segmentation.weights import load_segmenter
 from repvgg.serialization import check_output_path, commit_staged, scratch_folder, staging_folder
 
@@ -75,8 +76,8 @@ def quantize_segmenter(weights: str | os.PathLike[str], output: str | os.PathLik
                              low=1, high=100_000)
     data = None if data is None else os.fspath(data)
     model, meta = load_segmenter(weights)
-    recorded = (meta.get("data") or {}).get("data")
-    output = check_output_path(output, reads=[weights, data, recorded], overwrite=overwrite, suffixes=(".onnx",))
+    output = check_output_path(output, reads=[weights, data, trained_data_folder(meta)], overwrite=overwrite,
+                               suffixes=(".onnx",))
     bundle = validation_data(meta, model.config, data, None)
     crop = bundle.crop_size
     check_batch_memory(min(calib_images, len(bundle.train)), (3, crop, crop), "--calib-images", held=True,

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from repvgg.io import card
 from repvgg.segmentation.pspnet import IGNORE_INDEX
 from repvgg.training.images import load_rgb, open_image
 from repvgg.segmentation.synthetic import SyntheticConfig, SyntheticShapes
@@ -57,14 +58,10 @@ EXPECTED_LAYOUT = (
 
 
 def read_class_names(root: str | os.PathLike[str]) -> list[str] | None:
-    """Class names from ``ROOT/classes.txt`` (one per line, blank lines skipped), or None without the file."""
+    """Class names from ``ROOT/classes.txt``, line N naming class N (read as ``--classes FILE`` is: distinct,
+    non-empty names; blank lines at the end ignored), or None without the file."""
     path = Path(root) / "classes.txt"
-    if not path.is_file():
-        return None
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not names:
-        raise ValueError(f"{path} is empty; write one class name per line or delete the file")
-    return names
+    return card.read_class_names(path) if path.is_file() else None
 
 
 def find_pairs(root: str | os.PathLike[str], split: str) -> list[tuple[Path, Path]]:

@@ -136,6 +136,17 @@ def validation_data(meta: Mapping[str, Any], config: SegmenterConfig, data: str 
                                    val_size=val_size, synthetic=synthetic)
 
 
+def _class_names(recorded: list[str] | None, data: list[str], weights: Any) -> list[str]:
+    """The names of the classes scored: the file's, else the data's. Names that differ (a ``classes.txt`` in another
+    order, or of other classes) are refused: each IoU would be reported under another class's name. Numbered
+    classes (no names recorded, or no ``classes.txt``) are named by the other side."""
+    numbered = [str(i) for i in range(len(data))]
+    if recorded and recorded != numbered and data != numbered and list(recorded) != list(data):
+        raise ValueError(f"{weights} segments {recorded} but the data's classes.txt names {data}: the same ids would "
+                         "be different classes; evaluate it on the data it was trained for, in the same order")
+    return list(recorded) if recorded and recorded != numbered else list(data)
+
+
 def evaluate_segmenter_file(
     weights: str | os.PathLike[str],
     *,
@@ -164,6 +175,7 @@ def evaluate_segmenter_file(
     if bundle.num_classes != config.num_classes:
         raise ValueError(f"{weights} predicts {config.num_classes} classes but the data has {bundle.num_classes}; "
                          "evaluate it on the data it was trained for")
+    class_names = _class_names(meta.get("classes"), bundle.classes, weights)
     torch_device = resolve_device(device)
     model = model.to(torch_device)
     models = [model] if model.deploy else [model, reparameterize_model(model)]
@@ -172,7 +184,6 @@ def evaluate_segmenter_file(
                         num_workers=check_workers(workers, batches=-(-len(bundle.val) // per_batch)))
     comparison = compare_segmenters(models, loader, config.num_classes, device=torch_device)
     check_outputs(comparison.finite, comparison.relative_error, str(weights))
-    class_names = meta.get("classes") or bundle.classes
     result: dict[str, Any] = {
         "weights": os.fspath(weights),
         "model": model.name,

@@ -30,6 +30,8 @@ from repvgg.io.export import noticing_interrupts
 from repvgg.io.onnx_run import installed_runtimes, onnxruntime_session, openvino_by_shape
 from repvgg.limits import MIN_OPSET, check_int, parse_json
 from repvgg.nn.convert import reparameterize_model
+from repvgg.dense.weights import trained_data_folder
+from repvgg.segmentation.weights import segmenter_metadata
 from repvgg.serialization import check_output_path, commit_staged, staging_folder
 
 __all__ = ["SEGMENTER_OUTPUTS", "TIE_TOLERANCE", "SegmenterExport", "SegmenterGraph", "export_segmenter",
@@ -145,8 +147,7 @@ def export_segmenter(weights: str | os.PathLike[str], path: str | os.PathLike[st
     check_int(opset, "opset", low=MIN_OPSET, high=20)
     check_int(images, "images", low=1, high=10_000)
     model, meta = load_segmenter(weights)
-    recorded = (meta.get("data") or {}).get("data")
-    path = check_output_path(path, reads=[weights, recorded], overwrite=overwrite, suffixes=(".onnx",))
+    path = check_output_path(path, reads=[weights, trained_data_folder(meta)], overwrite=overwrite, suffixes=(".onnx",))
     converted = not model.deploy
     model = reparameterize_model(model) if converted else model
     samples = check_images(meta, model.config, None if data is None else os.fspath(data), images)
@@ -237,5 +238,5 @@ def onnx_segmenter_metadata(path: str | os.PathLike[str]) -> dict[str, Any] | No
                          f"`repvgg export` (outputs {outputs}, not {list(SEGMENTER_OUTPUTS)}, or no configuration)")
     fields = {name: parse_json(raw.get(name, "null"), f"{path}: metadata field {name!r}")
               for name in ("segmenter", "classes", "val_size")}
-    return {"segmenter": fields["segmenter"], "classes": fields["classes"], "deploy": True,
-            "data": {"val_size": fields["val_size"]}}
+    return segmenter_metadata({"segmenter": fields["segmenter"], "classes": fields["classes"], "deploy": True,
+                               "data": {"val_size": fields["val_size"]}}, os.fspath(path))

@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from repvgg.dense.weights import load_dense_state, read_dense_model, save_dense_model
+from repvgg.dense.weights import build_dense_model, check_dense_metadata, read_dense_model, save_dense_model
 from repvgg.segmentation.pspnet import PSPNet, SegmenterConfig, build_segmenter
 
-__all__ = ["SEGMENTER_FORMAT", "save_segmenter", "load_segmenter"]
+__all__ = ["SEGMENTER_FORMAT", "load_segmenter", "save_segmenter", "segmenter_metadata"]
 
 SEGMENTER_FORMAT = "repvgg-segmenter"
 
@@ -52,7 +52,21 @@ def load_segmenter(path: str | os.PathLike[str]) -> tuple[PSPNet, dict[str, Any]
         ValueError: the file is unreadable, not a segmenter file, or its weights do not fit its configuration.
     """
     state_dict, meta = read_dense_model(path, kind="segmenter", command="seg-train")
-    config = SegmenterConfig.from_dict(dict(meta["segmenter"]))
-    model = build_segmenter(config, deploy=bool(meta["deploy"]))
-    load_dense_state(model, state_dict, path, "segmenter")
+    meta = segmenter_metadata(meta, os.fspath(path))
+    config = SegmenterConfig.from_dict(meta["segmenter"])
+    model = build_dense_model(lambda: build_segmenter(config, deploy=meta["deploy"]), state_dict, path, "segmenter")
     return model, meta
+
+
+def segmenter_metadata(fields: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The metadata of a segmenter file, each field checked by type and range (safetensors, ``seg-train``
+    checkpoints, exported ONNX files): ``segmenter`` a [`SegmenterConfig`][repvgg.segmentation.pspnet.SegmenterConfig],
+    ``deploy`` a bool, ``classes`` ``None`` or one distinct name per class, ``data`` ``None`` or ``{"data": FOLDER or
+    None, "synthetic": generated-scene settings or None, "val_size": N or None}``
+    ([`check_dense_metadata`][repvgg.dense.weights.check_dense_metadata]).
+
+    Raises:
+        ValueError: a field is missing or malformed; the message names ``source`` and the field.
+    """
+    return check_dense_metadata(fields, source, kind="segmenter", config=SegmenterConfig.from_dict,
+                                data_keys=("data", "synthetic", "val_size"))
