@@ -84,9 +84,12 @@ def test_a_resume_applies_and_records_a_changed_learning_rate(partial: Path, tmp
     shutil.copytree(partial, run)
     was = load_checkpoint(run / "last.pt")
     with caplog.at_level(logging.INFO):
-        assert main(["train", "--resume", str(run), "--lr", "0.01", "--clip-grad", "5"]) == 0
+        assert main(["train", "--resume", str(run), "--lr", "0.01", "--clip-grad", "5", "--weight-decay", "0.05",
+                     "--momentum", "0.5"]) == 0
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["lr"] == 0.01 and config["clip_grad"] == 5
+    groups = load_checkpoint(run / "last.pt")["optimizer"]["param_groups"]  # what the optimizer ran with
+    assert [(g["weight_decay"], g["momentum"]) for g in groups] == [(0.05, 0.5), (0.0, 0.5)]
     changes = {c["field"]: c for c in config["resume_changes"]}
     assert changes["lr"] == {"field": "lr", "was": was["config"]["lr"], "now": 0.01, "epoch": 0, "step": 3}
     assert changes["clip_grad"]["was"] is None and changes["clip_grad"]["step"] == 3

@@ -226,6 +226,11 @@ def _with_sync_bn(model: nn.Module, config: Any, ctx: DistContext) -> nn.Module:
     return model
 
 
+#: The optimizer's settings this run's configuration gives, kept over a checkpoint's when resuming: weight decay and
+#: momentum (AdamW's first beta) may change on a resume; the learning rate follows the schedule either way.
+_RESUME_SETTINGS = ("weight_decay", "momentum", "betas")
+
+
 def _restore(resume: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any,
              ctx: DistContext, source: str) -> RunState:
     """Load the training state of ``resume`` into the run; the RNG state last, as the uninterrupted run had it."""
@@ -233,7 +238,10 @@ def _restore(resume: dict[str, Any], model: nn.Module, optimizer: torch.optim.Op
         model.load_state_dict(resume["model"])
     except RuntimeError as err:
         raise ValueError(f"{source} does not fit the model of this run: {str(err).splitlines()[0]}") from err
-    optimizer.load_state_dict(resume["optimizer"])
+    settings = [{k: g[k] for k in _RESUME_SETTINGS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(resume["optimizer"])  # puts back the checkpoint's settings with its state
+    for group, setting in zip(optimizer.param_groups, settings):  # a resume may change them (LOOP_CHANGEABLE)
+        group.update(setting)
     if ema is not None and resume.get("ema") is not None:
         ema.module.load_state_dict(resume["ema"])
     state = RunState.from_checkpoint(resume, device=ctx.device, keep_sums=ctx.is_main)
