@@ -76,6 +76,30 @@ def test_non_finite_validation_keeps_the_last_good_checkpoint(tmp_path: Path,
     assert not (out / "deploy.safetensors").exists()
 
 
+@pytest.mark.parametrize("stop_after_steps", [3, None], ids=["stopped", "epoch-end"])
+def test_infinite_statistics_under_a_finite_loss_are_never_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  stop_after_steps: int | None) -> None:
+    """A loss can stay finite while a BN statistic has overflowed: a stopped run, or an epoch's end, then writes no
+    checkpoint that a resume would fail on at once."""
+    step = ClassificationTask.training_step
+    calls = []
+
+    def overflowing(self, net, model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                model.stage1[0].rbr_dense.bn.running_var.fill_(float("inf"))
+        return step(self, net, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "training_step", overflowing)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"1 tensor\(s\) of the model \(e.g. stage1.0.rbr_dense.bn.running_var\) "
+                                               "not finite.*no checkpoint had been written yet"):
+        train(TrainConfig(model="repvgg_tiny", epochs=1, batch_size=128, device="cpu", output=str(out),
+                          stop_after_steps=stop_after_steps, inference_speed=False))
+    assert not (out / "last.pt").exists()
+
+
 def test_eval_of_nan_weights_fails_instead_of_scoring(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = repvgg.create_model("repvgg_tiny", num_classes=10)
     with torch.no_grad():

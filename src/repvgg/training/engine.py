@@ -368,7 +368,7 @@ def _end_epoch(run: _Run) -> bool:
            "lr": run.lr, "epoch_time_s": state.epoch_time_s,
            "train_images_per_s": float(sums[1]) / state.epoch_time_s if state.epoch_time_s > 0 else 0.0,
            "data_wait_s_per_step": state.epoch_data_wait_s / max(1, state.epoch_steps_timed)}
-    bad = sorted(k for k, v in row.items() if not math.isfinite(v))
+    bad = sorted(k for k, v in row.items() if not math.isfinite(v)) + _non_finite_state(run)
     if bad:  # nothing of this epoch is saved
         raise diverged_error(f"{', '.join(bad)} not finite", f"after epoch {state.epoch + 1}", run.output, run.lr)
     improved = row[task.score] > state.best_score
@@ -392,6 +392,18 @@ def _end_epoch(run: _Run) -> bool:
     return run.stop_after_epoch or shared_flags(run.stopper)[0]
 
 
+def _non_finite_state(run: _Run) -> list[str]:
+    """What of the model's (and its EMA's) weights and statistics is not finite, as ``"N tensors of the model (e.g.
+    NAME)"``: a checkpoint holding them could never be resumed, so none is written."""
+    told = []
+    for label, module in (("the model", run.model), ("the EMA", run.ema.module if run.ema is not None else None)):
+        if module is not None:
+            names = [k for k, v in module.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+            if names:
+                told.append(f"{len(names)} tensor(s) of {label} (e.g. {names[0]})")
+    return told
+
+
 def _log_epoch(run: _Run, row: dict[str, Any], started: float) -> None:
     state, config = run.state, run.config
     if run.epochs_this_run == 0:  # the first epoch of this invocation: the time per epoch is known
@@ -408,6 +420,10 @@ def _log_epoch(run: _Run, row: dict[str, Any], started: float) -> None:
 
 def _interrupted(run: _Run) -> dict[str, Any]:
     state = run.state
+    bad = _non_finite_state(run)
+    if bad:  # a loss still finite may have left infinite weights or statistics: the last checkpoint stays
+        raise diverged_error(f"{', '.join(bad)} not finite", f"epoch {state.epoch + 1}, step {state.step_in_epoch}",
+                             run.output, run.lr)
     if run.ctx.is_main:
         save_checkpoint(run.checkpoint(), run.output / "last.pt")
     logger.warning("stopped at epoch %d step %d; continue with: repvgg %s --resume %s",
