@@ -205,9 +205,12 @@ def test_overwrite_replaces_a_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert _train(out) == 0
     (out / "best.pt").unlink()
+    (out / "tensorboard").mkdir()  # as --tensorboard leaves it: its events would mix with the next run's
+    (out / "tensorboard" / "events.out.tfevents.1.old").write_bytes(b"")
     old_summary = (out / "summary.json").read_text()
     assert _train(out, "--overwrite", "--seed", "1") == 0
     assert (out / "best.pt").is_file() and (out / "summary.json").read_text() != old_summary
+    assert not (out / "tensorboard").exists()
     import yaml
 
     assert yaml.safe_load((out / "config.yaml").read_text())["overwrite"] is False

@@ -41,9 +41,10 @@ from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, d
 from repvgg.training.loaders import closing_loaders, eval_loader, seed_epoch, train_loader
 from repvgg.training.optim import build_optimizer
 from repvgg.training.progress import diverged_error, duration, progress_bar, write_metrics
-from repvgg.training.run_folder import (check_checkpoint_belongs, check_continuation, check_data_is_there,
-                                        check_resumed_files, check_run_folder, check_same_data, locate_run,
-                                        lock_run_folder, open_run_folder, resolve_inputs, resumable_file)
+from repvgg.training.run_folder import (TENSORBOARD_FOLDER, check_checkpoint_belongs, check_continuation,
+                                        check_data_is_there, check_resumed_files, check_run_folder, check_same_data,
+                                        locate_run, lock_run_folder, open_run_folder, resolve_inputs,
+                                        resumable_file)
 from repvgg.training.stopping import CHECK_INTERVAL, StopRequest, shared_flags
 from repvgg.training.task import RunState, StepOutput, Task
 from repvgg.training.trackers import TensorBoardTracker, Tracker
@@ -273,7 +274,7 @@ def _open_folder(run: _Run, replaced: list[Path]) -> None:
     """Create the run folder, remove what ``--overwrite`` replaces, write ``config.yaml``, start TensorBoard."""
     open_run_folder(run.output, replaced, run.config)
     if run.config.tensorboard:
-        run.trackers.append(TensorBoardTracker(run.output / "tensorboard"))
+        run.trackers.append(TensorBoardTracker(run.output / TENSORBOARD_FOLDER))
 
 
 # --- one epoch ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import stat
 import sys
@@ -35,16 +36,20 @@ from repvgg.limits import brief
 from repvgg.options import load_config_file
 from repvgg.serialization import check_output_path, make_folder, write_failed
 
-__all__ = ["RUN_FILES", "HUB_PREFIX", "LOCK_FILE", "LOOP_CHANGEABLE", "PER_INVOCATION", "check_checkpoint_belongs",
-           "check_resumed_files",
-           "check_continuation", "check_data_is_there", "check_run_folder", "check_same_data", "data_identity",
-           "locate_run", "lock_run_folder", "open_run_folder", "resolve_inputs", "resumable_file"]
+__all__ = ["RUN_FILES", "RUN_FOLDERS", "TENSORBOARD_FOLDER", "HUB_PREFIX", "LOCK_FILE", "LOOP_CHANGEABLE",
+           "PER_INVOCATION", "check_checkpoint_belongs", "check_resumed_files", "check_continuation",
+           "check_data_is_there", "check_run_folder", "check_same_data", "data_identity", "locate_run",
+           "lock_run_folder", "open_run_folder", "resolve_inputs", "resumable_file"]
 
 logger = logging.getLogger(__name__)
 
 #: The files a run writes into its folder; a folder holding any of them holds a run.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "deploy.safetensors",
              "curves.png", "predictions.png", "int8.onnx")
+#: Where ``--tensorboard`` writes a run's logs, in its folder.
+TENSORBOARD_FOLDER = "tensorboard"
+#: The folders a run writes into its folder: replaced with the run's files.
+RUN_FOLDERS = (TENSORBOARD_FOLDER,)
 #: Config fields that concern one invocation only: never compared with the run's, never recorded.
 PER_INVOCATION = ("output", "resume", "overwrite", "stop_after_steps", "config_file", "workers", "log_interval",
                   "tensorboard", "run_id", "resume_changes")
@@ -110,7 +115,7 @@ def check_run_folder(output: Path, *, resume: bool, overwrite: bool,
     """
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file, not a folder; choose a folder for the run")
-    existing = [output / name for name in RUN_FILES if (output / name).exists()]
+    existing = [output / name for name in (*RUN_FILES, *RUN_FOLDERS) if (output / name).exists()]
     if resume:  # the run's own files (e.g. its config.yaml given as --config) are continued, not replaced
         reads = [r for r in reads if r is not None and output.resolve() not in Path(r).resolve().parents]
     for name in RUN_FILES:  # every file the run writes: never an input, nor inside an input folder
@@ -260,7 +265,10 @@ def open_run_folder(output: Path, replaced: Iterable[Path], config: Any) -> None
         make_folder(output)
         for path in replaced:
             logger.info("--overwrite: removing %s", path)
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)  # the replaced run's TensorBoard logs: kept, they would mix with this run's
+            else:
+                path.unlink()
     except OSError as err:
         raise write_failed(output, err) from err
     config.save(output / "config.yaml")
