@@ -272,3 +272,24 @@ def test_tensorboard_and_custom_trackers_receive_the_scalars(tmp_path: Path) -> 
     assert {"epoch/val_top1", "epoch/train_loss", "step/train_loss", "step/lr"} <= tags
     val = [e.value for e in events.Scalars("epoch/val_top1")]
     assert val == pytest.approx([row["val_top1"] for _, row in recorder.epochs])
+
+
+def test_mixup_takes_batches_of_any_size(tmp_path: Path) -> None:
+    """timm's Mixup takes even batches only: an odd batch or micro-batch (or one left short by a skipped image)
+    trains, its last image unmixed with its label's smoothed target (it failed with an AssertionError traceback)."""
+    from repvgg.training.classification import _loss_function
+
+    config = TrainConfig(model="repvgg_tiny", mixup=0.2, label_smoothing=0.1)
+    _, mix = _loss_function(config, 4)
+    images, labels = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 1])
+    last = images[4].clone()
+    mixed, targets = mix(images.clone(), labels)
+    assert mixed.shape == images.shape and torch.equal(mixed[4], last)
+    assert torch.allclose(targets.sum(1), torch.ones(5)) and torch.allclose(targets[4], torch.tensor(
+        [0.025, 0.925, 0.025, 0.025]))
+    assert torch.equal(mix(images[:1], labels[:1])[0], images[:1])
+    for batch, steps in ((7, 1), (6, 2)):  # an odd batch; micro-batches of 3
+        summary = train(TrainConfig(model="repvgg_tiny", img_size=16, epochs=1, batch_size=batch, mixup=0.2,
+                                    accumulation_steps=steps, device="cpu", stop_after_steps=2,
+                                    inference_speed=False, output=str(tmp_path / f"run{batch}")))
+        assert summary["interrupted"] is True

@@ -235,6 +235,27 @@ def _model_data_config(config: TrainConfig) -> dict[str, Any]:
     return resolve_data_config({}, model=probe)
 
 
+class _AnyBatchMixup:
+    """timm's ``Mixup``, which mixes a batch with its reverse and so takes even batches only, for a batch of any size:
+    an odd one's last image (a micro-batch of an odd size, a batch left short by a skipped image) is kept unmixed,
+    with its label's (smoothed) target."""
+
+    def __init__(self, mixer: Any) -> None:
+        self.mixer = mixer
+
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        from timm.data.mixup import mixup_target
+
+        even = len(images) - len(images) % 2
+        if even == len(images):
+            return self.mixer(images, labels)
+        kept = mixup_target(labels[even:], self.mixer.num_classes, smoothing=self.mixer.label_smoothing)
+        if even == 0:
+            return images, kept
+        mixed, targets = self.mixer(images[:even], labels[:even])
+        return torch.cat([mixed, images[even:]]), torch.cat([targets, kept])
+
+
 def _loss_function(config: TrainConfig, num_classes: int) -> tuple[nn.Module, Any]:
     if config.mixup > 0 or config.cutmix > 0:
         from timm.data import Mixup
@@ -242,7 +263,7 @@ def _loss_function(config: TrainConfig, num_classes: int) -> tuple[nn.Module, An
 
         mixer = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
                       label_smoothing=config.label_smoothing, num_classes=num_classes)
-        return SoftTargetCrossEntropy(), mixer
+        return SoftTargetCrossEntropy(), _AnyBatchMixup(mixer)
     return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), None
 
 
