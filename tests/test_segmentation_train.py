@@ -235,4 +235,10 @@ def test_config_file_flags_and_errors(tmp_path: Path) -> None:
         SegTrainConfig(batch_size=1)
     with pytest.raises(ValueError, match="fast means dilated_layers=5"):
         SegTrainConfig(fast=True, dilated_layers=3)
+    with pytest.raises(ValueError, match="num_classes .* the generated scenes have their own 5 classes"):
+        SegTrainConfig(num_classes=2)  # was ignored: a 5-class model, config.yaml saying 2
+    assert SegTrainConfig(data="x", num_classes=2).num_classes == 2
+    for value in (5, [[1], 2], {"a": 1}, "ab", [True, 2]):  # a TypeError traceback, or an unnamed field, before
+        with pytest.raises(ValueError, match="scale_range must be 2 numbers or null"):
+            SegTrainConfig(scale_range=value)  # type: ignore[arg-type]
     assert main(["seg-train", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "r")]) == 2

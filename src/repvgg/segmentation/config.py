@@ -76,16 +76,23 @@ class SegTrainConfig(LoopConfig):
                            choices=BASELINES)
 
     def __post_init__(self) -> None:
-        if self.scale_range is not None:
-            # YAML gives lists; the length is checked below
-            self.scale_range = cast("tuple[float, float]", tuple(float(v) for v in self.scale_range))
+        scales = self.scale_range
+        if isinstance(scales, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     for v in scales):  # YAML gives lists; the length is checked below
+            self.scale_range = cast("tuple[float, float]", tuple(float(v) for v in scales))
         super().__post_init__()
         scales = self.scale_range or (1.0, 1.0)
         self._check([
-            (len(scales) == 2 and all(math.isfinite(v) and 0.05 <= v <= 4 for v in scales) and scales[0] <= scales[1],
+            (isinstance(scales, tuple) and len(scales) == 2 and all(math.isfinite(v) and 0.05 <= v <= 4 for v in scales)
+             and scales[0] <= scales[1],
              f"scale_range must be two numbers from 0.05 to 4, the smaller first, got {self.scale_range}"),
             (self.baseline in BASELINES, f"baseline must be one of {list(BASELINES)}"),
         ])
+        if self.synthetic and self.num_classes is not None:
+            from repvgg.dense.scenes import SHAPE_CLASSES
+
+            raise ValueError(f"num_classes (--num-classes) is for a data folder without classes.txt; the generated "
+                             f"scenes have their own {len(SHAPE_CLASSES)} classes: leave it out, or pass --data FOLDER")
         if self.fast and self.dilated_layers not in (None, FAST_DILATED_LAYERS):
             raise ValueError(f"fast means dilated_layers={FAST_DILATED_LAYERS}; pass one or the other, "
                              f"not fast with dilated_layers={self.dilated_layers}")
