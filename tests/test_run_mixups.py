@@ -98,6 +98,24 @@ def test_a_resume_applies_and_records_a_changed_learning_rate(partial: Path, tmp
     assert rows[-1]["lr"] <= 0.01  # the schedule runs on the new rate
 
 
+def test_a_resume_named_in_a_config_file_continues_the_runs_own_settings(partial: Path, tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``resume:`` in a --config file is --resume: defaults < the resumed run < the file < flags (the run's own
+    settings were skipped, so its 2 epochs and --no-inference-speed were reset to the defaults' 10 and True)."""
+    run = tmp_path / "run"
+    shutil.copytree(partial, run)
+    (tmp_path / "c.yaml").write_text(f"resume: {run}\nstop_after_steps: 1\n")
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 130
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["epochs"], config["inference_speed"]) == (2, False) and not config.get("resume_changes")
+    assert "changes from" not in caplog.text and load_checkpoint(run / "last.pt")["global_step"] == 4
+    (tmp_path / "c.yaml").write_text("resume: 5\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "resume must be a run folder or its last.pt, got 5" in _error(capsys)
+
+
 @pytest.mark.parametrize("flags, field", [
     (["--recipe", "paper-light"], "recipe"), (["--label-smoothing", "0.2"], "label_smoothing"),
     (["--mixup", "0.2"], "mixup"), (["--spec", "use_se=true"], "model_overrides"), (["--img-size", "24"], "img_size"),

@@ -7,6 +7,7 @@ so a run can be rebuilt and resumed from its output folder alone. Files are pars
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -206,6 +207,10 @@ def resolve_run_config(
     from repvgg.io.checkpoint import load_checkpoint
 
     base: dict[str, Any] = {}
+    from_file = load_config_file(config_file) if config_file else {}  # keys as field names, each given once
+    resume = resume or from_file.get("resume")  # a run resumed from the file's word comes under the file too
+    if resume is not None and not isinstance(resume, (str, os.PathLike)):
+        raise ValueError(f"{config_file}: resume must be a run folder or its last.pt, got {resume!r:.80}")
     if resume:
         from repvgg.training.run_folder import resumable_file
 
@@ -213,8 +218,7 @@ def resolve_run_config(
         for key in ("stop_after_steps", "overwrite", "config_file"):  # they apply to one invocation only
             base.pop(key, None)
         base["output"] = str(Path(resume).parent if Path(resume).is_file() else Path(resume))  # where it lies now
-    if config_file:
-        base.update(load_config_file(config_file))  # keys as field names, each given once
+    base.update(from_file)
     base.update({k: v for k, v in (flags or {}).items() if v is not None})
     if config_file:
         base["config_file"] = str(config_file)
