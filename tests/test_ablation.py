@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from repvgg.training.ablation import (BRANCH_CONFIGS, PAPER_TOP1, AblationResult, converted_cost, ranking,
                                       ranking_agrees)
@@ -87,6 +88,14 @@ def test_ablate_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     before = (out / "full-seed0" / "summary.json").stat().st_mtime_ns
     assert main(["ablate", *SMOKE, "--output", str(out)]) == 0
     assert (out / "full-seed0" / "summary.json").stat().st_mtime_ns == before
+    capsys.readouterr()
+    # ... only if they were trained with the settings asked for: else refused, or trained again with --overwrite
+    assert main(["ablate", *SMOKE, "--lr", "0.05", "--configs", "full", "--output", str(out)]) == 2
+    assert "full-seed0 holds a finished run trained with other lr (0.025, not 0.05)" in capsys.readouterr().err
+    assert (out / "full-seed0" / "summary.json").stat().st_mtime_ns == before
+    assert main(["ablate", *SMOKE, "--lr", "0.05", "--configs", "full", "--output", str(out), "--overwrite"]) == 0
+    assert (out / "full-seed0" / "summary.json").stat().st_mtime_ns != before
+    assert yaml.safe_load((out / "full-seed0" / "config.yaml").read_text())["lr"] == 0.05
 
 
 def test_unknown_configuration_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

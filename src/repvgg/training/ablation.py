@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from repvgg.limits import parse_json
+from repvgg.limits import brief, parse_json
 from repvgg.nn.complexity import count_macs, count_parameters
 from repvgg.training.config import TrainConfig
 from repvgg.nn.convert import reparameterize_model
@@ -104,6 +104,29 @@ def ranking_agrees(rows: Sequence[dict[str, Any]]) -> bool | None:
     return order == sorted(PAPER_TOP1, key=PAPER_TOP1.__getitem__)
 
 
+def _trained_as_asked(run_dir: Path, config: TrainConfig) -> bool:
+    """Whether the finished run in ``run_dir`` was trained with ``config`` (its ``config.yaml``): ``False`` if not and
+    ``config.overwrite`` lets it be trained again.
+
+    Raises:
+        ValueError: it was trained otherwise, naming the settings, and ``config.overwrite`` is not set.
+    """
+    from repvgg.options import load_config_file
+    from repvgg.training.classification import ClassificationTask
+    from repvgg.training.run_folder import changed_fields
+
+    saved = load_config_file(run_dir / "config.yaml")
+    _, changed = changed_fields(saved, config, paths=ClassificationTask.input_fields)
+    if not changed:
+        return True
+    if config.overwrite:
+        logger.info("%s was trained with other %s: --overwrite, training it again", run_dir, ", ".join(changed))
+        return False
+    raise ValueError(f"{run_dir} holds a finished run trained with other " + ", ".join(
+        f"{k} ({brief(saved.get(k), 40)}, not {brief(getattr(config, k), 40)})" for k in changed)
+        + "; train it again with these settings (--overwrite), or choose another --output")
+
+
 def run_ablation(
     base: TrainConfig,
     *,
@@ -114,8 +137,12 @@ def run_ablation(
     """Train every configuration with every seed through ``repvgg train``; collect statistics.
 
     Runs go to ``output/<config>-seed<seed>/`` (each a complete ``repvgg train`` run folder); a
-    finished run is reused when its ``summary.json`` exists, so an interrupted ablation continues
-    where it stopped.
+    finished run is reused when its ``summary.json`` exists and it was trained with the settings asked for now,
+    so an interrupted ablation continues where it stopped. One trained otherwise is trained again with
+    ``base.overwrite`` (``--overwrite``), else refused.
+
+    Raises:
+        ValueError: an unknown configuration, no seeds, or a finished run trained with other settings.
     """
     from repvgg.training.classification import train
 
@@ -133,14 +160,16 @@ def run_ablation(
         for seed in seeds:
             run_dir = output / f"{name}-seed{seed}"
             summary_path = run_dir / "summary.json"
-            if summary_path.is_file():
+            if summary_path.is_file() and _trained_as_asked(run_dir, base.updated(
+                    seed=seed, output=str(run_dir), model_overrides=overrides)):
                 summary = parse_json(summary_path.read_text(), str(summary_path))
                 logger.info("%s seed %d: reusing finished run in %s", name, seed, run_dir)
             else:
                 logger.info("%s seed %d: training (%s)", name, seed, DESCRIPTIONS[name])
                 # The ablation's own run folder: continue an interrupted run, or start over one that never
                 # reached a checkpoint.
-                resume = str(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None
+                resume = str(run_dir / "last.pt") if (run_dir / "last.pt").is_file() and not summary_path.is_file() \
+                    else None
                 config = base.updated(seed=seed, output=str(run_dir), model_overrides=overrides, resume=resume,
                                       overwrite=resume is None)
                 summary = train(config)

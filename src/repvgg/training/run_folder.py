@@ -38,8 +38,8 @@ from repvgg.serialization import check_output_path, make_folder, write_failed
 
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "TENSORBOARD_FOLDER", "HUB_PREFIX", "LOCK_FILE", "LOOP_CHANGEABLE",
            "PER_INVOCATION", "check_checkpoint_belongs", "check_resumed_files", "check_continuation",
-           "check_data_is_there", "check_run_folder", "check_same_data", "data_identity", "locate_run",
-           "lock_run_folder", "open_run_folder", "resolve_inputs", "resumable_file"]
+           "check_data_is_there", "check_run_folder", "check_same_data", "changed_fields", "data_identity",
+           "locate_run", "lock_run_folder", "open_run_folder", "resolve_inputs", "resumable_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -312,16 +312,8 @@ def check_continuation(checkpoint: Mapping[str, Any], config: Any, *, changeable
     compared by its identity, not its path). ``epochs`` may grow, but not undo finished epochs, and a finished run
     needs a larger ``epochs`` to have anything to continue.
     """
-    saved, paths, changeable = checkpoint["config"], set(paths), set(changeable)
-    names = [f for f in config.to_dict() if f not in PER_INVOCATION and f != "data"]
-    config = config.updated(**{k: saved[k] for k in names if getattr(config, k) is None and saved.get(k) is not None})
-
-    def comparable(key: str, value: Any) -> Any:
-        if key in paths and _is_local(value):
-            return _resolved(value)
-        return list(value) if isinstance(value, tuple) else value
-
-    changed = [k for k in names if k in saved and comparable(k, saved[k]) != comparable(k, getattr(config, k))]
+    saved, changeable = checkpoint["config"], set(changeable)
+    config, changed = changed_fields(saved, config, paths=paths, skip=("data",))
     refused = [k for k in changed if k not in changeable]
     if refused:
         raise ValueError(f"{source} was trained with other "
@@ -332,13 +324,30 @@ def check_continuation(checkpoint: Mapping[str, Any], config: Any, *, changeable
                            "start a new run (--weights takes the checkpoint's weights)")
     _check_epochs(checkpoint, config, output)
     step, epoch = int(checkpoint["global_step"]), int(checkpoint["epoch"])
-    changes = [{"field": k, "was": saved.get(k), "now": comparable(k, getattr(config, k)), "epoch": epoch,
+    changes = [{"field": k, "was": saved.get(k), "now": _comparable(k, getattr(config, k), paths), "epoch": epoch,
                 "step": step} for k in changed]
     for change in changes:
         logger.info("resume: %s changes from %s to %s at step %d (epoch %d); config.yaml records the change",
                     change["field"], change["was"], change["now"], step, epoch)
     return config.updated(run_id=saved.get("run_id"),
                           resume_changes=[*saved.get("resume_changes", []), *changes])
+
+
+def changed_fields(saved: Mapping[str, Any], config: Any, *, paths: Iterable[str],
+                   skip: Iterable[str] = ()) -> tuple[Any, list[str]]:
+    """``config`` with the fields it leaves ``None`` ("derive it") taken from a run's ``saved`` configuration, and
+    the fields in which it still differs from it: those that concern the run (not `PER_INVOCATION`, nor ``skip``),
+    the ``paths`` compared resolved."""
+    names = [f for f in config.to_dict() if f not in PER_INVOCATION and f not in set(skip)]
+    config = config.updated(**{k: saved[k] for k in names if getattr(config, k) is None and saved.get(k) is not None})
+    return config, [k for k in names
+                    if k in saved and _comparable(k, saved[k], paths) != _comparable(k, getattr(config, k), paths)]
+
+
+def _comparable(key: str, value: Any, paths: Iterable[str]) -> Any:
+    if key in set(paths) and _is_local(value):
+        return _resolved(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _check_epochs(checkpoint: Mapping[str, Any], config: Any, output: Path) -> None:
