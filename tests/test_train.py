@@ -293,3 +293,21 @@ def test_mixup_takes_batches_of_any_size(tmp_path: Path) -> None:
                                     accumulation_steps=steps, device="cpu", stop_after_steps=2,
                                     inference_speed=False, output=str(tmp_path / f"run{batch}")))
         assert summary["interrupted"] is True
+
+
+def test_a_resume_goes_on_with_the_loss_scale_of_float16_amp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float16 AMP's GradScaler state (its loss scale) is saved and restored: a resume started again at 65536 and
+    skipped steps until it shrank back. Float16 AMP needs CUDA; here an enabled CPU GradScaler stands in."""
+    import repvgg.training.engine as engine
+
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(engine.torch.amp, "GradScaler", lambda device, enabled: real("cpu", enabled=True))
+    config = dict(model="repvgg_tiny", img_size=16, epochs=1, batch_size=64, device="cpu", inference_speed=False,
+                  output=str(tmp_path / "run"))
+    assert train(TrainConfig(**config, stop_after_steps=2))["interrupted"] is True
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["scaler"]["scale"] == 65536.0
+    state["scaler"]["scale"] = 512.0
+    torch.save(state, tmp_path / "run" / "last.pt")
+    train(TrainConfig(**config, stop_after_steps=1, resume=str(tmp_path / "run")))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["scaler"]["scale"] == 512.0

@@ -102,6 +102,7 @@ class _Run:
             "data_identity": self.data_identity,
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict(),  # float16 AMP's loss scale: a resume goes on with it
             **self.state.to_checkpoint(),
             "rng": capture_rng_state(),
         }
@@ -201,12 +202,13 @@ def _start(task: Task, config: Any, ctx: DistContext, trackers: list[Tracker], h
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=config.ema_decay)
-    state = RunState() if resume is None else _restore(resume, model, optimizer, ema, ctx, str(config.resume))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    state = RunState() if resume is None else _restore(resume, model, optimizer, ema, scaler, ctx, str(config.resume))
     local_batch, steps_per_epoch = _batch_plan(task, config, ctx, dataset_size(train_set))
     loader, sampler = train_loader(train_set, seed=config.seed, ctx=ctx, local_batch=local_batch,
                                    workers=config.workers)
     run = _Run(task, config, ctx, output, trackers, model, DistributedDataParallel(model) if ctx.distributed else model,
-               optimizer, ema, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), state,
+               optimizer, ema, scaler, state,
                task.val_loader(local_batch, ctx), local_batch, steps_per_epoch, given, identity, loader, sampler,
                amp_dtype=amp_dtype)
     if ctx.is_main:  # everything is checked: the first write
@@ -232,7 +234,7 @@ def _with_sync_bn(model: nn.Module, config: Any, ctx: DistContext) -> nn.Module:
 _RESUME_SETTINGS = ("weight_decay", "momentum", "betas")
 
 
-def _restore(resume: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any,
+def _restore(resume: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, ema: Any, scaler: Any,
              ctx: DistContext, source: str) -> RunState:
     """Load the training state of ``resume`` into the run; the RNG state last, as the uninterrupted run had it."""
     try:
@@ -245,6 +247,8 @@ def _restore(resume: dict[str, Any], model: nn.Module, optimizer: torch.optim.Op
         group.update(setting)
     if ema is not None and resume.get("ema") is not None:
         ema.module.load_state_dict(resume["ema"])
+    if resume.get("scaler") and scaler.is_enabled():  # empty where float16 AMP was off (then or now)
+        scaler.load_state_dict(resume["scaler"])
     state = RunState.from_checkpoint(resume, device=ctx.device, keep_sums=ctx.is_main)
     restore_rng_state(resume["rng"])
     logger.info("resumed from %s at epoch %d, step %d", source, state.epoch, state.step_in_epoch)
