@@ -29,7 +29,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from repvgg.limits import check_batch_memory
 from repvgg.io.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from repvgg.nn.complexity import count_parameters
 from repvgg.nn.convert import check_conversion, reparameterize_model
@@ -38,9 +37,9 @@ from repvgg.training.accumulate import accumulate_gradients, clip_gradients
 from repvgg.training.config import LoopConfig
 from repvgg.training.devices import autocast_dtype
 from repvgg.training.distributed import DistContext, EpochSampler, all_reduce, dataset_size, run_distributed
-from repvgg.training.loaders import closing_loaders, eval_loader, seed_epoch, train_loader
+from repvgg.training.loaders import batch_plan, closing_loaders, eval_loader, seed_epoch, train_loader
 from repvgg.training.optim import build_optimizer
-from repvgg.training.progress import diverged_error, duration, progress_bar, write_metrics
+from repvgg.training.progress import diverged_error, duration, non_finite_state, progress_bar, write_metrics
 from repvgg.training.run_folder import (TENSORBOARD_FOLDER, check_checkpoint_belongs, check_continuation,
                                         check_data_is_there, check_resumed_files, check_run_folder, check_same_data,
                                         locate_run, lock_run_folder, open_run_folder, resolve_inputs,
@@ -204,7 +203,7 @@ def _start(task: Task, config: Any, ctx: DistContext, trackers: list[Tracker], h
         ema = ModelEmaV3(model, decay=config.ema_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     state = RunState() if resume is None else _restore(resume, model, optimizer, ema, scaler, ctx, str(config.resume))
-    local_batch, steps_per_epoch = _batch_plan(task, config, ctx, dataset_size(train_set))
+    local_batch, steps_per_epoch = batch_plan(task, config, ctx, dataset_size(train_set))
     loader, sampler = train_loader(train_set, seed=config.seed, ctx=ctx, local_batch=local_batch,
                                    workers=config.workers)
     run = _Run(task, config, ctx, output, trackers, model, DistributedDataParallel(model) if ctx.distributed else model,
@@ -253,25 +252,6 @@ def _restore(resume: dict[str, Any], model: nn.Module, optimizer: torch.optim.Op
     restore_rng_state(resume["rng"])
     logger.info("resumed from %s at epoch %d, step %d", source, state.epoch, state.step_in_epoch)
     return state
-
-
-def _batch_plan(task: Task, config: Any, ctx: DistContext, train_images: int) -> tuple[int, int]:
-    """``(images per process per step, steps per epoch)``, or a ValueError saying what to change."""
-    local_batch = config.batch_size // ctx.world_size
-    if config.batch_size % ctx.world_size or local_batch < task.min_local_batch:
-        raise ValueError(f"batch size {config.batch_size} must be a multiple of the {ctx.world_size} processes "
-                         f"with at least {task.min_local_batch} image(s) per process")
-    steps = config.accumulation_steps
-    if local_batch % steps or local_batch // steps < task.min_local_batch:
-        raise ValueError(f"--accumulation-steps {steps} must divide the {local_batch} images each process takes per "
-                         f"step into micro-batches of at least {task.min_local_batch}; change --batch-size or "
-                         "--accumulation-steps")
-    steps_per_epoch = train_images // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"the training set ({train_images} images) is smaller than one batch "
-                         f"({config.batch_size}); lower --batch-size")
-    check_batch_memory(local_batch // steps, task.input_shape(), "--batch-size", per=" per micro-batch")
-    return local_batch, steps_per_epoch
 
 
 def _open_folder(run: _Run, replaced: list[Path]) -> None:
@@ -373,7 +353,7 @@ def _end_epoch(run: _Run) -> bool:
            "lr": run.lr, "epoch_time_s": state.epoch_time_s,
            "train_images_per_s": float(sums[1]) / state.epoch_time_s if state.epoch_time_s > 0 else 0.0,
            "data_wait_s_per_step": state.epoch_data_wait_s / max(1, state.epoch_steps_timed)}
-    bad = sorted(k for k, v in row.items() if not math.isfinite(v)) + _non_finite_state(run)
+    bad = sorted(k for k, v in row.items() if not math.isfinite(v)) + non_finite_state(run.model, run.ema)
     if bad:  # nothing of this epoch is saved
         raise diverged_error(f"{', '.join(bad)} not finite", f"after epoch {state.epoch + 1}", run.output, run.lr)
     improved = row[task.score] > state.best_score
@@ -397,18 +377,6 @@ def _end_epoch(run: _Run) -> bool:
     return run.stop_after_epoch or shared_flags(run.stopper)[0]
 
 
-def _non_finite_state(run: _Run) -> list[str]:
-    """What of the model's (and its EMA's) weights and statistics is not finite, as ``"N tensors of the model (e.g.
-    NAME)"``: a checkpoint holding them could never be resumed, so none is written."""
-    told = []
-    for label, module in (("the model", run.model), ("the EMA", run.ema.module if run.ema is not None else None)):
-        if module is not None:
-            names = [k for k, v in module.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
-            if names:
-                told.append(f"{len(names)} tensor(s) of {label} (e.g. {names[0]})")
-    return told
-
-
 def _log_epoch(run: _Run, row: dict[str, Any], started: float) -> None:
     state, config = run.state, run.config
     if run.epochs_this_run == 0:  # the first epoch of this invocation: the time per epoch is known
@@ -425,7 +393,7 @@ def _log_epoch(run: _Run, row: dict[str, Any], started: float) -> None:
 
 def _interrupted(run: _Run) -> dict[str, Any]:
     state = run.state
-    bad = _non_finite_state(run)
+    bad = non_finite_state(run.model, run.ema)
     if bad:  # a loss still finite may have left infinite weights or statistics: the last checkpoint stays
         raise diverged_error(f"{', '.join(bad)} not finite", f"epoch {state.epoch + 1}, step {state.step_in_epoch}",
                              run.output, run.lr)

@@ -10,15 +10,17 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from repvgg.limits import check_batch_memory
 from repvgg.training.data import collate_readable
 from repvgg.training.distributed import DistContext, EpochSampler, SeededSamples, ShardSampler, dataset_size
 
-__all__ = ["closing_loaders", "eval_loader", "seed_epoch", "train_loader"]
+__all__ = ["batch_plan", "closing_loaders", "eval_loader", "seed_epoch", "train_loader"]
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -27,6 +29,26 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)
+
+
+def batch_plan(task: Any, config: Any, ctx: DistContext, train_images: int) -> tuple[int, int]:
+    """``(images per process per step, steps per epoch)`` of ``task`` (a [`Task`][repvgg.training.task.Task]) run as
+    ``config`` says on ``ctx``'s processes, or a ValueError saying what to change."""
+    local_batch = config.batch_size // ctx.world_size
+    if config.batch_size % ctx.world_size or local_batch < task.min_local_batch:
+        raise ValueError(f"batch size {config.batch_size} must be a multiple of the {ctx.world_size} processes "
+                         f"with at least {task.min_local_batch} image(s) per process")
+    steps = config.accumulation_steps
+    if local_batch % steps or local_batch // steps < task.min_local_batch:
+        raise ValueError(f"--accumulation-steps {steps} must divide the {local_batch} images each process takes per "
+                         f"step into micro-batches of at least {task.min_local_batch}; change --batch-size or "
+                         "--accumulation-steps")
+    steps_per_epoch = train_images // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training set ({train_images} images) is smaller than one batch "
+                         f"({config.batch_size}); lower --batch-size")
+    check_batch_memory(local_batch // steps, task.input_shape(), "--batch-size", per=" per micro-batch")
+    return local_batch, steps_per_epoch
 
 
 def train_loader(dataset: Dataset, *, seed: int, ctx: DistContext, local_batch: int,

@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 from repvgg.errors import TrainingDiverged
 from repvgg.serialization import write_text
 
-__all__ = ["LONG_PREPARATION", "diverged_error", "duration", "preparing", "progress_bar", "write_metrics"]
+__all__ = ["LONG_PREPARATION", "diverged_error", "duration", "non_finite_state", "preparing", "progress_bar",
+           "write_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,18 @@ def diverged_error(what: str, where: str, output: Path, lr: float) -> TrainingDi
     kept = f"{last} is the last good checkpoint" if last.is_file() else "no checkpoint had been written yet"
     return TrainingDiverged(f"training diverged: {what} ({where}, learning rate {lr:.3g}); the run stopped and "
                             f"{kept}. Lower --lr and start again, or resume from the last good checkpoint.")
+
+
+def non_finite_state(model: Any, ema: Any = None) -> list[str]:
+    """What of ``model``'s (and its ``ema``'s, a timm ``ModelEmaV3``) weights and statistics is not finite, as ``"N
+    tensor(s) of the model (e.g. NAME)"``: a checkpoint holding them could never be resumed, so none is written."""
+    told = []
+    for label, module in (("the model", model), ("the EMA", ema.module if ema is not None else None)):
+        if module is not None:
+            names = [k for k, v in module.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+            if names:
+                told.append(f"{len(names)} tensor(s) of {label} (e.g. {names[0]})")
+    return told
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
