@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import pytest
@@ -22,6 +23,11 @@ def test_info_prints_computed_counts(capsys: pytest.CaptureFixture[str]) -> None
     assert cells[4:] == [f"{c.params_train / 1e6:.2f}", f"{c.params_deploy / 1e6:.2f}",
                          f"{c.macs_train / 1e9:.2f}", f"{c.macs_deploy / 1e9:.2f}"]
     assert cells[5] == "8.31" and cells[7] == "1.36"
+    assert main(["info", "--models", "repvgg_tiny", "--img-size", "32", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)[0]  # the counts, not the table's rounded strings ("0.01")
+    tiny = model_complexity("repvgg_tiny", img_size=32)
+    assert (record["params_train"], record["macs_deploy"], record["depths"]) == (
+        tiny.params_train, tiny.macs_deploy, [1, 2, 2, 4, 1])
 
 
 def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,22 +26,17 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise ValueError(f"no registered model matches {args.models!r}; `repvgg info` lists them all")
     specs = [get_spec(name) for name in names]  # unknown names fail with close matches before any work
-    rows = []
+    rows, records = [], []
     for name, spec in zip(names, specs):
         c = model_complexity(name, img_size=args.img_size)
-        rows.append([
-            c.name,
-            "-".join(str(d) for d in spec.depths),
-            "/".join(f"{m:g}" for m in spec.width_multipliers),
-            spec.groups,
-            f"{c.params_train / 1e6:.2f}",
-            f"{c.params_deploy / 1e6:.2f}",
-            f"{c.macs_train / 1e9:.2f}",
-            f"{c.macs_deploy / 1e9:.2f}",
-        ])
+        record = {"model": c.name, "depths": list(spec.depths), "width_multipliers": list(spec.width_multipliers),
+                  "groups": spec.groups, "params_train": c.params_train, "params_deploy": c.params_deploy,
+                  "macs_train": c.macs_train, "macs_deploy": c.macs_deploy, "img_size": args.img_size}
+        records.append(record)  # --json: the counts themselves, not the table's rounded millions
+        rows.append([c.name, "-".join(str(d) for d in spec.depths), "/".join(f"{m:g}" for m in spec.width_multipliers),
+                     spec.groups, f"{c.params_train / 1e6:.2f}", f"{c.params_deploy / 1e6:.2f}",
+                     f"{c.macs_train / 1e9:.2f}", f"{c.macs_deploy / 1e9:.2f}"])
     header = ["model", "depths", "a/b", "groups", "params train (M)", "params deploy (M)",
               f"GMACs train @{args.img_size}", f"GMACs deploy @{args.img_size}"]
-    emit(args, [dict(zip(("model", "depths", "a_b", "groups", "params_train_m", "params_deploy_m",
-                          f"gmacs_train_{args.img_size}", f"gmacs_deploy_{args.img_size}"), row)) for row in rows],
-         markdown_table(header, rows))
+    emit(args, records, markdown_table(header, rows))
     return 0
