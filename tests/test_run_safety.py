@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from conftest import run_process, write_image_folder
 from safetensors.torch import save_file
@@ -92,6 +93,9 @@ def test_a_moved_run_resumed_from_elsewhere_matches_an_uninterrupted_run(tmp_pat
     assert main(["train", "--resume", str(run)]) == 2  # its recorded place is gone: said, nothing written
     assert main(["train", "--resume", str(run), "--data", str(moved_to / "data")]) == 0
     assert _tree(tmp_path, skip=run) == before
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["resume_changes"]  # the new place, on record
+    assert [(c["field"], c["was"], c["now"]) for c in recorded if c["field"] == "data"] == [
+        ("data", str((start / "data").resolve()), str((moved_to / "data").resolve()))]
     assert list(elsewhere.iterdir()) == []  # nothing written in the working directory
 
     full = start / "full"
@@ -108,6 +112,25 @@ def test_resume_on_other_data_is_refused(partial_run: Path, tmp_path: Path, caps
     assert main(["train", "--resume", str(partial_run), "--data", str(data)]) == 2
     assert "is not the data" in capsys.readouterr().err
     assert _tree(partial_run) == before
+
+
+def test_a_refused_resume_names_a_remedy_the_command_has(tmp_path: Path) -> None:
+    """Only ``repvgg train`` starts a new run from a whole model's weights (--weights); seg-train and det-train are
+    not told to use a flag they do not have."""
+    from repvgg.training.run_folder import locate_run, resumable_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("last.pt", "best.pt"):
+        (run / name).write_bytes(b"")
+    for command in ("train", "seg-train", "det-train"):
+        for refused in (lambda: locate_run(str(tmp_path / "other"), str(run), lambda: run, command),
+                        lambda: resumable_file(run / "best.pt", command)):
+            with pytest.raises(ValueError) as err:
+                refused()
+            told = str(err.value)
+            assert ("--weights" in told) == (command == "train"), told
+            assert command == "train" or f"`repvgg {command}` starts from backbone weights only" in told
 
 
 def test_resume_refuses_another_checkpoint_than_last_pt_and_another_output(partial_run: Path, finished_run: Path,

@@ -214,7 +214,7 @@ def resolve_run_config(
     if resume:
         from repvgg.training.run_folder import resumable_file
 
-        base.update(load_checkpoint(resumable_file(resume), command)["config"])
+        base.update(load_checkpoint(resumable_file(resume, command or "train"), command)["config"])
         for key in ("stop_after_steps", "overwrite", "config_file"):  # they apply to one invocation only
             base.pop(key, None)
         base["output"] = str(Path(resume).parent if Path(resume).is_file() else Path(resume))  # where it lies now

@@ -42,8 +42,8 @@ from repvgg.training.optim import build_optimizer
 from repvgg.training.progress import diverged_error, duration, non_finite_state, progress_bar, write_metrics
 from repvgg.training.run_folder import (TENSORBOARD_FOLDER, check_checkpoint_belongs, check_continuation,
                                         check_data_is_there, check_resumed_files, check_run_folder, check_same_data,
-                                        locate_run, lock_run_folder, open_run_folder, resolve_inputs,
-                                        resumable_file)
+                                        locate_run, lock_run_folder, new_run_from, open_run_folder,
+                                        resolve_inputs, resumable_file)
 from repvgg.training.stopping import CHECK_INTERVAL, StopRequest, shared_flags
 from repvgg.training.task import RunState, StepOutput, Task
 from repvgg.training.trackers import TensorBoardTracker, Tracker
@@ -148,10 +148,10 @@ def _resume_checkpoint(task: Task, config: Any) -> dict[str, Any] | None:
     """The checkpoint ``config.resume`` continues, checked to be this task's training state."""
     if not config.resume:
         return None
-    resume = load_checkpoint(resumable_file(config.resume), task.command)
+    resume = load_checkpoint(resumable_file(config.resume, task.command), task.command)
     if resume.get("weights_from") == "ema":
         raise ValueError(f"{config.resume} holds the EMA weights of the best epoch, not the training state; resume "
-                         "from last.pt (or start a new run from these weights with --weights)")
+                         f"from last.pt, or {new_run_from(task.command, config.resume)}")
     return resume
 
 
@@ -160,7 +160,7 @@ def _checked_config(task: Task, config: Any, resume: dict[str, Any] | None, lock
     """The run's config (input paths resolved), its folder, the files ``--overwrite`` replaces, and the
     paths as the user typed them. Refuses, before anything is written, whatever would lose or mix up work;
     ``lock(folder)`` takes the run folder's lock before the folder is looked at."""
-    output = locate_run(config.output, config.resume, lambda: task.default_output(config))
+    output = locate_run(config.output, config.resume, lambda: task.default_output(config), task.command)
     config, given = resolve_inputs(config, task.input_fields)
     if resume is not None:
         check_data_is_there(config, resume)

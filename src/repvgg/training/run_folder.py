@@ -64,7 +64,16 @@ LOCK_SIZE = 400
 HUB_PREFIX = "hf-hub:"
 
 
-def resumable_file(resume: str | Path) -> Path:
+def new_run_from(command: str, path: str | Path | None = None) -> str:
+    """How a refused resume may start a new run from a checkpoint's weights instead: ``repvgg train --weights``;
+    the dense tasks' commands start from backbone weights only."""
+    if command == "train":
+        return f"start a new run from its weights with --weights {path or 'CHECKPOINT'} --output NEW"
+    return f"start a new run with --output NEW (`repvgg {command}` starts from backbone weights only, not a whole " \
+           "model's)"
+
+
+def resumable_file(resume: str | Path, command: str = "train") -> Path:
     """The checkpoint ``--resume`` names: a run folder's ``last.pt``, or the file itself.
 
     Raises:
@@ -85,22 +94,22 @@ def resumable_file(resume: str | Path) -> Path:
     last = folder / "last.pt"
     if path.name != "last.pt" and last.is_file():
         raise ValueError(f"{path} is not the run's training state: a resume continues {last} and would replace it "
-                         f"with an older state. To continue the run, resume from last.pt (--resume {folder}); to "
-                         f"start a new run from {path.name}'s weights, use --weights {path}")
+                         f"with an older state. To continue the run, resume from last.pt (--resume {folder}); or "
+                         f"{new_run_from(command, path)}")
     return path
 
 
-def locate_run(output: str | None, resume: str | None, default: Callable[[], Path]) -> Path:
+def locate_run(output: str | None, resume: str | None, default: Callable[[], Path], command: str = "train") -> Path:
     """The run folder: the resumed run's own folder, else ``output``, else ``default()``.
 
     Raises:
         ValueError: ``output`` names another folder than the resumed run's.
     """
     if resume:
-        folder = resumable_file(resume).parent
+        folder = resumable_file(resume, command).parent
         if output and Path(output).resolve() != folder.resolve():
             raise ValueError(f"--resume continues in the run's own folder {folder}, not in --output {output}; drop "
-                             "--output, or start a new run from the checkpoint's weights with --weights")
+                             f"--output, or {new_run_from(command)}")
         return folder
     return Path(output) if output else default()
 
@@ -254,8 +263,7 @@ def check_checkpoint_belongs(checkpoint: Mapping[str, Any], recorded: Mapping[st
         shown = ", ".join(f"{k} {brief(saved.get(k), 40)} (config.yaml: {brief(recorded.get(k), 40)})"
                           for k in differ)
         raise ValueError(f"{source} is not the training state of the run in {folder}: it has {shown}. Put the run's "
-                         f"own last.pt back, or start a new run from this checkpoint's weights (--weights {source} "
-                         "--output NEW)")
+                         f"own last.pt back, or {new_run_from(str(checkpoint.get('task') or 'train'), source)}")
 
 
 def open_run_folder(output: Path, replaced: Iterable[Path], config: Any) -> None:
@@ -321,14 +329,19 @@ def check_continuation(checkpoint: Mapping[str, Any], config: Any, *, changeable
                                      for k in refused)
                          + "; a resume continues the same run, where only "
                          + ", ".join(sorted(changeable)) + " may change: resume without changing the others, or "
-                           "start a new run (--weights takes the checkpoint's weights)")
+                         + new_run_from(str(checkpoint.get("task") or "train")))
     _check_epochs(checkpoint, config, output)
     step, epoch = int(checkpoint["global_step"]), int(checkpoint["epoch"])
+    # another data folder (a moved one) is checked by its identity (check_same_data), and recorded like a change
+    moved = [k for k in ("data",) if saved.get(k) is not None and getattr(config, k, None) is not None
+             and _comparable(k, saved[k], paths) != _comparable(k, getattr(config, k), paths)]
     changes = [{"field": k, "was": saved.get(k), "now": _comparable(k, getattr(config, k), paths), "epoch": epoch,
-                "step": step} for k in changed]
+                "step": step} for k in [*changed, *moved]]
     for change in changes:
-        logger.info("resume: %s changes from %s to %s at step %d (epoch %d); config.yaml records the change",
-                    change["field"], change["was"], change["now"], step, epoch)
+        logger.info("resume: %s changes from %s to %s at step %d (epoch %d)%s; config.yaml records the change",
+                    change["field"], change["was"], change["now"], step, epoch,
+                    " (it must hold the class names and image counts the run was trained on)"
+                    if change["field"] in moved else "")
     return config.updated(run_id=saved.get("run_id"),
                           resume_changes=[*saved.get("resume_changes", []), *changes])
 
