@@ -160,6 +160,8 @@ def test_det_train_on_a_coco_folder_resumes_exactly(tmp_path: Path) -> None:
     assert {"train_classification_loss", "train_bbox_regression_loss", "train_bbox_ctrness_loss", "val_ap", "val_ap50",
             "val_ap75", "val_ap_small"} <= set(row)
     assert full["labels_agree"] and full["max_box_deviation_px"] <= 1e-3 and full["val_ap"] == full["val_ap_deploy"]
+    best = max(json.loads(line)["val_ap"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines())
+    assert full["best_val_ap"] == best <= 1 and full["val_ap"] <= 1  # one unit: COCO's fractions
     part = train_detector(DetTrainConfig(**common, output=str(tmp_path / "part"), stop_after_steps=1))
     assert part["interrupted"] is True
     train_detector(DetTrainConfig(**common, output=str(tmp_path / "part"), resume=str(tmp_path / "part")))

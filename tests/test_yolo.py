@@ -103,6 +103,15 @@ def test_the_yolo_kind_sets_its_own_defaults_and_refuses_what_it_has_not() -> No
     assert (config.backbone, config.epochs, config.ema_decay) == ("efficientrep_t", 12, 0.99)
     assert config.optimizer == "adamw"
     assert config.resolved_lr == 0.002 and config.weight_decay == 0.05 and DetTrainConfig().optimizer == "sgd"
+    # the weight decay follows the optimizer, as the learning rate does (yolo with SGD took AdamW's 0.05)
+    assert DetTrainConfig(kind="yolo", optimizer="sgd").weight_decay == 1e-4
+    assert DetTrainConfig(optimizer="adamw").weight_decay == 0.05 and DetTrainConfig().weight_decay == 1e-4
+    for bad, message in ((dict(kind="yolo", image_size=80), "image_size must be a multiple of 32 for --kind yolo"),
+                         (dict(kind="retinanet", head_convs=6), "head_convs takes at most 4 with --kind retinanet"),
+                         (dict(data="coco", synthetic_train=3, synthetic_seed=9),
+                          "synthetic_train, synthetic_seed set the generated scenes, which --data coco replaces")):
+        with pytest.raises(ValueError, match=message):  # were trained (yolo failing at the end) or silently ignored
+            DetTrainConfig(**bad)
     assert DetTrainConfig().backbone == "repvgg_a0" and DetTrainConfig().epochs == 8
     assert DetectorConfig(backbone="efficientrep_n", kind="yolo").neck_depth == 4
     assert DetectorConfig(backbone="qaefficientrep_t", kind="yolo").neck_depth == 1

@@ -9,6 +9,7 @@ ImageNet-pretrained ``backbone_weights``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +26,14 @@ DETECTOR_KINDS = ("fcos", "retinanet", "yolo")
 #: Each kind's defaults for the options left unset (``None``): the yolo kind trains twice as many of its cheaper
 #: epochs, and evaluates an EMA of its weights (docs/detection.md measured these on the generated scenes).
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fcos": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0, "optimizer": "sgd", "weight_decay": 1e-4},
-    "retinanet": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0, "optimizer": "sgd", "weight_decay": 1e-4},
-    "yolo": {"backbone": "efficientrep_t", "epochs": 12, "ema_decay": 0.99, "optimizer": "adamw",
-             "weight_decay": 0.05},
+    "fcos": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0, "optimizer": "sgd"},
+    "retinanet": {"backbone": "repvgg_a0", "epochs": 8, "ema_decay": 0.0, "optimizer": "sgd"},
+    "yolo": {"backbone": "efficientrep_t", "epochs": 12, "ema_decay": 0.99, "optimizer": "adamw"},
 }
+#: Each optimizer's weight decay when none is given: FCOS's recipe for SGD, decoupled decay for AdamW.
+OPTIMIZER_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
+#: The most 3x3 convs in a RetinaNet head tower (torchvision's head, whose towers have four).
+RETINANET_HEAD_CONVS = 4
 
 
 @dataclass
@@ -47,7 +51,7 @@ class DetTrainConfig(LoopConfig):
     optimizer: str | None = option(None, "sgd or adamw (decoupled weight decay)",  # type: ignore[assignment]
                                    default_help="sgd; adamw for --kind yolo", choices=("sgd", "adamw"))
     weight_decay: float | None = option(None, "weight decay on kernels",  # type: ignore[assignment]
-                                        default_help="1e-4; 0.05 for --kind yolo (AdamW)", low=0, high=1)
+                                        default_help="1e-4 with SGD, 0.05 with AdamW", low=0, high=1)
     clip_grad: float | None = option(10.0, "clip the gradients' global L2 norm to this value before each step",
                                      low=0, high=1e6, low_open=True)
     warmup_epochs: float = option(1.0, "linear learning-rate warm-up, in epochs", low=0, high=1000)
@@ -82,10 +86,26 @@ class DetTrainConfig(LoopConfig):
         for name, value in KIND_DEFAULTS.get(self.kind, KIND_DEFAULTS["fcos"]).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.weight_decay is None:
+            self.weight_decay = OPTIMIZER_WEIGHT_DECAY.get(str(self.optimizer), OPTIMIZER_WEIGHT_DECAY["sgd"])
         super().__post_init__()
         if self.synthetic:  # bounded before any work: every scene is rendered before the first step
             for name in ("synthetic_train", "synthetic_val"):
                 check_generated_scenes(getattr(self, name), name)
+        else:
+            given = [f.name for f in dataclasses.fields(self)
+                     if f.name.startswith("synthetic_") and getattr(self, f.name) != f.default]
+            if given:
+                raise ValueError(f"{', '.join(given)} set the generated scenes, which --data {self.data} replaces: "
+                                 "leave them out, or leave out --data")
+        self._check([
+            (self.kind != "yolo" or self.image_size % 32 == 0,
+             f"image_size must be a multiple of 32 for --kind yolo (its Rep-PAN neck takes maps of stride 32), got "
+             f"{self.image_size}"),
+            (self.kind != "retinanet" or self.head_convs is None or self.head_convs <= RETINANET_HEAD_CONVS,
+             f"head_convs takes at most {RETINANET_HEAD_CONVS} with --kind retinanet (torchvision's head), got "
+             f"{self.head_convs}"),
+        ])
 
     @property
     def synthetic(self) -> bool:

@@ -58,4 +58,4 @@ def plot_detection_curves(history: Sequence[dict[str, Any]], path: str | os.Path
     """Training loss and validation AP / AP50 per epoch."""
     return plot_curves(history, path, losses={"train": "train_loss"},
                        scores={"val AP": "val_ap", "val AP50": "val_ap50"}, loss_label="loss",
-                       score_label="COCO AP (%)", title=title)
+                       score_label="COCO AP", title=title)

@@ -131,7 +131,7 @@ class DetectionTask(DenseTask[DetTrainConfig, DetectionDataBundle]):
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         scores = compare_detectors([model], loader, self.bundle.val.coco, self.device).scores[0]
-        return {f"val_{name}": 100 * value for name, value in scores.items()}
+        return {f"val_{name}": value for name, value in scores.items()}  # fractions, as the summary and det-eval
 
     def checkpoint_fields(self, model: Detector) -> dict[str, Any]:
         return {"arch": model.name, "detector": model.config.to_dict(), "classes": list(self.bundle.classes),
