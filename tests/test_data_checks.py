@@ -221,7 +221,8 @@ def test_generated_scenes_are_bounded_before_they_are_rendered() -> None:
         DetTrainConfig.from_dict({"synthetic_train": 10**7})
     with pytest.raises(LimitExceeded, match="synthetic_val"):
         DetTrainConfig.from_dict({"synthetic_val": MAX_GENERATED_SCENES + 1})
-    assert DetTrainConfig.from_dict({"synthetic_train": 10**7, "data": "coco"}).synthetic_train == 10**7  # unused
+    with pytest.raises(ValueError, match="synthetic_train set the generated scenes, which --data coco replaces"):
+        DetTrainConfig.from_dict({"synthetic_train": 10**7, "data": "coco"})  # unused: refused, not bounded
     with pytest.raises(LimitExceeded, match=r"would hold about 585.9 MiB .* give at most 85") as err:
         check_generated_scenes(100_000, "--synthetic-train", memory=2**20)
     assert "1.0 MiB" in str(err.value)

@@ -95,7 +95,7 @@ def test_infinite_statistics_under_a_finite_loss_are_never_saved(tmp_path: Path,
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"1 tensor\(s\) of the model \(e.g. stage1.0.rbr_dense.bn.running_var\) "
                                                "not finite.*no checkpoint had been written yet"):
-        train(TrainConfig(model="repvgg_tiny", epochs=1, batch_size=128, device="cpu", output=str(out),
+        train(TrainConfig(model="repvgg_tiny", img_size=16, epochs=1, batch_size=128, device="cpu", output=str(out),
                           stop_after_steps=stop_after_steps, inference_speed=False))
     assert not (out / "last.pt").exists()
 

@@ -288,11 +288,10 @@ def test_mixup_takes_batches_of_any_size(tmp_path: Path) -> None:
     assert torch.allclose(targets.sum(1), torch.ones(5)) and torch.allclose(targets[4], torch.tensor(
         [0.025, 0.925, 0.025, 0.025]))
     assert torch.equal(mix(images[:1], labels[:1])[0], images[:1])
-    for batch, steps in ((7, 1), (6, 2)):  # an odd batch; micro-batches of 3
-        summary = train(TrainConfig(model="repvgg_tiny", img_size=16, epochs=1, batch_size=batch, mixup=0.2,
-                                    accumulation_steps=steps, device="cpu", stop_after_steps=2,
-                                    inference_speed=False, output=str(tmp_path / f"run{batch}")))
-        assert summary["interrupted"] is True
+    summary = train(TrainConfig(model="repvgg_tiny", img_size=16, epochs=1, batch_size=6, mixup=0.2,
+                                accumulation_steps=2, device="cpu", stop_after_steps=2, inference_speed=False,
+                                output=str(tmp_path / "run")))  # micro-batches of 3
+    assert summary["interrupted"] is True
 
 
 def test_a_resume_goes_on_with_the_loss_scale_of_float16_amp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
