@@ -36,6 +36,27 @@ def test_the_timm_interface_on_every_registered_model(name: str) -> None:
     assert fused.deploy and tuple(fused(x).shape) == (2, 7)
 
 
+def test_stage_indices_and_class_counts_out_of_range_are_refused() -> None:
+    """timm's indices: a count of the last stages, or stage indices, negative ones from the end; out of range they
+    wrapped round (5 was stage 0) or repeated stages, and reset_classifier took -1 or 2.5."""
+    model = create_model("repvgg_tiny", num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        last, first = model.forward_intermediates(x, indices=[-1, 0], intermediates_only=True)
+    assert last.shape[-1] == 1 and first.shape[-1] == 16
+    for bad in ([5], [-6], 6, 0, [], [True]):
+        with pytest.raises(ValueError, match="stage indices run from -5 to 4|takes the last 1 to 5 stages"):
+            model.forward_intermediates(x, indices=bad)
+        with pytest.raises(ValueError):
+            model.prune_intermediate_layers(bad)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+            model.reset_classifier(bad)  # type: ignore[arg-type]
+    setattr(model, "card", object())  # a loaded file's names of the old outputs go with them
+    model.reset_classifier(5)
+    assert not hasattr(model, "card")
+
+
 @pytest.mark.parametrize("name", ["repvgg_tiny", "qarepvgg_tiny", "repvgg_a0"])
 def test_torchscript_of_both_forms_matches_eager(name: str) -> None:
     model = randomize_bn(create_model(name, num_classes=10)).eval()

@@ -246,3 +246,31 @@ def test_a_headless_backbone_loads_back_from_the_file_it_was_saved_to(tmp_path: 
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert loaded.num_classes == 0 and torch.equal(loaded(x), model(x))
+
+
+def test_a_loaded_models_file_round_trip_keeps_its_card_pooling_and_compiled_form(tmp_path: Path) -> None:
+    """save_weights writes what load_model read: the class names and preprocessing a file declared (they became
+    numbered classes and the default preprocessing), global_pool="" (the reloaded model pooled), and a
+    torch.compile'd model as the model it compiles (its keys carried "_orig_mod.", and the file was called
+    inconsistent)."""
+    import json
+
+    from repvgg import load_weights
+
+    names, preprocessing = ["cat", "dog", "eel"], {"img_size": 64, "interpolation": "bicubic"}
+    save_weights(create_model("repvgg_tiny", num_classes=3), tmp_path / "a.safetensors",
+                 extra={"classes": json.dumps(names), "preprocessing": json.dumps(preprocessing)})
+    loaded = load_model(tmp_path / "a.safetensors")
+    again = load_model(save_weights(reparameterize_model(loaded), tmp_path / "b.safetensors"))
+    assert again.card.classes == tuple(names) and again.card.preprocessing == loaded.card.preprocessing
+    assert again.card.preprocessing.img_size == 64
+    x = torch.randn(2, 3, 32, 32)
+    unpooled = create_model("repvgg_tiny", num_classes=0, global_pool="").eval()
+    with torch.no_grad():
+        assert load_model(save_weights(unpooled, tmp_path / "g.safetensors")).eval()(x).shape == unpooled(x).shape
+    compiled = torch.compile(create_model("repvgg_tiny", num_classes=3))
+    reloaded = load_model(save_weights(compiled, tmp_path / "c.safetensors"))
+    assert reloaded.state_dict().keys() == compiled._orig_mod.state_dict().keys()
+    load_weights(compiled, tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match=r"repvgg.load_weights\(model, path, skip_head=True\)"):  # no such argument
+        create_model("repvgg_tiny", num_classes=5, weights=tmp_path / "a.safetensors")  # of create_model

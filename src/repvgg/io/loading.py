@@ -217,6 +217,7 @@ def load_model(
                                                                      stem_in_chans(state_dict)),
                    deploy=file_deploy and deploy is not False,
                    features_only=_metadata_field(metadata, "features_only", bool, path, False),
+                   global_pool=_metadata_field(metadata, "global_pool", str, path, "avg"),
                    out_indices=tuple(_metadata_field(metadata, "out_indices", list, path, [0, 1, 2, 3, 4])))
     try:
         # The file's description is checked against its tensors on the meta device first: a small file

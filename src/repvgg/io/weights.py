@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping
 
 from torch import Tensor, nn
 
+from repvgg.io.card import ModelCard
 from repvgg.io.formats import require_kind
 from repvgg.io.key_names import (is_mmpretrain_format, is_repvggplus_format, is_timm_format, mmpretrain_to_official,
                                  official_to_timm, repvggplus_to_official, timm_to_official)
@@ -316,7 +317,8 @@ def check_state_dict(
     if file_classes is not None and model_classes is not None and file_classes != model_classes:
         raise ValueError(
             f"{source} has a {file_classes}-class head but the model has {model_classes} classes. "
-            f"Pass num_classes={file_classes}, or skip_head=True to keep a fresh head for fine-tuning."
+            f"Build the model with num_classes={file_classes}, or keep a fresh head for fine-tuning: "
+            f"repvgg.load_weights(model, path, skip_head=True)."
         )
     missing = [k for k in target_check if k not in incoming and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in incoming if k not in target_check]
@@ -359,7 +361,7 @@ def load_state_dict_into(
 def load_weights(model: nn.Module, path: str | os.PathLike[str], *, skip_head: bool = False) -> dict[str, Any]:
     """Load a weights file (any supported format) into ``model``; returns the file's metadata."""
     state_dict, metadata = read_checkpoint(path)
-    load_state_dict_into(model, state_dict, source=str(path), skip_head=skip_head)
+    load_state_dict_into(getattr(model, "_orig_mod", model), state_dict, source=str(path), skip_head=skip_head)
     return metadata
 
 
@@ -367,10 +369,14 @@ def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[
     """Write the model's weights as safetensors with metadata to rebuild it from the file alone.
 
     Metadata: ``format``, ``arch`` (registry name), ``deploy`` (``"true"``/``"false"``), ``spec`` (JSON) and
-    ``spec_overrides`` (JSON: where it differs from ``arch``'s registered spec), ``num_classes``, ``in_chans``, for a
-    backbone ``features_only`` and ``out_indices``, plus ``extra``.
-    The file is written atomically (temp file + rename).
+    ``spec_overrides`` (JSON: where it differs from ``arch``'s registered spec), ``num_classes``, ``in_chans``,
+    ``global_pool``, for a backbone ``features_only`` and ``out_indices``; the class names and preprocessing of a
+    model loaded from a file that declared them (its ``card``); plus ``extra``. A ``torch.compile``d model is saved
+    as the model it compiles. The file is written atomically (temp file + rename).
     """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its keys would carry "_orig_mod."
+    card = getattr(model, "card", None)
+    declared = card.metadata() if isinstance(card, ModelCard) and len(card.classes) == model.num_classes else {}
     metadata = {
         "format": "repvgg",
         "arch": model.name,
@@ -379,8 +385,10 @@ def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[
         "spec_overrides": json.dumps(spec_overrides(model.name, model.spec)),
         "num_classes": str(model.num_classes),
         "in_chans": str(model.in_chans),
+        "global_pool": str(model.global_pool),
         **({"features_only": "true", "out_indices": json.dumps(list(model.out_indices))}
            if model.features_only else {}),
+        **declared,
         **(dict(extra) if extra else {}),
     }
     return write_safetensors(model.state_dict(), path, metadata)

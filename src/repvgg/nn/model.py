@@ -199,6 +199,9 @@ class RepVGG(nn.Module):
         ``global_pool=""`` the unpooled map)."""
         if self.features_only:
             raise RuntimeError("this model was built with features_only=True and has no classifier head")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
+        self.__dict__.pop("card", None)  # the names a loaded file gave its old outputs
         if global_pool is not None:
             _check_global_pool(global_pool, num_classes)
             self.global_pool, self.gap = global_pool, _pooling(global_pool)
@@ -279,12 +282,7 @@ class RepVGG(nn.Module):
         indices), and the final feature map unless ``intermediates_only``."""
         if output_fmt != "NCHW":
             raise ValueError(f"RepVGG gives NCHW feature maps, got output_fmt={output_fmt!r}")
-        if indices is None:
-            wanted = [0, 1, 2, 3, 4]
-        elif isinstance(indices, int):
-            wanted = list(range(NUM_STAGES - indices, NUM_STAGES))
-        else:
-            wanted = [i % NUM_STAGES for i in indices]
+        wanted = list(range(NUM_STAGES)) if indices is None else _stage_indices(indices)
         last = max(wanted) if (stop_early or intermediates_only) else NUM_STAGES - 1
         outputs = self._all_stages(x, last)
         intermediates = [outputs[i] for i in wanted]
@@ -296,7 +294,7 @@ class RepVGG(nn.Module):
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         """timm's companion of ``forward_intermediates``: drop the stages after the last one needed."""
-        wanted = list(range(NUM_STAGES - indices, NUM_STAGES)) if isinstance(indices, int) else list(indices)
+        wanted = _stage_indices(indices)
         for i in range(max(wanted) + 1, NUM_STAGES):
             setattr(self, f"stage{i}", nn.Sequential())
         if prune_head:
@@ -346,3 +344,16 @@ def _check_global_pool(global_pool: str, num_classes: int) -> None:
 
 def _pooling(global_pool: str) -> nn.Module:
     return nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
+
+
+def _stage_indices(indices: int | list[int]) -> list[int]:
+    """timm's reading of ``indices``: the last n stages (an int), or stage indices (negative ones from the end)."""
+    if isinstance(indices, int):
+        if isinstance(indices, bool) or not 1 <= indices <= NUM_STAGES:
+            raise ValueError(f"indices as a count takes the last 1 to {NUM_STAGES} stages, got {indices!r}")
+        return list(range(NUM_STAGES - indices, NUM_STAGES))
+    wanted = list(indices)
+    if not wanted or any(isinstance(i, bool) or not isinstance(i, int) or not -NUM_STAGES <= i < NUM_STAGES
+                         for i in wanted):
+        raise ValueError(f"stage indices run from {-NUM_STAGES} to {NUM_STAGES - 1}, got {indices!r}")
+    return [i % NUM_STAGES for i in wanted]
