@@ -21,7 +21,6 @@ from typing import Any, Iterator, Mapping
 
 from torch import Tensor, nn
 
-from repvgg.io.card import ModelCard
 from repvgg.io.formats import require_kind
 from repvgg.io.key_names import (is_mmpretrain_format, is_repvggplus_format, is_timm_format, mmpretrain_to_official,
                                  official_to_timm, repvggplus_to_official, timm_to_official)
@@ -375,8 +374,8 @@ def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[
     as the model it compiles. The file is written atomically (temp file + rename).
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its keys would carry "_orig_mod."
-    card = getattr(model, "card", None)
-    declared = card.metadata() if isinstance(card, ModelCard) and len(card.classes) == model.num_classes else {}
+    card: Any = getattr(model, "card", None)  # a repvgg.io.card.ModelCard (which imports this module)
+    declared = card.metadata() if hasattr(card, "metadata") and len(card.classes) == model.num_classes else {}
     metadata = {
         "format": "repvgg",
         "arch": model.name,
