@@ -22,6 +22,18 @@ def test_timm_builds_our_models_by_name() -> None:
     assert [m.shape[-1] for m in maps] == [64 // 8, 64 // 8]  # dilated: output stride 8
 
 
+def test_timms_pretrained_cfg_overlay_is_applied() -> None:
+    """timm.create_model(..., pretrained_cfg_overlay=...) replaces fields of the model's data configuration, as for
+    timm's own models (it was dropped)."""
+    import timm
+
+    register_timm_models()
+    model = timm.create_model("pkg_repvgg_tiny", pretrained_cfg_overlay=dict(input_size=(3, 64, 64), mean=(0.5,) * 3))
+    config = timm.data.resolve_data_config({}, model=model)
+    assert config["input_size"] == (3, 64, 64) and config["mean"] == (0.5, 0.5, 0.5)
+    assert model.pretrained_cfg["architecture"] == "pkg_repvgg_tiny"
+
+
 def test_an_smp_unet_on_our_encoder_converts_exactly() -> None:
     smp = pytest.importorskip("segmentation_models_pytorch")
     register_timm_models()

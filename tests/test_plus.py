@@ -208,3 +208,18 @@ def test_a_recipe_is_a_preset_that_flags_override(capsys: pytest.CaptureFixture[
     config = json.loads(capsys.readouterr().out)
     assert (config["epochs"], config["auto_augment"], config["label_smoothing"]) == (200, "original", 0.1)
     assert main(["train", "--recipe", "paper-medium", "--print-config"]) == 2
+
+
+def test_a_repvggplus_file_loads_into_a_backbone_and_without_its_auxiliary_heads(tmp_path: Path) -> None:
+    """The training-only heads are left out where the model has none (a backbone, a headless model: they were
+    'unexpected keys'), and a RepVGGplus saved after they were dropped (timm's build, reparameterize()) records it
+    (load_model rebuilt them and found them missing)."""
+    path = repvgg.save_weights(repvgg.create_model("repvggplus_tiny", num_classes=3), tmp_path / "p.safetensors")
+    assert repvgg.create_model("repvggplus_tiny", features_only=True, weights=path).features_only
+    assert repvgg.create_model("repvggplus_tiny", num_classes=0, weights=path).num_classes == 0
+    model = randomize_bn(repvgg.create_model("repvggplus_tiny", num_classes=3))
+    model.reparameterize()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reloaded = repvgg.load_model(repvgg.save_weights(model, tmp_path / "q.safetensors")).eval()
+        assert torch.equal(reloaded(x), model.eval()(x))

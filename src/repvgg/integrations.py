@@ -24,7 +24,7 @@ __all__ = ["TIMM_PREFIX", "default_cfgs", "register_timm_models"]
 TIMM_PREFIX = "pkg_"
 
 #: Arguments timm's factory passes that describe its own pretrained-weight handling.
-_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+_TIMM_ONLY = ("pretrained_cfg", "cache_dir")
 
 #: timm name -> the model's ``pretrained_cfg``. timm's ``register_model`` reads its entrypoint module's
 #: ``default_cfgs``: a model registered with one answers ``timm.get_pretrained_cfg`` and
@@ -36,12 +36,13 @@ def _builder(name: str, timm_name: str) -> Any:
     def build(pretrained: bool = False, **kwargs: Any) -> RepVGG:
         for key in _TIMM_ONLY:
             kwargs.pop(key, None)
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})  # timm's: fields of pretrained_cfg replaced
         output_stride = kwargs.pop("output_stride", None) or 32
         if output_stride != 32:
             strides, dilations = dilated_stage_settings(output_stride)
             kwargs.update(strides=strides, dilations=dilations)
         model = create_model(name, pretrained=pretrained, **kwargs)
-        model.pretrained_cfg["architecture"] = timm_name
+        model.pretrained_cfg.update(overlay, architecture=timm_name)
         model.reparameterize()  # RepVGGplus's training-only heads: timm's training takes one output
         return model
 

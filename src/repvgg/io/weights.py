@@ -11,6 +11,7 @@ Files are never unpickled with code execution: [`safe_load`][repvgg.io.safe_load
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import json
 import logging
@@ -61,6 +62,8 @@ StateDict = dict[str, Tensor]
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 HEAD_PREFIX = "linear."
 _AUX_CLASSIFIER = re.compile(r"^stage\w*_aux\.3\.")
+#: Any key of RepVGGplus's training-only auxiliary heads.
+_AUX_HEAD = re.compile(r"^stage\w*_aux\.")
 
 
 def is_head_key(key: str) -> bool:
@@ -304,8 +307,10 @@ def check_state_dict(
                     source)
     target = model.state_dict()
     has_head = any(k.startswith(HEAD_PREFIX) for k in target)
+    has_aux = any(_AUX_HEAD.match(k) for k in target)  # a backbone, a headless or a fused model has none
     incoming = {k: v for k, v in state_dict.items()
-                if not (is_head_key(k) and (skip_head or not has_head or k not in target))}
+                if not (is_head_key(k) and (skip_head or not has_head or k not in target))
+                and not (_AUX_HEAD.match(k) and not has_aux)}
     if skip_head:
         target_check = {k: v for k, v in target.items() if not is_head_key(k)}
     else:
@@ -374,14 +379,18 @@ def save_weights(model: RepVGG, path: str | os.PathLike[str], *, extra: Mapping[
     as the model it compiles. The file is written atomically (temp file + rename).
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its keys would carry "_orig_mod."
+    spec = model.spec
+    if not model.deploy and model.num_classes and not model.features_only and \
+            list(model.aux_positions) != list(spec.aux_heads):  # RepVGGplus whose training-only heads were dropped
+        spec = dataclasses.replace(spec, aux_heads=tuple(model.aux_positions))
     card: Any = getattr(model, "card", None)  # a repvgg.io.card.ModelCard (which imports this module)
     declared = card.metadata() if hasattr(card, "metadata") and len(card.classes) == model.num_classes else {}
     metadata = {
         "format": "repvgg",
         "arch": model.name,
         "deploy": "true" if model.deploy else "false",
-        "spec": json.dumps(model.spec.to_dict()),
-        "spec_overrides": json.dumps(spec_overrides(model.name, model.spec)),
+        "spec": json.dumps(spec.to_dict()),
+        "spec_overrides": json.dumps(spec_overrides(model.name, spec)),
         "num_classes": str(model.num_classes),
         "in_chans": str(model.in_chans),
         "global_pool": str(model.global_pool),
