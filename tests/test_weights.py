@@ -274,3 +274,16 @@ def test_a_loaded_models_file_round_trip_keeps_its_card_pooling_and_compiled_for
     load_weights(compiled, tmp_path / "c.safetensors")
     with pytest.raises(ValueError, match=r"repvgg.load_weights\(model, path, skip_head=True\)"):  # no such argument
         create_model("repvgg_tiny", num_classes=5, weights=tmp_path / "a.safetensors")  # of create_model
+    assert again.pretrained_cfg["architecture"] == "repvgg_tiny"  # was "repvgg_custom": built from the file's spec
+
+
+def test_arguments_that_would_mislead_later_are_refused_at_once() -> None:
+    """A dict registered as a spec broke create_model and every later register_timm_models(); features_only="no"
+    built a backbone."""
+    import repvgg
+
+    with pytest.raises(TypeError, match="register_model takes a RepVGGSpec"):
+        repvgg.register_model("mine", {"depths": (1, 1, 1, 1, 1)})  # type: ignore[arg-type]
+    assert "mine" not in repvgg.list_models()
+    with pytest.raises(TypeError, match="features_only must be True or False"):
+        create_model("repvgg_tiny", features_only="no")

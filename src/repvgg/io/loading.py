@@ -232,6 +232,7 @@ def load_model(
     model = build_model(spec_or_name, **options)
     if isinstance(spec_or_name, RepVGGSpec) and "arch" in metadata:
         model.name = str(metadata["arch"])
+        model.pretrained_cfg["architecture"] = model.name
     load_state_dict_into(model, state_dict, source=str(path))
     attach_card(model, getattr(probe, "card", metadata), str(path))  # the card the probe's check resolved
     if deploy and not file_deploy:

@@ -70,6 +70,8 @@ class RepVGG(nn.Module):
                              f"got {num_classes!r}")
         if not isinstance(in_chans, int) or in_chans < 1:
             raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+        if not isinstance(features_only, bool):  # "no" would be true
+            raise TypeError(f"features_only must be True or False, got {features_only!r}")
         out_indices = tuple(out_indices)
         if not out_indices or any(i not in range(NUM_STAGES) for i in out_indices):
             raise ValueError(f"out_indices must be stage indices in 0..{NUM_STAGES - 1}, got {out_indices!r}")

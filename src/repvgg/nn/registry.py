@@ -144,6 +144,9 @@ def check_arch(name: str, spec: RepVGGSpec, overrides: Mapping[str, Any], source
 
 def register_model(name: str, spec: RepVGGSpec, *, overwrite: bool = False) -> None:
     """Add a custom architecture to the registry so ``create_model(name)`` and the CLI can build it."""
+    if not isinstance(spec, RepVGGSpec):  # a dict would break create_model, and every later registration with timm
+        raise TypeError(f"register_model takes a RepVGGSpec (RepVGGSpec.from_dict(d) for a dict), got "
+                        f"{type(spec).__name__}")
     key = canonical_name(name)
     if key in MODEL_SPECS and not overwrite:
         raise ValueError(f"model {key!r} is already registered; pass overwrite=True to replace it")
