@@ -287,3 +287,15 @@ def test_arguments_that_would_mislead_later_are_refused_at_once() -> None:
     assert "mine" not in repvgg.list_models()
     with pytest.raises(TypeError, match="features_only must be True or False"):
         create_model("repvgg_tiny", features_only="no")
+
+
+def test_a_file_that_does_not_fit_its_spec_is_named_by_its_architecture(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from repvgg.io.weights import read_safetensors
+
+    tensors, metadata = read_safetensors(save_weights(create_model("repvgg_tiny", num_classes=3), tmp_path / "a.pt"))
+    tensors.pop("linear.bias")
+    save_file(tensors, str(tmp_path / "cut.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match="does not match the architecture of repvgg_tiny: 1 missing key"):
+        load_model(tmp_path / "cut.safetensors")  # it named repvgg_custom, the model built from the spec

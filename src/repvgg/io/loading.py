@@ -227,12 +227,14 @@ def load_model(
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"{path}: the file's metadata does not describe a model this package can build: {err}") \
             from err
+    named = str(metadata["arch"]) if isinstance(spec_or_name, RepVGGSpec) and "arch" in metadata else None
+    if named:  # a model built from the file's spec is the file's architecture (errors name it too)
+        probe.name = named
     check_state_dict(probe, state_dict, source=str(path))
     attach_card(probe, metadata, str(path))  # bad class names or preprocessing are refused before allocating
     model = build_model(spec_or_name, **options)
-    if isinstance(spec_or_name, RepVGGSpec) and "arch" in metadata:
-        model.name = str(metadata["arch"])
-        model.pretrained_cfg["architecture"] = model.name
+    if named:
+        model.name = model.pretrained_cfg["architecture"] = named
     load_state_dict_into(model, state_dict, source=str(path))
     attach_card(model, getattr(probe, "card", metadata), str(path))  # the card the probe's check resolved
     if deploy and not file_deploy:
