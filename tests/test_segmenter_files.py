@@ -75,7 +75,7 @@ def test_weights_that_are_no_state_dict_or_do_not_fit_are_refused(trained_on: tu
     with pytest.raises(ValueError, match="not a mapping of names to tensors"):
         load_segmenter(tmp_path / "list.pt")
     wider = edited(trained_on[0], tmp_path / "wider.safetensors", head_channels=16)
-    with pytest.raises(ValueError, match=r"do not fit the segmenter configuration .*of another shape"):
+    with pytest.raises(ValueError, match=r"do not fit the segmenter configuration .*shape mismatch"):
         load_segmenter(wider)
 
 

@@ -21,7 +21,8 @@ from repvgg.dense.scenes import SyntheticConfig
 from repvgg.io.card import check_class_names
 from repvgg.io.formats import require_kind
 from repvgg.io.safe_load import safe_load
-from repvgg.io.weights import declared_task, read_safetensors, safetensors_metadata, write_safetensors
+from repvgg.io.weights import (declared_task, read_safetensors, safetensors_metadata, state_dict_problems,
+                               write_safetensors)
 from repvgg.limits import brief, parse_json
 from repvgg.nn.convert import is_converted
 
@@ -174,7 +175,8 @@ def _training_data(value: Any, name: str, keys: Sequence[str]) -> dict[str, Any]
         except (TypeError, ValueError) as err:
             raise ValueError(f"{name}: 'synthetic' is not a valid setting of the generated scenes: {err}") from None
         synthetic = settings | {"size_range": list(settings["size_range"])}
-    return {key: {"data": folder, "synthetic": synthetic, "val_size": size}[key] for key in keys}
+    values = {"data": folder, "synthetic": synthetic, "val_size": size}
+    return {key: values[key] for key in keys}
 
 
 def build_dense_model(build: Callable[[], M], state_dict: Any, path: str | os.PathLike[str], kind: str) -> M:
@@ -191,15 +193,10 @@ def build_dense_model(build: Callable[[], M], state_dict: Any, path: str | os.Pa
                          "file?)")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k}: file {tuple(state_dict[k].shape)} vs configuration {shape}" for k, shape in expected.items()
-             if k in state_dict and tuple(state_dict[k].shape) != shape]
-    if missing or unexpected or wrong:
-        told = [f"{len(found)} {what}, e.g. {found[:3]}" for found, what in
-                ((missing, "missing"), (unexpected, "unexpected"), (wrong, "of another shape")) if found]
+    problems = state_dict_problems(expected, state_dict)
+    if problems:
         raise ValueError(f"the weights in {path} do not fit the {kind} configuration stored with them (edited or "
-                         f"mixed files?): {'; '.join(told)}")
+                         f"mixed files?): {'; '.join(problems)}")
     model = build()
     model.load_state_dict(state_dict)
     return model.eval()

@@ -43,6 +43,7 @@ __all__ = [
     "expand_fused_state_dict",
     "is_deploy_state_dict",
     "check_state_dict",
+    "state_dict_problems",
     "load_state_dict_into",
     "load_weights",
     "save_weights",
@@ -324,26 +325,28 @@ def check_state_dict(
             f"Build the model with num_classes={file_classes}, or keep a fresh head for fine-tuning: "
             f"repvgg.load_weights(model, path, skip_head=True)."
         )
-    missing = [k for k in target_check if k not in incoming and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in incoming if k not in target_check]
-    wrong_shape = [
-        f"{k}: file {tuple(incoming[k].shape)} vs model {tuple(target_check[k].shape)}"
-        for k in target_check if k in incoming and incoming[k].shape != target_check[k].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-        if wrong_shape:
-            problems.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {wrong_shape[:3]}")
+    problems = state_dict_problems({k: tuple(v.shape) for k, v in target_check.items()}, incoming,
+                                   optional=("num_batches_tracked",))
+    if problems:
         name = getattr(model, "name", type(model).__name__)
         raise ValueError(
             f"{source} does not match the architecture of {name}: {'; '.join(problems)}. "
             "Check that the model name (and groups/SE options) match the file."
         )
     return incoming
+
+
+def state_dict_problems(expected: Mapping[str, tuple[int, ...]], incoming: Mapping[str, Tensor], *,
+                        optional: tuple[str, ...] = ()) -> list[str]:
+    """How ``incoming`` differs from the tensor shapes a model ``expected`` (names ending in ``optional`` may be
+    missing): its missing and unexpected keys and its shape mismatches, a few of each named; empty where it fits."""
+    missing = [k for k in expected if k not in incoming and not k.endswith(optional)]
+    unexpected = [k for k in incoming if k not in expected]
+    wrong_shape = [f"{k}: file {tuple(incoming[k].shape)} vs model {shape}" for k, shape in expected.items()
+                   if k in incoming and tuple(incoming[k].shape) != tuple(shape)]
+    return [f"{len(found)} {what}, e.g. {found[:3]}" for found, what in
+            ((missing, "missing key(s)"), (unexpected, "unexpected key(s)"), (wrong_shape, "shape mismatch(es)"))
+            if found]
 
 
 def load_state_dict_into(
