@@ -217,8 +217,8 @@ def test_reduced_precision_is_used_only_when_asked_and_checked_loosely(tiny_trai
 
 def test_core_import_pulls_in_no_optional_runtime(tmp_path) -> None:
     """``import repvgg`` loads none of the optional runtimes; listing a folder's images and telling the model's task
-    (what a cluster's driver does before its cluster starts) load no torchvision; plain ``predict`` loads no Ray
-    (``--ray`` alone does)."""
+    (what a cluster's driver does before its cluster starts) load no torchvision; plain ``predict`` of a classifier
+    loads neither Ray (``--ray`` alone does) nor torchvision and timm (their import costs about 2 s of CPU a start)."""
     import sys
 
     from conftest import run_process
@@ -233,12 +233,13 @@ def test_core_import_pulls_in_no_optional_runtime(tmp_path) -> None:
             "from repvgg.segmentation.predict import segmentation_artifact; model = folder + '/m.safetensors';"
             "print(len(expand_inputs([folder])), detection_artifact(model), segmentation_artifact(model),"
             " 'torchvision' in sys.modules);"
-            "print(main(['predict', folder + '/m.safetensors', folder + '/a.png']), 'ray' in sys.modules)")
+            "print(main(['predict', folder + '/m.safetensors', folder + '/a.png']), 'ray' in sys.modules,"
+            " sorted({'torchvision', 'timm'} & {m.split('.')[0] for m in sys.modules}))")
     result = run_process([sys.executable, "-c", code, str(tmp_path)], timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "[]" and lines[1] == "1 None None False", result.stdout[-2000:]
-    assert result.stdout.split()[-2:] == ["0", "False"], result.stdout[-2000:]
+    assert lines[-1] == "0 False []", result.stdout[-2000:]
 
 
 def test_the_image_extensions_are_torchvisions() -> None:

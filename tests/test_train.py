@@ -16,7 +16,9 @@ from PIL import Image
 from repvgg.io.checkpoint import load_checkpoint
 from repvgg.cli import main
 from repvgg.training.config import TrainConfig
-from repvgg.training.data import ToNormalizedTensor, build_datasets, check_image_folder, folder_transforms
+from repvgg.io.card import Preprocessing
+from repvgg.training.data import (ToNormalizedTensor, build_datasets, check_image_folder, eval_transform,
+                                   folder_transforms)
 from repvgg.training.digits import digits_split
 from repvgg.training.devices import training_memory_format
 from repvgg.training.classification import train
@@ -102,6 +104,32 @@ def test_folder_transforms_are_timms_with_one_fused_tensor_step() -> None:
     fused = ToNormalizedTensor((0.5, 0.5, 0.5), (0.25, 0.5, 1.0))(image)
     assert torch.allclose(fused, (pil_to_tensor(image) / 255 - 0.5) / torch.tensor([0.25, 0.5, 1.0]).reshape(3, 1, 1),
                           atol=1e-6)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_the_evaluation_transform_gives_timms_pixels(interpolation: str) -> None:
+    """The evaluation transform (written without torchvision, whose import is slow) crops the same pixels as timm's
+    ``create_transform``: portrait, landscape, square, already at the resize, odd sizes, a long strip, grey."""
+    from timm.data import create_transform
+
+    generator = torch.Generator().manual_seed(1)
+    for img_size, crop_pct, grayscale in ((224, 0.875, False), (32, 1.0, True), (37, 0.9, False), (17, 0.33, False)):
+        p = Preprocessing(img_size=img_size, crop_pct=crop_pct, interpolation=interpolation, grayscale=grayscale)
+        reference = create_transform((3, img_size, img_size), is_training=False, crop_pct=crop_pct,
+                                     interpolation=interpolation, crop_mode="center")
+        steps = reference.transforms[:-2]  # resize, centre crop (then to tensor and normalise)
+        ours = eval_transform(p)
+        for height, width in ((300, 250), (250, 300), (p.resize, p.resize + 7), (p.resize, p.resize), (97, 61),
+                              (3, 40), (1, 1), (513, 512)):
+            image = Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=generator,
+                                                  dtype=torch.uint8).numpy())
+            expected = image.convert("L").convert("RGB") if grayscale else image
+            for step in steps:
+                expected = step(expected)
+            got = ours(image)
+            assert got.shape == (3, img_size, img_size), (height, width)
+            assert torch.equal(got, ToNormalizedTensor(p.mean, p.std)(expected)), (img_size, height, width)
+            assert (got - reference(image.convert("L").convert("RGB") if grayscale else image)).abs().max() < 1e-5
 
 
 def _final_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ __all__ = [
     "eval_transform",
     "build_datasets",
     "check_image_folder",
+    "EvalTransform",
     "ToNormalizedTensor",
     "scan_class_folders",
     "scan_image_folder",
@@ -231,8 +232,8 @@ class ToNormalizedTensor:
     and ``std``, in one pass.
 
     The fused form of timm's ``MaybeToTensor`` + ``Normalize`` (the same values up to float rounding,
-    about a quarter less time per image); `folder_transforms` puts it in their place, and the
-    segmentation pipeline ends with it.
+    about a quarter less time per image); `folder_transforms` puts it in their place, the evaluation transform and
+    the segmentation pipeline end with it.
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
@@ -242,10 +243,11 @@ class ToNormalizedTensor:
         self._offset = (torch.tensor(self.mean, dtype=torch.float64) / std_t).float().reshape(-1, 1, 1)
 
     def __call__(self, image: Any) -> Tensor:
-        if not isinstance(image, Tensor):
-            from torchvision.transforms.functional import pil_to_tensor
+        if not isinstance(image, Tensor):  # a PIL image: its bytes as (C, H, W), as torchvision's pil_to_tensor
+            import numpy as np
 
-            image = pil_to_tensor(image)
+            pixels = np.array(image, dtype=np.uint8)
+            image = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1)
         pixels = image.to(torch.float32, memory_format=torch.contiguous_format)
         return pixels.mul_(self._scale).sub_(self._offset)
 
@@ -265,35 +267,50 @@ def _fuse_to_tensor_normalize(transform: Any, mean: tuple[float, ...], std: tupl
     return transform
 
 
+#: PIL's resampling filter for each of the card's interpolations (``PIL.Image.Resampling``), as torchvision maps them.
+_PIL_RESAMPLING = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+
+
 def eval_transform(preprocessing: Preprocessing) -> Callable[[Any], Tensor]:
     """An RGB PIL image to the model's input as ``preprocessing`` says (timm's evaluation transform: short side
-    resized, centre crop, normalised; a ``grayscale`` model's image made grey first): what ``eval`` and
-    ``predict`` give the model."""
-    from timm.data import create_transform
-
-    p = preprocessing
-    transform = create_transform(input_size=(3, p.img_size, p.img_size), interpolation=p.interpolation, mean=p.mean,
-                                 std=p.std, is_training=False, crop_pct=p.crop_pct, crop_mode="center")
-    transform = _fuse_to_tensor_normalize(transform, p.mean, p.std)
-    return _BoundedResize(transform, p.resize, p.grayscale)
+    resized, centre crop, normalised; a ``grayscale`` model's image made grey first): what ``eval``, ``predict`` and
+    ``serve`` give the model, and a folder run's validation."""
+    return EvalTransform(preprocessing)
 
 
-class _BoundedResize:
-    """Refuse an image whose resize to short side ``resize`` would make more pixels than
-    [`MAX_IMAGE_PIXELS`][repvgg.limits.MAX_IMAGE_PIXELS] (a very elongated image), then run ``transform`` (on the image
-    made grey first for a ``grayscale`` model)."""
+class EvalTransform:
+    """timm's evaluation transform in its centre-crop mode (``create_transform(is_training=False,
+    crop_mode="center")``) on a PIL image, computed as torchvision computes it for one: the short side resized to
+    ``preprocessing.resize`` (the long side ``int(resize * long / short)``, no resize when the size is already that),
+    the centre ``img_size`` square cropped (its corner rounded as Python rounds), then `ToNormalizedTensor`. The same
+    pixels and values as timm's (a test compares them), without importing torchvision: its import costs about 2 s
+    of CPU (it imports ``torch._dynamo``), on every ``predict`` and ``serve`` start and in every actor of
+    ``predict --ray``.
 
-    def __init__(self, transform: Callable[[Any], Tensor], resize: int, grayscale: bool) -> None:
-        self.transform, self.resize, self.grayscale = transform, resize, grayscale
+    An image whose resize would make more pixels than [`MAX_IMAGE_PIXELS`][repvgg.limits.MAX_IMAGE_PIXELS] (a very
+    elongated one) is refused first."""
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        self.preprocessing = preprocessing
+        self.normalize = ToNormalizedTensor(preprocessing.mean, preprocessing.std)
 
     def __call__(self, image: Any) -> Tensor:
+        p = self.preprocessing
         width, height = image.size
-        check_image_pixels(*resized_size(width, height, self.resize),
-                           f"a {width} x {height} image resized to a short side of {self.resize}")
-        return self.transform(image.convert("L").convert("RGB") if self.grayscale else image)
+        check_image_pixels(*resized_size(width, height, p.resize),
+                           f"a {width} x {height} image resized to a short side of {p.resize}")
+        if p.grayscale:
+            image = image.convert("L").convert("RGB")
+        short, long = min(width, height), max(width, height)
+        new_long = int(p.resize * long / short)  # torchvision's rule, in floating point
+        size = (p.resize, new_long) if width <= height else (new_long, p.resize)
+        if size != (width, height):
+            image = image.resize(size, _PIL_RESAMPLING[p.interpolation])
+        left, top = int(round((size[0] - p.img_size) / 2.0)), int(round((size[1] - p.img_size) / 2.0))
+        return self.normalize(image.crop((left, top, left + p.img_size, top + p.img_size)))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(resize={self.resize}, grayscale={self.grayscale}, {self.transform!r})"
+        return f"{type(self).__name__}({self.preprocessing!r})"
 
 
 def check_auto_augment(policy: str | None) -> None:
