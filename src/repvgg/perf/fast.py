@@ -13,8 +13,9 @@ channels_last, cuda_graph and the two compiled forms.
 Precision is a choice too. ``dtype="auto"`` weighs float32; bfloat16 where the device computes it natively
 (a CPU with AVX512-BF16 or AMX, detected, never guessed; a GPU that supports it); float16 on CUDA; and INT8
 (QDQ through ONNX Runtime and OpenVINO, calibrated on ``calibration``) on the CPU. A reduced precision is
-chosen only if it passes the accuracy guard on ``validation`` images, never without them. An explicit
-``dtype`` is honoured; without validation images its accuracy is not checked, and the log says so.
+chosen only if it passes the accuracy guard on ``validation`` images, never without them. An explicit reduced
+``dtype`` is held to the same guard: it needs ``validation`` images, or ``check_accuracy=False`` to take it
+unchecked.
 """
 
 from __future__ import annotations
