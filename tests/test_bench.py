@@ -235,6 +235,16 @@ def test_cli_bench_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[
     assert "unknown model 'repvgg_a9'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, told", [
+    (["--models", "repvgg_a0,RepVGG-A0"], "--models names repvgg_a0 twice ('repvgg_a0' and 'RepVGG-A0')"),
+    (["--baselines", "resnet18,resnet18"], "--baselines names resnet18 twice ('resnet18')"),
+    (["--dtypes", "float32,float32"], "--dtypes names float32 twice")])
+def test_cli_bench_refuses_a_model_or_dtype_named_twice(flags: list[str], told: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", *flags]) == 2  # it would be timed and listed twice
+    assert told in capsys.readouterr().err
+
+
 
 def test_int8_rows_for_every_runtime_with_their_deviation(monkeypatch: pytest.MonkeyPatch) -> None:
     from repvgg.perf import bench

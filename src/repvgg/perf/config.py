@@ -80,6 +80,9 @@ class BenchConfig(RunConfig):
         unknown = [d for d in self.dtypes if d not in DTYPES]
         if unknown or not self.dtypes:
             raise ValueError(f"dtypes must be among {', '.join(DTYPES)}, got {list(self.dtypes)}")
+        for flag, given, names in (("--models", self.models, models), ("--baselines", self.baselines, self.baselines),
+                                   ("--dtypes", self.dtypes, self.dtypes)):
+            _refuse_repeats(flag, given, names)
         cuda = device.type == "cuda"
         resolved = replace(
             self,
@@ -93,3 +96,18 @@ class BenchConfig(RunConfig):
         )
         check_batch_memory(resolved.batch, (3, self.img_size, self.img_size), "--batch-size")
         return resolved
+
+
+def _refuse_repeats(flag: str, given: tuple[str, ...], names: tuple[str, ...]) -> None:
+    """Refuse a list that names one thing twice (``names``: ``given`` in canonical form), which the report would time
+    and list twice.
+
+    Raises:
+        ValueError: naming what was given twice.
+    """
+    seen: dict[str, str] = {}
+    for as_given, name in zip(given, names):
+        if name in seen:
+            same = f"{seen[name]!r} and {as_given!r}" if seen[name] != as_given else repr(as_given)
+            raise ValueError(f"{flag} names {name} twice ({same}): give each once")
+        seen[name] = as_given
