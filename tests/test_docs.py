@@ -93,7 +93,7 @@ def test_the_slurm_script_launches_a_run_the_cli_accepts() -> None:
     from repvgg.cli import build_parser
 
     script = _block((ROOT / "docs" / "training.md").read_text(), "#!/bin/bash")
-    command = script[script.index("srun ") + 5:].replace("\\\n", " ").split("\n")[0]
+    command = script[script.index("\nsrun ") + 6:].replace("\\\n", " ").split("\n")[0]
     shell = {"$SLURM_NNODES": "2", "$head": "node0", "$SLURM_JOB_ID": "7", "$run": "/shared/runs/b3",
              "$resume": "--resume /shared/runs/b3"}  # what Slurm and the script fill in (a requeued job's)
     for name, value in sorted(shell.items(), key=lambda item: -len(item[0])):
@@ -102,9 +102,12 @@ def test_the_slurm_script_launches_a_run_the_cli_accepts() -> None:
     args = build_parser().parse_args(_launch(argv))
     assert (args.command, args.model, args.epochs, args.output) == ("train", "repvgg_b3", 200, "/shared/runs/b3")
     assert "--rdzv-backend" in argv and argv[argv.index("--rdzv-backend") + 1] == "c10d"
+    assert 'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"' in script  # else each task gets one CPU (22.05+)
 
 
 def test_the_pytorchjob_manifest_fits_the_training_operators_schema() -> None:
+    import shlex
+
     import yaml
 
     from repvgg.cli import build_parser
@@ -118,8 +121,13 @@ def test_the_pytorchjob_manifest_fits_the_training_operators_schema() -> None:
     worker = manifest["spec"]["pytorchReplicaSpecs"]["Worker"]
     assert worker["replicas"] == manifest["spec"]["elasticPolicy"]["minReplicas"]
     (container,) = worker["template"]["spec"]["containers"]
-    args = build_parser().parse_args(_launch([str(a) for a in container["command"]]))
-    assert (args.command, args.model, args.output) == ("train", "repvgg_b3", "/shared/runs/b3")
+    shell, flag, script = container["command"]  # a restarted pod continues the run: --resume once last.pt exists
+    assert (shell, flag) == ("sh", "-c") and "[ -f /shared/runs/b3/last.pt ]" in script
+    launch = script[script.index("exec torchrun ") + 5:].replace("$resume", "--resume /shared/runs/b3")
+    args = build_parser().parse_args(_launch(shlex.split(launch)))
+    assert (args.command, args.model, args.output, args.resume) == ("train", "repvgg_b3", "/shared/runs/b3",
+                                                                     "/shared/runs/b3")
+    assert "maxRestarts" not in manifest["spec"]["elasticPolicy"]  # torchrun's restarts would not --resume
 
 
 def _fits(value: object, kind: str, modules: tuple, where: str) -> None:
