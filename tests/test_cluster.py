@@ -121,9 +121,11 @@ def test_a_bad_image_fails_the_run_as_in_plain_predict(monkeypatch: pytest.Monke
     at the first such row, with plain predict's message (here fed batches as the actors answer them)."""
     from repvgg.predict import cluster as module
 
-    rows = [{"source": "a.png", "classes": ["1"], "indices": [1], "probabilities": [0.9], "error": None},
-            {"source": "broken.png", "classes": [], "indices": [], "probabilities": [],
-             "error": "cannot read image broken.png: not an image"}]
+    broken = os.path.abspath("broken.png")  # what the actors are given, and answer for
+    rows = [{"source": os.path.abspath("a.png"), "classes": ["1"], "indices": [1], "probabilities": [0.9],
+             "error": None},
+            {"source": broken, "classes": [], "indices": [], "probabilities": [],
+             "error": f"cannot read image {broken}: not an image"}]
     model = json.dumps({"runtime": "eager", "task": "classification"})
 
     class Answers:
@@ -136,7 +138,8 @@ def test_a_bad_image_fails_the_run_as_in_plain_predict(monkeypatch: pytest.Monke
     monkeypatch.setattr(ray.data, "from_items", lambda items, **blocks: items)
     found = list(module.iter_predict_paths(["a.png", "broken.png"], "run", module.ClusterOptions(),
                                            bad_images="skip"))
-    assert [row["error"] for row, _, _ in found] == [None, rows[1]["error"]]
+    assert [(row["source"], row["error"]) for row, _, _ in found] == [
+        ("a.png", None), ("broken.png", "cannot read image broken.png: not an image")]  # named as given
     with pytest.raises(ValueError, match="broken.png: not an image. Remove or replace the file, or pass "
                                          "--bad-images skip"):
         list(module.iter_predict_paths(["a.png", "broken.png"], "run", module.ClusterOptions(), bad_images="fail"))
@@ -148,6 +151,9 @@ def test_a_cluster_out_of_reach_is_exit_2_without_a_traceback(qa_digits_run: Pat
     err = capsys.readouterr().err
     assert status == 2 and "cannot reach a Ray cluster at 127.0.0.1:9" in err and "Traceback" not in err
     assert not ray.is_initialized()
+    # plain predict's decoding workers: each actor decodes its own batches, so the flag would be ignored
+    assert main(["predict", str(qa_digits_run), str(images / "000.png"), "--ray", "local", "--workers", "4"]) == 2
+    assert "--workers applies to plain predict" in capsys.readouterr().err and not ray.is_initialized()
 
 
 def test_a_cluster_started_here_is_stopped_its_monitor_first(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -274,3 +280,59 @@ def test_an_actor_answers_each_row_of_its_batch_as_given(qa_digits_run: Path, im
     assert "missing.png" in rows[1]["error"] and str(images) in rows[3]["error"]
     by_source = {p["source"]: p for p in plain}
     _assert_same([rows[0], rows[2], rows[4]], [by_source[first], by_source[first], by_source[paths[4]]])
+
+
+def test_relative_paths_reach_actors_working_elsewhere(qa_digits_run: Path, images: Path,
+                                                       plain: list[dict[str, Any]], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a cluster started in another folder (``--ray auto``, another machine) an actor resolves a relative path
+    against its own working folder: the artifact, the images and the ``--classes`` file go to the actors as absolute
+    paths, and the answers name the images as given. Ray Data is stood in for by its actor, run here after moving
+    to another folder."""
+    import torch
+
+    from repvgg.io import onnx_run
+    from repvgg.predict import cluster as module
+
+    driver, elsewhere = tmp_path / "driver", tmp_path / "elsewhere"
+    driver.mkdir(), elsewhere.mkdir()
+    (driver / "names.txt").write_text("\n".join(f"digit {i}" for i in range(10)) + "\n")
+    monkeypatch.chdir(driver)
+    given = [os.path.relpath(images / name, driver) for name in ("000.png", "001.png", "broken.png", "002.png")]
+
+    class Dataset:  # Ray Data's part: the rows in order, each batch to the actor the pool holds
+        context = type("Context", (), {"execution_options": type("Options", (), {})()})()
+
+        def __init__(self, items: list[dict[str, str]]) -> None:
+            self.items = items
+
+        def map_batches(self, actor: Any, *, fn_constructor_args: tuple, batch_size: int, **_: Any) -> Any:
+            self.actor, self.arguments, self.batch_size = actor, fn_constructor_args, batch_size
+            return self
+
+        def iter_batches(self, **_: Any) -> Iterator[dict[str, Any]]:
+            monkeypatch.chdir(elsewhere)
+            pool = self.actor(*self.arguments)
+            for start in range(0, len(self.items), self.batch_size):
+                chunk = self.items[start: start + self.batch_size]
+                yield pool({"path": np.array([item["path"] for item in chunk], dtype=object)})
+
+    monkeypatch.setattr(ray.data, "from_items", lambda items, **blocks: Dataset(items))
+    monkeypatch.setattr(ray.data, "ActorPoolStrategy", lambda **size: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1})
+    # the actor sets its process's threads and core sharing: this process's are put back after
+    monkeypatch.setattr(onnx_run, "_sharing", {"cores": onnx_run.cores_shared()})
+    threads = torch.get_num_threads()
+    options = module.ClusterOptions(runtime="eager", measure=False, batch_size=3, classes="names.txt")
+    try:
+        found = [row for row, _, _ in module.iter_predict_paths(given, os.path.relpath(qa_digits_run, driver),
+                                                                options, bad_images="skip", graph=False)]
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["source"] for row in found] == given
+    assert found[2]["error"] and given[2] in found[2]["error"] and str(images) not in found[2]["error"]
+    by_source = {Path(p["source"]).name: p for p in plain}
+    for row in (found[0], found[1], found[3]):
+        want = by_source[Path(row["source"]).name]
+        assert row["error"] is None and row["classes"] == [f"digit {i}" for i in want["indices"]]
+        assert np.allclose(row["probabilities"], want["probabilities"], rtol=0, atol=1e-5)

@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         return _predict_masks(args, paths)
     refuse_flags((("--draw", args.draw), ("--score-threshold", args.score_threshold), ("--masks", args.masks)),
                  "to detectors and segmenters; ARTIFACT is a classifier")
+    if args.ray is not None:
+        refuse_flags((("--workers", args.workers),), "to plain predict; with --ray each actor reads and decodes its "
+                     "own batches (--ray-actors sets how many)")
     for name, value in _CLASSIFIER_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

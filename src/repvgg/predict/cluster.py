@@ -130,7 +130,7 @@ def predict_dataset(dataset: Any, artifact: str | os.PathLike[str], options: Clu
     own."""
     import ray
 
-    options = options or ClusterOptions()
+    artifact, options = _for_every_node(artifact, options or ClusterOptions())
     shared = model_graph(artifact, options) if graph is True else graph or None
     cpus = options.cpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // options.actors)
     # Ray Data restarts a dead actor and runs its batches again (its defaults: max_restarts and max_task_retries -1)
@@ -187,16 +187,47 @@ def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], o
 
     # blocks of about a batch of paths (up to MAX_BLOCKS): Ray Data's default blocks made batches of about 17 paths
     blocks = min(MAX_BLOCKS, max(1, -(-len(paths) // options.batch_size)))
-    dataset = ray.data.from_items([{"path": str(path)} for path in paths], override_num_blocks=blocks)
+    absolute = [os.path.abspath(path) for path in paths]  # an actor's working folder is not this process's
+    dataset = ray.data.from_items([{"path": path} for path in absolute], override_num_blocks=blocks)
     predicted = predict_dataset(dataset, artifact, options, graph=graph)
+    given = iter(zip(paths, absolute))
     for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
         for i, text in enumerate(batch["prediction"]):
-            row, model = json.loads(text), json.loads(batch["model"][i])
+            row, model = _as_given(json.loads(text), next(given, None)), json.loads(batch["model"][i])
             if row["error"] and bad_images == "fail":
                 raise bad_image_error(row["error"]) if model["task"] == "classification" else ValueError(row["error"])
             yield row, model, {kind: bytes(batch[kind][i]) for kind in FILES if len(batch[kind][i])}
         if on_batch is not None:
             on_batch(len(batch["prediction"]))
+
+
+def _for_every_node(artifact: str | os.PathLike[str], options: ClusterOptions) -> tuple[str, ClusterOptions]:
+    """``artifact`` and the files ``options`` names (``classes``, ``calibration``) as absolute paths, for actors whose
+    working folder is another (a cluster started elsewhere, another machine); a hub reference stays as it is."""
+    from dataclasses import replace
+
+    def absolute(path: str | os.PathLike[str]) -> str:
+        return os.path.abspath(path) if os.path.exists(path) else os.fspath(path)
+
+    classes = absolute(options.classes) if isinstance(options.classes, (str, os.PathLike)) else options.classes
+    calibration = None if options.calibration is None else [os.path.abspath(p) for p in options.calibration]
+    return absolute(artifact), replace(options, classes=classes, calibration=calibration)
+
+
+def _as_given(row: dict[str, Any], paths: tuple[str, str] | None) -> dict[str, Any]:
+    """An actor's answer for the absolute path it was given, named by the ``paths`` (as given, absolute) it answers
+    for, as plain ``predict`` names it.
+
+    Raises:
+        RuntimeError: an answer out of order, or one too many (Ray Data keeps the order: never expected).
+    """
+    if paths is None or row["source"] != paths[1]:
+        raise RuntimeError(f"the cluster answered for {row['source']!r} where {paths and paths[1]!r} was next: "
+                           "its answers are out of order; run again")
+    row["source"] = paths[0]
+    if row["error"]:
+        row["error"] = row["error"].replace(paths[1], paths[0])
+    return row
 
 
 class _Predict:
