@@ -323,9 +323,12 @@ def test_predict_runs_a_detector_file_on_the_fastest_runtime_that_detects_as_pyt
         found += len(expected["labels"])
     assert found > 0  # the comparison covered boxes
     images[0].save(tmp_path / "one.png")
-    assert main(["predict", str(run), str(tmp_path / "one.png"), "--runtime", "openvino", "--json"]) == 0
+    Image.new("RGB", (5000, 1)).save(tmp_path / "strip.png")  # the resize keeps no row of it: not a sample either
+    assert main(["predict", str(run), str(tmp_path / "one.png"), str(tmp_path / "strip.png"), "--runtime", "openvino",
+                 "--json", "--bad-images", "skip"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["runtime"] == "openvino" and document["runtime_reason"] == "asked for"
+    assert "keeps no row or column" in document["predictions"][1]["error"]
     assert [d["class"] for d in document["predictions"][0]["detections"]] == [
         eager.classes[int(c)] for c in eager.detect(images[0])["labels"]]
 

@@ -89,6 +89,27 @@ def test_predict_writes_each_mask_at_its_image_size(trained_segmenter: tuple[Pat
     assert main(args) == 2  # the masks exist: not replaced without --overwrite
 
 
+def test_an_image_in_memory_is_read_as_its_file_is(trained_segmenter: tuple[Path, dict], images: list[Path],
+                                                   tmp_path: Path) -> None:
+    """``segment`` on a 16-bit PIL image gives the mask of its file (scaled to 8 bits, as ``predict`` reads it, not
+    clipped to white), and a float tensor, which would be scaled by 255 again, is refused."""
+    from repvgg.training.images import load_rgb
+
+    predictor = SegmentationPredictor(trained_segmenter[0])
+    seen: list[torch.Tensor] = []
+    run = predictor._run
+    predictor._run = lambda batch: seen.append(batch) or run(batch)  # what the model is given
+    grey = np.asarray(Image.open(images[0]).convert("L"), dtype=np.uint16) * 257
+    deep = tmp_path / "deep.png"
+    Image.fromarray(grey).save(deep)  # a 16-bit grey PNG
+    with Image.open(deep) as image:
+        assert image.mode.startswith("I")
+        assert torch.equal(predictor.segment(image), predictor.segment(load_rgb(deep)))
+    assert torch.equal(seen[0], seen[1]) and seen[0].min() < 0.9  # a grey scene, not clipped to white
+    with pytest.raises(ValueError, match="float32 tensor of shape \\(3, 32, 32\\): give a uint8"):
+        predictor.segment(torch.rand(3, 32, 32))
+
+
 def test_export_gives_pytorchs_masks_in_both_runtimes(trained_segmenter: tuple[Path, dict], images: list[Path],
                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, _ = trained_segmenter

@@ -16,7 +16,7 @@ from repvgg.dense.weights import dense_artifact
 from repvgg.io.card import check_class_names, read_class_names
 from repvgg.io.formats import identify_file
 from repvgg.limits import check_float
-from repvgg.training.images import load_rgb
+from repvgg.training.images import load_rgb, rgb_tensor
 
 __all__ = ["DEFAULT_SCORE_THRESHOLD", "DetectionPredictor", "ImageDetections", "check_detector_image",
            "detection_artifact", "drawing_png"]
@@ -127,9 +127,7 @@ class DetectionPredictor:
     @torch.no_grad()
     def detect(self, image: Any) -> dict[str, Tensor]:
         """One PIL image's (or uint8 ``(3, H, W)`` tensor's) detections over the score threshold."""
-        from torchvision.transforms.v2 import functional as F
-
-        tensor = image if isinstance(image, Tensor) else F.pil_to_tensor(image.convert("RGB"))
+        tensor = rgb_tensor(image)
         check_detector_image(tensor.shape[-1], tensor.shape[-2], self.config.image_size, "the image")
         found = self._run(tensor.float() / 255)
         keep = found["scores"] >= self.score_threshold
@@ -191,20 +189,18 @@ def _runner(path: Path, model: Any, meta: dict[str, Any], size: int, runtime: st
 def _samples(samples: Sequence[Any] | None, meta: dict[str, Any], size: int) -> list[Tensor]:
     """Float images in [0, 1] to weigh the runtimes on: up to `SAMPLE_IMAGES` readable ones of ``samples``, or
     validation images of the data ``meta`` records."""
-    from torchvision.transforms.v2 import functional as F
-
     from repvgg.detection.export import check_images
 
     if samples is None:
         return check_images(meta, size, None, SAMPLE_IMAGES)
     images = []
     for sample in samples:
-        if isinstance(sample, (str, os.PathLike)):
-            try:
-                sample = load_rgb(sample)
-            except ValueError:
-                continue  # unreadable: told when it is predicted
-        images.append((sample if isinstance(sample, Tensor) else F.pil_to_tensor(sample.convert("RGB"))).float() / 255)
+        try:
+            tensor = rgb_tensor(load_rgb(sample) if isinstance(sample, (str, os.PathLike)) else sample, "a sample")
+            check_detector_image(tensor.shape[-1], tensor.shape[-2], size, "a sample")
+        except ValueError:
+            continue  # unreadable, or left without pixels by the resize: told when it is predicted
+        images.append(tensor.float() / 255)
         if len(images) == SAMPLE_IMAGES:
             break
     return images or check_images(meta, size, None, SAMPLE_IMAGES)
@@ -215,11 +211,10 @@ def drawing_png(image: Any, detections: dict[str, Tensor], classes: Sequence[str
     import io
 
     from PIL import Image
-    from torchvision.transforms.v2 import functional as F
 
     from repvgg.detection.plots import draw_detections
 
-    drawn = draw_detections(F.pil_to_tensor(image), detections, classes, threshold=0.0)
+    drawn = draw_detections(rgb_tensor(image), detections, classes, threshold=0.0)
     buffer = io.BytesIO()
     Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
     return buffer.getvalue()

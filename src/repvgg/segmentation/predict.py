@@ -17,7 +17,7 @@ from torch import Tensor
 from repvgg.dense.weights import dense_artifact
 from repvgg.io.card import check_class_names, read_class_names
 from repvgg.io.formats import identify_file
-from repvgg.training.images import load_rgb
+from repvgg.training.images import load_rgb, rgb_tensor
 
 __all__ = ["ImageSegmentation", "SegmentationPredictor", "mask_png", "overlay_png",
            "segmentation_artifact"]
@@ -100,7 +100,7 @@ class SegmentationPredictor:
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
-        tensor = image if isinstance(image, Tensor) else F.pil_to_tensor(image.convert("RGB"))
+        tensor = rgb_tensor(image)
         size = list(tensor.shape[-2:])
         if self.val_size is not None:
             tensor = F.resize(tensor, [self.val_size, self.val_size], antialias=True)
@@ -177,7 +177,7 @@ def overlay_png(image: Any, mask: Tensor, num_classes: int) -> bytes:
 
     from repvgg.segmentation.plots import colorize
 
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    pixels = rgb_tensor(image).permute(1, 2, 0).numpy().astype(np.float32)
     blended = (1 - OVERLAY_ALPHA) * pixels + OVERLAY_ALPHA * colorize(mask, num_classes).astype(np.float32)
     buffer = io.BytesIO()
     Image.fromarray(np.rint(blended).astype(np.uint8)).save(buffer, format="PNG")

@@ -14,7 +14,8 @@ import numpy as np
 from repvgg.limits import LimitExceeded, check_image_pixels
 from repvgg.serialization import input_file
 
-__all__ = ["IMAGE_EXTENSIONS", "NEVER_OPENED", "as_rgb", "image_files", "load_rgb", "open_image", "whole_image_size"]
+__all__ = ["IMAGE_EXTENSIONS", "NEVER_OPENED", "as_rgb", "image_files", "load_rgb", "open_image", "rgb_tensor",
+           "whole_image_size"]
 
 #: What counts as an image file in a folder: torchvision's ``ImageFolder`` extensions (a test keeps them equal),
 #: spelled out so that listing a folder does not import torchvision (about 1.2 s of a ``predict`` on the cluster's
@@ -118,6 +119,24 @@ def as_rgb(image: Any, what: str = "the image") -> Any:
         return _converted(image)
     except Exception as err:  # an unknown range, or PIL failing to convert
         raise ValueError(f"cannot read {what}: {err}") from err
+
+
+def rgb_tensor(image: Any, what: str = "the image") -> Any:
+    """A PIL image (converted as [`as_rgb`][repvgg.training.images.as_rgb] converts it: a 16-bit one scaled, not
+    clipped) or a uint8 ``(3, H, W)`` tensor, as the uint8 ``(3, H, W)`` tensor a file of it reads as.
+
+    Raises:
+        ValueError: another tensor (a float one would be scaled again), or an image ``as_rgb`` refuses.
+    """
+    import torch
+
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"{what} is a {str(image.dtype).removeprefix('torch.')} tensor of shape "
+                             f"{tuple(image.shape)}: give a uint8 (3, H, W) tensor of 0..255 values, or a PIL image")
+        return image
+    pixels = np.asarray(as_rgb(image, what), dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def _converted(image: Any) -> Any:
