@@ -142,6 +142,8 @@ def test_quantize_holds_the_segmenter_to_its_miou_guard(trained_segmenter: tuple
     assert set(report["miou_int8_by_runtime"]) == {"onnxruntime", "openvino"}
     assert all(report["miou_fp32"] - m <= 1.0 for m in report["miou_int8_by_runtime"].values())
     assert SegmentationPredictor(out).segment(torch.zeros(3, 24, 24, dtype=torch.uint8)).shape == (24, 24)
+    assert main(["export", str(out), str(tmp_path / "repo"), "--format", "ovms", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "int8"  # the model server's file is the INT8 one
 
     original = quant_segmenter.mean_iou
     calls: list[int] = []
@@ -253,7 +255,8 @@ def test_the_page_lays_the_served_mask_over_the_image(trained_segmenter: tuple[P
 
 
 def test_a_model_repository_of_the_segmenter_runs_by_its_configured_names(trained_segmenter: tuple[Path, dict],
-                                                                          tmp_path: Path) -> None:
+                                                                          tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """export --format triton of a segmenter: model.onnx (checked as export checks it), labels.txt, and a config.pbtxt
     that Triton's schema parses, naming the graph's input and output with their types and dims, no batching; ovms:
     the graph alone."""
@@ -278,3 +281,11 @@ def test_a_model_repository_of_the_segmenter_runs_by_its_configured_names(traine
     assert main(["export", str(run), str(tmp_path / "ovms"), "--format", "ovms"]) == 0
     assert sorted(p.name for p in (tmp_path / "ovms" / "pspnet-qarepvgg_tiny").rglob("*") if p.is_file()) == \
         ["model.onnx"]
+    capsys.readouterr()
+    # a classifier's flags, refused rather than ignored: the graph takes one image; its answers have no top-k
+    assert main(["export", str(run), str(tmp_path / "batched"), "--format", "triton", "--max-batch", "4"]) == 2
+    assert "a segmentation graph takes one image at a time" in capsys.readouterr().err
+    assert not (tmp_path / "batched").exists()
+    for flag, value in (("--topk", "3"), ("--score-threshold", "0.5")):
+        assert main(["serve", str(run), flag, value, "--port", "0"]) == 2
+        assert f"{flag} applies to" in capsys.readouterr().err

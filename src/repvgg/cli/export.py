@@ -98,9 +98,10 @@ def _export_repository(args: argparse.Namespace) -> int:
                   ("--num-classes", cfg.num_classes)),
                  "to --format onnx; for a repository, export or quantize the ONNX file first and give it as MODEL (it "
                  "is taken as it is)")
-    report = write_model_repository(args.model, args.output, kind=cfg.format, name=cfg.name, max_batch=cfg.max_batch,
-                                    max_wait_ms=cfg.max_wait_ms, backend=cfg.backend, img_size=cfg.img_size,
-                                    overwrite=cfg.overwrite)
+    report = write_model_repository(args.model, args.output, kind=cfg.format, name=cfg.name,
+                                    max_batch=cfg.max_batch if args.max_batch is not None else None,  # as given
+                                    max_wait_ms=cfg.max_wait_ms if args.max_wait_ms is not None else None,
+                                    backend=cfg.backend, img_size=cfg.img_size, overwrite=cfg.overwrite)
     text = (f"wrote {report.folder} for {REPOSITORY_KINDS[report.kind]}: {', '.join(report.files)} "
             f"({report.precision}, input {report.input['name']} {report.input['dims']}, output {report.output['name']} "
             f"{report.output['dims']}, {report.classes} classes); ONNX Runtime ran it by those names")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from repvgg.cli.flags import config_command, config_flag_values
+from repvgg.cli.flags import config_command, config_flag_values, refuse_flags
 from repvgg.serve.config import ServeConfig
 
 
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from repvgg.serve.server import FORCED_STOP, serve
 
     config = ServeConfig.from_dict(config_flag_values(args, ServeConfig))
+    _refuse_other_tasks_flags(args)
     failures: list[str] = []
 
     def failed(message: str) -> None:
@@ -43,3 +44,17 @@ def run(args: argparse.Namespace) -> int:
     if failures and status != FORCED_STOP:
         raise ValueError(failures[0])
     return status
+
+
+def _refuse_other_tasks_flags(args: argparse.Namespace) -> None:
+    """Refuse the flags of another task than the artifact's, as ``predict`` does, rather than serve without them:
+    ``--score-threshold`` is a detector's, ``--topk`` a classifier's."""
+    from repvgg.serve.dense import dense_task
+
+    task = dense_task(args.artifact)
+    kind = {"detection": "a detector", "segmentation": "a segmenter", None: "a classifier"}[task]
+    if task != "detection":
+        refuse_flags((("--score-threshold", args.score_threshold),), f"to detectors; ARTIFACT is {kind}")
+    if task is not None:
+        refuse_flags((("--topk", args.topk),), f"to classifiers; ARTIFACT is {kind}, whose answers have no top-k")
+

@@ -58,7 +58,7 @@ class RepositoryReport(DictMixin):
 
 
 def write_model_repository(artifact: str | os.PathLike[str], directory: str | os.PathLike[str], *, kind: str,
-                           name: str | None = None, max_batch: int = 8, max_wait_ms: float = 5.0,
+                           name: str | None = None, max_batch: int | None = None, max_wait_ms: float | None = None,
                            backend: str = "onnxruntime", img_size: int | None = None,
                            overwrite: bool = False) -> RepositoryReport:
     """Write ``directory/<name>/`` for ``kind`` (``triton`` or ``ovms``) from ``artifact``.
@@ -68,8 +68,9 @@ def write_model_repository(artifact: str | os.PathLike[str], directory: str | os
             INT8, taken as it is).
         directory: the repository; it may hold other models.
         name: the model's folder and name (default: the model's architecture name, or the ONNX file's stem).
-        max_batch: Triton's ``max_batch_size``.
-        max_wait_ms: Triton's ``dynamic_batching`` queue delay.
+        max_batch: a classifier's Triton ``max_batch_size`` (default 8; a detector's or segmenter's graph takes
+            one image: refused for them).
+        max_wait_ms: a classifier's Triton ``dynamic_batching`` queue delay (default 5; refused as ``max_batch``).
         backend: Triton's backend, ``onnxruntime`` or ``openvino``.
         img_size: the input size of an export (default: the size the file records).
         overwrite: replace an existing ``directory/<name>``.
@@ -93,7 +94,11 @@ def write_model_repository(artifact: str | os.PathLike[str], directory: str | os
     if task is not None:
         if img_size is not None:
             raise ValueError(f"--img-size sizes a classifier's export; a {task} graph takes images of any size")
+        if max_batch is not None or max_wait_ms is not None:
+            raise ValueError(f"--max-batch and --max-wait-ms set Triton's batching of a classifier; a {task} graph "
+                             "takes one image at a time (max_batch_size 0): leave them out")
         return _dense_repository(task, artifact, root, kind=kind, name=name, backend=backend, overwrite=overwrite)
+    max_batch, max_wait_ms = 8 if max_batch is None else max_batch, 5.0 if max_wait_ms is None else max_wait_ms
     model = None
     if source_kind != "onnx":
         from repvgg.io.export import resolve_model
@@ -206,7 +211,6 @@ def _describe(path: Path, shown: Path) -> tuple[GraphPort, GraphPort, list[str],
     """The graph's input and output, its class names and its precision; messages name ``shown`` (the user's file,
     where ``path`` is its staged copy)."""
     from repvgg.io.card import load_onnx_proto, read_onnx_metadata, resolve_card
-    from repvgg.quant.qdq import quantized_conv_count
 
     graph = load_onnx_proto(path).graph
     if len(graph.input) != 1 or len(graph.output) != 1:
@@ -227,9 +231,15 @@ def _describe(path: Path, shown: Path) -> tuple[GraphPort, GraphPort, list[str],
         raise ValueError(f"{shown}: expected a (batch, 3, H, W) -> (batch, classes) graph with a dynamic batch, got "
                          f"{graph_input.dims} -> {graph_output.dims}; export it with `repvgg export`")
     card = resolve_card(read_onnx_metadata(path), shown, graph_output.dims[1])
-    precision = "int8" if quantized_conv_count(path)[0] else \
+    return graph_input, graph_output, list(card.classes), _precision(path, graph_input)
+
+
+def _precision(path: Path, graph_input: GraphPort) -> str:
+    """The ONNX graph's precision: ``int8`` where it holds quantized convolutions, else its input's float type."""
+    from repvgg.quant.qdq import quantized_conv_count
+
+    return "int8" if quantized_conv_count(path)[0] else \
         ("float16" if graph_input.data_type == "TYPE_FP16" else "float32")
-    return graph_input, graph_output, list(card.classes), precision
 
 
 def _run_as_configured(path: Path, graph_input: GraphPort, graph_output: GraphPort, batch: int,
@@ -299,10 +309,11 @@ def _dense_repository(task: str, artifact: str | os.PathLike[str], root: Path, *
             write_text(folder / "labels.txt", "".join(f"{c}\n" for c in classes))
             write_text(folder / "config.pbtxt", _dense_config(name, ports, backend))
         _run_dense(onnx_file, ports, path)
+        precision = _precision(onnx_file, ports[0])
         files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         _move_into_place(folder, target, staging)
     outputs = ports[1:]
-    return RepositoryReport(kind, str(target), name, files, "float32", vars(ports[0]),
+    return RepositoryReport(kind, str(target), name, files, precision, vars(ports[0]),
                             {"name": ", ".join(p.name for p in outputs), "data_type": [p.data_type for p in outputs],
                              "dims": [p.dims for p in outputs]}, 0, backend if kind == "triton" else None,
                             len(classes))
