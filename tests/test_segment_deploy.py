@@ -87,6 +87,13 @@ def test_predict_writes_each_mask_at_its_image_size(trained_segmenter: tuple[Pat
         assert Image.open(tmp_path / "drawn" / f"{path.stem}.png").size == image.size
     assert len(found) >= 2  # background and a shape: the masks have something to get wrong
     assert main(args) == 2  # the masks exist: not replaced without --overwrite
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    failing = ["predict", str(run), str(images[0]), str(broken), "--masks", str(tmp_path / "new" / "masks")]
+    assert main(failing) == 2  # the image before it had its mask written: removed, with the folders made for it
+    assert "broken.png" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert main([*failing, "--bad-images", "skip"]) == 0  # so the same command runs again as it was
+    assert [p.name for p in (tmp_path / "new" / "masks").iterdir()] == [f"{images[0].stem}.png"]
 
 
 def test_an_image_in_memory_is_read_as_its_file_is(trained_segmenter: tuple[Path, dict], images: list[Path],

@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from repvgg.cli.flags import add_guard_flags, add_overwrite_flag, bounded_float, bounded_int, refuse_flags
 from repvgg.limits import MAX_WORKERS
@@ -150,17 +150,17 @@ def _predict_on_cluster(args: argparse.Namespace, paths: list[str], many: bool) 
                              calibration=paths[:: max(1, len(paths) // 256)] if args.dtype != "float32" else None,
                              min_agreement=args.min_agreement, max_top1_drop=args.max_top1_drop)
     started = time.perf_counter()
-    rows, model = _cluster_rows(args, paths, options, {}, enabled=many)
+    rows, model = _cluster_rows(args, paths, options, enabled=many)
     header = {"artifact": model["artifact"], "runtime": model["runtime"], "dtype": model["dtype"],
               "preprocessing": model["preprocessing"], "notes": model["notes"], "ray": model["ray"]}
     return _emit_classes(args, header, rows, time.perf_counter() - started,
                          max(len(r["classes"]) for r in rows) or args.topk)
 
 
-def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outputs: dict[str, dict[str, Path]], *,
+def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outputs: _ImageOutputs | None = None, *,
                   enabled: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """What plain ``predict --json`` gives for each of ``paths``, from a pool of Ray actors (``--ray``), with each
-    image's PNGs written where ``outputs`` says (``{"mask": {path: file}, "draw": {...}}``); and the actors' model,
+    image's PNGs written where ``outputs`` says; and the actors' model,
     with where it ran (``ray``)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -183,7 +183,8 @@ def _cluster_rows(args: argparse.Namespace, paths: list[str], options: Any, outp
             for row, model, files in iter_predict_paths(paths, args.artifact, options, bad_images=args.bad_images,
                                                         on_batch=bar.update if bar is not None else None,
                                                         graph=graph.result() or False):
-                _write_pngs(outputs, row["source"], files)
+                if outputs is not None:
+                    outputs.write(row["source"], files)
                 rows.append(row)
         finally:
             if bar is not None:
@@ -207,13 +208,41 @@ _RAY_DATA_CHATTER = _RayDataChatter()
 _RAY_DATA_LOGGERS = ("ray.data._internal.execution.streaming_executor", "ray.data._internal.progress")
 
 
-def _write_pngs(outputs: dict[str, dict[str, Path]], source: str, pngs: dict[str, bytes]) -> None:
-    """Write an image's PNGs (``{"mask": bytes, "draw": bytes}``) where ``outputs`` says for ``source``."""
-    from repvgg.serialization import write_bytes
+class _ImageOutputs:
+    """Where each image's PNGs go (``{"mask": {path: file}, "draw": {...}}``), and the files and folders this run has
+    made: a run that fails (an unreadable image under ``--bad-images fail``) or is interrupted removes them, as it
+    writes no ``--csv``, so that it can be run again as it was (a file replaced under ``--overwrite`` stays so)."""
 
-    for kind, data in pngs.items():
-        if source in outputs.get(kind, {}):
-            write_bytes(outputs[kind][source], data)
+    def __init__(self, targets: dict[str, dict[str, Path]]) -> None:
+        self.targets, self.made = targets, list[Path]()
+        self.wanted = tuple(kind for kind, files in targets.items() if files)
+        parents = {file.parent for files in targets.values() for file in files.values()}
+        self.folders = sorted({folder for parent in parents for folder in (parent, *parent.parents)
+                               if not folder.exists()}, key=lambda f: -len(f.parts))  # the deepest first
+
+    def write(self, source: str, pngs: dict[str, bytes]) -> None:
+        """Write an image's PNGs (``{"mask": bytes, "draw": bytes}``) where its targets say for ``source``."""
+        from repvgg.serialization import write_bytes
+
+        for kind, data in pngs.items():
+            target = self.targets.get(kind, {}).get(source)
+            if target is not None:
+                made = not target.exists()
+                write_bytes(target, data)
+                if made:
+                    self.made.append(target)
+
+    @contextlib.contextmanager
+    def removed_unless_finished(self) -> Iterator[_ImageOutputs]:
+        try:
+            yield self
+        except BaseException:
+            for path in self.made:
+                path.unlink(missing_ok=True)
+            for folder in self.folders:
+                with contextlib.suppress(OSError):  # left where something else is in it
+                    folder.rmdir()
+            raise
 
 
 def _csv_file(args: argparse.Namespace) -> bool:
@@ -252,7 +281,7 @@ def _write_csv(args: argparse.Namespace, rows: list[dict[str, Any]], k: int) -> 
 
 def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     """A detector: each image's boxes (class, score, x1 y1 x2 y2), as a table, --json, --csv and --draw images."""
-    from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD, DetectionPredictor
+    from repvgg.detection.predict import DEFAULT_SCORE_THRESHOLD
     from repvgg.serialization import check_output_path, image_outputs
 
     if args.dtype != "float32":
@@ -266,24 +295,9 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     if _csv_file(args):
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv", writes=targets.values())
     threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
-    outputs = {"draw": targets}
-    wanted = tuple(kind for kind, files in outputs.items() if files)
-    if args.ray is not None:  # timed from the cluster's start, as a classifier's
-        started = time.perf_counter()
-        rows, model = _cluster_rows(args, paths, _dense_options(args, paths, wanted, score_threshold=threshold),
-                                    outputs)
-    else:
-        predictor = DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=threshold,
-                                       classes=args.classes, device=args.device,
-                                       measure=len(paths) >= _WEIGH_DETECTOR_FROM, samples=paths)
-
-        def draw(path: str, image: Any, found: dict[str, Any]) -> None:
-            _write_pngs(outputs, path, predictor.pngs(image, found, wanted))
-
-        started = time.perf_counter()
-        rows = [d.as_dict() for d in predictor.iter_predict(paths, bad_images=args.bad_images,
-                                                            on_image=draw if wanted else None)]
-        model = {"artifact": predictor.artifact, "runtime": predictor.backend, "runtime_reason": predictor.reason}
+    outputs = _ImageOutputs({"draw": targets})
+    with outputs.removed_unless_finished():
+        rows, model, started = _detections(args, paths, threshold, outputs)
     skipped = sum(1 for r in rows if r["error"])
     document = {"artifact": model["artifact"], "runtime": model["runtime"], "runtime_reason": model["runtime_reason"],
                 "task": "detection", "score_threshold": threshold, "images": len(rows) - skipped, "skipped": skipped,
@@ -300,10 +314,33 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     return 0
 
 
+def _detections(args: argparse.Namespace, paths: list[str], threshold: float,
+                outputs: _ImageOutputs) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    """A detector's rows for ``paths`` (on the cluster with ``--ray``), its drawings written as ``outputs`` says; the
+    model's description and when the predicting started."""
+    from repvgg.detection.predict import DetectionPredictor
+
+    if args.ray is not None:  # timed from the cluster's start, as a classifier's
+        started = time.perf_counter()
+        options = _dense_options(args, paths, outputs.wanted, score_threshold=threshold)
+        return (*_cluster_rows(args, paths, options, outputs), started)
+    predictor = DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=threshold,
+                                   classes=args.classes, device=args.device,
+                                   measure=len(paths) >= _WEIGH_DETECTOR_FROM, samples=paths)
+
+    def draw(path: str, image: Any, found: dict[str, Any]) -> None:
+        outputs.write(path, predictor.pngs(image, found, outputs.wanted))
+
+    started = time.perf_counter()
+    rows = [d.as_dict() for d in predictor.iter_predict(paths, bad_images=args.bad_images,
+                                                        on_image=draw if outputs.wanted else None)]
+    return rows, {"artifact": predictor.artifact, "runtime": predictor.backend,
+                  "runtime_reason": predictor.reason}, started
+
+
 def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
     """A segmenter: each image's classes with their share of the pixels, as a table, --json and --csv; --masks DIR
     label maps and --draw DIR overlays."""
-    from repvgg.segmentation.predict import SegmentationPredictor
     from repvgg.serialization import check_output_path, image_outputs
 
     if args.dtype != "float32":
@@ -320,21 +357,9 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
     if _csv_file(args):
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv",
                           writes=[*masks.values(), *drawn.values()])
-    outputs = {"mask": masks, "draw": drawn}
-    wanted = tuple(kind for kind, files in outputs.items() if files)
-    if args.ray is not None:  # timed from the cluster's start, as a classifier's
-        started = time.perf_counter()
-        rows, model = _cluster_rows(args, paths, _dense_options(args, paths, wanted), outputs)
-    else:
-        predictor = SegmentationPredictor(args.artifact, runtime=args.runtime, classes=args.classes,
-                                          device=args.device)
-
-        def write(path: str, image: Any, mask: Any) -> None:
-            _write_pngs(outputs, path, predictor.pngs(image, mask, wanted))
-
-        started = time.perf_counter()
-        rows = [r.as_dict() for r in predictor.iter_predict(paths, bad_images=args.bad_images, on_image=write)]
-        model = {"artifact": predictor.artifact, "runtime": predictor.backend}
+    outputs = _ImageOutputs({"mask": masks, "draw": drawn})
+    with outputs.removed_unless_finished():
+        rows, model, started = _segmentations(args, paths, outputs)
     for row in rows:  # where its mask was written
         row["mask"] = str(masks[row["source"]]) if row["error"] is None and row["source"] in masks else None
     skipped = sum(1 for r in rows if r["error"])
@@ -349,6 +374,25 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
     emit(args, document, printed or _table(rows, lambda row: "  ".join(
         f"{printable(c['class'])} {100 * c['fraction']:.1f}%" for c in row["classes"])))
     return 0
+
+
+def _segmentations(args: argparse.Namespace, paths: list[str],
+                   outputs: _ImageOutputs) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    """A segmenter's rows for ``paths`` (on the cluster with ``--ray``), its masks and overlays written as ``outputs``
+    says; the model's description and when the predicting started."""
+    from repvgg.segmentation.predict import SegmentationPredictor
+
+    if args.ray is not None:  # timed from the cluster's start, as a classifier's
+        started = time.perf_counter()
+        return (*_cluster_rows(args, paths, _dense_options(args, paths, outputs.wanted), outputs), started)
+    predictor = SegmentationPredictor(args.artifact, runtime=args.runtime, classes=args.classes, device=args.device)
+
+    def write(path: str, image: Any, mask: Any) -> None:
+        outputs.write(path, predictor.pngs(image, mask, outputs.wanted))
+
+    started = time.perf_counter()
+    rows = [r.as_dict() for r in predictor.iter_predict(paths, bad_images=args.bad_images, on_image=write)]
+    return rows, {"artifact": predictor.artifact, "runtime": predictor.backend}, started
 
 
 def _dense_options(args: argparse.Namespace, paths: list[str], files: tuple[str, ...], **fields: Any) -> Any:
