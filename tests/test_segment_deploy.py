@@ -4,6 +4,7 @@ refused with exit 1 over it)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def test_serve_answers_the_masks_predict_writes(trained_segmenter: tuple[Path, d
     run, _ = trained_segmenter
     predictor = SegmentationPredictor(run)
     expected = {p.name: predictor.segment(Image.open(p).convert("RGB")) for p in images}
-    config = ServeConfig(max_batch=4, max_queue=8, max_wait_ms=200, runtime="eager")
+    config = ServeConfig(max_batch=4, max_queue=8, max_wait_ms=200, runtime="eager", max_segment_mp=0.0011)
     with server_thread(create_app(run, config), config) as (url, _), \
             httpx.Client(base_url=url, timeout=30) as client:
         meta = client.get("/v2/models/pspnet-qarepvgg_tiny").json()
@@ -217,8 +218,11 @@ def test_serve_answers_the_masks_predict_writes(trained_segmenter: tuple[Path, d
                    {"name": "image", "datatype": "BYTES", "shape": [2], "data": ["aGk=", "aGk="]}]}),
                client.post("/v2/models/pspnet-qarepvgg_tiny/infer", json={"outputs": [{"name": "boxes"}], "inputs": [
                    {"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}]})]
-        assert [r.status_code for r in bad] == [400, 400, 413, 400, 400], [r.text for r in bad]
-        assert "encoded images" in bad[2].json()["error"]
+        large = io.BytesIO()
+        Image.new("RGB", (40, 30)).save(large, "PNG")  # 1,200 pixels: over the 1,100 this server runs at their size
+        bad.append(client.post("/predict", files={"file": ("large.png", large.getvalue(), "image/png")}))
+        assert [r.status_code for r in bad] == [400, 400, 413, 400, 400, 413], [r.text for r in bad]
+        assert "encoded images" in bad[2].json()["error"] and "--max-segment-mp" in bad[5].json()["error"]
         assert all("error" in r.json() for r in bad)
         assert upload(images[0])["mask_png"] == answers[0]["mask_png"]
 

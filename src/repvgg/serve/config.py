@@ -38,6 +38,9 @@ class ServeConfig(RunConfig):
                                          "precision predicts float32's class", low=0, high=1)
     max_top1_drop: float = option(0.5, "the accuracy guard: most top-1 points a reduced precision may lose",
                                   low=0, high=100)
+    max_segment_mp: float = option(4.2, "a segmenter trained without --val-size runs each image at its own size, "
+                                        "its memory growing with it: the largest upload it takes, in megapixels "
+                                        "(a larger one gets 413)", low=0.001, high=67.2)
     decode_threads: int = option(2, "threads decoding uploaded images", low=1, high=64)
     header_timeout_s: float = option(5.0, "longest a connection may take to send a request's headers (from its "
                                           "first byte, or from connecting); a slower one is closed", low=0.01,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from repvgg.limits import LimitExceeded
 from repvgg.serve.config import ServeConfig
 from repvgg.serve.protocol import IMAGE, BadRequest, EncodedRequest, parse_encoded
 
@@ -83,13 +84,18 @@ class DenseModel:
         return 0
 
     def decode(self, data: bytes, what: str) -> Any:
-        """An uploaded image, read as ``predict`` reads a file (the pixel limit, 16-bit grey, a detector's size)."""
+        """An uploaded image, read as ``predict`` reads a file (the pixel limit, 16-bit grey, a detector's size), and
+        no larger than ``--max-segment-mp`` for a segmenter that runs it at its own size."""
         from repvgg.detection.predict import check_detector_image
         from repvgg.training.images import load_rgb
 
         image = load_rgb(data, what=what)
         if self.task == "detection":
             check_detector_image(image.width, image.height, self.predictor.config.image_size, what)
+        elif self.predictor.val_size is None and image.width * image.height > self.config.max_segment_mp * 1e6:
+            raise LimitExceeded(f"{what} is {image.width} x {image.height} pixels, more than this server's segmenter "
+                                f"takes ({self.config.max_segment_mp:g} megapixels, --max-segment-mp: it runs each "
+                                "image at its own size); send a smaller one")
         return image
 
     def run(self, images: list[Any]) -> list[Any]:
