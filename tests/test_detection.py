@@ -396,8 +396,11 @@ def test_serve_answers_the_boxes_predict_gives(trained_qa_detector: tuple[Path, 
         bad = [client.post("/predict", files={"file": ("x.png", b"not an image", "image/png")}),
                client.post("/predict", files={"file": ("thin.png", _png((400, 3)), "image/png")}),
                client.post(f"/v2/models/{name}/infer", json={"inputs": [{"name": "image", "datatype": "FP32",
-                                                                         "shape": [1], "data": [1.0]}]})]
-        assert [r.status_code for r in bad] == [400] * 3, [r.text for r in bad]
+                                                                         "shape": [1], "data": [1.0]}]}),
+               client.post(f"/v2/models/{name}/infer", json={"inputs": [{"name": "image", "datatype": "BYTES",
+                                                                         "shape": [99999999999], "data": ["aGk="]}]})]
+        assert [r.status_code for r in bad] == [400] * 4, [r.text for r in bad]
+        assert "one image a request ([1]), got 99999999999" in bad[3].json()["error"]
         assert upload(paths[0])["detections"] == expected[paths[0].name]["detections"]
 
 

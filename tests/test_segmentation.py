@@ -301,6 +301,11 @@ def test_wrong_layouts_say_what_is_expected(tmp_path: Path) -> None:
         SegmentationFolder(tmp_path, "train", 3)
     with pytest.raises(ValueError, match="pass num_classes or write"):
         build_segmentation_data(tmp_path)
+    (tmp_path / "seg.log").write_text("a log")
+    with pytest.raises(FileNotFoundError, match="'.*seg.log' is a file, not a folder"):
+        SegmentationFolder(tmp_path / "seg.log", "train", 3)
+    with pytest.raises(FileNotFoundError, match="'.*missing' does not exist"):
+        SegmentationFolder(tmp_path / "missing", "train", 3)
 
 
 # --- transforms ---------------------------------------------------------------------------------

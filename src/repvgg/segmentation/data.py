@@ -73,7 +73,8 @@ def find_pairs(root: str | os.PathLike[str], split: str) -> list[tuple[Path, Pat
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"segmentation data folder {str(root)!r} does not exist; {EXPECTED_LAYOUT}")
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"segmentation data folder {str(root)!r} {problem}; {EXPECTED_LAYOUT}")
     image_dir, label_dir = root / "images" / split, root / "labels" / split
     for folder in (image_dir, label_dir):
         if not folder.is_dir():

@@ -85,7 +85,8 @@ class SegmentationPredictor:
             self._run = onnx_segmenter(path, self.backend)
         else:
             if runtime not in ("auto", "pytorch"):
-                raise ValueError(f"a segmenter file runs on pytorch; export it to ONNX for {runtime}")
+                raise ValueError(f"a segmenter file runs in PyTorch (--runtime auto or eager), not {runtime}; for "
+                                 "onnxruntime or openvino, predict the ONNX file `repvgg export` writes of it")
             model, meta = load_segmenter(path)
             model = (model if model.deploy else reparameterize_model(model)).to(device).eval()
             self.backend = "pytorch"

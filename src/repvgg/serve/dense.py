@@ -18,7 +18,7 @@ from torch import Tensor
 
 from repvgg.limits import LimitExceeded
 from repvgg.serve.config import ServeConfig
-from repvgg.serve.protocol import IMAGE, BadRequest, EncodedRequest, parse_encoded
+from repvgg.serve.protocol import IMAGE, EncodedRequest, parse_encoded
 
 __all__ = ["DENSE_OUTPUTS", "DenseModel", "dense_model_name", "dense_task"]
 
@@ -74,7 +74,9 @@ class DenseModel:
         self.task, self.config = task, config
         self.classes = list(self.predictor.classes)
         self.backend = self.predictor.backend
-        self.reason = getattr(self.predictor, "reason", "asked for")
+        self.reason = getattr(self.predictor, "reason", None) or ("asked for" if config.runtime != "auto" else
+                                                                  "a segmenter file runs in PyTorch, an ONNX one in "
+                                                                  "ONNX Runtime")
         self.name = dense_model_name(task, self.predictor.config)
         self.description = self.backend
 
@@ -155,9 +157,5 @@ class DenseModel:
         Raises:
             BadRequest: naming the field at fault.
         """
-        request = parse_encoded(body, header_length, max_bytes=self.config.max_body_bytes,
-                                outputs=tuple(DENSE_OUTPUTS[self.task]))
-        if len(request.encoded) != 1:
-            raise BadRequest("inputs[0].shape", f"a {self.task} model answers one image a request ([1]), got "
-                                                f"{len(request.encoded)}")
-        return request
+        return parse_encoded(body, header_length, max_bytes=self.config.max_body_bytes, max_batch=1,
+                             outputs=tuple(DENSE_OUTPUTS[self.task]))

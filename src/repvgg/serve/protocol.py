@@ -111,7 +111,7 @@ class EncodedRequest:
     outputs: list[str]
 
 
-def parse_encoded(body: bytes, header_length: str | None, *, max_bytes: int,
+def parse_encoded(body: bytes, header_length: str | None, *, max_bytes: int, max_batch: int,
                   outputs: tuple[str, ...]) -> EncodedRequest:
     """The request in ``body`` to a model whose one input is ``image`` (BYTES ``[N]`` encoded images) and whose
     outputs are ``outputs`` (all of them when the request names none), answered in JSON.
@@ -129,7 +129,7 @@ def parse_encoded(body: bytes, header_length: str | None, *, max_bytes: int,
     shape = inputs[0].get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise BadRequest("inputs[0].shape", f"a list of integers, got {json.dumps(shape)[:80]}")
-    encoded = _encoded(shape, inputs[0].get("datatype"), _data(inputs[0], binary), 1024)
+    encoded = _encoded(shape, inputs[0].get("datatype"), _data(inputs[0], binary), max_batch)
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("id", f"a string (echoed in the response), got {brief(request_id, 40)}")
@@ -239,7 +239,8 @@ def _encoded(shape: list[int], datatype: Any, data: Any, max_batch: int) -> list
 
 def _check_batch(n: int, max_batch: int) -> None:
     if not 1 <= n <= max_batch:
-        raise BadRequest("inputs[0].shape", f"a batch of 1 to {max_batch} images (the server's --max-batch), got {n}")
+        raise BadRequest("inputs[0].shape", f"one image a request ([1]), got {n}" if max_batch == 1 else
+                         f"a batch of 1 to {max_batch} images (the server's --max-batch), got {n}")
 
 
 def _base64_items(data: Any) -> list[bytes]:
