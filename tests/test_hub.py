@@ -80,3 +80,24 @@ except FileNotFoundError as err:
         assert "no pretrained weights" in str(err) and "repvgg_a0" in str(err)
     else:
         raise AssertionError("a model without published weights must be refused")
+
+
+def test_a_cached_hub_file_is_an_input_no_output_replaces(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``--json-out`` (or ``predict --csv``) on the cached file an ``hf-hub:`` reference reads is refused even with
+    ``--overwrite``, as any input is: the reference is judged by the file it names."""
+    import huggingface_hub.constants as constants
+
+    from repvgg.cli import main
+
+    cache = _hub_cache(tmp_path / "hub", "me/cls", {"model.safetensors": repvgg.create_model(
+        "repvgg_tiny", num_classes=3).state_dict()})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read when a file is looked up
+    (cached,) = cache.glob("models--me--cls/snapshots/*/model.safetensors")
+    before = cached.read_bytes()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    for command in (["eval", "--weights", "hf-hub:me/cls", "--json-out", str(cached)],
+                    ["predict", "hf-hub:me/cls", str(tmp_path / "a.png"), "--csv", str(cached)]):
+        assert main([*command, "--overwrite"]) == 2
+        assert "is the input file" in capsys.readouterr().err and cached.read_bytes() == before

@@ -7,6 +7,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from repvgg.serialization import check_output_path, write_json
@@ -60,7 +61,14 @@ def add_json_out_flag(parser: argparse.ArgumentParser) -> None:
 def check_json_out(args: argparse.Namespace, reads: list[Any]) -> None:
     """Refuse ``--json-out`` before any work if it would replace a file without ``--overwrite`` or an input."""
     if args.json_out:
-        check_output_path(args.json_out, reads=reads, overwrite=args.overwrite, option="--json-out")
+        check_output_path(args.json_out, reads=local_reads(reads), overwrite=args.overwrite, option="--json-out")
+
+
+def local_reads(reads: Iterable[Any]) -> list[Any]:
+    """``reads`` for the output rule, each ``hf-hub:`` reference as the cached file it reads (if cached)."""
+    from repvgg.io.hub import HUB_PREFIX, cached_file
+
+    return [cached_file(r) if isinstance(r, str) and r.startswith(HUB_PREFIX) else r for r in reads]
 
 
 def write_json_out(args: argparse.Namespace, data: Any, reads: list[Any]) -> None:

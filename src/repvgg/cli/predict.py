@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 from repvgg.cli.flags import add_guard_flags, add_overwrite_flag, bounded_float, bounded_int, refuse_flags
 from repvgg.limits import MAX_WORKERS
-from repvgg.cli.output import emit
+from repvgg.cli.output import emit, local_reads
 from repvgg.report import printable
 from repvgg.serialization import csv_text, write_csv
 
@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
             setattr(args, name, value)
     if _csv_file(args):
         folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]  # never written into either
-        check_output_path(args.csv, reads=[args.artifact, args.classes, *paths, *folders], overwrite=args.overwrite,
+        check_output_path(args.csv, reads=local_reads([args.artifact, args.classes, *paths, *folders]),
+                          overwrite=args.overwrite,
                           option="--csv")
     many = len(paths) > _WEIGH_FROM_BATCHES * args.batch_size
     if args.ray is not None:
@@ -289,7 +290,7 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     refuse_flags((("--topk", args.topk), ("--batch-size", args.batch_size), ("--workers", args.workers)),
                  "to classifiers; a detector reports every box over --score-threshold, one image at a time")
     folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]
-    reads = [args.artifact, args.classes, *paths, *folders]
+    reads = local_reads([args.artifact, args.classes, *paths, *folders])
     targets = image_outputs(paths, args.draw, option="--draw", overwrite=args.overwrite, reads=reads) \
         if args.draw else {}
     if _csv_file(args):
@@ -349,7 +350,7 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
                   ("--score-threshold", args.score_threshold)),
                  "to classifiers and detectors; a segmenter labels every pixel, one image at a time")
     folders = [item for item in args.inputs if item != "-" and Path(item).is_dir()]
-    reads = [args.artifact, args.classes, *paths, *folders]
+    reads = local_reads([args.artifact, args.classes, *paths, *folders])
     masks = image_outputs(paths, args.masks, option="--masks", overwrite=args.overwrite, reads=reads) \
         if args.masks else {}
     drawn = image_outputs(paths, args.draw, option="--draw", overwrite=args.overwrite, reads=reads,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["HUB_PREFIX", "OFFICIAL_ONLY", "PRETRAINED", "hub_file", "pretrained_file"]
+__all__ = ["HUB_PREFIX", "OFFICIAL_ONLY", "PRETRAINED", "cached_file", "hub_file", "pretrained_file"]
 
 HUB_PREFIX = "hf-hub:"
 
@@ -31,6 +31,33 @@ OFFICIAL_ONLY: dict[str, tuple[str, str]] = {
 _DEFAULT_FILE = "model.safetensors"
 
 
+def _parts(reference: str) -> tuple[str, str]:
+    """``(repo_id, filename)`` of ``hf-hub:ORG/REPO[/FILE]``.
+
+    Raises:
+        ValueError: a malformed reference.
+    """
+    if not reference.startswith(HUB_PREFIX):
+        raise ValueError(f"a hub reference starts with {HUB_PREFIX!r}, got {reference!r}")
+    parts = reference[len(HUB_PREFIX):].strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"expected {HUB_PREFIX}ORG/REPO or {HUB_PREFIX}ORG/REPO/FILE, got {reference!r}")
+    return "/".join(parts[:2]), "/".join(parts[2:]) or _DEFAULT_FILE
+
+
+def cached_file(reference: str) -> Path | None:
+    """The local file of hub reference ``reference`` if the Hugging Face cache holds it (nothing is downloaded), for
+    the output rule: a command never writes over a file it reads, a cached one included. ``None`` otherwise, or
+    without ``huggingface_hub``."""
+    try:
+        repo_id, filename = _parts(reference)
+        from huggingface_hub import try_to_load_from_cache
+    except (ValueError, ImportError):
+        return None
+    found = try_to_load_from_cache(repo_id, filename)
+    return Path(found) if isinstance(found, str) else None
+
+
 def hub_file(reference: str) -> Path:
     """The local path of ``hf-hub:ORG/REPO`` (its ``model.safetensors``) or ``hf-hub:ORG/REPO/FILE``,
     downloaded into the Hugging Face cache if it is not there yet.
@@ -39,12 +66,7 @@ def hub_file(reference: str) -> Path:
         ValueError: a malformed reference.
         FileNotFoundError: not cached and not downloadable (offline, no network, no such file).
     """
-    if not reference.startswith(HUB_PREFIX):
-        raise ValueError(f"a hub reference starts with {HUB_PREFIX!r}, got {reference!r}")
-    parts = reference[len(HUB_PREFIX):].strip("/").split("/")
-    if len(parts) < 2 or not all(parts):
-        raise ValueError(f"expected {HUB_PREFIX}ORG/REPO or {HUB_PREFIX}ORG/REPO/FILE, got {reference!r}")
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or _DEFAULT_FILE
+    repo_id, filename = _parts(reference)
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
