@@ -162,6 +162,23 @@ def test_a_best_pt_from_another_run_is_refused_and_deploy_from_best_needs_the_ru
     assert _files(run) == {k: v for k, v in before.items() if k != "best.pt"}  # refused before training
 
 
+def test_eval_splits_the_digits_as_the_run_did(partial: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """eval on the digits takes the split of the run beside the file (its config.yaml's --val-fraction): another
+    split would score images it trained on; --val-fraction says otherwise, and goes with the digits only."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(partial / "last.pt", run / "last.pt")
+    config = yaml.safe_load((partial / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "val_fraction": 0.3}))
+    for extra, fraction, images in (([], 0.3, 540), (["--val-fraction", "0.2"], 0.2, 360)):
+        assert main(["eval", "--weights", str(run / "last.pt"), "--device", "cpu", "--json", *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert (result["val_fraction"], result["val_images"]) == (fraction, images)
+    assert main(["eval", "--weights", str(run / "last.pt"), "--data", str(tmp_path), "--val-fraction", "0.3"]) == 2
+    assert "--val-fraction splits the embedded digits" in _error(capsys)
+
+
 def test_qat_fine_tunes_at_the_size_the_weights_were_trained_at(tmp_path: Path) -> None:
     from repvgg.quant.qat import QATTask
     from repvgg.training.config import TrainConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from repvgg.cli.flags import bounded_int, image_size
+from repvgg.cli.flags import bounded_float, bounded_int, image_size
 from repvgg.limits import MAX_WORKERS
 from repvgg.cli.output import add_json_out_flag, check_json_out, emit, write_json_out
 
@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=bounded_int(1), default=64, help="evaluation batch size")
     p.add_argument("--workers", type=bounded_int(0, MAX_WORKERS), default=0, help="data-loading workers")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--val-fraction", type=bounded_float(0.001, 0.999), default=None,
+                   help="the digits' validation fraction (default: the one the run beside --weights trained with, "
+                        "else 0.2)")
     add_json_out_flag(p)
     p.set_defaults(func=run)
 
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_json_out(args, reads=[args.weights, args.data])
     result = evaluate_checkpoint(args.weights, data=args.data, arch=args.model, img_size=args.img_size,
-                                 batch_size=args.batch_size, workers=args.workers, device=args.device)
+                                 batch_size=args.batch_size, workers=args.workers, device=args.device,
+                                 val_fraction=args.val_fraction)
     emit(args, result)
     write_json_out(args, result, reads=[args.weights, args.data])
     return 0

@@ -10,11 +10,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from repvgg.limits import check_batch_memory, check_int, check_workers
+from repvgg.limits import check_batch_memory, check_float, check_int, check_workers
 from repvgg.nn.convert import OutputDeviation, check_outputs
 from repvgg.training.distributed import all_reduce
 
-__all__ = ["Comparison", "EvalReport", "compare_models", "evaluate_models", "measure_throughput", "topk_correct"]
+__all__ = ["Comparison", "EvalReport", "compare_models", "digits_val_fraction", "evaluate_models", "measure_throughput",
+           "topk_correct"]
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
@@ -189,23 +190,30 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     workers: int = 0,
     device: str = "auto",
+    val_fraction: float | None = None,
 ) -> dict:
     """Evaluate a saved model on the validation split of ``data`` (default: the digits data).
 
     The images are prepared as the file records (its image size, resize and crop, mean and std), else at the
     data's default size. A training-time checkpoint is also converted and both forms are reported, with their largest
-    logit difference; a deploy checkpoint is evaluated as it is.
+    logit difference; a deploy checkpoint is evaluated as it is. The digits are split as ``val_fraction`` says, else
+    as the run beside ``weights`` split them ([`digits_val_fraction`][repvgg.training.evaluate.digits_val_fraction]).
     """
     from repvgg.nn.convert import reparameterize_model
     from repvgg.training.data import Relabelled, build_datasets, collate_readable
     from repvgg.training.distributed import dataset_size, resolve_device
     from repvgg.io.loading import load_model, model_card
+    from repvgg.training.config import TrainConfig
 
     check_int(batch_size, "batch_size", low=1)
     check_workers(workers)
+    if data is not None and val_fraction is not None:
+        raise ValueError("--val-fraction splits the embedded digits; a folder's val/ images are its split")
+    fraction = digits_val_fraction(weights, val_fraction) if data is None else None
     model = load_model(weights, arch=arch)
     card = model_card(model)
-    bundle = build_datasets(data, img_size=img_size, preprocessing=card.recorded_preprocessing)
+    bundle = build_datasets(data, img_size=img_size, preprocessing=card.recorded_preprocessing,
+                            val_fraction=TrainConfig.val_fraction if fraction is None else fraction)
     label_map = card.label_map(bundle.classes, bundle.name)  # matched by name; a mismatch is refused
     size = bundle.preprocessing.img_size
     check_batch_memory(batch_size, (model.in_chans, size, size), "--batch-size")
@@ -222,6 +230,7 @@ def evaluate_checkpoint(
         "model": model.name,
         "form": "deploy" if model.deploy else "training-time",
         "dataset": bundle.name,
+        **({} if fraction is None else {"val_fraction": fraction}),
         "val_images": report.images,
         "val_top1": report.top1[0],
         "val_top5": report.top5[0],
@@ -230,3 +239,26 @@ def evaluate_checkpoint(
         result.update(val_top1_deploy=report.top1[1], val_top5_deploy=report.top5[1],
                       max_abs_diff=report.max_abs_diff[0], prediction_agreement=report.agreement[0])
     return result
+
+
+def digits_val_fraction(weights: str, given: float | None = None) -> float:
+    """The digits split a saved model is evaluated on: ``given``, else the ``val_fraction`` of the run whose folder
+    holds ``weights`` (its ``config.yaml``, when it trained on the digits), else the default 0.2. Another split than
+    the run's would score images it trained on."""
+    from pathlib import Path
+
+    from repvgg.options import load_config_file
+
+    if given is not None:
+        check_float(given, "val_fraction", low=0, high=1)
+        return given
+    config = Path(weights).parent / "config.yaml"
+    if not str(weights).startswith("hf-hub:") and config.is_file():
+        recorded = load_config_file(config)
+        fraction = recorded.get("val_fraction")
+        if recorded.get("data") is None and isinstance(fraction, float) and 0 < fraction < 1:
+            return fraction
+    from repvgg.training.config import TrainConfig
+
+    return TrainConfig.val_fraction
+
