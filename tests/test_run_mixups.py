@@ -179,6 +179,19 @@ def test_eval_splits_the_digits_as_the_run_did(partial: Path, tmp_path: Path,
     assert "--val-fraction splits the embedded digits" in _error(capsys)
 
 
+def test_eval_of_an_ema_runs_checkpoint_scores_what_the_run_did(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The checkpoints of a run with an EMA hold the raw weights too (to resume); eval, convert and predict take the
+    EMA ones, which the run evaluated and deployed."""
+    out = tmp_path / "ema"
+    assert main([*T, "--epochs", "2", "--ema-decay", "0.5", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    for name in ("last.pt", "deploy.safetensors"):
+        assert main(["eval", "--weights", str(out / name), "--device", "cpu", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["val_top1"] == summary["val_top1"], name
+
+
 def test_qat_fine_tunes_at_the_size_the_weights_were_trained_at(tmp_path: Path) -> None:
     from repvgg.quant.qat import QATTask
     from repvgg.training.config import TrainConfig

@@ -72,8 +72,12 @@ def is_head_key(key: str) -> bool:
     return key.startswith(HEAD_PREFIX) or bool(_AUX_CLASSIFIER.match(key))
 
 def _unwrap(obj: Any, source: str) -> tuple[StateDict, dict[str, Any]]:
-    """Find the tensor mapping inside a checkpoint dict; everything else is metadata."""
+    """Find the tensor mapping inside a checkpoint dict; everything else is metadata. A checkpoint of this package's
+    run with an EMA gives its EMA weights: the ones the run evaluated, chose ``best.pt`` by and deployed."""
     metadata: dict[str, Any] = {}
+    if isinstance(obj, Mapping) and "task" in obj and isinstance(obj.get("ema"), Mapping) and obj["ema"]:
+        logger.info("%s: the EMA weights (as its run evaluated and deployed them)", source)
+        obj = {**obj, "model": obj["ema"]}
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break
@@ -102,8 +106,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
 
     Accepts safetensors and torch files, told apart by their content
     ([`require_kind`][repvgg.io.formats.require_kind]; torch files are read with ``weights_only=True``); unwraps
-    ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints, strips a DDP ``module.`` prefix and
-    translates timm and mmpretrain key names.
+    ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints (a run's with an EMA: its EMA weights, which the run
+    evaluated and deployed), strips a DDP ``module.`` prefix and translates timm and mmpretrain key names.
 
     Raises:
         FileNotFoundError: the file does not exist.
