@@ -103,6 +103,12 @@ def test_unknown_configuration_is_refused(tmp_path: Path, capsys: pytest.Capture
     assert "bogus" in capsys.readouterr().err
 
 
+def test_a_configuration_named_twice_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each row of the table counts the runs of its configuration: a repeated one would count them twice."""
+    assert main(["ablate", "--configs", "plain,identity,plain", "--output", str(tmp_path / "abl")]) == 2
+    assert "--configs names plain twice" in capsys.readouterr().err and not (tmp_path / "abl").exists()
+
+
 def test_learning_rate_rules() -> None:
     from repvgg.training.config import AblationConfig, TrainConfig
 

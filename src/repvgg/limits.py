@@ -18,13 +18,14 @@ import math
 import os
 import re
 import reprlib
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = ["ACTIVATION_FACTOR", "LimitExceeded", "MAX_BATCH_SIZE", "MAX_CHANNELS", "MAX_CLASSES", "MAX_CONFIG_BYTES",
            "MAX_GENERATED_SCENES", "MAX_IMAGE_PIXELS", "MAX_IMG_SIZE", "MAX_JSON_BYTES", "MAX_LR", "MAX_NESTING",
            "MAX_RESIZE", "MAX_STAGE_DEPTH", "MAX_WORKERS", "MEMORY_SHARE", "MIN_OPSET", "SCENE_RECORD_BYTES", "brief",
            "check_batch_memory", "check_float", "check_generated_scenes", "check_image_pixels", "check_img_size",
-           "check_int", "check_parameter_memory", "check_workers", "machine_memory", "nesting_depth", "parse_json"]
+           "check_int", "check_parameter_memory", "check_unique", "check_workers", "machine_memory", "nesting_depth",
+           "parse_json"]
 
 #: Largest input side (pixels) of any command: training, evaluation, export, benchmarks.
 MAX_IMG_SIZE = 4096
@@ -327,3 +328,19 @@ def out_of_memory(err: BaseException, doing: str = "") -> Exception | None:
     has = f"; this process may use about {memory / 2**30:.1f} GiB" if memory else ""
     return OutOfMemory(f"ran out of memory{' ' + doing if doing else ''}{size}{has}. Lower --batch-size or "
                        "--img-size (or --calib-images, --speed-batch), or free memory, and run it again")
+
+
+def check_unique(given: Sequence[str], what: str, names: Sequence[str] | None = None) -> None:
+    """Refuse a list that names one thing twice (``names``: ``given`` in canonical form, e.g. registry names), which
+    would be run, timed or counted twice.
+
+    Raises:
+        ValueError: naming ``what`` (e.g. ``--models``) and what was given twice.
+    """
+    seen: dict[str, str] = {}
+    for as_given, name in zip(given, given if names is None else names):
+        if name in seen:
+            same = f"{seen[name]!r} and {as_given!r}" if seen[name] != as_given else repr(as_given)
+            raise ValueError(f"{what} names {name} twice ({same}): give each once")
+        seen[name] = as_given
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from repvgg.limits import MAX_IMG_SIZE, check_batch_memory
+from repvgg.limits import MAX_IMG_SIZE, check_batch_memory, check_unique
 from repvgg.options import RunConfig, check_device_name, option
 
 __all__ = ["BenchConfig", "DTYPES"]
@@ -82,7 +82,7 @@ class BenchConfig(RunConfig):
             raise ValueError(f"dtypes must be among {', '.join(DTYPES)}, got {list(self.dtypes)}")
         for flag, given, names in (("--models", self.models, models), ("--baselines", self.baselines, self.baselines),
                                    ("--dtypes", self.dtypes, self.dtypes)):
-            _refuse_repeats(flag, given, names)
+            check_unique(given, flag, names)
         cuda = device.type == "cuda"
         resolved = replace(
             self,
@@ -96,18 +96,3 @@ class BenchConfig(RunConfig):
         )
         check_batch_memory(resolved.batch, (3, self.img_size, self.img_size), "--batch-size")
         return resolved
-
-
-def _refuse_repeats(flag: str, given: tuple[str, ...], names: tuple[str, ...]) -> None:
-    """Refuse a list that names one thing twice (``names``: ``given`` in canonical form), which the report would time
-    and list twice.
-
-    Raises:
-        ValueError: naming what was given twice.
-    """
-    seen: dict[str, str] = {}
-    for as_given, name in zip(given, names):
-        if name in seen:
-            same = f"{seen[name]!r} and {as_given!r}" if seen[name] != as_given else repr(as_given)
-            raise ValueError(f"{flag} names {name} twice ({same}): give each once")
-        seen[name] = as_given

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from repvgg.limits import brief, parse_json
+from repvgg.limits import brief, check_unique, parse_json
 from repvgg.nn.complexity import count_macs, count_parameters
 from repvgg.training.config import TrainConfig
 from repvgg.nn.convert import reparameterize_model
@@ -153,6 +153,7 @@ def run_ablation(
         raise ValueError(f"at least one ablation configuration is needed; choose from {list(BRANCH_CONFIGS)}")
     if not seeds:
         raise ValueError("at least one seed is needed")
+    check_unique(list(configs), "--configs")  # a repeated one would count every run of it twice
     output = Path(output)
     result: AblationResult | None = None
     for name in configs:
