@@ -107,6 +107,9 @@ def test_a_configuration_named_twice_is_refused(tmp_path: Path, capsys: pytest.C
     """Each row of the table counts the runs of its configuration: a repeated one would count them twice."""
     assert main(["ablate", "--configs", "plain,identity,plain", "--output", str(tmp_path / "abl")]) == 2
     assert "--configs names plain twice" in capsys.readouterr().err and not (tmp_path / "abl").exists()
+    (tmp_path / "ablation.json").write_text("{}")
+    assert main(["ablate", "--configs", "plain", "--output", str(tmp_path / "ablation.json")]) == 2
+    assert "is a file; the ablation's runs and tables go into a folder" in capsys.readouterr().err
 
 
 def test_learning_rate_rules() -> None:

@@ -90,6 +90,9 @@ def read_dense_model(path: str | os.PathLike[str], *, kind: str,
         ValueError: the file is unreadable or not a ``kind`` file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name a {kind} weights file (of a run folder: "
+                         f"{path / 'deploy.safetensors'} or {path / 'best.pt'})")
     if not path.is_file():
         raise FileNotFoundError(f"{kind} weights not found: {path}")
     not_ours = (f"{path} is not a {kind} file written by `repvgg {command}` (no {kind} configuration inside); pass "

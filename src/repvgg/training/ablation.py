@@ -155,6 +155,8 @@ def run_ablation(
         raise ValueError("at least one seed is needed")
     check_unique(list(configs), "--configs")  # a repeated one would count every run of it twice
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; the ablation's runs and tables go into a folder: name one")
     result: AblationResult | None = None
     for name in configs:
         overrides = {**base.model_overrides, **BRANCH_CONFIGS[name]}
