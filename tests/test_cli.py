@@ -28,6 +28,8 @@ def test_info_prints_computed_counts(capsys: pytest.CaptureFixture[str]) -> None
     tiny = model_complexity("repvgg_tiny", img_size=32)
     assert (record["params_train"], record["macs_deploy"], record["depths"]) == (
         tiny.params_train, tiny.macs_deploy, [1, 2, 2, 4, 1])
+    assert main(["info", "--models", "REPVGG_TINY, repvgg_tiny,", "--img-size", "32", "--json"]) == 0
+    assert [r["model"] for r in json.loads(capsys.readouterr().out)] == ["repvgg_tiny"]  # as registered, once
 
 
 def test_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

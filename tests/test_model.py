@@ -250,3 +250,10 @@ def test_qarepvgg_models_fuse_to_the_same_plain_network_and_are_recognised() -> 
     tiny = create_model("qarepvgg_tiny", num_classes=10)
     assert infer_architecture(tiny.state_dict()) == "qarepvgg_tiny"
     assert infer_architecture(create_model("repvgg_tiny", num_classes=10).state_dict()) == "repvgg_tiny"
+
+
+def test_pretrained_takes_true_or_false_only() -> None:
+    """A hub reference given as ``pretrained`` was taken as True (timm's weights, fetched); it goes in ``weights``."""
+    with pytest.raises(TypeError, match="for a hub reference pass weights='hf-hub:me/cls'"):
+        create_model("repvgg_tiny", pretrained="hf-hub:me/cls")
+

@@ -18,14 +18,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from repvgg.nn.complexity import model_complexity
-    from repvgg.nn.registry import get_spec, list_models
+    from repvgg.nn.registry import canonical_name, get_spec, list_models
     from repvgg.report import markdown_table
 
-    names = [name for item in (args.models or "*").split(",")
-             for name in (list_models(item) if any(c in item for c in "*?[") else [item])]
+    items = [item.strip() for item in (args.models or "*").split(",") if item.strip()]
+    names = [name for item in items for name in (list_models(item) if any(c in item for c in "*?[") else [item])]
     if not names:
         raise ValueError(f"no registered model matches {args.models!r}; `repvgg info` lists them all")
-    specs = [get_spec(name) for name in names]  # unknown names fail with close matches before any work
+    for name in names:
+        get_spec(name)  # unknown names fail with close matches before any work
+    names = list(dict.fromkeys(canonical_name(name) for name in names))  # as registered, each once
+    specs = [get_spec(name) for name in names]
     rows, records = [], []
     for name, spec in zip(names, specs):
         c = model_complexity(name, img_size=args.img_size)

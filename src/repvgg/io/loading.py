@@ -63,6 +63,10 @@ def create_model(
         **overrides: any [`RepVGGSpec`][repvgg.nn.spec.RepVGGSpec] field, e.g. ``depths=(1, 2, 2, 2, 1)`` or
             ``use_identity=False``, for a custom architecture in one call.
     """
+    if not isinstance(pretrained, bool):
+        hint = (f"; for a hub reference pass weights={pretrained!r}" if isinstance(pretrained, str)
+                and pretrained.startswith("hf-hub:") else "")
+        raise TypeError(f"pretrained is True or False, got {pretrained!r}{hint}")
     if pretrained:
         if weights is not None:
             raise ValueError("pass either pretrained=True or weights=..., not both")
