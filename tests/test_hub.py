@@ -101,3 +101,27 @@ def test_a_cached_hub_file_is_an_input_no_output_replaces(tmp_path: Path, monkey
                     ["predict", "hf-hub:me/cls", str(tmp_path / "a.png"), "--csv", str(cached)]):
         assert main([*command, "--overwrite"]) == 2
         assert "is the input file" in capsys.readouterr().err and cached.read_bytes() == before
+
+
+def test_predict_takes_an_onnx_file_on_the_hub(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``predict hf-hub:ORG/REPO/FILE`` is judged by the file it names: an ONNX model runs as a local one does (it was
+    refused as 'an ONNX model, use it with repvgg predict')."""
+    import huggingface_hub.constants as constants
+    from PIL import Image
+
+    from repvgg.cli import main
+
+    model = repvgg.reparameterize_model(repvgg.create_model("repvgg_tiny", num_classes=3).eval())
+    weights = repvgg.save_weights(model, tmp_path / "m.safetensors")
+    assert main(["export", str(weights), str(tmp_path / "m.onnx"), "--img-size", "32"]) == 0
+    cache = _hub_cache(tmp_path / "hub", "me/cls", {})
+    (snapshot,) = cache.glob("models--me--cls/snapshots/*")
+    (snapshot / "m.onnx").write_bytes((tmp_path / "m.onnx").read_bytes())
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    capsys.readouterr()
+    assert main(["predict", "hf-hub:me/cls/m.onnx", str(tmp_path / "a.png"), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    local = main(["predict", str(tmp_path / "m.onnx"), str(tmp_path / "a.png"), "--json"])
+    assert local == 0 and json.loads(capsys.readouterr().out)["predictions"] == document["predictions"]

@@ -20,6 +20,7 @@ from torch import nn
 from repvgg.dense.scenes import SyntheticConfig
 from repvgg.io.card import check_class_names
 from repvgg.io.formats import require_kind
+from repvgg.io.hub import HUB_PREFIX
 from repvgg.io.safe_load import safe_load
 from repvgg.io.weights import (declared_task, read_safetensors, safetensors_metadata, state_dict_problems,
                                write_safetensors)
@@ -53,7 +54,11 @@ def dense_artifact(artifact: str | os.PathLike[str], kind: str,
                    onnx_metadata: Callable[[Path], Any]) -> Path | None:
     """The ``kind`` file ``artifact`` names (a run folder gives its ``deploy.safetensors``), or ``None`` when it is not
     one: a file of that kind, or an ONNX file ``onnx_metadata`` (the kind's checked metadata, ``None`` for another
-    task's file) takes as exported from one; told by content."""
+    task's file) takes as exported from one; told by content (an ``hf-hub:`` reference by the file it names)."""
+    if isinstance(artifact, str) and artifact.startswith(HUB_PREFIX):
+        from repvgg.io.hub import hub_file
+
+        artifact = hub_file(artifact)
     path = Path(artifact)
     if path.is_dir():
         path = path / "deploy.safetensors"

@@ -71,7 +71,10 @@ def locate_artifact(artifact: str | os.PathLike[str]) -> tuple[str, Path | str]:
         ValueError: the file is not a model file (an image, an empty or unknown file).
     """
     if isinstance(artifact, str) and artifact.startswith(HUB_PREFIX):
-        return "weights", artifact
+        from repvgg.io.hub import hub_file
+
+        local = hub_file(artifact)  # an ONNX file on the hub is one too
+        return ("onnx", local) if require_kind(local, MODEL_KINDS, "a model file") == "onnx" else ("weights", artifact)
     path = Path(artifact)
     if path.is_dir():
         deploy = path / "deploy.safetensors"
