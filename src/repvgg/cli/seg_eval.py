@@ -12,8 +12,9 @@ from repvgg.cli.output import add_json_out_flag, check_json_out, emit, write_jso
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("seg-eval", help="evaluate a saved segmenter: mIoU, per-class IoU, pixel accuracy, speed")
     p.add_argument("--weights", required=True, help="a seg-train file: deploy.safetensors, best.pt or last.pt")
-    p.add_argument("--data", default=None, help="folder with images/val and labels/val "
-                   "(default: the data the model was trained on, as stored in the file)")
+    p.add_argument("--data", default=None, help="folder with images/val and labels/val, or 'synthetic' for the "
+                   "generated scenes (./synthetic for a folder of that name; default: the data the model was trained "
+                   "on, as stored in the file)")
     p.add_argument("--val-size", type=image_size, default=None, help="resize validation images to this square size "
                    "(default: as stored in the file, else as they are)")
     p.add_argument("--batch-size", type=bounded_int(1), default=16, help="evaluation batch size, as seg-train")
