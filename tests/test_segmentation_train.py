@@ -119,6 +119,8 @@ def test_seg_eval_refuses_files_it_cannot_rebuild(tmp_path: Path, capsys: pytest
     assert "not a segmenter file" in capsys.readouterr().err
     assert main(["seg-eval", "--weights", str(tmp_path / "missing.safetensors"), "--no-speed"]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["seg-eval", "--weights", str(tmp_path), "--no-speed", "--baseline", "resnet101"]) == 2
+    assert "--baseline resnet101 is timed next to the model" in capsys.readouterr().err  # not ignored
     assert main(["seg-eval", "--weights", str(tmp_path), "--no-speed"]) == 2  # a run folder, say
     assert f"{tmp_path} is a folder; name a segmenter weights file" in capsys.readouterr().err
 

@@ -20,8 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=bounded_int(1), default=16, help="evaluation batch size, as seg-train")
     p.add_argument("--workers", type=bounded_int(0, MAX_WORKERS), default=0, help="data-loading worker processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--baseline", default="resnet50", choices=["resnet50", "resnet101", "none"],
-                   help="ResNet PSPNet timed next to the model at the same input size")
+    p.add_argument("--baseline", default=None, choices=["resnet50", "resnet101", "none"],
+                   help="ResNet PSPNet timed next to the model at the same input size (default: resnet50)")
     p.add_argument("--speed", default=True, action=argparse.BooleanOptionalAction,
                    help="measure images/s (--no-speed skips it)")
     add_json_out_flag(p)
@@ -33,11 +33,14 @@ def run(args: argparse.Namespace) -> int:
     from repvgg.segmentation.evaluate import evaluate_segmenter_file, iou_table, speed_table
     from repvgg.segmentation.weights import load_segmenter
 
+    if not args.speed and args.baseline not in (None, "none"):
+        raise ValueError(f"--baseline {args.baseline} is timed next to the model: it goes with the speed measurement "
+                         "(drop --no-speed, or --baseline)")
     data = args.data if args.data or not args.json_out else trained_data_folder(load_segmenter(args.weights)[1])
     check_json_out(args, reads=[args.weights, data])  # never into the data folder it reads
     result = evaluate_segmenter_file(args.weights, data=args.data, val_size=args.val_size,
                                      batch_size=args.batch_size, workers=args.workers, device=args.device,
-                                     baseline=args.baseline, speed=args.speed)
+                                     baseline=args.baseline or "resnet50", speed=args.speed)
     text = f"## {result['model']} ({result['form']}) on {result['dataset']}, {result['val_images']} images\n\n"
     text += iou_table(result) + "\n"
     if "max_abs_diff" in result:

@@ -216,8 +216,9 @@ def evaluate_checkpoint(
                             val_fraction=TrainConfig.val_fraction if fraction is None else fraction)
     label_map = card.label_map(bundle.classes, bundle.name)  # matched by name; a mismatch is refused
     size = bundle.preprocessing.img_size
-    check_batch_memory(batch_size, (model.in_chans, size, size), "--batch-size")
     val = bundle.val if label_map is None else Relabelled(bundle.val, label_map)
+    batch_size = max(1, min(batch_size, dataset_size(val)))  # no batch holds more images than there are
+    check_batch_memory(batch_size, (model.in_chans, size, size), "--batch-size")
     torch_device = resolve_device(device)
     model = model.to(torch_device).eval()
     models = [model] if model.deploy else [model, reparameterize_model(model)]
