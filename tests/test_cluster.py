@@ -299,6 +299,10 @@ def test_relative_paths_reach_actors_working_elsewhere(qa_digits_run: Path, imag
     (driver / "names.txt").write_text("\n".join(f"digit {i}" for i in range(10)) + "\n")
     monkeypatch.chdir(driver)
     given = [os.path.relpath(images / name, driver) for name in ("000.png", "001.png", "broken.png", "002.png")]
+    (tmp_path / "deep" / "inner").mkdir(parents=True)  # lnk/../000.png is deep/000.png to the system, not ./000.png
+    shutil.copy(images / "000.png", tmp_path / "deep" / "000.png")
+    (driver / "lnk").symlink_to(tmp_path / "deep" / "inner")
+    given.append(os.path.join("lnk", "..", "000.png"))
 
     class Dataset:  # Ray Data's part: the rows in order, each batch to the actor the pool holds
         context = type("Context", (), {"execution_options": type("Options", (), {})()})()
@@ -332,7 +336,7 @@ def test_relative_paths_reach_actors_working_elsewhere(qa_digits_run: Path, imag
     assert [row["source"] for row in found] == given
     assert found[2]["error"] and given[2] in found[2]["error"] and str(images) not in found[2]["error"]
     by_source = {Path(p["source"]).name: p for p in plain}
-    for row in (found[0], found[1], found[3]):
+    for row in (found[0], found[1], found[3], found[4]):
         want = by_source[Path(row["source"]).name]
         assert row["error"] is None and row["classes"] == [f"digit {i}" for i in want["indices"]]
         assert np.allclose(row["probabilities"], want["probabilities"], rtol=0, atol=1e-5)

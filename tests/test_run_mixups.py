@@ -178,6 +178,17 @@ def test_eval_splits_the_digits_as_the_run_did(partial: Path, tmp_path: Path,
         assert (result["val_fraction"], result["val_images"]) == (fraction, images)
     assert main(["eval", "--weights", str(run / "last.pt"), "--data", str(tmp_path), "--val-fraction", "0.3"]) == 2
     assert "--val-fraction splits the embedded digits" in _error(capsys)
+    elsewhere = tmp_path / "elsewhere"  # a link to the run's file splits as the run; another config.yaml is not read
+    elsewhere.mkdir()
+    (elsewhere / "last.pt").symlink_to(run / "last.pt")
+    (elsewhere / "config.yaml").write_text("- a list, not a run's config\n")
+    assert main(["eval", "--weights", str(elsewhere / "last.pt"), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_fraction"] == 0.3
+    shutil.copy(run / "last.pt", elsewhere / "copy.pt")
+    for foreign in ("- a list\n", "val_fraction: 0.5\n"):
+        (elsewhere / "config.yaml").write_text(foreign)
+        assert main(["eval", "--weights", str(elsewhere / "copy.pt"), "--device", "cpu", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["val_fraction"] == 0.2
 
 
 def test_eval_of_an_ema_runs_checkpoint_scores_what_the_run_did(tmp_path: Path,

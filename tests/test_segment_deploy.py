@@ -95,6 +95,11 @@ def test_predict_writes_each_mask_at_its_image_size(trained_segmenter: tuple[Pat
     assert "broken.png" in capsys.readouterr().err and not (tmp_path / "new").exists()
     assert main([*failing, "--bad-images", "skip"]) == 0  # so the same command runs again as it was
     assert [p.name for p in (tmp_path / "new" / "masks").iterdir()] == [f"{images[0].stem}.png"]
+    linked = tmp_path / "linked"  # a link the user left, to a file not there yet: written through, then removed
+    linked.mkdir()
+    (linked / f"{images[0].stem}.png").symlink_to(tmp_path / "gone.png")
+    assert main([*failing[:-1], str(linked)]) == 2
+    assert (linked / f"{images[0].stem}.png").is_symlink() and not (tmp_path / "gone.png").exists()
 
 
 def test_an_image_in_memory_is_read_as_its_file_is(trained_segmenter: tuple[Path, dict], images: list[Path],

@@ -127,3 +127,17 @@ def test_numbered_classes_are_named_by_the_other_side(trained_on: tuple[Path, Pa
     named = _folder(tmp_path / "named", "a\nb\nc\n")
     assert main(["seg-eval", "--weights", str(nameless), "--data", str(named), "--no-speed", "--json"]) == 0
     assert list(json.loads(capsys.readouterr().out)["per_class_iou"]) == ["a", "b", "c"]
+
+
+def test_a_checkpoint_with_an_ema_loads_its_ema_weights(tmp_path: Path) -> None:
+    """A seg-train (or det-train) checkpoint of a run with an EMA is its EMA's model, as the run evaluated and deployed
+    it (``best.pt``, ``deploy.safetensors``); the raw weights stay for a resume."""
+    config = SegmenterConfig("repvgg_tiny", 3, head_channels=8, aux_channels=0)
+    raw, ema = build_segmenter(config).state_dict(), build_segmenter(config).state_dict()
+    checkpoint = {"task": "seg-train", "segmenter": config.to_dict(), "model": raw, "ema": ema, "classes": CLASSES,
+                  "data": None}
+    torch.save(checkpoint, tmp_path / "last.pt")
+    loaded = load_segmenter(tmp_path / "last.pt")[0].state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema) and not all(torch.equal(loaded[k], raw[k]) for k in raw)
+    torch.save({**checkpoint, "ema": None}, tmp_path / "plain.pt")  # a run without an EMA: its model
+    assert all(torch.equal(load_segmenter(tmp_path / "plain.pt")[0].state_dict()[k], raw[k]) for k in raw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -223,15 +224,16 @@ class _ImageOutputs:
 
     def write(self, source: str, pngs: dict[str, bytes]) -> None:
         """Write an image's PNGs (``{"mask": bytes, "draw": bytes}``) where its targets say for ``source``."""
-        from repvgg.serialization import write_bytes
+        from repvgg.serialization import output_target, write_bytes
 
         for kind, data in pngs.items():
             target = self.targets.get(kind, {}).get(source)
             if target is not None:
-                made = not target.exists()
+                written = output_target(target)  # a link is written through: its target is the file made
+                made = not os.path.lexists(written)
                 write_bytes(target, data)
                 if made:
-                    self.made.append(target)
+                    self.made.append(written)
 
     @contextlib.contextmanager
     def removed_unless_finished(self) -> Iterator[_ImageOutputs]:

@@ -22,7 +22,7 @@ from repvgg.io.card import check_class_names
 from repvgg.io.formats import require_kind
 from repvgg.io.hub import HUB_PREFIX
 from repvgg.io.safe_load import safe_load
-from repvgg.io.weights import (declared_task, read_safetensors, safetensors_metadata, state_dict_problems,
+from repvgg.io.weights import (declared_task, read_safetensors, run_weights, safetensors_metadata, state_dict_problems,
                                write_safetensors)
 from repvgg.limits import brief, parse_json
 from repvgg.nn.convert import is_converted
@@ -115,7 +115,7 @@ def read_dense_model(path: str | os.PathLike[str], *, kind: str,
     payload = safe_load(path, what=f"a {command} checkpoint")
     if not isinstance(payload, dict) or kind not in payload or "model" not in payload:
         raise ValueError(not_ours)
-    return payload["model"], {kind: payload[kind], "deploy": False, "classes": payload.get("classes"),
+    return run_weights(payload, str(path)), {kind: payload[kind], "deploy": False, "classes": payload.get("classes"),
                               "data": payload.get("data")}
 
 

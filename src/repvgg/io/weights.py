@@ -36,6 +36,7 @@ __all__ = [
     "TASK_FILES",
     "declared_task",
     "read_checkpoint",
+    "run_weights",
     "read_safetensors",
     "safetensors_metadata",
     "write_safetensors",
@@ -75,9 +76,8 @@ def _unwrap(obj: Any, source: str) -> tuple[StateDict, dict[str, Any]]:
     """Find the tensor mapping inside a checkpoint dict; everything else is metadata. A checkpoint of this package's
     run with an EMA gives its EMA weights: the ones the run evaluated, chose ``best.pt`` by and deployed."""
     metadata: dict[str, Any] = {}
-    if isinstance(obj, Mapping) and "task" in obj and isinstance(obj.get("ema"), Mapping) and obj["ema"]:
-        logger.info("%s: the EMA weights (as its run evaluated and deployed them)", source)
-        obj = {**obj, "model": obj["ema"]}
+    if isinstance(obj, Mapping) and "task" in obj:
+        obj = {**obj, "model": run_weights(obj, source)}
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break
@@ -99,6 +99,17 @@ def _unwrap(obj: Any, source: str) -> tuple[StateDict, dict[str, Any]]:
         f"{source} does not hold a state dict: expected a mapping of parameter names to tensors, "
         f"optionally wrapped under one of {list(_WRAPPER_KEYS)}."
     )
+
+
+def run_weights(checkpoint: Mapping[str, Any], source: str) -> Any:
+    """The weights a checkpoint of this package's run (``best.pt``, ``last.pt``) stands for: its EMA's where the run
+    kept one (the weights it evaluated, chose ``best.pt`` by and deployed), else its model's. A resume reads both,
+    through [`load_checkpoint`][repvgg.io.checkpoint.load_checkpoint]."""
+    ema = checkpoint.get("ema")
+    if isinstance(ema, Mapping) and ema:
+        logger.info("%s: the EMA weights (as its run evaluated and deployed them)", source)
+        return ema
+    return checkpoint.get("model")
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, Any]]:

@@ -187,7 +187,7 @@ def iter_predict_paths(paths: Sequence[str], artifact: str | os.PathLike[str], o
 
     # blocks of about a batch of paths (up to MAX_BLOCKS): Ray Data's default blocks made batches of about 17 paths
     blocks = min(MAX_BLOCKS, max(1, -(-len(paths) // options.batch_size)))
-    absolute = [os.path.abspath(path) for path in paths]  # an actor's working folder is not this process's
+    absolute = [_absolute(path) for path in paths]  # an actor's working folder is not this process's
     dataset = ray.data.from_items([{"path": path} for path in absolute], override_num_blocks=blocks)
     predicted = predict_dataset(dataset, artifact, options, graph=graph)
     given = iter(zip(paths, absolute))
@@ -206,12 +206,19 @@ def _for_every_node(artifact: str | os.PathLike[str], options: ClusterOptions) -
     working folder is another (a cluster started elsewhere, another machine); a hub reference stays as it is."""
     from dataclasses import replace
 
-    def absolute(path: str | os.PathLike[str]) -> str:
-        return os.path.abspath(path) if os.path.exists(path) else os.fspath(path)
+    def local(path: str | os.PathLike[str]) -> str:
+        return _absolute(path) if os.path.exists(path) else os.fspath(path)
 
-    classes = absolute(options.classes) if isinstance(options.classes, (str, os.PathLike)) else options.classes
-    calibration = None if options.calibration is None else [os.path.abspath(p) for p in options.calibration]
-    return absolute(artifact), replace(options, classes=classes, calibration=calibration)
+    classes = local(options.classes) if isinstance(options.classes, (str, os.PathLike)) else options.classes
+    calibration = None if options.calibration is None else [_absolute(p) for p in options.calibration]
+    return local(artifact), replace(options, classes=classes, calibration=calibration)
+
+
+def _absolute(path: str | os.PathLike[str]) -> str:
+    """``path`` from this process's working folder, as the system reads it (``link/..`` is not ``.``: no text is
+    collapsed)."""
+    path = os.fspath(path)
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def _as_given(row: dict[str, Any], paths: tuple[str, str] | None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -13,6 +14,8 @@ from torch.utils.data import DataLoader
 from repvgg.limits import check_batch_memory, check_float, check_int, check_workers
 from repvgg.nn.convert import OutputDeviation, check_outputs
 from repvgg.training.distributed import all_reduce
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Comparison", "EvalReport", "compare_models", "digits_val_fraction", "evaluate_models", "measure_throughput",
            "topk_correct"]
@@ -249,17 +252,21 @@ def digits_val_fraction(weights: str, given: float | None = None) -> float:
     from pathlib import Path
 
     from repvgg.options import load_config_file
+    from repvgg.training.config import TrainConfig
 
     if given is not None:
         check_float(given, "val_fraction", low=0, high=1)
         return given
-    config = Path(weights).parent / "config.yaml"
+    config = Path(weights).resolve().parent / "config.yaml"  # a link to a run's file: the run's folder
     if not str(weights).startswith("hf-hub:") and config.is_file():
-        recorded = load_config_file(config)
+        try:
+            recorded = load_config_file(config)
+        except (OSError, ValueError) as err:  # not a run's config: another file of that name
+            log.info("%s is not read for the digits split (%s)", config, err)
+            return TrainConfig.val_fraction
         fraction = recorded.get("val_fraction")
-        if recorded.get("data") is None and isinstance(fraction, float) and 0 < fraction < 1:
+        if {"model", "epochs", "seed"} <= set(recorded) and recorded.get("data") is None \
+                and isinstance(fraction, float) and 0 < fraction < 1:
             return fraction
-    from repvgg.training.config import TrainConfig
-
     return TrainConfig.val_fraction
 
