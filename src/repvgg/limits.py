@@ -343,4 +343,3 @@ def check_unique(given: Sequence[str], what: str, names: Sequence[str] | None = 
             same = f"{seen[name]!r} and {as_given!r}" if seen[name] != as_given else repr(as_given)
             raise ValueError(f"{what} names {name} twice ({same}): give each once")
         seen[name] = as_given
-

@@ -25,12 +25,10 @@ def run(args: argparse.Namespace) -> int:
     names = [name for item in items for name in (list_models(item) if any(c in item for c in "*?[") else [item])]
     if not names:
         raise ValueError(f"no registered model matches {args.models!r}; `repvgg info` lists them all")
-    for name in names:
-        get_spec(name)  # unknown names fail with close matches before any work
-    names = list(dict.fromkeys(canonical_name(name) for name in names))  # as registered, each once
-    specs = [get_spec(name) for name in names]
+    # unknown names fail with close matches before any work; each model once, named as registered
+    specs = {canonical_name(name): get_spec(name) for name in names}
     rows, records = [], []
-    for name, spec in zip(names, specs):
+    for name, spec in specs.items():
         c = model_complexity(name, img_size=args.img_size)
         record = {"model": c.name, "depths": list(spec.depths), "width_multipliers": list(spec.width_multipliers),
                   "groups": spec.groups, "params_train": c.params_train, "params_deploy": c.params_deploy,

@@ -299,8 +299,15 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv", writes=targets.values())
     threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
     outputs = _ImageOutputs({"draw": targets})
+
+    def predictor() -> Any:
+        from repvgg.detection.predict import DetectionPredictor
+
+        return DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=threshold, classes=args.classes,
+                                  device=args.device, measure=len(paths) >= _WEIGH_DETECTOR_FROM, samples=paths)
+
     with outputs.removed_unless_finished():
-        rows, model, started = _detections(args, paths, threshold, outputs)
+        rows, model, started = _dense_rows(args, paths, outputs, predictor, score_threshold=threshold)
     skipped = sum(1 for r in rows if r["error"])
     document = {"artifact": model["artifact"], "runtime": model["runtime"], "runtime_reason": model["runtime_reason"],
                 "task": "detection", "score_threshold": threshold, "images": len(rows) - skipped, "skipped": skipped,
@@ -317,28 +324,24 @@ def _predict_boxes(args: argparse.Namespace, paths: list[str]) -> int:
     return 0
 
 
-def _detections(args: argparse.Namespace, paths: list[str], threshold: float,
-                outputs: _ImageOutputs) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
-    """A detector's rows for ``paths`` (on the cluster with ``--ray``), its drawings written as ``outputs`` says; the
-    model's description and when the predicting started."""
-    from repvgg.detection.predict import DetectionPredictor
-
+def _dense_rows(args: argparse.Namespace, paths: list[str], outputs: _ImageOutputs, predictor: Callable[[], Any],
+                **options: Any) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    """A detector's or segmenter's rows for ``paths``, its PNGs written as ``outputs`` says: on the cluster with
+    ``--ray`` (its actors' ``options``), else by the ``predictor()`` made here; the model's description and when the
+    predicting started."""
     if args.ray is not None:  # timed from the cluster's start, as a classifier's
         started = time.perf_counter()
-        options = _dense_options(args, paths, outputs.wanted, score_threshold=threshold)
-        return (*_cluster_rows(args, paths, options, outputs), started)
-    predictor = DetectionPredictor(args.artifact, runtime=args.runtime, score_threshold=threshold,
-                                   classes=args.classes, device=args.device,
-                                   measure=len(paths) >= _WEIGH_DETECTOR_FROM, samples=paths)
+        return (*_cluster_rows(args, paths, _dense_options(args, paths, outputs.wanted, **options), outputs), started)
+    made = predictor()
 
-    def draw(path: str, image: Any, found: dict[str, Any]) -> None:
-        outputs.write(path, predictor.pngs(image, found, outputs.wanted))
+    def write(path: str, image: Any, found: Any) -> None:
+        outputs.write(path, made.pngs(image, found, outputs.wanted))
 
     started = time.perf_counter()
-    rows = [d.as_dict() for d in predictor.iter_predict(paths, bad_images=args.bad_images,
-                                                        on_image=draw if outputs.wanted else None)]
-    return rows, {"artifact": predictor.artifact, "runtime": predictor.backend,
-                  "runtime_reason": predictor.reason}, started
+    rows = [r.as_dict() for r in made.iter_predict(paths, bad_images=args.bad_images,
+                                                   on_image=write if outputs.wanted else None)]
+    model = {"artifact": made.artifact, "runtime": made.backend, "runtime_reason": getattr(made, "reason", None)}
+    return rows, model, started
 
 
 def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
@@ -361,8 +364,14 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
         check_output_path(args.csv, reads=reads, overwrite=args.overwrite, option="--csv",
                           writes=[*masks.values(), *drawn.values()])
     outputs = _ImageOutputs({"mask": masks, "draw": drawn})
+
+    def predictor() -> Any:
+        from repvgg.segmentation.predict import SegmentationPredictor
+
+        return SegmentationPredictor(args.artifact, runtime=args.runtime, classes=args.classes, device=args.device)
+
     with outputs.removed_unless_finished():
-        rows, model, started = _segmentations(args, paths, outputs)
+        rows, model, started = _dense_rows(args, paths, outputs, predictor)
     for row in rows:  # where its mask was written
         row["mask"] = str(masks[row["source"]]) if row["error"] is None and row["source"] in masks else None
     skipped = sum(1 for r in rows if r["error"])
@@ -377,25 +386,6 @@ def _predict_masks(args: argparse.Namespace, paths: list[str]) -> int:
     emit(args, document, printed or _table(rows, lambda row: "  ".join(
         f"{printable(c['class'])} {100 * c['fraction']:.1f}%" for c in row["classes"])))
     return 0
-
-
-def _segmentations(args: argparse.Namespace, paths: list[str],
-                   outputs: _ImageOutputs) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
-    """A segmenter's rows for ``paths`` (on the cluster with ``--ray``), its masks and overlays written as ``outputs``
-    says; the model's description and when the predicting started."""
-    from repvgg.segmentation.predict import SegmentationPredictor
-
-    if args.ray is not None:  # timed from the cluster's start, as a classifier's
-        started = time.perf_counter()
-        return (*_cluster_rows(args, paths, _dense_options(args, paths, outputs.wanted), outputs), started)
-    predictor = SegmentationPredictor(args.artifact, runtime=args.runtime, classes=args.classes, device=args.device)
-
-    def write(path: str, image: Any, mask: Any) -> None:
-        outputs.write(path, predictor.pngs(image, mask, outputs.wanted))
-
-    started = time.perf_counter()
-    rows = [r.as_dict() for r in predictor.iter_predict(paths, bad_images=args.bad_images, on_image=write)]
-    return rows, {"artifact": predictor.artifact, "runtime": predictor.backend}, started
 
 
 def _dense_options(args: argparse.Namespace, paths: list[str], files: tuple[str, ...], **fields: Any) -> Any:

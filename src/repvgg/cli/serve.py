@@ -57,4 +57,3 @@ def _refuse_other_tasks_flags(args: argparse.Namespace) -> None:
         refuse_flags((("--score-threshold", args.score_threshold),), f"to detectors; ARTIFACT is {kind}")
     if task is not None:
         refuse_flags((("--topk", args.topk),), f"to classifiers; ARTIFACT is {kind}, whose answers have no top-k")
-

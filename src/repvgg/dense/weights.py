@@ -23,7 +23,7 @@ from repvgg.io.formats import require_kind
 from repvgg.io.hub import HUB_PREFIX
 from repvgg.io.safe_load import safe_load
 from repvgg.io.weights import (declared_task, read_safetensors, run_weights, safetensors_metadata, state_dict_problems,
-                               write_safetensors)
+                               weights_file, write_safetensors)
 from repvgg.limits import brief, parse_json
 from repvgg.nn.convert import is_converted
 
@@ -94,12 +94,7 @@ def read_dense_model(path: str | os.PathLike[str], *, kind: str,
         FileNotFoundError: there is no such file.
         ValueError: the file is unreadable or not a ``kind`` file.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; name a {kind} weights file (of a run folder: "
-                         f"{path / 'deploy.safetensors'} or {path / 'best.pt'})")
-    if not path.is_file():
-        raise FileNotFoundError(f"{kind} weights not found: {path}")
+    path = weights_file(path, f"{kind} weights")
     not_ours = (f"{path} is not a {kind} file written by `repvgg {command}` (no {kind} configuration inside); pass "
                 "its deploy.safetensors, best.pt or last.pt")
     if require_kind(path, ("safetensors", "torch"), f"a {kind} file") == "safetensors":

@@ -32,30 +32,11 @@ from repvgg.nn.model import RepVGG
 from repvgg.nn.registry import spec_overrides
 from repvgg.serialization import atomic_write
 
-__all__ = [
-    "TASK_FILES",
-    "declared_task",
-    "read_checkpoint",
-    "run_weights",
-    "read_safetensors",
-    "safetensors_metadata",
-    "write_safetensors",
-    "checkpoint_num_classes",
-    "expand_fused_state_dict",
-    "is_deploy_state_dict",
-    "check_state_dict",
-    "state_dict_problems",
-    "load_state_dict_into",
-    "load_weights",
-    "save_weights",
-    "stem_in_chans",
-    "HEAD_PREFIX",
-    "timm_to_official",
-    "official_to_timm",
-    "mmpretrain_to_official",
-    "repvggplus_to_official",
-    "is_head_key",
-]
+__all__ = ["TASK_FILES", "declared_task", "read_checkpoint", "run_weights", "weights_file", "read_safetensors",
+           "safetensors_metadata", "write_safetensors", "checkpoint_num_classes", "expand_fused_state_dict",
+           "is_deploy_state_dict", "check_state_dict", "state_dict_problems", "load_state_dict_into", "load_weights",
+           "save_weights", "stem_in_chans", "HEAD_PREFIX", "timm_to_official", "official_to_timm",
+           "mmpretrain_to_official", "repvggplus_to_official", "is_head_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +93,22 @@ def run_weights(checkpoint: Mapping[str, Any], source: str) -> Any:
     return checkpoint.get("model")
 
 
+def weights_file(path: str | os.PathLike[str], what: str = "weights") -> Path:
+    """``path``, a ``what`` file to read (a folder is refused, naming a run folder's files).
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: ``path`` is a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; name a {what} file (of a run folder: {path / 'deploy.safetensors'} "
+                         f"or {path / 'best.pt'})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    return path
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, Any]]:
     """Read a weights file into an official-format state dict and its metadata.
 
@@ -124,12 +121,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
         FileNotFoundError: the file does not exist.
         ValueError: the file is truncated, of another kind (an ONNX model, an image), or holds no state dict.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; name a weights file (of a run folder: {path / 'deploy.safetensors'} "
-                         f"or {path / 'best.pt'})")
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+    path = weights_file(path)
     metadata: dict[str, Any] = {}
     if require_kind(path, ("safetensors", "torch"), "a weights file") == "safetensors":
         state_dict, raw_meta = read_safetensors(path)

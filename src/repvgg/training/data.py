@@ -26,7 +26,7 @@ from repvgg.io.card import (IMAGENET_MEAN, IMAGENET_STD, ModelCard, Preprocessin
 from repvgg.limits import check_image_pixels, check_img_size
 from repvgg.training.digits import DigitsDataset, digits_preprocessing, digits_split
 from repvgg.training.distributed import dataset_size
-from repvgg.training.images import IMAGE_EXTENSIONS, image_files, load_rgb
+from repvgg.training.images import IMAGE_EXTENSIONS, image_files, load_rgb, pil_chw
 
 __all__ = [
     "DatasetBundle",
@@ -243,11 +243,8 @@ class ToNormalizedTensor:
         self._offset = (torch.tensor(self.mean, dtype=torch.float64) / std_t).float().reshape(-1, 1, 1)
 
     def __call__(self, image: Any) -> Tensor:
-        if not isinstance(image, Tensor):  # a PIL image: its bytes as (C, H, W), as torchvision's pil_to_tensor
-            import numpy as np
-
-            pixels = np.array(image, dtype=np.uint8)
-            image = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1)
+        if not isinstance(image, Tensor):
+            image = pil_chw(image)
         pixels = image.to(torch.float32, memory_format=torch.contiguous_format)
         return pixels.mul_(self._scale).sub_(self._offset)
 

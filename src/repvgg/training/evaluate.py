@@ -212,11 +212,11 @@ def evaluate_checkpoint(
     check_workers(workers)
     if data is not None and val_fraction is not None:
         raise ValueError("--val-fraction splits the embedded digits; a folder's val/ images are its split")
-    fraction = digits_val_fraction(weights, val_fraction) if data is None else None
+    fraction = digits_val_fraction(weights, val_fraction) if data is None else TrainConfig.val_fraction
     model = load_model(weights, arch=arch)
     card = model_card(model)
     bundle = build_datasets(data, img_size=img_size, preprocessing=card.recorded_preprocessing,
-                            val_fraction=TrainConfig.val_fraction if fraction is None else fraction)
+                            val_fraction=fraction)
     label_map = card.label_map(bundle.classes, bundle.name)  # matched by name; a mismatch is refused
     size = bundle.preprocessing.img_size
     val = bundle.val if label_map is None else Relabelled(bundle.val, label_map)
@@ -234,7 +234,7 @@ def evaluate_checkpoint(
         "model": model.name,
         "form": "deploy" if model.deploy else "training-time",
         "dataset": bundle.name,
-        **({} if fraction is None else {"val_fraction": fraction}),
+        **({"val_fraction": fraction} if data is None else {}),
         "val_images": report.images,
         "val_top1": report.top1[0],
         "val_top5": report.top5[0],
@@ -269,4 +269,3 @@ def digits_val_fraction(weights: str, given: float | None = None) -> float:
                 and isinstance(fraction, float) and 0 < fraction < 1:
             return fraction
     return TrainConfig.val_fraction
-

@@ -14,8 +14,8 @@ import numpy as np
 from repvgg.limits import LimitExceeded, check_image_pixels
 from repvgg.serialization import input_file
 
-__all__ = ["IMAGE_EXTENSIONS", "NEVER_OPENED", "as_rgb", "image_files", "load_rgb", "open_image", "rgb_tensor",
-           "whole_image_size"]
+__all__ = ["IMAGE_EXTENSIONS", "NEVER_OPENED", "as_rgb", "image_files", "load_rgb", "open_image", "pil_chw",
+           "rgb_tensor", "whole_image_size"]
 
 #: What counts as an image file in a folder: torchvision's ``ImageFolder`` extensions (a test keeps them equal),
 #: spelled out so that listing a folder does not import torchvision (about 1.2 s of a ``predict`` on the cluster's
@@ -135,8 +135,16 @@ def rgb_tensor(image: Any, what: str = "the image") -> Any:
             raise ValueError(f"{what} is a {str(image.dtype).removeprefix('torch.')} tensor of shape "
                              f"{tuple(image.shape)}: give a uint8 (3, H, W) tensor of 0..255 values, or a PIL image")
         return image
-    pixels = np.asarray(as_rgb(image, what), dtype=np.uint8)
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    return pil_chw(as_rgb(image, what))
+
+
+def pil_chw(image: Any) -> Any:
+    """A PIL image's bytes as a uint8 ``(C, H, W)`` tensor, as torchvision's ``pil_to_tensor`` gives them (one channel
+    for a grey image)."""
+    import torch
+
+    pixels = np.array(image, dtype=np.uint8)
+    return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1)
 
 
 def _converted(image: Any) -> Any:
