@@ -333,8 +333,9 @@ def check_continuation(checkpoint: Mapping[str, Any], config: Any, *, changeable
     _check_epochs(checkpoint, config, output)
     step, epoch = int(checkpoint["global_step"]), int(checkpoint["epoch"])
     # another data folder (a moved one) is checked by its identity (check_same_data), and recorded like a change
-    moved = [k for k in ("data",) if saved.get(k) is not None and getattr(config, k, None) is not None
-             and _comparable(k, saved[k], paths) != _comparable(k, getattr(config, k), paths)]
+    data = getattr(config, "data", None)
+    moved = ["data"] if saved.get("data") is not None and data is not None \
+        and _comparable("data", saved["data"], paths) != _comparable("data", data, paths) else []
     changes = [{"field": k, "was": saved.get(k), "now": _comparable(k, getattr(config, k), paths), "epoch": epoch,
                 "step": step} for k in [*changed, *moved]]
     for change in changes:
