@@ -123,11 +123,14 @@ def differs_by_ties_only(a: dict[str, Tensor], b: dict[str, Tensor], *, iou: flo
 
 @torch.no_grad()
 def candidates(model: Any, images: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Every anchor's decoded box ``(N, A, 4)`` (in the resized image's pixels) and class scores ``(N, A, C)`` of a
-    torchvision FCOS or RetinaNet (or what a detector's own ``candidates`` method gives), before the score threshold,
-    the top-k cut and non-maximum suppression: what a converted detector must reproduce (NMS itself is
-    discontinuous: two boxes of near-equal score that overlap are kept or dropped by the last bits of their
-    scores)."""
+    """Every anchor's decoded box ``(N, A, 4)`` (in the resized image's pixels, clipped to the image as the detector
+    clips it: an untrained anchor's box hundreds of pixels outside carries float32 rounding of its size) and class
+    scores ``(N, A, C)`` of a torchvision FCOS or RetinaNet (or what a detector's own ``candidates`` method gives),
+    before the score threshold, the top-k cut and non-maximum suppression: what a converted detector must reproduce
+    (NMS itself is discontinuous: two boxes of near-equal score that overlap are kept or dropped by the last bits of
+    their scores)."""
+    from torchvision.ops import clip_boxes_to_image
+
     if hasattr(model, "candidates"):
         return model.candidates(images)
     batch, _ = model.transform(images)
@@ -138,11 +141,12 @@ def candidates(model: Any, images: list[Tensor]) -> tuple[Tensor, Tensor]:
     for i, anchor in enumerate(anchors):
         logits = torch.sigmoid(out["cls_logits"][i])
         if "bbox_ctrness" in out:  # FCOS
-            boxes.append(model.box_coder.decode(out["bbox_regression"][i], anchor))
+            decoded = model.box_coder.decode(out["bbox_regression"][i], anchor)
             scores.append(torch.sqrt(logits * torch.sigmoid(out["bbox_ctrness"][i])))
         else:
-            boxes.append(model.box_coder.decode_single(out["bbox_regression"][i], anchor))
+            decoded = model.box_coder.decode_single(out["bbox_regression"][i], anchor)
             scores.append(logits)
+        boxes.append(clip_boxes_to_image(decoded.reshape(-1, 4), batch.image_sizes[i]))
     return torch.stack(boxes), torch.stack(scores)
 
 

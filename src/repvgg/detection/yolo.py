@@ -235,10 +235,12 @@ class YoloDetector(nn.Module):
 
     @torch.no_grad()
     def candidates(self, images: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Every point's box ``(B, N, 4)`` (in the resized images' pixels) and class scores ``(B, N, C)``, before the
-        threshold and NMS: what a converted detector must reproduce."""
-        logits, boxes, _ = self._predict(self.transform(images)[0].tensors)
-        return boxes, logits.sigmoid()
+        """Every point's box ``(B, N, 4)`` (in the resized images' pixels, clipped to each as `_detections` clips
+        it) and class scores ``(B, N, C)``, before the threshold and NMS: what a converted detector must reproduce."""
+        batch = self.transform(images)[0]
+        logits, boxes, _ = self._predict(batch.tensors)
+        clipped = [clip_boxes_to_image(b, size) for b, size in zip(boxes, batch.image_sizes)]
+        return torch.stack(clipped), logits.sigmoid()
 
     def _detections(self, scores: Tensor, boxes: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
         """One image's detections: the best-scoring (point, class) pairs over the threshold, class-wise NMS.
