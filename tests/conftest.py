@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,16 @@ def _no_model_left_loading() -> Iterator[None]:
             thread.join(timeout=600)
 
 
+@functools.cache
+def http() -> Any:
+    """One ``httpx.Client`` for the servers the tests start on 127.0.0.1. A client made per request (``httpx.get``)
+    loads the system's certificates each time, about 30 ms of CPU, in every polling loop; this one keeps no
+    connection between requests, as ``httpx.get`` does not, and is safe to share between threads."""
+    import httpx
+
+    return httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+
+
 @contextlib.contextmanager
 def started_process(cmd: list[str], log_dir: Path, *, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     """Start ``cmd`` in its own process group, output to files in ``log_dir`` (a full pipe cannot block it);
@@ -210,7 +222,7 @@ def server_thread(app: object, config: object, *, ready_timeout_s: float = 120) 
 
     def ready() -> bool:
         try:
-            return httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200
+            return http().get(url + "/v2/health/ready", timeout=5).status_code == 200
         except httpx.TransportError:
             return False
 

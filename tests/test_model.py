@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ from torch import nn
 from conftest import narrow as narrow_widths, randomize_bn, relative_error
 from repvgg import RepVGG, RepVGGBlock, RepVGGSpec, create_model, get_spec, list_models, reparameterize_model
 from repvgg.nn.complexity import count_macs, count_parameters, model_complexity
+
+#: Each paper model's counts, made once for the two tests that check them (a second each on two cores).
+_counts = functools.cache(model_complexity)
 
 PAPER_MODELS = ["repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b1g2", "repvgg_b1g4",
                 "repvgg_b2", "repvgg_b2g2", "repvgg_b2g4", "repvgg_b3", "repvgg_b3g2", "repvgg_b3g4", "repvgg_d2se"]
@@ -87,7 +91,7 @@ def _analytic_counts(spec: RepVGGSpec, num_classes: int, img: int) -> tuple[int,
 
 @pytest.mark.parametrize("name", PAPER_MODELS)
 def test_parameter_and_mac_counts_match_the_architecture(name: str) -> None:
-    counted = model_complexity(name, img_size=224)
+    counted = _counts(name, 224)
     expected = _analytic_counts(get_spec(name), 1000, 224)
     assert (counted.params_train, counted.params_deploy, counted.macs_train, counted.macs_deploy) == expected
 
@@ -101,7 +105,7 @@ def test_parameter_and_mac_counts_match_the_architecture(name: str) -> None:
      ("repvgg_b3", 110.96, 26.21), ("repvgg_b3g4", 75.62, 16.08)],
 )
 def test_counts_agree_with_the_paper_table(name: str, params_deploy_m: float, gflops: float) -> None:
-    c = model_complexity(name)
+    c = _counts(name, 224)
     assert c.params_deploy / 1e6 == pytest.approx(params_deploy_m, abs=0.015)
     assert c.macs_deploy / 1e9 == pytest.approx(gflops, abs=0.025)
 

@@ -172,7 +172,7 @@ def test_amp_trains_in_bf16_where_the_cpu_has_it_and_converts_exactly(tmp_path: 
     out = tmp_path / "run"
     # 89 training images: 1 step of 64 (bfloat16 is emulated on most test machines, hence slow)
     assert main(["train", "--model", "repvgg_tiny", "--epochs", "1", "--batch-size", "64", "--val-fraction", "0.95",
-                 "--device", "cpu", "--amp", "--no-inference-speed", "--output", str(out)]) == 0
+                 "--img-size", "16", "--device", "cpu", "--amp", "--no-inference-speed", "--output", str(out)]) == 0
     assert seen and all(enabled and dtype == torch.bfloat16 for enabled, dtype in seen)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["relative_error"] <= 1e-4 and summary["val_top1"] == summary["val_top1_deploy"]

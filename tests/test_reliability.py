@@ -70,7 +70,7 @@ def test_non_finite_validation_keeps_the_last_good_checkpoint(tmp_path: Path,
     monkeypatch.setattr(ClassificationTask, "evaluate", nan_after_the_first_epoch)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="val_loss not finite.*last good checkpoint"):
-        train(TrainConfig(model="repvgg_tiny", epochs=3, batch_size=128, device="cpu", output=str(out)))
+        train(TrainConfig(model="repvgg_tiny", epochs=3, batch_size=128, img_size=16, device="cpu", output=str(out)))
     assert load_checkpoint(out / "last.pt")["epoch"] == 1  # epoch 2 was not saved
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert not (out / "deploy.safetensors").exists()
@@ -267,7 +267,8 @@ def test_a_signal_during_the_final_evaluation_waits_for_the_files(tmp_path: Path
     previous = signal.signal(signal.SIGTERM, lambda *_: escaped.append(1))  # the test survives a broken engine
     try:
         out = tmp_path / "run"
-        summary = train(TrainConfig(model="repvgg_tiny", epochs=1, batch_size=128, device="cpu", output=str(out)))
+        summary = train(TrainConfig(model="repvgg_tiny", epochs=1, batch_size=128, img_size=16, device="cpu",
+                                    inference_speed=False, output=str(out)))
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert not escaped, "the signal reached the default handler: the run would have died mid-write"

@@ -140,4 +140,5 @@ def test_a_checkpoint_with_an_ema_loads_its_ema_weights(tmp_path: Path) -> None:
     loaded = load_segmenter(tmp_path / "last.pt")[0].state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema) and not all(torch.equal(loaded[k], raw[k]) for k in raw)
     torch.save({**checkpoint, "ema": None}, tmp_path / "plain.pt")  # a run without an EMA: its model
-    assert all(torch.equal(load_segmenter(tmp_path / "plain.pt")[0].state_dict()[k], raw[k]) for k in raw)
+    plain = load_segmenter(tmp_path / "plain.pt")[0].state_dict()
+    assert all(torch.equal(plain[k], raw[k]) for k in raw)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import started_process, wait_for
+from conftest import http, started_process, wait_for
 from PIL import Image
 
 from repvgg.cli import main
@@ -281,13 +281,13 @@ def server(served: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
 
         assert wait_for(listening, proc, timeout=READY_TIMEOUT_S), (logs / "stderr.txt").read_text()
         url = found[0]
-        assert wait_for(lambda: httpx.get(url + "/v2/health/ready").status_code == 200, proc,
+        assert wait_for(lambda: http().get(url + "/v2/health/ready").status_code == 200, proc,
                         timeout=READY_TIMEOUT_S), (logs / "stderr.txt").read_text()
         yield proc, url, logs
 
 
 def _post_image(url: str, data: bytes) -> httpx.Response:
-    return httpx.post(url + "/predict", files={"file": ("d.png", data, "image/png")}, timeout=REQUEST_TIMEOUT_S)
+    return http().post(url + "/predict", files={"file": ("d.png", data, "image/png")}, timeout=REQUEST_TIMEOUT_S)
 
 
 def test_concurrent_requests_are_answered_in_batches(server, served: dict[str, Path]) -> None:
@@ -296,7 +296,7 @@ def test_concurrent_requests_are_answered_in_batches(server, served: dict[str, P
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(lambda data: _post_image(url, data), images))
     assert [a.status_code for a in answers] == [200] * 32
-    metrics = httpx.get(url + "/metrics").text
+    metrics = http().get(url + "/metrics").text
     batches = float(re.search(r"^repvgg_batch_images_count (\S+)$", metrics, re.M).group(1))
     images_run = float(re.search(r"^repvgg_batch_images_sum (\S+)$", metrics, re.M).group(1))
     assert images_run >= 32 and batches < images_run  # some forward passes ran more than one image
@@ -328,13 +328,13 @@ def test_sigterm_answers_the_requests_in_flight_and_exits_0(server, served: dict
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         answers = [pool.submit(_post_image, url, data) for data in images]
         # 10 images wait for a batch of 16 (up to 2 s): in flight when SIGTERM comes
-        assert wait_for(lambda: "repvgg_queue_images 10.0" in httpx.get(url + "/metrics").text, proc,
+        assert wait_for(lambda: "repvgg_queue_images 10.0" in http().get(url + "/metrics").text, proc,
                         timeout=REQUEST_TIMEOUT_S)
         proc.send_signal(signal.SIGTERM)
         assert [a.result().status_code for a in answers] == [200] * 10
     assert proc.wait(timeout=REQUEST_TIMEOUT_S) == 0, (logs / "stderr.txt").read_text()[-3000:]
     with pytest.raises(httpx.ConnectError):
-        httpx.get(url + "/v2/health/live")
+        http().get(url + "/v2/health/live")
 
 
 # --- model repositories ----------------------------------------------------------------------------------------

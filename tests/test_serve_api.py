@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import server_thread
+from conftest import http, server_thread
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
@@ -130,7 +130,7 @@ def test_a_16_mb_hostile_json_body_leaves_liveness_answered(live: dict[str, Any]
 
         def send(b: bytes = body) -> None:
             started = time.perf_counter()
-            refused.append(httpx.post(live["url"] + INFER, content=b, timeout=REQUEST_TIMEOUT_S))
+            refused.append(http().post(live["url"] + INFER, content=b, timeout=REQUEST_TIMEOUT_S))
             took.append(time.perf_counter() - started)
 
         sender = threading.Thread(target=send)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import server_thread
+from conftest import http, server_thread
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed")
@@ -54,7 +54,7 @@ def live(qa_digits_run: Path) -> Iterator[dict[str, Any]]:
 
 
 def _predict(url: str, data: bytes, **headers: str) -> httpx.Response:
-    return httpx.post(url + "/predict", files={"file": ("d.png", data, "image/png")}, headers=headers,
+    return http().post(url + "/predict", files={"file": ("d.png", data, "image/png")}, headers=headers,
                       timeout=REQUEST_TIMEOUT_S)
 
 
@@ -94,7 +94,7 @@ def test_idle_and_slowloris_connections_are_closed_and_lock_nobody_out(live: dic
                 except OSError:
                     pass  # closed by the server
             t = time.perf_counter()
-            assert httpx.get(url + "/v2/health/live", timeout=REQUEST_TIMEOUT_S).status_code == 200
+            assert http().get(url + "/v2/health/live", timeout=REQUEST_TIMEOUT_S).status_code == 200
             assert _predict(url, good).status_code == 200
             worst = max(worst, time.perf_counter() - t)
             if time.monotonic() - started > HEADER_TIMEOUT_S + 0.3:
@@ -145,10 +145,10 @@ def test_images_being_decoded_count_against_the_queue(live: dict[str, Any]) -> N
     model.decode = slow_decode
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            eight = pool.submit(httpx.post, url + "/v2/models/qarepvgg_tiny/infer", json=request,
+            eight = pool.submit(http().post, url + "/v2/models/qarepvgg_tiny/infer", json=request,
                                 timeout=REQUEST_TIMEOUT_S)
             assert entered.wait(REQUEST_TIMEOUT_S)  # eight images admitted, being decoded
-            assert "repvgg_queue_images 8.0" in httpx.get(url + "/metrics").text
+            assert "repvgg_queue_images 8.0" in http().get(url + "/metrics").text
             t = time.perf_counter()
             _assert_retry_json(_predict(url, _png(1)))  # refused before its image is decoded, not after theirs
             # refused at once: waiting for their decoding would take until the release below (REQUEST_TIMEOUT_S)
@@ -194,7 +194,7 @@ def test_a_loopback_server_answers_only_its_own_names_and_pages(live: dict[str, 
     url, port = live["url"], live["port"]
 
     def live_with(host: str) -> httpx.Response:
-        return httpx.get(url + "/v2/health/live", headers={"Host": host}, timeout=REQUEST_TIMEOUT_S)
+        return http().get(url + "/v2/health/live", headers={"Host": host}, timeout=REQUEST_TIMEOUT_S)
 
     for host in (f"localhost:{port}", f"[::1]:{port}", "127.0.0.2", f"BOX.lan:{port}"):
         assert live_with(host).status_code == 200, host
