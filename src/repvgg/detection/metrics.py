@@ -129,10 +129,10 @@ def candidates(model: Any, images: list[Tensor]) -> tuple[Tensor, Tensor]:
     before the score threshold, the top-k cut and non-maximum suppression: what a converted detector must reproduce
     (NMS itself is discontinuous: two boxes of near-equal score that overlap are kept or dropped by the last bits of
     their scores)."""
-    from torchvision.ops import clip_boxes_to_image
-
     if hasattr(model, "candidates"):
         return model.candidates(images)
+    from torchvision.ops import clip_boxes_to_image
+
     batch, _ = model.transform(images)
     features = list(model.backbone(batch.tensors).values())
     out = model.head(features)
