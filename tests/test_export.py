@@ -10,7 +10,7 @@ import torch
 from conftest import randomize_bn, relative_error
 from repvgg import create_model, reparameterize_model, save_weights
 from repvgg.cli import main
-from repvgg.io.export import export_onnx, needs_conversion
+from repvgg.io.export import export_onnx, export_onnx_file, needs_conversion
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,26 @@ def test_training_time_model_is_converted_and_matches_under_onnxruntime(tiny_tra
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
         with torch.no_grad():
             assert relative_error(got, plain(x)) < 1e-5
+
+
+def test_a_dynamic_batch_graph_is_traced_at_two_rows_and_runs_the_batch_it_was_given(tiny_train, tmp_path) -> None:
+    """The graph `predict`, `serve` and the fast path build their runtimes from is traced at two rows of the example
+    batch, not all of them (a forward pass at the whole batch was most of the time it took), and runs that whole
+    batch, and others, as the model does."""
+    plain = reparameterize_model(tiny_train).eval()
+    traced: list[int] = []
+    hook = plain.register_forward_pre_hook(lambda module, args: traced.append(int(args[0].shape[0])))
+    try:
+        path = export_onnx_file(plain, torch.randn(16, 3, 32, 32), tmp_path / "graph.onnx")
+    finally:
+        hook.remove()
+    assert traced and set(traced) == {2}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (16, 1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        with torch.no_grad():
+            assert got.shape[0] == batch and relative_error(got, plain(x)) < 1e-5
 
 
 def test_deploy_model_is_exported_as_is(tiny_train, tmp_path) -> None:

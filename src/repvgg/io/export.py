@@ -129,15 +129,19 @@ def export_onnx_file(
 ) -> Path:
     """Export ``model`` (as it is, in eval mode) to ``path`` with ``torch.onnx.export``.
 
-    The batch dimension is dynamic by default; ``dynamic_hw`` makes height and width dynamic too.
-    ``torch.export`` specialises sizes 0 and 1, so a batch-1 example is doubled for tracing. Uses the
-    TorchScript-based exporter and falls back to the ``torch.export``-based one if that fails. Models over
-    ~1.8 GB keep weights in a side file (written by the second).
+    The batch dimension is dynamic by default; ``dynamic_hw`` makes height and width dynamic too. The graph of a
+    dynamic batch does not depend on the batch it is traced at (the checks of it on a real batch would show one that
+    did), so it is traced at two rows of ``example`` (a batch-1 example doubled: ``torch.export`` specialises sizes
+    0 and 1): writing A0's graph at 224 x 224 for a batch of 32 (``predict``'s and ``serve``'s) took 2.25 s of CPU
+    traced at all 32 rows and 0.96 s at two, on a 2-core AVX2 EPYC. Every caller checks the file it keeps, or each
+    runtime it builds from it, on a real batch. Uses the TorchScript-based exporter and falls back to the
+    ``torch.export``-based one if that fails. Models over ~1.8 GB keep weights in a side file (written by the
+    second).
     """
     path = make_folder(Path(path).parent) / Path(path).name
     model = model.eval()
-    if dynamic_batch and example.shape[0] < 2:
-        example = torch.cat([example, example])
+    if dynamic_batch:
+        example = example[:2] if example.shape[0] >= 2 else torch.cat([example, example])
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = nbytes > _EXTERNAL_DATA_BYTES
     with noticing_interrupts() as interrupted:
