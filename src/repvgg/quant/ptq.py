@@ -189,7 +189,7 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
         scratch = scratch_folder(staging)
         fp32 = scratch / "fp32.onnx"
         int8 = Path(staging) / output.name
-        export_onnx_file(plain, val_batch[:2], fp32)
+        export_onnx_file(plain, val_batch, fp32)
         deviation = OutputDeviation()
         deviation.update(plain(val_batch), onnx_runner(fp32)(val_batch))
         check_conversion(deviation.relative, "the FP32 ONNX export (run by ONNX Runtime)")
@@ -221,7 +221,7 @@ def _quantize(weights: str | os.PathLike[str] | nn.Module, output: Path, cfg: Qu
         if size != val_batch.shape[-1]:
             # ranges calibrated at the data's size apply to any size; the speed file is the same network
             fp32_speed, int8_speed = scratch / "fp32_speed.onnx", scratch / "int8_speed.onnx"
-            export_onnx_file(plain, speed_input[:2], fp32_speed)
+            export_onnx_file(plain, speed_input, fp32_speed)
             if qat_int8 is not None:
                 int8_speed = int8  # the QAT export takes any height and width
             else:
